@@ -1,0 +1,196 @@
+/* bench/gemm.c — moe_gemm (FP32 and BF16 compute) against OpenBLAS cblas_sgemm.
+   Build: cc -O3 -march=native -ffp-contract=off -fopenmp -I. bench/gemm.c -o build/bench_gemm -lopenblas -lm
+   Usage: build/bench_gemm [--quick]
+   Timing: each cell runs a warm-up, then 5 batches (3 with --quick) of repetitions sized to
+   ≥ 50 ms each (≥ 10 ms with --quick); the reported GFLOP/s is the BEST batch.
+   The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
+   OpenBLAS at 2 threads over all shapes; bf16_over_fp32 is the geometric mean of moe BF16
+   over moe FP32 at 2 threads over the shapes with M·N·K ≥ 2^24. */
+#define _POSIX_C_SOURCE 200809L
+#define MOE_IMPLEMENTATION
+#include "moe.h"
+#include <cblas.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct { int64_t m, n, k; int ta, tb; const char *role; int quick; } bench_shape;
+
+/* role: fwd = Y = X·Wᵀ (trans_b); dgrad = dY·W (no transposes); wgrad = dYᵀ·X (trans_a). */
+static const bench_shape SHAPES[] = {
+    {256, 96, 32, 0, 1, "tiny fwd", 1},
+    {256, 40, 64, 0, 1, "tiny fwd", 0},
+    {256, 128, 64, 0, 1, "tiny fwd", 0},
+    {256, 64, 128, 0, 1, "tiny fwd", 1},
+    {256, 256, 64, 0, 1, "tiny fwd", 0},
+    {1024, 128, 256, 0, 1, "small fwd", 0},
+    {1024, 384, 128, 0, 1, "small fwd", 1},
+    {1024, 144, 256, 0, 1, "small fwd", 0},
+    {1024, 512, 128, 0, 1, "small fwd", 0},
+    {1024, 256, 256, 0, 1, "small fwd", 0},
+    {1024, 512, 256, 0, 1, "small fwd", 1},
+    {1024, 256, 512, 0, 1, "small fwd", 0},
+    {1024, 4096, 256, 0, 1, "small fwd (vocab)", 1},
+    {128, 128, 256, 0, 1, "small expert fwd", 1},
+    {128, 256, 128, 0, 1, "small expert fwd", 0},
+    {1024, 256, 512, 0, 0, "small dgrad of 1024x512x256", 1},
+    {512, 256, 1024, 1, 0, "small wgrad of 1024x512x256", 1},
+    {1024, 1024, 1024, 0, 0, "square NN", 1},
+};
+#define N_SHAPES ((int)(sizeof SHAPES / sizeof SHAPES[0]))
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct {
+    const bench_shape *s;
+    const float *a, *b;
+    float *c;
+    moe_ctx *ctx;
+    int which; /* 0 moe fp32, 1 moe bf16, 2 blas */
+} bench_cell;
+
+static void run_once(const bench_cell *x) {
+    const bench_shape *s = x->s;
+    int64_t lda = s->ta ? s->m : s->k, ldb = s->tb ? s->k : s->n;
+    if (x->which == 2) {
+        cblas_sgemm(CblasRowMajor, s->ta ? CblasTrans : CblasNoTrans, s->tb ? CblasTrans : CblasNoTrans,
+                    (int)s->m, (int)s->n, (int)s->k, 1.0f, x->a, (int)lda, x->b, (int)ldb, 0.0f, x->c, (int)s->n);
+    } else {
+        moe_gemm_args g;
+        memset(&g, 0, sizeof g);
+        g.m = s->m; g.n = s->n; g.k = s->k;
+        g.a = x->a; g.a_dtype = MOE_F32; g.lda = lda; g.trans_a = s->ta;
+        g.b = x->b; g.b_dtype = MOE_F32; g.ldb = ldb; g.trans_b = s->tb;
+        g.c = x->c; g.ldc = s->n; g.alpha = 1.0f; g.beta = 0.0f;
+        g.compute = x->which == 1 ? MOE_BF16 : MOE_F32;
+        if (moe_gemm(x->ctx, &g) != MOE_OK) {
+            fprintf(stderr, "moe_gemm failed: %s\n", moe_ctx_error(x->ctx));
+            exit(1);
+        }
+    }
+}
+
+/* Best-batch GFLOP/s. */
+static double time_cell(const bench_cell *x, int quick) {
+    double flops = 2.0 * (double)x->s->m * (double)x->s->n * (double)x->s->k;
+    double batch_s = quick ? 0.01 : 0.05, best = 1e30, t0, t;
+    int nb = quick ? 3 : 5, reps = 1, i, b;
+    run_once(x); /* warm-up and rep sizing */
+    t0 = now_s();
+    run_once(x);
+    t = now_s() - t0;
+    if (t > 0) reps = (int)(batch_s / t) + 1;
+    for (b = 0; b < nb; b++) {
+        t0 = now_s();
+        for (i = 0; i < reps; i++) run_once(x);
+        t = (now_s() - t0) / reps;
+        if (t < best) best = t;
+    }
+    return flops / best * 1e-9;
+}
+
+static double rel_err(const float *x, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        double e = fabs((double)x[i] - (double)ref[i]);
+        if (e > num) num = e;
+        if (fabs((double)ref[i]) > den) den = fabs((double)ref[i]);
+    }
+    return den > 0 ? num / den : num;
+}
+
+typedef struct { double f32, blas, bf16; } bench_row;
+
+int main(int argc, char **argv) {
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    bench_row rows[N_SHAPES][2];
+    int done[N_SHAPES];
+    moe_ctx *ctx = NULL;
+    int si, ti;
+    double ratio_min = 1e30, ratio_logsum = 0, bf_logsum = 0;
+    int ratio_n = 0, bf_n = 0, first = 1;
+    uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+    if (moe_ctx_new(&ctx) != MOE_OK) { fprintf(stderr, "moe_ctx_new failed\n"); return 1; }
+    printf("moe_gemm vs OpenBLAS cblas_sgemm%s — GFLOP/s, best of %d batches\n", quick ? " (quick)" : "", quick ? 3 : 5);
+    printf("%-16s %-30s %3s %9s %9s %6s %9s %7s  %s\n", "shape MxNxK", "role", "thr", "moe_fp32", "openblas",
+           "ratio", "moe_bf16", "bf/fp", "check (max rel err vs OpenBLAS: fp32, bf16)");
+    for (si = 0; si < N_SHAPES; si++) {
+        const bench_shape *s = &SHAPES[si];
+        size_t asz = (size_t)(s->m * s->k), bsz = (size_t)(s->k * s->n), csz = (size_t)(s->m * s->n), i;
+        float *a, *b, *c, *cref;
+        double e32, e16;
+        bench_cell cell;
+        done[si] = 0;
+        if (quick && !s->quick) continue;
+        a = (float *)malloc(asz * sizeof(float));
+        b = (float *)malloc(bsz * sizeof(float));
+        c = (float *)malloc(csz * sizeof(float));
+        cref = (float *)malloc(csz * sizeof(float));
+        for (i = 0; i < asz; i++) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; a[i] = (float)((double)(rng >> 11) * 0x1p-53 * 2.0 - 1.0); }
+        for (i = 0; i < bsz; i++) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; b[i] = (float)((double)(rng >> 11) * 0x1p-53 * 2.0 - 1.0); }
+        cell.s = s; cell.a = a; cell.b = b; cell.ctx = ctx;
+        /* correctness check once per shape */
+        openblas_set_num_threads(2);
+        moe_ctx_set_threads(ctx, 2);
+        cell.c = cref; cell.which = 2; run_once(&cell);
+        cell.c = c; cell.which = 0; run_once(&cell);
+        e32 = rel_err(c, cref, csz);
+        cell.which = 1; run_once(&cell);
+        e16 = rel_err(c, cref, csz);
+        for (ti = 0; ti < 2; ti++) {
+            int nt = ti + 1;
+            bench_row *r = &rows[si][ti];
+            char shp[64];
+            openblas_set_num_threads(nt);
+            moe_ctx_set_threads(ctx, nt);
+            cell.c = c;
+            cell.which = 0; r->f32 = time_cell(&cell, quick);
+            cell.which = 2; r->blas = time_cell(&cell, quick);
+            cell.which = 1; r->bf16 = time_cell(&cell, quick);
+            snprintf(shp, sizeof shp, "%lldx%lldx%lld", (long long)s->m, (long long)s->n, (long long)s->k);
+            printf("%-16s %-30s %3d %9.1f %9.1f %6.2f %9.1f %7.2f", shp, s->role, nt, r->f32, r->blas, r->f32 / r->blas,
+                   r->bf16, r->bf16 / r->f32);
+            if (ti == 0) printf("  %.2e %.2e%s", e32, e16, (e32 > 1e-4 || e16 > 3e-2) ? "  MISMATCH" : "");
+            printf("\n");
+            fflush(stdout);
+        }
+        done[si] = 1;
+        {
+            double ratio = rows[si][1].f32 / rows[si][1].blas;
+            if (ratio < ratio_min) ratio_min = ratio;
+            ratio_logsum += log(ratio); ratio_n++;
+            if ((double)s->m * (double)s->n * (double)s->k >= 16777216.0) {
+                bf_logsum += log(rows[si][1].bf16 / rows[si][1].f32); bf_n++;
+            }
+        }
+        free(a); free(b); free(c); free(cref);
+    }
+    printf("2 threads: fp32 ratio min %.3f geomean %.3f; bf16/fp32 geomean (M*N*K >= 2^24) %.3f\n", ratio_min,
+           exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
+    printf("{\"bench\":\"gemm\",\"fp32_ratio_min\":%.4f,\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"rows\":[",
+           ratio_min, exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
+    for (si = 0; si < N_SHAPES; si++) {
+        if (!done[si]) continue;
+        for (ti = 0; ti < 2; ti++) {
+            const bench_shape *s = &SHAPES[si];
+            const bench_row *r = &rows[si][ti];
+            printf("%s{\"shape\":\"%lldx%lldx%lld\",\"role\":\"%s\",\"threads\":%d,\"moe_fp32_gflops\":%.2f,\"blas_gflops\":%.2f,"
+                   "\"ratio\":%.4f,\"moe_bf16_gflops\":%.2f}",
+                   first ? "" : ",", (long long)s->m, (long long)s->n, (long long)s->k, s->role, ti + 1, r->f32, r->blas,
+                   r->f32 / r->blas, r->bf16);
+            first = 0;
+        }
+    }
+    printf("]}\n");
+    moe_ctx_free(ctx);
+    return 0;
+}

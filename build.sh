@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# build.sh — the one entry point of moe.h.
+#
+#   ./build.sh                  build every C target into build/ (and compile-check the CUDA
+#                               header for sm_90a when nvcc is present)
+#   ./build.sh test [SUITE]     build and run every test suite (or one); the last line is
+#                               "N passed, M failed" over all test cases; exit 0 only if M = 0
+#   ./build.sh bench [NAME]     run bench/NAME.c (all benches without NAME)
+#   ./build.sh example NAME [ARGS]   build and run examples/NAME.c
+#   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c)
+#
+# Environment: CC (default gcc), NATIVE=0 to build without -march=native.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+BUILD="$ROOT/build"
+mkdir -p "$BUILD"
+
+CC=${CC:-gcc}
+NATIVE=${NATIVE:-1}
+WARN="-Wall -Wextra -Wpedantic -Werror"
+BASE="-std=c99 -ffp-contract=off $WARN -I$ROOT"
+OPT="-O3"
+[ "$NATIVE" = 1 ] && OPT="$OPT -march=native"
+OMP=""
+if echo 'int main(void){return 0;}' | $CC -fopenmp -x c - -o "$BUILD/.omp_probe" >/dev/null 2>&1; then OMP="-fopenmp"; fi
+LIBS="-lm"
+
+log() { printf '%s\n' "$*" >&2; }
+
+# Install a Debian package when a file it provides is missing (we run as root in CI).
+need_pkg() { # need_pkg FILE-OR-COMMAND PACKAGE...
+    local probe=$1; shift
+    if [ -e "$probe" ] || command -v "$probe" >/dev/null 2>&1; then return 0; fi
+    log "installing $* ..."
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y -q "$@" >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q "$@" >/dev/null; }
+}
+
+# compile OUT SRC [extra flags...]
+compile() {
+    local out=$1 src=$2; shift 2
+    $CC $BASE $OPT $OMP "$@" "$src" -o "$out" $LIBS
+}
+
+build_cuda_check() {
+    command -v nvcc >/dev/null 2>&1 || { log "nvcc not found: skipping the sm_90a compile check"; return 0; }
+    nvcc -std=c++17 -x cu -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -DMOE_CUDA \
+        --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror --Wdefault-stream-launch \
+        --Wmissing-launch-bounds -Xptxas -warn-spills,-warn-lmem-usage,-Werror \
+        -c "$ROOT/tests/cuda_compile.cu" -o "$BUILD/cuda_compile.o"
+}
+
+build_all() {
+    local f name
+    for f in tests/test_*.c; do
+        name=$(basename "$f" .c)
+        case $name in
+            test_gradcheck) compile "$BUILD/$name" "$f" -DMOE_REAL_F64 ;;
+            *) compile "$BUILD/$name" "$f" ;;
+        esac
+    done
+    for f in examples/*.c; do
+        [ -e "$f" ] || continue
+        compile "$BUILD/$(basename "$f" .c)" "$f"
+    done
+    build_cuda_check
+}
+
+# ---- tests -------------------------------------------------------------------------------
+PASSED=0
+FAILED=0
+# run_suite NAME CMD...: run a suite program, echo its output, add up its SUITE line.
+run_suite() {
+    local name=$1; shift
+    local out rc=0 line p f
+    log "== suite $name"
+    out=$("$@" 2>&1) || rc=$?
+    printf '%s\n' "$out"
+    line=$(printf '%s\n' "$out" | grep -E '^SUITE: [0-9]+ passed, [0-9]+ failed$' | tail -n 1 || true)
+    if [ -z "$line" ]; then
+        log "suite $name did not finish (exit $rc): counted as one failed case"
+        FAILED=$((FAILED + 1))
+        return
+    fi
+    p=$(echo "$line" | sed -E 's/^SUITE: ([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed$/\1/')
+    if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi
+    PASSED=$((PASSED + p))
+    FAILED=$((FAILED + f))
+}
+
+suite_unit() { # unit suites: one program each
+    local s=$1
+    case $s in
+        gradcheck) compile "$BUILD/test_gradcheck" tests/test_gradcheck.c -DMOE_REAL_F64 ;;
+        *) compile "$BUILD/test_$s" "tests/test_$s.c" ;;
+    esac
+    run_suite "$s" "$BUILD/test_$s"
+}
+
+suite_compile() { bash tests/compile_matrix.sh "$CC"; }
+
+suite_sanitize() {
+    # The unit suites again, under AddressSanitizer + UndefinedBehaviorSanitizer.
+    local san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    local s flags
+    for s in $UNIT_SUITES; do
+        flags=""; [ "$s" = gradcheck ] && flags="-DMOE_REAL_F64"
+        $CC $BASE -O1 -g $OMP $san $flags "tests/test_$s.c" -o "$BUILD/asan_$s" $LIBS
+        ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_TEST_QUICK=1 run_suite "asan:$s" "$BUILD/asan_$s"
+    done
+}
+
+UNIT_SUITES="numerics ops gradcheck determinism badinput"
+ALL_SUITES="$UNIT_SUITES compile sanitize"
+
+cmd_test() {
+    local only=${1:-}
+    local s suites=$ALL_SUITES
+    [ -n "$only" ] && suites=$only
+    for s in $suites; do
+        case $s in
+            compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
+            sanitize) suite_sanitize ;;
+            *)
+                if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
+                else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;
+        esac
+    done
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" = 0 ]
+}
+
+# ---- bench, examples ---------------------------------------------------------------------
+cmd_bench() {
+    local only=${1:-} f name libs
+    [ $# -gt 0 ] && shift
+    need_pkg /usr/include/x86_64-linux-gnu/cblas.h libopenblas-dev
+    for f in bench/*.c; do
+        name=$(basename "$f" .c)
+        [ -n "$only" ] && [ "$only" != "$name" ] && continue
+        libs=$LIBS
+        case $name in gemm) libs="$LIBS -lopenblas" ;; esac
+        $CC $BASE $OPT $OMP -I/usr/include/x86_64-linux-gnu "$f" -o "$BUILD/bench_$name" $libs
+        "$BUILD/bench_$name" "$@"
+    done
+}
+
+cmd_example() {
+    local name=${1:?usage: ./build.sh example NAME [args]}; shift
+    [ -f "examples/$name.c" ] || { log "no examples/$name.c"; exit 2; }
+    bash data/prepare.sh >&2
+    compile "$BUILD/$name" "examples/$name.c"
+    "$BUILD/$name" "$@"
+}
+
+case ${1:-build} in
+    build) bash data/prepare.sh >&2; build_all ;;
+    test) shift; cmd_test "${1:-}" ;;
+    bench) shift; cmd_bench "$@" ;;
+    example) shift; cmd_example "$@" ;;
+    run) shift; cmd_example train_tiny "$@" ;;
+    -h|--help|help) sed -n '2,14p' "$0" ;;
+    *) log "unknown command '$1' (try ./build.sh help)"; exit 2 ;;
+esac
