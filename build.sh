@@ -92,10 +92,13 @@ run_suite() {
 
 suite_unit() { # unit suites: one program each
     local s=$1
-    case $s in
-        gradcheck) compile "$BUILD/test_gradcheck" tests/test_gradcheck.c -DMOE_REAL_F64 ;;
-        *) compile "$BUILD/test_$s" "tests/test_$s.c" ;;
-    esac
+    local flags=""
+    [ "$s" = gradcheck ] && flags="-DMOE_REAL_F64"
+    if ! compile "$BUILD/test_$s" "tests/test_$s.c" $flags; then
+        log "suite $s does not compile: counted as one failed case"
+        FAILED=$((FAILED + 1))
+        return
+    fi
     run_suite "$s" "$BUILD/test_$s"
 }
 
@@ -107,7 +110,9 @@ suite_sanitize() {
     local s flags
     for s in $UNIT_SUITES; do
         flags=""; [ "$s" = gradcheck ] && flags="-DMOE_REAL_F64"
-        $CC $BASE -O1 -g $OMP $san $flags "tests/test_$s.c" -o "$BUILD/asan_$s" $LIBS
+        if ! $CC $BASE -O1 -g $OMP $san $flags "tests/test_$s.c" -o "$BUILD/asan_$s" $LIBS; then
+            log "suite asan:$s does not compile"; FAILED=$((FAILED + 1)); continue
+        fi
         ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_TEST_QUICK=1 run_suite "asan:$s" "$BUILD/asan_$s"
     done
 }

@@ -265,9 +265,13 @@ MOE_HD float moe_e5m2_to_f32(uint8_t v) {
 
 #define MOE_E4M3_MAX 448.0f
 /* The scale of a quantisation tile: amax/448, so the largest element maps to ±448.
-   An all-zero (or non-finite) tile gets scale 1. */
+   An all-zero (or non-finite) tile gets scale 1; tiles so tiny that amax/448 would be a
+   subnormal float get the smallest normal float, so q = x / scale never divides by 0. */
 MOE_HD float moe_fp8_scale(float amax) {
-    return (amax > 0.0f && amax <= 3.4028234e38f) ? amax / MOE_E4M3_MAX : 1.0f;
+    float s;
+    if (!(amax > 0.0f && amax <= 3.4028234e38f)) return 1.0f;
+    s = amax / MOE_E4M3_MAX;
+    return s < 1.17549435e-38f ? 1.17549435e-38f : s; /* keep the scale a normal float */
 }
 
 /* 1×B tiles: x is [rows, cols]; scales[r·nb + j] covers row r, columns jB..jB+B-1
@@ -281,6 +285,21 @@ MOE_API moe_status moe_fp8_dequantize_tiles(moe_ctx *ctx, const uint8_t *q, cons
                                             int64_t rows, int64_t cols, int64_t block, float *x);
 MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, const float *scales,
                                              int64_t rows, int64_t cols, int64_t block, float *x);
+
+
+/* ---- GPU (nvcc with MOE_CUDA; defined in moe_cuda.cuh) ---- */
+#ifdef MOE_CUDA
+typedef struct moe_gpu moe_gpu;
+/* Number of usable GPUs (0 without a driver or device; that is not an error). */
+MOE_API moe_status moe_cuda_device_count(moe_ctx *ctx, int *count);
+MOE_API moe_status moe_cuda_init(moe_ctx *ctx, int device, moe_gpu **out);
+MOE_API void moe_cuda_free(moe_gpu *gpu);
+/* Wait for the GPU's stream. */
+MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu);
+/* moe_fp8_quantize_tiles on device pointers, asynchronous on the GPU's stream. */
+MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const float *x, int64_t rows, int64_t cols,
+                                           int64_t block, uint8_t *q, float *scales);
+#endif
 
 /* ============================================================================================
    3. tensor
@@ -298,7 +317,7 @@ typedef enum moe_dtype {
     MOE_DTYPE_COUNT
 } moe_dtype;
 
-typedef enum moe_device { MOE_CPU = 0, MOE_CUDA = 1 } moe_device;
+typedef enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 } moe_device;
 
 #define MOE_MAX_DIMS 4
 
@@ -380,7 +399,8 @@ MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
    accumulate across calls until zeroed: that is gradient accumulation). All ops take and
    give MOE_F32 tensors unless noted. */
 
-/* Seed d(loss)/d(loss) = 1 for a one-element loss and run the tape backwards. */
+/* Seed d(loss)/d(loss) = 1 for a one-element loss and run the tape backwards. The tape is
+   used up either way; after an error, gradients may hold part of the step: zero them. */
 MOE_API moe_status moe_backward(moe_ctx *ctx, moe_tensor *loss);
 
 /* y = x·Wᵀ. x: [..., K]; W: [N, K] → y: [..., N]. Batched: W [B, N, K] with x [B, M, K]. */
@@ -845,9 +865,9 @@ MOE_API moe_status moe_fp8_quantize_tiles(moe_ctx *ctx, const float *x, int64_t 
         for (j = 0; j < nb; j++) {
             int64_t c0 = j * block, n = cols - c0 < block ? cols - c0 : block;
             const float *src = x + r * cols + c0;
-            float s = moe_fp8_scale(moe__amax(src, n)), inv = 1.0f / s;
+            float s = moe_fp8_scale(moe__amax(src, n));
             scales[r * nb + j] = s;
-            for (i = 0; i < n; i++) q[r * cols + c0 + i] = moe_f32_to_e4m3(src[i] * inv);
+            for (i = 0; i < n; i++) q[r * cols + c0 + i] = moe_f32_to_e4m3(src[i] / s);
         }
     }
     return MOE_OK;
@@ -876,16 +896,15 @@ MOE_API moe_status moe_fp8_quantize_blocks(moe_ctx *ctx, const float *x, int64_t
     for (bi = 0; bi < nbr * nbc; bi++) {
         int64_t br = bi / nbc, bc = bi % nbc, r0 = br * block, c0 = bc * block;
         int64_t nr = rows - r0 < block ? rows - r0 : block, nc = cols - c0 < block ? cols - c0 : block, r, c;
-        float amax = 0.0f, s, inv;
+        float amax = 0.0f, s;
         for (r = 0; r < nr; r++) {
             float m = moe__amax(x + (r0 + r) * cols + c0, nc);
             amax = m > amax ? m : amax;
         }
         s = moe_fp8_scale(amax);
-        inv = 1.0f / s;
         scales[bi] = s;
         for (r = 0; r < nr; r++)
-            for (c = 0; c < nc; c++) q[(r0 + r) * cols + c0 + c] = moe_f32_to_e4m3(x[(r0 + r) * cols + c0 + c] * inv);
+            for (c = 0; c < nc; c++) q[(r0 + r) * cols + c0 + c] = moe_f32_to_e4m3(x[(r0 + r) * cols + c0 + c] / s);
     }
     return MOE_OK;
 }
@@ -925,10 +944,10 @@ static moe_status moe__tensor_meta(moe_ctx *ctx, const char *fn, moe_tensor *t, 
                                    const int64_t *shape) {
     int i;
     int64_t n = 1;
+    memset(t, 0, sizeof *t);
     if ((int)dtype < 0 || dtype >= MOE_DTYPE_COUNT) return moe__fail(ctx, MOE_ERR_DTYPE, "%s: invalid dtype %d", fn, (int)dtype);
     if (ndim < 1 || ndim > MOE_MAX_DIMS) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: ndim must be 1..%d, got %d", fn, MOE_MAX_DIMS, ndim);
     if (!shape) return moe__fail(ctx, MOE_ERR_ARG, "%s: shape is NULL", fn);
-    memset(t, 0, sizeof *t);
     for (i = 0; i < ndim; i++) {
         if (shape[i] <= 0) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: dim %d is %lld, dims must be positive", fn, i, (long long)shape[i]);
         if (shape[i] > MOE__MAX_ELEMS / n) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: shape too large (more than 2^48 elements)", fn);
@@ -938,7 +957,7 @@ static moe_status moe__tensor_meta(moe_ctx *ctx, const char *fn, moe_tensor *t, 
     t->dtype = dtype;
     t->ndim = ndim;
     t->numel = n;
-    t->device = MOE_CPU;
+    t->device = MOE_DEVICE_CPU;
     return MOE_OK;
 }
 
@@ -1115,7 +1134,8 @@ MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *
     MOE__CHECK_CTX(ctx);
     if (!t || !t->data || !rng) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: NULL tensor or rng");
     if (t->dtype == MOE_I32 || t->scales) return moe__fail(ctx, MOE_ERR_DTYPE, "moe_tensor_fill_normal: needs a float tensor");
-    if (!(std >= 0.0f) || !isfinite(mean)) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: bad mean/std");
+    if (!(std >= 0.0f) || !isfinite(std) || !isfinite(mean))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: mean and std must be finite, std >= 0 (got %g, %g)", (double)mean, (double)std);
     for (i = 0; i < t->numel; i++)
         moe__store(t->data, t->dtype, i, (double)mean + (double)std * moe__rng_normal_at(rng->key, rng->counter + 2 * (uint64_t)i));
     rng->counter += 2 * (uint64_t)t->numel;
@@ -1403,7 +1423,8 @@ MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int6
     MOE__CHECK_CTX(ctx);
     if (!table) return moe__fail(ctx, MOE_ERR_ARG, "moe_rope_table_init: table is NULL");
     memset(table, 0, sizeof *table);
-    if (dim <= 0 || dim % 2) return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: dim must be positive and even, got %lld", (long long)dim);
+    if (dim <= 0 || dim % 2 || dim > 65536)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: dim must be even and in 2..65536, got %lld", (long long)dim);
     if (max_pos <= 0 || max_pos > ((int64_t)1 << 26))
         return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: max_pos must be 1..2^26, got %lld", (long long)max_pos);
     if (!(theta > 1.0)) return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: theta must be > 1");
@@ -1669,9 +1690,10 @@ MOE_API moe_status moe_backward(moe_ctx *ctx, moe_tensor *loss) {
     double v;
     MOE__CHECK_CTX(ctx);
     if (!loss || !loss->data) return moe__fail(ctx, MOE_ERR_ARG, "moe_backward: loss is NULL");
-    if (loss->numel != 1 || loss->dtype != MOE_F32)
-        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_backward: loss must be a one-element f32 tensor (it has %lld elements)",
-                         (long long)loss->numel);
+    if (loss->dtype != MOE_F32)
+        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_backward: loss must be f32, got %s", moe_dtype_name(loss->dtype));
+    if (loss->numel != 1)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_backward: loss must have one element, it has %lld", (long long)loss->numel);
     if (!loss->requires_grad || ctx->tape_len == 0)
         return moe__fail(ctx, MOE_ERR_STATE, "moe_backward: nothing recorded leads to this loss (no parameter requires "
                                              "gradients, recording was off, or backward already ran for this step)");
@@ -1682,8 +1704,13 @@ MOE_API moe_status moe_backward(moe_ctx *ctx, moe_tensor *loss) {
     g[0] = 1;
     for (i = ctx->tape_len - 1; i >= 0; i--) {
         moe__node *n = ctx->tape[i];
+        moe_status st;
         if (!n->out->grad) continue; /* no gradient reached this op */
-        MOE__TRY(n->backward(ctx, n));
+        st = n->backward(ctx, n);
+        if (st != MOE_OK) {
+            ctx->tape_len = 0; /* never replay a half-run tape: gradients may be partial now */
+            return st;
+        }
     }
     ctx->tape_len = 0; /* a tape is replayed once, as in PyTorch without retain_graph */
     return MOE_OK;
@@ -2058,7 +2085,7 @@ static moe_status moe__rope_bwd(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0];
     const moe_rope_table *tab = (const moe_rope_table *)n->cptr;
     moe_real *dx, *tmp;
-    int64_t B, T, H, D, i;
+    int64_t B = 0, T = 0, H = 0, D = 0, i;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     MOE__TRY(moe__bthd(ctx, "moe_rope", x, &B, &T, &H, &D));
     tmp = (moe_real *)moe__arena_alloc(ctx, (size_t)x->numel, sizeof(moe_real), "moe_rope backward");
@@ -2072,7 +2099,7 @@ static moe_status moe__rope_bwd(moe_ctx *ctx, moe__node *n) {
 MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *table, int64_t pos0,
                             moe_rope_layout layout, moe_tensor **y) {
     static const char *fn = "moe_rope";
-    int64_t B, T, H, D;
+    int64_t B = 0, T = 0, H = 0, D = 0;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
@@ -2097,7 +2124,7 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
 
 static moe_status moe__attention_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
-    int64_t B, T, H, Dk, Dv, tmp;
+    int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, tmp;
     moe_real *dq, *dk, *dv;
     MOE__GRAD_OR_FAIL(dq, ctx, q);
     MOE__GRAD_OR_FAIL(dk, ctx, k);
@@ -2111,7 +2138,7 @@ static moe_status moe__attention_bwd_node(moe_ctx *ctx, moe__node *n) {
 
 MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe_tensor *v, float scale, moe_tensor **o) {
     static const char *fn = "moe_attention";
-    int64_t B, T, H, Dk, B2, T2, H2, Dk2, B3, T3, H3, Dv, shape[4];
+    int64_t B = 0, T = 0, H = 0, Dk = 0, B2, T2, H2, Dk2, B3 = 0, T3 = 0, H3 = 0, Dv = 0, shape[4];
     moe_real *lse;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, o));
@@ -2410,6 +2437,10 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
     if (n) n->i[0] = dim;
     return MOE_OK;
 }
+
+#if defined(MOE_CUDA) && defined(__CUDACC__)
+#include "moe_cuda.cuh"
+#endif
 
 #ifdef __cplusplus
 }

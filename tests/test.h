@@ -65,6 +65,7 @@ static const char *t_filter;
     do { if (!t_filter || strstr(#fn, t_filter)) t__run(#fn, fn); } while (0)
 
 static int t_summary(void) {
+    (void)t_filter;
     printf("SUITE: %d passed, %d failed\n", t_passed, t_failed);
     return t_failed ? 1 : 0;
 }

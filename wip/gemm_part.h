@@ -1,23 +1,28 @@
 /* ==== moe__gemm: CPU GEMM (FP32 / BF16 compute, FP32 accumulation) ======================
    C[m,n] = alpha·op(A)·op(B) + beta·C, C row-major.
 
-   Design (BLIS-like):
-   - Loop nest per thread: jc (NC cols) → pc (KC depth) → pack B panel → ic (MC rows)
-     → [pack A block] → jr (NR) → ir (MR) → micro-kernel.
-   - FP32 micro-kernel: 6×16 with 12 ymm accumulators (AVX2+FMA). On Zen 4 a zmm FMA is
-     double-pumped, so ymm gives the same FLOP rate. A is read in place (no packing) when it
-     is FP32 and no bf16 rounding is asked: the kernel takes a row stride and a k stride, so
-     both A [m,k] and Aᵀ [k,m] work; only a tail of < 6 rows is copied to a zero-padded panel.
-     B is always packed into kc×16 micro-panels (zero-padded).
-   - BF16 micro-kernel (AVX512_BF16): 6×32 with 12 zmm accumulators using vdpbf16ps; A and B
-     packed as bf16 K-pairs (one uint32 per pair; odd K padded with zero).
+   Kernels
+   - FP32: 6×16 micro-kernel, 12 ymm accumulators, AVX2+FMA (on Zen 4 a zmm FMA is
+     double-pumped, so ymm gives the same FLOP rate; MOE__GEMM_AVX512 uses it too).
+   - BF16 (AVX512_BF16): 6×32 micro-kernel, 12 zmm accumulators, vdpbf16ps on K-pairs
+     (A and B packed as one uint32 per (k, k+1) pair, odd K padded with zero).
      Without AVX512_BF16, bf16_compute rounds operands to bf16 while packing into FP32
      panels and runs the FP32 kernel (products of bf16 values are exact in FP32).
-   - Determinism: threads split M and/or N at micro-tile granularity only. The K blocking
-     depends only on k, each element of C is produced by the same instruction sequence
-     wherever its tile lies (edge tiles run the same kernel on a temporary tile), so C is
-     bit-identical for any thread count.
-   - Epilogue per K block: first block C = alpha·acc (beta == 0, C not read) or
+   Packing
+   - B is always packed (NR-wide micro-panels, zero-padded) for a whole column super-panel
+     and all of K, cooperatively by all threads, into the shared workspace.
+   - A is read in place by the FP32 kernel (it takes a row stride and a k stride, so both
+     A [m,k] and Aᵀ [k,m] work) unless it is bf16 / bf16-rounded or reused across enough
+     columns; then it is packed once (6-row micro-panels). Row tails (< 6 rows) are packed.
+   Threads
+   - Phase 1 packs (panels handed out dynamically), a barrier, phase 2 computes C units
+     (row chunk × column chunk, all K) handed out dynamically with an atomic counter, so a
+     thread slowed down by a busy core does not hold the others back.
+   Determinism
+   - The K blocking depends only on k; every element of C is produced by the same
+     instruction sequence wherever its tile lies and whichever thread runs it (edge tiles
+     run the same kernel on a temporary tile), so C is bit-identical for any thread count.
+   - Epilogue per K block: first block C = alpha·acc (beta == 0: C not read) or
      fma(beta, C, alpha·acc); later blocks C = fma(alpha, acc, C).
    ========================================================================================= */
 
@@ -52,17 +57,33 @@ typedef struct moe__gemm_desc {
 #define MOE__GEMM_NR 16     /* FP32 kernel cols */
 #define MOE__GEMM_BMR 6     /* BF16 kernel rows */
 #define MOE__GEMM_BNR 32    /* BF16 kernel cols */
-#define MOE__GEMM_KC 256    /* K block (multiple of 128) */
+#define MOE__GEMM_KC 256    /* K block when k > KC1 (multiple of 128) */
+#ifndef MOE__GEMM_KC1
 #define MOE__GEMM_KC1 384   /* k up to this: a single K block */
-#define MOE__GEMM_MC 120    /* rows per A block (multiple of 6) */
-#define MOE__GEMM_NC 1024   /* cols per B panel (multiple of 32) */
+#endif
+#ifndef MOE__GEMM_MCU
+#define MOE__GEMM_MCU 96    /* rows of a compute unit (multiple of 6) */
+#endif
+#ifndef MOE__GEMM_NCU
+#define MOE__GEMM_NCU 128   /* cols of a compute unit (multiple of 32) */
+#endif
+#ifndef MOE__GEMM_BBUDGET
+#define MOE__GEMM_BBUDGET (4 << 20) /* bytes of packed B per column super-panel */
+#endif
+#ifndef MOE__GEMM_ABUDGET
+#define MOE__GEMM_ABUDGET (8 << 20) /* bytes of packed A per row super-block */
+#endif
 #ifndef MOE__GEMM_PACKA_N
-#define MOE__GEMM_PACKA_N 512
+#define MOE__GEMM_PACKA_N 1024 /* FP32 row-major A: pack when n ≥ this */
 #endif
 #ifndef MOE__GEMM_PACKA_NT
-#define MOE__GEMM_PACKA_NT 64
+#define MOE__GEMM_PACKA_NT 128 /* FP32 transposed A: pack when n ≥ this */
+#endif
+#ifndef MOE__GEMM_MT_FLOPS
+#define MOE__GEMM_MT_FLOPS 3.0e6 /* below this many flops run on one thread */
 #endif
 #define MOE__GEMM_TILE (MOE__GEMM_BMR * MOE__GEMM_BNR)
+#define MOE__GEMM_KMAX (MOE__GEMM_KC1 > MOE__GEMM_KC ? MOE__GEMM_KC1 : MOE__GEMM_KC)
 
 enum { MOE__GEMM_KIND_F32 = 0, MOE__GEMM_KIND_BF16 = 1 };
 
@@ -77,25 +98,13 @@ static moe__gemm_isa moe__gemm_best_isa(void) {
 }
 
 static int64_t moe__gemm_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t moe__gemm_max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static int64_t moe__gemm_rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 /* K block size: a function of k only (never of the thread count). */
 static int64_t moe__gemm_kcb(int64_t k) { return k <= MOE__GEMM_KC1 ? k : MOE__GEMM_KC; }
 
-static size_t moe__gemm_thread_bytes(const moe__gemm_desc *d) {
-    int64_t kcb = moe__gemm_rup(moe__gemm_kcb(d->k) < 1 ? 1 : moe__gemm_kcb(d->k), 2);
-    int64_t ncb = moe__gemm_rup(moe__gemm_min64(MOE__GEMM_NC, d->n < 1 ? 1 : d->n), MOE__GEMM_BNR);
-    int64_t mcb = moe__gemm_rup(moe__gemm_min64(MOE__GEMM_MC, d->m < 1 ? 1 : d->m), MOE__GEMM_MR);
-    size_t fl = (size_t)(kcb * ncb) + (size_t)(kcb * mcb) + (size_t)MOE__GEMM_TILE;
-    return moe__gemm_rup((int64_t)(fl * sizeof(float)), 64) + 64;
-}
-
-static size_t moe__gemm_workspace_bytes(const moe__gemm_desc *d, int n_threads) {
-    if (n_threads < 1) n_threads = 1;
-    return moe__gemm_thread_bytes(d) * (size_t)n_threads + 128;
-}
-
-/* ---- element access (generic, scalar) ---- */
+/* ---- scalar element access ---- */
 static float moe__gemm_get(const void *p, int bf16, int64_t idx) {
     return bf16 ? moe_bf16_to_f32(((const uint16_t *)p)[idx]) : ((const float *)p)[idx];
 }
@@ -105,16 +114,6 @@ static float moe__gemm_geta(const moe__gemm_desc *d, int64_t i, int64_t p) {
 static float moe__gemm_getb(const moe__gemm_desc *d, int64_t p, int64_t j) {
     return moe__gemm_get(d->b, d->b_bf16, d->b_trans ? j * d->ldb + p : p * d->ldb + j);
 }
-#if defined(MOE__GEMM_HAVE_AVX2)
-static uint16_t moe__gemm_geta16(const moe__gemm_desc *d, int64_t i, int64_t p) {
-    int64_t idx = d->a_trans ? p * d->lda + i : i * d->lda + p;
-    return d->a_bf16 ? ((const uint16_t *)d->a)[idx] : moe_f32_to_bf16(((const float *)d->a)[idx]);
-}
-static uint16_t moe__gemm_getb16(const moe__gemm_desc *d, int64_t p, int64_t j) {
-    int64_t idx = d->b_trans ? j * d->ldb + p : p * d->ldb + j;
-    return d->b_bf16 ? ((const uint16_t *)d->b)[idx] : moe_f32_to_bf16(((const float *)d->b)[idx]);
-}
-#endif
 static float moe__gemm_rnd(float x) { return moe_bf16_to_f32(moe_f32_to_bf16(x)); }
 
 /* ---- scalar reference path: rows [m0, m1) ---- */
@@ -139,107 +138,193 @@ static void moe__gemm_scalar_rows(const moe__gemm_desc *d, int64_t m0, int64_t m
 }
 
 #if defined(MOE__GEMM_HAVE_AVX2)
-/* ---- packing: FP32 panels ---- */
-/* B block rows [p0, p0+kc), cols [j0, j0+nc) → panels of NR cols: dst[jp][p][NR]. */
-static void moe__gemm_pack_b_f32(const moe__gemm_desc *d, int64_t p0, int64_t kc, int64_t j0, int64_t nc,
+/* ---- bf16 conversion (round to nearest even, NaN → 0x7FFF, as moe_f32_to_bf16) ---- */
+static __m256i moe__gemm_bf16_round8(__m256i u) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, absm), inf);
+    return _mm256_blendv_epi8(r, bias, nan);
+}
+static void moe__gemm_cvt_bf16(const float *MOE_RESTRICT src, uint16_t *MOE_RESTRICT dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i r0 = moe__gemm_bf16_round8(_mm256_loadu_si256((const __m256i *)(const void *)(src + i)));
+        __m256i r1 = moe__gemm_bf16_round8(_mm256_loadu_si256((const __m256i *)(const void *)(src + i + 8)));
+        __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
+        _mm256_storeu_si256((__m256i *)(void *)(dst + i), pk);
+    }
+    for (; i < n; i++) dst[i] = moe_f32_to_bf16(src[i]);
+}
+/* n consecutive elements of a float or bf16 array, as bf16 */
+static void moe__gemm_get_bf16(const void *src, int bf16, int64_t idx, uint16_t *dst, int64_t n) {
+    if (bf16) memcpy(dst, (const uint16_t *)src + idx, (size_t)n * sizeof(uint16_t));
+    else moe__gemm_cvt_bf16((const float *)src + idx, dst, n);
+}
+static uint32_t moe__gemm_get16(const void *src, int bf16, int64_t idx) {
+    return bf16 ? (uint32_t)((const uint16_t *)src)[idx] : (uint32_t)moe_f32_to_bf16(((const float *)src)[idx]);
+}
+
+/* ---- packing: FP32 micro-panels ---- */
+/* op(B) rows [p0, p0+kc), cols [j, j+nr), nr ≤ 16 → dst[kc][16], zero-padded. */
+static void moe__gemm_pack_b_f32(const moe__gemm_desc *d, int64_t p0, int64_t kc, int64_t j, int64_t nr,
                                  float *MOE_RESTRICT dst) {
     const int NR = MOE__GEMM_NR;
-    int rnd = d->bf16_compute && !d->b_bf16;
-    int64_t jp, p, jj;
-    for (jp = 0; jp < nc; jp += NR) {
-        int64_t nr = moe__gemm_min64(NR, nc - jp);
-        float *o = dst + jp * kc;
-        if (!d->b_bf16 && !rnd && !d->b_trans && nr == NR) {
-            const float *s = (const float *)d->b + p0 * d->ldb + j0 + jp;
-            for (p = 0; p < kc; p++) memcpy(o + p * NR, s + p * d->ldb, NR * sizeof(float));
-        } else if (!d->b_bf16 && !rnd && d->b_trans) {
-            for (jj = 0; jj < nr; jj++) {
-                const float *s = (const float *)d->b + (j0 + jp + jj) * d->ldb + p0;
-                for (p = 0; p < kc; p++) o[p * NR + jj] = s[p];
+    const int rnd = d->bf16_compute && !d->b_bf16;
+    const int64_t ldb = d->ldb;
+    int64_t p, jj;
+    if (!d->b_bf16 && !rnd && !d->b_trans) {
+        const float *s = (const float *)d->b + p0 * ldb + j;
+        if (nr == NR) {
+            for (p = 0; p < kc; p++) {
+                _mm256_store_ps(dst + p * NR, _mm256_loadu_ps(s + p * ldb));
+                _mm256_store_ps(dst + p * NR + 8, _mm256_loadu_ps(s + p * ldb + 8));
             }
-            for (; jj < NR; jj++)
-                for (p = 0; p < kc; p++) o[p * NR + jj] = 0.0f;
         } else {
             for (p = 0; p < kc; p++) {
-                for (jj = 0; jj < nr; jj++) {
-                    float v = moe__gemm_getb(d, p0 + p, j0 + jp + jj);
-                    o[p * NR + jj] = rnd ? moe__gemm_rnd(v) : v;
-                }
-                for (; jj < NR; jj++) o[p * NR + jj] = 0.0f;
+                for (jj = 0; jj < nr; jj++) dst[p * NR + jj] = s[p * ldb + jj];
+                for (; jj < NR; jj++) dst[p * NR + jj] = 0.0f;
             }
+        }
+    } else if (!d->b_bf16 && !rnd) { /* B stored [n, k]: transpose 8×8 blocks */
+        const float *s = (const float *)d->b + j * ldb + p0;
+        p = 0;
+        if (nr == NR) {
+            for (; p + 8 <= kc; p += 8) {
+                int h;
+                for (h = 0; h < 2; h++) {
+                    const float *r = s + (int64_t)h * 8 * ldb + p;
+                    float *o = dst + p * NR + h * 8;
+                    __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + ldb);
+                    __m256 r2 = _mm256_loadu_ps(r + 2 * ldb), r3 = _mm256_loadu_ps(r + 3 * ldb);
+                    __m256 r4 = _mm256_loadu_ps(r + 4 * ldb), r5 = _mm256_loadu_ps(r + 5 * ldb);
+                    __m256 r6 = _mm256_loadu_ps(r + 6 * ldb), r7 = _mm256_loadu_ps(r + 7 * ldb);
+                    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+                    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+                    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+                    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+                    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+                    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                    _mm256_store_ps(o + 0 * NR, _mm256_permute2f128_ps(s0, s4, 0x20));
+                    _mm256_store_ps(o + 1 * NR, _mm256_permute2f128_ps(s1, s5, 0x20));
+                    _mm256_store_ps(o + 2 * NR, _mm256_permute2f128_ps(s2, s6, 0x20));
+                    _mm256_store_ps(o + 3 * NR, _mm256_permute2f128_ps(s3, s7, 0x20));
+                    _mm256_store_ps(o + 4 * NR, _mm256_permute2f128_ps(s0, s4, 0x31));
+                    _mm256_store_ps(o + 5 * NR, _mm256_permute2f128_ps(s1, s5, 0x31));
+                    _mm256_store_ps(o + 6 * NR, _mm256_permute2f128_ps(s2, s6, 0x31));
+                    _mm256_store_ps(o + 7 * NR, _mm256_permute2f128_ps(s3, s7, 0x31));
+                }
+            }
+        }
+        for (; p < kc; p++) {
+            for (jj = 0; jj < nr; jj++) dst[p * NR + jj] = s[jj * ldb + p];
+            for (; jj < NR; jj++) dst[p * NR + jj] = 0.0f;
+        }
+    } else {
+        for (p = 0; p < kc; p++) {
+            for (jj = 0; jj < nr; jj++) {
+                float v = moe__gemm_getb(d, p0 + p, j + jj);
+                dst[p * NR + jj] = rnd ? moe__gemm_rnd(v) : v;
+            }
+            for (; jj < NR; jj++) dst[p * NR + jj] = 0.0f;
         }
     }
 }
 
-/* A block rows [i0, i0+mc), k [p0, p0+kc) → panels of MR rows: dst[ip][p][MR]. */
-static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
+/* op(A) rows [i, i+mr), mr ≤ 6, k [p0, p0+kc) → dst[kc][6], zero-padded. */
+static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i, int64_t mr, int64_t p0, int64_t kc,
                                  float *MOE_RESTRICT dst) {
     const int MR = MOE__GEMM_MR;
-    int rnd = d->bf16_compute && !d->a_bf16;
-    int64_t ip, p, ii;
-    for (ip = 0; ip < mc; ip += MR) {
-        int64_t mr = moe__gemm_min64(MR, mc - ip);
-        float *o = dst + ip * kc;
-        if (!d->a_bf16 && !rnd && !d->a_trans) {
+    const int rnd = d->bf16_compute && !d->a_bf16;
+    const int64_t lda = d->lda;
+    int64_t p, ii;
+    if (!d->a_bf16 && !rnd && d->a_trans) {
+        const float *s = (const float *)d->a + p0 * lda + i;
+        for (p = 0; p < kc; p++) {
+            for (ii = 0; ii < mr; ii++) dst[p * MR + ii] = s[p * lda + ii];
+            for (; ii < MR; ii++) dst[p * MR + ii] = 0.0f;
+        }
+    } else if (!d->a_bf16 && !rnd) {
+        const float *s = (const float *)d->a + i * lda + p0;
+        for (ii = 0; ii < mr; ii++)
+            for (p = 0; p < kc; p++) dst[p * MR + ii] = s[ii * lda + p];
+        for (; ii < MR; ii++)
+            for (p = 0; p < kc; p++) dst[p * MR + ii] = 0.0f;
+    } else {
+        for (p = 0; p < kc; p++) {
             for (ii = 0; ii < mr; ii++) {
-                const float *s = (const float *)d->a + (i0 + ip + ii) * d->lda + p0;
-                for (p = 0; p < kc; p++) o[p * MR + ii] = s[p];
+                float v = moe__gemm_geta(d, i + ii, p0 + p);
+                dst[p * MR + ii] = rnd ? moe__gemm_rnd(v) : v;
             }
-            for (; ii < MR; ii++)
-                for (p = 0; p < kc; p++) o[p * MR + ii] = 0.0f;
-        } else {
-            for (p = 0; p < kc; p++) {
-                for (ii = 0; ii < mr; ii++) {
-                    float v = moe__gemm_geta(d, i0 + ip + ii, p0 + p);
-                    o[p * MR + ii] = rnd ? moe__gemm_rnd(v) : v;
-                }
-                for (; ii < MR; ii++) o[p * MR + ii] = 0.0f;
-            }
+            for (; ii < MR; ii++) dst[p * MR + ii] = 0.0f;
         }
     }
 }
 
-/* ---- packing: BF16 K-pairs (uint32 = lo: even k, hi: odd k) ---- */
-static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t kc, int64_t j0, int64_t nc,
+/* ---- packing: BF16 K-pairs (uint32: low half even k, high half odd k) ---- */
+/* op(B) rows [p0, p0+kc), cols [j, j+nr), nr ≤ 32 → dst[(kc+1)/2][32]. */
+static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t kc, int64_t j, int64_t nr,
                                   uint32_t *MOE_RESTRICT dst) {
     const int NR = MOE__GEMM_BNR;
-    int64_t kp = (kc + 1) / 2, jp, pp, jj;
-    for (jp = 0; jp < nc; jp += NR) {
-        int64_t nr = moe__gemm_min64(NR, nc - jp);
-        uint32_t *o = dst + jp * kp;
+    const int64_t kp = (kc + 1) / 2, ldb = d->ldb;
+    int64_t pp, jj;
+    if (d->b_trans) { /* column j of op(B) is row j of B: consecutive k */
+        uint16_t tmp[MOE__GEMM_KMAX + 2];
+        for (jj = 0; jj < nr; jj++) {
+            moe__gemm_get_bf16(d->b, d->b_bf16, (j + jj) * ldb + p0, tmp, kc);
+            tmp[kc] = 0;
+            for (pp = 0; pp < kp; pp++) dst[pp * NR + jj] = (uint32_t)tmp[2 * pp] | ((uint32_t)tmp[2 * pp + 1] << 16);
+        }
+        for (; jj < NR; jj++)
+            for (pp = 0; pp < kp; pp++) dst[pp * NR + jj] = 0u;
+    } else {
+        uint16_t t0[MOE__GEMM_BNR], t1[MOE__GEMM_BNR];
         for (pp = 0; pp < kp; pp++) {
             int64_t p = p0 + 2 * pp;
-            int has1 = 2 * pp + 1 < kc;
-            for (jj = 0; jj < nr; jj++) {
-                uint32_t lo = moe__gemm_getb16(d, p, j0 + jp + jj);
-                uint32_t hi = has1 ? moe__gemm_getb16(d, p + 1, j0 + jp + jj) : 0u;
-                o[pp * NR + jj] = lo | (hi << 16);
-            }
-            for (; jj < NR; jj++) o[pp * NR + jj] = 0u;
+            uint32_t *o = dst + pp * NR;
+            moe__gemm_get_bf16(d->b, d->b_bf16, p * ldb + j, t0, nr);
+            if (2 * pp + 1 < kc) moe__gemm_get_bf16(d->b, d->b_bf16, (p + 1) * ldb + j, t1, nr);
+            else memset(t1, 0, sizeof t1);
+            for (jj = 0; jj < nr; jj++) o[jj] = (uint32_t)t0[jj] | ((uint32_t)t1[jj] << 16);
+            for (; jj < NR; jj++) o[jj] = 0u;
         }
     }
 }
 
-static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
+/* op(A) rows [i, i+mr), mr ≤ 6, k [p0, p0+kc) → dst[(kc+1)/2][6]. */
+static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr, int64_t p0, int64_t kc,
                                   uint32_t *MOE_RESTRICT dst) {
     const int MR = MOE__GEMM_BMR;
-    int64_t kp = (kc + 1) / 2, ip, pp, ii;
-    for (ip = 0; ip < mc; ip += MR) {
-        int64_t mr = moe__gemm_min64(MR, mc - ip);
-        uint32_t *o = dst + ip * kp;
+    const int64_t kp = (kc + 1) / 2, lda = d->lda;
+    int64_t pp, ii;
+    if (!d->a_trans) { /* row i of A: consecutive k */
+        uint16_t tmp[MOE__GEMM_KMAX + 2];
+        for (ii = 0; ii < mr; ii++) {
+            moe__gemm_get_bf16(d->a, d->a_bf16, (i + ii) * lda + p0, tmp, kc);
+            tmp[kc] = 0;
+            for (pp = 0; pp < kp; pp++) dst[pp * MR + ii] = (uint32_t)tmp[2 * pp] | ((uint32_t)tmp[2 * pp + 1] << 16);
+        }
+        for (; ii < MR; ii++)
+            for (pp = 0; pp < kp; pp++) dst[pp * MR + ii] = 0u;
+    } else {
         for (pp = 0; pp < kp; pp++) {
             int64_t p = p0 + 2 * pp;
             int has1 = 2 * pp + 1 < kc;
             for (ii = 0; ii < mr; ii++) {
-                uint32_t lo = moe__gemm_geta16(d, i0 + ip + ii, p);
-                uint32_t hi = has1 ? moe__gemm_geta16(d, i0 + ip + ii, p + 1) : 0u;
-                o[pp * MR + ii] = lo | (hi << 16);
+                uint32_t lo = moe__gemm_get16(d->a, d->a_bf16, p * lda + i + ii);
+                uint32_t hi = has1 ? moe__gemm_get16(d->a, d->a_bf16, (p + 1) * lda + i + ii) : 0u;
+                dst[pp * MR + ii] = lo | (hi << 16);
             }
-            for (; ii < MR; ii++) o[pp * MR + ii] = 0u;
+            for (; ii < MR; ii++) dst[pp * MR + ii] = 0u;
         }
     }
 }
+#endif
 
+#if defined(MOE__GEMM_HAVE_AVX2)
 /* ---- micro-kernels ---- */
 /* 6×16 FP32. A element (i, p) at a[i*rsa + p*csa] (either rsa == 1 or csa == 1);
    b: packed kc×16 (32-byte aligned). mode 0: C = alpha·acc; 1: C = fma(beta, C, alpha·acc);
@@ -371,117 +456,210 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_bf16(int64_t kp, const uint32_t *M
 }
 #endif
 
-#if defined(MOE__GEMM_HAVE_AVX2)
-/* A is read in place (FP32, no rounding) unless it is reused across enough column panels
-   for packing to pay off. */
-static int moe__gemm_pack_a_needed(const moe__gemm_desc *d, int kind) {
-    if (kind == MOE__GEMM_KIND_BF16 || d->a_bf16 || d->bf16_compute) return 1;
-    return d->n >= MOE__GEMM_PACKA_N || (d->a_trans && d->n >= MOE__GEMM_PACKA_NT);
+
+/* ---- plan: blocking and workspace layout (a function of the problem, not of threads) ---- */
+typedef struct moe__gemm_plan {
+    int kind, mr, nr, pack_a;
+    int64_t kcb;   /* K block */
+    int64_t kpad;  /* k rounded up to even */
+    int64_t ncs;   /* columns per B super-panel (multiple of nr) */
+    int64_t mcs;   /* rows per A super-block (multiple of mr) */
+    size_t b_bytes, a_bytes, t_bytes;
+} moe__gemm_plan;
+
+static void moe__gemm_make_plan(const moe__gemm_desc *d, int kind, moe__gemm_plan *pl) {
+    int64_t m = moe__gemm_max64(d->m, 1), n = moe__gemm_max64(d->n, 1), k = moe__gemm_max64(d->k, 1);
+    pl->kind = kind;
+    pl->mr = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BMR : MOE__GEMM_MR;
+    pl->nr = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BNR : MOE__GEMM_NR;
+    pl->pack_a = kind == MOE__GEMM_KIND_BF16 || d->a_bf16 || d->bf16_compute ||
+                 (d->a_trans ? n >= MOE__GEMM_PACKA_NT : n >= MOE__GEMM_PACKA_N);
+    pl->kcb = moe__gemm_kcb(k);
+    pl->kpad = moe__gemm_rup(k, 2);
+    pl->ncs = moe__gemm_max64(pl->nr, (int64_t)(MOE__GEMM_BBUDGET / (pl->kpad * 4)) / pl->nr * pl->nr);
+    pl->ncs = moe__gemm_min64(pl->ncs, moe__gemm_rup(n, pl->nr));
+    pl->mcs = moe__gemm_rup(m, pl->mr);
+    if (pl->pack_a)
+        pl->mcs = moe__gemm_min64(pl->mcs, moe__gemm_max64(pl->mr, (int64_t)(MOE__GEMM_ABUDGET / (pl->kpad * 4)) / pl->mr * pl->mr));
+    pl->b_bytes = (size_t)moe__gemm_rup(pl->kpad * pl->ncs * 4, 64);
+    pl->a_bytes = (size_t)moe__gemm_rup(pl->kpad * (pl->pack_a ? pl->mcs : pl->mr) * 4, 64);
+    pl->t_bytes = (size_t)moe__gemm_rup(MOE__GEMM_TILE * 4, 64);
 }
 
-/* One thread's rectangle C[m0:m1, n0:n1] with the SIMD kernels. ws: 64-byte aligned. */
-static void moe__gemm_rect(const moe__gemm_desc *d, int kind, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                           unsigned char *ws) {
-    const int64_t k = d->k, kcb = moe__gemm_kcb(k);
-    const int MR = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BMR : MOE__GEMM_MR;
-    const int NR = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BNR : MOE__GEMM_NR;
-    const int64_t kcb2 = moe__gemm_rup(kcb, 2);
-    const int64_t ncb = moe__gemm_rup(moe__gemm_min64(MOE__GEMM_NC, d->n), MOE__GEMM_BNR);
-    float *bbuf = (float *)ws;
-    float *abuf = bbuf + kcb2 * ncb;
-    float *tile = abuf + kcb2 * moe__gemm_rup(moe__gemm_min64(MOE__GEMM_MC, d->m), MOE__GEMM_MR);
-    const int pack_a = moe__gemm_pack_a_needed(d, kind);
-    int64_t jc, pc, ic, jr, ir;
-    memset(tile, 0, sizeof(float) * MOE__GEMM_TILE);
-    for (jc = n0; jc < n1; jc += MOE__GEMM_NC) {
-        const int64_t nc = moe__gemm_min64(MOE__GEMM_NC, n1 - jc);
-        for (pc = 0; pc < k; pc += kcb) {
-            const int64_t kc = moe__gemm_min64(kcb, k - pc), kp = (kc + 1) / 2;
-            const int mode = pc > 0 ? 2 : (d->beta == 0.0f ? 0 : 1);
-            if (kind == MOE__GEMM_KIND_BF16)
-                moe__gemm_pack_b_bf16(d, pc, kc, jc, nc, (uint32_t *)bbuf);
-            else
-                moe__gemm_pack_b_f32(d, pc, kc, jc, nc, bbuf);
-            for (ic = m0; ic < m1; ic += MOE__GEMM_MC) {
-                const int64_t mc = moe__gemm_min64(MOE__GEMM_MC, m1 - ic);
-                const int64_t mfull = mc / MR * MR;
-                if (kind == MOE__GEMM_KIND_BF16)
-                    moe__gemm_pack_a_bf16(d, ic, mc, pc, kc, (uint32_t *)abuf);
-                else if (pack_a)
-                    moe__gemm_pack_a_f32(d, ic, mc, pc, kc, abuf);
-                else if (mfull < mc)
-                    moe__gemm_pack_a_f32(d, ic + mfull, mc - mfull, pc, kc, abuf + mfull * kc);
-                for (jr = 0; jr < nc; jr += NR) {
-                    const int64_t nr = moe__gemm_min64(NR, nc - jr);
-                    for (ir = 0; ir < mc; ir += MR) {
-                        const int64_t mr = moe__gemm_min64(MR, mc - ir);
-                        float *cp = d->c + (ic + ir) * d->ldc + jc + jr;
-                        float *ct = cp;
-                        int64_t ldt = d->ldc, i;
-                        if (mr < MR || nr < NR) {
-                            ct = tile;
-                            ldt = NR;
-                            if (mode != 0)
-                                for (i = 0; i < mr; i++) memcpy(tile + i * NR, cp + i * d->ldc, (size_t)nr * sizeof(float));
-                        }
-#if defined(MOE__GEMM_HAVE_BF16DP)
-                        if (kind == MOE__GEMM_KIND_BF16) {
-                            moe__gemm_kern_bf16(kp, (const uint32_t *)abuf + ir * kp, (const uint32_t *)bbuf + jr * kp,
-                                                ct, ldt, d->alpha, d->beta, mode);
-                        } else
+static size_t moe__gemm_workspace_bytes(const moe__gemm_desc *d, int n_threads) {
+    moe__gemm_plan p0, p1;
+    size_t s0, s1;
+    if (n_threads < 1) n_threads = 1;
+    moe__gemm_make_plan(d, MOE__GEMM_KIND_F32, &p0);
+    moe__gemm_make_plan(d, MOE__GEMM_KIND_BF16, &p1);
+    s0 = p0.b_bytes + p0.a_bytes + p0.t_bytes * (size_t)n_threads;
+    s1 = p1.b_bytes + p1.a_bytes + p1.t_bytes * (size_t)n_threads;
+    return (s0 > s1 ? s0 : s1) + 128;
+}
+
+#if defined(MOE__GEMM_HAVE_AVX2)
+typedef struct moe__gemm_job {
+    const moe__gemm_desc *d;
+    moe__gemm_plan pl;
+    float *bp, *ap, *tiles;
+    int64_t counter; /* tickets handed out (shared) */
+} moe__gemm_job;
+
+/* Dynamic work distribution: one global ticket sequence over all phases; a ticket past the
+   current phase is kept for the next one. */
+static int moe__gemm_take(moe__gemm_job *job, int64_t *mine, int64_t base, int64_t cnt, int64_t *u) {
+    if (*mine < 0) {
+        int64_t t;
+#ifdef _OPENMP
+#pragma omp atomic capture
 #endif
-                        {
-                            const float *ap;
-                            int64_t rsa, csa;
-                            (void)kp;
-                            if (pack_a || ir >= mfull) {
-                                ap = abuf + ir * kc; rsa = 1; csa = MOE__GEMM_MR;
-                            } else if (d->a_trans) {
-                                ap = (const float *)d->a + pc * d->lda + ic + ir; rsa = 1; csa = d->lda;
-                            } else {
-                                ap = (const float *)d->a + (ic + ir) * d->lda + pc; rsa = d->lda; csa = 1;
-                            }
-                            moe__gemm_kern_avx2(kc, ap, rsa, csa, bbuf + jr * kc, ct, ldt, d->alpha, d->beta, mode);
-                        }
-                        if (ct == tile)
-                            for (i = 0; i < mr; i++) memcpy(cp + i * d->ldc, tile + i * NR, (size_t)nr * sizeof(float));
+        t = job->counter++;
+        *mine = t;
+    }
+    if (*mine >= base + cnt) return 0;
+    *u = *mine - base;
+    *mine = -1;
+    return 1;
+}
+
+/* Pack B panel: columns [j, j+nr) of the super-panel starting at js, all K. */
+static void moe__gemm_do_pack_b(const moe__gemm_job *job, int64_t js, int64_t j, int64_t nr) {
+    const moe__gemm_desc *d = job->d;
+    const moe__gemm_plan *pl = &job->pl;
+    int64_t pc;
+    for (pc = 0; pc < d->k; pc += pl->kcb) {
+        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
+        if (pl->kind == MOE__GEMM_KIND_BF16)
+            moe__gemm_pack_b_bf16(d, pc, kc, j, nr, (uint32_t *)job->bp + (pc / 2) * pl->ncs + (j - js) * kp);
+        else
+            moe__gemm_pack_b_f32(d, pc, kc, j, nr, job->bp + pc * pl->ncs + (j - js) * kc);
+    }
+}
+
+/* Pack A panel: rows [i, i+mr) at row offset off within the buffer layout, all K. */
+static void moe__gemm_do_pack_a(const moe__gemm_job *job, int64_t i, int64_t mr, int64_t off) {
+    const moe__gemm_desc *d = job->d;
+    const moe__gemm_plan *pl = &job->pl;
+    const int64_t width = pl->pack_a ? pl->mcs : pl->mr;
+    int64_t pc;
+    for (pc = 0; pc < d->k; pc += pl->kcb) {
+        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
+        if (pl->kind == MOE__GEMM_KIND_BF16)
+            moe__gemm_pack_a_bf16(d, i, mr, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + off * kp);
+        else
+            moe__gemm_pack_a_f32(d, i, mr, pc, kc, job->ap + pc * width + off * kc);
+    }
+}
+
+/* Compute C[i0:i1, j0:j1] over all of K (super-block origin is, super-panel origin js). */
+static void moe__gemm_do_unit(const moe__gemm_job *job, float *tile, int64_t is, int64_t js, int64_t i0, int64_t i1,
+                              int64_t j0, int64_t j1) {
+    const moe__gemm_desc *d = job->d;
+    const moe__gemm_plan *pl = &job->pl;
+    const int MR = pl->mr, NR = pl->nr;
+    const int64_t mfull = d->m / MR * MR, ldc = d->ldc;
+    const int64_t width = pl->pack_a ? pl->mcs : pl->mr;
+    int64_t pc, jr, ir, i;
+    for (pc = 0; pc < d->k; pc += pl->kcb) {
+        const int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
+        const int mode = pc > 0 ? 2 : (d->beta == 0.0f ? 0 : 1);
+        for (jr = j0; jr < j1; jr += NR) {
+            const int64_t nr = moe__gemm_min64(NR, j1 - jr);
+            for (ir = i0; ir < i1; ir += MR) {
+                const int64_t mr = moe__gemm_min64(MR, i1 - ir);
+                float *cp = d->c + ir * ldc + jr, *ct = cp;
+                int64_t ldt = ldc;
+                if (mr < MR || nr < NR) {
+                    ct = tile;
+                    ldt = NR;
+                    if (mode != 0)
+                        for (i = 0; i < mr; i++) memcpy(tile + i * NR, cp + i * ldc, (size_t)nr * sizeof(float));
+                }
+#if defined(MOE__GEMM_HAVE_BF16DP)
+                if (pl->kind == MOE__GEMM_KIND_BF16) {
+                    moe__gemm_kern_bf16(kp, (const uint32_t *)job->ap + (pc / 2) * width + (ir - is) * kp,
+                                        (const uint32_t *)job->bp + (pc / 2) * pl->ncs + (jr - js) * kp, ct, ldt,
+                                        d->alpha, d->beta, mode);
+                } else
+#endif
+                {
+                    const float *ap;
+                    int64_t rsa, csa;
+                    if (pl->pack_a) {
+                        ap = job->ap + pc * width + (ir - is) * kc; rsa = 1; csa = MOE__GEMM_MR;
+                    } else if (ir >= mfull) {
+                        ap = job->ap + pc * width; rsa = 1; csa = MOE__GEMM_MR;
+                    } else if (d->a_trans) {
+                        ap = (const float *)d->a + pc * d->lda + ir; rsa = 1; csa = d->lda;
+                    } else {
+                        ap = (const float *)d->a + ir * d->lda + pc; rsa = d->lda; csa = 1;
                     }
+                    moe__gemm_kern_avx2(kc, ap, rsa, csa, job->bp + pc * pl->ncs + (jr - js) * kc, ct, ldt, d->alpha,
+                                        d->beta, mode);
+                    (void)kp;
+                }
+                if (ct == tile)
+                    for (i = 0; i < mr; i++) memcpy(cp + i * ldc, tile + i * NR, (size_t)nr * sizeof(float));
+            }
+        }
+    }
+}
+
+/* Body run by every thread of the team (tid < number of tiles in the workspace). */
+static void moe__gemm_body(moe__gemm_job *job, int tid) {
+    const moe__gemm_desc *d = job->d;
+    const moe__gemm_plan *pl = &job->pl;
+    const int64_t MR = pl->mr, NR = pl->nr, m = d->m, n = d->n;
+    float *tile = job->tiles + (size_t)tid * (pl->t_bytes / sizeof(float));
+    int64_t mine = -1, base = 0, is, js, u;
+    memset(tile, 0, pl->t_bytes);
+    for (is = 0; is < m; is += pl->mcs) {
+        const int64_t msz = moe__gemm_min64(pl->mcs, m - is);
+        for (js = 0; js < n; js += pl->ncs) {
+            const int64_t nsz = moe__gemm_min64(pl->ncs, n - js);
+            const int64_t nbp = (nsz + NR - 1) / NR;
+            int64_t nap = 0, nur, nuc, cnt;
+            if (js == 0) {
+                if (pl->pack_a) nap = (msz + MR - 1) / MR;
+                else if (m % MR) nap = 1; /* the row tail, packed once */
+            }
+            cnt = nbp + nap;
+            while (moe__gemm_take(job, &mine, base, cnt, &u)) {
+                if (u < nbp) {
+                    int64_t j = js + u * NR;
+                    moe__gemm_do_pack_b(job, js, j, moe__gemm_min64(NR, js + nsz - j));
+                } else if (pl->pack_a) {
+                    int64_t i = is + (u - nbp) * MR;
+                    moe__gemm_do_pack_a(job, i, moe__gemm_min64(MR, is + msz - i), i - is);
+                } else {
+                    moe__gemm_do_pack_a(job, m / MR * MR, m % MR, 0);
                 }
             }
+            base += cnt;
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+            nur = (msz + MOE__GEMM_MCU - 1) / MOE__GEMM_MCU;
+            nuc = (nsz + MOE__GEMM_NCU - 1) / MOE__GEMM_NCU;
+            cnt = nur * nuc;
+            while (moe__gemm_take(job, &mine, base, cnt, &u)) {
+                int64_t ur = u % nur, uc = u / nur;
+                int64_t i0 = is + ur * MOE__GEMM_MCU, j0 = js + uc * MOE__GEMM_NCU;
+                moe__gemm_do_unit(job, tile, is, js, i0, moe__gemm_min64(i0 + MOE__GEMM_MCU, is + msz), j0,
+                                  moe__gemm_min64(j0 + MOE__GEMM_NCU, js + nsz));
+            }
+            base += cnt;
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
         }
     }
 }
 #endif
 
-#if defined(MOE__GEMM_HAVE_AVX2)
-/* Split m×n among nt threads as a tm×tn grid of micro-tile-aligned rectangles. */
-static void moe__gemm_grid(const moe__gemm_desc *d, int nt, int MR, int NR, int pack_a, int *tm_out, int *tn_out) {
-    int tn, best_tm = 1, best_tn = 1;
-    double best = -1.0;
-    int64_t mu = (d->m + MR - 1) / MR, nu = (d->n + NR - 1) / NR;
-    for (tn = 1; tn <= nt; tn++) {
-        int tm;
-        int64_t mt, ntl;
-        double cost;
-        if (nt % tn) continue;
-        tm = nt / tn;
-        mt = (mu + tm - 1) / tm * MR;
-        ntl = (nu + tn - 1) / tn * NR;
-        /* compute (ns at ~100 GFLOP/s) + packing (~0.5 ns/element) */
-        cost = 2.0 * (double)mt * (double)ntl * (double)d->k / 100.0 +
-               0.5 * (double)d->k * ((pack_a ? (double)mt : 0.0) + (double)ntl);
-        if (best < 0.0 || cost < best) { best = cost; best_tm = tm; best_tn = tn; }
-    }
-    *tm_out = best_tm;
-    *tn_out = best_tn;
-}
-
-#endif
-
 static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_threads, void *workspace) {
     int nt = n_threads < 1 ? 1 : n_threads;
     int64_t i, j;
-    double flops;
     if (d->m <= 0 || d->n <= 0) return;
     if (d->k <= 0) {
         for (i = 0; i < d->m; i++) {
@@ -491,8 +669,8 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         return;
     }
     if ((int)isa > (int)moe__gemm_best_isa()) isa = moe__gemm_best_isa();
-    flops = 2.0 * (double)d->m * (double)d->n * (double)d->k;
-    if (flops < 4.0e6) nt = 1; /* below ~40 µs of work threads cost more than they give */
+    /* small problems: thread start-up and barriers cost more than they give */
+    if (2.0 * (double)d->m * (double)d->n * (double)d->k < MOE__GEMM_MT_FLOPS) nt = 1;
 #ifndef _OPENMP
     nt = 1;
 #endif
@@ -507,46 +685,36 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
             team = omp_get_num_threads();
             tid = omp_get_thread_num();
 #endif
-            for (t = tid; t < nt; t += team)
-                moe__gemm_scalar_rows(d, d->m * t / nt, d->m * (t + 1) / nt);
+            for (t = tid; t < nt; t += team) moe__gemm_scalar_rows(d, d->m * t / nt, d->m * (t + 1) / nt);
         }
         (void)workspace;
         return;
     }
 #if defined(MOE__GEMM_HAVE_AVX2)
     {
-        int kind = MOE__GEMM_KIND_F32, MR, NR, tm, tn, pack_a;
-        size_t tb = moe__gemm_thread_bytes(d);
+        moe__gemm_job job;
         unsigned char *ws = (unsigned char *)workspace;
-        int64_t mu, nu;
+        int kind = MOE__GEMM_KIND_F32;
+        int64_t units;
 #if defined(MOE__GEMM_HAVE_BF16DP)
         if (isa == MOE__GEMM_AVX512 && d->bf16_compute) kind = MOE__GEMM_KIND_BF16;
 #endif
-        MR = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BMR : MOE__GEMM_MR;
-        NR = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BNR : MOE__GEMM_NR;
-        pack_a = moe__gemm_pack_a_needed(d, kind);
-        mu = (d->m + MR - 1) / MR;
-        nu = (d->n + NR - 1) / NR;
-        if ((int64_t)nt > mu * nu) nt = (int)(mu * nu);
+        job.d = d;
+        moe__gemm_make_plan(d, kind, &job.pl);
         ws += (64u - (unsigned)((uintptr_t)ws & 63u)) & 63u;
-        moe__gemm_grid(d, nt, MR, NR, pack_a, &tm, &tn);
+        job.bp = (float *)(void *)ws;
+        job.ap = (float *)(void *)(ws + job.pl.b_bytes);
+        job.tiles = (float *)(void *)(ws + job.pl.b_bytes + job.pl.a_bytes);
+        job.counter = 0;
+        units = ((d->m + MOE__GEMM_MCU - 1) / MOE__GEMM_MCU) * ((d->n + MOE__GEMM_NCU - 1) / MOE__GEMM_NCU);
+        if ((int64_t)nt > units) nt = (int)units;
+        if (nt <= 1) {
+            moe__gemm_body(&job, 0);
+        } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel num_threads(nt)
+            moe__gemm_body(&job, omp_get_thread_num());
 #endif
-        {
-            int t, team = 1, tid = 0;
-#ifdef _OPENMP
-            team = omp_get_num_threads();
-            tid = omp_get_thread_num();
-#endif
-            for (t = tid; t < nt; t += team) {
-                int ti = t / tn, tj = t % tn;
-                int64_t m0 = mu * ti / tm * MR, m1 = mu * (ti + 1) / tm * MR;
-                int64_t n0 = nu * tj / tn * NR, n1 = nu * (tj + 1) / tn * NR;
-                if (m1 > d->m) m1 = d->m;
-                if (n1 > d->n) n1 = d->n;
-                if (m0 < m1 && n0 < n1) moe__gemm_rect(d, kind, m0, m1, n0, n1, ws + (size_t)tid * tb);
-            }
         }
     }
 #else

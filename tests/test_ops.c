@@ -1,0 +1,397 @@
+/* tests/test_ops.c — forward results of the kernels and ops against naive double-precision
+   references written here (materialised attention, textbook softmax, the RoPE formulas of
+   reference §2.3), the GEMM in every ISA and layout, and the autograd contract (gradient
+   accumulation, one replay per tape, inference mode, no allocation in steady state).
+
+   Tolerances: an FP32 result of a length-K dot product is within K·2^-24·Σ|a·b| of the
+   exact value (each addition rounds once); we check |got − ref| ≤ 4·K·2^-24·Σ|a·b| + 1e-30.
+   Element-wise ops use a relative 2e-6 (a few float ulps through exp/log/sqrt). */
+#define MOE_IMPLEMENTATION
+#include "moe.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+static moe_ctx *g_ctx;
+static uint64_t g_stream = 1;
+
+static moe_tensor *mk(int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+    int64_t shape[4] = {d0, d1, d2, d3};
+    moe_tensor *t = NULL;
+    moe_rng rng = moe_rng_new(42, g_stream++);
+    if (moe_tensor_new(g_ctx, MOE_F32, ndim, shape, &t) != MOE_OK) return NULL;
+    moe_tensor_fill_normal(g_ctx, t, &rng, 0.0f, 1.0f);
+    return t;
+}
+static float *F(moe_tensor *t) { return (float *)t->data; }
+
+/* ---- GEMM ---- */
+
+static void ref_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                     int64_t ldb, int bf16, double *C, double *absC) {
+    int64_t i, j, p;
+    for (i = 0; i < m; i++)
+        for (j = 0; j < n; j++) {
+            double acc = 0, aacc = 0;
+            for (p = 0; p < k; p++) {
+                double a = ta ? A[p * lda + i] : A[i * lda + p], b = tb ? B[j * ldb + p] : B[p * ldb + j];
+                if (bf16) {
+                    a = moe_bf16_to_f32(moe_f32_to_bf16((float)a));
+                    b = moe_bf16_to_f32(moe_f32_to_bf16((float)b));
+                }
+                acc += a * b;
+                aacc += fabs(a * b);
+            }
+            C[i * n + j] = acc;
+            absC[i * n + j] = aacc;
+        }
+}
+
+static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16, int simd, int threads, float alpha,
+                       float beta) {
+    moe_tensor *A = mk(1, m * k + 1, 0, 0, 0), *B = mk(1, k * n + 1, 0, 0, 0), *C = mk(1, m * n, 0, 0, 0);
+    double *ref = (double *)malloc(sizeof(double) * (size_t)(m * n)), *aref = (double *)malloc(sizeof(double) * (size_t)(m * n));
+    float *c0 = (float *)malloc(sizeof(float) * (size_t)(m * n));
+    moe_gemm_args g;
+    int64_t i;
+    double worst = 0;
+    memcpy(c0, C->data, sizeof(float) * (size_t)(m * n));
+    if (beta == 0)
+        for (i = 0; i < m * n; i++) F(C)[i] = NAN; /* beta = 0 must not read C */
+    memset(&g, 0, sizeof g);
+    g.m = m; g.n = n; g.k = k;
+    g.a = A->data; g.a_dtype = MOE_F32; g.lda = ta ? m : k; g.trans_a = ta;
+    g.b = B->data; g.b_dtype = MOE_F32; g.ldb = tb ? k : n; g.trans_b = tb;
+    g.c = F(C); g.ldc = n; g.alpha = alpha; g.beta = beta;
+    g.compute = bf16 ? MOE_BF16 : MOE_F32;
+    moe_ctx_set_simd(g_ctx, simd);
+    moe_ctx_set_threads(g_ctx, threads);
+    T_CHECK(moe_gemm(g_ctx, &g) == MOE_OK, "moe_gemm: %s", moe_ctx_error(g_ctx));
+    ref_gemm(ta, tb, m, n, k, F(A), g.lda, F(B), g.ldb, bf16, ref, aref);
+    for (i = 0; i < m * n; i++) {
+        double want = alpha * ref[i] + beta * c0[i];
+        double bound = 4.0 * (double)(k + 2) * ldexp(1.0, -24) * (fabs(alpha) * aref[i] + fabs(beta * c0[i])) + 1e-30;
+        double err = fabs(F(C)[i] - want) / bound;
+        if (!(err <= worst)) worst = err; /* NaN propagates into worst */
+    }
+    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d simd=%d threads=%d: error %.3g x bound",
+            (long long)m, (long long)n, (long long)k, ta, tb, bf16, simd, threads, worst);
+    moe_ctx_set_simd(g_ctx, 1);
+    moe_tensor_free(g_ctx, A);
+    moe_tensor_free(g_ctx, B);
+    moe_tensor_free(g_ctx, C);
+    free(ref);
+    free(aref);
+    free(c0);
+}
+
+static void test_gemm_layouts(void) {
+    static const int64_t sizes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 40}, {64, 48, 129}, {127, 16, 32}, {40, 129, 3},
+                                       {256, 96, 32}, {130, 70, 260}};
+    size_t s;
+    int ta, tb, bf16, simd, cases = 0;
+    for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+        for (ta = 0; ta < 2; ta++)
+            for (tb = 0; tb < 2; tb++)
+                for (bf16 = 0; bf16 < 2; bf16++)
+                    for (simd = 0; simd < 2; simd++) {
+                        check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
+                        cases++;
+                    }
+    check_gemm(33, 65, 17, 0, 1, 0, 1, 2, -0.5f, 1.25f);
+    check_gemm(33, 65, 17, 1, 0, 1, 1, 2, 2.0f, -1.0f);
+    check_gemm(8, 8, 0, 0, 0, 0, 1, 1, 1.0f, 0.5f); /* k = 0: C = beta·C */
+    T_NOTE("%d GEMM configurations checked against a double reference (bound 4·(k+2)·2^-24·Σ|ab|)", cases + 3);
+}
+
+static void test_gemm_threads_bitwise(void) {
+    int64_t m = 200, n = 130, k = 300;
+    moe_tensor *A = mk(1, m * k, 0, 0, 0), *B = mk(1, n * k, 0, 0, 0);
+    float *c1 = (float *)calloc((size_t)(m * n), sizeof(float)), *c2 = (float *)calloc((size_t)(m * n), sizeof(float));
+    moe_gemm_args g;
+    int t, bf16;
+    for (bf16 = 0; bf16 < 2; bf16++) {
+        memset(&g, 0, sizeof g);
+        g.m = m; g.n = n; g.k = k; g.a = A->data; g.lda = k; g.b = B->data; g.ldb = k; g.trans_b = 1;
+        g.ldc = n; g.alpha = 1; g.compute = bf16 ? MOE_BF16 : MOE_F32;
+        moe_ctx_set_threads(g_ctx, 1);
+        g.c = c1;
+        moe_gemm(g_ctx, &g);
+        for (t = 2; t <= 4; t++) {
+            moe_ctx_set_threads(g_ctx, t);
+            g.c = c2;
+            moe_gemm(g_ctx, &g);
+            T_CHECK(memcmp(c1, c2, sizeof(float) * (size_t)(m * n)) == 0, "bf16=%d: 1 and %d threads differ", bf16, t);
+        }
+    }
+    moe_ctx_set_threads(g_ctx, 2);
+    moe_tensor_free(g_ctx, A);
+    moe_tensor_free(g_ctx, B);
+    free(c1);
+    free(c2);
+}
+
+/* ---- row-wise ops ---- */
+
+static double rel_err(double got, double want) { return fabs(got - want) / (fabs(want) > 1e-3 ? fabs(want) : 1e-3); }
+
+static void test_rmsnorm_softmax_forward(void) {
+    moe_tensor *x = mk(2, 37, 19, 0, 0), *w = mk(1, 19, 0, 0, 0), *y, *s;
+    int64_t r, i;
+    double worst = 0, worst_s = 0;
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe_rmsnorm(g_ctx, x, w, 1e-6f, &y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_softmax(g_ctx, x, &s) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (r = 0; r < 37; r++) {
+        double ss = 0, m = -INFINITY, z = 0;
+        for (i = 0; i < 19; i++) ss += (double)F(x)[r * 19 + i] * F(x)[r * 19 + i];
+        for (i = 0; i < 19; i++) {
+            double want = F(w)[i] * F(x)[r * 19 + i] / sqrt(ss / 19 + 1e-6);
+            double e = rel_err(F(y)[r * 19 + i], want);
+            worst = e > worst ? e : worst;
+            m = F(x)[r * 19 + i] > m ? F(x)[r * 19 + i] : m;
+        }
+        for (i = 0; i < 19; i++) z += exp(F(x)[r * 19 + i] - m);
+        for (i = 0; i < 19; i++) {
+            double e = rel_err(F(s)[r * 19 + i], exp(F(x)[r * 19 + i] - m) / z);
+            worst_s = e > worst_s ? e : worst_s;
+        }
+    }
+    T_CHECK(worst < 2e-6, "rmsnorm relative error %.3g", worst);
+    T_CHECK(worst_s < 2e-6, "softmax relative error %.3g", worst_s);
+    T_NOTE("rmsnorm max rel err %.2e, softmax %.2e (tol 2e-6)", worst, worst_s);
+    moe_tensor_free(g_ctx, x);
+    moe_tensor_free(g_ctx, w);
+}
+
+/* Attention against the materialised formula, T spanning several key tiles. */
+static void test_attention_forward(void) {
+    const int64_t B = 2, T = 150, H = 3, Dk = 24, Dv = 16;
+    const float scale = 0.2041f;
+    moe_tensor *q = mk(4, B, T, H, Dk), *k = mk(4, B, T, H, Dk), *v = mk(4, B, T, H, Dv), *o;
+    double *p = (double *)malloc(sizeof(double) * (size_t)T), worst = 0;
+    int64_t b, h, t, j, d;
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe_attention(g_ctx, q, k, v, scale, &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (b = 0; b < B; b++)
+        for (h = 0; h < H; h++)
+            for (t = 0; t < T; t++) {
+                double m = -INFINITY, z = 0;
+                for (j = 0; j <= t; j++) {
+                    double s = 0;
+                    for (d = 0; d < Dk; d++) s += (double)F(q)[((b * T + t) * H + h) * Dk + d] * F(k)[((b * T + j) * H + h) * Dk + d];
+                    p[j] = s * scale;
+                    m = p[j] > m ? p[j] : m;
+                }
+                for (j = 0; j <= t; j++) z += (p[j] = exp(p[j] - m));
+                for (d = 0; d < Dv; d++) {
+                    double want = 0, e;
+                    for (j = 0; j <= t; j++) want += p[j] / z * F(v)[((b * T + j) * H + h) * Dv + d];
+                    e = fabs(F(o)[((b * T + t) * H + h) * Dv + d] - want);
+                    worst = e > worst ? e : worst;
+                }
+            }
+    /* |o| ≤ max|v| ≈ 4; float accumulation over ≤ 150 terms: 1e-5 absolute is generous */
+    T_CHECK(worst < 1e-5, "attention max abs error %.3g", worst);
+    T_NOTE("attention [2,150,3,24|16] vs materialised softmax: max abs err %.2e (tol 1e-5)", worst);
+    free(p);
+    moe_tensor_free(g_ctx, q);
+    moe_tensor_free(g_ctx, k);
+    moe_tensor_free(g_ctx, v);
+}
+
+/* Reference §2.3: rotating adjacent pairs equals de-interleaving the vector, applying the
+   half-split rotation, and interleaving back. Also the frequencies themselves. */
+static void test_rope_layouts(void) {
+    const int64_t T = 9, H = 2, D = 8;
+    moe_rope_table tab;
+    moe_tensor *x = mk(3, T, H, D, 0), *xp = NULL, *ypairs, *yhalves;
+    int64_t t, h, j;
+    double worst = 0, worst_angle = 0;
+    T_ASSERT(moe_rope_table_init(g_ctx, &tab, D, 32, 10000.0, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe_tensor_temp(g_ctx, MOE_F32, 3, x->shape, &xp) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (t = 0; t < T * H; t++)
+        for (j = 0; j < D / 2; j++) { /* de-interleave: [x0,x2,x4,x6, x1,x3,x5,x7] */
+            F(xp)[t * D + j] = F(x)[t * D + 2 * j];
+            F(xp)[t * D + D / 2 + j] = F(x)[t * D + 2 * j + 1];
+        }
+    T_ASSERT(moe_rope(g_ctx, x, &tab, 5, MOE_ROPE_PAIRS, &ypairs) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_rope(g_ctx, xp, &tab, 5, MOE_ROPE_HALVES, &yhalves) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (t = 0; t < T; t++)
+        for (h = 0; h < H; h++)
+            for (j = 0; j < D / 2; j++) {
+                int64_t r = (t * H + h) * D;
+                double a = (double)F(x)[r + 2 * j], b = (double)F(x)[r + 2 * j + 1];
+                double ang = (double)(t + 5) * pow(10000.0, -2.0 * (double)j / (double)D);
+                double w0 = a * cos(ang) - b * sin(ang), w1 = a * sin(ang) + b * cos(ang);
+                double e = fabs(F(ypairs)[r + 2 * j] - w0) + fabs(F(ypairs)[r + 2 * j + 1] - w1);
+                worst_angle = e > worst_angle ? e : worst_angle;
+                e = fabs(F(yhalves)[r + j] - F(ypairs)[r + 2 * j]) + fabs(F(yhalves)[r + D / 2 + j] - F(ypairs)[r + 2 * j + 1]);
+                worst = e > worst ? e : worst;
+            }
+    T_CHECK(worst_angle < 1e-5, "pairs layout vs formula: %.3g", worst_angle);
+    T_CHECK(worst == 0, "halves on de-interleaved input differs from pairs: %.3g", worst);
+    T_NOTE("rope vs cos/sin formula: max err %.2e (tol 1e-5); pairs vs permuted halves: %.1e (exact)", worst_angle, worst);
+    moe_rope_table_free(&tab);
+    moe_tensor_free(g_ctx, x);
+}
+
+/* YaRN (reference §2.3, V3 numbers): d_R = 64, θ = 1e4, s = 40, L0 = 4096, β = 32/1 gives
+   low = 10, high = 23: pairs j ≤ 10 keep f_j, pairs j ≥ 23 get f_j/40, linear between. */
+static void test_yarn_frequencies(void) {
+    moe_yarn y = {40.0, 4096, 32.0, 1.0, 1.0, 1.0};
+    moe_rope_table tab;
+    int64_t j;
+    double worst = 0;
+    T_ASSERT(moe_rope_table_init(g_ctx, &tab, 64, 2, 10000.0, &y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (j = 0; j < 32; j++) {
+        double f = pow(10000.0, -2.0 * (double)j / 64.0), ramp = ((double)j - 10.0) / 13.0, want, got;
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        want = f * (1 - ramp) + f / 40.0 * ramp;
+        got = atan2(tab.cos_sin[(64 / 2 + j) * 2 + 1], tab.cos_sin[(64 / 2 + j) * 2]); /* position 1: angle = f' */
+        worst = fabs(got - want) / want > worst ? fabs(got - want) / want : worst;
+    }
+    T_CHECK(worst < 1e-6, "YaRN frequency relative error %.3g", worst);
+    T_NOTE("YaRN f'_j vs the reference ramp (low 10, high 23): max rel err %.2e", worst);
+    moe_rope_table_free(&tab);
+}
+
+static void test_cross_entropy_forward(void) {
+    moe_tensor *x = mk(2, 5, 13, 0, 0), *t = NULL, *loss;
+    int32_t tg[5] = {3, -1, 12, 0, 3};
+    int64_t one = 5, r, i;
+    double want = 0;
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe_tensor_temp(g_ctx, MOE_I32, 1, &one, &t) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    memcpy(t->data, tg, sizeof tg);
+    T_ASSERT(moe_cross_entropy(g_ctx, x, t, -1, &loss) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (r = 0; r < 5; r++) {
+        double z = 0;
+        if (tg[r] < 0) continue;
+        for (i = 0; i < 13; i++) z += exp(F(x)[r * 13 + i]);
+        want += log(z) - F(x)[r * 13 + tg[r]];
+    }
+    want /= 4;
+    T_CHECK(rel_err(F(loss)[0], want) < 2e-6, "cross-entropy %.9g vs %.9g", F(loss)[0], want);
+    moe_tensor_free(g_ctx, x);
+}
+
+static void test_topk_ties(void) {
+    int64_t shape[2] = {1, 6};
+    moe_tensor *x = NULL, *v, *idx;
+    float vals[6] = {1, 3, 3, NAN, 2, 3};
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe_tensor_temp(g_ctx, MOE_F32, 2, shape, &x) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    memcpy(x->data, vals, sizeof vals);
+    T_ASSERT(moe_topk(g_ctx, x, 4, &v, &idx) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(((int32_t *)idx->data)[0] == 1 && ((int32_t *)idx->data)[1] == 2 && ((int32_t *)idx->data)[2] == 5 &&
+                ((int32_t *)idx->data)[3] == 4,
+            "ties must go to the lower index and NaN last: got %d %d %d %d", ((int32_t *)idx->data)[0],
+            ((int32_t *)idx->data)[1], ((int32_t *)idx->data)[2], ((int32_t *)idx->data)[3]);
+}
+
+/* ---- autograd contract ---- */
+
+static void test_grad_accumulates(void) {
+    moe_tensor *w = mk(2, 4, 3, 0, 0), *x = mk(2, 5, 3, 0, 0), *y, *l;
+    double g1;
+    moe_tensor_set_requires_grad(g_ctx, w, 1);
+    moe_ctx_reset(g_ctx);
+    moe_matmul(g_ctx, x, w, &y);
+    moe_sum(g_ctx, y, &l);
+    T_ASSERT(moe_backward(g_ctx, l) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    g1 = moe_tensor_get(w->grad, 5);
+    T_CHECK(moe_backward(g_ctx, l) == MOE_ERR_STATE, "a tape replays once");
+    moe_ctx_reset(g_ctx);
+    moe_matmul(g_ctx, x, w, &y);
+    moe_sum(g_ctx, y, &l);
+    moe_backward(g_ctx, l);
+    T_CHECK(moe_tensor_get(w->grad, 5) == 2 * g1, "second backward accumulates: %g vs 2x%g", moe_tensor_get(w->grad, 5), g1);
+    moe_tensor_zero_grad(w);
+    T_CHECK(moe_tensor_get(w->grad, 5) == 0, "zero_grad");
+    /* inference mode records nothing */
+    moe_ctx_reset(g_ctx);
+    moe_ctx_set_grad_enabled(g_ctx, 0);
+    moe_matmul(g_ctx, x, w, &y);
+    moe_sum(g_ctx, y, &l);
+    T_CHECK(moe_backward(g_ctx, l) == MOE_ERR_STATE, "no tape in inference mode");
+    moe_ctx_set_grad_enabled(g_ctx, 1);
+    moe_tensor_free(g_ctx, w);
+    moe_tensor_free(g_ctx, x);
+}
+
+/* After the first step, equal steps neither allocate nor grow the arena. */
+static void test_steady_state_no_alloc(void) {
+    moe_tensor *w = mk(2, 64, 48, 0, 0), *x = mk(3, 4, 33, 48, 0), *nw = mk(1, 64, 0, 0, 0);
+    moe_rope_table tab;
+    uint64_t allocs = 0;
+    int step;
+    moe_tensor_set_requires_grad(g_ctx, w, 1);
+    moe_tensor_set_requires_grad(g_ctx, nw, 1);
+    moe_rope_table_init(g_ctx, &tab, 16, 64, 10000.0, NULL);
+    for (step = 0; step < 4; step++) {
+        moe_tensor *y = NULL, *n = NULL, *q = NULL, *r = NULL, *o = NULL, *l = NULL;
+        int64_t shape[4] = {4, 33, 4, 16};
+        moe_ctx_reset(g_ctx);
+        if (step == 2) allocs = moe_ctx_heap_allocs(g_ctx);
+        moe_matmul(g_ctx, x, w, &y);
+        moe_rmsnorm(g_ctx, y, nw, 1e-6f, &n);
+        moe_tensor_view(g_ctx, n, 4, shape, 0, &q);
+        moe_rope(g_ctx, q, &tab, 0, MOE_ROPE_PAIRS, &r);
+        moe_attention(g_ctx, r, r, q, 0.25f, &o);
+        moe_sum(g_ctx, o, &l);
+        T_ASSERT(moe_backward(g_ctx, l) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    }
+    T_CHECK(moe_ctx_heap_allocs(g_ctx) == allocs, "steps 3-4 made %llu heap allocations",
+            (unsigned long long)(moe_ctx_heap_allocs(g_ctx) - allocs));
+    T_NOTE("arena peak %zu bytes; heap allocations in steps 3-4: %llu", moe_ctx_arena_peak(g_ctx),
+           (unsigned long long)(moe_ctx_heap_allocs(g_ctx) - allocs));
+    moe_rope_table_free(&tab);
+    moe_tensor_free(g_ctx, w);
+    moe_tensor_free(g_ctx, x);
+    moe_tensor_free(g_ctx, nw);
+}
+
+/* The RNG is counter-based: draw i of a stream is the same however it is reached. */
+static void test_rng_counter_based(void) {
+    moe_rng a = moe_rng_new(7, 3), b = moe_rng_new(7, 3), c = moe_rng_new(7, 4);
+    uint64_t first[16];
+    int i, same = 0;
+    double mean = 0, var = 0;
+    for (i = 0; i < 16; i++) first[i] = moe_rng_next(&a);
+    b.counter = 9;
+    T_CHECK(moe_rng_next(&b) == first[9], "draw 9 reached directly must match");
+    for (i = 0; i < 16; i++) same += moe_rng_next(&c) == first[i];
+    T_CHECK(same == 0, "another stream must differ");
+    for (i = 0; i < 20000; i++) {
+        double v = moe_rng_normal(&a);
+        mean += v;
+        var += v * v;
+    }
+    mean /= 20000;
+    var = var / 20000 - mean * mean;
+    /* standard errors: mean 1/sqrt(20000) = 0.007, variance sqrt(2/20000) = 0.01; 5 sigma */
+    T_CHECK(fabs(mean) < 0.035 && fabs(var - 1) < 0.05, "normal draws: mean %.4f var %.4f", mean, var);
+    T_NOTE("20000 normal draws: mean %.4f, variance %.4f", mean, var);
+}
+
+int main(int argc, char **argv) {
+    t_filter = argc > 1 ? argv[1] : NULL;
+    if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
+    moe_ctx_set_threads(g_ctx, 2);
+    T_RUN_FILTERED(test_gemm_layouts);
+    T_RUN_FILTERED(test_gemm_threads_bitwise);
+    T_RUN_FILTERED(test_rmsnorm_softmax_forward);
+    T_RUN_FILTERED(test_attention_forward);
+    T_RUN_FILTERED(test_rope_layouts);
+    T_RUN_FILTERED(test_yarn_frequencies);
+    T_RUN_FILTERED(test_cross_entropy_forward);
+    T_RUN_FILTERED(test_topk_ties);
+    T_RUN_FILTERED(test_grad_accumulates);
+    T_RUN_FILTERED(test_steady_state_no_alloc);
+    T_RUN_FILTERED(test_rng_counter_based);
+    moe_ctx_free(g_ctx);
+    return t_summary();
+}
