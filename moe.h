@@ -41,6 +41,13 @@
 #ifndef MOE_H
 #define MOE_H
 
+/* The implementation uses POSIX clock_gettime, fileno and fsync: ask for them before the
+   first system header (include moe.h first in the MOE_IMPLEMENTATION file, or define
+   _POSIX_C_SOURCE yourself; without it timing falls back to clock() and files skip fsync). */
+#if defined(MOE_IMPLEMENTATION) && !defined(_POSIX_C_SOURCE) && (defined(__unix__) || defined(__APPLE__))
+#define _POSIX_C_SOURCE 200809L
+#endif
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -471,6 +478,163 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
 MOE_API moe_status moe_split(moe_ctx *ctx, moe_tensor *x, int dim, int64_t size0, moe_tensor **a,
                              moe_tensor **b);
 
+/* ============================================================================================
+   6. layers and 7. model — DeepSeek-V3: MLA, DeepSeekMoE, MTP
+   ============================================================================================
+   The configuration carries the Hugging Face DeepseekV3 config.json names. Sizes and
+   hyper-parameters left at zero take the defaults of the tiny config (reference §12.1); for
+   the optional features q_lora_rank, n_shared_experts, first_k_dense_replace,
+   num_nextn_predict_layers, norm_topk_prob and tie_word_embeddings zero means "off".
+   moe_config_load reads a config.json, where absent keys take Hugging Face's defaults. */
+
+typedef enum moe_scoring { MOE_SCORING_SIGMOID = 0, MOE_SCORING_SOFTMAX = 1 } moe_scoring;
+/* noaux_tc: sigmoid + bias, groups ranked by the sum of their top-2; group_limited_greedy:
+   groups ranked by their max (V2); greedy: plain top-k over all experts (V2-Lite). */
+typedef enum moe_topk_method { MOE_TOPK_NOAUX_TC = 0, MOE_TOPK_GREEDY = 1, MOE_TOPK_GROUP_LIMITED_GREEDY = 2 } moe_topk_method;
+
+typedef struct moe_config {
+    int64_t vocab_size, hidden_size, intermediate_size, moe_intermediate_size;
+    int64_t num_hidden_layers, first_k_dense_replace, num_attention_heads;
+    int64_t q_lora_rank; /* 0: a plain q_proj (Hugging Face null) */
+    int64_t kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim;
+    int64_t n_routed_experts, n_shared_experts, num_experts_per_tok, n_group, topk_group;
+    moe_scoring scoring_func;
+    moe_topk_method topk_method;
+    int norm_topk_prob;
+    double routed_scaling_factor;
+    int64_t num_nextn_predict_layers;
+    double rope_theta;
+    moe_yarn rope_scaling; /* factor 0: no YaRN */
+    double rms_norm_eps;
+    int64_t max_position_embeddings;
+    int tie_word_embeddings;
+    double initializer_range; /* std of the N(0, std²) initialisation */
+} moe_config;
+
+/* The configs of reference §12: tiny (seconds on a CPU) and small (minutes). */
+MOE_API moe_config moe_config_tiny(void);
+MOE_API moe_config moe_config_small(void);
+/* Fill zero fields with defaults (see above) into *out. */
+MOE_API void moe_config_resolve(const moe_config *cfg, moe_config *out);
+/* Check a (resolved) config; the message explains the first inconsistency. */
+MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *cfg);
+/* Read a Hugging Face config.json (text in memory, or a file). Unknown keys are ignored. */
+MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *json, size_t len, moe_config *cfg);
+MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *cfg);
+/* Write a config.json that transformers' DeepseekV3Config reads. */
+MOE_API moe_status moe_config_save(moe_ctx *ctx, const moe_config *cfg, const char *path);
+
+typedef struct moe_model moe_model;
+
+/* A model with N(0, initializer_range²) weights, unit norms and zero expert biases; every
+   parameter requires gradients. The seed fixes the initialisation. */
+MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t seed, moe_model **out);
+MOE_API void moe_model_free(moe_ctx *ctx, moe_model *model);
+MOE_API const moe_config *moe_model_config(const moe_model *model);
+/* The model's tensors, parameters first, then buffers (expert biases). */
+MOE_API int64_t moe_model_tensor_count(const moe_model *model);
+MOE_API moe_tensor *moe_model_tensor(const moe_model *model, int64_t i, const char **name, int *is_param);
+MOE_API moe_tensor *moe_model_find(const moe_model *model, const char *name);
+/* Parameter counts: all of them, and those one token runs through (routed experts counted
+   num_experts_per_tok times, embedding and head once); MTP modules counted separately. */
+MOE_API void moe_model_param_counts(const moe_model *model, int64_t *total, int64_t *active, int64_t *mtp);
+MOE_API void moe_model_zero_grad(moe_model *model);
+
+/* Options of the training loss. */
+typedef struct moe_loss_opts {
+    float mtp_lambda;      /* λ of L = CE + (λ/D)·Σ_k CE_k (0.3 in V3's first phase) */
+    float balance_alpha;   /* α of the sequence-wise balance loss (0 = off; V3: 1e-4) */
+} moe_loss_opts;
+/* What one loss evaluation was made of. */
+typedef struct moe_loss_parts {
+    double total, main, mtp[4], balance;
+} moe_loss_parts;
+
+/* Training loss on tokens [B, T+1] (inputs are [:, :T], next-token targets [:, 1:]). Records
+   the tape when gradients are enabled; counts the expert loads for the bias update. */
+MOE_API moe_status moe_model_loss(moe_ctx *ctx, moe_model *model, const int32_t *tokens, int64_t batch, int64_t seq,
+                                  const moe_loss_opts *opts, moe_tensor **loss, moe_loss_parts *parts);
+/* Next-token logits [B, T, V] of tokens [B, T] (positions pos0..pos0+T-1). */
+MOE_API moe_status moe_model_logits(moe_ctx *ctx, moe_model *model, const int32_t *tokens, int64_t batch, int64_t seq,
+                                    moe_tensor **logits);
+
+/* Auxiliary-loss-free balancing: b_i ← b_i + γ·sign(mean_load − load_i) per MoE layer, over
+   the loads counted since the last call (the whole batch of a step); then the counts reset. */
+MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *model, float gamma);
+/* MaxVio = max_i load_i / mean_load − 1 over the loads counted so far, averaged over the
+   MoE layers of the main model (0 when nothing was counted). */
+MOE_API double moe_model_max_vio(const moe_model *model);
+/* Forget the counted loads without updating the biases (e.g. after evaluation passes). */
+MOE_API void moe_model_reset_loads(moe_model *model);
+
+/* ============================================================================================
+   8. train — AdamW, learning-rate schedules, gradient clipping
+   ============================================================================================ */
+
+typedef struct moe_adamw_config {
+    float beta1, beta2, eps, weight_decay; /* zeros: 0.9, 0.95, 1e-8, 0.1 */
+    moe_dtype moment_dtype;                /* MOE_F32 (default) or MOE_BF16 moments */
+} moe_adamw_config;
+typedef struct moe_adamw moe_adamw;
+
+/* AdamW over the model's parameters; norms and biases get no weight decay. */
+MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw_config *cfg, moe_adamw **out);
+MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *opt);
+/* One update with learning rate lr: gradients are first multiplied by grad_scale (e.g.
+   1/accumulation steps), then clipped to global norm `clip` (0 = no clipping). Writes the
+   pre-clip global norm to *grad_norm when given. Gradients are zeroed afterwards. */
+MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr, float grad_scale, float clip, float *grad_norm);
+MOE_API int64_t moe_adamw_steps(const moe_adamw *opt);
+
+typedef enum moe_lr_shape { MOE_LR_COSINE = 0, MOE_LR_WSD = 1 } moe_lr_shape;
+/* Linear warm-up to lr_max, then cosine to lr_min (COSINE), or warm-up, constant until
+   decay_start, cosine to lr_min by total_steps (WSD: the DeepSeek-V3 shape). */
+typedef struct moe_lr_schedule {
+    moe_lr_shape shape;
+    float lr_max, lr_min;
+    int64_t warmup_steps, decay_start, total_steps;
+} moe_lr_schedule;
+MOE_API float moe_lr_at(const moe_lr_schedule *sched, int64_t step);
+
+/* ============================================================================================
+   9. io — token data, checkpoints (and config.json, declared in section 7)
+   ============================================================================================ */
+
+/* A token stream split into training and validation parts. A file that starts with the
+   llm.c shard header (magic 20240520, version 1, uint16 tokens) is read as tokens; any
+   other file is text, one token per byte (vocabulary 256). The last `val_fraction` of the
+   tokens is the validation part. */
+typedef struct moe_dataset {
+    int32_t *tokens;
+    int64_t n_tokens, n_train; /* tokens [0, n_train) train, [n_train, n_tokens) validate */
+    int64_t vocab;             /* 256 for text, max token + 1 for shards */
+} moe_dataset;
+MOE_API moe_status moe_data_load(moe_ctx *ctx, const char *path, double val_fraction, moe_dataset **out);
+MOE_API void moe_data_free(moe_ctx *ctx, moe_dataset *data);
+/* Batch number `index` as tokens [B, T+1]. Training batches are windows at positions drawn
+   from the counter-based RNG of (seed, index), so batch i is the same after a resume;
+   validation batches (val = 1) tile the validation part in order, wrapping around. */
+MOE_API moe_status moe_data_batch(moe_ctx *ctx, const moe_dataset *data, int val, uint64_t seed, int64_t index, int64_t B,
+                                  int64_t T, int32_t *out);
+
+/* What a checkpoint holds besides the model and optimizer tensors. */
+typedef struct moe_train_state {
+    int64_t step;          /* optimizer steps done */
+    uint64_t seed;         /* data and initialisation seed */
+    int64_t data_index;    /* next training batch index */
+    double tokens_seen;
+} moe_train_state;
+
+/* Write model, optimizer moments, expert biases and state to `path` atomically (temporary
+   file, fsync, rename) with a checksum; the previous file stays intact on failure. */
+MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model *model, const moe_adamw *opt,
+                                 const moe_train_state *state);
+/* Read a checkpoint into an existing model (and optimizer, when given) of the same config.
+   A truncated, corrupt or mismatched file is refused and nothing is changed. */
+MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *model, moe_adamw *opt, moe_train_state *state);
+/* Read just the config stored in a checkpoint (to build the model before moe_ckpt_load). */
+MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *cfg);
+
 #ifdef __cplusplus
 }
 #endif
@@ -484,9 +648,6 @@ MOE_API moe_status moe_split(moe_ctx *ctx, moe_tensor *x, int dim, int64_t size0
 #if defined(MOE_IMPLEMENTATION) && !defined(MOE_IMPLEMENTATION_DONE)
 #define MOE_IMPLEMENTATION_DONE
 
-#if defined(__linux__) && !defined(_POSIX_C_SOURCE)
-#define _POSIX_C_SOURCE 200809L
-#endif
 #include <errno.h>
 #include <float.h>
 #include <math.h>
@@ -2435,6 +2596,2062 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
     moe__copy_spans(MOE__F32(*y), la + lb, la, MOE__F32(b), lb, 0, lb, outer, 0);
     MOE__TRY(moe__record(ctx, moe__concat_bwd, *y, a, b, NULL, &n));
     if (n) n->i[0] = dim;
+    return MOE_OK;
+}
+
+/* ============================================================================================
+   6. layers
+   ============================================================================================
+   Each layer is one tape node with a hand-written backward that calls the kernels of
+   section 4. What the backward needs is kept in a per-call record in the step arena. */
+
+/* Y[n,out] = X[n,in]·Wᵀ with W [out, in]. */
+static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
+                              moe_real *Y, int bf16) {
+    return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, bf16);
+}
+/* dX += dY·W and dW += dYᵀ·X (either may be NULL). */
+static moe_status moe__linear_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t in,
+                                  const moe_real *W, int64_t out, moe_real *dX, moe_real *dW, int bf16) {
+    if (dX) MOE__TRY(moe__gemm(ctx, 0, 0, n, in, out, 1, dY, out, W, in, 1, dX, in, bf16));
+    if (dW) MOE__TRY(moe__gemm(ctx, 1, 0, out, in, n, 1, dY, out, X, in, 1, dW, in, bf16));
+    return MOE_OK;
+}
+static moe_real *moe__param_grad(moe_tensor *t) { return t && t->requires_grad && t->grad ? (moe_real *)t->grad->data : NULL; }
+static moe_real *moe__alloc_real(moe_ctx *ctx, int64_t n, const char *what) {
+    return (moe_real *)moe__arena_alloc(ctx, (size_t)n, sizeof(moe_real), what);
+}
+
+/* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ---- */
+
+typedef struct moe__mlp_saved {
+    moe_real *h13; /* [n, 2I]: gate | up pre-activations */
+    moe_real *act; /* [n, I] */
+} moe__mlp_saved;
+
+static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t d, int64_t I, const moe_real *w13,
+                               const moe_real *w2, moe_real *Y, moe__mlp_saved *sv, int bf16) {
+    int64_t r;
+    MOE__TRY(moe__linear(ctx, X, n, d, w13, 2 * I, sv->h13, bf16));
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
+    for (r = 0; r < n; r++) {
+        int64_t j;
+        for (j = 0; j < I; j++) sv->act[r * I + j] = moe_silu_scalar(sv->h13[r * 2 * I + j]) * sv->h13[r * 2 * I + I + j];
+    }
+    return moe__linear(ctx, sv->act, n, I, w2, d, Y, bf16);
+}
+
+/* dX += ..., dw13 += ..., dw2 += ...; scratch: [n, 2I] + [n, I] values. */
+static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t d, int64_t I,
+                               const moe_real *w13, const moe_real *w2, const moe__mlp_saved *sv, moe_real *dX,
+                               moe_real *dw13, moe_real *dw2, moe_real *scratch, int bf16) {
+    moe_real *dact = scratch, *dh13 = scratch + n * I;
+    int64_t r;
+    memset(dact, 0, (size_t)(n * I) * sizeof(moe_real));
+    MOE__TRY(moe__linear_bwd(ctx, sv->act, dY, n, I, w2, d, dact, dw2, bf16));
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
+    for (r = 0; r < n; r++) {
+        int64_t j;
+        for (j = 0; j < I; j++) {
+            moe_real g = sv->h13[r * 2 * I + j], u = sv->h13[r * 2 * I + I + j], da = dact[r * I + j];
+            dh13[r * 2 * I + j] = da * u * moe_silu_grad_scalar(g);
+            dh13[r * 2 * I + I + j] = da * moe_silu_scalar(g);
+        }
+    }
+    return moe__linear_bwd(ctx, X, dh13, n, d, w13, 2 * I, dX, dw13, bf16);
+}
+
+/* A dense SwiGLU FFN layer (also the shared experts): weights w13 [2I, d], w2 [d, I]. */
+typedef struct moe__ffn {
+    moe_tensor *w13, *w2;
+    int64_t inter;
+} moe__ffn;
+
+typedef struct moe__ffn_node {
+    const moe__ffn *ffn;
+    moe__mlp_saved sv;
+    int bf16;
+} moe__ffn_node;
+
+static moe_status moe__ffn_bwd(moe_ctx *ctx, moe__node *n) {
+    moe__ffn_node *f = (moe__ffn_node *)n->saved;
+    moe_tensor *x = n->in[0];
+    int64_t d = MOE__LAST(x), rows = x->numel / d, I = f->ffn->inter;
+    moe_real *dx, *scratch = moe__alloc_real(ctx, rows * 3 * I, "ffn backward");
+    if (!scratch) return MOE_ERR_MEMORY;
+    MOE__GRAD_OR_FAIL(dx, ctx, x);
+    return moe__mlp_bwd(ctx, MOE__F32(x), MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2),
+                        &f->sv, dx, moe__param_grad(f->ffn->w13), moe__param_grad(f->ffn->w2), scratch, f->bf16);
+}
+
+static moe_status moe__ffn_forward(moe_ctx *ctx, const moe__ffn *ffn, moe_tensor *x, moe_tensor **y) {
+    int64_t d = MOE__LAST(x), rows = x->numel / d, I = ffn->inter;
+    moe__ffn_node *f = (moe__ffn_node *)moe__arena_alloc(ctx, 1, sizeof *f, "ffn");
+    moe__node *n;
+    if (!f) return MOE_ERR_MEMORY;
+    f->ffn = ffn;
+    f->bf16 = ctx->gemm_compute == MOE_BF16;
+    f->sv.h13 = moe__alloc_real(ctx, rows * 2 * I, "ffn");
+    f->sv.act = moe__alloc_real(ctx, rows * I, "ffn");
+    if (!f->sv.h13 || !f->sv.act) return MOE_ERR_MEMORY;
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__mlp_fwd(ctx, MOE__F32(x), rows, d, I, MOE__F32(ffn->w13), MOE__F32(ffn->w2), MOE__F32(*y), &f->sv, f->bf16));
+    MOE__TRY(moe__record(ctx, moe__ffn_bwd, *y, x, ffn->w13, ffn->w2, &n));
+    if (n) n->saved = f;
+    return MOE_OK;
+}
+
+/* ---- MLA: multi-head latent attention (reference §2) ---- */
+
+typedef struct moe__mla {
+    moe_tensor *q_a, *q_a_norm, *q_b; /* q_lora_rank > 0 */
+    moe_tensor *q_proj;               /* q_lora_rank == 0 */
+    moe_tensor *kv_a, *kv_a_norm, *kv_b, *o;
+} moe__mla;
+
+/* Shapes and constants of one MLA call. */
+typedef struct moe__mla_dims {
+    int64_t B, T, N, d, H, qr, kvr, dn, dr, dqk, dv, pos0;
+    moe_real eps, scale;
+} moe__mla_dims;
+
+typedef struct moe__mla_saved {
+    moe__mla_dims m;
+    const moe__mla *w;
+    const float *cos_sin;
+    moe_real *cq, *cqn, *rq;   /* [N, qr] compressed q before / after its norm, rstd [N] */
+    moe_real *ckv, *ckvn, *rkv; /* [N, kvr] compressed kv before / after its norm, rstd [N] */
+    moe_real *kpe;             /* [N, dr] shared RoPE key before rotation */
+    moe_real *q, *k, *v, *o;   /* [N, H, dqk|dqk|dv|dv]; q and k rotated */
+    moe_real *lse;             /* [B, H, T] */
+    int bf16;
+} moe__mla_saved;
+
+/* Rotate the RoPE part (offset `off`, width dr) of `heads` vectors of stride `hs` per token. */
+static void moe__mla_rope(moe_real *x, int64_t N, int64_t T, int64_t heads, int64_t hs, int64_t off, int64_t dr,
+                          const float *cs, int64_t pos0, moe_real sign) {
+    int64_t tok;
+    for (tok = 0; tok < N; tok++) {
+        const float *row = cs + (pos0 + tok % T) * dr;
+        int64_t h, j;
+        for (h = 0; h < heads; h++) {
+            moe_real *v = x + (tok * heads + h) * hs + off;
+            for (j = 0; j < dr / 2; j++) moe_rope_rotate(&v[2 * j], &v[2 * j + 1], (moe_real)row[2 * j], sign * (moe_real)row[2 * j + 1]);
+        }
+    }
+}
+
+static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
+    moe__mla_saved *S = (moe__mla_saved *)n->saved;
+    const moe__mla *w = S->w;
+    moe__mla_dims m = S->m;
+    const moe_real *x = MOE__F32(n->in[0]), *dout = MOE__F32(n->out->grad);
+    moe_real *dx, *dO, *dq, *dk, *dv, *dkvb, *dkpe, *dckvn, *dckv, *part;
+    int64_t N = m.N, H = m.H, tok, h, j, maxr = m.qr > m.kvr ? m.qr : m.kvr;
+    MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
+    dO = moe__alloc_real(ctx, N * H * m.dv, "mla backward");
+    dq = moe__alloc_real(ctx, N * H * m.dqk, "mla backward");
+    dk = moe__alloc_real(ctx, N * H * m.dqk, "mla backward");
+    dv = moe__alloc_real(ctx, N * H * m.dv, "mla backward");
+    dkvb = moe__alloc_real(ctx, N * H * (m.dn + m.dv), "mla backward");
+    dkpe = moe__alloc_real(ctx, N * m.dr, "mla backward");
+    dckvn = moe__alloc_real(ctx, N * maxr, "mla backward");
+    dckv = moe__alloc_real(ctx, N * maxr, "mla backward");
+    part = moe__alloc_real(ctx, ((N + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK) * maxr, "mla backward");
+    if (!dO || !dq || !dk || !dv || !dkvb || !dkpe || !dckvn || !dckv || !part) return MOE_ERR_MEMORY;
+    /* output projection */
+    MOE__TRY(moe__linear_bwd(ctx, S->o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->bf16));
+    /* attention core */
+    moe__attention_bwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale);
+    /* un-rotate: q per head; the shared k_pe collects the sum over heads first */
+    moe__mla_rope(dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, -1);
+    for (tok = 0; tok < N; tok++)
+        for (h = 0; h < H; h++) {
+            for (j = 0; j < m.dr; j++) dkpe[tok * m.dr + j] += dk[(tok * H + h) * m.dqk + m.dn + j];
+            memcpy(dkvb + (tok * H + h) * (m.dn + m.dv), dk + (tok * H + h) * m.dqk, (size_t)m.dn * sizeof(moe_real));
+            memcpy(dkvb + (tok * H + h) * (m.dn + m.dv) + m.dn, dv + (tok * H + h) * m.dv, (size_t)m.dv * sizeof(moe_real));
+        }
+    moe__mla_rope(dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, -1);
+    /* kv path: kv_b, its norm, kv_a (rows 0..kvr-1 make c_KV, rows kvr.. the RoPE key) */
+    memset(dckvn, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
+    MOE__TRY(moe__linear_bwd(ctx, S->ckvn, dkvb, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), dckvn, moe__param_grad(w->kv_b), S->bf16));
+    memset(dckv, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
+    moe__rmsnorm_bwd(ctx->n_threads, S->ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, dckv, moe__param_grad(w->kv_a_norm), part, N, m.kvr);
+    {
+        moe_real *dwkva = moe__param_grad(w->kv_a);
+        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->kv_a), m.kvr, dx, dwkva, S->bf16));
+        MOE__TRY(moe__linear_bwd(ctx, x, dkpe, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, dx, dwkva ? dwkva + m.kvr * m.d : NULL, S->bf16));
+    }
+    /* q path */
+    if (m.qr > 0) {
+        memset(dckvn, 0, (size_t)(N * m.qr) * sizeof(moe_real));
+        MOE__TRY(moe__linear_bwd(ctx, S->cqn, dq, N, m.qr, MOE__F32(w->q_b), H * m.dqk, dckvn, moe__param_grad(w->q_b), S->bf16));
+        memset(dckv, 0, (size_t)(N * m.qr) * sizeof(moe_real));
+        moe__rmsnorm_bwd(ctx->n_threads, S->cq, MOE__F32(w->q_a_norm), S->rq, dckvn, dckv, moe__param_grad(w->q_a_norm), part, N, m.qr);
+        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->q_a), m.qr, dx, moe__param_grad(w->q_a), S->bf16));
+    } else {
+        MOE__TRY(moe__linear_bwd(ctx, x, dq, N, m.d, MOE__F32(w->q_proj), H * m.dqk, dx, moe__param_grad(w->q_proj), S->bf16));
+    }
+    return MOE_OK;
+}
+
+/* out = MLA(x) for x [B, T, d] (already normed), tokens at positions pos0.. */
+static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__mla_dims *dims, const moe_rope_table *rope,
+                                   moe_tensor *x, moe_tensor **out) {
+    moe__mla_saved *S = (moe__mla_saved *)moe__arena_alloc(ctx, 1, sizeof *S, "mla");
+    moe__mla_dims m = *dims;
+    moe_real *kvb, *X = MOE__F32(x);
+    int64_t N = m.N, H = m.H, tok, h;
+    moe__node *n;
+    if (!S) return MOE_ERR_MEMORY;
+    S->m = m;
+    S->w = w;
+    S->cos_sin = rope->cos_sin;
+    S->bf16 = ctx->gemm_compute == MOE_BF16;
+    S->ckv = moe__alloc_real(ctx, N * m.kvr, "mla");
+    S->ckvn = moe__alloc_real(ctx, N * m.kvr, "mla");
+    S->rkv = moe__alloc_real(ctx, N, "mla");
+    S->kpe = moe__alloc_real(ctx, N * m.dr, "mla");
+    S->q = moe__alloc_real(ctx, N * H * m.dqk, "mla");
+    S->k = moe__alloc_real(ctx, N * H * m.dqk, "mla");
+    S->v = moe__alloc_real(ctx, N * H * m.dv, "mla");
+    S->o = moe__alloc_real(ctx, N * H * m.dv, "mla");
+    S->lse = moe__alloc_real(ctx, m.B * H * m.T, "mla");
+    kvb = moe__alloc_real(ctx, N * H * (m.dn + m.dv), "mla");
+    if (!S->ckv || !S->ckvn || !S->rkv || !S->kpe || !S->q || !S->k || !S->v || !S->o || !S->lse || !kvb) return MOE_ERR_MEMORY;
+    /* queries */
+    if (m.qr > 0) {
+        S->cq = moe__alloc_real(ctx, N * m.qr, "mla");
+        S->cqn = moe__alloc_real(ctx, N * m.qr, "mla");
+        S->rq = moe__alloc_real(ctx, N, "mla");
+        if (!S->cq || !S->cqn || !S->rq) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_a), m.qr, S->cq, S->bf16));
+        moe__rmsnorm_fwd(ctx->n_threads, S->cq, MOE__F32(w->q_a_norm), S->cqn, S->rq, N, m.qr, m.eps);
+        MOE__TRY(moe__linear(ctx, S->cqn, N, m.qr, MOE__F32(w->q_b), H * m.dqk, S->q, S->bf16));
+    } else {
+        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_proj), H * m.dqk, S->q, S->bf16));
+    }
+    moe__mla_rope(S->q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, 1);
+    /* compressed kv and the decoupled RoPE key */
+    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a), m.kvr, S->ckv, S->bf16));
+    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, S->kpe, S->bf16));
+    moe__rmsnorm_fwd(ctx->n_threads, S->ckv, MOE__F32(w->kv_a_norm), S->ckvn, S->rkv, N, m.kvr, m.eps);
+    moe__mla_rope(S->kpe, N, m.T, 1, m.dr, 0, m.dr, rope->cos_sin, m.pos0, 1);
+    MOE__TRY(moe__linear(ctx, S->ckvn, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), kvb, S->bf16));
+    for (tok = 0; tok < N; tok++)
+        for (h = 0; h < H; h++) {
+            const moe_real *src = kvb + (tok * H + h) * (m.dn + m.dv);
+            memcpy(S->k + (tok * H + h) * m.dqk, src, (size_t)m.dn * sizeof(moe_real));
+            memcpy(S->k + (tok * H + h) * m.dqk + m.dn, S->kpe + tok * m.dr, (size_t)m.dr * sizeof(moe_real));
+            memcpy(S->v + (tok * H + h) * m.dv, src + m.dn, (size_t)m.dv * sizeof(moe_real));
+        }
+    moe__attention_fwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, m.B, m.T, H, m.dqk, m.dv, m.scale);
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, out));
+    MOE__TRY(moe__linear(ctx, S->o, N, H * m.dv, MOE__F32(w->o), m.d, MOE__F32(*out), S->bf16));
+    MOE__TRY(moe__record(ctx, moe__mla_bwd, *out, x, w->kv_a, w->o, &n));
+    if (n) n->saved = S;
+    return MOE_OK;
+}
+
+/* ---- DeepSeekMoE: router, permutation, experts, combine (reference §3) ---- */
+
+typedef struct moe__moe {
+    moe_tensor *gate;   /* [E, d] router weights */
+    moe_tensor *bias;   /* [E] e_score_correction_bias: selection only, no gradient */
+    moe_tensor *w13;    /* [E, 2I, d] gate_proj | up_proj of every routed expert */
+    moe_tensor *w2;     /* [E, d, I] down_proj */
+    moe__ffn shared;    /* n_shared_experts·I wide; w13 NULL when there are none */
+    int64_t *load;      /* [E] (token, slot) assignments counted since the last bias update */
+} moe__moe;
+
+#define MOE__MAX_EXPERTS 4096
+
+/* Route one token: scores s[E] (sigmoid or softmax), bias b (noaux_tc only). Writes the K
+   chosen experts, best first, ties to the lower index; masked groups are at −∞. */
+static void moe__route(const moe_real *s, const moe_real *bias, const moe_config *c, int32_t *chosen) {
+    double key[MOE__MAX_EXPERTS];
+    int64_t E = c->n_routed_experts, G = c->n_group, per = E / G, e, g, k;
+    int use_groups = c->topk_method != MOE_TOPK_GREEDY && G > 1 && c->topk_group < G;
+    for (e = 0; e < E; e++) key[e] = (double)s[e] + (c->topk_method == MOE_TOPK_NOAUX_TC && bias ? (double)bias[e] : 0.0);
+    if (use_groups) {
+        double gscore[MOE__MAX_EXPERTS];
+        unsigned char keep[MOE__MAX_EXPERTS];
+        for (g = 0; g < G; g++) {
+            double best = -INFINITY, second = -INFINITY;
+            for (e = g * per; e < (g + 1) * per; e++) {
+                if (key[e] > best) { second = best; best = key[e]; }
+                else if (key[e] > second) second = key[e];
+            }
+            gscore[g] = c->topk_method == MOE_TOPK_NOAUX_TC ? best + (per > 1 ? second : 0.0) : best;
+            keep[g] = 0;
+        }
+        for (k = 0; k < c->topk_group; k++) {
+            int64_t bg = 0;
+            while (keep[bg]) bg++; /* topk_group < G, so an unkept group exists */
+            for (g = bg + 1; g < G; g++)
+                if (!keep[g] && gscore[g] > gscore[bg]) bg = g;
+            keep[bg] = 1;
+        }
+        for (e = 0; e < E; e++)
+            if (!keep[e / per]) key[e] = -INFINITY;
+    }
+    for (k = 0; k < c->num_experts_per_tok; k++) {
+        int64_t be = -1;
+        for (e = 0; e < E; e++) {
+            int64_t j;
+            int taken = 0;
+            for (j = 0; j < k; j++) taken |= chosen[j] == (int32_t)e;
+            if (!taken && (be < 0 || key[e] > key[be])) be = e;
+        }
+        chosen[k] = (int32_t)(be < 0 ? 0 : be); /* K ≤ E, so be ≥ 0 */
+    }
+}
+
+typedef struct moe__moe_saved {
+    const moe__moe *L;
+    const moe_config *cfg;
+    int64_t B, T, N, d, E, K, I, Is;
+    moe_real *s;        /* [N, E] affinity scores */
+    int32_t *chosen;    /* [N, K] */
+    moe_real *gates;    /* [N, K] */
+    moe_real *sel_sum;  /* [N] Σ of the chosen scores (normalisation) */
+    int64_t *offset;    /* [E+1] packed-row range of each expert */
+    int32_t *row_of;    /* [N, K] packed row of (token, slot) */
+    int32_t *tok_of;    /* [N·K] token of a packed row */
+    moe_real *xp, *yp;  /* [N·K, d] packed inputs and expert outputs */
+    moe__mlp_saved ex;  /* packed [N·K, 2I] and [N·K, I] */
+    moe__mlp_saved sh;  /* shared experts */
+    moe_real *f;        /* [B, E] balance-loss load fractions f_i per sequence */
+    moe_tensor *aux;    /* the balance loss (one element) */
+    float alpha;
+    int bf16;
+} moe__moe_saved;
+
+static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
+    moe__moe_saved *S = (moe__moe_saved *)n->saved;
+    const moe__moe *L = S->L;
+    const moe_config *c = S->cfg;
+    int64_t N = S->N, d = S->d, E = S->E, K = S->K, I = S->I, R = N * K, e, t;
+    const moe_real *u = MOE__F32(n->in[0]), *dy = MOE__F32(n->out->grad);
+    moe_real *du, *dyp, *dxp, *dg, *dz, *scratch, aux_g = 0;
+    moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
+    MOE__GRAD_OR_FAIL(du, ctx, n->in[0]);
+    if (S->aux && S->aux->grad) aux_g = MOE__F32(S->aux->grad)[0];
+    dyp = moe__alloc_real(ctx, R * d, "moe backward");
+    dxp = moe__alloc_real(ctx, R * d, "moe backward");
+    dg = moe__alloc_real(ctx, R, "moe backward");
+    dz = moe__alloc_real(ctx, N * E, "moe backward");
+    scratch = moe__alloc_real(ctx, (R > N ? R : N) * 3 * (I > S->Is ? I : S->Is), "moe backward");
+    if (!dyp || !dxp || !dg || !dz || !scratch) return MOE_ERR_MEMORY;
+    /* shared experts */
+    if (L->shared.w13)
+        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), &S->sh, du,
+                              moe__param_grad(L->shared.w13), moe__param_grad(L->shared.w2), scratch, S->bf16));
+    /* gate gradients dg = <dy, Y_expert> and the packed output gradient g·dy */
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
+    for (t = 0; t < N; t++) {
+        int64_t k, j;
+        for (k = 0; k < K; k++) {
+            int64_t r = S->row_of[t * K + k];
+            moe_real acc = 0;
+            for (j = 0; j < d; j++) {
+                acc += dy[t * d + j] * S->yp[r * d + j];
+                dyp[r * d + j] = S->gates[t * K + k] * dy[t * d + j];
+            }
+            dg[t * K + k] = acc;
+        }
+    }
+    /* experts, one GEMM chain each over its packed rows */
+    for (e = 0; e < E; e++) {
+        int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
+        moe__mlp_saved sv;
+        if (!ne) continue;
+        sv.h13 = S->ex.h13 + r0 * 2 * I;
+        sv.act = S->ex.act + r0 * I;
+        MOE__TRY(moe__mlp_bwd(ctx, S->xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
+                              MOE__F32(L->w2) + e * d * I, &sv, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
+                              dw2 ? dw2 + e * d * I : NULL, scratch, S->bf16));
+    }
+    /* un-permute: du[t] += Σ_k dxp[row(t,k)], slots in order */
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
+    for (t = 0; t < N; t++) {
+        int64_t k, j;
+        for (k = 0; k < K; k++) {
+            const moe_real *src = dxp + (int64_t)S->row_of[t * K + k] * d;
+            for (j = 0; j < d; j++) du[t * d + j] += src[j];
+        }
+    }
+    /* router: gates → scores (reference §10), plus the balance loss, → logits z */
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (N * E > 16384))
+    for (t = 0; t < N; t++) {
+        const moe_real *st = S->s + t * E;
+        moe_real *dzt = dz + t * E, Rs = (moe_real)c->routed_scaling_factor, corr = 0;
+        int64_t k, j;
+        for (j = 0; j < E; j++) dzt[j] = 0; /* first ds, turned into dz below */
+        if (c->norm_topk_prob) {
+            moe_real sum = S->sel_sum[t];
+            for (k = 0; k < K; k++) corr += dg[t * K + k] * st[S->chosen[t * K + k]] / sum;
+            for (k = 0; k < K; k++) dzt[S->chosen[t * K + k]] += Rs / sum * (dg[t * K + k] - corr);
+        } else {
+            for (k = 0; k < K; k++) dzt[S->chosen[t * K + k]] += Rs * dg[t * K + k];
+        }
+        if (aux_g != 0 && S->alpha > 0) {
+            /* L = α/B Σ_b Σ_i f_i P_i, P_i = (1/T) Σ_t s'_{i,t}, s' = s / Σ_j s_j */
+            const moe_real *f = S->f + (t / S->T) * E;
+            moe_real w = aux_g * (moe_real)S->alpha / (moe_real)(S->B * S->T), tot = 0, dot = 0;
+            if (c->scoring_func == MOE_SCORING_SIGMOID) {
+                for (j = 0; j < E; j++) tot += st[j];
+                for (j = 0; j < E; j++) dot += f[j] * st[j] / tot;
+                for (j = 0; j < E; j++) dzt[j] += w * (f[j] - dot) / tot;
+            } else {
+                for (j = 0; j < E; j++) dzt[j] += w * f[j];
+            }
+        }
+        if (c->scoring_func == MOE_SCORING_SIGMOID) {
+            for (j = 0; j < E; j++) dzt[j] *= st[j] * (1 - st[j]);
+        } else {
+            moe_real dot = 0;
+            for (j = 0; j < E; j++) dot += dzt[j] * st[j];
+            for (j = 0; j < E; j++) dzt[j] = st[j] * (dzt[j] - dot);
+        }
+    }
+    /* the router GEMMs stay in FP32 */
+    return moe__linear_bwd(ctx, u, dz, N, d, MOE__F32(L->gate), E, du, moe__param_grad(L->gate), 0);
+}
+
+/* y = shared(u) + Σ_k g_k·Expert_k(u) for u [B, T, d]; *aux = the sequence-wise balance
+   loss α·mean_b Σ_i f_i P_i (0 when alpha is 0). */
+static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *c, int64_t B, int64_t T, float alpha,
+                                   moe_tensor *x, moe_tensor **y, moe_tensor **aux) {
+    moe__moe_saved *S = (moe__moe_saved *)moe__arena_alloc(ctx, 1, sizeof *S, "moe");
+    int64_t N = B * T, d = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int64_t I = c->moe_intermediate_size, R = N * K, t, e, one = 1;
+    int64_t *fill;
+    const moe_real *u = MOE__F32(x);
+    moe_real *Y, *z, balance = 0;
+    moe__node *n;
+    if (!S) return MOE_ERR_MEMORY;
+    S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K; S->I = I;
+    S->Is = L->shared.inter;
+    S->alpha = alpha;
+    S->bf16 = ctx->gemm_compute == MOE_BF16;
+    S->s = moe__alloc_real(ctx, N * E, "moe");
+    S->chosen = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
+    S->gates = moe__alloc_real(ctx, R, "moe");
+    S->sel_sum = moe__alloc_real(ctx, N, "moe");
+    S->offset = (int64_t *)moe__arena_alloc(ctx, (size_t)(E + 1), sizeof(int64_t), "moe");
+    fill = (int64_t *)moe__arena_alloc(ctx, (size_t)E, sizeof(int64_t), "moe");
+    S->row_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
+    S->tok_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
+    S->xp = moe__alloc_real(ctx, R * d, "moe");
+    S->yp = moe__alloc_real(ctx, R * d, "moe");
+    S->ex.h13 = moe__alloc_real(ctx, R * 2 * I, "moe");
+    S->ex.act = moe__alloc_real(ctx, R * I, "moe");
+    S->f = moe__alloc_real(ctx, B * E, "moe");
+    z = moe__alloc_real(ctx, N * E, "moe");
+    if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !fill || !S->row_of || !S->tok_of || !S->xp ||
+        !S->yp || !S->ex.h13 || !S->ex.act || !S->f || !z)
+        return MOE_ERR_MEMORY;
+    /* router in FP32 */
+    MOE__TRY(moe__linear(ctx, u, N, d, MOE__F32(L->gate), E, z, 0));
+    if (c->scoring_func == MOE_SCORING_SOFTMAX) moe__softmax_fwd(ctx->n_threads, z, S->s, N, E);
+    else for (t = 0; t < N * E; t++) S->s[t] = moe_sigmoid_scalar(z[t]);
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (N * E > 4096))
+    for (t = 0; t < N; t++) {
+        int64_t k;
+        moe_real sum = 0;
+        moe__route(S->s + t * E, MOE__F32(L->bias), c, S->chosen + t * K);
+        for (k = 0; k < K; k++) sum += S->s[t * E + S->chosen[t * K + k]];
+        S->sel_sum[t] = sum;
+        for (k = 0; k < K; k++) {
+            moe_real g = S->s[t * E + S->chosen[t * K + k]];
+            S->gates[t * K + k] = (moe_real)c->routed_scaling_factor * (c->norm_topk_prob ? g / sum : g);
+        }
+    }
+    /* permutation: a stable counting sort of (token, slot) by expert */
+    for (t = 0; t < R; t++) S->offset[S->chosen[t] + 1]++;
+    for (e = 0; e < E; e++) {
+        S->offset[e + 1] += S->offset[e];
+        L->load[e] += S->offset[e + 1] - S->offset[e];
+        fill[e] = S->offset[e];
+    }
+    for (t = 0; t < R; t++) {
+        int64_t r = fill[S->chosen[t]]++;
+        S->row_of[t] = (int32_t)r;
+        S->tok_of[r] = (int32_t)(t / K);
+    }
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
+    for (t = 0; t < R; t++) memcpy(S->xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
+    /* each expert: one SwiGLU GEMM chain over all its tokens */
+    for (e = 0; e < E; e++) {
+        int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
+        moe__mlp_saved sv;
+        if (!ne) continue;
+        sv.h13 = S->ex.h13 + r0 * 2 * I;
+        sv.act = S->ex.act + r0 * I;
+        MOE__TRY(moe__mlp_fwd(ctx, S->xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
+                              S->yp + r0 * d, &sv, S->bf16));
+    }
+    /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    Y = MOE__F32(*y);
+    if (L->shared.w13) {
+        S->sh.h13 = moe__alloc_real(ctx, N * 2 * S->Is, "moe");
+        S->sh.act = moe__alloc_real(ctx, N * S->Is, "moe");
+        if (!S->sh.h13 || !S->sh.act) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__mlp_fwd(ctx, u, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), Y, &S->sh, S->bf16));
+    }
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
+    for (t = 0; t < N; t++) {
+        int64_t k, j;
+        for (k = 0; k < K; k++) {
+            const moe_real *src = S->yp + (int64_t)S->row_of[t * K + k] * d;
+            moe_real g = S->gates[t * K + k];
+            for (j = 0; j < d; j++) Y[t * d + j] += g * src[j];
+        }
+    }
+    /* sequence-wise balance loss (reference §3.5), on the realised routing */
+    if (alpha > 0) {
+        int64_t b;
+        for (b = 0; b < B; b++) {
+            moe_real *f = S->f + b * E, P;
+            for (t = b * T; t < (b + 1) * T; t++) {
+                int64_t k;
+                for (k = 0; k < K; k++) f[S->chosen[t * K + k]] += (moe_real)E / (moe_real)(K * T);
+            }
+            for (e = 0; e < E; e++) {
+                P = 0;
+                for (t = b * T; t < (b + 1) * T; t++) {
+                    moe_real tot = 0;
+                    int64_t j;
+                    if (c->scoring_func == MOE_SCORING_SIGMOID) {
+                        for (j = 0; j < E; j++) tot += S->s[t * E + j];
+                        P += S->s[t * E + e] / tot;
+                    } else {
+                        P += S->s[t * E + e];
+                    }
+                }
+                balance += f[e] * P / (moe_real)T;
+            }
+        }
+        balance *= (moe_real)alpha / (moe_real)B;
+    }
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, aux));
+    MOE__F32(*aux)[0] = balance;
+    S->aux = *aux;
+    MOE__TRY(moe__record(ctx, moe__moe_bwd, *y, x, L->gate, L->w13, &n));
+    if (n) {
+        n->saved = S;
+        if (alpha > 0) (*aux)->requires_grad = 1; /* its gradient is applied by this node */
+    }
+    return MOE_OK;
+}
+
+/* ============================================================================================
+   7. model
+   ============================================================================================ */
+
+MOE_API moe_config moe_config_tiny(void) {
+    moe_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab_size = 256; c.hidden_size = 64; c.intermediate_size = 128; c.moe_intermediate_size = 32;
+    c.num_hidden_layers = 4; c.first_k_dense_replace = 1; c.num_attention_heads = 4;
+    c.q_lora_rank = 32; c.kv_lora_rank = 32; c.qk_nope_head_dim = 16; c.qk_rope_head_dim = 8; c.v_head_dim = 16;
+    c.n_routed_experts = 16; c.n_shared_experts = 1; c.num_experts_per_tok = 4; c.n_group = 4; c.topk_group = 2;
+    c.scoring_func = MOE_SCORING_SIGMOID; c.topk_method = MOE_TOPK_NOAUX_TC; c.norm_topk_prob = 1;
+    c.routed_scaling_factor = 2.5; c.num_nextn_predict_layers = 1; c.rope_theta = 10000.0; c.rms_norm_eps = 1e-6;
+    c.max_position_embeddings = 64; c.tie_word_embeddings = 0; c.initializer_range = 0.02;
+    return c;
+}
+
+MOE_API moe_config moe_config_small(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 4096; c.hidden_size = 256; c.intermediate_size = 512; c.moe_intermediate_size = 128;
+    c.num_hidden_layers = 8; c.first_k_dense_replace = 2; c.num_attention_heads = 8;
+    c.q_lora_rank = 128; c.kv_lora_rank = 128; c.qk_nope_head_dim = 32; c.qk_rope_head_dim = 16; c.v_head_dim = 32;
+    c.n_routed_experts = 32; c.num_experts_per_tok = 4; c.n_group = 8; c.topk_group = 4;
+    c.max_position_embeddings = 256;
+    return c;
+}
+
+MOE_API void moe_config_resolve(const moe_config *cfg, moe_config *out) {
+    moe_config d = moe_config_tiny(), c = *cfg;
+#define MOE__DEF(f) if (c.f == 0) c.f = d.f
+    MOE__DEF(vocab_size); MOE__DEF(hidden_size); MOE__DEF(intermediate_size); MOE__DEF(moe_intermediate_size);
+    MOE__DEF(num_hidden_layers); MOE__DEF(num_attention_heads); MOE__DEF(kv_lora_rank); MOE__DEF(qk_nope_head_dim);
+    MOE__DEF(qk_rope_head_dim); MOE__DEF(v_head_dim); MOE__DEF(n_routed_experts); MOE__DEF(num_experts_per_tok);
+    MOE__DEF(routed_scaling_factor); MOE__DEF(rope_theta); MOE__DEF(rms_norm_eps); MOE__DEF(max_position_embeddings);
+    MOE__DEF(initializer_range);
+#undef MOE__DEF
+    if (c.n_group == 0) c.n_group = 1;
+    if (c.topk_group == 0) c.topk_group = c.n_group;
+    *out = c;
+}
+
+MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *c) {
+    static const char *fn = "moe_config_validate";
+    MOE__CHECK_CTX(ctx);
+    if (!c) return moe__fail(ctx, MOE_ERR_ARG, "%s: config is NULL", fn);
+#define MOE__POS(f) if (c->f <= 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must be positive, got %lld", fn, (long long)c->f)
+#define MOE__NONNEG(f) if (c->f < 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must not be negative, got %lld", fn, (long long)c->f)
+    MOE__POS(vocab_size); MOE__POS(hidden_size); MOE__POS(num_hidden_layers); MOE__POS(num_attention_heads);
+    MOE__POS(kv_lora_rank); MOE__POS(qk_nope_head_dim); MOE__POS(qk_rope_head_dim); MOE__POS(v_head_dim);
+    MOE__POS(max_position_embeddings); MOE__NONNEG(q_lora_rank); MOE__NONNEG(first_k_dense_replace);
+    MOE__NONNEG(n_shared_experts); MOE__NONNEG(num_nextn_predict_layers);
+#undef MOE__POS
+#undef MOE__NONNEG
+    if (c->vocab_size > 0x7FFFFFFF) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: vocab_size must fit in int32", fn);
+    if (c->qk_rope_head_dim % 2) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: qk_rope_head_dim must be even, got %lld", fn, (long long)c->qk_rope_head_dim);
+    if (c->first_k_dense_replace > c->num_hidden_layers)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: first_k_dense_replace (%lld) exceeds num_hidden_layers (%lld)", fn,
+                         (long long)c->first_k_dense_replace, (long long)c->num_hidden_layers);
+    if (c->first_k_dense_replace > 0 && c->intermediate_size <= 0)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: dense layers need intermediate_size > 0", fn);
+    if (c->num_nextn_predict_layers > 4) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: at most 4 MTP modules are supported, got %lld", fn, (long long)c->num_nextn_predict_layers);
+    if (c->first_k_dense_replace < c->num_hidden_layers || c->num_nextn_predict_layers > 0) {
+        if (c->n_routed_experts <= 0 || c->n_routed_experts > MOE__MAX_EXPERTS)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: n_routed_experts must be 1..%d, got %lld", fn, MOE__MAX_EXPERTS, (long long)c->n_routed_experts);
+        if (c->moe_intermediate_size <= 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: moe_intermediate_size must be positive", fn);
+        if (c->num_experts_per_tok <= 0 || c->num_experts_per_tok > c->n_routed_experts)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_experts_per_tok must be 1..n_routed_experts (%lld), got %lld", fn,
+                             (long long)c->n_routed_experts, (long long)c->num_experts_per_tok);
+        if (c->n_group <= 0 || c->n_routed_experts % c->n_group)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: n_group (%lld) must divide n_routed_experts (%lld)", fn,
+                             (long long)c->n_group, (long long)c->n_routed_experts);
+        if (c->topk_group <= 0 || c->topk_group > c->n_group)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: topk_group must be 1..n_group (%lld), got %lld", fn,
+                             (long long)c->n_group, (long long)c->topk_group);
+        if (c->topk_method != MOE_TOPK_GREEDY && c->topk_group * (c->n_routed_experts / c->n_group) < c->num_experts_per_tok)
+            return moe__fail(ctx, MOE_ERR_CONFIG,
+                             "%s: topk_group·n_routed_experts/n_group = %lld·%lld/%lld = %lld experts are eligible, fewer than num_experts_per_tok = %lld",
+                             fn, (long long)c->topk_group, (long long)c->n_routed_experts, (long long)c->n_group,
+                             (long long)(c->topk_group * (c->n_routed_experts / c->n_group)), (long long)c->num_experts_per_tok);
+        if ((int)c->scoring_func < 0 || (int)c->scoring_func > 1) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: unknown scoring_func", fn);
+        if ((int)c->topk_method < 0 || (int)c->topk_method > 2) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: unknown topk_method", fn);
+        if (c->topk_method == MOE_TOPK_NOAUX_TC && c->scoring_func != MOE_SCORING_SIGMOID)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: topk_method noaux_tc needs scoring_func sigmoid", fn);
+        if (!(c->routed_scaling_factor > 0) || !isfinite(c->routed_scaling_factor))
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: routed_scaling_factor must be positive", fn);
+    }
+    if (!(c->rope_theta > 1) || !isfinite(c->rope_theta)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rope_theta must be > 1", fn);
+    if (!(c->rms_norm_eps > 0) || c->rms_norm_eps > 1) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rms_norm_eps must be in (0, 1]", fn);
+    if (!(c->initializer_range >= 0) || !isfinite(c->initializer_range)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: initializer_range must be >= 0", fn);
+    if (c->rope_scaling.factor != 0) {
+        if (!(c->rope_scaling.factor >= 1) || c->rope_scaling.original_max_pos <= 0 || !(c->rope_scaling.beta_fast > 0) ||
+            !(c->rope_scaling.beta_slow > 0))
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rope_scaling (YaRN) needs factor >= 1, original_max_position_embeddings, beta_fast and beta_slow > 0", fn);
+    }
+    if (c->max_position_embeddings > ((int64_t)1 << 26)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: max_position_embeddings too large", fn);
+    return MOE_OK;
+}
+
+#define MOE__NAME_MAX 96
+
+typedef struct moe__block {
+    moe_tensor *attn_norm, *ffn_norm;
+    moe__mla attn;
+    int is_moe;
+    moe__ffn dense;
+    moe__moe moe;
+} moe__block;
+
+typedef struct moe__mtp {
+    moe_tensor *enorm, *hnorm, *eh_proj, *head_norm;
+    moe__block block;
+} moe__mtp;
+
+typedef struct moe__entry {
+    char name[MOE__NAME_MAX];
+    moe_tensor *t;
+    int is_param; /* 0: a buffer (expert bias): saved, never trained */
+    int decay;    /* gets weight decay: matrices, not norms or biases */
+    int mtp;      /* belongs to an MTP module */
+} moe__entry;
+
+struct moe_model {
+    moe_config cfg;
+    moe_tensor *embed, *norm, *head;
+    moe__block *layers;
+    moe__mtp *mtp;
+    moe__entry *entries;
+    int64_t n_entries, cap_entries;
+    moe_rope_table rope;
+    moe_real softmax_scale;
+    int64_t *loads; /* expert load counters of every MoE layer, main then MTP */
+};
+
+MOE_API const moe_config *moe_model_config(const moe_model *m) { return m ? &m->cfg : NULL; }
+MOE_API int64_t moe_model_tensor_count(const moe_model *m) { return m ? m->n_entries : 0; }
+MOE_API moe_tensor *moe_model_tensor(const moe_model *m, int64_t i, const char **name, int *is_param) {
+    if (!m || i < 0 || i >= m->n_entries) return NULL;
+    if (name) *name = m->entries[i].name;
+    if (is_param) *is_param = m->entries[i].is_param;
+    return m->entries[i].t;
+}
+MOE_API moe_tensor *moe_model_find(const moe_model *m, const char *name) {
+    int64_t i;
+    if (!m || !name) return NULL;
+    for (i = 0; i < m->n_entries; i++)
+        if (strcmp(m->entries[i].name, name) == 0) return m->entries[i].t;
+    return NULL;
+}
+
+enum { MOE__INIT_NORMAL, MOE__INIT_ONES, MOE__INIT_BUFFER };
+
+/* Make, initialise and register one model tensor. Stream = registration index, so the
+   initialisation depends on the seed and the architecture only. */
+static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, uint64_t seed, moe_tensor **slot, int kind, int mtp,
+                                 int ndim, int64_t d0, int64_t d1, int64_t d2, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 11, 12)))
+#endif
+    ;
+static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, uint64_t seed, moe_tensor **slot, int kind, int mtp,
+                                 int ndim, int64_t d0, int64_t d1, int64_t d2, const char *fmt, ...) {
+    int64_t shape[3];
+    moe__entry *e;
+    va_list ap;
+    shape[0] = d0; shape[1] = d1; shape[2] = d2;
+    if (m->n_entries == m->cap_entries) {
+        int64_t cap = m->cap_entries ? 2 * m->cap_entries : 64;
+        moe__entry *p = (moe__entry *)MOE_REALLOC(m->entries, (size_t)cap * sizeof *p);
+        if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
+        ctx->heap_allocs++;
+        m->entries = p;
+        m->cap_entries = cap;
+    }
+    e = &m->entries[m->n_entries];
+    memset(e, 0, sizeof *e);
+    va_start(ap, fmt);
+    vsnprintf(e->name, sizeof e->name, fmt, ap);
+    va_end(ap);
+    MOE__TRY(moe_tensor_new(ctx, MOE_F32, ndim, shape, &e->t));
+    m->n_entries++;
+    *slot = e->t;
+    e->is_param = kind != MOE__INIT_BUFFER;
+    e->decay = kind == MOE__INIT_NORMAL;
+    e->mtp = mtp;
+    if (kind == MOE__INIT_NORMAL) {
+        moe_rng rng = moe_rng_new(seed, (uint64_t)m->n_entries);
+        MOE__TRY(moe_tensor_fill_normal(ctx, e->t, &rng, 0.0f, (float)m->cfg.initializer_range));
+    } else if (kind == MOE__INIT_ONES) {
+        MOE__TRY(moe_tensor_fill(ctx, e->t, 1.0));
+    }
+    if (e->is_param) MOE__TRY(moe_tensor_set_requires_grad(ctx, e->t, 1));
+    return MOE_OK;
+}
+
+/* The tensors of one transformer block; `p` is its name prefix ("model.layers.3."). */
+static moe_status moe__block_init(moe_ctx *ctx, moe_model *m, uint64_t seed, moe__block *b, int is_moe, int mtp,
+                                  int64_t **loads, const char *p) {
+    const moe_config *c = &m->cfg;
+    int64_t d = c->hidden_size, H = c->num_attention_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int64_t E = c->n_routed_experts, I = c->moe_intermediate_size;
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%sinput_layernorm.weight", p));
+    if (c->q_lora_rank > 0) {
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_a, MOE__INIT_NORMAL, mtp, 2, c->q_lora_rank, d, 0, "%sself_attn.q_a_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_a_norm, MOE__INIT_ONES, mtp, 1, c->q_lora_rank, 0, 0, "%sself_attn.q_a_layernorm.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_b, MOE__INIT_NORMAL, mtp, 2, H * dqk, c->q_lora_rank, 0, "%sself_attn.q_b_proj.weight", p));
+    } else {
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_proj, MOE__INIT_NORMAL, mtp, 2, H * dqk, d, 0, "%sself_attn.q_proj.weight", p));
+    }
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_a, MOE__INIT_NORMAL, mtp, 2, c->kv_lora_rank + c->qk_rope_head_dim, d, 0,
+                            "%sself_attn.kv_a_proj_with_mqa.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_a_norm, MOE__INIT_ONES, mtp, 1, c->kv_lora_rank, 0, 0, "%sself_attn.kv_a_layernorm.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_b, MOE__INIT_NORMAL, mtp, 2, H * (c->qk_nope_head_dim + c->v_head_dim),
+                            c->kv_lora_rank, 0, "%sself_attn.kv_b_proj.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.o, MOE__INIT_NORMAL, mtp, 2, d, H * c->v_head_dim, 0, "%sself_attn.o_proj.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->ffn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%spost_attention_layernorm.weight", p));
+    b->is_moe = is_moe;
+    if (!is_moe) {
+        b->dense.inter = c->intermediate_size;
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->dense.w13, MOE__INIT_NORMAL, mtp, 2, 2 * c->intermediate_size, d, 0, "%smlp.gate_up_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->dense.w2, MOE__INIT_NORMAL, mtp, 2, d, c->intermediate_size, 0, "%smlp.down_proj.weight", p));
+        return MOE_OK;
+    }
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.gate, MOE__INIT_NORMAL, mtp, 2, E, d, 0, "%smlp.gate.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.bias, MOE__INIT_BUFFER, mtp, 1, E, 0, 0, "%smlp.gate.e_score_correction_bias", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.w13, MOE__INIT_NORMAL, mtp, 3, E, 2 * I, d, "%smlp.experts.gate_up_proj", p));
+    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.w2, MOE__INIT_NORMAL, mtp, 3, E, d, I, "%smlp.experts.down_proj", p));
+    if (c->n_shared_experts > 0) {
+        b->moe.shared.inter = c->n_shared_experts * I;
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.shared.w13, MOE__INIT_NORMAL, mtp, 2, 2 * b->moe.shared.inter, d, 0,
+                                "%smlp.shared_experts.gate_up_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.shared.w2, MOE__INIT_NORMAL, mtp, 2, d, b->moe.shared.inter, 0,
+                                "%smlp.shared_experts.down_proj.weight", p));
+    }
+    b->moe.load = *loads;
+    *loads += E;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t seed, moe_model **out) {
+    moe_model *m;
+    moe_config c;
+    int64_t L, k, n_moe, *loads;
+    char prefix[64];
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!cfg || !out) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_new: NULL config or out");
+    *out = NULL;
+    moe_config_resolve(cfg, &c);
+    MOE__TRY(moe_config_validate(ctx, &c));
+    m = (moe_model *)moe__heap_calloc(ctx, sizeof *m);
+    if (!m) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
+    m->cfg = c;
+    n_moe = c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers;
+    m->layers = (moe__block *)moe__heap_calloc(ctx, sizeof(moe__block) * (size_t)c.num_hidden_layers);
+    m->mtp = (moe__mtp *)moe__heap_calloc(ctx, sizeof(moe__mtp) * (size_t)(c.num_nextn_predict_layers + 1));
+    m->loads = (int64_t *)moe__heap_calloc(ctx, sizeof(int64_t) * (size_t)(n_moe * c.n_routed_experts + 1));
+    if (!m->layers || !m->mtp || !m->loads) {
+        moe_model_free(ctx, m);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
+    }
+    loads = m->loads;
+    st = moe__model_add(ctx, m, seed, &m->embed, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "model.embed_tokens.weight");
+    for (L = 0; st == MOE_OK && L < c.num_hidden_layers; L++) {
+        snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)L);
+        st = moe__block_init(ctx, m, seed, &m->layers[L], L >= c.first_k_dense_replace, 0, &loads, prefix);
+    }
+    if (st == MOE_OK) st = moe__model_add(ctx, m, seed, &m->norm, MOE__INIT_ONES, 0, 1, c.hidden_size, 0, 0, "model.norm.weight");
+    if (st == MOE_OK) {
+        if (c.tie_word_embeddings) m->head = m->embed;
+        else st = moe__model_add(ctx, m, seed, &m->head, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "lm_head.weight");
+    }
+    for (k = 0; st == MOE_OK && k < c.num_nextn_predict_layers; k++) {
+        moe__mtp *t = &m->mtp[k];
+        snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)(c.num_hidden_layers + k));
+        st = moe__model_add(ctx, m, seed, &t->enorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%senorm.weight", prefix);
+        if (st == MOE_OK) st = moe__model_add(ctx, m, seed, &t->hnorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%shnorm.weight", prefix);
+        if (st == MOE_OK)
+            st = moe__model_add(ctx, m, seed, &t->eh_proj, MOE__INIT_NORMAL, 1, 2, c.hidden_size, 2 * c.hidden_size, 0, "%seh_proj.weight", prefix);
+        if (st == MOE_OK) st = moe__block_init(ctx, m, seed, &t->block, 1, 1, &loads, prefix);
+        if (st == MOE_OK)
+            st = moe__model_add(ctx, m, seed, &t->head_norm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%sshared_head.norm.weight", prefix);
+    }
+    if (st == MOE_OK) st = moe_rope_table_init(ctx, &m->rope, c.qk_rope_head_dim, c.max_position_embeddings, c.rope_theta,
+                                               c.rope_scaling.factor > 1 ? &c.rope_scaling : NULL);
+    if (st != MOE_OK) {
+        moe_model_free(ctx, m);
+        return st;
+    }
+    {
+        double scale = 1.0 / sqrt((double)(c.qk_nope_head_dim + c.qk_rope_head_dim));
+        if (c.rope_scaling.factor > 1 && c.rope_scaling.mscale_all_dim > 0) {
+            double ms = 0.1 * c.rope_scaling.mscale_all_dim * log(c.rope_scaling.factor) + 1.0;
+            scale *= ms * ms;
+        }
+        m->softmax_scale = (moe_real)scale;
+    }
+    *out = m;
+    return MOE_OK;
+}
+
+MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
+    int64_t i;
+    if (!m) return;
+    for (i = 0; i < m->n_entries; i++) moe_tensor_free(ctx, m->entries[i].t);
+    moe_rope_table_free(&m->rope);
+    MOE_FREE(m->entries);
+    MOE_FREE(m->layers);
+    MOE_FREE(m->mtp);
+    MOE_FREE(m->loads);
+    MOE_FREE(m);
+}
+
+MOE_API void moe_model_zero_grad(moe_model *m) {
+    int64_t i;
+    if (!m) return;
+    for (i = 0; i < m->n_entries; i++) moe_tensor_zero_grad(m->entries[i].t);
+}
+
+MOE_API void moe_model_param_counts(const moe_model *m, int64_t *total, int64_t *active, int64_t *mtp) {
+    const moe_config *c;
+    int64_t i, tot = 0, mt = 0, inactive;
+    if (total) *total = 0;
+    if (active) *active = 0;
+    if (mtp) *mtp = 0;
+    if (!m) return;
+    c = &m->cfg;
+    for (i = 0; i < m->n_entries; i++) {
+        if (!m->entries[i].is_param) continue;
+        if (m->entries[i].mtp) mt += m->entries[i].t->numel;
+        else tot += m->entries[i].t->numel;
+    }
+    inactive = (c->num_hidden_layers - c->first_k_dense_replace) * (c->n_routed_experts - c->num_experts_per_tok) * 3 *
+               c->hidden_size * c->moe_intermediate_size;
+    if (total) *total = tot;
+    if (active) *active = tot - inactive;
+    if (mtp) *mtp = mt;
+}
+
+static moe__mla_dims moe__model_mla_dims(const moe_model *m, int64_t B, int64_t T, int64_t pos0) {
+    const moe_config *c = &m->cfg;
+    moe__mla_dims d;
+    d.B = B; d.T = T; d.N = B * T; d.d = c->hidden_size; d.H = c->num_attention_heads;
+    d.qr = c->q_lora_rank; d.kvr = c->kv_lora_rank; d.dn = c->qk_nope_head_dim; d.dr = c->qk_rope_head_dim;
+    d.dqk = d.dn + d.dr; d.dv = c->v_head_dim; d.pos0 = pos0;
+    d.eps = (moe_real)c->rms_norm_eps;
+    d.scale = m->softmax_scale;
+    return d;
+}
+
+/* x + Attn(norm(x)), then + FFN(norm(·)). *aux gets the MoE layer's balance loss (or NULL). */
+static moe_status moe__block_forward(moe_ctx *ctx, moe_model *m, moe__block *b, moe_tensor *x, int64_t B, int64_t T,
+                                     float alpha, moe_tensor **out, moe_tensor **aux) {
+    moe__mla_dims dims = moe__model_mla_dims(m, B, T, 0);
+    moe_tensor *h, *a, *x1, *h2, *f;
+    float eps = (float)m->cfg.rms_norm_eps;
+    *aux = NULL;
+    MOE__TRY(moe_rmsnorm(ctx, x, b->attn_norm, eps, &h));
+    MOE__TRY(moe__mla_forward(ctx, &b->attn, &dims, &m->rope, h, &a));
+    MOE__TRY(moe_add(ctx, x, a, &x1));
+    MOE__TRY(moe_rmsnorm(ctx, x1, b->ffn_norm, eps, &h2));
+    if (b->is_moe) MOE__TRY(moe__moe_forward(ctx, &b->moe, &m->cfg, B, T, alpha, h2, &f, aux));
+    else MOE__TRY(moe__ffn_forward(ctx, &b->dense, h2, &f));
+    return moe_add(ctx, x1, f, out);
+}
+
+/* tokens[b·stride + off + t] for t < T into an i32 tensor [B, T]. */
+static moe_status moe__ids(moe_ctx *ctx, const int32_t *tokens, int64_t B, int64_t T, int64_t stride, int64_t off,
+                           moe_tensor **out) {
+    int64_t shape[2], b;
+    shape[0] = B;
+    shape[1] = T;
+    MOE__TRY(moe_tensor_temp(ctx, MOE_I32, 2, shape, out));
+    for (b = 0; b < B; b++) memcpy(MOE__I32(*out) + b * T, tokens + b * stride + off, (size_t)T * sizeof(int32_t));
+    return MOE_OK;
+}
+
+/* The main model's final normed hidden states [B, T, d]; balance losses summed into *aux. */
+static moe_status moe__model_trunk(moe_ctx *ctx, moe_model *m, moe_tensor *ids, int64_t B, int64_t T, float alpha,
+                                   moe_tensor **h, moe_tensor **aux) {
+    moe_tensor *x, *a;
+    int64_t L;
+    MOE__TRY(moe_embedding(ctx, m->embed, ids, &x));
+    for (L = 0; L < m->cfg.num_hidden_layers; L++) {
+        MOE__TRY(moe__block_forward(ctx, m, &m->layers[L], x, B, T, alpha, &x, &a));
+        if (a && alpha > 0) {
+            if (*aux) MOE__TRY(moe_add(ctx, *aux, a, aux));
+            else *aux = a;
+        }
+    }
+    return moe_rmsnorm(ctx, x, m->norm, (float)m->cfg.rms_norm_eps, h);
+}
+
+static moe_status moe__check_tokens(moe_ctx *ctx, const char *fn, const moe_model *m, const int32_t *tokens, int64_t B,
+                                    int64_t T, int64_t n) {
+    int64_t i;
+    MOE__CHECK_CTX(ctx);
+    if (!m || !tokens) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL model or tokens", fn);
+    if (B < 1 || T < 1) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: batch and seq must be positive, got %lld x %lld", fn, (long long)B, (long long)T);
+    if (T > m->cfg.max_position_embeddings)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "%s: seq %lld exceeds max_position_embeddings %lld", fn, (long long)T,
+                         (long long)m->cfg.max_position_embeddings);
+    for (i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return moe__fail(ctx, MOE_ERR_ARG, "%s: token %d at %lld is outside the vocabulary [0, %lld)", fn, (int)tokens[i],
+                             (long long)i, (long long)m->cfg.vocab_size);
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_model_loss(moe_ctx *ctx, moe_model *m, const int32_t *tokens, int64_t B, int64_t T,
+                                  const moe_loss_opts *opts, moe_tensor **loss, moe_loss_parts *parts) {
+    static const char *fn = "moe_model_loss";
+    const moe_config *c;
+    moe_tensor *ids, *tgt, *h, *logits, *ce, *aux = NULL, *mtp_sum = NULL, *hprev;
+    moe_loss_opts o;
+    int64_t k, D;
+    MOE__TRY(moe__check_out(ctx, fn, loss));
+    MOE__TRY(moe__check_tokens(ctx, fn, m, tokens, B, T, B * (T + 1)));
+    c = &m->cfg;
+    memset(&o, 0, sizeof o);
+    if (opts) o = *opts;
+    if (!(o.mtp_lambda >= 0) || !(o.balance_alpha >= 0)) return moe__fail(ctx, MOE_ERR_ARG, "%s: mtp_lambda and balance_alpha must be >= 0", fn);
+    if (parts) memset(parts, 0, sizeof *parts);
+    MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 0, &ids));
+    MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 1, &tgt));
+    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, o.balance_alpha, &h, &aux));
+    MOE__TRY(moe_matmul(ctx, h, m->head, &logits));
+    MOE__TRY(moe_cross_entropy(ctx, logits, tgt, -1, &ce));
+    *loss = ce;
+    if (parts) parts->main = moe_tensor_get(ce, 0);
+    /* MTP (reference §4): depth k predicts token i+k+1 from h^{k-1}_i and Emb(t_{i+k}) */
+    D = o.mtp_lambda > 0 ? c->num_nextn_predict_layers : 0;
+    hprev = h;
+    for (k = 1; k <= D && T - k >= 1; k++) {
+        moe__mtp *t = &m->mtp[k - 1];
+        int64_t Tk = T - k;
+        moe_tensor *hin = hprev, *rest, *eids, *e, *en, *hn, *cat, *hp, *hk, *a, *kn, *lg, *ktg, *cek;
+        if (hprev->shape[1] > Tk) MOE__TRY(moe_split(ctx, hprev, 1, Tk, &hin, &rest));
+        MOE__TRY(moe__ids(ctx, tokens, B, Tk, T + 1, k, &eids));
+        MOE__TRY(moe_embedding(ctx, m->embed, eids, &e));
+        MOE__TRY(moe_rmsnorm(ctx, e, t->enorm, (float)c->rms_norm_eps, &en));
+        MOE__TRY(moe_rmsnorm(ctx, hin, t->hnorm, (float)c->rms_norm_eps, &hn));
+        MOE__TRY(moe_concat(ctx, en, hn, 2, &cat)); /* embedding first, as the released weights */
+        MOE__TRY(moe_matmul(ctx, cat, t->eh_proj, &hp));
+        MOE__TRY(moe__block_forward(ctx, m, &t->block, hp, B, Tk, o.balance_alpha, &hk, &a));
+        if (a && o.balance_alpha > 0) {
+            if (aux) MOE__TRY(moe_add(ctx, aux, a, &aux));
+            else aux = a;
+        }
+        MOE__TRY(moe_rmsnorm(ctx, hk, t->head_norm, (float)c->rms_norm_eps, &kn));
+        MOE__TRY(moe_matmul(ctx, kn, m->head, &lg));
+        MOE__TRY(moe__ids(ctx, tokens, B, Tk, T + 1, k + 1, &ktg));
+        MOE__TRY(moe_cross_entropy(ctx, lg, ktg, -1, &cek));
+        if (parts) parts->mtp[k - 1] = moe_tensor_get(cek, 0);
+        /* the paper normalises L_k by T, not by the T-k predictions it has */
+        MOE__TRY(moe_scale(ctx, cek, (float)Tk / (float)T, &cek));
+        if (mtp_sum) MOE__TRY(moe_add(ctx, mtp_sum, cek, &mtp_sum));
+        else mtp_sum = cek;
+        hprev = hk;
+    }
+    if (mtp_sum) {
+        MOE__TRY(moe_scale(ctx, mtp_sum, o.mtp_lambda / (float)D, &mtp_sum));
+        MOE__TRY(moe_add(ctx, *loss, mtp_sum, loss));
+    }
+    if (aux) {
+        if (parts) parts->balance = moe_tensor_get(aux, 0);
+        MOE__TRY(moe_add(ctx, *loss, aux, loss));
+    }
+    if (parts) parts->total = moe_tensor_get(*loss, 0);
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_model_logits(moe_ctx *ctx, moe_model *m, const int32_t *tokens, int64_t B, int64_t T,
+                                    moe_tensor **logits) {
+    static const char *fn = "moe_model_logits";
+    moe_tensor *ids, *h, *aux = NULL;
+    MOE__TRY(moe__check_out(ctx, fn, logits));
+    MOE__TRY(moe__check_tokens(ctx, fn, m, tokens, B, T, B * T));
+    MOE__TRY(moe__ids(ctx, tokens, B, T, T, 0, &ids));
+    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0.0f, &h, &aux));
+    return moe_matmul(ctx, h, m->head, logits);
+}
+
+/* MoE layer i of the model (main layers first, then MTP modules), or NULL for a dense one. */
+static moe__moe *moe__model_moe_layer(moe_model *m, int64_t i, int *is_mtp) {
+    int64_t n_main = m->cfg.num_hidden_layers;
+    if (i < n_main) {
+        *is_mtp = 0;
+        return m->layers[i].is_moe ? &m->layers[i].moe : NULL;
+    }
+    *is_mtp = 1;
+    return i - n_main < m->cfg.num_nextn_predict_layers ? &m->mtp[i - n_main].block.moe : NULL;
+}
+
+MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *m, float gamma) {
+    int64_t i, e, E;
+    MOE__CHECK_CTX(ctx);
+    if (!m) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: model is NULL");
+    if (!(gamma >= 0) || !isfinite(gamma)) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: gamma must be >= 0");
+    E = m->cfg.n_routed_experts;
+    for (i = 0; i < m->cfg.num_hidden_layers + m->cfg.num_nextn_predict_layers; i++) {
+        int is_mtp;
+        moe__moe *L = moe__model_moe_layer(m, i, &is_mtp);
+        int64_t total = 0;
+        if (!L) continue;
+        for (e = 0; e < E; e++) total += L->load[e];
+        if (total > 0 && gamma > 0)
+            for (e = 0; e < E; e++) {
+                /* mean − load_i compared in integers: total/E − load_i has the sign of total − E·load_i */
+                int64_t diff = total - E * L->load[e];
+                MOE__F32(L->bias)[e] += (moe_real)(gamma * (float)((diff > 0) - (diff < 0)));
+            }
+        for (e = 0; e < E; e++) L->load[e] = 0;
+    }
+    return MOE_OK;
+}
+
+MOE_API double moe_model_max_vio(const moe_model *m) {
+    int64_t i, e, E, layers = 0;
+    double sum = 0;
+    if (!m) return 0;
+    E = m->cfg.n_routed_experts;
+    for (i = 0; i < m->cfg.num_hidden_layers; i++) {
+        const moe__moe *L = m->layers[i].is_moe ? &m->layers[i].moe : NULL;
+        int64_t total = 0, mx = 0;
+        if (!L) continue;
+        for (e = 0; e < E; e++) {
+            total += L->load[e];
+            mx = L->load[e] > mx ? L->load[e] : mx;
+        }
+        if (!total) continue;
+        sum += (double)mx / ((double)total / (double)E) - 1.0;
+        layers++;
+    }
+    return layers ? sum / (double)layers : 0;
+}
+
+MOE_API void moe_model_reset_loads(moe_model *m) {
+    int64_t n;
+    if (!m) return;
+    n = (m->cfg.num_hidden_layers - m->cfg.first_k_dense_replace + m->cfg.num_nextn_predict_layers) * m->cfg.n_routed_experts;
+    memset(m->loads, 0, (size_t)n * sizeof(int64_t));
+}
+
+/* ============================================================================================
+   8. train
+   ============================================================================================ */
+
+struct moe_adamw {
+    moe_model *model;
+    moe_adamw_config cfg;
+    int64_t step;
+    void **m, **v; /* per model entry (NULL for buffers): moments in cfg.moment_dtype */
+};
+
+MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw_config *cfg, moe_adamw **out) {
+    moe_adamw *o;
+    int64_t i;
+    size_t es;
+    MOE__CHECK_CTX(ctx);
+    if (!model || !out) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: NULL model or out");
+    *out = NULL;
+    o = (moe_adamw *)moe__heap_calloc(ctx, sizeof *o);
+    if (!o) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
+    if (cfg) o->cfg = *cfg;
+    if (o->cfg.beta1 == 0) o->cfg.beta1 = 0.9f;
+    if (o->cfg.beta2 == 0) o->cfg.beta2 = 0.95f;
+    if (o->cfg.eps == 0) o->cfg.eps = 1e-8f;
+    if (o->cfg.weight_decay == 0) o->cfg.weight_decay = 0.1f;
+    if (o->cfg.moment_dtype != MOE_F32 && o->cfg.moment_dtype != MOE_BF16) {
+        MOE_FREE(o);
+        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_adamw_new: moments must be f32 or bf16");
+    }
+    if (!(o->cfg.beta1 > 0 && o->cfg.beta1 < 1) || !(o->cfg.beta2 > 0 && o->cfg.beta2 < 1) || !(o->cfg.eps > 0) ||
+        !(o->cfg.weight_decay >= 0)) {
+        MOE_FREE(o);
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: betas must be in (0,1), eps > 0, weight_decay >= 0");
+    }
+    o->model = model;
+    es = o->cfg.moment_dtype == MOE_BF16 ? 2 : sizeof(float);
+    o->m = (void **)moe__heap_calloc(ctx, sizeof(void *) * (size_t)model->n_entries);
+    o->v = (void **)moe__heap_calloc(ctx, sizeof(void *) * (size_t)model->n_entries);
+    if (!o->m || !o->v) {
+        moe_adamw_free(ctx, o);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
+    }
+    for (i = 0; i < model->n_entries; i++) {
+        if (!model->entries[i].is_param) continue;
+        o->m[i] = moe__heap_calloc(ctx, es * (size_t)model->entries[i].t->numel);
+        o->v[i] = moe__heap_calloc(ctx, es * (size_t)model->entries[i].t->numel);
+        if (!o->m[i] || !o->v[i]) {
+            moe_adamw_free(ctx, o);
+            return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory for moments");
+        }
+    }
+    *out = o;
+    return MOE_OK;
+}
+
+MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
+    int64_t i;
+    (void)ctx;
+    if (!o) return;
+    for (i = 0; o->m && i < o->model->n_entries; i++) {
+        MOE_FREE(o->m[i]);
+        MOE_FREE(o->v[i]);
+    }
+    MOE_FREE(o->m);
+    MOE_FREE(o->v);
+    MOE_FREE(o);
+}
+
+MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
+
+static float moe__moment_get(const void *p, int bf16, int64_t i) {
+    return bf16 ? moe_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static void moe__moment_set(void *p, int bf16, int64_t i, float v) {
+    if (bf16) ((uint16_t *)p)[i] = moe_f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
+    moe_model *m;
+    double sumsq = 0, norm, coef, bc1, bc2;
+    int64_t i;
+    int bf16;
+    MOE__CHECK_CTX(ctx);
+    if (!o) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: optimizer is NULL");
+    if (!(lr >= 0) || !isfinite(lr) || !(grad_scale > 0) || !isfinite(grad_scale) || !(clip >= 0))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
+                         (double)lr, (double)grad_scale, (double)clip);
+    m = o->model;
+    for (i = 0; i < m->n_entries; i++) { /* global norm, params in order */
+        const moe_tensor *t = m->entries[i].t;
+        const moe_real *g;
+        int64_t j;
+        if (!m->entries[i].is_param || !t->grad) continue;
+        g = (const moe_real *)t->grad->data;
+        for (j = 0; j < t->numel; j++) sumsq += (double)g[j] * (double)g[j];
+    }
+    norm = sqrt(sumsq) * grad_scale;
+    if (grad_norm) *grad_norm = (float)norm;
+    if (!isfinite(norm)) {
+        moe_model_zero_grad(m);
+        return moe__fail(ctx, MOE_ERR_NUMERIC, "moe_adamw_step: gradient norm is %g; weights left unchanged", norm);
+    }
+    coef = grad_scale * (clip > 0 && norm > clip ? clip / norm : 1.0);
+    o->step++;
+    bc1 = 1.0 - pow(o->cfg.beta1, (double)o->step);
+    bc2 = 1.0 - pow(o->cfg.beta2, (double)o->step);
+    bf16 = o->cfg.moment_dtype == MOE_BF16;
+    for (i = 0; i < m->n_entries; i++) {
+        moe_tensor *t = m->entries[i].t;
+        moe_real *p = MOE__F32(t), *g;
+        float wd = m->entries[i].decay ? o->cfg.weight_decay : 0.0f, b1 = o->cfg.beta1, b2 = o->cfg.beta2;
+        int64_t j;
+        if (!m->entries[i].is_param || !t->grad) continue;
+        g = (moe_real *)t->grad->data;
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
+        for (j = 0; j < t->numel; j++) {
+            float gj = (float)(g[j] * coef);
+            float mj = b1 * moe__moment_get(o->m[i], bf16, j) + (1 - b1) * gj;
+            float vj = b2 * moe__moment_get(o->v[i], bf16, j) + (1 - b2) * gj * gj;
+            moe__moment_set(o->m[i], bf16, j, mj);
+            moe__moment_set(o->v[i], bf16, j, vj);
+            p[j] -= (moe_real)(lr * (mj / bc1) / (sqrt(vj / bc2) + o->cfg.eps) + lr * wd * (double)p[j]);
+        }
+        memset(g, 0, (size_t)t->numel * sizeof(moe_real));
+    }
+    return MOE_OK;
+}
+
+MOE_API float moe_lr_at(const moe_lr_schedule *s, int64_t step) {
+    double p, start, span;
+    if (!s) return 0;
+    if (step < s->warmup_steps) return s->lr_max * (float)(step + 1) / (float)s->warmup_steps;
+    start = (double)(s->shape == MOE_LR_WSD ? (s->decay_start > s->warmup_steps ? s->decay_start : s->warmup_steps) : s->warmup_steps);
+    if ((double)step < start) return s->lr_max;
+    span = (double)s->total_steps - start;
+    p = span > 0 ? ((double)step - start) / span : 1.0;
+    p = p > 1 ? 1 : p;
+    return (float)(s->lr_min + 0.5 * (s->lr_max - s->lr_min) * (1.0 + cos(3.141592653589793 * p)));
+}
+
+/* ============================================================================================
+   9. io
+   ============================================================================================ */
+
+/* Read a whole file (at most max_bytes) into a heap buffer with a terminating 0. */
+static moe_status moe__read_file(moe_ctx *ctx, const char *fn, const char *path, size_t max_bytes, unsigned char **buf,
+                                 size_t *len) {
+    FILE *f;
+    long size;
+    size_t got;
+    *buf = NULL;
+    *len = 0;
+    if (!path) return moe__fail(ctx, MOE_ERR_ARG, "%s: path is NULL", fn);
+    f = fopen(path, "rb");
+    if (!f) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fclose(f);
+        return moe__fail(ctx, MOE_ERR_IO, "%s: cannot size '%s'", fn, path);
+    }
+    if ((unsigned long)size > max_bytes) {
+        fclose(f);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' is %ld bytes, more than the %zu allowed", fn, path, size, max_bytes);
+    }
+    *buf = (unsigned char *)moe__heap_alloc(ctx, (size_t)size + 1);
+    if (!*buf) {
+        fclose(f);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory reading '%s'", fn, path);
+    }
+    got = fread(*buf, 1, (size_t)size, f);
+    fclose(f);
+    if (got != (size_t)size) {
+        MOE_FREE(*buf);
+        *buf = NULL;
+        return moe__fail(ctx, MOE_ERR_IO, "%s: short read on '%s'", fn, path);
+    }
+    (*buf)[size] = 0;
+    *len = (size_t)size;
+    return MOE_OK;
+}
+
+/* ---- a strict JSON reader: a flat array of tokens, each knowing where its subtree ends ---- */
+
+enum { MOE__J_OBJ, MOE__J_ARR, MOE__J_STR, MOE__J_NUM, MOE__J_TRUE, MOE__J_FALSE, MOE__J_NULL };
+typedef struct moe__jtok {
+    int type;
+    int64_t start, end; /* bytes of the value (strings: inside the quotes) */
+    int64_t count;      /* children: array elements, or object keys (each key token is followed by its value) */
+    int64_t next;       /* index of the token after this subtree */
+} moe__jtok;
+typedef struct moe__json {
+    const char *s;
+    int64_t len, n, cap;
+    moe__jtok *t;
+} moe__json;
+
+#define MOE__JSON_MAX_DEPTH 64
+
+static int64_t moe__json_ws(const moe__json *j, int64_t p) {
+    while (p < j->len && (j->s[p] == ' ' || j->s[p] == '\t' || j->s[p] == '\n' || j->s[p] == '\r')) p++;
+    return p;
+}
+
+/* Parse one value at *p into tokens; returns 0 on success, else a static message. */
+static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
+    int64_t me, q = moe__json_ws(j, *p);
+    const char *err;
+    if (depth > MOE__JSON_MAX_DEPTH) return "nesting too deep";
+    if (q >= j->len) return "unexpected end";
+    if (j->n >= j->cap) return "too many values";
+    me = j->n++;
+    j->t[me].start = q;
+    j->t[me].count = 0;
+    if (j->s[q] == '{' || j->s[q] == '[') {
+        int obj = j->s[q] == '{';
+        char close = obj ? '}' : ']';
+        j->t[me].type = obj ? MOE__J_OBJ : MOE__J_ARR;
+        q = moe__json_ws(j, q + 1);
+        if (q < j->len && j->s[q] == close) {
+            q++;
+        } else {
+            for (;;) {
+                if (obj) {
+                    int64_t kt = j->n;
+                    q = moe__json_ws(j, q);
+                    if (q >= j->len || j->s[q] != '"') return "object key must be a string";
+                    if ((err = moe__json_value(j, &q, depth + 1))) return err;
+                    if (j->t[kt].type != MOE__J_STR) return "object key must be a string";
+                    q = moe__json_ws(j, q);
+                    if (q >= j->len || j->s[q] != ':') return "expected ':'";
+                    q++;
+                }
+                if ((err = moe__json_value(j, &q, depth + 1))) return err;
+                j->t[me].count++;
+                q = moe__json_ws(j, q);
+                if (q < j->len && j->s[q] == ',') { q++; continue; }
+                if (q < j->len && j->s[q] == close) { q++; break; }
+                return obj ? "expected ',' or '}'" : "expected ',' or ']'";
+            }
+        }
+        j->t[me].end = q;
+    } else if (j->s[q] == '"') {
+        int64_t a = ++q;
+        while (q < j->len && j->s[q] != '"') {
+            if ((unsigned char)j->s[q] < 0x20) return "control character in string";
+            if (j->s[q] == '\\') {
+                q++;
+                if (q >= j->len) return "unterminated string";
+                if (j->s[q] == 'u') {
+                    int i;
+                    for (i = 1; i <= 4; i++)
+                        if (q + i >= j->len || !strchr("0123456789abcdefABCDEF", j->s[q + i]) || !j->s[q + i]) return "bad \\u escape";
+                    q += 4;
+                } else if (!strchr("\"\\/bfnrt", j->s[q]) || !j->s[q]) {
+                    return "bad escape";
+                }
+            }
+            q++;
+        }
+        if (q >= j->len) return "unterminated string";
+        j->t[me].type = MOE__J_STR;
+        j->t[me].start = a;
+        j->t[me].end = q++;
+    } else if (j->s[q] == '-' || (j->s[q] >= '0' && j->s[q] <= '9')) {
+        int64_t a = q;
+        if (j->s[q] == '-') q++;
+        if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
+        if (j->s[q] == '0') q++;
+        else while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+        if (q < j->len && j->s[q] == '.') {
+            q++;
+            if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
+            while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+        }
+        if (q < j->len && (j->s[q] == 'e' || j->s[q] == 'E')) {
+            q++;
+            if (q < j->len && (j->s[q] == '+' || j->s[q] == '-')) q++;
+            if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
+            while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+        }
+        j->t[me].type = MOE__J_NUM;
+        j->t[me].start = a;
+        j->t[me].end = q;
+    } else if (j->len - q >= 4 && memcmp(j->s + q, "true", 4) == 0) {
+        j->t[me].type = MOE__J_TRUE;
+        j->t[me].end = q += 4;
+    } else if (j->len - q >= 5 && memcmp(j->s + q, "false", 5) == 0) {
+        j->t[me].type = MOE__J_FALSE;
+        j->t[me].end = q += 5;
+    } else if (j->len - q >= 4 && memcmp(j->s + q, "null", 4) == 0) {
+        j->t[me].type = MOE__J_NULL;
+        j->t[me].end = q += 4;
+    } else {
+        return "unexpected character";
+    }
+    j->t[me].next = j->n;
+    *p = q;
+    return NULL;
+}
+
+/* Parse a whole document (tokens in the step arena). */
+static moe_status moe__json_parse(moe_ctx *ctx, const char *what, const char *s, int64_t len, moe__json *j) {
+    int64_t p = 0;
+    const char *err;
+    j->s = s;
+    j->len = len;
+    j->n = 0;
+    j->cap = len / 2 + 2;
+    j->t = (moe__jtok *)moe__arena_alloc(ctx, (size_t)j->cap, sizeof(moe__jtok), what);
+    if (!j->t) return MOE_ERR_MEMORY;
+    err = moe__json_value(j, &p, 0);
+    if (!err && moe__json_ws(j, p) != len) err = "text after the JSON value";
+    if (err) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %lld: %s", what, (long long)p, err);
+    return MOE_OK;
+}
+
+/* Decode string token i into buf (UTF-8, NUL-terminated); 0 if it does not fit. */
+static int moe__json_str(const moe__json *j, int64_t i, char *buf, size_t size) {
+    int64_t p;
+    size_t o = 0;
+    if (i < 0 || j->t[i].type != MOE__J_STR) return 0;
+    for (p = j->t[i].start; p < j->t[i].end; p++) {
+        unsigned c = (unsigned char)j->s[p];
+        if (c == '\\') {
+            char e = j->s[++p];
+            if (e == 'u') {
+                unsigned cp = 0;
+                int h;
+                for (h = 1; h <= 4; h++) {
+                    char x = j->s[p + h];
+                    cp = cp * 16 + (unsigned)(x <= '9' ? x - '0' : (x | 0x20) - 'a' + 10);
+                }
+                p += 4;
+                if (cp < 0x80) { if (o + 1 >= size) return 0; buf[o++] = (char)cp; }
+                else if (cp < 0x800) { if (o + 2 >= size) return 0; buf[o++] = (char)(0xC0 | (cp >> 6)); buf[o++] = (char)(0x80 | (cp & 63)); }
+                else { if (o + 3 >= size) return 0; buf[o++] = (char)(0xE0 | (cp >> 12)); buf[o++] = (char)(0x80 | ((cp >> 6) & 63)); buf[o++] = (char)(0x80 | (cp & 63)); }
+                continue;
+            }
+            c = e == 'b' ? '\b' : e == 'f' ? '\f' : e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : (unsigned char)e;
+        }
+        if (o + 1 >= size) return 0;
+        buf[o++] = (char)c;
+    }
+    buf[o] = 0;
+    return 1;
+}
+
+/* The value token of `key` in object token obj, or -1. */
+static int64_t moe__json_get(const moe__json *j, int64_t obj, const char *key) {
+    int64_t i, k;
+    char buf[256];
+    if (obj < 0 || j->t[obj].type != MOE__J_OBJ) return -1;
+    for (i = obj + 1, k = 0; k < j->t[obj].count; k++) {
+        if (moe__json_str(j, i, buf, sizeof buf) && strcmp(buf, key) == 0) return i + 1;
+        i = j->t[i + 1].next;
+    }
+    return -1;
+}
+
+static int moe__json_num(const moe__json *j, int64_t i, double *v) {
+    char buf[64];
+    int64_t n;
+    if (i < 0 || j->t[i].type != MOE__J_NUM) return 0;
+    n = j->t[i].end - j->t[i].start;
+    if (n >= (int64_t)sizeof buf) return 0;
+    memcpy(buf, j->s + j->t[i].start, (size_t)n);
+    buf[n] = 0;
+    *v = strtod(buf, NULL);
+    return 1;
+}
+
+/* ---- config.json ---- */
+
+/* Hugging Face's DeepseekV3Config defaults (what a config.json without the key means). */
+static moe_config moe__config_hf_defaults(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 129280; c.hidden_size = 7168; c.intermediate_size = 18432; c.moe_intermediate_size = 2048;
+    c.num_hidden_layers = 61; c.first_k_dense_replace = 3; c.num_attention_heads = 128;
+    c.q_lora_rank = 1536; c.kv_lora_rank = 512; c.qk_nope_head_dim = 128; c.qk_rope_head_dim = 64; c.v_head_dim = 128;
+    c.n_routed_experts = 256; c.n_shared_experts = 1; c.num_experts_per_tok = 8; c.n_group = 8; c.topk_group = 4;
+    c.norm_topk_prob = 1; c.routed_scaling_factor = 2.5; c.num_nextn_predict_layers = 0;
+    c.max_position_embeddings = 4096; c.initializer_range = 0.02;
+    return c;
+}
+
+MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *text, size_t len, moe_config *cfg) {
+    static const char *fn = "moe_config_parse";
+    moe__json j;
+    moe_config c = moe__config_hf_defaults();
+    int64_t v;
+    double x;
+    char buf[64];
+    MOE__CHECK_CTX(ctx);
+    if (!text || !cfg) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL text or config", fn);
+    MOE__TRY(moe__json_parse(ctx, fn, text, (int64_t)len, &j));
+    if (j.t[0].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: config.json must be an object", fn);
+#define MOE__INT(f)                                                                                              \
+    if ((v = moe__json_get(&j, 0, #f)) >= 0) {                                                                     \
+        if (!moe__json_num(&j, v, &x) || x != floor(x) || fabs(x) > 9e15)                                         \
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be an integer", fn);                       \
+        c.f = (int64_t)x;                                                                                         \
+    }
+#define MOE__REAL(f)                                                                                             \
+    if ((v = moe__json_get(&j, 0, #f)) >= 0 && !moe__json_num(&j, v, &c.f))                                       \
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be a number", fn);
+#define MOE__BOOL(f)                                                                                             \
+    if ((v = moe__json_get(&j, 0, #f)) >= 0) {                                                                     \
+        if (j.t[v].type != MOE__J_TRUE && j.t[v].type != MOE__J_FALSE)                                            \
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be true or false", fn);                     \
+        c.f = j.t[v].type == MOE__J_TRUE;                                                                         \
+    }
+    MOE__INT(vocab_size) MOE__INT(hidden_size) MOE__INT(intermediate_size) MOE__INT(moe_intermediate_size)
+    MOE__INT(num_hidden_layers) MOE__INT(first_k_dense_replace) MOE__INT(num_attention_heads) MOE__INT(kv_lora_rank)
+    MOE__INT(qk_nope_head_dim) MOE__INT(qk_rope_head_dim) MOE__INT(v_head_dim) MOE__INT(n_routed_experts)
+    MOE__INT(n_shared_experts) MOE__INT(num_experts_per_tok) MOE__INT(n_group) MOE__INT(topk_group)
+    MOE__INT(num_nextn_predict_layers) MOE__INT(max_position_embeddings)
+    MOE__REAL(routed_scaling_factor) MOE__REAL(rope_theta) MOE__REAL(rms_norm_eps) MOE__REAL(initializer_range)
+    MOE__BOOL(norm_topk_prob) MOE__BOOL(tie_word_embeddings)
+#undef MOE__INT
+#undef MOE__REAL
+#undef MOE__BOOL
+    if ((v = moe__json_get(&j, 0, "num_key_value_heads")) >= 0 && moe__json_num(&j, v, &x) && (int64_t)x != c.num_attention_heads)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_key_value_heads must equal num_attention_heads in MLA", fn);
+    if ((v = moe__json_get(&j, 0, "q_lora_rank")) >= 0) {
+        if (j.t[v].type == MOE__J_NULL) c.q_lora_rank = 0;
+        else if (!moe__json_num(&j, v, &x) || x != floor(x) || x < 0) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"q_lora_rank\" must be an integer or null", fn);
+        else c.q_lora_rank = (int64_t)x;
+    }
+    if ((v = moe__json_get(&j, 0, "scoring_func")) >= 0) {
+        if (!moe__json_str(&j, v, buf, sizeof buf)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"scoring_func\" must be a string", fn);
+        if (strcmp(buf, "sigmoid") == 0) c.scoring_func = MOE_SCORING_SIGMOID;
+        else if (strcmp(buf, "softmax") == 0) c.scoring_func = MOE_SCORING_SOFTMAX;
+        else return moe__fail(ctx, MOE_ERR_CONFIG, "%s: unknown scoring_func \"%s\" (sigmoid or softmax)", fn, buf);
+    }
+    if ((v = moe__json_get(&j, 0, "topk_method")) >= 0) {
+        if (!moe__json_str(&j, v, buf, sizeof buf)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"topk_method\" must be a string", fn);
+        if (strcmp(buf, "noaux_tc") == 0) c.topk_method = MOE_TOPK_NOAUX_TC;
+        else if (strcmp(buf, "greedy") == 0) c.topk_method = MOE_TOPK_GREEDY;
+        else if (strcmp(buf, "group_limited_greedy") == 0) c.topk_method = MOE_TOPK_GROUP_LIMITED_GREEDY;
+        else return moe__fail(ctx, MOE_ERR_CONFIG, "%s: unknown topk_method \"%s\"", fn, buf);
+    }
+    if ((v = moe__json_get(&j, 0, "hidden_act")) >= 0 && (!moe__json_str(&j, v, buf, sizeof buf) || strcmp(buf, "silu") != 0))
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only hidden_act \"silu\" is supported", fn);
+    if ((v = moe__json_get(&j, 0, "rope_scaling")) >= 0 && j.t[v].type != MOE__J_NULL) {
+        int64_t w;
+        if (j.t[v].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"rope_scaling\" must be an object or null", fn);
+        w = moe__json_get(&j, v, "type");
+        if (w < 0) w = moe__json_get(&j, v, "rope_type");
+        if (w < 0 || !moe__json_str(&j, w, buf, sizeof buf) || strcmp(buf, "yarn") != 0)
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only YaRN rope_scaling is supported", fn);
+        c.rope_scaling.beta_fast = 32; c.rope_scaling.beta_slow = 1; c.rope_scaling.mscale = 1; c.rope_scaling.mscale_all_dim = 0;
+        if ((w = moe__json_get(&j, v, "factor")) >= 0) moe__json_num(&j, w, &c.rope_scaling.factor);
+        if ((w = moe__json_get(&j, v, "original_max_position_embeddings")) >= 0 && moe__json_num(&j, w, &x)) c.rope_scaling.original_max_pos = (int64_t)x;
+        if ((w = moe__json_get(&j, v, "beta_fast")) >= 0) moe__json_num(&j, w, &c.rope_scaling.beta_fast);
+        if ((w = moe__json_get(&j, v, "beta_slow")) >= 0) moe__json_num(&j, w, &c.rope_scaling.beta_slow);
+        if ((w = moe__json_get(&j, v, "mscale")) >= 0) moe__json_num(&j, w, &c.rope_scaling.mscale);
+        if ((w = moe__json_get(&j, v, "mscale_all_dim")) >= 0) moe__json_num(&j, w, &c.rope_scaling.mscale_all_dim);
+    }
+    moe_config_resolve(&c, cfg);
+    return moe_config_validate(ctx, cfg);
+}
+
+MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *cfg) {
+    unsigned char *buf;
+    size_t len;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    MOE__TRY(moe__read_file(ctx, "moe_config_load", path, (size_t)1 << 24, &buf, &len));
+    st = moe_config_parse(ctx, (const char *)buf, len, cfg);
+    MOE_FREE(buf);
+    return st;
+}
+
+/* The config as config.json text (legacy rope_scaling form, as the hub files use). */
+static int moe__config_json(const moe_config *c, char *buf, size_t size) {
+    static const char *topk[] = {"noaux_tc", "greedy", "group_limited_greedy"};
+    char rope[512], qr[32];
+    if (c->rope_scaling.factor > 1)
+        snprintf(rope, sizeof rope,
+                 "{\"type\": \"yarn\", \"factor\": %.17g, \"original_max_position_embeddings\": %lld, \"beta_fast\": %.17g, "
+                 "\"beta_slow\": %.17g, \"mscale\": %.17g, \"mscale_all_dim\": %.17g}",
+                 c->rope_scaling.factor, (long long)c->rope_scaling.original_max_pos, c->rope_scaling.beta_fast,
+                 c->rope_scaling.beta_slow, c->rope_scaling.mscale, c->rope_scaling.mscale_all_dim);
+    else
+        snprintf(rope, sizeof rope, "null");
+    if (c->q_lora_rank > 0) snprintf(qr, sizeof qr, "%lld", (long long)c->q_lora_rank);
+    else snprintf(qr, sizeof qr, "null");
+    return snprintf(buf, size,
+        "{\n  \"architectures\": [\"DeepseekV3ForCausalLM\"],\n  \"model_type\": \"deepseek_v3\",\n"
+        "  \"vocab_size\": %lld,\n  \"hidden_size\": %lld,\n  \"intermediate_size\": %lld,\n  \"moe_intermediate_size\": %lld,\n"
+        "  \"num_hidden_layers\": %lld,\n  \"first_k_dense_replace\": %lld,\n  \"moe_layer_freq\": 1,\n"
+        "  \"num_attention_heads\": %lld,\n  \"num_key_value_heads\": %lld,\n  \"q_lora_rank\": %s,\n  \"kv_lora_rank\": %lld,\n"
+        "  \"qk_nope_head_dim\": %lld,\n  \"qk_rope_head_dim\": %lld,\n  \"v_head_dim\": %lld,\n"
+        "  \"n_routed_experts\": %lld,\n  \"n_shared_experts\": %lld,\n  \"num_experts_per_tok\": %lld,\n"
+        "  \"n_group\": %lld,\n  \"topk_group\": %lld,\n  \"topk_method\": \"%s\",\n  \"scoring_func\": \"%s\",\n"
+        "  \"norm_topk_prob\": %s,\n  \"routed_scaling_factor\": %.17g,\n  \"num_nextn_predict_layers\": %lld,\n"
+        "  \"max_position_embeddings\": %lld,\n  \"rope_theta\": %.17g,\n  \"rope_scaling\": %s,\n  \"rope_interleave\": true,\n"
+        "  \"rms_norm_eps\": %.17g,\n  \"hidden_act\": \"silu\",\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
+        "  \"tie_word_embeddings\": %s,\n  \"initializer_range\": %.17g,\n  \"bos_token_id\": 0,\n  \"eos_token_id\": 1,\n"
+        "  \"torch_dtype\": \"float32\"\n}\n",
+        (long long)c->vocab_size, (long long)c->hidden_size, (long long)c->intermediate_size, (long long)c->moe_intermediate_size,
+        (long long)c->num_hidden_layers, (long long)c->first_k_dense_replace, (long long)c->num_attention_heads,
+        (long long)c->num_attention_heads, qr, (long long)c->kv_lora_rank, (long long)c->qk_nope_head_dim,
+        (long long)c->qk_rope_head_dim, (long long)c->v_head_dim, (long long)c->n_routed_experts, (long long)c->n_shared_experts,
+        (long long)c->num_experts_per_tok, (long long)c->n_group, (long long)c->topk_group, topk[c->topk_method],
+        c->scoring_func == MOE_SCORING_SOFTMAX ? "softmax" : "sigmoid", c->norm_topk_prob ? "true" : "false",
+        c->routed_scaling_factor, (long long)c->num_nextn_predict_layers, (long long)c->max_position_embeddings,
+        c->rope_theta, rope, c->rms_norm_eps, c->tie_word_embeddings ? "true" : "false", c->initializer_range);
+}
+
+/* Write `len` bytes to path atomically: a temporary file, fsync, rename over the target. */
+static moe_status moe__write_atomic(moe_ctx *ctx, const char *fn, const char *path, const void *data, size_t len) {
+    char tmp[4096];
+    FILE *f;
+    int ok;
+    if (!path || strlen(path) + 16 > sizeof tmp) return moe__fail(ctx, MOE_ERR_ARG, "%s: bad path", fn);
+    snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid());
+    f = fopen(tmp, "wb");
+    if (!f) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot create '%s': %s", fn, tmp, strerror(errno));
+    ok = fwrite(data, 1, len, f) == len && fflush(f) == 0;
+#if defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L
+    ok = ok && fsync(fileno(f)) == 0;
+#endif
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        int e = errno;
+        remove(tmp);
+        return moe__fail(ctx, MOE_ERR_IO, "%s: writing '%s' failed: %s", fn, path, strerror(e));
+    }
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_config_save(moe_ctx *ctx, const moe_config *cfg, const char *path) {
+    char buf[8192];
+    moe_config c;
+    int n;
+    MOE__CHECK_CTX(ctx);
+    if (!cfg) return moe__fail(ctx, MOE_ERR_ARG, "moe_config_save: config is NULL");
+    moe_config_resolve(cfg, &c);
+    MOE__TRY(moe_config_validate(ctx, &c));
+    n = moe__config_json(&c, buf, sizeof buf);
+    return moe__write_atomic(ctx, "moe_config_save", path, buf, (size_t)n);
+}
+
+/* ---- token data ---- */
+
+#define MOE__SHARD_MAGIC 20240520
+
+MOE_API moe_status moe_data_load(moe_ctx *ctx, const char *path, double val_fraction, moe_dataset **out) {
+    static const char *fn = "moe_data_load";
+    unsigned char *buf;
+    size_t len, i;
+    moe_dataset *d;
+    int32_t hdr[3] = {0, 0, 0};
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "%s: out is NULL", fn);
+    *out = NULL;
+    if (!(val_fraction > 0 && val_fraction < 1)) return moe__fail(ctx, MOE_ERR_ARG, "%s: val_fraction must be in (0, 1)", fn);
+    MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 34, &buf, &len));
+    d = (moe_dataset *)moe__heap_calloc(ctx, sizeof *d);
+    if (!d) {
+        MOE_FREE(buf);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    }
+    if (len >= 1024) memcpy(hdr, buf, sizeof hdr);
+    if (hdr[0] == MOE__SHARD_MAGIC) { /* llm.c shard: 256 int32 header, then uint16 tokens */
+        if (hdr[1] != 1 || hdr[2] < 0 || len != 1024 + 2 * (size_t)hdr[2]) {
+            MOE_FREE(buf);
+            MOE_FREE(d);
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has the llm.c shard magic but version %d / %d tokens do not match its %zu bytes",
+                             fn, path, hdr[1], hdr[2], len);
+        }
+        d->n_tokens = hdr[2];
+        d->tokens = (int32_t *)moe__heap_alloc(ctx, sizeof(int32_t) * (size_t)(d->n_tokens + 1));
+        for (i = 0; d->tokens && i < (size_t)d->n_tokens; i++) {
+            d->tokens[i] = (int32_t)(buf[1024 + 2 * i] | (buf[1024 + 2 * i + 1] << 8));
+            if (d->tokens[i] + 1 > d->vocab) d->vocab = d->tokens[i] + 1;
+        }
+    } else {
+        d->n_tokens = (int64_t)len;
+        d->vocab = 256;
+        d->tokens = (int32_t *)moe__heap_alloc(ctx, sizeof(int32_t) * (len + 1));
+        for (i = 0; d->tokens && i < len; i++) d->tokens[i] = buf[i];
+    }
+    MOE_FREE(buf);
+    if (!d->tokens) {
+        MOE_FREE(d);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for tokens", fn);
+    }
+    d->n_train = (int64_t)floor((1.0 - val_fraction) * (double)d->n_tokens);
+    if (d->n_train < 2 || d->n_tokens - d->n_train < 2) {
+        int64_t n = d->n_tokens;
+        moe_data_free(ctx, d);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has only %lld tokens, too few to split", fn, path, (long long)n);
+    }
+    *out = d;
+    return MOE_OK;
+}
+
+MOE_API void moe_data_free(moe_ctx *ctx, moe_dataset *d) {
+    (void)ctx;
+    if (!d) return;
+    MOE_FREE(d->tokens);
+    MOE_FREE(d);
+}
+
+MOE_API moe_status moe_data_batch(moe_ctx *ctx, const moe_dataset *d, int val, uint64_t seed, int64_t index, int64_t B,
+                                  int64_t T, int32_t *out) {
+    static const char *fn = "moe_data_batch";
+    int64_t b, lo, n;
+    MOE__CHECK_CTX(ctx);
+    if (!d || !out) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL data or out", fn);
+    if (B < 1 || T < 1 || index < 0) return moe__fail(ctx, MOE_ERR_ARG, "%s: need B, T >= 1 and index >= 0", fn);
+    lo = val ? d->n_train : 0;
+    n = (val ? d->n_tokens : d->n_train) - lo;
+    if (n < T + 1)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "%s: the %s part has %lld tokens, fewer than seq+1 = %lld", fn, val ? "validation" : "training",
+                         (long long)n, (long long)(T + 1));
+    for (b = 0; b < B; b++) {
+        int64_t start;
+        if (val) start = ((index * B + b) * T) % (n - T);
+        else start = (int64_t)(moe_rng_hash(moe_rng_hash(seed, 0x64617461ull), (uint64_t)(index * B + b)) % (uint64_t)(n - T));
+        memcpy(out + b * (T + 1), d->tokens + lo + start, (size_t)(T + 1) * sizeof(int32_t));
+    }
+    return MOE_OK;
+}
+
+/* ---- checkpoints ----
+   "MOECKPT1", u32 version, u32 0, u64 payload bytes, payload, u64 FNV-1a of the payload.
+   Payload: u32 + config.json text; state (i64 step, u64 seed, i64 data index, f64 tokens,
+   i64 optimizer steps, i32 moment dtype or -1 without optimizer); u32 tensor count; per
+   tensor: u16 + name, u8 kind (0 value, 1 first moment, 2 second moment), u8 dtype (0 f32,
+   1 bf16), u8 ndim, i64 dims, little-endian data. */
+
+#define MOE__CKPT_MAGIC "MOECKPT1"
+#define MOE__CKPT_VERSION 1u
+
+typedef struct moe__buf {
+    unsigned char *p;
+    size_t len, cap;
+    int oom;
+} moe__buf;
+
+static void moe__buf_put(moe__buf *b, const void *src, size_t n) {
+    if (b->oom) return;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        unsigned char *q;
+        while (cap < b->len + n) cap *= 2;
+        q = (unsigned char *)MOE_REALLOC(b->p, cap);
+        if (!q) { b->oom = 1; return; }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, src, n);
+    b->len += n;
+}
+static void moe__buf_u64(moe__buf *b, uint64_t v) {
+    unsigned char x[8];
+    int i;
+    for (i = 0; i < 8; i++) x[i] = (unsigned char)(v >> (8 * i));
+    moe__buf_put(b, x, 8);
+}
+static void moe__buf_u32(moe__buf *b, uint32_t v) {
+    unsigned char x[4];
+    int i;
+    for (i = 0; i < 4; i++) x[i] = (unsigned char)(v >> (8 * i));
+    moe__buf_put(b, x, 4);
+}
+static void moe__buf_f64(moe__buf *b, double v) {
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    moe__buf_u64(b, u);
+}
+
+static uint64_t moe__fnv1a(const unsigned char *p, size_t n) {
+    uint64_t h = 0xCBF29CE484222325ull;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* One tensor record; values are stored as f32 (or the bf16 of the moments). */
+static void moe__ckpt_put_tensor(moe__buf *b, const char *name, int kind, const moe_tensor *t, const void *bf16) {
+    unsigned char hdr[3];
+    int64_t i;
+    int d;
+    uint16_t nl = (uint16_t)strlen(name);
+    moe__buf_put(b, &nl, 2);
+    moe__buf_put(b, name, nl);
+    hdr[0] = (unsigned char)kind;
+    hdr[1] = bf16 ? 1 : 0;
+    hdr[2] = (unsigned char)t->ndim;
+    moe__buf_put(b, hdr, 3);
+    for (d = 0; d < t->ndim; d++) moe__buf_u64(b, (uint64_t)t->shape[d]);
+    if (bf16) {
+        moe__buf_put(b, bf16, (size_t)t->numel * 2);
+    } else {
+        for (i = 0; i < t->numel; i++) {
+            float f = (float)MOE__F32(t)[i];
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            moe__buf_u32(b, u);
+        }
+    }
+}
+
+MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model *m, const moe_adamw *o,
+                                 const moe_train_state *st) {
+    static const char *fn = "moe_ckpt_save";
+    moe__buf b;
+    char cfg[8192];
+    int64_t i, n = 0;
+    uint32_t cl;
+    moe_status r;
+    MOE__CHECK_CTX(ctx);
+    if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
+    if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
+    memset(&b, 0, sizeof b);
+    moe__buf_put(&b, MOE__CKPT_MAGIC, 8);
+    moe__buf_u32(&b, MOE__CKPT_VERSION);
+    moe__buf_u32(&b, 0);
+    moe__buf_u64(&b, 0); /* payload length, patched below */
+    cl = (uint32_t)moe__config_json(&m->cfg, cfg, sizeof cfg);
+    moe__buf_u32(&b, cl);
+    moe__buf_put(&b, cfg, cl);
+    moe__buf_u64(&b, (uint64_t)st->step);
+    moe__buf_u64(&b, st->seed);
+    moe__buf_u64(&b, (uint64_t)st->data_index);
+    moe__buf_f64(&b, st->tokens_seen);
+    moe__buf_u64(&b, (uint64_t)(o ? o->step : 0));
+    moe__buf_u32(&b, o ? (uint32_t)(o->cfg.moment_dtype == MOE_BF16) : 0xFFFFFFFFu);
+    for (i = 0; i < m->n_entries; i++) n += 1 + (o && m->entries[i].is_param ? 2 : 0);
+    moe__buf_u32(&b, (uint32_t)n);
+    for (i = 0; i < m->n_entries; i++) {
+        const moe__entry *e = &m->entries[i];
+        moe__ckpt_put_tensor(&b, e->name, 0, e->t, NULL);
+        if (o && e->is_param) {
+            if (o->cfg.moment_dtype == MOE_BF16) {
+                moe__ckpt_put_tensor(&b, e->name, 1, e->t, o->m[i]);
+                moe__ckpt_put_tensor(&b, e->name, 2, e->t, o->v[i]);
+            } else {
+                /* f32 moments: view them as tensors of the parameter's shape */
+                moe_tensor tm = *e->t;
+                tm.data = o->m[i];
+                {
+                    int64_t k;
+                    unsigned char hdr[3];
+                    uint16_t nl = (uint16_t)strlen(e->name);
+                    int kind;
+                    for (kind = 1; kind <= 2; kind++) {
+                        const float *src = (const float *)(kind == 1 ? o->m[i] : o->v[i]);
+                        moe__buf_put(&b, &nl, 2);
+                        moe__buf_put(&b, e->name, nl);
+                        hdr[0] = (unsigned char)kind; hdr[1] = 0; hdr[2] = (unsigned char)tm.ndim;
+                        moe__buf_put(&b, hdr, 3);
+                        for (k = 0; k < tm.ndim; k++) moe__buf_u64(&b, (uint64_t)tm.shape[k]);
+                        moe__buf_put(&b, src, (size_t)tm.numel * 4);
+                    }
+                }
+            }
+        }
+    }
+    if (b.oom) {
+        MOE_FREE(b.p);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory building the checkpoint", fn);
+    }
+    {
+        uint64_t payload = (uint64_t)(b.len - 24), h = moe__fnv1a(b.p + 24, b.len - 24);
+        int k;
+        for (k = 0; k < 8; k++) b.p[16 + k] = (unsigned char)(payload >> (8 * k));
+        moe__buf_u64(&b, h);
+    }
+    r = b.oom ? moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn) : moe__write_atomic(ctx, fn, path, b.p, b.len);
+    MOE_FREE(b.p);
+    return r;
+}
+
+/* A bounds-checked reader over a byte range. */
+typedef struct moe__rd {
+    const unsigned char *p;
+    size_t len, at;
+    int bad;
+} moe__rd;
+static const unsigned char *moe__rd_take(moe__rd *r, size_t n) {
+    const unsigned char *p;
+    if (r->bad || n > r->len - r->at) { r->bad = 1; return NULL; }
+    p = r->p + r->at;
+    r->at += n;
+    return p;
+}
+static uint64_t moe__rd_u64(moe__rd *r) {
+    const unsigned char *p = moe__rd_take(r, 8);
+    uint64_t v = 0;
+    int i;
+    for (i = 7; p && i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+static uint32_t moe__rd_u32(moe__rd *r) {
+    const unsigned char *p = moe__rd_take(r, 4);
+    uint32_t v = 0;
+    int i;
+    for (i = 3; p && i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+/* Open and verify a checkpoint file: magic, version, length, checksum. On success *rd
+   spans the payload and *buf must be freed by the caller. */
+static moe_status moe__ckpt_open(moe_ctx *ctx, const char *fn, const char *path, unsigned char **buf, moe__rd *rd) {
+    size_t len;
+    uint64_t payload, sum;
+    MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 36, buf, &len));
+    if (len < 32 || memcmp(*buf, MOE__CKPT_MAGIC, 8) != 0) {
+        MOE_FREE(*buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' is not a moe.h checkpoint (bad magic or too short)", fn, path);
+    }
+    memset(rd, 0, sizeof *rd);
+    rd->p = *buf;
+    rd->len = len;
+    rd->at = 8;
+    if (moe__rd_u32(rd) != MOE__CKPT_VERSION) {
+        MOE_FREE(*buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has an unsupported checkpoint version", fn, path);
+    }
+    moe__rd_u32(rd);
+    payload = moe__rd_u64(rd);
+    if (payload != len - 32) {
+        MOE_FREE(*buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' is truncated or padded: header says %llu payload bytes, file has %zu",
+                         fn, path, (unsigned long long)payload, len < 32 ? (size_t)0 : len - 32);
+    }
+    rd->at = len - 8;
+    sum = moe__rd_u64(rd);
+    if (sum != moe__fnv1a(*buf + 24, len - 32)) {
+        MOE_FREE(*buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' fails its checksum (corrupted)", fn, path);
+    }
+    rd->at = 24;
+    rd->len = len - 8;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *cfg) {
+    static const char *fn = "moe_ckpt_config";
+    unsigned char *buf;
+    moe__rd rd;
+    uint32_t cl;
+    const unsigned char *p;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!cfg) return moe__fail(ctx, MOE_ERR_ARG, "%s: config is NULL", fn);
+    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd));
+    cl = moe__rd_u32(&rd);
+    p = moe__rd_take(&rd, cl);
+    st = p ? moe_config_parse(ctx, (const char *)p, cl, cfg) : moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': config truncated", fn, path);
+    MOE_FREE(buf);
+    return st;
+}
+
+MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
+    static const char *fn = "moe_ckpt_load";
+    unsigned char *buf;
+    moe__rd rd;
+    uint32_t cl, n, pass, k, mdt;
+    const unsigned char *p;
+    char want[8192];
+    moe_train_state s;
+    int64_t opt_steps;
+    size_t tensors_at;
+    MOE__CHECK_CTX(ctx);
+    if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
+    if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
+    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd));
+    cl = moe__rd_u32(&rd);
+    p = moe__rd_take(&rd, cl);
+    moe__config_json(&m->cfg, want, sizeof want);
+    if (!p || cl != strlen(want) || memcmp(p, want, cl) != 0) {
+        MOE_FREE(buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' was written for a different model config", fn, path);
+    }
+    s.step = (int64_t)moe__rd_u64(&rd);
+    s.seed = moe__rd_u64(&rd);
+    s.data_index = (int64_t)moe__rd_u64(&rd);
+    {
+        uint64_t u = moe__rd_u64(&rd);
+        memcpy(&s.tokens_seen, &u, 8);
+    }
+    opt_steps = (int64_t)moe__rd_u64(&rd);
+    mdt = moe__rd_u32(&rd);
+    n = moe__rd_u32(&rd);
+    if (rd.bad) {
+        MOE_FREE(buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': state truncated", fn, path);
+    }
+    if (o && mdt != (uint32_t)(o->cfg.moment_dtype == MOE_BF16)) {
+        MOE_FREE(buf);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has %s optimizer moments, this optimizer wants %s", fn, path,
+                         mdt == 0xFFFFFFFFu ? "no" : mdt ? "bf16" : "f32", moe_dtype_name(o->cfg.moment_dtype));
+    }
+    tensors_at = rd.at;
+    /* pass 0 checks every record against the model; pass 1 copies. Nothing changes unless
+       the whole file is valid. */
+    for (pass = 0; pass < 2; pass++) {
+        uint32_t seen_values = 0;
+        rd.at = tensors_at;
+        for (k = 0; k < n; k++) {
+            char name[MOE__NAME_MAX + 1];
+            const unsigned char *hdr, *nm, *data;
+            uint16_t nl;
+            int64_t i, idx = -1, numel = 1;
+            int d;
+            moe_tensor *t;
+            const unsigned char *nlp = moe__rd_take(&rd, 2);
+            if (!nlp) break;
+            nl = (uint16_t)(nlp[0] | (nlp[1] << 8));
+            nm = moe__rd_take(&rd, nl);
+            hdr = moe__rd_take(&rd, 3);
+            if (!nm || !hdr || nl > MOE__NAME_MAX) { rd.bad = 1; break; }
+            memcpy(name, nm, nl);
+            name[nl] = 0;
+            for (i = 0; i < m->n_entries; i++)
+                if (strcmp(m->entries[i].name, name) == 0) { idx = i; break; }
+            if (idx < 0 || hdr[0] > 2 || hdr[1] > 1 || (hdr[0] == 0 && hdr[1] != 0) || hdr[2] < 1 || hdr[2] > MOE_MAX_DIMS) {
+                MOE_FREE(buf);
+                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unexpected tensor record '%s'", fn, path, name);
+            }
+            t = m->entries[idx].t;
+            if (hdr[2] != t->ndim) { rd.bad = 1; }
+            for (d = 0; d < hdr[2]; d++) {
+                uint64_t dim = moe__rd_u64(&rd);
+                if (d < t->ndim && dim != (uint64_t)t->shape[d]) rd.bad = 1;
+                numel *= d < t->ndim ? t->shape[d] : 1;
+            }
+            if (rd.bad) {
+                MOE_FREE(buf);
+                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has the wrong shape or is truncated", fn, path, name);
+            }
+            data = moe__rd_take(&rd, (size_t)numel * (hdr[1] ? 2 : 4));
+            if (!data) break;
+            if (hdr[0] == 0) seen_values++;
+            if (pass == 0) continue;
+            if (hdr[0] == 0) {
+                for (i = 0; i < numel; i++) {
+                    float f;
+                    uint32_t u = (uint32_t)data[4 * i] | ((uint32_t)data[4 * i + 1] << 8) | ((uint32_t)data[4 * i + 2] << 16) |
+                                 ((uint32_t)data[4 * i + 3] << 24);
+                    memcpy(&f, &u, 4);
+                    MOE__F32(t)[i] = (moe_real)f;
+                }
+            } else if (o && m->entries[idx].is_param) {
+                memcpy(hdr[0] == 1 ? o->m[idx] : o->v[idx], data, (size_t)numel * (hdr[1] ? 2 : 4));
+            }
+        }
+        if (rd.bad || rd.at != rd.len || (pass == 0 && seen_values != (uint32_t)m->n_entries)) {
+            MOE_FREE(buf);
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor records are truncated, missing or in excess", fn, path);
+        }
+    }
+    MOE_FREE(buf);
+    if (o) o->step = opt_steps;
+    if (st) *st = s;
+    moe_model_reset_loads(m);
     return MOE_OK;
 }
 

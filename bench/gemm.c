@@ -116,7 +116,7 @@ static void time_cells(bench_cell *x, int quick, double *f32, double *bf16, doub
         reps[w] = size_batch(x, batch_s);
         if (w == 1) sleep_ms(10);
     }
-    sleep_ms(120);
+    sleep_ms(150);
     for (b = 0; b < nb; b++) {
         for (w = 0; w < 3; w++) {
             double t;
@@ -125,7 +125,7 @@ static void time_cells(bench_cell *x, int quick, double *f32, double *bf16, doub
             t = time_batch(x, reps[w]);
             if (t < best[w]) best[w] = t;
         }
-        sleep_ms(120);
+        sleep_ms(150);
     }
     *f32 = flops / best[0] * 1e-9;
     *bf16 = flops / best[1] * 1e-9;

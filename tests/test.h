@@ -15,7 +15,7 @@
 #include <string.h>
 
 static int t_passed, t_failed, t_case_failures;
-static char t_notes[4096];
+static char t_notes[16384];
 
 static void t__vappend(const char *prefix, const char *fmt, va_list ap) {
     size_t used = strlen(t_notes);

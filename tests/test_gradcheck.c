@@ -304,6 +304,162 @@ static void test_view(void) {
     gradcheck("view of op output and param", f_view, in, 2, NULL); free_all(in, 2);
 }
 
+
+/* ---- model layers (reference §2–§4), on a micro config ---- */
+
+/* 2 layers (dense, MoE), MTP depth 1, q and kv compression, 8 experts in 4 groups of which 2
+   are kept, top-2, shared expert: every structural feature at a size FD can sweep. */
+static moe_config micro_config(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 11; c.hidden_size = 8; c.intermediate_size = 7; c.moe_intermediate_size = 5;
+    c.num_hidden_layers = 2; c.first_k_dense_replace = 1; c.num_attention_heads = 2;
+    c.q_lora_rank = 6; c.kv_lora_rank = 4; c.qk_nope_head_dim = 4; c.qk_rope_head_dim = 2; c.v_head_dim = 3;
+    c.n_routed_experts = 8; c.n_shared_experts = 1; c.num_experts_per_tok = 2; c.n_group = 4; c.topk_group = 2;
+    c.max_position_embeddings = 16; c.initializer_range = 0.5;
+    return c;
+}
+
+typedef struct layer_aux { moe_model *m; moe_tensor *x; int64_t B, T; float alpha; } layer_aux;
+
+/* The layer functions read their input from aux->x, so `in` can list any tensors to check. */
+static moe_status f_mla(moe_ctx *c, moe_tensor **in, moe_tensor **y, const void *a) {
+    const layer_aux *la = (const layer_aux *)a;
+    moe__mla_dims d = moe__model_mla_dims(la->m, la->B, la->T, 0);
+    (void)in;
+    return moe__mla_forward(c, &la->m->layers[0].attn, &d, &la->m->rope, la->x, y);
+}
+/* MoE output plus its balance loss, so both gradients are checked together. */
+static moe_status f_moe(moe_ctx *c, moe_tensor **in, moe_tensor **y, const void *a) {
+    const layer_aux *la = (const layer_aux *)a;
+    moe_tensor *out, *aux, *l;
+    moe_status s = moe__moe_forward(c, &la->m->layers[1].moe, &la->m->cfg, la->B, la->T, la->alpha, la->x, &out, &aux);
+    (void)in;
+    if (s) return s;
+    if ((s = weighted_sum(c, out, &l))) return s;
+    return moe_add(c, l, aux, y);
+}
+static moe_status f_model(moe_ctx *c, moe_tensor **in, moe_tensor **y, const void *a) {
+    const layer_aux *la = (const layer_aux *)a;
+    static const int32_t toks[2 * 6] = {1, 5, 9, 2, 2, 7, 10, 0, 3, 8, 4, 6};
+    moe_loss_opts o;
+    (void)in;
+    o.mtp_lambda = 0.3f;
+    o.balance_alpha = la->alpha;
+    return moe_model_loss(c, la->m, toks, 2, 5, &o, y, NULL);
+}
+
+/* The smallest gap, over tokens, between the key (score + bias) of the last chosen expert
+   and the best unchosen one in a kept group. Far above the FD step (1e-6), it means every
+   perturbed forward routes exactly like the unperturbed one. */
+static double routing_margin(const moe_model *m, const moe_real *u, int64_t N) {
+    const moe_config *c = &m->cfg;
+    const moe__moe *L = &m->layers[1].moe;
+    int64_t E = c->n_routed_experts, per = E / c->n_group, t, e, j, d = c->hidden_size;
+    double worst = INFINITY;
+    for (t = 0; t < N; t++) {
+        moe_real s[64];
+        int32_t ch[8];
+        double kth = INFINITY, best_out = -INFINITY;
+        for (e = 0; e < E; e++) {
+            double z = 0;
+            for (j = 0; j < d; j++) z += (double)u[t * d + j] * MOE__F32(L->gate)[e * d + j];
+            s[e] = (moe_real)(1 / (1 + exp(-z)));
+        }
+        moe__route(s, MOE__F32(L->bias), c, ch);
+        for (j = 0; j < c->num_experts_per_tok; j++) {
+            double key = s[ch[j]] + MOE__F32(L->bias)[ch[j]];
+            kth = key < kth ? key : kth;
+        }
+        for (e = 0; e < E; e++) {
+            int chosen = 0, group_kept = 0;
+            for (j = 0; j < c->num_experts_per_tok; j++) {
+                chosen |= ch[j] == e;
+                group_kept |= ch[j] / per == e / per;
+            }
+            if (!chosen && group_kept && s[e] + MOE__F32(L->bias)[e] > best_out) best_out = s[e] + MOE__F32(L->bias)[e];
+        }
+        if (kth - best_out < worst) worst = kth - best_out;
+    }
+    return worst;
+}
+
+static moe_model *micro_model(moe_config c, uint64_t seed) {
+    moe_model *m = NULL;
+    if (moe_model_new(g_ctx, &c, seed, &m) != MOE_OK) return NULL;
+    return m;
+}
+
+static void test_mla_layer(void) {
+    moe_config c = micro_config();
+    moe_model *m = micro_model(c, 3);
+    moe_tensor *in[8];
+    moe__mla *w;
+    layer_aux a;
+    T_ASSERT(m, "model: %s", moe_ctx_error(g_ctx));
+    w = &m->layers[0].attn;
+    a.m = m; a.B = 2; a.T = 5; a.alpha = 0; a.x = mk(1, 3, 2, 5, 8, 0);
+    in[0] = a.x; in[1] = w->q_a; in[2] = w->q_a_norm; in[3] = w->q_b; in[4] = w->kv_a; in[5] = w->kv_a_norm; in[6] = w->kv_b; in[7] = w->o;
+    gradcheck("MLA: x, q_a, q_norm, q_b, kv_a, kv_norm, kv_b, o", f_mla, in, 8, &a);
+    moe_tensor_free(g_ctx, a.x);
+    moe_model_free(g_ctx, m);
+    c.q_lora_rank = 0; /* the plain q_proj path */
+    m = micro_model(c, 4);
+    T_ASSERT(m, "model: %s", moe_ctx_error(g_ctx));
+    w = &m->layers[0].attn;
+    a.m = m; a.x = mk(1, 3, 2, 5, 8, 0);
+    in[0] = a.x; in[1] = w->q_proj;
+    gradcheck("MLA with q_proj: x, q_proj", f_mla, in, 2, &a);
+    moe_tensor_free(g_ctx, a.x);
+    moe_model_free(g_ctx, m);
+}
+
+static void moe_layer_case(const char *label, moe_config c, float alpha) {
+    moe_model *m = micro_model(c, 5);
+    moe_tensor *in[6];
+    moe__moe *L;
+    layer_aux a;
+    double margin;
+    T_ASSERT(m, "model: %s", moe_ctx_error(g_ctx));
+    L = &m->layers[1].moe;
+    a.m = m; a.B = 2; a.T = 5; a.alpha = alpha; a.x = mk(1, 3, 2, 5, 8, 0);
+    if (c.scoring_func == MOE_SCORING_SIGMOID) {
+        margin = routing_margin(m, (const moe_real *)a.x->data, 10);
+        T_CHECK(margin > 1e-4, "%s: routing within %.2g of a tie; pick another seed", label, margin);
+        T_NOTE("%s: routing margin %.3g (FD step 1e-6)", label, margin);
+    }
+    in[0] = a.x; in[1] = L->gate; in[2] = L->w13; in[3] = L->w2; in[4] = L->shared.w13; in[5] = L->shared.w2;
+    gradcheck(label, f_moe, in, 6, &a);
+    moe_tensor_free(g_ctx, a.x);
+    moe_model_free(g_ctx, m);
+}
+
+static void test_moe_layer(void) {
+    moe_config c = micro_config();
+    moe_layer_case("MoE sigmoid noaux_tc: x, router, experts, shared", c, 0.0f);
+    moe_layer_case("MoE + balance loss a=0.05", c, 0.05f);
+    c.norm_topk_prob = 0;
+    moe_layer_case("MoE, gates not normalised", c, 0.0f);
+    c.scoring_func = MOE_SCORING_SOFTMAX; c.topk_method = MOE_TOPK_GROUP_LIMITED_GREEDY; c.routed_scaling_factor = 1.5;
+    moe_layer_case("MoE softmax group_limited_greedy + balance", c, 0.05f);
+}
+
+static void test_whole_model(void) {
+    moe_config c = micro_config();
+    moe_model *m = micro_model(c, 11);
+    moe_tensor *in[64];
+    layer_aux a;
+    int64_t i, n = 0;
+    T_ASSERT(m, "model: %s", moe_ctx_error(g_ctx));
+    for (i = 0; i < moe_model_tensor_count(m) && n < 64; i++) {
+        int is_param;
+        moe_tensor *t = moe_model_tensor(m, i, NULL, &is_param);
+        if (is_param) in[n++] = t;
+    }
+    a.m = m; a.alpha = 0.01f; a.x = NULL;
+    gradcheck("whole model + MTP + balance: every parameter", f_model, in, (int)n, &a);
+    moe_model_free(g_ctx, m);
+}
+
 int main(int argc, char **argv) {
     t_filter = argc > 1 ? argv[1] : NULL;
     if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
@@ -319,6 +475,9 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_gather_scatter);
     T_RUN_FILTERED(test_concat_split);
     T_RUN_FILTERED(test_view);
+    T_RUN_FILTERED(test_mla_layer);
+    T_RUN_FILTERED(test_moe_layer);
+    T_RUN_FILTERED(test_whole_model);
     moe_ctx_free(g_ctx);
     return t_summary();
 }

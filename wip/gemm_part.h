@@ -59,7 +59,7 @@ typedef struct moe__gemm_desc {
 #define MOE__GEMM_BNR 32    /* BF16 kernel cols */
 #define MOE__GEMM_KC 256    /* K block when k > KC1 (multiple of 128) */
 #ifndef MOE__GEMM_KC1
-#define MOE__GEMM_KC1 384   /* k up to this: a single K block */
+#define MOE__GEMM_KC1 256   /* k up to this: a single K block (so multi-block splits stay 128-aligned) */
 #endif
 #ifndef MOE__GEMM_MCU
 #define MOE__GEMM_MCU 96    /* rows of a compute unit (multiple of 6) */
@@ -74,7 +74,7 @@ typedef struct moe__gemm_desc {
 #define MOE__GEMM_ABUDGET (8 << 20) /* bytes of packed A per row super-block */
 #endif
 #ifndef MOE__GEMM_PACKA_N
-#define MOE__GEMM_PACKA_N 1024 /* FP32 row-major A: pack when n ≥ this */
+#define MOE__GEMM_PACKA_N 16384 /* FP32 row-major A: pack when n ≥ this */
 #endif
 #ifndef MOE__GEMM_PACKA_NT
 #define MOE__GEMM_PACKA_NT 128 /* FP32 transposed A: pack when n ≥ this */
@@ -243,16 +243,33 @@ static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i, int64_t mr,
     int64_t p, ii;
     if (!d->a_bf16 && !rnd && d->a_trans) {
         const float *s = (const float *)d->a + p0 * lda + i;
-        for (p = 0; p < kc; p++) {
-            for (ii = 0; ii < mr; ii++) dst[p * MR + ii] = s[p * lda + ii];
-            for (; ii < MR; ii++) dst[p * MR + ii] = 0.0f;
+        if (mr == MR) {
+            for (p = 0; p < kc; p++) {
+                const float *r = s + p * lda;
+                float *o = dst + p * MR;
+                float v0 = r[0], v1 = r[1], v2 = r[2], v3 = r[3], v4 = r[4], v5 = r[5];
+                o[0] = v0; o[1] = v1; o[2] = v2; o[3] = v3; o[4] = v4; o[5] = v5;
+            }
+        } else {
+            for (p = 0; p < kc; p++) {
+                for (ii = 0; ii < MR; ii++) dst[p * MR + ii] = ii < mr ? s[p * lda + ii] : 0.0f;
+            }
         }
     } else if (!d->a_bf16 && !rnd) {
         const float *s = (const float *)d->a + i * lda + p0;
-        for (ii = 0; ii < mr; ii++)
-            for (p = 0; p < kc; p++) dst[p * MR + ii] = s[ii * lda + p];
-        for (; ii < MR; ii++)
-            for (p = 0; p < kc; p++) dst[p * MR + ii] = 0.0f;
+        if (mr == MR) {
+            const float *r0 = s, *r1 = s + lda, *r2 = s + 2 * lda, *r3 = s + 3 * lda, *r4 = s + 4 * lda,
+                        *r5 = s + 5 * lda;
+            for (p = 0; p < kc; p++) {
+                float *o = dst + p * MR;
+                o[0] = r0[p]; o[1] = r1[p]; o[2] = r2[p]; o[3] = r3[p]; o[4] = r4[p]; o[5] = r5[p];
+            }
+        } else {
+            for (ii = 0; ii < mr; ii++)
+                for (p = 0; p < kc; p++) dst[p * MR + ii] = s[ii * lda + p];
+            for (; ii < MR; ii++)
+                for (p = 0; p < kc; p++) dst[p * MR + ii] = 0.0f;
+        }
     } else {
         for (p = 0; p < kc; p++) {
             for (ii = 0; ii < mr; ii++) {
@@ -309,6 +326,15 @@ static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr
         }
         for (; ii < MR; ii++)
             for (pp = 0; pp < kp; pp++) dst[pp * MR + ii] = 0u;
+    } else if (mr == MR) {
+        uint16_t t0[8], t1[8];
+        for (pp = 0; pp < kp; pp++) {
+            int64_t p = p0 + 2 * pp;
+            moe__gemm_get_bf16(d->a, d->a_bf16, p * lda + i, t0, MR);
+            if (2 * pp + 1 < kc) moe__gemm_get_bf16(d->a, d->a_bf16, (p + 1) * lda + i, t1, MR);
+            else memset(t1, 0, sizeof t1);
+            for (ii = 0; ii < MR; ii++) dst[pp * MR + ii] = (uint32_t)t0[ii] | ((uint32_t)t1[ii] << 16);
+        }
     } else {
         for (pp = 0; pp < kp; pp++) {
             int64_t p = p0 + 2 * pp;
@@ -322,7 +348,29 @@ static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr
         }
     }
 }
+/* Transposed A (Aᵀ stored [k, m]) as bf16 pairs for up to 8 panels at once: rows [i, i+rows),
+   rows ≤ 48; panel g goes to dst + g*kp*6. Converts 48 contiguous values per k at a time. */
+static void moe__gemm_pack_at_bf16_group(const moe__gemm_desc *d, int64_t i, int64_t rows, int64_t p0, int64_t kc,
+                                         uint32_t *MOE_RESTRICT dst) {
+    const int MR = MOE__GEMM_BMR;
+    const int64_t kp = (kc + 1) / 2, lda = d->lda, np = (rows + MR - 1) / MR;
+    uint16_t t0[8 * MOE__GEMM_BMR], t1[8 * MOE__GEMM_BMR];
+    int64_t pp, g, ii;
+    memset(t0, 0, sizeof t0);
+    memset(t1, 0, sizeof t1);
+    for (pp = 0; pp < kp; pp++) {
+        int64_t p = p0 + 2 * pp;
+        moe__gemm_get_bf16(d->a, d->a_bf16, p * lda + i, t0, rows);
+        if (2 * pp + 1 < kc) moe__gemm_get_bf16(d->a, d->a_bf16, (p + 1) * lda + i, t1, rows);
+        else memset(t1, 0, sizeof t1);
+        for (g = 0; g < np; g++) {
+            uint32_t *o = dst + g * kp * MR + pp * MR;
+            for (ii = 0; ii < MR; ii++) o[ii] = (uint32_t)t0[g * MR + ii] | ((uint32_t)t1[g * MR + ii] << 16);
+        }
+    }
+}
 #endif
+
 
 #if defined(MOE__GEMM_HAVE_AVX2)
 /* ---- micro-kernels ---- */
@@ -340,6 +388,13 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_avx2(int64_t kc, const float *MOE_
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
     __m256 b0, b1, av, va;
     int64_t p;
+    {
+        int r;
+        for (r = 0; r < 6; r++) {
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + r * ldc + 15), _MM_HINT_T0);
+        }
+    }
 #define MOE__GEMM_STEP(A0, A1, A2, A3, A4, A5)                                                   \
     b0 = _mm256_load_ps(b); b1 = _mm256_load_ps(b + 8); b += 16;                               \
     av = _mm256_broadcast_ss(A0); c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01); \
@@ -417,6 +472,14 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_bf16(int64_t kp, const uint32_t *M
     __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
     __m512 va;
     int64_t p;
+    {
+        int r;
+        for (r = 0; r < 6; r++) {
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + r * ldc + 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + r * ldc + 31), _MM_HINT_T0);
+        }
+    }
     for (p = 0; p < kp; p++) {
         __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)b);
         __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(b + 16));
@@ -503,7 +566,40 @@ typedef struct moe__gemm_job {
     moe__gemm_plan pl;
     float *bp, *ap, *tiles;
     int64_t counter; /* tickets handed out (shared) */
+    double busy0;    /* seconds thread 0 spent working (for the contention check) */
+    int64_t mcu, ncu; /* compute unit: rows (multiple of 6) × cols (multiple of 32) */
 } moe__gemm_job;
+
+#ifdef _OPENMP
+/* Contention back-off. On a shared machine another process may hold a core; a team thread
+   queued behind it makes the caller wait at the barriers for a scheduler time slice (often
+   5–25 ms), far longer than the GEMM itself. When thread 0 waited longer than it worked (and > 1 ms),
+   later calls run on one thread for a while (5 ms, doubling up to 0.25 s while it persists). The
+   thread count never changes the result (see Determinism), only the speed. */
+static double moe__gemm_bo_until = 0.0, moe__gemm_bo_len = 0.0;
+static void moe__gemm_backoff_note(double wall, double busy) {
+    double len, now = omp_get_wtime();
+    int contended = wall - busy > 1.0e-3 && wall - busy > busy;
+#pragma omp atomic read
+    len = moe__gemm_bo_len;
+    if (contended) {
+        len = len < 0.005 ? 0.005 : (len * 2.0 > 0.25 ? 0.25 : len * 2.0);
+#pragma omp atomic write
+        moe__gemm_bo_len = len;
+#pragma omp atomic write
+        moe__gemm_bo_until = now + len;
+    } else if (len > 0.0) {
+#pragma omp atomic write
+        moe__gemm_bo_len = 0.0;
+    }
+}
+static int moe__gemm_backoff_active(void) {
+    double until;
+#pragma omp atomic read
+    until = moe__gemm_bo_until;
+    return omp_get_wtime() < until;
+}
+#endif
 
 /* Dynamic work distribution: one global ticket sequence over all phases; a ticket past the
    current phase is kept for the next one. */
@@ -536,18 +632,26 @@ static void moe__gemm_do_pack_b(const moe__gemm_job *job, int64_t js, int64_t j,
     }
 }
 
-/* Pack A panel: rows [i, i+mr) at row offset off within the buffer layout, all K. */
-static void moe__gemm_do_pack_a(const moe__gemm_job *job, int64_t i, int64_t mr, int64_t off) {
+/* Pack A panels for rows [i, i+rows) (rows ≤ 8 panels) at row offset off within the
+   buffer layout, all K. */
+static void moe__gemm_do_pack_a(const moe__gemm_job *job, int64_t i, int64_t rows, int64_t off) {
     const moe__gemm_desc *d = job->d;
     const moe__gemm_plan *pl = &job->pl;
-    const int64_t width = pl->pack_a ? pl->mcs : pl->mr;
-    int64_t pc;
+    const int64_t width = pl->pack_a ? pl->mcs : pl->mr, MR = pl->mr;
+    int64_t pc, r;
     for (pc = 0; pc < d->k; pc += pl->kcb) {
         int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
-        if (pl->kind == MOE__GEMM_KIND_BF16)
-            moe__gemm_pack_a_bf16(d, i, mr, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + off * kp);
-        else
-            moe__gemm_pack_a_f32(d, i, mr, pc, kc, job->ap + pc * width + off * kc);
+        if (pl->kind == MOE__GEMM_KIND_BF16 && d->a_trans) {
+            moe__gemm_pack_at_bf16_group(d, i, rows, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + off * kp);
+            continue;
+        }
+        for (r = 0; r < rows; r += MR) {
+            int64_t mr = moe__gemm_min64(MR, rows - r);
+            if (pl->kind == MOE__GEMM_KIND_BF16)
+                moe__gemm_pack_a_bf16(d, i + r, mr, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + (off + r) * kp);
+            else
+                moe__gemm_pack_a_f32(d, i + r, mr, pc, kc, job->ap + pc * width + (off + r) * kc);
+        }
     }
 }
 
@@ -612,6 +716,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
     const int64_t MR = pl->mr, NR = pl->nr, m = d->m, n = d->n;
     float *tile = job->tiles + (size_t)tid * (pl->t_bytes / sizeof(float));
     int64_t mine = -1, base = 0, is, js, u;
+#ifdef _OPENMP
+    double tw = tid == 0 ? omp_get_wtime() : 0.0;
+#endif
     memset(tile, 0, pl->t_bytes);
     for (is = 0; is < m; is += pl->mcs) {
         const int64_t msz = moe__gemm_min64(pl->mcs, m - is);
@@ -620,7 +727,7 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
             const int64_t nbp = (nsz + NR - 1) / NR;
             int64_t nap = 0, nur, nuc, cnt;
             if (js == 0) {
-                if (pl->pack_a) nap = (msz + MR - 1) / MR;
+                if (pl->pack_a) nap = (msz + 8 * MR - 1) / (8 * MR);
                 else if (m % MR) nap = 1; /* the row tail, packed once */
             }
             cnt = nbp + nap;
@@ -629,28 +736,32 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
                     int64_t j = js + u * NR;
                     moe__gemm_do_pack_b(job, js, j, moe__gemm_min64(NR, js + nsz - j));
                 } else if (pl->pack_a) {
-                    int64_t i = is + (u - nbp) * MR;
-                    moe__gemm_do_pack_a(job, i, moe__gemm_min64(MR, is + msz - i), i - is);
+                    int64_t i = is + (u - nbp) * 8 * MR;
+                    moe__gemm_do_pack_a(job, i, moe__gemm_min64(8 * MR, is + msz - i), i - is);
                 } else {
                     moe__gemm_do_pack_a(job, m / MR * MR, m % MR, 0);
                 }
             }
             base += cnt;
 #ifdef _OPENMP
+            if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
+            if (tid == 0) tw = omp_get_wtime();
 #endif
-            nur = (msz + MOE__GEMM_MCU - 1) / MOE__GEMM_MCU;
-            nuc = (nsz + MOE__GEMM_NCU - 1) / MOE__GEMM_NCU;
+            nur = (msz + job->mcu - 1) / job->mcu;
+            nuc = (nsz + job->ncu - 1) / job->ncu;
             cnt = nur * nuc;
             while (moe__gemm_take(job, &mine, base, cnt, &u)) {
                 int64_t ur = u % nur, uc = u / nur;
-                int64_t i0 = is + ur * MOE__GEMM_MCU, j0 = js + uc * MOE__GEMM_NCU;
-                moe__gemm_do_unit(job, tile, is, js, i0, moe__gemm_min64(i0 + MOE__GEMM_MCU, is + msz), j0,
-                                  moe__gemm_min64(j0 + MOE__GEMM_NCU, js + nsz));
+                int64_t i0 = is + ur * job->mcu, j0 = js + uc * job->ncu;
+                moe__gemm_do_unit(job, tile, is, js, i0, moe__gemm_min64(i0 + job->mcu, is + msz), j0,
+                                  moe__gemm_min64(j0 + job->ncu, js + nsz));
             }
             base += cnt;
 #ifdef _OPENMP
+            if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
+            if (tid == 0) tw = omp_get_wtime();
 #endif
         }
     }
@@ -706,14 +817,30 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         job.ap = (float *)(void *)(ws + job.pl.b_bytes);
         job.tiles = (float *)(void *)(ws + job.pl.b_bytes + job.pl.a_bytes);
         job.counter = 0;
-        units = ((d->m + MOE__GEMM_MCU - 1) / MOE__GEMM_MCU) * ((d->n + MOE__GEMM_NCU - 1) / MOE__GEMM_NCU);
+        job.busy0 = 0.0;
+        /* compute units: smaller ones when there are too few to balance the threads */
+        job.mcu = MOE__GEMM_MCU;
+        job.ncu = MOE__GEMM_NCU;
+        for (;;) {
+            units = ((moe__gemm_min64(d->m, job.pl.mcs) + job.mcu - 1) / job.mcu) *
+                    ((moe__gemm_min64(d->n, job.pl.ncs) + job.ncu - 1) / job.ncu);
+            if (nt <= 1 || units >= 4 * (int64_t)nt) break;
+            if (job.mcu > 24) job.mcu = job.mcu / 12 * 6;
+            else if (job.ncu > 32) job.ncu /= 2;
+            else break;
+        }
         if ((int64_t)nt > units) nt = (int)units;
+#ifdef _OPENMP
+        if (nt > 1 && moe__gemm_backoff_active()) nt = 1;
+#endif
         if (nt <= 1) {
             moe__gemm_body(&job, 0);
         } else {
 #ifdef _OPENMP
+            double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(nt)
             moe__gemm_body(&job, omp_get_thread_num());
+            moe__gemm_backoff_note(omp_get_wtime() - t0, job.busy0);
 #endif
         }
     }

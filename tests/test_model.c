@@ -1,0 +1,438 @@
+/* tests/test_model.c — the DeepSeek-V3 model around its gradients (which test_gradcheck
+   covers): router edge cases, config validation and config.json, auxiliary-loss-free
+   balancing, the optimizer's contract, data loading, checkpoints and exact resume, and no
+   allocation in a steady training loop. */
+#define MOE_IMPLEMENTATION
+#include "moe.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static moe_ctx *g_ctx;
+
+/* 2 layers (dense + MoE), 8 experts in 4 groups (2 kept), top-2, MTP 1: fast to train. */
+static moe_config micro(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 64; c.hidden_size = 32; c.intermediate_size = 48; c.moe_intermediate_size = 16;
+    c.num_hidden_layers = 2; c.first_k_dense_replace = 1; c.num_attention_heads = 2;
+    c.q_lora_rank = 16; c.kv_lora_rank = 16; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 4; c.v_head_dim = 8;
+    c.n_routed_experts = 8; c.num_experts_per_tok = 2; c.n_group = 4; c.topk_group = 2;
+    c.max_position_embeddings = 32;
+    return c;
+}
+
+/* ---- router ---- */
+
+static void test_router_masked_groups_negative_scores(void) {
+    moe_config c = micro();
+    moe_real s[8] = {0.10f, 0.05f, 0.20f, 0.15f, 0.90f, 0.80f, 0.30f, 0.25f};
+    moe_real bias[8] = {-0.5f, -0.5f, -0.5f, -0.5f, -1.5f, -1.5f, -0.45f, -0.45f};
+    int32_t ch[2];
+    /* biased keys: g0 {-.40,-.45} g1 {-.30,-.35} g2 {-.60,-.70} g3 {-.15,-.20}: all negative.
+       Group scores (top-2 sums): g3 -.35, g1 -.65, g0 -.85, g2 -1.3 → keep g3, g1. With 0.0
+       masking (HF) the masked experts' 0 would beat every kept key; with −inf they cannot. */
+    moe__route(s, bias, &c, ch);
+    T_CHECK(ch[0] == 6 && ch[1] == 7, "want experts 6, 7 (group 3), got %d, %d", ch[0], ch[1]);
+    s[6] = 0.10f; s[7] = 0.10f; bias[6] = bias[7] = -0.9f; /* group 3 drops to -1.6: keep g1, g0 */
+    moe__route(s, bias, &c, ch);
+    T_CHECK(ch[0] == 2 && ch[1] == 3, "want experts 2, 3 (group 1), got %d, %d", ch[0], ch[1]);
+}
+
+static void test_router_ties_lower_index(void) {
+    moe_config c = micro();
+    moe_real s[8], bias[8];
+    int32_t ch[2];
+    int e;
+    for (e = 0; e < 8; e++) { s[e] = 0.5f; bias[e] = 0; }
+    moe__route(s, bias, &c, ch);
+    T_CHECK(ch[0] == 0 && ch[1] == 1, "all equal: want 0, 1, got %d, %d", ch[0], ch[1]);
+    s[5] = 0.6f; s[3] = 0.6f; /* two best tie across groups 1 and 2 */
+    moe__route(s, bias, &c, ch);
+    T_CHECK(ch[0] == 3 && ch[1] == 5, "ties across groups: want 3, 5, got %d, %d", ch[0], ch[1]);
+}
+
+static void test_router_bias_is_a_buffer(void) {
+    moe_config c = micro();
+    moe_model *m = NULL;
+    moe_tensor *bias;
+    T_ASSERT(moe_model_new(g_ctx, &c, 1, &m) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    bias = moe_model_find(m, "model.layers.1.mlp.gate.e_score_correction_bias");
+    T_ASSERT(bias && !bias->requires_grad && !bias->grad, "the expert bias is a buffer without gradient");
+    T_CHECK(moe_model_find(m, "model.layers.1.mlp.gate.weight")->requires_grad, "the router weight trains");
+    moe_model_free(g_ctx, m);
+}
+
+static void test_config_validation(void) {
+    static const struct { const char *what; int field; int64_t v; const char *msg; } cases[] = {
+        {"too few eligible experts", 0, 1, "eligible"},
+        {"n_group does not divide experts", 1, 3, "must divide"},
+        {"topk_group > n_group", 2, 5, "topk_group"},
+        {"odd rope dim", 3, 5, "even"},
+        {"k > experts", 4, 9, "num_experts_per_tok"},
+        {"dense layers > layers", 5, 3, "first_k_dense_replace"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        moe_config c = micro();
+        moe_model *m = NULL;
+        moe_status s;
+        switch (cases[i].field) {
+        case 0: c.topk_group = (int64_t)cases[i].v; c.num_experts_per_tok = 3; break; /* 1 group × 2 experts < 3 */
+        case 1: c.n_group = (int64_t)cases[i].v; break;
+        case 2: c.topk_group = (int64_t)cases[i].v; break;
+        case 3: c.qk_rope_head_dim = (int64_t)cases[i].v; break;
+        case 4: c.num_experts_per_tok = (int64_t)cases[i].v; break;
+        default: c.first_k_dense_replace = (int64_t)cases[i].v; break;
+        }
+        s = moe_model_new(g_ctx, &c, 1, &m);
+        T_CHECK(s == MOE_ERR_CONFIG && strstr(moe_ctx_error(g_ctx), cases[i].msg), "%s: status %s, message \"%s\"", cases[i].what,
+                moe_status_name(s), moe_ctx_error(g_ctx));
+        T_NOTE("%-32s -> %s", cases[i].what, moe_ctx_error(g_ctx));
+        moe_model_free(g_ctx, m);
+    }
+}
+
+static void test_config_json_round_trip(void) {
+    moe_config a = micro(), b, r;
+    const char *path = "build/test_config.json";
+    static const char bad[] = "{\"hidden_size\": 32, \"q_lora_rank\": \"x\"}";
+    static const char v2lite[] =
+        "{\"vocab_size\": 64, \"hidden_size\": 32, \"intermediate_size\": 48, \"moe_intermediate_size\": 16, \"num_hidden_layers\": 2,"
+        " \"first_k_dense_replace\": 1, \"num_attention_heads\": 2, \"num_key_value_heads\": 2, \"q_lora_rank\": null,"
+        " \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 8, \"qk_rope_head_dim\": 4, \"v_head_dim\": 8, \"n_routed_experts\": 8,"
+        " \"n_shared_experts\": 2, \"num_experts_per_tok\": 3, \"n_group\": 1, \"topk_group\": 1, \"topk_method\": \"greedy\","
+        " \"scoring_func\": \"softmax\", \"norm_topk_prob\": false, \"routed_scaling_factor\": 1.0, \"max_position_embeddings\": 32,"
+        " \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 8, \"beta_fast\": 32,"
+        " \"beta_slow\": 1, \"mscale\": 0.707, \"mscale_all_dim\": 0.707}, \"unknown_key\": [1, {\"x\": null}]}";
+    moe_config_resolve(&a, &r);
+    T_ASSERT(moe_config_save(g_ctx, &a, path) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_config_load(g_ctx, path, &b) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(memcmp(&r, &b, sizeof r) == 0, "config.json round trip changed the config");
+    T_CHECK(moe_config_parse(g_ctx, bad, sizeof bad - 1, &b) == MOE_ERR_FORMAT, "a string q_lora_rank is refused");
+    T_CHECK(moe_config_parse(g_ctx, "{\"hidden_size\": 32,}", 19, &b) == MOE_ERR_FORMAT, "trailing comma is invalid JSON");
+    T_ASSERT(moe_config_parse(g_ctx, v2lite, sizeof v2lite - 1, &b) == MOE_OK, "V2-Lite style config: %s", moe_ctx_error(g_ctx));
+    T_CHECK(b.q_lora_rank == 0 && b.scoring_func == MOE_SCORING_SOFTMAX && b.topk_method == MOE_TOPK_GREEDY && !b.norm_topk_prob &&
+                b.n_shared_experts == 2 && b.rope_scaling.factor == 4 && fabs(b.rope_scaling.mscale_all_dim - 0.707) < 1e-12,
+            "V2-Lite fields parsed");
+    remove(path);
+}
+
+/* ---- training pieces ---- */
+
+static moe_status train_steps(moe_model *m, moe_adamw *o, moe_dataset *d, moe_train_state *st, int steps, float gamma,
+                              int32_t *buf) {
+    moe_loss_opts lo;
+    int i;
+    lo.mtp_lambda = 0.3f;
+    lo.balance_alpha = 1e-4f;
+    for (i = 0; i < steps; i++) {
+        moe_tensor *loss;
+        moe_status s = moe_data_batch(g_ctx, d, 0, st->seed, st->data_index++, 4, 16, buf);
+        if (!s) s = moe_model_loss(g_ctx, m, buf, 4, 16, &lo, &loss, NULL);
+        if (!s) s = moe_backward(g_ctx, loss);
+        moe_ctx_reset(g_ctx);
+        if (!s) s = moe_adamw_step(g_ctx, o, 3e-3f, 1.0f, 1.0f, NULL);
+        if (!s) s = moe_model_update_expert_bias(g_ctx, m, gamma);
+        if (s) return s;
+        st->step++;
+    }
+    return MOE_OK;
+}
+
+/* A text of pseudo-random words over a 64-token alphabet. */
+static moe_dataset *toy_data(void) {
+    const char *path = "build/test_model_data.txt";
+    FILE *f = fopen(path, "wb");
+    moe_dataset *d = NULL;
+    moe_rng r = moe_rng_new(3, 3);
+    int i;
+    if (!f) return NULL;
+    for (i = 0; i < 20000; i++) fputc("abcdefghij klmnopqrstuvwxyz,.\n ABC"[moe_rng_next(&r) % 35], f);
+    fclose(f);
+    if (moe_data_load(g_ctx, path, 0.1, &d) != MOE_OK) return NULL;
+    for (i = 0; i < d->n_tokens; i++) d->tokens[i] %= 64;
+    d->vocab = 64;
+    return d;
+}
+
+static int models_equal(const moe_model *a, const moe_model *b) {
+    int64_t i;
+    for (i = 0; i < moe_model_tensor_count(a); i++) {
+        moe_tensor *x = moe_model_tensor(a, i, NULL, NULL), *y = moe_model_tensor(b, i, NULL, NULL);
+        if (memcmp(x->data, y->data, (size_t)x->numel * sizeof(moe_real)) != 0) return 0;
+    }
+    return 1;
+}
+
+static void test_checkpoint_resume_bit_identical(void) {
+    moe_config c = micro();
+    moe_model *a = NULL, *b = NULL;
+    moe_adamw *oa = NULL, *ob = NULL;
+    moe_dataset *d = toy_data();
+    moe_train_state sa, sb;
+    int32_t buf[4 * 17];
+    const char *path = "build/test_ckpt.bin";
+    T_ASSERT(d, "toy data");
+    memset(&sa, 0, sizeof sa);
+    sa.seed = 9;
+    sb = sa;
+    T_ASSERT(moe_model_new(g_ctx, &c, 9, &a) == MOE_OK && moe_adamw_new(g_ctx, a, NULL, &oa) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(train_steps(a, oa, d, &sa, 20, 1e-2f, buf) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    /* 10 steps, save, a fresh model and optimizer (other seed) load it, 10 more */
+    T_ASSERT(moe_model_new(g_ctx, &c, 9, &b) == MOE_OK && moe_adamw_new(g_ctx, b, NULL, &ob) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(train_steps(b, ob, d, &sb, 10, 1e-2f, buf) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_ckpt_save(g_ctx, path, b, ob, &sb) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    moe_adamw_free(g_ctx, ob);
+    moe_model_free(g_ctx, b);
+    T_ASSERT(moe_model_new(g_ctx, &c, 12345, &b) == MOE_OK && moe_adamw_new(g_ctx, b, NULL, &ob) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    memset(&sb, 0, sizeof sb);
+    T_ASSERT(moe_ckpt_load(g_ctx, path, b, ob, &sb) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(sb.step == 10 && sb.data_index == 10 && sb.seed == 9, "state restored: step %lld index %lld", (long long)sb.step,
+            (long long)sb.data_index);
+    T_ASSERT(train_steps(b, ob, d, &sb, 10, 1e-2f, buf) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(models_equal(a, b), "20 straight steps and 10 + resume + 10 differ");
+    T_CHECK(moe_adamw_steps(oa) == moe_adamw_steps(ob), "optimizer step counts");
+    moe_adamw_free(g_ctx, oa);
+    moe_adamw_free(g_ctx, ob);
+    moe_model_free(g_ctx, a);
+    moe_model_free(g_ctx, b);
+    moe_data_free(g_ctx, d);
+    remove(path);
+}
+
+/* Flip one byte or cut the file: refused, and the model is left as it was. */
+static void test_checkpoint_corruption_refused(void) {
+    moe_config c = micro();
+    moe_model *m = NULL, *copy = NULL;
+    moe_train_state st;
+    const char *good = "build/test_ckpt_good.bin", *bad = "build/test_ckpt_bad.bin";
+    unsigned char *bytes;
+    long len, cut;
+    FILE *f;
+    memset(&st, 0, sizeof st);
+    T_ASSERT(moe_model_new(g_ctx, &c, 1, &m) == MOE_OK && moe_model_new(g_ctx, &c, 2, &copy) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_ckpt_save(g_ctx, good, m, NULL, &st) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    f = fopen(good, "rb");
+    fseek(f, 0, SEEK_END);
+    len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    bytes = (unsigned char *)malloc((size_t)len);
+    T_ASSERT(fread(bytes, 1, (size_t)len, f) == (size_t)len, "read back");
+    fclose(f);
+    /* a corrupted byte in the middle */
+    bytes[len / 2] ^= 0x40;
+    f = fopen(bad, "wb");
+    fwrite(bytes, 1, (size_t)len, f);
+    fclose(f);
+    T_CHECK(moe_ckpt_load(g_ctx, bad, copy, NULL, NULL) == MOE_ERR_FORMAT, "corrupted byte accepted");
+    T_NOTE("corrupted: %s", moe_ctx_error(g_ctx));
+    bytes[len / 2] ^= 0x40;
+    for (cut = 1; cut <= len; cut = cut * 3 + 7) { /* truncations at several points */
+        f = fopen(bad, "wb");
+        fwrite(bytes, 1, (size_t)(len - cut), f);
+        fclose(f);
+        T_CHECK(moe_ckpt_load(g_ctx, bad, copy, NULL, NULL) == MOE_ERR_FORMAT, "truncated by %ld bytes accepted", cut);
+    }
+    T_NOTE("truncated: %s", moe_ctx_error(g_ctx));
+    T_CHECK(!models_equal(m, copy), "a refused load left the model untouched");
+    /* a half-written temporary beside the good file does not disturb it */
+    f = fopen("build/test_ckpt_good.bin.tmp999", "wb");
+    fwrite(bytes, 1, (size_t)len / 3, f);
+    fclose(f);
+    T_CHECK(moe_ckpt_load(g_ctx, good, copy, NULL, NULL) == MOE_OK, "the previous checkpoint stays usable: %s", moe_ctx_error(g_ctx));
+    T_CHECK(models_equal(m, copy), "loaded weights equal the saved ones");
+    c.hidden_size = 16;
+    moe_model_free(g_ctx, copy);
+    T_ASSERT(moe_model_new(g_ctx, &c, 2, &copy) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ckpt_load(g_ctx, good, copy, NULL, NULL) == MOE_ERR_FORMAT, "a checkpoint of another config is refused");
+    T_NOTE("other config: %s", moe_ctx_error(g_ctx));
+    free(bytes);
+    remove(good);
+    remove(bad);
+    remove("build/test_ckpt_good.bin.tmp999");
+    moe_model_free(g_ctx, m);
+    moe_model_free(g_ctx, copy);
+}
+
+/* Skew the router: every token's MoE input gets a common component along dim 0 (from the
+   embeddings), and the gate rows of experts 0 and 1 point along it, the others against it,
+   so most tokens pick experts 0 and 1 and MaxVio starts near E/K − 1 = 3. The random part of
+   the router is scaled up so that tokens differ from each other by more than a bias step.
+   Batches of 512 tokens keep the sampling noise of MaxVio (≈ 0.15 for balanced routing of
+   1024 assignments over 8 experts) well under the 0.3 threshold. */
+#ifndef SKEW_EMB
+#define SKEW_EMB 0.05f
+#define SKEW_GATE 1.5f
+#define GATE_SPREAD 15
+#endif
+static double balance_run(float gamma, double *vio_start) {
+    moe_config c = micro();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_dataset *d = toy_data();
+    moe_train_state st;
+    moe_tensor *emb, *gate;
+    int32_t buf[16 * 33];
+    double vio_end = 0;
+    int64_t i, v;
+    int step;
+    memset(&st, 0, sizeof st);
+    c.num_nextn_predict_layers = 0;
+    if (!d || moe_model_new(g_ctx, &c, 4, &m) || moe_adamw_new(g_ctx, m, NULL, &o)) return -1;
+    emb = moe_model_find(m, "model.embed_tokens.weight");
+    gate = moe_model_find(m, "model.layers.1.mlp.gate.weight");
+    for (v = 0; v < c.vocab_size; v++) ((moe_real *)emb->data)[v * c.hidden_size] += SKEW_EMB;
+    for (i = 0; i < gate->numel; i++) ((moe_real *)gate->data)[i] *= GATE_SPREAD; /* tokens route differently */
+    for (i = 0; i < c.n_routed_experts; i++) ((moe_real *)gate->data)[i * c.hidden_size] = i < 2 ? SKEW_GATE : -SKEW_GATE;
+    for (step = 0; step < 300; step++) {
+        moe_tensor *loss;
+        double vio;
+        if (moe_data_batch(g_ctx, d, 0, 1, step, 16, 32, buf) || moe_model_loss(g_ctx, m, buf, 16, 32, NULL, &loss, NULL) ||
+            moe_backward(g_ctx, loss))
+            return -1;
+        moe_ctx_reset(g_ctx);
+        moe_adamw_step(g_ctx, o, 1e-3f, 1.0f, 1.0f, NULL);
+        vio = moe_model_max_vio(m);
+        if (step == 0) *vio_start = vio;
+        if (step >= 250) vio_end += vio / 50; /* mean over the last 50 steps */
+        moe_model_update_expert_bias(g_ctx, m, gamma);
+    }
+    moe_adamw_free(g_ctx, o);
+    moe_model_free(g_ctx, m);
+    moe_data_free(g_ctx, d);
+    return vio_end;
+}
+
+static void test_aux_free_balancing(void) {
+    double s_on, s_off, on = balance_run(1e-2f, &s_on), off = balance_run(0.0f, &s_off);
+    T_ASSERT(on >= 0 && off >= 0, "training failed: %s", moe_ctx_error(g_ctx));
+    T_CHECK(s_on > 1.5 && s_off > 1.5, "the skewed start has MaxVio %.2f / %.2f", s_on, s_off);
+    T_CHECK(on < 0.3, "with gamma = 0.01, MaxVio over steps 250-300 is %.3f (want < 0.3)", on);
+    T_CHECK(off > 1.0, "with gamma = 0, MaxVio stays high: %.3f", off);
+    T_NOTE("MaxVio: start %.2f; steps 250-300: %.3f with gamma 0.01, %.3f with gamma 0", s_on, on, off);
+}
+
+static void test_adamw_decay_groups(void) {
+    /* With zero gradients, AdamW only decays: matrices shrink by lr·wd, norms do not. */
+    moe_config c = micro();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_tensor *w, *n, *bias;
+    double w0, n0;
+    T_ASSERT(moe_model_new(g_ctx, &c, 1, &m) == MOE_OK && moe_adamw_new(g_ctx, m, NULL, &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    w = moe_model_find(m, "model.layers.0.self_attn.o_proj.weight");
+    n = moe_model_find(m, "model.layers.0.input_layernorm.weight");
+    bias = moe_model_find(m, "model.layers.1.mlp.gate.e_score_correction_bias");
+    ((moe_real *)bias->data)[0] = 0.25f;
+    w0 = moe_tensor_get(w, 3);
+    n0 = moe_tensor_get(n, 3);
+    T_ASSERT(moe_adamw_step(g_ctx, o, 0.5f, 1.0f, 0.0f, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(fabs(moe_tensor_get(w, 3) - w0 * (1 - 0.5 * 0.1)) < 1e-7, "decayed matrix %g vs %g", moe_tensor_get(w, 3), w0 * 0.95);
+    T_CHECK(moe_tensor_get(n, 3) == n0, "norm weight unchanged by decay");
+    T_CHECK(moe_tensor_get(bias, 0) == 0.25, "expert bias is not an optimizer parameter");
+    /* a NaN gradient is an error and changes nothing */
+    ((moe_real *)w->grad->data)[0] = NAN;
+    w0 = moe_tensor_get(w, 0);
+    T_CHECK(moe_adamw_step(g_ctx, o, 0.5f, 1.0f, 1.0f, NULL) == MOE_ERR_NUMERIC, "NaN gradient refused");
+    T_CHECK(moe_tensor_get(w, 0) == w0, "weights untouched after a NaN gradient");
+    moe_adamw_free(g_ctx, o);
+    moe_model_free(g_ctx, m);
+}
+
+static void test_lr_schedules(void) {
+    moe_lr_schedule s;
+    memset(&s, 0, sizeof s);
+    s.lr_max = 1.0f; s.lr_min = 0.1f; s.warmup_steps = 10; s.total_steps = 110;
+    T_CHECK(fabs(moe_lr_at(&s, 0) - 0.1) < 1e-6 && fabs(moe_lr_at(&s, 9) - 1.0) < 1e-6, "linear warm-up");
+    T_CHECK(fabs(moe_lr_at(&s, 60) - 0.55) < 1e-6, "cosine midpoint %g", moe_lr_at(&s, 60));
+    T_CHECK(fabs(moe_lr_at(&s, 110) - 0.1) < 1e-6, "cosine end");
+    s.shape = MOE_LR_WSD; s.decay_start = 80;
+    T_CHECK(moe_lr_at(&s, 79) == 1.0f && fabs(moe_lr_at(&s, 95) - 0.55) < 1e-6, "WSD: constant, then cosine");
+}
+
+static void test_llmc_shard(void) {
+    const char *path = "build/test_shard.bin";
+    int32_t hdr[256];
+    uint16_t toks[300];
+    moe_dataset *d = NULL;
+    int32_t out[2 * 6];
+    FILE *f = fopen(path, "wb");
+    int i;
+    memset(hdr, 0, sizeof hdr);
+    hdr[0] = 20240520; hdr[1] = 1; hdr[2] = 300;
+    for (i = 0; i < 300; i++) toks[i] = (uint16_t)(i * 131 % 50257);
+    fwrite(hdr, 4, 256, f);
+    fwrite(toks, 2, 300, f);
+    fclose(f);
+    T_ASSERT(moe_data_load(g_ctx, path, 0.1, &d) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(d->n_tokens == 300 && d->n_train == 270 && d->tokens[7] == 7 * 131 % 50257, "tokens read");
+    T_CHECK(moe_data_batch(g_ctx, d, 1, 0, 0, 2, 5, out) == MOE_OK && out[0] == d->tokens[270], "validation window");
+    moe_data_free(g_ctx, d);
+    hdr[2] = 301; /* claims more tokens than the file has */
+    f = fopen(path, "wb");
+    fwrite(hdr, 4, 256, f);
+    fwrite(toks, 2, 300, f);
+    fclose(f);
+    T_CHECK(moe_data_load(g_ctx, path, 0.1, &d) == MOE_ERR_FORMAT, "inconsistent shard refused");
+    T_NOTE("%s", moe_ctx_error(g_ctx));
+    remove(path);
+}
+
+static void test_training_loop_allocates_nothing(void) {
+    moe_config c = micro();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_dataset *d = toy_data();
+    moe_train_state st;
+    int32_t buf[4 * 17];
+    uint64_t before;
+    memset(&st, 0, sizeof st);
+    T_ASSERT(d && moe_model_new(g_ctx, &c, 1, &m) == MOE_OK && moe_adamw_new(g_ctx, m, NULL, &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(train_steps(m, o, d, &st, 2, 1e-3f, buf) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    before = moe_ctx_heap_allocs(g_ctx);
+    T_ASSERT(train_steps(m, o, d, &st, 5, 1e-3f, buf) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ctx_heap_allocs(g_ctx) == before, "%llu heap allocations in 5 steady steps",
+            (unsigned long long)(moe_ctx_heap_allocs(g_ctx) - before));
+    T_NOTE("steady training steps: %llu heap allocations; arena peak %zu bytes",
+           (unsigned long long)(moe_ctx_heap_allocs(g_ctx) - before), moe_ctx_arena_peak(g_ctx));
+    moe_adamw_free(g_ctx, o);
+    moe_model_free(g_ctx, m);
+    moe_data_free(g_ctx, d);
+}
+
+static void test_param_counts_tiny(void) {
+    /* reference §12.1: main 438,128 and MTP-unique 129,936 values including the expert biases
+       (16 per MoE layer), which we count as buffers, not parameters */
+    moe_config c = moe_config_tiny();
+    moe_model *m = NULL;
+    int64_t total = 0, active = 0, mtp = 0;
+    T_ASSERT(moe_model_new(g_ctx, &c, 1, &m) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    moe_model_param_counts(m, &total, &active, &mtp);
+    T_CHECK(total + 3 * 16 == 438128, "main parameters %lld (+48 bias values)", (long long)total);
+    T_CHECK(mtp + 16 == 129936, "MTP parameters %lld (+16 bias values)", (long long)mtp);
+    T_NOTE("tiny: %lld parameters, %lld active per token, %lld in MTP", (long long)total, (long long)active, (long long)mtp);
+    moe_model_free(g_ctx, m);
+}
+
+int main(int argc, char **argv) {
+    t_filter = argc > 1 ? argv[1] : NULL;
+    if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
+    T_RUN_FILTERED(test_router_masked_groups_negative_scores);
+    T_RUN_FILTERED(test_router_ties_lower_index);
+    T_RUN_FILTERED(test_router_bias_is_a_buffer);
+    T_RUN_FILTERED(test_config_validation);
+    T_RUN_FILTERED(test_config_json_round_trip);
+    T_RUN_FILTERED(test_lr_schedules);
+    T_RUN_FILTERED(test_adamw_decay_groups);
+    T_RUN_FILTERED(test_llmc_shard);
+    T_RUN_FILTERED(test_param_counts_tiny);
+    T_RUN_FILTERED(test_training_loop_allocates_nothing);
+    T_RUN_FILTERED(test_checkpoint_resume_bit_identical);
+    T_RUN_FILTERED(test_checkpoint_corruption_refused);
+    T_RUN_FILTERED(test_aux_free_balancing);
+    moe_ctx_free(g_ctx);
+    return t_summary();
+}
