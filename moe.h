@@ -938,6 +938,19 @@ static void *moe__arena_alloc(moe_ctx *ctx, size_t n, size_t size, const char *w
     return p;
 }
 
+/* Uninitialised arena memory for n moe_real values (for buffers that are fully written). */
+static moe_real *moe__scratch_real(moe_ctx *ctx, int64_t n, const char *what) {
+    size_t bytes;
+    moe_real *p;
+    if (n < 0 || moe__mul_overflows((size_t)n, sizeof(moe_real), &bytes)) {
+        moe__fail(ctx, MOE_ERR_MEMORY, "%s: size overflows", what);
+        return NULL;
+    }
+    p = (moe_real *)moe__arena_alloc_raw(ctx, bytes);
+    if (!p) moe__fail(ctx, MOE_ERR_MEMORY, "%s: no memory for %zu bytes of scratch (arena limit %zu)", what, bytes, ctx->arena_limit);
+    return p;
+}
+
 MOE_API void *moe_ctx_scratch(moe_ctx *ctx, size_t bytes) {
     if (!ctx) return NULL;
     return moe__arena_alloc(ctx, bytes, 1, "moe_ctx_scratch");
@@ -1172,6 +1185,20 @@ MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, cons
     return MOE_OK;
 }
 
+/* An op's output in the step arena, NOT zeroed: for outputs the op writes in full. */
+static moe_status moe__tensor_out(moe_ctx *ctx, int ndim, const int64_t *shape, moe_tensor **out) {
+    moe_tensor meta, *t;
+    MOE__TRY(moe__tensor_meta(ctx, "op output", &meta, MOE_F32, ndim, shape));
+    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "op output");
+    if (!t) return MOE_ERR_MEMORY;
+    *t = meta;
+    t->in_arena = 1;
+    t->data = moe__scratch_real(ctx, meta.numel, "op output");
+    if (!t->data) return MOE_ERR_MEMORY;
+    *out = t;
+    return MOE_OK;
+}
+
 MOE_API moe_status moe_tensor_set_requires_grad(moe_ctx *ctx, moe_tensor *t, int on) {
     MOE__CHECK_CTX(ctx);
     if (!t) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_set_requires_grad: tensor is NULL");
@@ -1331,11 +1358,32 @@ MOE_API void moe_tensor_zero_grad(moe_tensor *t) {
    (or heads) that no two threads share; sums across rows use fixed row chunks whose partial
    results are added in chunk order, so the thread count never changes a result bit. */
 
+/* e^x in float, branch-free so loops over it vectorise: Cody–Waite reduction x = n·ln2 + r,
+   a degree-6 polynomial for e^r on |r| ≤ ln2/2 (Cephes' coefficients), then ·2^n through the
+   exponent bits. Within 2 ulp of exp() on [−87.3, 88.72]; 0 below, +inf above, NaN kept. */
+MOE_HD float moe_expf(float x) {
+    float n, r, p, xc = x < -87.3f ? -87.3f : x > 88.72f ? 88.72f : x;
+    int32_t e;
+    n = floorf(xc * 1.44269504088896341f + 0.5f);
+    r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    e = (int32_t)n > 127 ? 127 : (int32_t)n; /* 2^128 is not a float: scale in two steps */
+    p = p * moe__bits_f32((uint32_t)(e + 127) << 23) * moe__bits_f32((uint32_t)((int32_t)n - e + 127) << 23);
+    return x != x ? x : x < -87.3f ? 0.0f : x > 88.72f ? (float)INFINITY : p;
+}
+
 static moe_real moe__exp(moe_real x) {
 #ifdef MOE_REAL_F64
     return exp(x);
 #else
-    return expf(x);
+    return moe_expf(x);
 #endif
 }
 static moe_real moe__ln(moe_real x) {
@@ -1354,7 +1402,13 @@ static moe_real moe__sqrt(moe_real x) {
 }
 
 /* Element-wise math shared with the CUDA kernels. */
-MOE_HD moe_real moe_sigmoid_scalar(moe_real x) { return (moe_real)1 / ((moe_real)1 + (moe_real)exp(-(double)x)); }
+MOE_HD moe_real moe_sigmoid_scalar(moe_real x) {
+#ifdef MOE_REAL_F64
+    return 1 / (1 + exp(-x));
+#else
+    return 1.0f / (1.0f + moe_expf(-x));
+#endif
+}
 MOE_HD moe_real moe_silu_scalar(moe_real x) { return x * moe_sigmoid_scalar(x); }
 /* d silu / dx = σ(x)·(1 + x·(1 − σ(x))) */
 MOE_HD moe_real moe_silu_grad_scalar(moe_real x) {
@@ -1675,79 +1729,162 @@ static void moe__xent_bwd(int nt, const moe_real *x, const int32_t *targets, int
 
 /* ---- causal attention ------------------------------------------------------------------- */
 
-#define MOE__ATT_TILE 64 /* keys per tile of the online softmax */
+#define MOE__ATT_TILE 64 /* queries and keys per tile of the online softmax */
 
-/* o[b,t,h] = Σ_{j≤t} softmax_j(scale·q[b,t,h]·k[b,j,h]) v[b,j,h], key tile by key tile with
-   a running max and sum; lse[(b·H+h)·T+t] keeps the log-sum-exp for the backward pass. */
-static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, moe_real *o,
-                               moe_real *lse, int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale) {
-    int64_t row;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 4) if (B * T * H > 64))
-    for (row = 0; row < B * H * T; row++) {
-        int64_t b = row / (H * T), h = (row / T) % H, t = row % T, j0, j, d;
-        const moe_real *qr = q + ((b * T + t) * H + h) * Dk;
-        moe_real *orow = o + ((b * T + t) * H + h) * Dv;
-        moe_real m = -INFINITY, l = 0, s[MOE__ATT_TILE];
-        for (d = 0; d < Dv; d++) orow[d] = 0;
-        for (j0 = 0; j0 <= t; j0 += MOE__ATT_TILE) {
-            int64_t j1 = j0 + MOE__ATT_TILE <= t + 1 ? j0 + MOE__ATT_TILE : t + 1;
-            moe_real mt = m, corr;
-            for (j = j0; j < j1; j++) {
-                const moe_real *kr = k + ((b * T + j) * H + h) * Dk;
-                moe_real dot = 0;
-                for (d = 0; d < Dk; d++) dot += qr[d] * kr[d];
-                s[j - j0] = dot * scale;
-                mt = s[j - j0] > mt ? s[j - j0] : mt;
-            }
-            corr = moe__exp(m - mt); /* exp(−inf) = 0 on the first tile */
-            l *= corr;
-            for (d = 0; d < Dv; d++) orow[d] *= corr;
-            for (j = j0; j < j1; j++) {
-                const moe_real *vr = v + ((b * T + j) * H + h) * Dv;
-                moe_real p = moe__exp(s[j - j0] - mt);
-                l += p;
-                for (d = 0; d < Dv; d++) orow[d] += p * vr[d];
-            }
-            m = mt;
-        }
-        for (d = 0; d < Dv; d++) orow[d] /= l;
-        lse[(b * H + h) * T + t] = m + moe__ln(l);
+/* Scratch values one thread needs for a tile pair, forward or backward. */
+static int64_t moe__attention_scratch(int64_t Dk, int64_t Dv) {
+    const int64_t t = MOE__ATT_TILE;
+    return 3 * t * Dk + 3 * t * Dv + 2 * t * t + 4 * t;
+}
+
+/* Copy a tile of n rows of head h from x [B·T, H, D] (rows r0..) into dst [n, D], and into
+   dstT [D, TILE] transposed when given. */
+static void moe__att_load(const moe_real *x, int64_t H, int64_t D, int64_t h, int64_t r0, int64_t n, moe_real *dst,
+                          moe_real *dstT) {
+    int64_t i, d;
+    for (i = 0; i < n; i++) {
+        const moe_real *src = x + ((r0 + i) * H + h) * D;
+        if (dst) memcpy(dst + i * D, src, (size_t)D * sizeof(moe_real));
+        if (dstT)
+            for (d = 0; d < D; d++) dstT[d * MOE__ATT_TILE + i] = src[d];
     }
 }
 
-/* FlashAttention-2 style backward: recompute p = exp(scale·q·k − lse) tile by tile.
-   One thread owns one (b, h) pair, so dk/dv accumulate over queries in a fixed order.
-   dq, dk, dv are accumulated into (+=). */
+/* S[i, 0..nk) = Σ_d Q[i, d]·Kᵀ[d, ·] for nq query rows: an outer-product loop whose inner
+   loop runs over keys, so it vectorises whatever the head dim. */
+static void moe__att_scores(const moe_real *Q, const moe_real *KT, int64_t nq, int64_t nk, int64_t D, moe_real *S) {
+    int64_t i, j, d;
+    for (i = 0; i < nq; i++) {
+        moe_real *s = S + i * MOE__ATT_TILE;
+        for (j = 0; j < nk; j++) s[j] = 0;
+        for (d = 0; d < D; d++) {
+            moe_real qd = Q[i * D + d];
+            const moe_real *kt = KT + d * MOE__ATT_TILE;
+            for (j = 0; j < nk; j++) s[j] += qd * kt[j];
+        }
+    }
+}
+
+/* o[b,t,h] = Σ_{j≤t} softmax_j(scale·q[b,t,h]·k[b,j,h]) v[b,j,h], one 64-query tile against
+   64-key tiles with a running max and sum; lse[(b·H+h)·T+t] keeps the log-sum-exp for the
+   backward pass. `scratch` holds moe__attention_scratch values per thread. */
+static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, moe_real *o,
+                               moe_real *lse, int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale,
+                               moe_real *scratch) {
+    const int64_t TL = MOE__ATT_TILE, ntiles = (T + TL - 1) / TL;
+    int64_t job;
+    (void)nt;
+    MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H * ntiles > 1))
+    for (job = 0; job < B * H * ntiles; job++) {
+#ifdef _OPENMP
+        moe_real *w = scratch + (int64_t)omp_get_thread_num() * moe__attention_scratch(Dk, Dv);
+#else
+        moe_real *w = scratch;
+#endif
+        moe_real *Q = w, *KT = Q + TL * Dk, *V = KT + TL * Dk, *O = V + TL * Dv, *S = O + TL * Dv, *m = S + TL * TL, *l = m + TL;
+        int64_t b = job / (H * ntiles), h = (job / ntiles) % H, it = job % ntiles;
+        int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL, jt, i, j, d;
+        moe__att_load(q, H, Dk, h, b * T + i0, nq, Q, NULL);
+        for (i = 0; i < nq; i++) {
+            m[i] = -INFINITY;
+            l[i] = 0;
+        }
+        memset(O, 0, (size_t)(nq * Dv) * sizeof(moe_real));
+        for (jt = 0; jt <= it; jt++) {
+            int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
+            moe__att_load(k, H, Dk, h, b * T + j0, nk, NULL, KT);
+            moe__att_load(v, H, Dv, h, b * T + j0, nk, V, NULL);
+            moe__att_scores(Q, KT, nq, nk, Dk, S);
+            for (i = 0; i < nq; i++) {
+                moe_real *s = S + i * TL, mt = m[i], corr, sum = 0;
+                int64_t kend = jt == it ? i + 1 : nk; /* causal: keys j ≤ query i */
+                for (j = 0; j < kend; j++) {
+                    s[j] *= scale;
+                    mt = s[j] > mt ? s[j] : mt;
+                }
+                corr = moe__exp(m[i] - mt); /* exp(−inf) = 0 on the first tile */
+                for (j = 0; j < kend; j++) sum += (s[j] = moe__exp(s[j] - mt));
+                l[i] = l[i] * corr + sum;
+                m[i] = mt;
+                for (d = 0; d < Dv; d++) O[i * Dv + d] *= corr;
+                for (j = 0; j < kend; j++) {
+                    moe_real p = s[j];
+                    const moe_real *vr = V + j * Dv;
+                    moe_real *orow = O + i * Dv;
+                    for (d = 0; d < Dv; d++) orow[d] += p * vr[d];
+                }
+            }
+        }
+        for (i = 0; i < nq; i++) {
+            moe_real *dst = o + ((b * T + i0 + i) * H + h) * Dv;
+            for (d = 0; d < Dv; d++) dst[d] = O[i * Dv + d] / l[i];
+            lse[(b * H + h) * T + i0 + i] = m[i] + moe__ln(l[i]);
+        }
+    }
+}
+
+/* FlashAttention-2 style backward: p = exp(scale·q·k − lse) is recomputed tile by tile.
+   One thread owns one (b, h), so dk and dv sum over query tiles in a fixed order and dq over
+   key tiles in a fixed order. dq, dk, dv are accumulated into (+=); any may be NULL. */
 static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, const moe_real *o,
                                const moe_real *lse, const moe_real *dout, moe_real *dq, moe_real *dk, moe_real *dv,
-                               int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale) {
+                               int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale, moe_real *scratch) {
+    const int64_t TL = MOE__ATT_TILE, ntiles = (T + TL - 1) / TL;
     int64_t bh;
     (void)nt;
     MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H > 1))
     for (bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H, t, j, d;
-        for (t = 0; t < T; t++) {
-            const moe_real *qr = q + ((b * T + t) * H + h) * Dk, *dor = dout + ((b * T + t) * H + h) * Dv;
-            const moe_real *orow = o + ((b * T + t) * H + h) * Dv;
-            moe_real *dqr = dq ? dq + ((b * T + t) * H + h) * Dk : NULL, delta = 0, l = lse[bh * T + t];
-            for (d = 0; d < Dv; d++) delta += dor[d] * orow[d];
-            for (j = 0; j <= t; j++) {
-                const moe_real *kr = k + ((b * T + j) * H + h) * Dk, *vr = v + ((b * T + j) * H + h) * Dv;
-                moe_real dot = 0, p, dp = 0, ds;
-                for (d = 0; d < Dk; d++) dot += qr[d] * kr[d];
-                p = moe__exp(dot * scale - l);
-                for (d = 0; d < Dv; d++) dp += dor[d] * vr[d];
-                ds = p * (dp - delta) * scale;
-                if (dv) {
-                    moe_real *dvr = dv + ((b * T + j) * H + h) * Dv;
-                    for (d = 0; d < Dv; d++) dvr[d] += p * dor[d];
+#ifdef _OPENMP
+        moe_real *w = scratch + (int64_t)omp_get_thread_num() * moe__attention_scratch(Dk, Dv);
+#else
+        moe_real *w = scratch;
+#endif
+        moe_real *K = w, *KT = K + TL * Dk, *Q = KT + TL * Dk, *V = Q + TL * Dk, *VT = V + TL * Dv, *DO = VT + TL * Dv;
+        moe_real *P = DO + TL * Dv, *DP = P + TL * TL, *delta = DP + TL * TL;
+        int64_t b = bh / H, h = bh % H, jt, it, i, j, d;
+        for (jt = 0; jt < ntiles; jt++) {
+            int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
+            moe__att_load(k, H, Dk, h, b * T + j0, nk, K, KT);
+            moe__att_load(v, H, Dv, h, b * T + j0, nk, V, VT);
+            for (it = jt; it < ntiles; it++) {
+                int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL;
+                moe__att_load(q, H, Dk, h, b * T + i0, nq, Q, NULL);
+                moe__att_load(dout, H, Dv, h, b * T + i0, nq, DO, NULL);
+                for (i = 0; i < nq; i++) { /* delta_i = dO_i · O_i */
+                    const moe_real *orow = o + ((b * T + i0 + i) * H + h) * Dv;
+                    moe_real acc = 0;
+                    for (d = 0; d < Dv; d++) acc += DO[i * Dv + d] * orow[d];
+                    delta[i] = acc;
                 }
-                if (dqr)
-                    for (d = 0; d < Dk; d++) dqr[d] += ds * kr[d];
-                if (dk) {
-                    moe_real *dkr = dk + ((b * T + j) * H + h) * Dk;
-                    for (d = 0; d < Dk; d++) dkr[d] += ds * qr[d];
+                moe__att_scores(Q, KT, nq, nk, Dk, P);
+                moe__att_scores(DO, VT, nq, nk, Dv, DP);
+                for (i = 0; i < nq; i++) {
+                    moe_real *p = P + i * TL, *dp = DP + i * TL, l = lse[bh * T + i0 + i];
+                    int64_t kend = it == jt ? i + 1 : nk;
+                    for (j = 0; j < kend; j++) {
+                        p[j] = moe__exp(p[j] * scale - l);
+                        dp[j] = p[j] * (dp[j] - delta[i]) * scale; /* dS */
+                    }
+                    for (j = kend; j < nk; j++) p[j] = dp[j] = 0;
+                }
+                for (i = 0; i < nq; i++) {
+                    const moe_real *p = P + i * TL, *ds = DP + i * TL, *qi = Q + i * Dk, *doi = DO + i * Dv;
+                    moe_real *dqi = dq ? dq + ((b * T + i0 + i) * H + h) * Dk : NULL;
+                    for (j = 0; j < nk; j++) {
+                        moe_real pj = p[j], sj = ds[j];
+                        if (dv) {
+                            moe_real *dvr = dv + ((b * T + j0 + j) * H + h) * Dv;
+                            for (d = 0; d < Dv; d++) dvr[d] += pj * doi[d];
+                        }
+                        if (dk) {
+                            moe_real *dkr = dk + ((b * T + j0 + j) * H + h) * Dk;
+                            for (d = 0; d < Dk; d++) dkr[d] += sj * qi[d];
+                        }
+                        if (dqi) {
+                            const moe_real *kr = K + j * Dk;
+                            for (d = 0; d < Dk; d++) dqi[d] += sj * kr[d];
+                        }
+                    }
                 }
             }
         }
@@ -2016,7 +2153,7 @@ MOE_API moe_status moe_matmul(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, moe_te
     }
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, shape, y));
     bf16 = ctx->gemm_compute == MOE_BF16;
     for (b = 0; b < batches; b++)
         MOE__TRY(moe__gemm(ctx, 0, 1, M, N, K, 1, MOE__F32(x) + b * M * K, K, MOE__F32(w) + b * N * K, K, 0,
@@ -2056,7 +2193,7 @@ MOE_API moe_status moe_add(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tenso
     MOE__TRY(moe__check_f32(ctx, fn, a, "a"));
     MOE__TRY(moe__check_f32(ctx, fn, b, "b"));
     if (!moe__same_shape(a, b) && !(b->ndim == 1 && b->shape[0] == MOE__LAST(a))) return moe__shape_mismatch(ctx, fn, a, b);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, a->ndim, a->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
     d = b->numel;
     for (i = 0; i < a->numel; i++) MOE__F32(*y)[i] = MOE__F32(a)[i] + MOE__F32(b)[i % d];
     return moe__record(ctx, moe__add_bwd, *y, a, b, NULL, &n);
@@ -2082,7 +2219,7 @@ MOE_API moe_status moe_mul(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tenso
     MOE__TRY(moe__check_f32(ctx, fn, a, "a"));
     MOE__TRY(moe__check_f32(ctx, fn, b, "b"));
     if (!moe__same_shape(a, b)) return moe__shape_mismatch(ctx, fn, a, b);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, a->ndim, a->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
     for (i = 0; i < a->numel; i++) MOE__F32(*y)[i] = MOE__F32(a)[i] * MOE__F32(b)[i];
     return moe__record(ctx, moe__mul_bwd, *y, a, b, NULL, &n);
 }
@@ -2102,7 +2239,7 @@ MOE_API moe_status moe_scale(moe_ctx *ctx, moe_tensor *x, float s, moe_tensor **
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     if (!isfinite(s)) return moe__fail(ctx, MOE_ERR_NUMERIC, "%s: scale factor is %g", fn, (double)s);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     for (i = 0; i < x->numel; i++) MOE__F32(*y)[i] = (moe_real)s * MOE__F32(x)[i];
     MOE__TRY(moe__record(ctx, moe__scale_bwd, *y, x, NULL, NULL, &n));
     if (n) n->f[0] = s;
@@ -2144,7 +2281,7 @@ MOE_API moe_status moe_silu(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     for (i = 0; i < x->numel; i++) MOE__F32(*y)[i] = moe_silu_scalar(MOE__F32(x)[i]);
     return moe__record(ctx, moe__silu_bwd, *y, x, NULL, NULL, &n);
 }
@@ -2169,7 +2306,7 @@ MOE_API moe_status moe_swiglu(moe_ctx *ctx, moe_tensor *gate, moe_tensor *up, mo
     MOE__TRY(moe__check_f32(ctx, fn, gate, "gate"));
     MOE__TRY(moe__check_f32(ctx, fn, up, "up"));
     if (!moe__same_shape(gate, up)) return moe__shape_mismatch(ctx, fn, gate, up);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, gate->ndim, gate->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, gate->ndim, gate->shape, y));
     for (i = 0; i < gate->numel; i++) MOE__F32(*y)[i] = moe_silu_scalar(MOE__F32(gate)[i]) * MOE__F32(up)[i];
     return moe__record(ctx, moe__swiglu_bwd, *y, gate, up, NULL, &n);
 }
@@ -2204,7 +2341,7 @@ MOE_API moe_status moe_rmsnorm(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, float
     rows = x->numel / d;
     if (w->ndim != 1 || w->shape[0] != d) return moe__shape_mismatch(ctx, fn, x, w);
     if (!(eps > 0.0f) || !isfinite(eps)) return moe__fail(ctx, MOE_ERR_ARG, "%s: eps must be positive and finite", fn);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     rstd = (moe_real *)moe__arena_alloc(ctx, (size_t)rows, sizeof(moe_real), fn);
     if (!rstd) return MOE_ERR_MEMORY;
     moe__rmsnorm_fwd(ctx->n_threads, MOE__F32(x), MOE__F32(w), MOE__F32(*y), rstd, rows, d, (moe_real)eps);
@@ -2226,7 +2363,7 @@ MOE_API moe_status moe_softmax(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     moe__softmax_fwd(ctx->n_threads, MOE__F32(x), MOE__F32(*y), x->numel / MOE__LAST(x), MOE__LAST(x));
     return moe__record(ctx, moe__softmax_bwd_node, *y, x, NULL, NULL, &n);
 }
@@ -2271,7 +2408,7 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
     if (pos0 < 0 || pos0 > table->max_pos - T)
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: positions %lld..%lld exceed the table's %lld", fn, (long long)pos0,
                          (long long)(pos0 + T - 1), (long long)table->max_pos);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     memcpy((*y)->data, x->data, (size_t)x->numel * sizeof(moe_real));
     moe__rope_apply(ctx->n_threads, MOE__F32(*y), table->cos_sin, B, T, H, D, pos0, layout, 1);
     MOE__TRY(moe__record(ctx, moe__rope_bwd, *y, x, NULL, NULL, &n));
@@ -2286,21 +2423,23 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
 static moe_status moe__attention_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
     int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, tmp;
-    moe_real *dq, *dk, *dv;
+    moe_real *dq, *dk, *dv, *scratch;
     MOE__GRAD_OR_FAIL(dq, ctx, q);
     MOE__GRAD_OR_FAIL(dk, ctx, k);
     MOE__GRAD_OR_FAIL(dv, ctx, v);
     MOE__TRY(moe__bthd(ctx, "moe_attention", q, &B, &T, &H, &Dk));
     MOE__TRY(moe__bthd(ctx, "moe_attention", v, &tmp, &tmp, &tmp, &Dv));
+    scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(Dk, Dv), "moe_attention backward");
+    if (!scratch) return MOE_ERR_MEMORY;
     moe__attention_bwd(ctx->n_threads, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(n->out), (const moe_real *)n->saved,
-                       MOE__F32(n->out->grad), dq, dk, dv, B, T, H, Dk, Dv, (moe_real)n->f[0]);
+                       MOE__F32(n->out->grad), dq, dk, dv, B, T, H, Dk, Dv, (moe_real)n->f[0], scratch);
     return MOE_OK;
 }
 
 MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe_tensor *v, float scale, moe_tensor **o) {
     static const char *fn = "moe_attention";
     int64_t B = 0, T = 0, H = 0, Dk = 0, B2, T2, H2, Dk2, B3 = 0, T3 = 0, H3 = 0, Dv = 0, shape[4];
-    moe_real *lse;
+    moe_real *lse, *scratch;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, o));
     MOE__TRY(moe__check_f32(ctx, fn, q, "q"));
@@ -2312,10 +2451,12 @@ MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe
     if (!moe__same_shape(q, k) || B3 != B || T3 != T || H3 != H || q->ndim != v->ndim) return moe__shape_mismatch(ctx, fn, q, v);
     if (!(scale > 0.0f) || !isfinite(scale)) return moe__fail(ctx, MOE_ERR_ARG, "%s: scale must be positive and finite", fn);
     memcpy(shape, v->shape, sizeof shape);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, v->ndim, shape, o));
+    MOE__TRY(moe__tensor_out(ctx, v->ndim, shape, o));
     lse = (moe_real *)moe__arena_alloc(ctx, (size_t)(B * H * T), sizeof(moe_real), fn);
     if (!lse) return MOE_ERR_MEMORY;
-    moe__attention_fwd(ctx->n_threads, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(*o), lse, B, T, H, Dk, Dv, (moe_real)scale);
+    scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(Dk, Dv), fn);
+    if (!scratch) return MOE_ERR_MEMORY;
+    moe__attention_fwd(ctx->n_threads, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(*o), lse, B, T, H, Dk, Dv, (moe_real)scale, scratch);
     MOE__TRY(moe__record(ctx, moe__attention_bwd_node, *o, q, k, v, &n));
     if (n) {
         n->saved = lse;
@@ -2362,7 +2503,7 @@ MOE_API moe_status moe_embedding(moe_ctx *ctx, moe_tensor *table, moe_tensor *id
     d = table->shape[1];
     memcpy(shape, ids->shape, sizeof shape);
     shape[ids->ndim] = d;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, ids->ndim + 1, shape, y));
+    MOE__TRY(moe__tensor_out(ctx, ids->ndim + 1, shape, y));
     for (i = 0; i < ids->numel; i++)
         memcpy(MOE__F32(*y) + i * d, MOE__F32(table) + (int64_t)MOE__I32(ids)[i] * d, (size_t)d * sizeof(moe_real));
     return moe__record(ctx, moe__embedding_bwd, *y, table, ids, NULL, &n);
@@ -2464,7 +2605,7 @@ MOE_API moe_status moe_gather(moe_ctx *ctx, moe_tensor *x, moe_tensor *idx, moe_
     d = x->shape[1];
     shape[0] = idx->shape[0];
     shape[1] = d;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 2, shape, y));
+    MOE__TRY(moe__tensor_out(ctx, 2, shape, y));
     for (i = 0; i < idx->numel; i++)
         memcpy(MOE__F32(*y) + i * d, MOE__F32(x) + (int64_t)MOE__I32(idx)[i] * d, (size_t)d * sizeof(moe_real));
     return moe__record(ctx, moe__gather_bwd, *y, x, idx, NULL, &n);
@@ -2539,7 +2680,7 @@ static moe_status moe__slice(moe_ctx *ctx, moe_tensor *x, int dim, int64_t start
     moe__node *n;
     memcpy(shape, x->shape, sizeof shape);
     shape[dim] = len;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, shape, y));
     moe__dim_split(x, dim, &outer, &inner);
     moe__copy_spans(MOE__F32(*y), len * inner, 0, MOE__F32(x), x->shape[dim] * inner, start * inner, len * inner, outer, 0);
     MOE__TRY(moe__record(ctx, moe__slice_bwd, *y, x, NULL, NULL, &n));
@@ -2588,7 +2729,7 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
         if (i != dim && a->shape[i] != b->shape[i]) return moe__shape_mismatch(ctx, fn, a, b);
     memcpy(shape, a->shape, sizeof shape);
     shape[dim] = a->shape[dim] + b->shape[dim];
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, a->ndim, shape, y));
+    MOE__TRY(moe__tensor_out(ctx, a->ndim, shape, y));
     moe__dim_split(*y, dim, &outer, &inner);
     la = a->shape[dim] * inner;
     lb = b->shape[dim] * inner;
@@ -2691,10 +2832,10 @@ static moe_status moe__ffn_forward(moe_ctx *ctx, const moe__ffn *ffn, moe_tensor
     if (!f) return MOE_ERR_MEMORY;
     f->ffn = ffn;
     f->bf16 = ctx->gemm_compute == MOE_BF16;
-    f->sv.h13 = moe__alloc_real(ctx, rows * 2 * I, "ffn");
-    f->sv.act = moe__alloc_real(ctx, rows * I, "ffn");
+    f->sv.h13 = moe__scratch_real(ctx, rows * 2 * I, "ffn");
+    f->sv.act = moe__scratch_real(ctx, rows * I, "ffn");
     if (!f->sv.h13 || !f->sv.act) return MOE_ERR_MEMORY;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
     MOE__TRY(moe__mlp_fwd(ctx, MOE__F32(x), rows, d, I, MOE__F32(ffn->w13), MOE__F32(ffn->w2), MOE__F32(*y), &f->sv, f->bf16));
     MOE__TRY(moe__record(ctx, moe__ffn_bwd, *y, x, ffn->w13, ffn->w2, &n));
     if (n) n->saved = f;
@@ -2762,7 +2903,11 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     /* output projection */
     MOE__TRY(moe__linear_bwd(ctx, S->o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->bf16));
     /* attention core */
-    moe__attention_bwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale);
+    {
+        moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla backward");
+        if (!scratch) return MOE_ERR_MEMORY;
+        moe__attention_bwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
+    }
     /* un-rotate: q per head; the shared k_pe collects the sum over heads first */
     moe__mla_rope(dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, -1);
     for (tok = 0; tok < N; tok++)
@@ -2808,22 +2953,22 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
     S->w = w;
     S->cos_sin = rope->cos_sin;
     S->bf16 = ctx->gemm_compute == MOE_BF16;
-    S->ckv = moe__alloc_real(ctx, N * m.kvr, "mla");
-    S->ckvn = moe__alloc_real(ctx, N * m.kvr, "mla");
-    S->rkv = moe__alloc_real(ctx, N, "mla");
-    S->kpe = moe__alloc_real(ctx, N * m.dr, "mla");
-    S->q = moe__alloc_real(ctx, N * H * m.dqk, "mla");
-    S->k = moe__alloc_real(ctx, N * H * m.dqk, "mla");
-    S->v = moe__alloc_real(ctx, N * H * m.dv, "mla");
-    S->o = moe__alloc_real(ctx, N * H * m.dv, "mla");
-    S->lse = moe__alloc_real(ctx, m.B * H * m.T, "mla");
-    kvb = moe__alloc_real(ctx, N * H * (m.dn + m.dv), "mla");
+    S->ckv = moe__scratch_real(ctx, N * m.kvr, "mla");
+    S->ckvn = moe__scratch_real(ctx, N * m.kvr, "mla");
+    S->rkv = moe__scratch_real(ctx, N, "mla");
+    S->kpe = moe__scratch_real(ctx, N * m.dr, "mla");
+    S->q = moe__scratch_real(ctx, N * H * m.dqk, "mla");
+    S->k = moe__scratch_real(ctx, N * H * m.dqk, "mla");
+    S->v = moe__scratch_real(ctx, N * H * m.dv, "mla");
+    S->o = moe__scratch_real(ctx, N * H * m.dv, "mla");
+    S->lse = moe__scratch_real(ctx, m.B * H * m.T, "mla");
+    kvb = moe__scratch_real(ctx, N * H * (m.dn + m.dv), "mla");
     if (!S->ckv || !S->ckvn || !S->rkv || !S->kpe || !S->q || !S->k || !S->v || !S->o || !S->lse || !kvb) return MOE_ERR_MEMORY;
     /* queries */
     if (m.qr > 0) {
-        S->cq = moe__alloc_real(ctx, N * m.qr, "mla");
-        S->cqn = moe__alloc_real(ctx, N * m.qr, "mla");
-        S->rq = moe__alloc_real(ctx, N, "mla");
+        S->cq = moe__scratch_real(ctx, N * m.qr, "mla");
+        S->cqn = moe__scratch_real(ctx, N * m.qr, "mla");
+        S->rq = moe__scratch_real(ctx, N, "mla");
         if (!S->cq || !S->cqn || !S->rq) return MOE_ERR_MEMORY;
         MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_a), m.qr, S->cq, S->bf16));
         moe__rmsnorm_fwd(ctx->n_threads, S->cq, MOE__F32(w->q_a_norm), S->cqn, S->rq, N, m.qr, m.eps);
@@ -2845,8 +2990,12 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
             memcpy(S->k + (tok * H + h) * m.dqk + m.dn, S->kpe + tok * m.dr, (size_t)m.dr * sizeof(moe_real));
             memcpy(S->v + (tok * H + h) * m.dv, src + m.dn, (size_t)m.dv * sizeof(moe_real));
         }
-    moe__attention_fwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, m.B, m.T, H, m.dqk, m.dv, m.scale);
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, out));
+    {
+        moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla");
+        if (!scratch) return MOE_ERR_MEMORY;
+        moe__attention_fwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
+    }
+    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, out));
     MOE__TRY(moe__linear(ctx, S->o, N, H * m.dv, MOE__F32(w->o), m.d, MOE__F32(*out), S->bf16));
     MOE__TRY(moe__record(ctx, moe__mla_bwd, *out, x, w->kv_a, w->o, &n));
     if (n) n->saved = S;
@@ -3035,20 +3184,20 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     S->Is = L->shared.inter;
     S->alpha = alpha;
     S->bf16 = ctx->gemm_compute == MOE_BF16;
-    S->s = moe__alloc_real(ctx, N * E, "moe");
+    S->s = moe__scratch_real(ctx, N * E, "moe");
     S->chosen = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    S->gates = moe__alloc_real(ctx, R, "moe");
-    S->sel_sum = moe__alloc_real(ctx, N, "moe");
+    S->gates = moe__scratch_real(ctx, R, "moe");
+    S->sel_sum = moe__scratch_real(ctx, N, "moe");
     S->offset = (int64_t *)moe__arena_alloc(ctx, (size_t)(E + 1), sizeof(int64_t), "moe");
     fill = (int64_t *)moe__arena_alloc(ctx, (size_t)E, sizeof(int64_t), "moe");
     S->row_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
     S->tok_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    S->xp = moe__alloc_real(ctx, R * d, "moe");
-    S->yp = moe__alloc_real(ctx, R * d, "moe");
-    S->ex.h13 = moe__alloc_real(ctx, R * 2 * I, "moe");
-    S->ex.act = moe__alloc_real(ctx, R * I, "moe");
+    S->xp = moe__scratch_real(ctx, R * d, "moe");
+    S->yp = moe__scratch_real(ctx, R * d, "moe");
+    S->ex.h13 = moe__scratch_real(ctx, R * 2 * I, "moe");
+    S->ex.act = moe__scratch_real(ctx, R * I, "moe");
     S->f = moe__alloc_real(ctx, B * E, "moe");
-    z = moe__alloc_real(ctx, N * E, "moe");
+    z = moe__scratch_real(ctx, N * E, "moe");
     if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !fill || !S->row_of || !S->tok_of || !S->xp ||
         !S->yp || !S->ex.h13 || !S->ex.act || !S->f || !z)
         return MOE_ERR_MEMORY;
@@ -3093,11 +3242,12 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
                               S->yp + r0 * d, &sv, S->bf16));
     }
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+    if (L->shared.w13) MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y)); /* the shared experts write it */
+    else MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
     Y = MOE__F32(*y);
     if (L->shared.w13) {
-        S->sh.h13 = moe__alloc_real(ctx, N * 2 * S->Is, "moe");
-        S->sh.act = moe__alloc_real(ctx, N * S->Is, "moe");
+        S->sh.h13 = moe__scratch_real(ctx, N * 2 * S->Is, "moe");
+        S->sh.act = moe__scratch_real(ctx, N * S->Is, "moe");
         if (!S->sh.h13 || !S->sh.act) return MOE_ERR_MEMORY;
         MOE__TRY(moe__mlp_fwd(ctx, u, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), Y, &S->sh, S->bf16));
     }

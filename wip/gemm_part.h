@@ -82,6 +82,9 @@ typedef struct moe__gemm_desc {
 #ifndef MOE__GEMM_MT_FLOPS
 #define MOE__GEMM_MT_FLOPS 3.0e6 /* below this many flops run on one thread */
 #endif
+#ifndef MOE__GEMM_BACKOFF
+#define MOE__GEMM_BACKOFF 1 /* 0: never fall back to one thread under contention (tests) */
+#endif
 #define MOE__GEMM_TILE (MOE__GEMM_BMR * MOE__GEMM_BNR)
 #define MOE__GEMM_KMAX (MOE__GEMM_KC1 > MOE__GEMM_KC ? MOE__GEMM_KC1 : MOE__GEMM_KC)
 
@@ -831,7 +834,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         }
         if ((int64_t)nt > units) nt = (int)units;
 #ifdef _OPENMP
-        if (nt > 1 && moe__gemm_backoff_active()) nt = 1;
+        if (MOE__GEMM_BACKOFF && nt > 1 && moe__gemm_backoff_active()) nt = 1;
 #endif
         if (nt <= 1) {
             moe__gemm_body(&job, 0);
