@@ -635,6 +635,56 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *mode
 /* Read just the config stored in a checkpoint (to build the model before moe_ckpt_load). */
 MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *cfg);
 
+/* ---- safetensors ----
+   A strict reader: the 8-byte header length must fit the file (and 100 MB), the header must
+   be a JSON object whose tensors have a known dtype, a shape whose byte size matches their
+   data_offsets, and offsets that tile the data area exactly (no overlap, no gap). */
+typedef enum moe_st_dtype {
+    MOE_ST_F32, MOE_ST_BF16, MOE_ST_F16, MOE_ST_F8_E4M3, MOE_ST_F8_E5M2, MOE_ST_I32, MOE_ST_I64, MOE_ST_DTYPE_COUNT
+} moe_st_dtype;
+#define MOE_ST_MAX_DIMS 8
+typedef struct moe_st_tensor {
+    const char *name;
+    moe_st_dtype dtype;
+    int ndim;
+    int64_t shape[MOE_ST_MAX_DIMS];
+    int64_t numel;
+    const void *data; /* little-endian bytes inside the file image */
+    size_t bytes;
+} moe_st_tensor;
+typedef struct moe_st_file moe_st_file;
+
+MOE_API moe_status moe_st_open(moe_ctx *ctx, const char *path, moe_st_file **out);
+/* The same from bytes in memory (copied). */
+MOE_API moe_status moe_st_open_memory(moe_ctx *ctx, const void *bytes, size_t len, moe_st_file **out);
+MOE_API void moe_st_close(moe_st_file *file);
+MOE_API int64_t moe_st_count(const moe_st_file *file);
+MOE_API const moe_st_tensor *moe_st_get(const moe_st_file *file, int64_t i);
+MOE_API const moe_st_tensor *moe_st_find(const moe_st_file *file, const char *name);
+/* Element i as float (F32/BF16/F16/F8; NaN for integer dtypes). */
+MOE_API float moe_st_value(const moe_st_tensor *t, int64_t i);
+
+/* A writer that collects tensors (copied as given) and writes the file atomically. */
+typedef struct moe_st_writer moe_st_writer;
+MOE_API moe_status moe_st_writer_new(moe_ctx *ctx, moe_st_writer **out);
+MOE_API moe_status moe_st_writer_add(moe_ctx *ctx, moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
+                                     const int64_t *shape, const void *data);
+MOE_API moe_status moe_st_writer_save(moe_ctx *ctx, moe_st_writer *w, const char *path);
+MOE_API void moe_st_writer_free(moe_st_writer *w);
+
+/* ---- Hugging Face DeepseekV3 checkpoints ----
+   A directory with config.json and model.safetensors (or shards listed in
+   model.safetensors.index.json), tensor names as transformers' DeepseekV3ForCausalLM and the
+   released weights use them (MTP module k as layer num_hidden_layers + k − 1). FP8 weights
+   with weight_scale_inv blocks are dequantised on load. */
+typedef struct moe_hf_save_opts {
+    int fp8;            /* write linear weights as F8_E4M3 + weight_scale_inv (B×B blocks) */
+    int64_t fp8_block;  /* B, default 128 */
+    int gradients;      /* write the parameters' gradients instead of their values */
+} moe_hf_save_opts;
+MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **out);
+MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *model, const char *dir, const moe_hf_save_opts *opts);
+
 #ifdef __cplusplus
 }
 #endif
@@ -4803,6 +4853,618 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
     if (st) *st = s;
     moe_model_reset_loads(m);
     return MOE_OK;
+}
+
+/* ---- safetensors ---- */
+
+static const char *const moe__st_names[MOE_ST_DTYPE_COUNT] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2", "I32", "I64"};
+static const size_t moe__st_sizes[MOE_ST_DTYPE_COUNT] = {4, 2, 2, 1, 1, 4, 8};
+
+#define MOE__ST_MAX_HEADER ((uint64_t)100 << 20)
+#define MOE__ST_MAX_NAME 512
+
+struct moe_st_file {
+    unsigned char *image; /* the whole file */
+    size_t len;
+    moe_st_tensor *t;
+    char *names;
+    int64_t n;
+};
+
+MOE_API float moe_st_value(const moe_st_tensor *t, int64_t i) {
+    const unsigned char *p;
+    if (!t || i < 0 || i >= t->numel) return NAN;
+    p = (const unsigned char *)t->data + (size_t)i * moe__st_sizes[t->dtype];
+    switch (t->dtype) {
+    case MOE_ST_F32: {
+        uint32_t u = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+        return moe__bits_f32(u);
+    }
+    case MOE_ST_BF16: return moe_bf16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+    case MOE_ST_F16: return moe_f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+    case MOE_ST_F8_E4M3: return moe_e4m3_to_f32(p[0]);
+    case MOE_ST_F8_E5M2: return moe_e5m2_to_f32(p[0]);
+    default: return NAN;
+    }
+}
+
+static int moe__st_cmp_offset(const void *a, const void *b) {
+    const moe_st_tensor *x = (const moe_st_tensor *)a, *y = (const moe_st_tensor *)b;
+    const unsigned char *p = (const unsigned char *)x->data, *q = (const unsigned char *)y->data;
+    return (p > q) - (p < q);
+}
+
+/* Parse a file image; on success the file owns `image`. */
+static moe_status moe__st_parse(moe_ctx *ctx, const char *what, unsigned char *image, size_t len, moe_st_file **out) {
+    static const char *fn = "moe_st_open";
+    moe_st_file *f;
+    moe__json j;
+    uint64_t hlen = 0;
+    size_t data_len, names_len = 0, expect;
+    int64_t i, k, e, n = 0;
+    int b;
+    moe_status st;
+    if (len < 8) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' is %zu bytes, too short for a safetensors header", fn, what, len);
+    for (b = 7; b >= 0; b--) hlen = (hlen << 8) | image[b];
+    if (hlen > MOE__ST_MAX_HEADER || hlen > len - 8)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': header length %llu exceeds the file (%zu bytes) or the 100 MB limit", fn, what,
+                         (unsigned long long)hlen, len);
+    data_len = len - 8 - (size_t)hlen;
+    MOE__TRY(moe__json_parse(ctx, fn, (const char *)image + 8, (int64_t)hlen, &j));
+    if (j.t[0].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the header is not a JSON object", fn, what);
+    for (i = 1, k = 0; k < j.t[0].count; k++, i = j.t[i + 1].next) {
+        names_len += (size_t)(j.t[i].end - j.t[i].start) + 1;
+        n++;
+    }
+    f = (moe_st_file *)moe__heap_calloc(ctx, sizeof *f);
+    if (!f) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    f->t = (moe_st_tensor *)moe__heap_calloc(ctx, sizeof(moe_st_tensor) * (size_t)(n + 1));
+    f->names = (char *)moe__heap_calloc(ctx, names_len + 1);
+    if (!f->t || !f->names) {
+        moe_st_close(f);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    }
+    st = MOE_OK;
+    names_len = 0;
+    for (i = 1, k = 0; st == MOE_OK && k < j.t[0].count; k++, i = j.t[i + 1].next) {
+        char *name = f->names + names_len, dt[32];
+        int64_t v = i + 1, dtok, stok, otok, d;
+        double x, beg, end;
+        moe_st_tensor *t = &f->t[f->n];
+        int dtype = -1;
+        size_t bytes;
+        if (!moe__json_str(&j, i, name, MOE__ST_MAX_NAME)) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': a tensor name is too long or invalid", fn, what); break; }
+        names_len += strlen(name) + 1;
+        if (strcmp(name, "__metadata__") == 0) {
+            int64_t mi, mk;
+            if (j.t[v].type != MOE__J_OBJ) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': __metadata__ must be an object", fn, what); break; }
+            for (mi = v + 1, mk = 0; mk < j.t[v].count; mk++, mi = j.t[mi + 1].next)
+                if (j.t[mi + 1].type != MOE__J_STR) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': __metadata__ values must be strings", fn, what); break; }
+            continue;
+        }
+        for (e = 0; e < f->n; e++)
+            if (strcmp(f->t[e].name, name) == 0) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' appears twice", fn, what, name); break; }
+        if (st) break;
+        if (j.t[v].type != MOE__J_OBJ) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': entry '%s' is not an object", fn, what, name); break; }
+        dtok = moe__json_get(&j, v, "dtype");
+        stok = moe__json_get(&j, v, "shape");
+        otok = moe__json_get(&j, v, "data_offsets");
+        if (dtok < 0 || stok < 0 || otok < 0 || !moe__json_str(&j, dtok, dt, sizeof dt) || j.t[stok].type != MOE__J_ARR ||
+            j.t[otok].type != MOE__J_ARR || j.t[otok].count != 2) {
+            st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' needs dtype, shape and two data_offsets", fn, what, name);
+            break;
+        }
+        for (d = 0; d < MOE_ST_DTYPE_COUNT; d++)
+            if (strcmp(dt, moe__st_names[d]) == 0) dtype = (int)d;
+        if (dtype < 0) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has unsupported dtype '%s'", fn, what, name, dt); break; }
+        if (j.t[stok].count > MOE_ST_MAX_DIMS) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has more than %d dims", fn, what, name, MOE_ST_MAX_DIMS); break; }
+        t->name = name;
+        t->dtype = (moe_st_dtype)dtype;
+        t->ndim = (int)j.t[stok].count;
+        t->numel = 1;
+        for (d = 0; d < t->ndim; d++) {
+            if (!moe__json_num(&j, stok + 1 + d, &x) || x < 0 || x != floor(x) || x > 9.0e15 ||
+                (t->numel && x > (double)(((int64_t)1 << 62) / t->numel))) {
+                st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has an invalid or giant shape", fn, what, name);
+                break;
+            }
+            t->shape[d] = (int64_t)x;
+            t->numel *= t->shape[d];
+        }
+        if (st) break;
+        if (!moe__json_num(&j, otok + 1, &beg) || !moe__json_num(&j, otok + 2, &end) || beg < 0 || end < beg ||
+            beg != floor(beg) || end != floor(end) || end > (double)data_len) {
+            st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has data_offsets outside the %zu data bytes", fn, what, name, data_len);
+            break;
+        }
+        if (moe__mul_overflows((size_t)t->numel, moe__st_sizes[dtype], &bytes) || bytes != (size_t)(end - beg)) {
+            st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' holds %.0f bytes but its dtype and shape need %lld x %zu", fn,
+                           what, name, end - beg, (long long)t->numel, moe__st_sizes[dtype]);
+            break;
+        }
+        t->data = image + 8 + (size_t)hlen + (size_t)beg;
+        t->bytes = bytes;
+        f->n++;
+    }
+    if (st) {
+        moe_st_close(f);
+        return st;
+    }
+    /* the tensors must tile the data area: sorted by offset, each starts where the last ended */
+    qsort(f->t, (size_t)f->n, sizeof *f->t, moe__st_cmp_offset);
+    expect = 0;
+    for (i = 0; i < f->n; i++) {
+        size_t at = (size_t)((const unsigned char *)f->t[i].data - (image + 8 + (size_t)hlen));
+        if (at != expect) {
+            const char *nm = f->t[i].name;
+            moe_st_close(f);
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' %s at byte %zu (expected %zu)", fn, what, nm,
+                             at < expect ? "overlaps the previous one" : "leaves a gap", at, expect);
+        }
+        expect += f->t[i].bytes;
+    }
+    if (expect != data_len) {
+        moe_st_close(f);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': %zu data bytes are not covered by any tensor", fn, what, data_len - expect);
+    }
+    f->image = image;
+    f->len = len;
+    *out = f;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_st_open(moe_ctx *ctx, const char *path, moe_st_file **out) {
+    unsigned char *image;
+    size_t len;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_open: out is NULL");
+    *out = NULL;
+    MOE__TRY(moe__read_file(ctx, "moe_st_open", path, (size_t)1 << 40, &image, &len));
+    st = moe__st_parse(ctx, path, image, len, out);
+    if (st) MOE_FREE(image);
+    return st;
+}
+
+MOE_API moe_status moe_st_open_memory(moe_ctx *ctx, const void *bytes, size_t len, moe_st_file **out) {
+    unsigned char *image;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!out || (!bytes && len)) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_open_memory: NULL argument");
+    *out = NULL;
+    image = (unsigned char *)moe__heap_alloc(ctx, len + 1);
+    if (!image) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_st_open_memory: out of memory");
+    if (len) memcpy(image, bytes, len);
+    st = moe__st_parse(ctx, "(memory)", image, len, out);
+    if (st) MOE_FREE(image);
+    return st;
+}
+
+MOE_API void moe_st_close(moe_st_file *f) {
+    if (!f) return;
+    MOE_FREE(f->image);
+    MOE_FREE(f->t);
+    MOE_FREE(f->names);
+    MOE_FREE(f);
+}
+MOE_API int64_t moe_st_count(const moe_st_file *f) { return f ? f->n : 0; }
+MOE_API const moe_st_tensor *moe_st_get(const moe_st_file *f, int64_t i) { return f && i >= 0 && i < f->n ? &f->t[i] : NULL; }
+MOE_API const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name) {
+    int64_t i;
+    if (!f || !name) return NULL;
+    for (i = 0; i < f->n; i++)
+        if (strcmp(f->t[i].name, name) == 0) return &f->t[i];
+    return NULL;
+}
+
+struct moe_st_writer {
+    moe__buf header, data;
+    int64_t n;
+};
+
+MOE_API moe_status moe_st_writer_new(moe_ctx *ctx, moe_st_writer **out) {
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_new: out is NULL");
+    *out = (moe_st_writer *)moe__heap_calloc(ctx, sizeof **out);
+    if (!*out) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_st_writer_new: out of memory");
+    moe__buf_put(&(*out)->header, "{", 1);
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_st_writer_add(moe_ctx *ctx, moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
+                                     const int64_t *shape, const void *data) {
+    char entry[1024];
+    int64_t numel = 1;
+    size_t bytes, at;
+    int d, len;
+    MOE__CHECK_CTX(ctx);
+    if (!w || !name || (!data && ndim > 0) || (ndim > 0 && !shape)) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_add: NULL argument");
+    if ((int)dtype < 0 || dtype >= MOE_ST_DTYPE_COUNT || ndim < 0 || ndim > MOE_ST_MAX_DIMS || strlen(name) > MOE__ST_MAX_NAME ||
+        strchr(name, '"') || strchr(name, '\\'))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_add: bad dtype, ndim or name for '%s'", name);
+    for (d = 0; d < ndim; d++) {
+        if (shape[d] < 0) return moe__fail(ctx, MOE_ERR_SHAPE, "moe_st_writer_add: negative dim in '%s'", name);
+        numel *= shape[d];
+    }
+    bytes = (size_t)numel * moe__st_sizes[dtype];
+    at = w->data.len;
+    len = snprintf(entry, sizeof entry, "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[", w->n ? "," : "", name, moe__st_names[dtype]);
+    for (d = 0; d < ndim; d++) len += snprintf(entry + len, sizeof entry - (size_t)len, d ? ",%lld" : "%lld", (long long)shape[d]);
+    len += snprintf(entry + len, sizeof entry - (size_t)len, "],\"data_offsets\":[%zu,%zu]}", at, at + bytes);
+    moe__buf_put(&w->header, entry, (size_t)len);
+    if (bytes) moe__buf_put(&w->data, data, bytes);
+    w->n++;
+    if (w->header.oom || w->data.oom) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_st_writer_add: out of memory");
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_st_writer_save(moe_ctx *ctx, moe_st_writer *w, const char *path) {
+    moe__buf out;
+    moe_status st;
+    uint64_t hlen;
+    MOE__CHECK_CTX(ctx);
+    if (!w) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_save: writer is NULL");
+    memset(&out, 0, sizeof out);
+    hlen = (uint64_t)w->header.len + 1;
+    hlen = (hlen + 7) & ~(uint64_t)7; /* pad the header with spaces to 8 bytes, as the reference writer does */
+    moe__buf_u64(&out, hlen);
+    moe__buf_put(&out, w->header.p, w->header.len);
+    moe__buf_put(&out, "}", 1);
+    while (out.len < 8 + hlen) moe__buf_put(&out, " ", 1);
+    if (w->data.len) moe__buf_put(&out, w->data.p, w->data.len);
+    st = out.oom ? moe__fail(ctx, MOE_ERR_MEMORY, "moe_st_writer_save: out of memory") : moe__write_atomic(ctx, "moe_st_writer_save", path, out.p, out.len);
+    MOE_FREE(out.p);
+    return st;
+}
+
+MOE_API void moe_st_writer_free(moe_st_writer *w) {
+    if (!w) return;
+    MOE_FREE(w->header.p);
+    MOE_FREE(w->data.p);
+    MOE_FREE(w);
+}
+
+/* ---- Hugging Face names ----
+   Every Hugging Face tensor is a contiguous slice of one model tensor: the fused gate_up
+   weights split into gate_proj rows then up_proj rows, and the [E, ...] expert stacks into
+   one slice per expert. moe__hf_each lists them. */
+
+typedef struct moe__hf_slice {
+    char name[MOE__NAME_MAX + 32];
+    moe_tensor *t;     /* the model tensor */
+    int64_t offset;    /* first element of the slice */
+    int ndim;
+    int64_t shape[2];
+    int linear;        /* a linear layer weight (FP8-quantisable) */
+    const char *fused; /* for expert slices: the HF name of the whole fused stack, else NULL */
+} moe__hf_slice;
+
+typedef moe_status (*moe__hf_fn)(moe_ctx *ctx, void *user, const moe__hf_slice *s);
+
+static moe_status moe__hf_emit(moe_ctx *ctx, moe__hf_fn fn, void *user, moe_tensor *t, int64_t offset, int64_t rows,
+                               int64_t cols, int linear, const char *fused, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 10, 11)))
+#endif
+    ;
+static moe_status moe__hf_emit(moe_ctx *ctx, moe__hf_fn fn, void *user, moe_tensor *t, int64_t offset, int64_t rows,
+                               int64_t cols, int linear, const char *fused, const char *fmt, ...) {
+    moe__hf_slice s;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s.name, sizeof s.name, fmt, ap);
+    va_end(ap);
+    s.t = t;
+    s.offset = offset;
+    s.ndim = cols ? 2 : 1;
+    s.shape[0] = rows;
+    s.shape[1] = cols;
+    s.linear = linear;
+    s.fused = fused;
+    return fn(ctx, user, &s);
+}
+
+/* One model tensor under its HF name(s). */
+static moe_status moe__hf_entry(moe_ctx *ctx, const moe__entry *e, moe__hf_fn fn, void *user) {
+    const char *n = e->name;
+    size_t len = strlen(n);
+    moe_tensor *t = e->t;
+    char prefix[MOE__NAME_MAX];
+    const char *suffix;
+#define MOE__ENDS(sfx) (len >= strlen(sfx) && strcmp(n + len - strlen(sfx), sfx) == 0 && (suffix = sfx) != NULL)
+    if (MOE__ENDS("mlp.experts.gate_up_proj") || MOE__ENDS("mlp.experts.down_proj")) {
+        int64_t E = t->shape[0], r = t->shape[1], c = t->shape[2], x;
+        int gate_up = strstr(suffix, "gate_up") != NULL;
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(len - strlen(suffix)), n);
+        for (x = 0; x < E; x++) {
+            if (gate_up) {
+                MOE__TRY(moe__hf_emit(ctx, fn, user, t, x * r * c, r / 2, c, 1, n, "%smlp.experts.%lld.gate_proj.weight", prefix, (long long)x));
+                MOE__TRY(moe__hf_emit(ctx, fn, user, t, x * r * c + r / 2 * c, r / 2, c, 1, n, "%smlp.experts.%lld.up_proj.weight", prefix, (long long)x));
+            } else {
+                MOE__TRY(moe__hf_emit(ctx, fn, user, t, x * r * c, r, c, 1, n, "%smlp.experts.%lld.down_proj.weight", prefix, (long long)x));
+            }
+        }
+        return MOE_OK;
+    }
+    if (MOE__ENDS("gate_up_proj.weight")) { /* dense MLP or shared experts */
+        int64_t r = t->shape[0], c = t->shape[1];
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(len - strlen(suffix)), n);
+        MOE__TRY(moe__hf_emit(ctx, fn, user, t, 0, r / 2, c, 1, NULL, "%sgate_proj.weight", prefix));
+        return moe__hf_emit(ctx, fn, user, t, r / 2 * c, r / 2, c, 1, NULL, "%sup_proj.weight", prefix);
+    }
+#undef MOE__ENDS
+    return moe__hf_emit(ctx, fn, user, t, 0, t->shape[0], t->ndim == 2 ? t->shape[1] : 0,
+                        t->ndim == 2 && strstr(n, "_proj") != NULL && strstr(n, "eh_proj") == NULL, NULL, "%s", n);
+}
+
+/* Every HF tensor of the model, with the MTP layers' copies of embedding and head. */
+static moe_status moe__hf_each(moe_ctx *ctx, const moe_model *m, int with_copies, moe__hf_fn fn, void *user) {
+    int64_t i, k;
+    for (i = 0; i < m->n_entries; i++) MOE__TRY(moe__hf_entry(ctx, &m->entries[i], fn, user));
+    for (k = 0; with_copies && k < m->cfg.num_nextn_predict_layers; k++) {
+        long long L = (long long)(m->cfg.num_hidden_layers + k);
+        MOE__TRY(moe__hf_emit(ctx, fn, user, m->embed, 0, m->embed->shape[0], m->embed->shape[1], 0, NULL, "model.layers.%lld.embed_tokens.weight", L));
+        MOE__TRY(moe__hf_emit(ctx, fn, user, m->head, 0, m->head->shape[0], m->head->shape[1], 0, NULL, "model.layers.%lld.shared_head.head.weight", L));
+    }
+    return MOE_OK;
+}
+
+/* ---- loading ---- */
+
+typedef struct moe__hf_loader {
+    moe_st_file **files;
+    int64_t n_files;
+    unsigned char **used; /* per file, per tensor: consumed */
+    int64_t block;        /* FP8 weight block size */
+    int pass;             /* 0: check, 1: copy */
+} moe__hf_loader;
+
+static const moe_st_tensor *moe__hf_lookup(moe__hf_loader *L, const char *name, int64_t *fi, int64_t *ti) {
+    int64_t f, i;
+    for (f = 0; f < L->n_files; f++)
+        for (i = 0; i < L->files[f]->n; i++)
+            if (strcmp(L->files[f]->t[i].name, name) == 0) {
+                *fi = f;
+                *ti = i;
+                return &L->files[f]->t[i];
+            }
+    return NULL;
+}
+
+static int moe__hf_float_dtype(moe_st_dtype d) { return d == MOE_ST_F32 || d == MOE_ST_BF16 || d == MOE_ST_F16 || d == MOE_ST_F8_E4M3; }
+
+/* Copy (or check) one HF tensor into its slice, dequantising FP8 blocks. */
+static moe_status moe__hf_load_slice(moe_ctx *ctx, void *user, const moe__hf_slice *s) {
+    static const char *fn = "moe_model_load_hf";
+    moe__hf_loader *L = (moe__hf_loader *)user;
+    const moe_st_tensor *t, *sc = NULL;
+    char scale_name[MOE__NAME_MAX + 64];
+    int64_t fi, ti, sfi = 0, sti = 0, i, rows = s->shape[0], cols = s->ndim == 2 ? s->shape[1] : 1;
+    t = moe__hf_lookup(L, s->name, &fi, &ti);
+    if (!t && s->fused) {
+        /* a fused expert stack ([E, 2I, d] or [E, d, I]) as newer transformers may write it */
+        const moe_st_tensor *whole = moe__hf_lookup(L, s->fused, &fi, &ti);
+        if (whole) {
+            if (whole->ndim != s->t->ndim || whole->numel != s->t->numel || !moe__hf_float_dtype(whole->dtype) || whole->dtype == MOE_ST_F8_E4M3)
+                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has the wrong shape or dtype", fn, s->fused);
+            L->used[fi][ti] = 1;
+            if (L->pass == 1)
+                for (i = 0; i < rows * cols; i++) MOE__F32(s->t)[s->offset + i] = (moe_real)moe_st_value(whole, s->offset + i);
+            return MOE_OK;
+        }
+    }
+    if (!t) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' is missing", fn, s->name);
+    if (t->ndim != s->ndim || t->shape[0] != rows || (s->ndim == 2 && t->shape[1] != cols))
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has shape [%lld%s%lld], want [%lld%s%lld]", fn, s->name,
+                         (long long)t->shape[0], t->ndim > 1 ? ", " : "", (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)rows,
+                         s->ndim > 1 ? ", " : "", (long long)(s->ndim > 1 ? cols : 0));
+    if (!moe__hf_float_dtype(t->dtype)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has dtype %s", fn, s->name, moe__st_names[t->dtype]);
+    L->used[fi][ti] = 1;
+    if (t->dtype == MOE_ST_F8_E4M3) {
+        snprintf(scale_name, sizeof scale_name, "%s_scale_inv", s->name);
+        sc = moe__hf_lookup(L, scale_name, &sfi, &sti);
+        if (!sc || s->ndim != 2 || sc->dtype != MOE_ST_F32 || sc->ndim != 2 || sc->shape[0] != (rows + L->block - 1) / L->block ||
+            sc->shape[1] != (cols + L->block - 1) / L->block)
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: FP8 tensor '%s' needs a [%lld, %lld] F32 '%s'", fn, s->name,
+                             (long long)((rows + L->block - 1) / L->block), (long long)((cols + L->block - 1) / L->block), scale_name);
+        L->used[sfi][sti] = 1;
+    }
+    if (L->pass == 0) return MOE_OK;
+    for (i = 0; i < rows * cols; i++) {
+        float v = moe_st_value(t, i);
+        /* weight_scale_inv multiplies (reference §8.3): W = W_fp8 · scale_inv[block] */
+        if (sc) v *= moe_st_value(sc, (i / cols / L->block) * sc->shape[1] + (i % cols) / L->block);
+        MOE__F32(s->t)[s->offset + i] = (moe_real)v;
+    }
+    return MOE_OK;
+}
+
+/* Tensors a checkpoint may hold that we do not read: the MTP layers' copies of embedding and
+   head, and rotary inv_freq buffers of old exports. */
+static int moe__hf_ignorable(const moe_model *m, const char *name) {
+    int64_t k;
+    char buf[128];
+    if (strstr(name, "rotary_emb.inv_freq")) return 1;
+    for (k = 0; k < m->cfg.num_nextn_predict_layers; k++) {
+        long long L = (long long)(m->cfg.num_hidden_layers + k);
+        snprintf(buf, sizeof buf, "model.layers.%lld.embed_tokens.weight", L);
+        if (strcmp(name, buf) == 0) return 1;
+        snprintf(buf, sizeof buf, "model.layers.%lld.shared_head.head.weight", L);
+        if (strcmp(name, buf) == 0) return 1;
+    }
+    return 0;
+}
+
+MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **out) {
+    static const char *fn = "moe_model_load_hf";
+    char path[4096], shard[1024];
+    moe_config cfg;
+    moe_model *m = NULL;
+    moe__hf_loader L;
+    unsigned char *idx = NULL, *cfgtext = NULL;
+    size_t idx_len, cfg_len;
+    moe_status st;
+    int64_t f, i;
+    MOE__CHECK_CTX(ctx);
+    if (!dir || !out) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL dir or out", fn);
+    *out = NULL;
+    memset(&L, 0, sizeof L);
+    L.block = 128;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 24, &cfgtext, &cfg_len));
+    st = moe_config_parse(ctx, (const char *)cfgtext, cfg_len, &cfg);
+    if (st == MOE_OK) { /* FP8 checkpoints say their block size */
+        moe__json j;
+        int64_t q, b;
+        double v;
+        if (moe__json_parse(ctx, fn, (const char *)cfgtext, (int64_t)cfg_len, &j) == MOE_OK &&
+            (q = moe__json_get(&j, 0, "quantization_config")) >= 0 && (b = moe__json_get(&j, q, "weight_block_size")) >= 0 &&
+            j.t[b].type == MOE__J_ARR && j.t[b].count == 2 && moe__json_num(&j, b + 1, &v) && v >= 1 && v <= 65536)
+            L.block = (int64_t)v;
+    }
+    MOE_FREE(cfgtext);
+    if (st) return st;
+    MOE__TRY(moe_model_new(ctx, &cfg, 0, &m));
+    /* the files: an index of shards, or one model.safetensors */
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len) == MOE_OK) {
+        moe__json j;
+        int64_t wm, k, kk;
+        st = moe__json_parse(ctx, fn, (const char *)idx, (int64_t)idx_len, &j);
+        if (!st && (wm = moe__json_get(&j, 0, "weight_map")) >= 0 && j.t[wm].type == MOE__J_OBJ) {
+            L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *) * (size_t)(j.t[wm].count + 1));
+            char **names = (char **)moe__heap_calloc(ctx, sizeof(char *) * (size_t)(j.t[wm].count + 1));
+            for (k = wm + 1, i = 0; st == MOE_OK && L.files && names && i < j.t[wm].count; i++, k = j.t[k + 1].next) {
+                int dup = 0;
+                if (!moe__json_str(&j, k + 1, shard, sizeof shard) || strchr(shard, '/') || strstr(shard, "..")) {
+                    st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: bad shard name in %s", fn, path);
+                    break;
+                }
+                for (kk = 0; kk < L.n_files; kk++) dup |= strcmp(names[kk], shard) == 0;
+                if (dup) continue;
+                names[L.n_files] = (char *)moe__heap_alloc(ctx, strlen(shard) + 1);
+                if (!names[L.n_files]) { st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn); break; }
+                strcpy(names[L.n_files], shard);
+                snprintf(path, sizeof path, "%s/%s", dir, shard);
+                st = moe_st_open(ctx, path, &L.files[L.n_files]);
+                if (!st) L.n_files++;
+            }
+            if (!L.files || !names) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+            for (kk = 0; names && kk < L.n_files; kk++) MOE_FREE(names[kk]);
+            MOE_FREE(names);
+        } else if (!st) {
+            st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: %s has no weight_map object", fn, path);
+        }
+        MOE_FREE(idx);
+    } else {
+        L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *));
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        st = L.files ? moe_st_open(ctx, path, &L.files[0]) : moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+        if (!st) L.n_files = 1;
+    }
+    if (!st) {
+        L.used = (unsigned char **)moe__heap_calloc(ctx, sizeof(unsigned char *) * (size_t)(L.n_files + 1));
+        for (f = 0; L.used && f < L.n_files; f++) L.used[f] = (unsigned char *)moe__heap_calloc(ctx, (size_t)L.files[f]->n + 1);
+        if (!L.used || (L.n_files && !L.used[L.n_files - 1])) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    }
+    /* pass 0 checks names and shapes, then every file tensor must have been claimed; pass 1 copies */
+    if (!st) st = moe__hf_each(ctx, m, 0, moe__hf_load_slice, &L);
+    for (f = 0; !st && f < L.n_files; f++)
+        for (i = 0; !st && i < L.files[f]->n; i++)
+            if (!L.used[f][i] && !moe__hf_ignorable(m, L.files[f]->t[i].name))
+                st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: unexpected tensor '%s'", fn, L.files[f]->t[i].name);
+    if (!st) {
+        L.pass = 1;
+        st = moe__hf_each(ctx, m, 0, moe__hf_load_slice, &L);
+    }
+    for (f = 0; f < L.n_files; f++) {
+        moe_st_close(L.files[f]);
+        if (L.used) MOE_FREE(L.used[f]);
+    }
+    MOE_FREE(L.files);
+    MOE_FREE(L.used);
+    if (st) {
+        moe_model_free(ctx, m);
+        return st;
+    }
+    *out = m;
+    return MOE_OK;
+}
+
+/* ---- saving ---- */
+
+typedef struct moe__hf_saver {
+    moe_st_writer *w;
+    const moe_hf_save_opts *o;
+    float *buf;
+    uint8_t *q;
+} moe__hf_saver;
+
+static moe_status moe__hf_save_slice(moe_ctx *ctx, void *user, const moe__hf_slice *s) {
+    moe__hf_saver *S = (moe__hf_saver *)user;
+    const moe_real *src;
+    int64_t i, n = s->shape[0] * (s->ndim == 2 ? s->shape[1] : 1);
+    if (S->o->gradients) {
+        if (!s->t->grad) return moe__fail(ctx, MOE_ERR_STATE, "moe_model_save_hf: '%s' has no gradient", s->name);
+        src = (const moe_real *)s->t->grad->data + s->offset;
+    } else {
+        src = MOE__F32(s->t) + s->offset;
+    }
+    for (i = 0; i < n; i++) S->buf[i] = (float)src[i];
+    if (S->o->fp8 && s->linear && !S->o->gradients) {
+        int64_t B = S->o->fp8_block > 0 ? S->o->fp8_block : 128, sh[2];
+        sh[0] = (s->shape[0] + B - 1) / B;
+        sh[1] = (s->shape[1] + B - 1) / B;
+        MOE__TRY(moe_fp8_quantize_blocks(ctx, S->buf, s->shape[0], s->shape[1], B, S->q, S->buf + n));
+        MOE__TRY(moe_st_writer_add(ctx, S->w, s->name, MOE_ST_F8_E4M3, 2, s->shape, S->q));
+        {
+            char name[MOE__NAME_MAX + 64];
+            snprintf(name, sizeof name, "%s_scale_inv", s->name);
+            return moe_st_writer_add(ctx, S->w, name, MOE_ST_F32, 2, sh, S->buf + n);
+        }
+    }
+    return moe_st_writer_add(ctx, S->w, s->name, MOE_ST_F32, s->ndim, s->shape, S->buf);
+}
+
+MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const char *dir, const moe_hf_save_opts *opts) {
+    static const char *fn = "moe_model_save_hf";
+    moe_hf_save_opts o;
+    moe__hf_saver S;
+    char path[4096], cfg[8192];
+    int64_t i, biggest = 0;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!m || !dir) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL model or dir", fn);
+    memset(&o, 0, sizeof o);
+    if (opts) o = *opts;
+    if (o.fp8_block <= 0) o.fp8_block = 128;
+    for (i = 0; i < m->n_entries; i++) biggest = m->entries[i].t->numel > biggest ? m->entries[i].t->numel : biggest;
+    memset(&S, 0, sizeof S);
+    S.o = &o;
+    S.buf = (float *)moe__heap_alloc(ctx, sizeof(float) * (size_t)(2 * biggest + 16));
+    S.q = (uint8_t *)moe__heap_alloc(ctx, (size_t)biggest + 16);
+    if (!S.buf || !S.q) {
+        MOE_FREE(S.buf);
+        MOE_FREE(S.q);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    }
+    st = moe_st_writer_new(ctx, &S.w);
+    if (!st) st = moe__hf_each(ctx, m, !o.gradients, moe__hf_save_slice, &S);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (!st) st = moe_st_writer_save(ctx, S.w, path);
+    moe_st_writer_free(S.w);
+    MOE_FREE(S.buf);
+    MOE_FREE(S.q);
+    if (st || o.gradients) return st;
+    moe__config_json(&m->cfg, cfg, sizeof cfg);
+    if (o.fp8) { /* the text ends "...\n}\n": continue the object before its closing brace */
+        char *close = strrchr(cfg, '}') - 1;
+        snprintf(close, sizeof cfg - (size_t)(close - cfg),
+                 ",\n  \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", \"quant_method\": \"fp8\", "
+                 "\"weight_block_size\": [%lld, %lld]}\n}\n", (long long)o.fp8_block, (long long)o.fp8_block);
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    return moe__write_atomic(ctx, fn, path, cfg, strlen(cfg));
 }
 
 #if defined(MOE_CUDA) && defined(__CUDACC__)

@@ -8,9 +8,9 @@
        ./build.sh run                       # the defaults below, about four minutes on 2 cores
        ./build.sh example train_tiny --help
 
-   It prints a progress line, writes OUT/log.csv and OUT/ckpt.bin, and ends with a text
-   sample, a summary (validation bits per byte next to xz's on the same text) and one JSON
-   line. */
+   It prints a progress line, writes OUT/log.csv, OUT/ckpt.bin (for --resume) and OUT/hf/ (a
+   Hugging Face DeepseekV3 directory), and ends with a text sample, a summary (validation bits
+   per byte next to xz's on the same text) and one JSON line. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -302,6 +302,12 @@ int main(int argc, char **argv) {
     fclose(csv);
     snprintf(path, sizeof path, "%s/ckpt.bin", o.out);
     CHECK(moe_ckpt_save(ctx, path, m, opt, &st));
+    {
+        char hf[1024];
+        snprintf(hf, sizeof hf, "%s/hf", o.out);
+        make_dirs(hf);
+        CHECK(moe_model_save_hf(ctx, m, hf, NULL)); /* config.json + model.safetensors for transformers */
+    }
 
     /* the whole validation text, window by window */
     {

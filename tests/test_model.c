@@ -417,6 +417,51 @@ static void test_param_counts_tiny(void) {
     moe_model_free(g_ctx, m);
 }
 
+
+/* Hugging Face directory round trip: values exactly, and FP8 blocks within the E4M3 bound. */
+static void test_hf_round_trip(void) {
+    moe_config c = micro();
+    moe_model *a = NULL, *b = NULL;
+    moe_hf_save_opts o;
+    int64_t i, j;
+    double worst = 0;
+    system("mkdir -p build/test_hf build/test_hf8");
+    T_ASSERT(moe_model_new(g_ctx, &c, 5, &a) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_model_save_hf(g_ctx, a, "build/test_hf", NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_model_load_hf(g_ctx, "build/test_hf", &b) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(models_equal(a, b), "F32 safetensors round trip changed values");
+    {
+        moe_st_file *f = NULL;
+        T_ASSERT(moe_st_open(g_ctx, "build/test_hf/model.safetensors", &f) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        T_CHECK(moe_st_find(f, "model.layers.1.mlp.experts.7.down_proj.weight") && moe_st_find(f, "model.layers.0.mlp.gate_proj.weight") &&
+                    moe_st_find(f, "model.layers.2.eh_proj.weight") && moe_st_find(f, "model.layers.2.shared_head.head.weight"),
+                "Hugging Face names present");
+        T_NOTE("%lld tensors in the HF file", (long long)moe_st_count(f));
+        moe_st_close(f);
+    }
+    moe_model_free(g_ctx, b);
+    memset(&o, 0, sizeof o);
+    o.fp8 = 1;
+    o.fp8_block = 16;
+    T_ASSERT(moe_model_save_hf(g_ctx, a, "build/test_hf8", &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_model_load_hf(g_ctx, "build/test_hf8", &b) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < moe_model_tensor_count(a); i++) {
+        const char *name;
+        moe_tensor *x = moe_model_tensor(a, i, &name, NULL), *y = moe_model_tensor(b, i, NULL, NULL);
+        double amax = 0;
+        for (j = 0; j < x->numel; j++) amax = fabs(moe_tensor_get(x, j)) > amax ? fabs(moe_tensor_get(x, j)) : amax;
+        for (j = 0; j < x->numel; j++) {
+            /* E4M3 keeps 3 mantissa bits: relative error ≤ 2^-4, plus subnormals ≤ scale·2^-10 */
+            double e = fabs(moe_tensor_get(x, j) - moe_tensor_get(y, j)), bound = fabs(moe_tensor_get(x, j)) / 16 + amax / 448 / 1024 + 1e-30;
+            worst = e / bound > worst ? e / bound : worst;
+        }
+    }
+    T_CHECK(worst <= 1.0, "FP8 round trip error %.3g x the E4M3 bound", worst);
+    T_NOTE("FP8 (16x16 blocks) round trip: worst error %.2f x the E4M3 bound", worst);
+    moe_model_free(g_ctx, b);
+    moe_model_free(g_ctx, a);
+}
+
 int main(int argc, char **argv) {
     t_filter = argc > 1 ? argv[1] : NULL;
     if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
@@ -432,6 +477,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_training_loop_allocates_nothing);
     T_RUN_FILTERED(test_checkpoint_resume_bit_identical);
     T_RUN_FILTERED(test_checkpoint_corruption_refused);
+    T_RUN_FILTERED(test_hf_round_trip);
     T_RUN_FILTERED(test_aux_free_balancing);
     moe_ctx_free(g_ctx);
     return t_summary();
