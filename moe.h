@@ -5136,6 +5136,7 @@ typedef struct moe__hf_slice {
     int ndim;
     int64_t shape[2];
     int linear;        /* a linear layer weight (FP8-quantisable) */
+    int buffer;        /* not a parameter (the expert bias): has no gradient */
     const char *fused; /* for expert slices: the HF name of the whole fused stack, else NULL */
 } moe__hf_slice;
 
@@ -5160,6 +5161,7 @@ static moe_status moe__hf_emit(moe_ctx *ctx, moe__hf_fn fn, void *user, moe_tens
     s.shape[0] = rows;
     s.shape[1] = cols;
     s.linear = linear;
+    s.buffer = !t->requires_grad;
     s.fused = fused;
     return fn(ctx, user, &s);
 }
@@ -5405,6 +5407,7 @@ static moe_status moe__hf_save_slice(moe_ctx *ctx, void *user, const moe__hf_sli
     const moe_real *src;
     int64_t i, n = s->shape[0] * (s->ndim == 2 ? s->shape[1] : 1);
     if (S->o->gradients) {
+        if (s->buffer) return MOE_OK;
         if (!s->t->grad) return moe__fail(ctx, MOE_ERR_STATE, "moe_model_save_hf: '%s' has no gradient", s->name);
         src = (const moe_real *)s->t->grad->data + s->offset;
     } else {
