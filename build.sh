@@ -64,6 +64,11 @@ build_all() {
         [ -e "$f" ] || continue
         compile "$BUILD/$(basename "$f" .c)" "$f"
     done
+    compile "$BUILD/parity_tool" tests/parity/parity_tool.c
+    for f in bench/*.c; do
+        [ "$(basename "$f")" = gemm.c ] && continue # needs OpenBLAS: built by ./build.sh bench
+        compile "$BUILD/bench_$(basename "$f" .c)" "$f"
+    done
     build_cuda_check
 }
 
@@ -117,8 +122,17 @@ suite_sanitize() {
     done
 }
 
-UNIT_SUITES="numerics ops gradcheck determinism badinput"
-ALL_SUITES="$UNIT_SUITES compile sanitize"
+suite_parity() {
+    # External oracles: Hugging Face transformers + PyTorch, ml_dtypes (a cached venv).
+    bash data/prepare.sh >&2
+    if ! compile "$BUILD/parity_tool" tests/parity/parity_tool.c || ! compile "$BUILD/train_tiny" examples/train_tiny.c; then
+        log "parity tools do not compile"; FAILED=$((FAILED + 1)); return
+    fi
+    run_suite parity bash tests/parity/run.sh
+}
+
+UNIT_SUITES="numerics ops gradcheck determinism model badinput"
+ALL_SUITES="$UNIT_SUITES compile sanitize parity"
 
 cmd_test() {
     local only=${1:-}
@@ -128,6 +142,7 @@ cmd_test() {
         case $s in
             compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
             sanitize) suite_sanitize ;;
+            parity) suite_parity ;;
             *)
                 if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
                 else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;

@@ -41,6 +41,14 @@
 #else
 #define BI_FORK 0
 #endif
+/* The safetensors and Hugging Face cases write files and directories under build/. */
+#if defined(__unix__) || defined(__APPLE__)
+#define BI_POSIX 1
+#include <sys/stat.h>
+#include <unistd.h>
+#else
+#define BI_POSIX 0
+#endif
 
 /* One case asks for a 1 PiB tensor and expects MOE_ERR_MEMORY: let ASan's malloc return
    NULL there instead of aborting the process. */
@@ -845,6 +853,582 @@ CASE(backward_arena_limit) { /* the forward fits, the gradients do not */
     return s;
 }
 
+/* ---- safetensors: hostile files, built in memory (and a few written under build/) ----
+   Each case builds one image with one thing wrong and opens it; a file that opens anyway
+   is closed, so the leak check stays meaningful either way. */
+
+static void bi_flag(const char *what) {
+    if (!g_setup_err[0]) snprintf(g_setup_err, sizeof g_setup_err, "%s", what);
+}
+static long bi_pid(void) {
+#if BI_POSIX
+    return (long)getpid();
+#else
+    return 0;
+#endif
+}
+static void put_u64le(unsigned char *p, uint64_t v) {
+    int b;
+    for (b = 0; b < 8; b++) p[b] = (unsigned char)(v >> (8 * b));
+}
+
+/* The 8-byte length hlen, the header text, then data_len data bytes (1, 2, 3, ...). malloc'd. */
+static unsigned char *st_image(const char *header, size_t header_len, uint64_t hlen, size_t data_len, size_t *len) {
+    size_t i;
+    unsigned char *p;
+    *len = 8 + header_len + data_len;
+    p = (unsigned char *)malloc(*len);
+    if (!p) {
+        bi_flag("out of memory building a safetensors image");
+        return NULL;
+    }
+    put_u64le(p, hlen);
+    if (header_len) memcpy(p + 8, header, header_len);
+    for (i = 0; i < data_len; i++) p[8 + header_len + i] = (unsigned char)(i + 1);
+    return p;
+}
+
+/* moe_st_open_memory on bytes; on failure *out must stay NULL. */
+static moe_status st_try_memory(moe_ctx *ctx, const void *bytes, size_t len) {
+    moe_st_file *f = NULL;
+    moe_status s = moe_st_open_memory(ctx, bytes, len, &f);
+    if (s != MOE_OK && f) bi_flag("moe_st_open_memory failed but left *out non-NULL");
+    if (s == MOE_OK) moe_st_close(f);
+    return s;
+}
+
+/* The same bytes written to build/bi_st_<pid>.safetensors and read back with moe_st_open. */
+static moe_status st_try_file(moe_ctx *ctx, const void *bytes, size_t len) {
+    char path[256];
+    FILE *fp;
+    moe_st_file *f = NULL;
+    moe_status s;
+    snprintf(path, sizeof path, "build/bi_st_%ld.safetensors", bi_pid());
+    fp = fopen(path, "wb");
+    if (!fp || (len && fwrite(bytes, 1, len, fp) != len)) {
+        if (fp) fclose(fp);
+        remove(path);
+        bi_flag("cannot write a file under build/ (run from the repository root)");
+        return MOE_ERR_IO;
+    }
+    fclose(fp);
+    s = moe_st_open(ctx, path, &f);
+    if (s != MOE_OK && f) bi_flag("moe_st_open failed but left *out non-NULL");
+    if (s == MOE_OK) moe_st_close(f);
+    remove(path);
+    return s;
+}
+
+/* A header (its true length) and data_len data bytes, from memory or from a file. */
+static moe_status st_hdr(moe_ctx *ctx, const char *header, size_t data_len, int from_file) {
+    size_t len;
+    moe_status s;
+    unsigned char *img = st_image(header, strlen(header), strlen(header), data_len, &len);
+    if (!img) return MOE_ERR_MEMORY;
+    s = from_file ? st_try_file(ctx, img, len) : st_try_memory(ctx, img, len);
+    free(img);
+    return s;
+}
+#define ST_MEM(header, data_len) st_hdr(ctx, header, data_len, 0)
+#define ST_FILE(header, data_len) st_hdr(ctx, header, data_len, 1)
+/* One well-formed F32 [1] entry named a at bytes [0, 4). */
+#define ST_A "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}"
+
+/* A header length that disagrees with the file. */
+static moe_status st_hlen(moe_ctx *ctx, uint64_t hlen) {
+    size_t len;
+    moe_status s;
+    const char *h = "{" ST_A "}";
+    unsigned char *img = st_image(h, strlen(h), hlen, 4, &len);
+    if (!img) return MOE_ERR_MEMORY;
+    s = st_try_memory(ctx, img, len);
+    free(img);
+    return s;
+}
+
+/* -- the file is too short or its header length is wrong -- */
+CASE(st_mem_empty) { return st_try_memory(ctx, NULL, 0); }
+CASE(st_mem_7_bytes) {
+    static const unsigned char b[7] = {2, 0, 0, 0, 0, 0, 0};
+    return st_try_memory(ctx, b, sizeof b);
+}
+CASE(st_file_empty) { return st_try_file(ctx, "", 0); }
+CASE(st_file_5_bytes) { return st_try_file(ctx, "\x02\0\0\0\0", 5); }
+CASE(st_header_cut_short) { /* the length says 52 header bytes, the file stops after 20 */
+    size_t len;
+    moe_status s;
+    const char *h = "{" ST_A "}";
+    unsigned char *img = st_image(h, strlen(h), strlen(h), 4, &len);
+    if (!img) return MOE_ERR_MEMORY;
+    s = st_try_memory(ctx, img, 8 + 20);
+    free(img);
+    return s;
+}
+CASE(st_file_header_cut_short) {
+    size_t len;
+    moe_status s;
+    const char *h = "{" ST_A "}";
+    unsigned char *img = st_image(h, strlen(h), strlen(h), 4, &len);
+    if (!img) return MOE_ERR_MEMORY;
+    s = st_try_file(ctx, img, 8 + strlen(h) - 1);
+    free(img);
+    return s;
+}
+CASE(st_header_len_one_past_file) { return st_hlen(ctx, strlen("{" ST_A "}") + 4 + 1); }
+CASE(st_header_len_2_63) { return st_hlen(ctx, (uint64_t)1 << 63); }
+CASE(st_header_len_all_ones) { return st_hlen(ctx, ~(uint64_t)0); }
+CASE(st_header_len_zero) { return st_hlen(ctx, 0); } /* an empty header is not JSON */
+CASE(st_header_over_100mb) { /* a valid "{}" padded with spaces to 100 MiB + 8: only the limit refuses it */
+    size_t hl = ((size_t)100 << 20) + 8, len = 8 + hl;
+    unsigned char *img = (unsigned char *)malloc(len);
+    moe_status s;
+    if (!img) {
+        bi_flag("out of memory building a 100 MB image");
+        return MOE_ERR_MEMORY;
+    }
+    put_u64le(img, hl);
+    memset(img + 8, ' ', hl);
+    img[8] = '{';
+    img[9] = '}';
+    s = st_try_memory(ctx, img, len);
+    free(img);
+    return s;
+}
+
+/* -- the header is not valid JSON -- */
+CASE(st_json_unterminated_string) { return ST_MEM("{\"a\":{\"dtype\":\"F32}}", 4); }
+CASE(st_json_trailing_comma_object) { return ST_MEM("{" ST_A ",}", 4); }
+CASE(st_json_trailing_comma_array) {
+    return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1,],\"data_offsets\":[0,4]}}", 4);
+}
+CASE(st_json_bad_escape) { return ST_MEM("{\"a\\x41\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_bad_unicode_escape) { return ST_MEM("{\"\\u12G4\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_bare_word) { return ST_MEM("{\"a\":{\"dtype\":F32,\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_unquoted_key) { return ST_MEM("{a:{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_single_quotes) { return ST_MEM("{'a':{'dtype':'F32','shape':[1],'data_offsets':[0,4]}}", 4); }
+CASE(st_json_leading_zero) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[01],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_raw_newline_in_string) { return ST_MEM("{\"a\nb\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_json_text_after_object) { return ST_MEM("{" ST_A "} {}", 4); }
+CASE(st_json_nul_byte) { /* a NUL inside the header, where a JSON reader on C strings would stop */
+    static const char h[] = "{" ST_A "}\0 ";
+    size_t len;
+    moe_status s;
+    unsigned char *img = st_image(h, sizeof h - 1, sizeof h - 1, 4, &len);
+    if (!img) return MOE_ERR_MEMORY;
+    s = st_try_memory(ctx, img, len);
+    free(img);
+    return s;
+}
+CASE(st_json_deep_nesting) { /* {"a": [[[[...10000...]]]]} */
+    size_t n = 10000, i, hl = 6 + 2 * n + 1, len;
+    char *h = (char *)malloc(hl + 1);
+    unsigned char *img;
+    moe_status s;
+    if (!h) return MOE_ERR_MEMORY;
+    memcpy(h, "{\"a\":", 5);
+    for (i = 0; i < n; i++) h[5 + i] = '[';
+    for (i = 0; i < n; i++) h[5 + n + i] = ']';
+    h[5 + 2 * n] = '}';
+    h[6 + 2 * n] = 0;
+    img = st_image(h, strlen(h), strlen(h), 0, &len);
+    free(h);
+    if (!img) return MOE_ERR_MEMORY;
+    s = st_try_memory(ctx, img, len);
+    free(img);
+    return s;
+}
+CASE(st_file_invalid_json) { return ST_FILE("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4); }
+
+/* -- valid JSON, not a valid header -- */
+CASE(st_header_array) { return ST_MEM("[]", 0); }
+CASE(st_header_string) { return ST_MEM("\"F32\"", 0); }
+CASE(st_header_null) { return ST_MEM("null", 0); }
+CASE(st_entry_array) { return ST_MEM("{\"a\":[0,4]}", 4); }
+CASE(st_entry_string) { return ST_MEM("{\"a\":\"F32\"}", 4); }
+CASE(st_missing_dtype) { return ST_MEM("{\"a\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_missing_shape) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4); }
+CASE(st_missing_data_offsets) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4); }
+CASE(st_dtype_not_string) { return ST_MEM("{\"a\":{\"dtype\":4,\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_not_array) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":1,\"data_offsets\":[0,4]}}", 4); }
+CASE(st_data_offsets_three) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4,8]}}", 8); }
+CASE(st_dtype_unknown) { return ST_MEM("{\"a\":{\"dtype\":\"Q4_K\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_dtype_lowercase) { return ST_MEM("{\"a\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_negative_dim) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_fractional_dim) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_string_dim) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[\"1\"],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_1e300_dim) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1e300],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_shape_numel_overflow) { /* 2^32 · 2^32 · 2^32 elements: wraps a 64-bit count to 0 */
+    return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,4294967296],\"data_offsets\":[0,0]}}", 0);
+}
+CASE(st_shape_bytes_overflow) { /* 2^62 BF16 elements = 2^63 bytes */
+    return ST_MEM("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2147483648,2147483648],\"data_offsets\":[0,4]}}", 4);
+}
+CASE(st_shape_9_dims) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_offsets_reversed) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,0]}}", 4); }
+CASE(st_offsets_negative) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-4,0]}}", 4); }
+CASE(st_offsets_fractional) { return ST_MEM("{\"a\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[0.5,4.5]}}", 5); }
+CASE(st_offsets_beyond_data) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 4); }
+CASE(st_offsets_huge) { return ST_MEM("{\"a\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[18446744073709551608,18446744073709551616]}}", 8); }
+CASE(st_bytes_mismatch) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8); }
+CASE(st_bytes_mismatch_bf16) { return ST_MEM("{\"a\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,4]}}", 4); }
+CASE(st_tensors_overlap) {
+    return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+                  "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 12);
+}
+CASE(st_tensors_same_range) {
+    return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                  "\"b\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4);
+}
+CASE(st_tensors_gap) {
+    return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                  "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}", 12);
+}
+CASE(st_gap_at_start) { return ST_MEM("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8); }
+CASE(st_data_left_over) { return ST_MEM("{" ST_A "}", 8); }
+CASE(st_file_data_left_over) { return ST_FILE("{" ST_A "}", 5); }
+CASE(st_data_without_tensors) { return ST_MEM("{}", 16); }
+CASE(st_duplicate_name) {
+    return ST_MEM("{" ST_A ",\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+}
+CASE(st_duplicate_name_escaped) { /* "\u0061" is "a" */
+    return ST_MEM("{" ST_A ",\"\\u0061\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+}
+CASE(st_name_with_nul_escape) { /* "a\u0000b" decodes to a name with a NUL: must not alias "a" */
+    return ST_MEM("{" ST_A ",\"a\\u0000b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+}
+CASE(st_name_too_long) {
+    char h[1024];
+    char name[601];
+    memset(name, 'n', 600);
+    name[600] = 0;
+    snprintf(h, sizeof h, "{\"%s\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", name);
+    return ST_MEM(h, 4);
+}
+CASE(st_metadata_number_value) { return ST_MEM("{\"__metadata__\":{\"format\":\"pt\",\"step\":7}," ST_A "}", 4); }
+CASE(st_metadata_object_value) { return ST_MEM("{\"__metadata__\":{\"x\":{\"y\":\"z\"}}," ST_A "}", 4); }
+CASE(st_metadata_not_object) { return ST_MEM("{\"__metadata__\":\"pt\"," ST_A "}", 4); }
+
+/* -- wrong arguments -- */
+CASE(st_open_null_out) { return moe_st_open(ctx, "build/whatever.safetensors", NULL); }
+/* volatile: with a literal NULL, gcc -O3 inlines moe_st_open and warns (-Wformat-overflow) about
+   a '%s' of NULL on a path it cannot tell is dead */
+static const char *volatile g_null_path = NULL;
+CASE(st_open_null_path) {
+    moe_st_file *f = NULL;
+    moe_status s = moe_st_open(ctx, g_null_path, &f);
+    moe_st_close(f);
+    return s;
+}
+CASE(st_open_missing_file) {
+    moe_st_file *f = NULL;
+    moe_status s = moe_st_open(ctx, "build/bi_no_such_file.safetensors", &f);
+    moe_st_close(f);
+    return s;
+}
+CASE(st_open_memory_null_bytes) { return st_try_memory(ctx, NULL, 16); }
+CASE(st_open_memory_null_out) {
+    static const unsigned char b[8] = {0};
+    return moe_st_open_memory(ctx, b, sizeof b, NULL);
+}
+
+/* -- the writer -- */
+static float g_wdata[16];
+static moe_status st_writer_one(moe_ctx *ctx, const char *name, moe_st_dtype dt, int ndim, const int64_t *shape) {
+    moe_st_writer *w = NULL;
+    moe_status s;
+    need(ctx, moe_st_writer_new(ctx, &w), "moe_st_writer_new");
+    if (!w) return MOE_ERR_MEMORY;
+    s = moe_st_writer_add(ctx, w, name, dt, ndim, shape, g_wdata);
+    moe_st_writer_free(w);
+    return s;
+}
+CASE(st_writer_new_null_out) { return moe_st_writer_new(ctx, NULL); }
+CASE(st_writer_add_null_writer) {
+    int64_t s1 = 1;
+    return moe_st_writer_add(ctx, NULL, "a", MOE_ST_F32, 1, &s1, g_wdata);
+}
+CASE(st_writer_add_null_name) {
+    int64_t s1 = 1;
+    return st_writer_one(ctx, NULL, MOE_ST_F32, 1, &s1);
+}
+CASE(st_writer_add_quote_in_name) {
+    int64_t s1 = 1;
+    return st_writer_one(ctx, "a\"b", MOE_ST_F32, 1, &s1);
+}
+CASE(st_writer_add_dtype_count) {
+    int64_t s1 = 1;
+    return st_writer_one(ctx, "a", MOE_ST_DTYPE_COUNT, 1, &s1);
+}
+CASE(st_writer_add_9_dims) {
+    int64_t s9[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+    return st_writer_one(ctx, "a", MOE_ST_F32, 9, s9);
+}
+CASE(st_writer_add_negative_dim) {
+    int64_t s2[2] = {2, -2};
+    return st_writer_one(ctx, "a", MOE_ST_F32, 2, s2);
+}
+CASE(st_writer_add_bytes_wrap) { /* 2^62 F32 elements = 2^64 bytes: wraps to 0 in size_t */
+    int64_t s2[2] = {(int64_t)1 << 31, (int64_t)1 << 31};
+    return st_writer_one(ctx, "a", MOE_ST_F32, 2, s2);
+}
+CASE(st_writer_add_bytes_over_half) { /* 2^61 + 1 F32 elements = 2^63 + 4 bytes */
+    int64_t s1 = ((int64_t)1 << 61) + 1;
+    return st_writer_one(ctx, "a", MOE_ST_F32, 1, &s1);
+}
+CASE(st_writer_add_duplicate_name) { /* the file would be refused by moe_st_open */
+    moe_st_writer *w = NULL;
+    int64_t s1 = 1;
+    moe_status s;
+    need(ctx, moe_st_writer_new(ctx, &w), "moe_st_writer_new");
+    if (!w) return MOE_ERR_MEMORY;
+    need(ctx, moe_st_writer_add(ctx, w, "a", MOE_ST_F32, 1, &s1, g_wdata), "moe_st_writer_add");
+    s = moe_st_writer_add(ctx, w, "a", MOE_ST_F32, 1, &s1, g_wdata);
+    moe_st_writer_free(w);
+    return s;
+}
+CASE(st_writer_save_null_writer) { return moe_st_writer_save(ctx, NULL, "build/bi_never.safetensors"); }
+CASE(st_writer_save_missing_dir) {
+    moe_st_writer *w = NULL;
+    int64_t s1 = 1;
+    moe_status s;
+    need(ctx, moe_st_writer_new(ctx, &w), "moe_st_writer_new");
+    if (!w) return MOE_ERR_MEMORY;
+    need(ctx, moe_st_writer_add(ctx, w, "a", MOE_ST_F32, 1, &s1, g_wdata), "moe_st_writer_add");
+    s = moe_st_writer_save(ctx, w, "build/bi_no_such_dir/x.safetensors");
+    moe_st_writer_free(w);
+    return s;
+}
+
+/* ---- Hugging Face directories: a small model saved with moe_model_save_hf, then tampered ---- */
+
+static moe_config hf_small_config(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 32; c.hidden_size = 16; c.intermediate_size = 32; c.moe_intermediate_size = 8;
+    c.num_hidden_layers = 2; c.first_k_dense_replace = 1; c.num_attention_heads = 2;
+    c.q_lora_rank = 8; c.kv_lora_rank = 8; c.qk_nope_head_dim = 4; c.qk_rope_head_dim = 4; c.v_head_dim = 4;
+    c.n_routed_experts = 4; c.num_experts_per_tok = 2; c.n_group = 2; c.topk_group = 1;
+    c.max_position_embeddings = 16;
+    return c;
+}
+
+static char g_hfdir[256];
+static char g_hfpath[512];
+static const char *hf_file(const char *name) {
+    snprintf(g_hfpath, sizeof g_hfpath, "%s/%s", g_hfdir, name);
+    return g_hfpath;
+}
+
+/* build/bi_hf_<pid>/ with config.json and model.safetensors of a fresh small model (seed 7). */
+static int hf_make(moe_ctx *ctx, const moe_hf_save_opts *opts) {
+    moe_config c = hf_small_config();
+    moe_model *m = NULL;
+    moe_status s;
+    snprintf(g_hfdir, sizeof g_hfdir, "build/bi_hf_%ld", bi_pid());
+#if BI_POSIX
+    mkdir(g_hfdir, 0777);
+#endif
+    s = moe_model_new(ctx, &c, 7, &m);
+    need(ctx, s, "moe_model_new");
+    if (s) return 0;
+    s = moe_model_save_hf(ctx, m, g_hfdir, opts);
+    need(ctx, s, "moe_model_save_hf");
+    moe_model_free(ctx, m);
+    return s == MOE_OK;
+}
+
+/* Remove everything hf_make and the cases may have put in the directory. */
+static void hf_clean(void) {
+    static const char *const files[] = {"config.json", "model.safetensors", "model.safetensors.index.json",
+                                        "model-00001-of-00002.safetensors"};
+    size_t i;
+    for (i = 0; i < sizeof files / sizeof files[0]; i++) remove(hf_file(files[i]));
+#if BI_POSIX
+    rmdir(g_hfdir);
+#endif
+}
+
+static int hf_write(const char *name, const char *text) {
+    FILE *fp = fopen(hf_file(name), "wb");
+    size_t n = strlen(text);
+    if (!fp || fwrite(text, 1, n, fp) != n) {
+        if (fp) fclose(fp);
+        bi_flag("cannot write into the HF directory");
+        return 0;
+    }
+    fclose(fp);
+    return 1;
+}
+
+/* Rewrite model.safetensors: drop one tensor, halve the first dim of another, give a third
+   another dtype (same bytes), and/or add an extra F32 [4] tensor. */
+static int hf_rewrite(moe_ctx *ctx, const char *drop, const char *reshape, const char *retype, moe_st_dtype new_dtype,
+                      const char *extra) {
+    moe_st_file *f = NULL;
+    moe_st_writer *w = NULL;
+    int64_t i;
+    moe_status s = moe_st_open(ctx, hf_file("model.safetensors"), &f);
+    need(ctx, s, "moe_st_open (model.safetensors)");
+    if (s) return 0;
+    s = moe_st_writer_new(ctx, &w);
+    for (i = 0; s == MOE_OK && i < moe_st_count(f); i++) {
+        const moe_st_tensor *t = moe_st_get(f, i);
+        int64_t shape[MOE_ST_MAX_DIMS];
+        moe_st_dtype dt = t->dtype;
+        memcpy(shape, t->shape, sizeof shape);
+        if (drop && strcmp(t->name, drop) == 0) continue;
+        if (reshape && strcmp(t->name, reshape) == 0) shape[0] /= 2;
+        if (retype && strcmp(t->name, retype) == 0) dt = new_dtype;
+        s = moe_st_writer_add(ctx, w, t->name, dt, t->ndim, shape, t->data);
+    }
+    if (s == MOE_OK && extra) {
+        int64_t s4 = 4;
+        s = moe_st_writer_add(ctx, w, extra, MOE_ST_F32, 1, &s4, g_wdata);
+    }
+    if (s == MOE_OK) s = moe_st_writer_save(ctx, w, hf_file("model.safetensors"));
+    need(ctx, s, "rewriting model.safetensors");
+    moe_st_writer_free(w);
+    moe_st_close(f);
+    return s == MOE_OK;
+}
+
+/* moe_model_load_hf on the directory; a model that loads anyway is freed; then clean up. */
+static moe_status hf_load(moe_ctx *ctx) {
+    moe_model *m = NULL;
+    moe_status s = moe_model_load_hf(ctx, g_hfdir, &m);
+    if (s != MOE_OK && m) bi_flag("moe_model_load_hf failed but set *out");
+    if (s == MOE_OK) moe_model_free(ctx, m);
+    hf_clean();
+    return s;
+}
+#define HF_SETUP()                       \
+    do {                                 \
+        if (!hf_make(ctx, NULL)) {       \
+            hf_clean();                  \
+            return MOE_ERR_IO;           \
+        }                                \
+    } while (0)
+
+#if BI_POSIX
+CASE(hf_missing_config) {
+    HF_SETUP();
+    remove(hf_file("config.json"));
+    return hf_load(ctx);
+}
+CASE(hf_config_invalid_json) {
+    HF_SETUP();
+    hf_write("config.json", "{\"hidden_size\": 16, \"num_hidden_layers\": 2,}\n");
+    return hf_load(ctx);
+}
+CASE(hf_config_not_object) {
+    HF_SETUP();
+    hf_write("config.json", "[16, 2]\n");
+    return hf_load(ctx);
+}
+CASE(hf_missing_safetensors) {
+    HF_SETUP();
+    remove(hf_file("model.safetensors"));
+    return hf_load(ctx);
+}
+CASE(hf_truncated_safetensors) { /* the last byte of the data cut off */
+    struct stat sb;
+    HF_SETUP();
+    if (stat(hf_file("model.safetensors"), &sb) != 0 || truncate(g_hfpath, sb.st_size - 1) != 0)
+        bi_flag("cannot truncate model.safetensors");
+    return hf_load(ctx);
+}
+CASE(hf_tensor_missing) {
+    HF_SETUP();
+    if (hf_rewrite(ctx, "model.norm.weight", NULL, NULL, MOE_ST_F32, NULL)) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_expert_tensor_missing) {
+    HF_SETUP();
+    if (hf_rewrite(ctx, "model.layers.1.mlp.experts.2.up_proj.weight", NULL, NULL, MOE_ST_F32, NULL)) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_extra_tensor) {
+    HF_SETUP();
+    if (hf_rewrite(ctx, NULL, NULL, NULL, MOE_ST_F32, "model.layers.0.mlp.bogus.weight")) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_wrong_shape) {
+    HF_SETUP();
+    if (hf_rewrite(ctx, NULL, "model.layers.1.self_attn.kv_b_proj.weight", NULL, MOE_ST_F32, NULL)) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_wrong_dtype) {
+    HF_SETUP();
+    if (hf_rewrite(ctx, NULL, NULL, "model.layers.0.input_layernorm.weight", MOE_ST_I32, NULL)) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_fp8_without_scale) { /* an F8_E4M3 weight (first numel bytes of the F32 data) with no weight_scale_inv */
+    HF_SETUP();
+    if (hf_rewrite(ctx, NULL, NULL, "model.layers.0.self_attn.o_proj.weight", MOE_ST_F8_E4M3, NULL)) return hf_load(ctx);
+    hf_clean();
+    return MOE_ERR_IO;
+}
+CASE(hf_index_dotdot_shard) {
+    HF_SETUP();
+    hf_write("model.safetensors.index.json",
+             "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"../bi_evil.safetensors\"}}\n");
+    return hf_load(ctx);
+}
+CASE(hf_index_absolute_shard) {
+    HF_SETUP();
+    hf_write("model.safetensors.index.json", "{\"weight_map\": {\"model.norm.weight\": \"/etc/passwd\"}}\n");
+    return hf_load(ctx);
+}
+CASE(hf_index_escaped_dotdot_shard) { /* "\u002e\u002e\u002fx" is "../x" once decoded */
+    HF_SETUP();
+    hf_write("model.safetensors.index.json",
+             "{\"weight_map\": {\"model.norm.weight\": \"\\u002e\\u002e\\u002fbi_evil.safetensors\"}}\n");
+    return hf_load(ctx);
+}
+CASE(hf_index_no_weight_map) {
+    HF_SETUP();
+    hf_write("model.safetensors.index.json", "{\"metadata\": {\"total_size\": 4}}\n");
+    return hf_load(ctx);
+}
+CASE(hf_index_invalid_json) {
+    HF_SETUP();
+    hf_write("model.safetensors.index.json", "{\"weight_map\": {\"model.norm.weight\": \"model.safetensors\"\n");
+    return hf_load(ctx);
+}
+CASE(hf_index_missing_shard) {
+    HF_SETUP();
+    hf_write("model.safetensors.index.json",
+             "{\"weight_map\": {\"model.norm.weight\": \"model-00001-of-00002.safetensors\"}}\n");
+    return hf_load(ctx);
+}
+CASE(hf_null_dir) {
+    moe_model *m = NULL;
+    return moe_model_load_hf(ctx, NULL, &m);
+}
+CASE(hf_null_out) { return moe_model_load_hf(ctx, "build", NULL); }
+CASE(hf_missing_dir) {
+    moe_model *m = NULL;
+    moe_status s = moe_model_load_hf(ctx, "build/bi_no_such_dir", &m);
+    moe_model_free(ctx, m);
+    return s;
+}
+CASE(hf_save_null_model) { return moe_model_save_hf(ctx, NULL, "build", NULL); }
+CASE(hf_save_missing_dir) {
+    moe_config c = hf_small_config();
+    moe_model *m = NULL;
+    moe_status s;
+    need(ctx, moe_model_new(ctx, &c, 1, &m), "moe_model_new");
+    if (!m) return MOE_ERR_MEMORY;
+    s = moe_model_save_hf(ctx, m, "build/bi_no_such_dir", NULL);
+    moe_model_free(ctx, m);
+    return s;
+}
+#endif /* BI_POSIX */
+
 /* ============================================================================================
    The table
    ============================================================================================ */
@@ -855,11 +1439,13 @@ typedef struct bi_case {
     bi_fn fn;
     moe_status expect;
     const char *msg_has; /* the message must contain this (NULL: any non-empty message) */
+    const char *msg_has2; /* ... and this too (NULL: nothing more) */
     int null_ctx;        /* the call gets a NULL context: check moe_ctx_error(NULL) */
 } bi_case;
 
-#define E(fn, status, msg) {#fn, fn, status, msg, 0}
-#define N(fn, status) {#fn, fn, status, NULL, 1}
+#define E(fn, status, msg) {#fn, fn, status, msg, NULL, 0}
+#define E2(fn, status, msg, msg2) {#fn, fn, status, msg, msg2, 0}
+#define N(fn, status) {#fn, fn, status, NULL, NULL, 1}
 
 static const bi_case g_cases[] = {
     N(null_out_ctx_new, MOE_ERR_ARG),
@@ -1035,6 +1621,115 @@ static const bi_case g_cases[] = {
     E(backward_recording_off, MOE_ERR_STATE, "moe_backward"),
     E(backward_null_loss, MOE_ERR_ARG, "moe_backward"),
     E(backward_arena_limit, MOE_ERR_MEMORY, "arena"),
+
+    E2(st_mem_empty, MOE_ERR_FORMAT, "moe_st_open", "too short"),
+    E2(st_mem_7_bytes, MOE_ERR_FORMAT, "moe_st_open", "too short"),
+    E2(st_file_empty, MOE_ERR_FORMAT, "moe_st_open", "too short"),
+    E2(st_file_5_bytes, MOE_ERR_FORMAT, "moe_st_open", "too short"),
+    E2(st_header_cut_short, MOE_ERR_FORMAT, "moe_st_open", "header length"),
+    E2(st_file_header_cut_short, MOE_ERR_FORMAT, "moe_st_open", "header length"),
+    E2(st_header_len_one_past_file, MOE_ERR_FORMAT, "moe_st_open", "header length"),
+    E2(st_header_len_2_63, MOE_ERR_FORMAT, "moe_st_open", "header length"),
+    E2(st_header_len_all_ones, MOE_ERR_FORMAT, "moe_st_open", "header length"),
+    E2(st_header_len_zero, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_header_over_100mb, MOE_ERR_FORMAT, "moe_st_open", "100 MB"),
+    E2(st_json_unterminated_string, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_trailing_comma_object, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_trailing_comma_array, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_bad_escape, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_bad_unicode_escape, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_bare_word, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_unquoted_key, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_single_quotes, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_leading_zero, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_raw_newline_in_string, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_text_after_object, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_nul_byte, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_json_deep_nesting, MOE_ERR_FORMAT, "moe_st_open", "nesting"),
+    E2(st_file_invalid_json, MOE_ERR_FORMAT, "moe_st_open", "JSON"),
+    E2(st_header_array, MOE_ERR_FORMAT, "moe_st_open", "object"),
+    E2(st_header_string, MOE_ERR_FORMAT, "moe_st_open", "object"),
+    E2(st_header_null, MOE_ERR_FORMAT, "moe_st_open", "object"),
+    E2(st_entry_array, MOE_ERR_FORMAT, "moe_st_open", "'a'"),
+    E2(st_entry_string, MOE_ERR_FORMAT, "moe_st_open", "'a'"),
+    E2(st_missing_dtype, MOE_ERR_FORMAT, "moe_st_open", "dtype"),
+    E2(st_missing_shape, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_missing_data_offsets, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_dtype_not_string, MOE_ERR_FORMAT, "moe_st_open", "dtype"),
+    E2(st_shape_not_array, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_data_offsets_three, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_dtype_unknown, MOE_ERR_FORMAT, "moe_st_open", "Q4_K"),
+    E2(st_dtype_lowercase, MOE_ERR_FORMAT, "moe_st_open", "f32"),
+    E2(st_shape_negative_dim, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_shape_fractional_dim, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_shape_string_dim, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_shape_1e300_dim, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_shape_numel_overflow, MOE_ERR_FORMAT, "moe_st_open", "shape"),
+    E2(st_shape_bytes_overflow, MOE_ERR_FORMAT, "moe_st_open", "'a'"),
+    E2(st_shape_9_dims, MOE_ERR_FORMAT, "moe_st_open", "dims"),
+    E2(st_offsets_reversed, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_offsets_negative, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_offsets_fractional, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_offsets_beyond_data, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_offsets_huge, MOE_ERR_FORMAT, "moe_st_open", "data_offsets"),
+    E2(st_bytes_mismatch, MOE_ERR_FORMAT, "moe_st_open", "bytes"),
+    E2(st_bytes_mismatch_bf16, MOE_ERR_FORMAT, "moe_st_open", "bytes"),
+    E2(st_tensors_overlap, MOE_ERR_FORMAT, "moe_st_open", "overlaps"),
+    E2(st_tensors_same_range, MOE_ERR_FORMAT, "moe_st_open", "overlaps"),
+    E2(st_tensors_gap, MOE_ERR_FORMAT, "moe_st_open", "gap"),
+    E2(st_gap_at_start, MOE_ERR_FORMAT, "moe_st_open", "gap"),
+    E2(st_data_left_over, MOE_ERR_FORMAT, "moe_st_open", "not covered"),
+    E2(st_file_data_left_over, MOE_ERR_FORMAT, "moe_st_open", "not covered"),
+    E2(st_data_without_tensors, MOE_ERR_FORMAT, "moe_st_open", "not covered"),
+    E2(st_duplicate_name, MOE_ERR_FORMAT, "moe_st_open", "twice"),
+    E2(st_duplicate_name_escaped, MOE_ERR_FORMAT, "moe_st_open", "twice"),
+    E2(st_name_with_nul_escape, MOE_ERR_FORMAT, "moe_st_open", NULL),
+    E2(st_name_too_long, MOE_ERR_FORMAT, "moe_st_open", "name"),
+    E2(st_metadata_number_value, MOE_ERR_FORMAT, "moe_st_open", "__metadata__"),
+    E2(st_metadata_object_value, MOE_ERR_FORMAT, "moe_st_open", "__metadata__"),
+    E2(st_metadata_not_object, MOE_ERR_FORMAT, "moe_st_open", "__metadata__"),
+    E(st_open_null_out, MOE_ERR_ARG, "moe_st_open"),
+    E(st_open_null_path, MOE_ERR_ARG, "moe_st_open"),
+    E2(st_open_missing_file, MOE_ERR_IO, "moe_st_open", "bi_no_such_file"),
+    E(st_open_memory_null_bytes, MOE_ERR_ARG, "moe_st_open_memory"),
+    E(st_open_memory_null_out, MOE_ERR_ARG, "moe_st_open_memory"),
+    E(st_writer_new_null_out, MOE_ERR_ARG, "moe_st_writer_new"),
+    E(st_writer_add_null_writer, MOE_ERR_ARG, "moe_st_writer_add"),
+    E(st_writer_add_null_name, MOE_ERR_ARG, "moe_st_writer_add"),
+    E(st_writer_add_quote_in_name, MOE_ERR_ARG, "moe_st_writer_add"),
+    E(st_writer_add_dtype_count, MOE_ERR_ARG, "moe_st_writer_add"),
+    E(st_writer_add_9_dims, MOE_ERR_ARG, "moe_st_writer_add"),
+    E(st_writer_add_negative_dim, MOE_ERR_SHAPE, "moe_st_writer_add"),
+    E(st_writer_add_bytes_wrap, MOE_ERR_SHAPE, "moe_st_writer_add"),
+    E(st_writer_add_bytes_over_half, MOE_ERR_SHAPE, "moe_st_writer_add"),
+    E2(st_writer_add_duplicate_name, MOE_ERR_ARG, "moe_st_writer_add", "'a'"),
+    E(st_writer_save_null_writer, MOE_ERR_ARG, "moe_st_writer_save"),
+    E(st_writer_save_missing_dir, MOE_ERR_IO, "moe_st_writer_save"),
+
+#if BI_POSIX
+    E2(hf_missing_config, MOE_ERR_IO, "moe_model_load_hf", "config.json"),
+    E2(hf_config_invalid_json, MOE_ERR_FORMAT, "moe_config_parse", "JSON"),
+    E2(hf_config_not_object, MOE_ERR_FORMAT, "moe_config_parse", "object"),
+    E2(hf_missing_safetensors, MOE_ERR_IO, "moe_st_open", "model.safetensors"),
+    E2(hf_truncated_safetensors, MOE_ERR_FORMAT, "moe_st_open", "model.safetensors"),
+    E2(hf_tensor_missing, MOE_ERR_FORMAT, "moe_model_load_hf", "'model.norm.weight'"),
+    E2(hf_expert_tensor_missing, MOE_ERR_FORMAT, "moe_model_load_hf", "'model.layers.1.mlp.experts.2.up_proj.weight'"),
+    E2(hf_extra_tensor, MOE_ERR_FORMAT, "moe_model_load_hf", "'model.layers.0.mlp.bogus.weight'"),
+    E2(hf_wrong_shape, MOE_ERR_FORMAT, "moe_model_load_hf", "'model.layers.1.self_attn.kv_b_proj.weight'"),
+    E2(hf_wrong_dtype, MOE_ERR_FORMAT, "moe_model_load_hf", "'model.layers.0.input_layernorm.weight'"),
+    E2(hf_fp8_without_scale, MOE_ERR_FORMAT, "moe_model_load_hf", "model.layers.0.self_attn.o_proj.weight_scale_inv"),
+    E2(hf_index_dotdot_shard, MOE_ERR_FORMAT, "moe_model_load_hf", "shard"),
+    E2(hf_index_absolute_shard, MOE_ERR_FORMAT, "moe_model_load_hf", "shard"),
+    E2(hf_index_escaped_dotdot_shard, MOE_ERR_FORMAT, "moe_model_load_hf", "shard"),
+    E2(hf_index_no_weight_map, MOE_ERR_FORMAT, "moe_model_load_hf", "weight_map"),
+    E2(hf_index_invalid_json, MOE_ERR_FORMAT, "moe_model_load_hf", "JSON"),
+    E2(hf_index_missing_shard, MOE_ERR_IO, "moe_st_open", "model-00001-of-00002.safetensors"),
+    E(hf_null_dir, MOE_ERR_ARG, "moe_model_load_hf"),
+    E(hf_null_out, MOE_ERR_ARG, "moe_model_load_hf"),
+    E2(hf_missing_dir, MOE_ERR_IO, "moe_model_load_hf", "bi_no_such_dir"),
+    E(hf_save_null_model, MOE_ERR_ARG, "moe_model_save_hf"),
+    E(hf_save_missing_dir, MOE_ERR_IO, "bi_no_such_dir"),
+#endif
 };
 #define BI_NCASES ((int)(sizeof g_cases / sizeof g_cases[0]))
 
@@ -1109,6 +1804,8 @@ static void run_table_case(void) {
         T_NOTE("%s: \"%s\"", moe_status_name(got), msg);
         if (c->msg_has)
             T_CHECK(strstr(msg, c->msg_has) != NULL, "message does not mention \"%s\"", c->msg_has);
+        if (c->msg_has2)
+            T_CHECK(strstr(msg, c->msg_has2) != NULL, "message does not mention \"%s\"", c->msg_has2);
     }
     if (c->null_ctx)
         T_CHECK(moe_ctx_error(ctx)[0] == 0, "a call with a NULL context wrote into another context: \"%s\"",
@@ -1183,6 +1880,176 @@ static void run_edges_accepted(void) {
     moe_ctx_free(ctx);
 }
 
+
+/* A well-formed file written by moe_st_writer reads back equal: every dtype, a scalar, an
+   empty tensor and an empty name; from a file and from memory. Hand-written headers that are
+   unusual but valid (__metadata__, tensors listed out of offset order, padding) open too. */
+static void run_st_roundtrip_accepted(void) {
+    moe_ctx *ctx = NULL;
+    moe_st_writer *w = NULL;
+    moe_st_file *f = NULL;
+    moe_status s;
+    char path[256];
+    static const float f32[6] = {1.5f, -2.0f, 0.25f, 3.0e-5f, -7.0f, 1.0e30f};
+    static const uint16_t bf16[4] = {0x3F80, 0xC000, 0x0000, 0x3E80}; /* 1, -2, 0, 0.25 */
+    static const uint16_t f16[4] = {0x3C00, 0xC000, 0x3400, 0x7BFF};  /* 1, -2, 0.25, 65504 */
+    static const uint8_t e4m3[3] = {0x38, 0xC0, 0x7E};                 /* 1, -2, 448 */
+    static const uint8_t e5m2[2] = {0x3C, 0xC0};                       /* 1, -2 */
+    static const int32_t i32[3] = {7, -1, 2147483647};
+    static const int64_t i64[2] = {-5, (int64_t)1 << 62};
+    static const float scalar = 42.0f;
+    static const float want_bf16[4] = {1, -2, 0, 0.25f}, want_f16[4] = {1, -2, 0.25f, 65504}, want_e4m3[3] = {1, -2, 448},
+                       want_e5m2[2] = {1, -2};
+    int64_t sh23[2] = {2, 3}, sh4[1] = {4}, sh22[2] = {2, 2}, sh3[1] = {3}, sh2[1] = {2}, sh05[2] = {0, 5};
+    int pass;
+    T_ASSERT(moe_ctx_new(&ctx) == MOE_OK, "moe_ctx_new failed");
+    snprintf(path, sizeof path, "build/bi_rt_%ld.safetensors", bi_pid());
+    s = moe_st_writer_new(ctx, &w);
+    T_ASSERT(s == MOE_OK, "moe_st_writer_new: %s", moe_ctx_error(ctx));
+#define ADD(nm, dt, nd, sh, p)                                                                  \
+    s = moe_st_writer_add(ctx, w, nm, dt, nd, sh, p);                                            \
+    T_CHECK(s == MOE_OK, "moe_st_writer_add %s: %s (%s)", nm, moe_status_name(s), moe_ctx_error(ctx))
+    ADD("w.f32", MOE_ST_F32, 2, sh23, f32);
+    ADD("w.bf16", MOE_ST_BF16, 1, sh4, bf16);
+    ADD("w.f16", MOE_ST_F16, 2, sh22, f16);
+    ADD("w.e4m3", MOE_ST_F8_E4M3, 1, sh3, e4m3);
+    ADD("w.e5m2", MOE_ST_F8_E5M2, 1, sh2, e5m2);
+    ADD("w.i32", MOE_ST_I32, 1, sh3, i32);
+    ADD("w.i64", MOE_ST_I64, 1, sh2, i64);
+    ADD("scalar", MOE_ST_F32, 0, NULL, &scalar);
+    ADD("empty", MOE_ST_F32, 2, sh05, f32);
+    ADD("", MOE_ST_F32, 1, sh2, f32); /* an empty name: the format does not forbid it */
+#undef ADD
+    s = moe_st_writer_save(ctx, w, path);
+    T_CHECK(s == MOE_OK, "moe_st_writer_save: %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+    moe_st_writer_free(w);
+    for (pass = 0; pass < 2 && s == MOE_OK; pass++) {
+        const moe_st_tensor *t;
+        int64_t i;
+        f = NULL;
+        if (pass == 0) {
+            s = moe_st_open(ctx, path, &f);
+        } else { /* the same bytes from memory */
+            FILE *fp = fopen(path, "rb");
+            unsigned char buf[4096];
+            size_t n = fp ? fread(buf, 1, sizeof buf, fp) : 0;
+            if (fp) fclose(fp);
+            T_CHECK(n > 8 && n < sizeof buf, "reading %s back: %zu bytes", path, n);
+            s = moe_st_open_memory(ctx, buf, n, &f);
+            memset(buf, 0xEE, sizeof buf); /* the file must have copied them */
+        }
+        T_CHECK(s == MOE_OK, "%s: %s (%s)", pass ? "moe_st_open_memory" : "moe_st_open", moe_status_name(s), moe_ctx_error(ctx));
+        if (s != MOE_OK) break;
+        T_CHECK(moe_st_count(f) == 10, "count %lld, want 10", (long long)moe_st_count(f));
+        T_CHECK(moe_st_find(f, "nope") == NULL && moe_st_find(f, NULL) == NULL && moe_st_find(NULL, "w.f32") == NULL,
+                "moe_st_find finds what is not there");
+        T_CHECK(moe_st_get(f, -1) == NULL && moe_st_get(f, 10) == NULL, "moe_st_get out of range is not NULL");
+        t = moe_st_find(f, "w.f32");
+        T_CHECK(t && t->dtype == MOE_ST_F32 && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 3 && t->numel == 6 &&
+                    t->bytes == 24, "w.f32 header wrong");
+        if (t) {
+            for (i = 0; i < 6; i++) T_CHECK(moe_st_value(t, i) == f32[i], "w.f32[%lld] = %g, want %g", (long long)i, moe_st_value(t, i), f32[i]);
+            T_CHECK(memcmp(t->data, f32, 24) == 0, "w.f32 bytes differ");
+            T_CHECK(isnan(moe_st_value(t, 6)) && isnan(moe_st_value(t, -1)), "moe_st_value out of range is not NaN");
+        }
+        t = moe_st_find(f, "w.bf16");
+        T_CHECK(t && t->dtype == MOE_ST_BF16 && t->numel == 4, "w.bf16 header wrong");
+        for (i = 0; t && i < 4; i++) T_CHECK(moe_st_value(t, i) == want_bf16[i], "w.bf16[%lld] = %g", (long long)i, moe_st_value(t, i));
+        t = moe_st_find(f, "w.f16");
+        T_CHECK(t && t->dtype == MOE_ST_F16 && t->ndim == 2 && t->numel == 4, "w.f16 header wrong");
+        for (i = 0; t && i < 4; i++) T_CHECK(moe_st_value(t, i) == want_f16[i], "w.f16[%lld] = %g", (long long)i, moe_st_value(t, i));
+        t = moe_st_find(f, "w.e4m3");
+        T_CHECK(t && t->dtype == MOE_ST_F8_E4M3 && t->numel == 3 && t->bytes == 3, "w.e4m3 header wrong");
+        for (i = 0; t && i < 3; i++) T_CHECK(moe_st_value(t, i) == want_e4m3[i], "w.e4m3[%lld] = %g", (long long)i, moe_st_value(t, i));
+        t = moe_st_find(f, "w.e5m2");
+        T_CHECK(t && t->dtype == MOE_ST_F8_E5M2 && t->numel == 2, "w.e5m2 header wrong");
+        for (i = 0; t && i < 2; i++) T_CHECK(moe_st_value(t, i) == want_e5m2[i], "w.e5m2[%lld] = %g", (long long)i, moe_st_value(t, i));
+        t = moe_st_find(f, "w.i32");
+        T_CHECK(t && t->dtype == MOE_ST_I32 && t->numel == 3 && t->bytes == 12 && memcmp(t->data, i32, 12) == 0, "w.i32 differs");
+        if (t) T_CHECK(isnan(moe_st_value(t, 0)), "moe_st_value of I32 is not NaN");
+        t = moe_st_find(f, "w.i64");
+        T_CHECK(t && t->dtype == MOE_ST_I64 && t->numel == 2 && t->bytes == 16 && memcmp(t->data, i64, 16) == 0, "w.i64 differs");
+        t = moe_st_find(f, "scalar");
+        T_CHECK(t && t->ndim == 0 && t->numel == 1 && t->bytes == 4 && moe_st_value(t, 0) == 42.0f, "scalar differs");
+        t = moe_st_find(f, "empty");
+        T_CHECK(t && t->ndim == 2 && t->shape[0] == 0 && t->shape[1] == 5 && t->numel == 0 && t->bytes == 0, "empty differs");
+        t = moe_st_find(f, "");
+        T_CHECK(t && t->numel == 2 && moe_st_value(t, 1) == -2.0f, "the empty-named tensor differs");
+        moe_st_close(f);
+    }
+    remove(path);
+    {   /* valid but unusual: __metadata__ first, offsets out of order, space padding, an empty tensor at the end */
+        static const char h[] = "{\"__metadata__\":{\"format\":\"pt\",\"note\":\"\\u00e9\\n\"},"
+                                "\"b\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[4,8]},"
+                                "\"a\":{\"data_offsets\":[0,4],\"shape\":[2],\"dtype\":\"BF16\"},"
+                                "\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,8]}}    ";
+        size_t len;
+        unsigned char *img = st_image(h, sizeof h - 1, sizeof h - 1, 8, &len);
+        T_ASSERT(img, "out of memory");
+        f = NULL;
+        s = moe_st_open_memory(ctx, img, len, &f);
+        free(img);
+        T_CHECK(s == MOE_OK, "a valid hand-written header: %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+        if (s == MOE_OK) {
+            T_CHECK(moe_st_count(f) == 3, "count %lld, want 3 (no __metadata__ tensor)", (long long)moe_st_count(f));
+            T_CHECK(moe_st_find(f, "__metadata__") == NULL, "__metadata__ is listed as a tensor");
+            T_CHECK(moe_st_find(f, "a") && moe_st_find(f, "b") && moe_st_find(f, "z"), "a tensor is missing");
+            moe_st_close(f);
+        }
+    }
+    T_CHECK(!g_setup_err[0], "%s", g_setup_err);
+    moe_ctx_free(ctx);
+}
+
+#if BI_POSIX
+/* A model saved with moe_model_save_hf loads back with every tensor equal (F32), and an FP8
+   save (8x8 blocks) loads too. */
+static void run_hf_roundtrip_accepted(void) {
+    moe_ctx *ctx = NULL;
+    moe_model *a = NULL, *b = NULL;
+    moe_config c = hf_small_config();
+    moe_hf_save_opts o;
+    moe_status s;
+    int64_t i, k, bad = 0;
+    T_ASSERT(moe_ctx_new(&ctx) == MOE_OK, "moe_ctx_new failed");
+    g_setup_err[0] = 0;
+    snprintf(g_hfdir, sizeof g_hfdir, "build/bi_hf_%ld", bi_pid());
+    mkdir(g_hfdir, 0777);
+    s = moe_model_new(ctx, &c, 11, &a);
+    T_CHECK(s == MOE_OK, "moe_model_new: %s", moe_ctx_error(ctx));
+    if (s == MOE_OK) s = moe_model_save_hf(ctx, a, g_hfdir, NULL);
+    T_CHECK(s == MOE_OK, "moe_model_save_hf: %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+    if (s == MOE_OK) s = moe_model_load_hf(ctx, g_hfdir, &b);
+    T_CHECK(s == MOE_OK, "moe_model_load_hf: %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+    if (s == MOE_OK) {
+        T_CHECK(moe_model_tensor_count(a) == moe_model_tensor_count(b), "tensor counts differ");
+        for (i = 0; i < moe_model_tensor_count(a) && i < moe_model_tensor_count(b); i++) {
+            const char *na = NULL, *nb = NULL;
+            moe_tensor *ta = moe_model_tensor(a, i, &na, NULL), *tb = moe_model_tensor(b, i, &nb, NULL);
+            if (!ta || !tb || strcmp(na, nb) != 0 || ta->numel != tb->numel) { bad++; continue; }
+            for (k = 0; k < ta->numel; k++)
+                if (moe_tensor_get(ta, k) != moe_tensor_get(tb, k)) { bad++; break; }
+        }
+        T_CHECK(bad == 0, "%lld tensors differ after the round trip", (long long)bad);
+    }
+    moe_model_free(ctx, b);
+    b = NULL;
+    memset(&o, 0, sizeof o);
+    o.fp8 = 1;
+    o.fp8_block = 8;
+    if (a) {
+        s = moe_model_save_hf(ctx, a, g_hfdir, &o);
+        T_CHECK(s == MOE_OK, "moe_model_save_hf (fp8): %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+        if (s == MOE_OK) s = moe_model_load_hf(ctx, g_hfdir, &b);
+        T_CHECK(s == MOE_OK, "moe_model_load_hf (fp8): %s (%s)", moe_status_name(s), moe_ctx_error(ctx));
+    }
+    moe_model_free(ctx, b);
+    moe_model_free(ctx, a);
+    hf_clean();
+    moe_ctx_free(ctx);
+}
+#endif
+
 /* ---- isolation: run a case in a child so a crash, hang, sanitizer report or leak fails only it ---- */
 
 #if BI_FORK
@@ -1247,6 +2114,10 @@ static void run_isolated(void (*body)(void)) { body(); }
 
 static void run_current_isolated(void) { run_isolated(run_table_case); }
 static void edges_accepted(void) { run_isolated(run_edges_accepted); }
+static void st_roundtrip_accepted(void) { run_isolated(run_st_roundtrip_accepted); }
+#if BI_POSIX
+static void hf_roundtrip_accepted(void) { run_isolated(run_hf_roundtrip_accepted); }
+#endif
 
 int main(int argc, char **argv) {
     int i;
@@ -1262,5 +2133,9 @@ int main(int argc, char **argv) {
         t__run(g_cases[i].name, run_current_isolated);
     }
     T_RUN_FILTERED(edges_accepted);
+    T_RUN_FILTERED(st_roundtrip_accepted);
+#if BI_POSIX
+    T_RUN_FILTERED(hf_roundtrip_accepted);
+#endif
     return t_summary();
 }

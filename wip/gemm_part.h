@@ -577,16 +577,20 @@ typedef struct moe__gemm_job {
 /* Contention back-off. On a shared machine another process may hold a core; a team thread
    queued behind it makes the caller wait at the barriers for a scheduler time slice (often
    5–25 ms), far longer than the GEMM itself. When thread 0 waited longer than it worked (and > 1 ms),
-   later calls run on one thread for a while (5 ms, doubling up to 0.25 s while it persists). The
+   later calls run on one thread for a while (10 ms, doubling up to 0.5 s while it persists). The
    thread count never changes the result (see Determinism), only the speed. */
 static double moe__gemm_bo_until = 0.0, moe__gemm_bo_len = 0.0;
+static int moe__gemm_bo_started = 0;
 static void moe__gemm_backoff_note(double wall, double busy) {
     double len, now = omp_get_wtime();
-    int contended = wall - busy > 1.0e-3 && wall - busy > busy;
+    int contended = wall - busy > 1.0e-3 && wall - busy > busy, started;
+#pragma omp atomic capture
+    started = moe__gemm_bo_started++;
+    if (!started) return; /* the first team start creates the threads: not a contention signal */
 #pragma omp atomic read
     len = moe__gemm_bo_len;
     if (contended) {
-        len = len < 0.005 ? 0.005 : (len * 2.0 > 0.25 ? 0.25 : len * 2.0);
+        len = len < 0.01 ? 0.01 : (len * 2.0 > 0.5 ? 0.5 : len * 2.0);
 #pragma omp atomic write
         moe__gemm_bo_len = len;
 #pragma omp atomic write
