@@ -780,6 +780,9 @@ struct moe_ctx {
     /* GEMM packing workspace, grows to the largest call and stays */
     void *gemm_ws;
     size_t gemm_ws_size;
+    /* one workspace slot per thread for GEMMs called inside a parallel loop (experts) */
+    void *gemm_tws;
+    size_t gemm_tws_slot;
 };
 
 static const char *const moe__status_names[] = {
@@ -884,6 +887,7 @@ MOE_API void moe_ctx_free(moe_ctx *ctx) {
     moe__arena_free_blocks(ctx->arena);
     MOE_FREE(ctx->tape);
     MOE_FREE(ctx->gemm_ws);
+    MOE_FREE(ctx->gemm_tws);
     MOE_FREE(ctx);
 }
 
@@ -2076,6 +2080,7 @@ typedef struct moe__gemm_job {
     float *bp, *ap, *tiles;
     int64_t counter; /* tickets handed out (shared) */
     int64_t mcu, ncu; /* compute unit: rows (multiple of 6) × cols (multiple of 32) */
+    int team;         /* threads running this job; barriers only when > 1 */
 } moe__gemm_job;
 
 
@@ -2219,7 +2224,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
             }
             base += cnt;
 #ifdef _OPENMP
+            if (job->team > 1) {
 #pragma omp barrier
+            }
 #endif
             nur = (msz + job->mcu - 1) / job->mcu;
             nuc = (nsz + job->ncu - 1) / job->ncu;
@@ -2232,7 +2239,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
             }
             base += cnt;
 #ifdef _OPENMP
+            if (job->team > 1) {
 #pragma omp barrier
+            }
 #endif
         }
     }
@@ -2300,6 +2309,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
             else break;
         }
         if ((int64_t)nt > units) nt = (int)units;
+        job.team = nt;
         if (nt <= 1) {
             moe__gemm_body(&job, 0);
         } else {
@@ -2352,6 +2362,15 @@ static moe_status moe__gemm(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, 
         d.c = C; d.ldc = ldc;
         d.alpha = alpha; d.beta = beta;
         d.bf16_compute = bf16;
+#ifdef _OPENMP
+        if (omp_in_parallel()) {
+            /* inside a parallel loop (one expert per thread): this thread's reserved slot;
+               no message here, the loop's owner reports the failure */
+            if (moe__gemm_workspace_bytes(&d, 1) > ctx->gemm_tws_slot) return MOE_ERR_STATE;
+            moe__gemm_run(&d, moe__gemm_best_isa(), 1, (char *)ctx->gemm_tws + (size_t)omp_get_thread_num() * ctx->gemm_tws_slot);
+            return MOE_OK;
+        }
+#endif
         ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(&d, ctx->n_threads));
         if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for the packing workspace");
         moe__gemm_run(&d, moe__gemm_best_isa(), ctx->n_threads, ws);
@@ -2360,6 +2379,49 @@ static moe_status moe__gemm(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, 
 #endif
     moe__gemm_portable(ctx->n_threads, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bf16);
     return MOE_OK;
+}
+
+/* Make sure each thread has `bytes` of GEMM workspace for GEMMs inside a parallel loop. */
+static moe_status moe__gemm_reserve_threads(moe_ctx *ctx, size_t bytes) {
+    size_t total;
+    void *p;
+    if (bytes <= ctx->gemm_tws_slot) return MOE_OK;
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (moe__mul_overflows(bytes, (size_t)ctx->n_threads, &total))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: per-thread workspace size overflows");
+    p = moe__heap_alloc(ctx, total);
+    if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for per-thread workspaces");
+    MOE_FREE(ctx->gemm_tws);
+    ctx->gemm_tws = p;
+    ctx->gemm_tws_slot = bytes;
+    return MOE_OK;
+}
+
+/* Per-thread workspace for the GEMMs of a SwiGLU MLP over at most `rows` rows (forward and
+   backward shapes). */
+static size_t moe__mlp_workspace(int64_t rows, int64_t d, int64_t I, int bf16) {
+#if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
+    static const int shapes[6][5] = {/* m, n, k as 0=rows 1=d 2=I 3=2I; ta, tb */
+                                     {0, 3, 1, 0, 1}, {0, 1, 2, 0, 1}, {0, 2, 1, 0, 0}, {1, 2, 0, 1, 0}, {0, 1, 3, 0, 0}, {3, 1, 0, 1, 0}};
+    int64_t v[4];
+    size_t best = 0, need;
+    int i;
+    v[0] = rows; v[1] = d; v[2] = I; v[3] = 2 * I;
+    for (i = 0; i < 6; i++) {
+        moe__gemm_desc g;
+        memset(&g, 0, sizeof g);
+        g.m = v[shapes[i][0]]; g.n = v[shapes[i][1]]; g.k = v[shapes[i][2]];
+        g.a_trans = shapes[i][3]; g.b_trans = shapes[i][4];
+        g.lda = g.a_trans ? g.m : g.k; g.ldb = g.b_trans ? g.k : g.n; g.ldc = g.n;
+        g.bf16_compute = bf16;
+        need = moe__gemm_workspace_bytes(&g, 1);
+        best = need > best ? need : best;
+    }
+    return best;
+#else
+    (void)rows; (void)d; (void)I; (void)bf16;
+    return 0;
+#endif
 }
 
 MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
@@ -3968,16 +4030,25 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
             dg[t * K + k] = acc;
         }
     }
-    /* experts, one GEMM chain each over its packed rows */
-    for (e = 0; e < E; e++) {
-        int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-        moe__mlp_saved sv;
-        if (!ne) continue;
-        sv.h13 = S->ex.h13 + r0 * 2 * I;
-        sv.act = S->ex.act + r0 * I;
-        MOE__TRY(moe__mlp_bwd(ctx, S->xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
-                              MOE__F32(L->w2) + e * d * I, &sv, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
-                              dw2 ? dw2 + e * d * I : NULL, scratch, S->bf16));
+    /* experts in parallel, each one's GEMM chain over its packed rows on one thread */
+    {
+        moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe backward");
+        if (!st) return MOE_ERR_MEMORY;
+        /* an expert sees each token at most once: N rows bound every expert in every step */
+        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->bf16)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
+        for (e = 0; e < E; e++) {
+            int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
+            moe__mlp_saved sv;
+            if (!ne) continue;
+            sv.h13 = S->ex.h13 + r0 * 2 * I;
+            sv.act = S->ex.act + r0 * I;
+            st[e] = moe__mlp_bwd(ctx, S->xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
+                                 MOE__F32(L->w2) + e * d * I, &sv, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
+                                 dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 3 * I, S->bf16);
+        }
+        for (e = 0; e < E; e++)
+            if (st[e]) return moe__fail(ctx, st[e], "moe backward: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
     }
     /* un-permute: du[t] += Σ_k dxp[row(t,k)], slots in order */
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
@@ -4089,15 +4160,25 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     }
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < R; t++) memcpy(S->xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
-    /* each expert: one SwiGLU GEMM chain over all its tokens */
-    for (e = 0; e < E; e++) {
-        int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-        moe__mlp_saved sv;
-        if (!ne) continue;
-        sv.h13 = S->ex.h13 + r0 * 2 * I;
-        sv.act = S->ex.act + r0 * I;
-        MOE__TRY(moe__mlp_fwd(ctx, S->xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
-                              S->yp + r0 * d, &sv, S->bf16));
+    /* each expert: one SwiGLU GEMM chain over all its tokens; experts run in parallel, each
+       on one thread, so no result depends on the thread count */
+    {
+        moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe");
+        if (!st) return MOE_ERR_MEMORY;
+        /* an expert sees each token at most once: N rows bound every expert in every step */
+        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->bf16)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
+        for (e = 0; e < E; e++) {
+            int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
+            moe__mlp_saved sv;
+            if (!ne) continue;
+            sv.h13 = S->ex.h13 + r0 * 2 * I;
+            sv.act = S->ex.act + r0 * I;
+            st[e] = moe__mlp_fwd(ctx, S->xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
+                                 S->yp + r0 * d, &sv, S->bf16);
+        }
+        for (e = 0; e < E; e++)
+            if (st[e]) return moe__fail(ctx, st[e], "moe: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
     }
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
     if (L->shared.w13) MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y)); /* the shared experts write it */
@@ -4891,7 +4972,8 @@ typedef struct moe__jtok {
 typedef struct moe__json {
     const char *s;
     int64_t len, n, cap;
-    moe__jtok *t;
+    moe__jtok *t; /* NULL in the counting pass */
+    int64_t err_at;
 } moe__json;
 
 #define MOE__JSON_MAX_DEPTH 64
@@ -4900,48 +4982,54 @@ static int64_t moe__json_ws(const moe__json *j, int64_t p) {
     while (p < j->len && (j->s[p] == ' ' || j->s[p] == '\t' || j->s[p] == '\n' || j->s[p] == '\r')) p++;
     return p;
 }
+static int moe__json_digit(const moe__json *j, int64_t p) { return p < j->len && j->s[p] >= '0' && j->s[p] <= '9'; }
 
-/* Parse one value at *p into tokens; returns 0 on success, else a static message. */
+/* Parse one value at *p, storing tokens when j->t is set; returns NULL on success, else a
+   static message (and j->err_at). */
 static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
+    moe__jtok tok;
     int64_t me, q = moe__json_ws(j, *p);
     const char *err;
+    j->err_at = q;
     if (depth > MOE__JSON_MAX_DEPTH) return "nesting too deep";
     if (q >= j->len) return "unexpected end";
-    if (j->n >= j->cap) return "too many values";
+    if (j->t && j->n >= j->cap) return "too many values";
     me = j->n++;
-    j->t[me].start = q;
-    j->t[me].count = 0;
+    tok.start = q;
+    tok.count = 0;
     if (j->s[q] == '{' || j->s[q] == '[') {
         int obj = j->s[q] == '{';
         char close = obj ? '}' : ']';
-        j->t[me].type = obj ? MOE__J_OBJ : MOE__J_ARR;
+        tok.type = obj ? MOE__J_OBJ : MOE__J_ARR;
         q = moe__json_ws(j, q + 1);
         if (q < j->len && j->s[q] == close) {
             q++;
         } else {
             for (;;) {
                 if (obj) {
-                    int64_t kt = j->n;
                     q = moe__json_ws(j, q);
+                    j->err_at = q;
                     if (q >= j->len || j->s[q] != '"') return "object key must be a string";
                     if ((err = moe__json_value(j, &q, depth + 1))) return err;
-                    if (j->t[kt].type != MOE__J_STR) return "object key must be a string";
                     q = moe__json_ws(j, q);
+                    j->err_at = q;
                     if (q >= j->len || j->s[q] != ':') return "expected ':'";
                     q++;
                 }
                 if ((err = moe__json_value(j, &q, depth + 1))) return err;
-                j->t[me].count++;
+                tok.count++;
                 q = moe__json_ws(j, q);
+                j->err_at = q;
                 if (q < j->len && j->s[q] == ',') { q++; continue; }
                 if (q < j->len && j->s[q] == close) { q++; break; }
                 return obj ? "expected ',' or '}'" : "expected ',' or ']'";
             }
         }
-        j->t[me].end = q;
+        tok.end = q;
     } else if (j->s[q] == '"') {
         int64_t a = ++q;
         while (q < j->len && j->s[q] != '"') {
+            j->err_at = q;
             if ((unsigned char)j->s[q] < 0x20) return "control character in string";
             if (j->s[q] == '\\') {
                 q++;
@@ -4949,68 +5037,77 @@ static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
                 if (j->s[q] == 'u') {
                     int i;
                     for (i = 1; i <= 4; i++)
-                        if (q + i >= j->len || !strchr("0123456789abcdefABCDEF", j->s[q + i]) || !j->s[q + i]) return "bad \\u escape";
+                        if (q + i >= j->len || !j->s[q + i] || !strchr("0123456789abcdefABCDEF", j->s[q + i])) return "bad \\u escape";
                     q += 4;
-                } else if (!strchr("\"\\/bfnrt", j->s[q]) || !j->s[q]) {
+                } else if (!j->s[q] || !strchr("\"\\/bfnrt", j->s[q])) {
                     return "bad escape";
                 }
             }
             q++;
         }
         if (q >= j->len) return "unterminated string";
-        j->t[me].type = MOE__J_STR;
-        j->t[me].start = a;
-        j->t[me].end = q++;
-    } else if (j->s[q] == '-' || (j->s[q] >= '0' && j->s[q] <= '9')) {
-        int64_t a = q;
+        tok.type = MOE__J_STR;
+        tok.start = a;
+        tok.end = q++;
+    } else if (j->s[q] == '-' || moe__json_digit(j, q)) {
         if (j->s[q] == '-') q++;
-        if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
+        if (!moe__json_digit(j, q)) return "bad number";
         if (j->s[q] == '0') q++;
-        else while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+        else while (moe__json_digit(j, q)) q++;
         if (q < j->len && j->s[q] == '.') {
             q++;
-            if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
-            while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+            if (!moe__json_digit(j, q)) return "bad number";
+            while (moe__json_digit(j, q)) q++;
         }
         if (q < j->len && (j->s[q] == 'e' || j->s[q] == 'E')) {
             q++;
             if (q < j->len && (j->s[q] == '+' || j->s[q] == '-')) q++;
-            if (q >= j->len || !(j->s[q] >= '0' && j->s[q] <= '9')) return "bad number";
-            while (q < j->len && j->s[q] >= '0' && j->s[q] <= '9') q++;
+            if (!moe__json_digit(j, q)) return "bad number";
+            while (moe__json_digit(j, q)) q++;
         }
-        j->t[me].type = MOE__J_NUM;
-        j->t[me].start = a;
-        j->t[me].end = q;
+        tok.type = MOE__J_NUM;
+        tok.end = q;
     } else if (j->len - q >= 4 && memcmp(j->s + q, "true", 4) == 0) {
-        j->t[me].type = MOE__J_TRUE;
-        j->t[me].end = q += 4;
+        tok.type = MOE__J_TRUE;
+        tok.end = q += 4;
     } else if (j->len - q >= 5 && memcmp(j->s + q, "false", 5) == 0) {
-        j->t[me].type = MOE__J_FALSE;
-        j->t[me].end = q += 5;
+        tok.type = MOE__J_FALSE;
+        tok.end = q += 5;
     } else if (j->len - q >= 4 && memcmp(j->s + q, "null", 4) == 0) {
-        j->t[me].type = MOE__J_NULL;
-        j->t[me].end = q += 4;
+        tok.type = MOE__J_NULL;
+        tok.end = q += 4;
     } else {
         return "unexpected character";
     }
-    j->t[me].next = j->n;
+    tok.next = j->n;
+    if (j->t) j->t[me] = tok;
     *p = q;
     return NULL;
 }
 
-/* Parse a whole document (tokens in the step arena). */
+/* Parse a whole document: a counting pass, then the tokens into the step arena. */
 static moe_status moe__json_parse(moe_ctx *ctx, const char *what, const char *s, int64_t len, moe__json *j) {
     int64_t p = 0;
     const char *err;
+    int pass;
     j->s = s;
     j->len = len;
-    j->n = 0;
-    j->cap = len / 2 + 2;
-    j->t = (moe__jtok *)moe__arena_alloc(ctx, (size_t)j->cap, sizeof(moe__jtok), what);
-    if (!j->t) return MOE_ERR_MEMORY;
-    err = moe__json_value(j, &p, 0);
-    if (!err && moe__json_ws(j, p) != len) err = "text after the JSON value";
-    if (err) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %lld: %s", what, (long long)p, err);
+    j->t = NULL;
+    for (pass = 0; pass < 2; pass++) {
+        j->n = 0;
+        p = 0;
+        err = moe__json_value(j, &p, 0);
+        if (!err && moe__json_ws(j, p) != len) {
+            j->err_at = moe__json_ws(j, p);
+            err = "text after the JSON value";
+        }
+        if (err) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %lld: %s", what, (long long)j->err_at, err);
+        if (pass == 0) {
+            j->cap = j->n;
+            j->t = (moe__jtok *)moe__arena_alloc(ctx, (size_t)j->cap, sizeof(moe__jtok), what);
+            if (!j->t) return MOE_ERR_MEMORY;
+        }
+    }
     return MOE_OK;
 }
 
@@ -5031,6 +5128,7 @@ static int moe__json_str(const moe__json *j, int64_t i, char *buf, size_t size) 
                     cp = cp * 16 + (unsigned)(x <= '9' ? x - '0' : (x | 0x20) - 'a' + 10);
                 }
                 p += 4;
+                if (cp == 0) return 0; /* an embedded NUL cannot be a C string */
                 if (cp < 0x80) { if (o + 1 >= size) return 0; buf[o++] = (char)cp; }
                 else if (cp < 0x800) { if (o + 2 >= size) return 0; buf[o++] = (char)(0xC0 | (cp >> 6)); buf[o++] = (char)(0x80 | (cp & 63)); }
                 else { if (o + 3 >= size) return 0; buf[o++] = (char)(0xE0 | (cp >> 12)); buf[o++] = (char)(0x80 | ((cp >> 6) & 63)); buf[o++] = (char)(0x80 | (cp & 63)); }
@@ -5343,6 +5441,7 @@ typedef struct moe__buf {
 
 static void moe__buf_put(moe__buf *b, const void *src, size_t n) {
     if (b->oom) return;
+    if (n > SIZE_MAX / 2 - b->len) { b->oom = 1; return; }
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;
         unsigned char *q;
@@ -5804,10 +5903,10 @@ static moe_status moe__st_parse(moe_ctx *ctx, const char *what, unsigned char *i
     for (i = 0; i < f->n; i++) {
         size_t at = (size_t)((const unsigned char *)f->t[i].data - (image + 8 + (size_t)hlen));
         if (at != expect) {
-            const char *nm = f->t[i].name;
+            moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' %s at byte %zu (expected %zu)", fn, what, f->t[i].name,
+                      at < expect ? "overlaps the previous one" : "leaves a gap", at, expect);
             moe_st_close(f);
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' %s at byte %zu (expected %zu)", fn, what, nm,
-                             at < expect ? "overlaps the previous one" : "leaves a gap", at, expect);
+            return MOE_ERR_FORMAT;
         }
         expect += f->t[i].bytes;
     }
@@ -5828,6 +5927,7 @@ MOE_API moe_status moe_st_open(moe_ctx *ctx, const char *path, moe_st_file **out
     MOE__CHECK_CTX(ctx);
     if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_open: out is NULL");
     *out = NULL;
+    if (!path) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_open: path is NULL");
     MOE__TRY(moe__read_file(ctx, "moe_st_open", path, (size_t)1 << 40, &image, &len));
     st = moe__st_parse(ctx, path, image, len, out);
     if (st) MOE_FREE(image);
@@ -5867,6 +5967,7 @@ MOE_API const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name)
 
 struct moe_st_writer {
     moe__buf header, data;
+    moe__buf names; /* every name so far, NUL-separated, to refuse duplicates */
     int64_t n;
 };
 
@@ -5892,9 +5993,20 @@ MOE_API moe_status moe_st_writer_add(moe_ctx *ctx, moe_st_writer *w, const char 
         return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_add: bad dtype, ndim or name for '%s'", name);
     for (d = 0; d < ndim; d++) {
         if (shape[d] < 0) return moe__fail(ctx, MOE_ERR_SHAPE, "moe_st_writer_add: negative dim in '%s'", name);
+        if (shape[d] && numel > (((int64_t)1 << 62) / (int64_t)moe__st_sizes[dtype]) / shape[d])
+            return moe__fail(ctx, MOE_ERR_SHAPE, "moe_st_writer_add: '%s' is too large", name);
         numel *= shape[d];
     }
     bytes = (size_t)numel * moe__st_sizes[dtype];
+    {
+        size_t at0 = 0;
+        while (at0 < w->names.len) {
+            const char *other = (const char *)w->names.p + at0;
+            if (strcmp(other, name) == 0) return moe__fail(ctx, MOE_ERR_ARG, "moe_st_writer_add: tensor '%s' added twice", name);
+            at0 += strlen(other) + 1;
+        }
+        moe__buf_put(&w->names, name, strlen(name) + 1);
+    }
     at = w->data.len;
     len = snprintf(entry, sizeof entry, "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[", w->n ? "," : "", name, moe__st_names[dtype]);
     for (d = 0; d < ndim; d++) len += snprintf(entry + len, sizeof entry - (size_t)len, d ? ",%lld" : "%lld", (long long)shape[d]);
@@ -5929,6 +6041,7 @@ MOE_API void moe_st_writer_free(moe_st_writer *w) {
     if (!w) return;
     MOE_FREE(w->header.p);
     MOE_FREE(w->data.p);
+    MOE_FREE(w->names.p);
     MOE_FREE(w);
 }
 
@@ -6137,7 +6250,12 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
     MOE__TRY(moe_model_new(ctx, &cfg, 0, &m));
     /* the files: an index of shards, or one model.safetensors */
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
-    if (moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len) == MOE_OK) {
+    {
+        FILE *probe = fopen(path, "rb");
+        if (probe) fclose(probe);
+        st = probe ? moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len) : MOE_ERR_IO;
+    }
+    if (st == MOE_OK) {
         moe__json j;
         int64_t wm, k, kk;
         st = moe__json_parse(ctx, fn, (const char *)idx, (int64_t)idx_len, &j);
@@ -6157,7 +6275,8 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
                 strcpy(names[L.n_files], shard);
                 snprintf(path, sizeof path, "%s/%s", dir, shard);
                 st = moe_st_open(ctx, path, &L.files[L.n_files]);
-                if (!st) L.n_files++;
+                if (st) MOE_FREE(names[L.n_files]);
+                else L.n_files++;
             }
             if (!L.files || !names) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
             for (kk = 0; names && kk < L.n_files; kk++) MOE_FREE(names[kk]);
@@ -6165,6 +6284,8 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
         } else if (!st) {
             st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: %s has no weight_map object", fn, path);
         }
+        MOE_FREE(idx);
+    } else if (idx) {
         MOE_FREE(idx);
     } else {
         L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *));

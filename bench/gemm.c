@@ -178,6 +178,7 @@ int main(int argc, char **argv) {
         openblas_set_num_threads(2);
         moe_ctx_set_threads(ctx, 2);
         cell.c = cref; cell.which = 2; run_once(&cell);
+        sleep_ms(150); /* let OpenBLAS's idle workers stop spinning */
         cell.c = c; cell.which = 0; run_once(&cell);
         e32 = rel_err(c, cref, csz);
         cell.which = 1; run_once(&cell);

@@ -14,10 +14,13 @@
    - A is read in place by the FP32 kernel (it takes a row stride and a k stride, so both
      A [m,k] and Aᵀ [k,m] work) unless it is bf16 / bf16-rounded or reused across enough
      columns; then it is packed once (6-row micro-panels). Row tails (< 6 rows) are packed.
-   Threads
+   Threads (OpenMP)
    - Phase 1 packs (panels handed out dynamically), a barrier, phase 2 computes C units
      (row chunk × column chunk, all K) handed out dynamically with an atomic counter, so a
-     thread slowed down by a busy core does not hold the others back.
+     thread slowed down by a busy core does not hold the others back. Units shrink when
+     there are fewer than MOE__GEMM_UNITS_PER_THREAD per thread.
+   - Problems under MOE__GEMM_MT_FLOPS run on the calling thread; a contention back-off
+     (see moe__gemm_backoff_note) drops to one thread while another process holds a core.
    Determinism
    - The K blocking depends only on k; every element of C is produced by the same
      instruction sequence wherever its tile lies and whichever thread runs it (edge tiles
@@ -66,6 +69,9 @@ typedef struct moe__gemm_desc {
 #endif
 #ifndef MOE__GEMM_NCU
 #define MOE__GEMM_NCU 128   /* cols of a compute unit (multiple of 32) */
+#endif
+#ifndef MOE__GEMM_UNITS_PER_THREAD
+#define MOE__GEMM_UNITS_PER_THREAD 8 /* shrink compute units until there are this many per thread */
 #endif
 #ifndef MOE__GEMM_BBUDGET
 #define MOE__GEMM_BBUDGET (4 << 20) /* bytes of packed B per column super-panel */
@@ -576,17 +582,21 @@ typedef struct moe__gemm_job {
 #ifdef _OPENMP
 /* Contention back-off. On a shared machine another process may hold a core; a team thread
    queued behind it makes the caller wait at the barriers for a scheduler time slice (often
-   5–25 ms), far longer than the GEMM itself. When thread 0 waited longer than it worked (and > 1 ms),
-   later calls run on one thread for a while (10 ms, doubling up to 0.5 s while it persists). The
-   thread count never changes the result (see Determinism), only the speed. */
+   5–25 ms), far longer than the GEMM itself. When thread 0 waited longer than it worked (and
+   > 1 ms), later calls run on one thread for a while (10 ms, doubling up to 0.5 s while it
+   persists). The thread count never changes the result (see Determinism), only the speed. */
 static double moe__gemm_bo_until = 0.0, moe__gemm_bo_len = 0.0;
 static int moe__gemm_bo_started = 0;
 static void moe__gemm_backoff_note(double wall, double busy) {
     double len, now = omp_get_wtime();
     int contended = wall - busy > 1.0e-3 && wall - busy > busy, started;
-#pragma omp atomic capture
-    started = moe__gemm_bo_started++;
-    if (!started) return; /* the first team start creates the threads: not a contention signal */
+#pragma omp atomic read
+    started = moe__gemm_bo_started;
+    if (!started) { /* the first team start creates the threads: not a contention signal */
+#pragma omp atomic write
+        moe__gemm_bo_started = 1;
+        return;
+    }
 #pragma omp atomic read
     len = moe__gemm_bo_len;
     if (contended) {
@@ -831,7 +841,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         for (;;) {
             units = ((moe__gemm_min64(d->m, job.pl.mcs) + job.mcu - 1) / job.mcu) *
                     ((moe__gemm_min64(d->n, job.pl.ncs) + job.ncu - 1) / job.ncu);
-            if (nt <= 1 || units >= 4 * (int64_t)nt) break;
+            if (nt <= 1 || units >= MOE__GEMM_UNITS_PER_THREAD * (int64_t)nt) break;
             if (job.mcu > 24) job.mcu = job.mcu / 12 * 6;
             else if (job.ncu > 32) job.ncu /= 2;
             else break;
