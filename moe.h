@@ -4580,7 +4580,8 @@ static moe__mla_dims moe__model_mla_dims(const moe_model *m, int64_t B, int64_t 
     d.B = B; d.T = T; d.N = B * T; d.d = c->hidden_size; d.H = c->num_attention_heads;
     d.qr = c->q_lora_rank; d.kvr = c->kv_lora_rank; d.dn = c->qk_nope_head_dim; d.dr = c->qk_rope_head_dim;
     d.dqk = d.dn + d.dr; d.dv = c->v_head_dim; d.pos0 = pos0;
-    d.eps = (moe_real)c->rms_norm_eps;
+    d.eps = (moe_real)1e-6; /* q_a_layernorm and kv_a_layernorm: 1e-6 whatever rms_norm_eps says, as the
+                               official code and transformers construct them */
     d.scale = m->softmax_scale;
     return d;
 }
@@ -5239,13 +5240,23 @@ MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *text, size_t len, 
     }
     if ((v = moe__json_get(&j, 0, "hidden_act")) >= 0 && (!moe__json_str(&j, v, buf, sizeof buf) || strcmp(buf, "silu") != 0))
         return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only hidden_act \"silu\" is supported", fn);
-    if ((v = moe__json_get(&j, 0, "rope_scaling")) >= 0 && j.t[v].type != MOE__J_NULL) {
+    /* RoPE: the hub's "rope_theta" + "rope_scaling", or transformers 5's "rope_parameters"
+       (theta and the scaling fields in one object, rope_type "default" or "yarn") */
+    if ((v = moe__json_get(&j, 0, "rope_parameters")) >= 0 && j.t[v].type == MOE__J_OBJ) {
+        int64_t w = moe__json_get(&j, v, "rope_theta");
+        if (w >= 0 && !moe__json_num(&j, w, &c.rope_theta)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: rope_parameters.rope_theta must be a number", fn);
+        w = moe__json_get(&j, v, "rope_type");
+        if (w >= 0 && (!moe__json_str(&j, w, buf, sizeof buf) || strcmp(buf, "default") == 0)) v = -1; /* plain RoPE */
+    } else {
+        v = moe__json_get(&j, 0, "rope_scaling");
+    }
+    if (v >= 0 && j.t[v].type != MOE__J_NULL) {
         int64_t w;
         if (j.t[v].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"rope_scaling\" must be an object or null", fn);
         w = moe__json_get(&j, v, "type");
         if (w < 0) w = moe__json_get(&j, v, "rope_type");
         if (w < 0 || !moe__json_str(&j, w, buf, sizeof buf) || strcmp(buf, "yarn") != 0)
-            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only YaRN rope_scaling is supported", fn);
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only YaRN rope scaling is supported", fn);
         c.rope_scaling.beta_fast = 32; c.rope_scaling.beta_slow = 1; c.rope_scaling.mscale = 1; c.rope_scaling.mscale_all_dim = 0;
         if ((w = moe__json_get(&j, v, "factor")) >= 0) moe__json_num(&j, w, &c.rope_scaling.factor);
         if ((w = moe__json_get(&j, v, "original_max_position_embeddings")) >= 0 && moe__json_num(&j, w, &x)) c.rope_scaling.original_max_pos = (int64_t)x;
@@ -6218,44 +6229,26 @@ static int moe__hf_ignorable(const moe_model *m, const char *name) {
     return 0;
 }
 
-MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **out) {
+/* Open the safetensors files of an HF directory: the shards of model.safetensors.index.json,
+   or model.safetensors. On failure the files opened so far stay in L for the caller to close. */
+static moe_status moe__hf_open_files(moe_ctx *ctx, const char *dir, moe__hf_loader *Lp) {
     static const char *fn = "moe_model_load_hf";
     char path[4096], shard[1024];
-    moe_config cfg;
-    moe_model *m = NULL;
-    moe__hf_loader L;
-    unsigned char *idx = NULL, *cfgtext = NULL;
-    size_t idx_len, cfg_len;
+    unsigned char *idx = NULL;
+    size_t idx_len = 0;
     moe_status st;
-    int64_t f, i;
-    MOE__CHECK_CTX(ctx);
-    if (!dir || !out) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL dir or out", fn);
-    *out = NULL;
-    memset(&L, 0, sizeof L);
-    L.block = 128;
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 24, &cfgtext, &cfg_len));
-    st = moe_config_parse(ctx, (const char *)cfgtext, cfg_len, &cfg);
-    if (st == MOE_OK) { /* FP8 checkpoints say their block size */
-        moe__json j;
-        int64_t q, b;
-        double v;
-        if (moe__json_parse(ctx, fn, (const char *)cfgtext, (int64_t)cfg_len, &j) == MOE_OK &&
-            (q = moe__json_get(&j, 0, "quantization_config")) >= 0 && (b = moe__json_get(&j, q, "weight_block_size")) >= 0 &&
-            j.t[b].type == MOE__J_ARR && j.t[b].count == 2 && moe__json_num(&j, b + 1, &v) && v >= 1 && v <= 65536)
-            L.block = (int64_t)v;
-    }
-    MOE_FREE(cfgtext);
-    if (st) return st;
-    MOE__TRY(moe_model_new(ctx, &cfg, 0, &m));
+    int64_t i;
+    moe__hf_loader L = *Lp;
     /* the files: an index of shards, or one model.safetensors */
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     {
         FILE *probe = fopen(path, "rb");
-        if (probe) fclose(probe);
-        st = probe ? moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len) : MOE_ERR_IO;
+        if (probe) {
+            fclose(probe);
+            MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len));
+        }
     }
-    if (st == MOE_OK) {
+    if (idx) {
         moe__json j;
         int64_t wm, k, kk;
         st = moe__json_parse(ctx, fn, (const char *)idx, (int64_t)idx_len, &j);
@@ -6285,14 +6278,59 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
             st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: %s has no weight_map object", fn, path);
         }
         MOE_FREE(idx);
-    } else if (idx) {
-        MOE_FREE(idx);
     } else {
         L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *));
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         st = L.files ? moe_st_open(ctx, path, &L.files[0]) : moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
         if (!st) L.n_files = 1;
     }
+    *Lp = L;
+    return st;
+}
+
+MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **out) {
+    static const char *fn = "moe_model_load_hf";
+    char path[4096];
+    moe_config cfg;
+    moe_model *m = NULL;
+    moe__hf_loader L;
+    unsigned char *cfgtext = NULL;
+    size_t cfg_len;
+    moe_status st;
+    int64_t f, i;
+    MOE__CHECK_CTX(ctx);
+    if (!dir || !out) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL dir or out", fn);
+    *out = NULL;
+    memset(&L, 0, sizeof L);
+    L.block = 128;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 24, &cfgtext, &cfg_len));
+    st = moe_config_parse(ctx, (const char *)cfgtext, cfg_len, &cfg);
+    if (st == MOE_OK) { /* FP8 checkpoints say their block size */
+        moe__json j;
+        int64_t q, b;
+        double v;
+        if (moe__json_parse(ctx, fn, (const char *)cfgtext, (int64_t)cfg_len, &j) == MOE_OK &&
+            (q = moe__json_get(&j, 0, "quantization_config")) >= 0 && (b = moe__json_get(&j, q, "weight_block_size")) >= 0 &&
+            j.t[b].type == MOE__J_ARR && j.t[b].count == 2 && moe__json_num(&j, b + 1, &v) && v >= 1 && v <= 65536)
+            L.block = (int64_t)v;
+    }
+    MOE_FREE(cfgtext);
+    if (st) return st;
+    st = moe__hf_open_files(ctx, dir, &L);
+    if (!st && cfg.num_nextn_predict_layers > 0) {
+        /* transformers drops MTP weights but keeps num_nextn_predict_layers in config.json:
+           without the module's tensors, load the main model alone */
+        char probe[128];
+        int64_t fi, ti;
+        snprintf(probe, sizeof probe, "model.layers.%lld.eh_proj.weight", (long long)cfg.num_hidden_layers);
+        if (!moe__hf_lookup(&L, probe, &fi, &ti)) {
+            moe__log(ctx, 1, "%s: config announces %lld MTP module(s) but '%s' is absent: loading without MTP", fn,
+                     (long long)cfg.num_nextn_predict_layers, probe);
+            cfg.num_nextn_predict_layers = 0;
+        }
+    }
+    if (!st) st = moe_model_new(ctx, &cfg, 0, &m);
     if (!st) {
         L.used = (unsigned char **)moe__heap_calloc(ctx, sizeof(unsigned char *) * (size_t)(L.n_files + 1));
         for (f = 0; L.used && f < L.n_files; f++) L.used[f] = (unsigned char *)moe__heap_calloc(ctx, (size_t)L.files[f]->n + 1);

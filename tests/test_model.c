@@ -117,6 +117,16 @@ static void test_config_json_round_trip(void) {
     T_CHECK(b.q_lora_rank == 0 && b.scoring_func == MOE_SCORING_SOFTMAX && b.topk_method == MOE_TOPK_GREEDY && !b.norm_topk_prob &&
                 b.n_shared_experts == 2 && b.rope_scaling.factor == 4 && fabs(b.rope_scaling.mscale_all_dim - 0.707) < 1e-12,
             "V2-Lite fields parsed");
+    {   /* transformers 5 writes "rope_parameters" instead of "rope_theta" + "rope_scaling" */
+        static const char rp[] = "{\"vocab_size\": 64, \"hidden_size\": 32, \"num_hidden_layers\": 2, \"num_attention_heads\": 2,"
+            " \"intermediate_size\": 48, \"moe_intermediate_size\": 16, \"kv_lora_rank\": 16, \"q_lora_rank\": 16,"
+            " \"qk_nope_head_dim\": 8, \"qk_rope_head_dim\": 4, \"v_head_dim\": 8, \"n_routed_experts\": 8, \"num_experts_per_tok\": 2,"
+            " \"n_group\": 4, \"topk_group\": 2, \"first_k_dense_replace\": 1, \"max_position_embeddings\": 32,"
+            " \"rope_parameters\": {\"rope_theta\": 5000, \"rope_type\": \"yarn\", \"factor\": 2, \"original_max_position_embeddings\": 16,"
+            " \"beta_fast\": 32, \"beta_slow\": 1, \"mscale\": 1.0, \"mscale_all_dim\": 1.0}, \"head_dim\": 4}";
+        T_ASSERT(moe_config_parse(g_ctx, rp, sizeof rp - 1, &b) == MOE_OK, "rope_parameters config: %s", moe_ctx_error(g_ctx));
+        T_CHECK(b.rope_theta == 5000 && b.rope_scaling.factor == 2 && b.rope_scaling.original_max_pos == 16, "rope_parameters read");
+    }
     remove(path);
 }
 
