@@ -4850,14 +4850,6 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
 
 MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 
-static float moe__moment_get(const void *p, int bf16, int64_t i) {
-    return bf16 ? moe_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-static void moe__moment_set(void *p, int bf16, int64_t i, float v) {
-    if (bf16) ((uint16_t *)p)[i] = moe_f32_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
     moe_model *m;
     double sumsq = 0, norm, coef, bc1, bc2;
@@ -4888,23 +4880,39 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     bc1 = 1.0 - pow(o->cfg.beta1, (double)o->step);
     bc2 = 1.0 - pow(o->cfg.beta2, (double)o->step);
     bf16 = o->cfg.moment_dtype == MOE_BF16;
-    for (i = 0; i < m->n_entries; i++) {
-        moe_tensor *t = m->entries[i].t;
-        moe_real *p = MOE__F32(t), *g;
-        float wd = m->entries[i].decay ? o->cfg.weight_decay : 0.0f, b1 = o->cfg.beta1, b2 = o->cfg.beta2;
-        int64_t j;
-        if (!m->entries[i].is_param || !t->grad) continue;
-        g = (moe_real *)t->grad->data;
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
-        for (j = 0; j < t->numel; j++) {
-            float gj = (float)(g[j] * coef);
-            float mj = b1 * moe__moment_get(o->m[i], bf16, j) + (1 - b1) * gj;
-            float vj = b2 * moe__moment_get(o->v[i], bf16, j) + (1 - b2) * gj * gj;
-            moe__moment_set(o->m[i], bf16, j, mj);
-            moe__moment_set(o->v[i], bf16, j, vj);
-            p[j] -= (moe_real)(lr * (mj / bc1) / (sqrt(vj / bc2) + o->cfg.eps) + lr * wd * (double)p[j]);
+    {
+        /* per element, in float: m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+           p ← p − lr·(m/bc1)/(sqrt(v/bc2) + eps) − lr·wd·p */
+        const float b1 = o->cfg.beta1, b2 = o->cfg.beta2, eps = o->cfg.eps, step = lr / (float)bc1, inv_bc2 = 1.0f / (float)bc2;
+        for (i = 0; i < m->n_entries; i++) {
+            moe_tensor *t = m->entries[i].t;
+            moe_real *p = MOE__F32(t), *g;
+            const float decay = lr * (m->entries[i].decay ? o->cfg.weight_decay : 0.0f), gs = (float)coef;
+            int64_t j;
+            if (!m->entries[i].is_param || !t->grad) continue;
+            g = (moe_real *)t->grad->data;
+            if (bf16) {
+                uint16_t *mm = (uint16_t *)o->m[i], *vv = (uint16_t *)o->v[i];
+                MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
+                for (j = 0; j < t->numel; j++) {
+                    float gj = (float)g[j] * gs, mj = b1 * moe_bf16_to_f32(mm[j]) + (1 - b1) * gj;
+                    float vj = b2 * moe_bf16_to_f32(vv[j]) + (1 - b2) * gj * gj;
+                    mm[j] = moe_f32_to_bf16(mj);
+                    vv[j] = moe_f32_to_bf16(vj);
+                    p[j] -= (moe_real)(step * mj / (sqrtf(vj * inv_bc2) + eps) + decay * (float)p[j]);
+                }
+            } else {
+                float *mm = (float *)o->m[i], *vv = (float *)o->v[i];
+                MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
+                for (j = 0; j < t->numel; j++) {
+                    float gj = (float)g[j] * gs, mj = b1 * mm[j] + (1 - b1) * gj, vj = b2 * vv[j] + (1 - b2) * gj * gj;
+                    mm[j] = mj;
+                    vv[j] = vj;
+                    p[j] -= (moe_real)(step * mj / (sqrtf(vj * inv_bc2) + eps) + decay * (float)p[j]);
+                }
+            }
+            memset(g, 0, (size_t)t->numel * sizeof(moe_real));
         }
-        memset(g, 0, (size_t)t->numel * sizeof(moe_real));
     }
     return MOE_OK;
 }
