@@ -1510,6 +1510,7 @@ static void moe__gemm_portable(int n_threads, int ta, int tb, int64_t m, int64_t
 }
 
 /* ---- GEMM kernels: begin ---- */
+#ifndef MOE_REAL_F64 /* the double-precision build uses the portable path */
 #define MOE__HAVE_SIMD_GEMM 1
 /* ==== moe__gemm: CPU GEMM (FP32 / BF16 compute, FP32 accumulation) ======================
    C[m,n] = alpha·op(A)·op(B) + beta·C, C row-major.
@@ -2323,6 +2324,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
     (void)workspace;
 #endif
 }
+#endif /* MOE_REAL_F64 */
 /* ---- GEMM kernels: end ---- */
 
 #if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
@@ -4590,7 +4592,7 @@ static moe__mla_dims moe__model_mla_dims(const moe_model *m, int64_t B, int64_t 
 static moe_status moe__block_forward(moe_ctx *ctx, moe_model *m, moe__block *b, moe_tensor *x, int64_t B, int64_t T,
                                      float alpha, moe_tensor **out, moe_tensor **aux) {
     moe__mla_dims dims = moe__model_mla_dims(m, B, T, 0);
-    moe_tensor *h, *a, *x1, *h2, *f;
+    moe_tensor *h, *a, *x1, *h2, *f = NULL;
     float eps = (float)m->cfg.rms_norm_eps;
     *aux = NULL;
     MOE__TRY(moe_rmsnorm(ctx, x, b->attn_norm, eps, &h));

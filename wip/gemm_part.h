@@ -726,8 +726,10 @@ static void moe__gemm_do_unit(const moe__gemm_job *job, float *tile, int64_t is,
     }
 }
 
-/* Body run by every thread of the team (tid < number of tiles in the workspace). */
-static void moe__gemm_body(moe__gemm_job *job, int tid) {
+/* Body run by every thread of the team (tid < number of tiles in the workspace). sync: called
+   inside our own parallel region (barriers needed); 0 when called directly by the caller's
+   thread, which may itself be inside someone else's parallel region: no barrier may bind there. */
+static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
     const moe__gemm_desc *d = job->d;
     const moe__gemm_plan *pl = &job->pl;
     const int64_t MR = pl->mr, NR = pl->nr, m = d->m, n = d->n;
@@ -736,6 +738,7 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
 #ifdef _OPENMP
     double tw = tid == 0 ? omp_get_wtime() : 0.0;
 #endif
+    (void)sync;
     memset(tile, 0, pl->t_bytes);
     for (is = 0; is < m; is += pl->mcs) {
         const int64_t msz = moe__gemm_min64(pl->mcs, m - is);
@@ -761,9 +764,11 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
             }
             base += cnt;
 #ifdef _OPENMP
-            if (tid == 0) job->busy0 += omp_get_wtime() - tw;
+            if (sync) {
+                if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
-            if (tid == 0) tw = omp_get_wtime();
+                if (tid == 0) tw = omp_get_wtime();
+            }
 #endif
             nur = (msz + job->mcu - 1) / job->mcu;
             nuc = (nsz + job->ncu - 1) / job->ncu;
@@ -776,9 +781,11 @@ static void moe__gemm_body(moe__gemm_job *job, int tid) {
             }
             base += cnt;
 #ifdef _OPENMP
-            if (tid == 0) job->busy0 += omp_get_wtime() - tw;
+            if (sync) {
+                if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
-            if (tid == 0) tw = omp_get_wtime();
+                if (tid == 0) tw = omp_get_wtime();
+            }
 #endif
         }
     }
@@ -851,12 +858,12 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         if (MOE__GEMM_BACKOFF && nt > 1 && moe__gemm_backoff_active()) nt = 1;
 #endif
         if (nt <= 1) {
-            moe__gemm_body(&job, 0);
+            moe__gemm_body(&job, 0, 0);
         } else {
 #ifdef _OPENMP
             double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(nt)
-            moe__gemm_body(&job, omp_get_thread_num());
+            moe__gemm_body(&job, omp_get_thread_num(), 1);
             moe__gemm_backoff_note(omp_get_wtime() - t0, job.busy0);
 #endif
         }
