@@ -877,6 +877,7 @@ struct moe_ctx {
     /* one workspace slot per thread for GEMMs called inside a parallel loop (experts) */
     void *gemm_tws;
     size_t gemm_tws_slot;
+    double gemm_backoff[3]; /* GEMM contention back-off: until, length, started */
 };
 
 static const char *const moe__status_names[] = {
@@ -1645,6 +1646,7 @@ typedef struct moe__gemm_desc {
     float *c; int64_t ldc;
     float alpha, beta;
     int bf16_compute;
+    double *backoff; /* the caller's contention state {until, length, started} (NULL: none) */
 } moe__gemm_desc;
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -2179,9 +2181,32 @@ typedef struct moe__gemm_job {
     moe__gemm_plan pl;
     float *bp, *ap, *tiles;
     int64_t counter; /* tickets handed out (shared) */
+    double busy0;    /* seconds thread 0 spent working (for the contention check) */
     int64_t mcu, ncu; /* compute unit: rows (multiple of 6) × cols (multiple of 32) */
 } moe__gemm_job;
 
+
+#ifdef _OPENMP
+/* Contention back-off. On a shared machine another process may hold a core; a team thread
+   queued behind it makes the caller wait at the barriers for a scheduler time slice (often
+   5–25 ms), far longer than the GEMM itself. When thread 0 waited longer than it worked (and
+   > 1 ms), the caller's later GEMMs run on one thread for a while (10 ms, doubling up to 0.5 s
+   while it persists). The state bo = {until, length, started} belongs to the caller (its
+   moe_ctx), so there is no global state; the thread count never changes the result. */
+static void moe__gemm_backoff_note(double *bo, double wall, double busy) {
+    double now = omp_get_wtime();
+    if (!bo[2]) { /* the first team start creates the threads: not a contention signal */
+        bo[2] = 1;
+        return;
+    }
+    if (wall - busy > 1.0e-3 && wall - busy > busy) {
+        bo[1] = bo[1] < 0.01 ? 0.01 : (bo[1] * 2.0 > 0.5 ? 0.5 : bo[1] * 2.0);
+        bo[0] = now + bo[1];
+    } else {
+        bo[1] = 0.0;
+    }
+}
+#endif
 
 /* Dynamic work distribution: one global ticket sequence over all phases; a ticket past the
    current phase is kept for the next one. */
@@ -2300,6 +2325,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
     const int64_t MR = pl->mr, NR = pl->nr, m = d->m, n = d->n;
     float *tile = job->tiles + (size_t)tid * (pl->t_bytes / sizeof(float));
     int64_t mine = -1, base = 0, is, js, u;
+#ifdef _OPENMP
+    double tw = tid == 0 ? omp_get_wtime() : 0.0;
+#endif
     (void)sync;
     memset(tile, 0, pl->t_bytes);
     for (is = 0; is < m; is += pl->mcs) {
@@ -2327,7 +2355,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
             base += cnt;
 #ifdef _OPENMP
             if (sync) {
+                if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
+                if (tid == 0) tw = omp_get_wtime();
             }
 #endif
             nur = (msz + job->mcu - 1) / job->mcu;
@@ -2342,7 +2372,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
             base += cnt;
 #ifdef _OPENMP
             if (sync) {
+                if (tid == 0) job->busy0 += omp_get_wtime() - tw;
 #pragma omp barrier
+                if (tid == 0) tw = omp_get_wtime();
             }
 #endif
         }
@@ -2399,6 +2431,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
         job.ap = (float *)(void *)(ws + job.pl.b_bytes);
         job.tiles = (float *)(void *)(ws + job.pl.b_bytes + job.pl.a_bytes);
         job.counter = 0;
+        job.busy0 = 0.0;
         /* compute units: smaller ones when there are too few to balance the threads */
         job.mcu = MOE__GEMM_MCU;
         job.ncu = MOE__GEMM_NCU;
@@ -2411,12 +2444,17 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
             else break;
         }
         if ((int64_t)nt > units) nt = (int)units;
+#ifdef _OPENMP
+        if (d->backoff && nt > 1 && omp_get_wtime() < d->backoff[0]) nt = 1;
+#endif
         if (nt <= 1) {
             moe__gemm_body(&job, 0, 0);
         } else {
 #ifdef _OPENMP
+            double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(nt)
             moe__gemm_body(&job, omp_get_thread_num(), 1);
+            if (d->backoff) moe__gemm_backoff_note(d->backoff, omp_get_wtime() - t0, job.busy0);
 #endif
         }
     }
@@ -2464,6 +2502,7 @@ static moe_status moe__gemm(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, 
         d.c = C; d.ldc = ldc;
         d.alpha = alpha; d.beta = beta;
         d.bf16_compute = bf16;
+        d.backoff = ctx->gemm_backoff;
 #ifdef _OPENMP
         if (omp_in_parallel()) {
             /* inside a parallel loop (one expert per thread): this thread's reserved slot;
@@ -2553,6 +2592,7 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
         d.c = g->c; d.ldc = g->ldc;
         d.alpha = g->alpha; d.beta = g->beta;
         d.bf16_compute = g->compute == MOE_BF16;
+        d.backoff = ctx->gemm_backoff;
         ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(&d, ctx->n_threads));
         if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_gemm: out of memory for the packing workspace");
         moe__gemm_run(&d, ctx->simd ? moe__gemm_best_isa() : MOE__GEMM_SCALAR, ctx->n_threads, ws);
