@@ -139,6 +139,7 @@ int main(int argc, char **argv) {
     fflush(stdout);
     CHECK(moe_gen_generate(ctx, g, ptoks, np, &o, out, cap, &n_out, &st));
     printf("\n");
+    fflush(stdout);
     {
         char acc[64];
         if (o.speculative) snprintf(acc, sizeof acc, "acceptance %.3f (%lld/%lld drafts)", st.acceptance, (long long)st.accepted, (long long)st.drafted);
