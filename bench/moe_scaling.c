@@ -35,7 +35,7 @@ static double time_layer(moe_ctx *ctx, int64_t experts, int reps) {
     moe_tensor_fill_normal(ctx, x, &rng, 0.0f, 1.0f);
     moe_tensor_set_requires_grad(ctx, x, 1);
     for (r = 0; r < reps + 1; r++) {
-        moe_tensor *y, *aux, *s;
+        moe_tensor *y = NULL, *aux = NULL, *s = NULL;
         double t0 = moe_time_s();
         if (moe__moe_forward(ctx, &m->layers[0].moe, &m->cfg, 16, 256, 0.0f, x, &y, &aux) || moe_sum(ctx, y, &s) ||
             moe_backward(ctx, s)) {

@@ -37,8 +37,11 @@ static double fma_peak_gflops(int threads) {
         MOE__OMP(omp parallel for num_threads(threads) reduction(+:sink))
         for (th = 0; th < threads; th++) {
 #if defined(__AVX2__) && defined(__FMA__)
-            __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-                   a10 = a0, a11 = a0, m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+            /* distinct starting values: identical chains would be merged by the compiler */
+            __m256 a0 = _mm256_set1_ps(1.00f), a1 = _mm256_set1_ps(1.01f), a2 = _mm256_set1_ps(1.02f), a3 = _mm256_set1_ps(1.03f),
+                   a4 = _mm256_set1_ps(1.04f), a5 = _mm256_set1_ps(1.05f), a6 = _mm256_set1_ps(1.06f), a7 = _mm256_set1_ps(1.07f),
+                   a8 = _mm256_set1_ps(1.08f), a9 = _mm256_set1_ps(1.09f), a10 = _mm256_set1_ps(1.10f), a11 = _mm256_set1_ps(1.11f),
+                   m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
             long i;
             float out[8];
             for (i = 0; i < iters / 8; i++) {
@@ -52,7 +55,7 @@ static double fma_peak_gflops(int threads) {
             _mm256_storeu_ps(out, a0);
             sink += out[0];
 #else
-            float a[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+            float a[12] = {1.00f, 1.01f, 1.02f, 1.03f, 1.04f, 1.05f, 1.06f, 1.07f, 1.08f, 1.09f, 1.10f, 1.11f};
             long i;
             int j;
             for (i = 0; i < iters / 8; i++)
