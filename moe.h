@@ -15,7 +15,15 @@
                   attention (tiled, online softmax), embedding, cross-entropy, top-k
      5. autograd  a tape recorded in the step arena, moe_backward, and the differentiable
                   tensor ops built on the kernels
-   Sections 6–11 (layers, model, train, io, infer, dist) follow the plan in DESIGN.md.
+     6. layers    MLA, DeepSeekMoE (router, permutation, experts, combine), SwiGLU FFN — each
+                  one tape node with a hand-written backward
+     7. model     moe_config (Hugging Face names), moe_model with MTP modules, the loss,
+                  auxiliary-loss-free expert-bias updates
+     8. train     AdamW, learning-rate schedules, gradient clipping
+     8b. distill  teacher → student losses (forward / reverse KL), top-k teacher cache files
+     9. io        config.json, token data, checkpoints, safetensors, Hugging Face directories
+    10. infer     latent KV cache with absorbed MLA, sampling, MTP self-speculative decoding
+   (11. dist — MPI/NCCL collectives — is planned in DESIGN.md.)
 
    Conventions
      - Every fallible function returns moe_status (MOE_OK == 0) and leaves a one-line
