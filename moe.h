@@ -401,9 +401,32 @@ typedef struct moe_gemm_args {
 } moe_gemm_args;
 MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *args);
 
-/* Precision of the GEMMs inside differentiable ops and layers: MOE_F32 (default) or
-   MOE_BF16 (operands rounded to bf16, FP32 accumulation; master weights stay FP32). */
+/* Precision of the GEMMs inside differentiable ops and layers, FP32 accumulation and FP32
+   master weights in every mode:
+   - MOE_F32 (default);
+   - MOE_BF16: operands rounded to bf16; activations saved for backward kept in bf16;
+   - MOE_FP8_E4M3: the DeepSeek-V3 recipe (reference §5). The three GEMMs of every linear
+     layer of MLA and the MLPs (Fprop, Dgrad, Wgrad) take E4M3 operands: activations and
+     output gradients in 1×B tiles along the reduction dim, weights in B×B blocks, the
+     backward's operands re-quantised along their own reduction dim, scale = amax/448 per
+     tile, computed online. The layers' inputs and the SwiGLU input are saved for backward
+     in FP8, the rest in bf16. Embedding, output head, MTP projection and the other
+     generic matmuls run in BF16; router, norms and the attention core in FP32. */
 MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
+
+/* Options of the FP8 mode; zero fields take the defaults. */
+typedef struct moe_fp8_options {
+    int64_t block;    /* B (default 128; smaller for tiny models) */
+    int per_tensor;   /* ablation: one scale per tensor instead of per tile / block */
+    int acc_bits;     /* emulate an accumulator that keeps this many significant bits
+                         (Hopper's FP8 tensor cores: about 14); 0 = exact FP32 (default) */
+    int acc_interval; /* with acc_bits: promote the partial sum to FP32 every this many
+                         products (N_C, default 128); -1 = never */
+} moe_fp8_options;
+MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt);
+/* Bytes of activations the layers (MLA, MoE, FFN) saved for backward since the last
+   reset, in the format they are kept in (FP32, BF16 or FP8 codes plus scales). */
+MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx);
 
 /* ============================================================================================
    5. autograd — the tape, moe_backward and the differentiable ops
@@ -956,6 +979,8 @@ struct moe_ctx {
     int simd;
     int grad_enabled;
     moe_dtype gemm_compute;
+    moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
+    size_t saved_bytes;  /* activations saved for backward since the last reset */
     char error[512];
     moe_log_fn log_fn;
     void *log_user;
@@ -1062,6 +1087,8 @@ MOE_API moe_status moe_ctx_new(moe_ctx **out) {
     ctx->simd = 1;
     ctx->grad_enabled = 1;
     ctx->gemm_compute = MOE_F32;
+    ctx->fp8.block = 128;
+    ctx->fp8.acc_interval = 128;
     *out = ctx;
     return MOE_OK;
 }
@@ -1113,12 +1140,29 @@ MOE_API moe_status moe_ctx_set_grad_enabled(moe_ctx *ctx, int enabled) {
 }
 MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute) {
     MOE__CHECK_CTX(ctx);
-    if (compute != MOE_F32 && compute != MOE_BF16)
-        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_ctx_set_gemm_precision: want MOE_F32 or MOE_BF16, got %s",
+    if (compute != MOE_F32 && compute != MOE_BF16 && compute != MOE_FP8_E4M3)
+        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_ctx_set_gemm_precision: want MOE_F32, MOE_BF16 or MOE_FP8_E4M3, got %s",
                          moe_dtype_name(compute));
     ctx->gemm_compute = compute;
     return MOE_OK;
 }
+MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt) {
+    moe_fp8_options o;
+    MOE__CHECK_CTX(ctx);
+    if (!opt) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: options are NULL");
+    o = *opt;
+    if (o.block == 0) o.block = 128;
+    if (o.acc_interval == 0) o.acc_interval = 128;
+    if (o.block < 1 || o.block > (1 << 20))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: block must be in [1, 2^20], got %lld", (long long)o.block);
+    if (o.acc_bits < 0 || o.acc_bits > 24)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_bits must be in [0, 24], got %d", o.acc_bits);
+    if (o.acc_interval < -1)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_interval must be -1 (never) or positive, got %d", o.acc_interval);
+    ctx->fp8 = o;
+    return MOE_OK;
+}
+MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx) { return ctx ? ctx->saved_bytes : 0; }
 MOE_API void moe_ctx_set_log(moe_ctx *ctx, moe_log_fn fn, void *user) {
     if (!ctx) return;
     ctx->log_fn = fn;
@@ -1216,6 +1260,7 @@ MOE_API void moe_ctx_reset(moe_ctx *ctx) {
         b->used = 0;
     }
     ctx->arena_used = 0;
+    ctx->saved_bytes = 0;
 }
 
 /* ---- RNG ---- */
@@ -3322,7 +3367,7 @@ MOE_API moe_status moe_matmul(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, moe_te
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
     MOE__TRY(moe__tensor_out(ctx, x->ndim, shape, y));
-    bf16 = ctx->gemm_compute == MOE_BF16;
+    bf16 = ctx->gemm_compute != MOE_F32; /* FP8 mode: generic matmuls (head, MTP projection) in BF16 */
     for (b = 0; b < batches; b++)
         MOE__TRY(moe__gemm(ctx, 0, 1, M, N, K, 1, MOE__F32(x) + b * M * K, K, MOE__F32(w) + b * N * K, K, 0,
                            MOE__F32(*y) + b * M * N, N, bf16));
@@ -3914,16 +3959,146 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
    Each layer is one tape node with a hand-written backward that calls the kernels of
    section 4. What the backward needs is kept in a per-call record in the step arena. */
 
-/* Y[n,out] = X[n,in]·Wᵀ with W [out, in]. */
-static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
-                              moe_real *Y, int bf16) {
-    return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, bf16);
+/* ---- linear layers in FP32, BF16 or FP8 (reference §5) ---- */
+
+/* The FP8 grouping of a GEMM operand [rows, cols]: 1×B tiles along the row (its reduction
+   dim is cols), B×1 tiles down the columns (reduction over rows), or B×B weight blocks. */
+typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
+
+static void moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
+    int64_t B = ctx->fp8.block;
+    if (ctx->fp8.per_tensor) { *gr = rows > 0 ? rows : 1; *gc = cols > 0 ? cols : 1; return; }
+    *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
+    *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
 }
-/* dX += dY·W and dW += dYᵀ·X (either may be NULL). */
+
+static void moe__e4m3_table(float lut[256]) {
+    int i;
+    for (i = 0; i < 256; i++) lut[i] = moe_e4m3_to_f32((uint8_t)i);
+}
+
+/* E4M3 quantisation of x [rows, cols] in groups of gr×gc elements, each with its own scale
+   amax/448 (moe_fp8_scale) computed from the data: codes[i] = e4m3(x[i]/scale),
+   scales[(r/gr)·ceil(cols/gc) + c/gc]. If out is given it receives the dequantised values
+   code·scale (decoded through a table), the operand the GEMM multiplies; out may be x. */
+static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, uint8_t *codes,
+                              float *scales, moe_real *out, int n_threads) {
+    int64_t ngr = (rows + gr - 1) / gr, ngc = (cols + gc - 1) / gc, g;
+    float lut[256];
+    moe__e4m3_table(lut);
+    (void)n_threads;
+    MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (rows * cols > 65536))
+    for (g = 0; g < ngr; g++) {
+        int64_t r0 = g * gr, r1 = r0 + gr < rows ? r0 + gr : rows, r, c;
+        float *sc = scales + g * ngc;
+        for (c = 0; c < ngc; c++) sc[c] = 0.0f;
+        for (r = r0; r < r1; r++)
+            for (c = 0; c < cols; c++) {
+                float a = fabsf((float)x[r * cols + c]);
+                if (a > sc[c / gc]) sc[c / gc] = a; /* NaN never wins */
+            }
+        for (c = 0; c < ngc; c++) sc[c] = moe_fp8_scale(sc[c]);
+        for (r = r0; r < r1; r++)
+            for (c = 0; c < cols; c++) {
+                float s = sc[c / gc];
+                uint8_t q = moe_f32_to_e4m3((float)x[r * cols + c] / s);
+                if (codes) codes[r * cols + c] = q;
+                if (out) out[r * cols + c] = (moe_real)(lut[q] * s);
+            }
+    }
+}
+
+/* The FP8 form of a GEMM operand as the GEMM multiplies it (dequantised values), in the
+   step arena; NULL (message set) when out of memory. */
+static moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, moe__fp8_group g) {
+    int64_t gr, gc;
+    moe_real *out = moe__scratch_real(ctx, rows * cols, "fp8 operand");
+    float *scales;
+    moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
+    scales = (float *)moe__arena_alloc(ctx, (size_t)(((rows + gr - 1) / gr) * ((cols + gc - 1) / gc)) + 1, sizeof(float), "fp8 scales");
+    if (!out || !scales) return NULL;
+    moe__fp8_quantize(x, rows, cols, gr, gc, NULL, scales, out, ctx->n_threads);
+    return out;
+}
+
+/* v rounded toward zero to `bits` significant bits. */
+static float moe__keep_bits(float v, int bits) {
+    uint32_t u;
+    if (bits >= 24) return v;
+    memcpy(&u, &v, sizeof u);
+    u &= ~((1u << (24 - bits)) - 1u);
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* C = op(A)·op(B) + beta·C where every product is added to a partial sum that keeps only
+   `bits` significant bits (an emulation of a tensor-core FP8 accumulator), and the partial
+   sum is promoted to an FP32 accumulator every `interval` products (−1: once, at the end).
+   Scalar and slow: it exists to study the effect, not to train fast. */
+static void moe__gemm_limited_acc(int ta, int tb, int64_t m, int64_t n, int64_t k, const moe_real *A, int64_t lda,
+                                  const moe_real *B, int64_t ldb, moe_real beta, moe_real *C, int64_t ldc, int bits,
+                                  int interval) {
+    int64_t i, j, p;
+    for (i = 0; i < m; i++)
+        for (j = 0; j < n; j++) {
+            float acc = 0.0f, part = 0.0f;
+            for (p = 0; p < k; p++) {
+                float a = (float)(ta ? A[p * lda + i] : A[i * lda + p]), b = (float)(tb ? B[j * ldb + p] : B[p * ldb + j]);
+                part = moe__keep_bits(part + a * b, bits);
+                if (interval > 0 && (p + 1) % interval == 0) {
+                    acc += part;
+                    part = 0.0f;
+                }
+            }
+            acc += part;
+            C[i * ldc + j] = (moe_real)acc + (beta != 0 ? beta * C[i * ldc + j] : 0);
+        }
+}
+
+/* The GEMM of an FP8 linear layer on dequantised operands: FP32 accumulation (the SIMD
+   kernels), or the limited-precision accumulator when the context asks for it. */
+static moe_status moe__gemm_fp8(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, int64_t k, const moe_real *A,
+                                int64_t lda, const moe_real *B, int64_t ldb, moe_real beta, moe_real *C, int64_t ldc) {
+    if (ctx->fp8.acc_bits > 0) {
+        moe__gemm_limited_acc(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, ctx->fp8.acc_bits, ctx->fp8.acc_interval);
+        return MOE_OK;
+    }
+    return moe__gemm(ctx, ta, tb, m, n, k, 1, A, lda, B, ldb, beta, C, ldc, 0);
+}
+
+/* Y[n,out] = X[n,in]·Wᵀ with W [out, in] (Fprop). FP8: X in 1×B tiles, W in B×B blocks. */
+static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
+                              moe_real *Y, moe_dtype prec) {
+    if (prec == MOE_FP8_E4M3) {
+        const moe_real *Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS);
+        const moe_real *Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS);
+        if (!Xq || !Wq) return MOE_ERR_MEMORY;
+        return moe__gemm_fp8(ctx, 0, 1, n, out, in, Xq, in, Wq, in, 0, Y, out);
+    }
+    return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, prec == MOE_BF16);
+}
+/* dX += dY·W (Dgrad) and dW += dYᵀ·X (Wgrad); either may be NULL. FP8: for Dgrad dY in
+   1×B tiles along `out` and W in its B×B blocks; for Wgrad dY and X re-quantised in B×1
+   tiles along the tokens, their reduction dim. */
 static moe_status moe__linear_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t in,
-                                  const moe_real *W, int64_t out, moe_real *dX, moe_real *dW, int bf16) {
-    if (dX) MOE__TRY(moe__gemm(ctx, 0, 0, n, in, out, 1, dY, out, W, in, 1, dX, in, bf16));
-    if (dW) MOE__TRY(moe__gemm(ctx, 1, 0, out, in, n, 1, dY, out, X, in, 1, dW, in, bf16));
+                                  const moe_real *W, int64_t out, moe_real *dX, moe_real *dW, moe_dtype prec) {
+    if (prec == MOE_FP8_E4M3) {
+        if (dX) {
+            const moe_real *dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS);
+            const moe_real *Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS);
+            if (!dYq || !Wq) return MOE_ERR_MEMORY;
+            MOE__TRY(moe__gemm_fp8(ctx, 0, 0, n, in, out, dYq, out, Wq, in, 1, dX, in));
+        }
+        if (dW) {
+            const moe_real *dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS);
+            const moe_real *Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS);
+            if (!dYq || !Xq) return MOE_ERR_MEMORY;
+            MOE__TRY(moe__gemm_fp8(ctx, 1, 0, out, in, n, dYq, out, Xq, in, 1, dW, in));
+        }
+        return MOE_OK;
+    }
+    if (dX) MOE__TRY(moe__gemm(ctx, 0, 0, n, in, out, 1, dY, out, W, in, 1, dX, in, prec == MOE_BF16));
+    if (dW) MOE__TRY(moe__gemm(ctx, 1, 0, out, in, n, 1, dY, out, X, in, 1, dW, in, prec == MOE_BF16));
     return MOE_OK;
 }
 static moe_real *moe__param_grad(moe_tensor *t) { return t && t->requires_grad && t->grad ? (moe_real *)t->grad->data : NULL; }
@@ -3931,43 +4106,116 @@ static moe_real *moe__alloc_real(moe_ctx *ctx, int64_t n, const char *what) {
     return (moe_real *)moe__arena_alloc(ctx, (size_t)n, sizeof(moe_real), what);
 }
 
-/* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ---- */
+/* ---- activations saved for backward ----
+   A layer keeps what its backward needs as stashes, in the format of the precision mode:
+   FP32 keeps the array itself; BF16 keeps bf16 copies; FP8 keeps E4M3 codes with a scale
+   per 1×B tile where the recipe allows it (inputs of linear layers, the SwiGLU input) and
+   bf16 for the rest. Every stash counts towards moe_ctx_saved_bytes. */
+typedef struct moe__stash {
+    moe_dtype dtype;  /* MOE_F32 (the array itself, not copied), MOE_BF16 or MOE_FP8_E4M3 */
+    const void *data;
+    float *scales;    /* FP8: one per gr×gc group */
+    int64_t rows, cols, gr, gc;
+} moe__stash;
 
-typedef struct moe__mlp_saved {
-    moe_real *h13; /* [n, 2I]: gate | up pre-activations */
-    moe_real *act; /* [n, I] */
-} moe__mlp_saved;
-
-static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t d, int64_t I, const moe_real *w13,
-                               const moe_real *w2, moe_real *Y, moe__mlp_saved *sv, int bf16) {
-    int64_t r;
-    MOE__TRY(moe__linear(ctx, X, n, d, w13, 2 * I, sv->h13, bf16));
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
-    for (r = 0; r < n; r++) {
-        int64_t j;
-        for (j = 0; j < I; j++) sv->act[r * I + j] = moe_silu_scalar(sv->h13[r * 2 * I + j]) * sv->h13[r * 2 * I + I + j];
-    }
-    return moe__linear(ctx, sv->act, n, I, w2, d, Y, bf16);
+/* The format mode `prec` keeps an activation in; fp8_ok: the recipe allows FP8 for it. */
+static moe_dtype moe__stash_format(moe_dtype prec, int fp8_ok) {
+    if (prec == MOE_F32) return MOE_F32;
+    return prec == MOE_FP8_E4M3 && fp8_ok ? MOE_FP8_E4M3 : MOE_BF16;
 }
 
-/* dX += ..., dw13 += ..., dw2 += ...; scratch: [n, 2I] + [n, I] values. */
-static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t d, int64_t I,
-                               const moe_real *w13, const moe_real *w2, const moe__mlp_saved *sv, moe_real *dX,
-                               moe_real *dw13, moe_real *dw2, moe_real *scratch, int bf16) {
-    moe_real *dact = scratch, *dh13 = scratch + n * I;
+static moe_status moe__stash_put(moe_ctx *ctx, moe__stash *st, const moe_real *x, int64_t rows, int64_t cols, moe_dtype dtype) {
+    int64_t n = rows * cols, i;
+    memset(st, 0, sizeof *st);
+    st->dtype = dtype;
+    st->rows = rows;
+    st->cols = cols;
+    if (dtype == MOE_F32) {
+        st->data = x;
+        ctx->saved_bytes += (size_t)n * sizeof(moe_real);
+    } else if (dtype == MOE_BF16) {
+        uint16_t *b = (uint16_t *)moe__arena_alloc(ctx, (size_t)n + 1, sizeof(uint16_t), "saved activation");
+        if (!b) return MOE_ERR_MEMORY;
+        for (i = 0; i < n; i++) b[i] = moe_f32_to_bf16((float)x[i]);
+        st->data = b;
+        ctx->saved_bytes += (size_t)n * sizeof(uint16_t);
+    } else {
+        int64_t ns;
+        uint8_t *q = (uint8_t *)moe__arena_alloc(ctx, (size_t)n + 1, 1, "saved activation");
+        moe__fp8_group_shape(ctx, MOE__FP8_ALONG_ROWS, rows, cols, &st->gr, &st->gc);
+        ns = ((rows + st->gr - 1) / st->gr) * ((cols + st->gc - 1) / st->gc);
+        st->scales = (float *)moe__arena_alloc(ctx, (size_t)ns + 1, sizeof(float), "saved activation scales");
+        if (!q || !st->scales) return MOE_ERR_MEMORY;
+        moe__fp8_quantize(x, rows, cols, st->gr, st->gc, q, st->scales, NULL, ctx->n_threads);
+        st->data = q;
+        ctx->saved_bytes += (size_t)n + (size_t)ns * sizeof(float);
+    }
+    return MOE_OK;
+}
+
+/* The stashed values as moe_real (the array itself for FP32, else decoded into the arena);
+   NULL (message set) when out of memory. */
+static const moe_real *moe__stash_get(moe_ctx *ctx, const moe__stash *st) {
+    int64_t n = st->rows * st->cols, i;
+    moe_real *x;
+    if (st->dtype == MOE_F32) return (const moe_real *)st->data;
+    x = moe__scratch_real(ctx, n, "saved activation");
+    if (!x) return NULL;
+    if (st->dtype == MOE_BF16) {
+        for (i = 0; i < n; i++) x[i] = (moe_real)moe_bf16_to_f32(((const uint16_t *)st->data)[i]);
+    } else {
+        const uint8_t *q = (const uint8_t *)st->data;
+        int64_t ngc = (st->cols + st->gc - 1) / st->gc, r, c;
+        float lut[256];
+        moe__e4m3_table(lut);
+        for (r = 0; r < st->rows; r++)
+            for (c = 0; c < st->cols; c++)
+                x[r * st->cols + c] = (moe_real)(lut[q[r * st->cols + c]] * st->scales[(r / st->gr) * ngc + c / st->gc]);
+    }
+    return x;
+}
+
+/* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ---- */
+
+static void moe__swiglu_rows(const moe_real *h13, int64_t n, int64_t I, moe_real *act, int n_threads) {
     int64_t r;
+    (void)n_threads;
+    MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (n * I > 16384))
+    for (r = 0; r < n; r++) {
+        int64_t j;
+        for (j = 0; j < I; j++) act[r * I + j] = moe_silu_scalar(h13[r * 2 * I + j]) * h13[r * 2 * I + I + j];
+    }
+}
+
+/* h13 [n, 2I] receives the gate | up pre-activations (the SwiGLU input, kept for backward);
+   act [n, I] is scratch. */
+static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t d, int64_t I, const moe_real *w13,
+                               const moe_real *w2, moe_real *Y, moe_real *h13, moe_real *act, moe_dtype prec) {
+    MOE__TRY(moe__linear(ctx, X, n, d, w13, 2 * I, h13, prec));
+    moe__swiglu_rows(h13, n, I, act, ctx->n_threads);
+    return moe__linear(ctx, act, n, I, w2, d, Y, prec);
+}
+
+/* dX += ..., dw13 += ..., dw2 += ...; the SwiGLU output is recomputed from h13; scratch:
+   [n, 4I] values. */
+static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t d, int64_t I,
+                               const moe_real *w13, const moe_real *w2, const moe_real *h13, moe_real *dX,
+                               moe_real *dw13, moe_real *dw2, moe_real *scratch, moe_dtype prec) {
+    moe_real *dact = scratch, *dh13 = scratch + n * I, *act = scratch + 3 * n * I;
+    int64_t r;
+    moe__swiglu_rows(h13, n, I, act, ctx->n_threads);
     memset(dact, 0, (size_t)(n * I) * sizeof(moe_real));
-    MOE__TRY(moe__linear_bwd(ctx, sv->act, dY, n, I, w2, d, dact, dw2, bf16));
+    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, dact, dw2, prec));
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
     for (r = 0; r < n; r++) {
         int64_t j;
         for (j = 0; j < I; j++) {
-            moe_real g = sv->h13[r * 2 * I + j], u = sv->h13[r * 2 * I + I + j], da = dact[r * I + j];
+            moe_real g = h13[r * 2 * I + j], u = h13[r * 2 * I + I + j], da = dact[r * I + j];
             dh13[r * 2 * I + j] = da * u * moe_silu_grad_scalar(g);
             dh13[r * 2 * I + I + j] = da * moe_silu_scalar(g);
         }
     }
-    return moe__linear_bwd(ctx, X, dh13, n, d, w13, 2 * I, dX, dw13, bf16);
+    return moe__linear_bwd(ctx, X, dh13, n, d, w13, 2 * I, dX, dw13, prec);
 }
 
 /* A dense SwiGLU FFN layer (also the shared experts): weights w13 [2I, d], w2 [d, I]. */
@@ -3978,35 +4226,41 @@ typedef struct moe__ffn {
 
 typedef struct moe__ffn_node {
     const moe__ffn *ffn;
-    moe__mlp_saved sv;
-    int bf16;
+    moe__stash x, h13;
+    moe_dtype prec;
 } moe__ffn_node;
 
 static moe_status moe__ffn_bwd(moe_ctx *ctx, moe__node *n) {
     moe__ffn_node *f = (moe__ffn_node *)n->saved;
     moe_tensor *x = n->in[0];
     int64_t d = MOE__LAST(x), rows = x->numel / d, I = f->ffn->inter;
-    moe_real *dx, *scratch = moe__alloc_real(ctx, rows * 3 * I, "ffn backward");
-    if (!scratch) return MOE_ERR_MEMORY;
+    moe_real *dx, *scratch = moe__alloc_real(ctx, rows * 4 * I, "ffn backward");
+    const moe_real *X = moe__stash_get(ctx, &f->x), *h13 = moe__stash_get(ctx, &f->h13);
+    if (!scratch || !X || !h13) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
-    return moe__mlp_bwd(ctx, MOE__F32(x), MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2),
-                        &f->sv, dx, moe__param_grad(f->ffn->w13), moe__param_grad(f->ffn->w2), scratch, f->bf16);
+    return moe__mlp_bwd(ctx, X, MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2), h13, dx,
+                        moe__param_grad(f->ffn->w13), moe__param_grad(f->ffn->w2), scratch, f->prec);
 }
 
 static moe_status moe__ffn_forward(moe_ctx *ctx, const moe__ffn *ffn, moe_tensor *x, moe_tensor **y) {
     int64_t d = MOE__LAST(x), rows = x->numel / d, I = ffn->inter;
     moe__ffn_node *f = (moe__ffn_node *)moe__arena_alloc(ctx, 1, sizeof *f, "ffn");
+    moe_real *h13, *act;
     moe__node *n;
     if (!f) return MOE_ERR_MEMORY;
     f->ffn = ffn;
-    f->bf16 = ctx->gemm_compute == MOE_BF16;
-    f->sv.h13 = moe__scratch_real(ctx, rows * 2 * I, "ffn");
-    f->sv.act = moe__scratch_real(ctx, rows * I, "ffn");
-    if (!f->sv.h13 || !f->sv.act) return MOE_ERR_MEMORY;
+    f->prec = ctx->gemm_compute;
+    h13 = moe__scratch_real(ctx, rows * 2 * I, "ffn");
+    act = moe__scratch_real(ctx, rows * I, "ffn");
+    if (!h13 || !act) return MOE_ERR_MEMORY;
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    MOE__TRY(moe__mlp_fwd(ctx, MOE__F32(x), rows, d, I, MOE__F32(ffn->w13), MOE__F32(ffn->w2), MOE__F32(*y), &f->sv, f->bf16));
+    MOE__TRY(moe__mlp_fwd(ctx, MOE__F32(x), rows, d, I, MOE__F32(ffn->w13), MOE__F32(ffn->w2), MOE__F32(*y), h13, act, f->prec));
     MOE__TRY(moe__record(ctx, moe__ffn_bwd, *y, x, ffn->w13, ffn->w2, &n));
-    if (n) n->saved = f;
+    if (n) {
+        n->saved = f;
+        MOE__TRY(moe__stash_put(ctx, &f->x, MOE__F32(x), rows, d, moe__stash_format(f->prec, 1)));
+        MOE__TRY(moe__stash_put(ctx, &f->h13, h13, rows, 2 * I, moe__stash_format(f->prec, 1)));
+    }
     return MOE_OK;
 }
 
@@ -4028,12 +4282,13 @@ typedef struct moe__mla_saved {
     moe__mla_dims m;
     const moe__mla *w;
     const float *cos_sin;
-    moe_real *cq, *cqn, *rq;   /* [N, qr] compressed q before / after its norm, rstd [N] */
-    moe_real *ckv, *ckvn, *rkv; /* [N, kvr] compressed kv before / after its norm, rstd [N] */
-    moe_real *kpe;             /* [N, dr] shared RoPE key before rotation */
-    moe_real *q, *k, *v, *o;   /* [N, H, dqk|dqk|dv|dv]; q and k rotated */
-    moe_real *lse;             /* [B, H, T] */
-    int bf16;
+    moe__stash x;             /* [N, d] the (normed) input */
+    moe__stash cq, cqn;       /* [N, qr] compressed q before / after its norm */
+    moe__stash ckv, ckvn;     /* [N, kvr] compressed kv before / after its norm */
+    moe__stash q, k, v, o;    /* [N, H, dqk|dqk|dv|dv]; q and k rotated */
+    moe__stash lse;           /* [B, H, T] */
+    moe_real *rq, *rkv;       /* [N] rstd of the two norms */
+    moe_dtype prec;
 } moe__mla_saved;
 
 /* Rotate the RoPE part (offset `off`, width dr) of `heads` vectors of stride `hs` per token. */
@@ -4054,9 +4309,14 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     moe__mla_saved *S = (moe__mla_saved *)n->saved;
     const moe__mla *w = S->w;
     moe__mla_dims m = S->m;
-    const moe_real *x = MOE__F32(n->in[0]), *dout = MOE__F32(n->out->grad);
+    const moe_real *dout = MOE__F32(n->out->grad);
+    const moe_real *x = moe__stash_get(ctx, &S->x), *ckv = moe__stash_get(ctx, &S->ckv), *ckvn = moe__stash_get(ctx, &S->ckvn);
+    const moe_real *q = moe__stash_get(ctx, &S->q), *k = moe__stash_get(ctx, &S->k), *v = moe__stash_get(ctx, &S->v);
+    const moe_real *o = moe__stash_get(ctx, &S->o), *lse = moe__stash_get(ctx, &S->lse), *cq = NULL, *cqn = NULL;
     moe_real *dx, *dO, *dq, *dk, *dv, *dkvb, *dkpe, *dckvn, *dckv, *part;
     int64_t N = m.N, H = m.H, tok, h, j, maxr = m.qr > m.kvr ? m.qr : m.kvr;
+    if (!x || !ckv || !ckvn || !q || !k || !v || !o || !lse) return MOE_ERR_MEMORY;
+    if (m.qr > 0 && (!(cq = moe__stash_get(ctx, &S->cq)) || !(cqn = moe__stash_get(ctx, &S->cqn)))) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
     dO = moe__alloc_real(ctx, N * H * m.dv, "mla backward");
     dq = moe__alloc_real(ctx, N * H * m.dqk, "mla backward");
@@ -4069,12 +4329,12 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     part = moe__alloc_real(ctx, ((N + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK) * maxr, "mla backward");
     if (!dO || !dq || !dk || !dv || !dkvb || !dkpe || !dckvn || !dckv || !part) return MOE_ERR_MEMORY;
     /* output projection */
-    MOE__TRY(moe__linear_bwd(ctx, S->o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->bf16));
+    MOE__TRY(moe__linear_bwd(ctx, o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->prec));
     /* attention core */
     {
         moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla backward");
         if (!scratch) return MOE_ERR_MEMORY;
-        moe__attention_bwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
+        moe__attention_bwd(ctx->n_threads, q, k, v, o, lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
     }
     /* un-rotate: q per head; the shared k_pe collects the sum over heads first */
     moe__mla_rope(dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, -1);
@@ -4087,23 +4347,23 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     moe__mla_rope(dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, -1);
     /* kv path: kv_b, its norm, kv_a (rows 0..kvr-1 make c_KV, rows kvr.. the RoPE key) */
     memset(dckvn, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
-    MOE__TRY(moe__linear_bwd(ctx, S->ckvn, dkvb, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), dckvn, moe__param_grad(w->kv_b), S->bf16));
+    MOE__TRY(moe__linear_bwd(ctx, ckvn, dkvb, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), dckvn, moe__param_grad(w->kv_b), S->prec));
     memset(dckv, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
-    moe__rmsnorm_bwd(ctx->n_threads, S->ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, dckv, moe__param_grad(w->kv_a_norm), part, N, m.kvr);
+    moe__rmsnorm_bwd(ctx->n_threads, ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, dckv, moe__param_grad(w->kv_a_norm), part, N, m.kvr);
     {
         moe_real *dwkva = moe__param_grad(w->kv_a);
-        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->kv_a), m.kvr, dx, dwkva, S->bf16));
-        MOE__TRY(moe__linear_bwd(ctx, x, dkpe, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, dx, dwkva ? dwkva + m.kvr * m.d : NULL, S->bf16));
+        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->kv_a), m.kvr, dx, dwkva, S->prec));
+        MOE__TRY(moe__linear_bwd(ctx, x, dkpe, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, dx, dwkva ? dwkva + m.kvr * m.d : NULL, S->prec));
     }
     /* q path */
     if (m.qr > 0) {
         memset(dckvn, 0, (size_t)(N * m.qr) * sizeof(moe_real));
-        MOE__TRY(moe__linear_bwd(ctx, S->cqn, dq, N, m.qr, MOE__F32(w->q_b), H * m.dqk, dckvn, moe__param_grad(w->q_b), S->bf16));
+        MOE__TRY(moe__linear_bwd(ctx, cqn, dq, N, m.qr, MOE__F32(w->q_b), H * m.dqk, dckvn, moe__param_grad(w->q_b), S->prec));
         memset(dckv, 0, (size_t)(N * m.qr) * sizeof(moe_real));
-        moe__rmsnorm_bwd(ctx->n_threads, S->cq, MOE__F32(w->q_a_norm), S->rq, dckvn, dckv, moe__param_grad(w->q_a_norm), part, N, m.qr);
-        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->q_a), m.qr, dx, moe__param_grad(w->q_a), S->bf16));
+        moe__rmsnorm_bwd(ctx->n_threads, cq, MOE__F32(w->q_a_norm), S->rq, dckvn, dckv, moe__param_grad(w->q_a_norm), part, N, m.qr);
+        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->q_a), m.qr, dx, moe__param_grad(w->q_a), S->prec));
     } else {
-        MOE__TRY(moe__linear_bwd(ctx, x, dq, N, m.d, MOE__F32(w->q_proj), H * m.dqk, dx, moe__param_grad(w->q_proj), S->bf16));
+        MOE__TRY(moe__linear_bwd(ctx, x, dq, N, m.d, MOE__F32(w->q_proj), H * m.dqk, dx, moe__param_grad(w->q_proj), S->prec));
     }
     return MOE_OK;
 }
@@ -4113,60 +4373,76 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
                                    moe_tensor *x, moe_tensor **out) {
     moe__mla_saved *S = (moe__mla_saved *)moe__arena_alloc(ctx, 1, sizeof *S, "mla");
     moe__mla_dims m = *dims;
-    moe_real *kvb, *X = MOE__F32(x);
+    moe_real *kvb, *X = MOE__F32(x), *cq = NULL, *cqn = NULL, *ckv, *ckvn, *kpe, *q, *k, *v, *o, *lse;
     int64_t N = m.N, H = m.H, tok, h;
+    moe_dtype prec = ctx->gemm_compute, keep = moe__stash_format(prec, 0), keep_fp8 = moe__stash_format(prec, 1);
     moe__node *n;
     if (!S) return MOE_ERR_MEMORY;
     S->m = m;
     S->w = w;
     S->cos_sin = rope->cos_sin;
-    S->bf16 = ctx->gemm_compute == MOE_BF16;
-    S->ckv = moe__scratch_real(ctx, N * m.kvr, "mla");
-    S->ckvn = moe__scratch_real(ctx, N * m.kvr, "mla");
+    S->prec = prec;
+    ckv = moe__scratch_real(ctx, N * m.kvr, "mla");
+    ckvn = moe__scratch_real(ctx, N * m.kvr, "mla");
     S->rkv = moe__scratch_real(ctx, N, "mla");
-    S->kpe = moe__scratch_real(ctx, N * m.dr, "mla");
-    S->q = moe__scratch_real(ctx, N * H * m.dqk, "mla");
-    S->k = moe__scratch_real(ctx, N * H * m.dqk, "mla");
-    S->v = moe__scratch_real(ctx, N * H * m.dv, "mla");
-    S->o = moe__scratch_real(ctx, N * H * m.dv, "mla");
-    S->lse = moe__scratch_real(ctx, m.B * H * m.T, "mla");
+    kpe = moe__scratch_real(ctx, N * m.dr, "mla");
+    q = moe__scratch_real(ctx, N * H * m.dqk, "mla");
+    k = moe__scratch_real(ctx, N * H * m.dqk, "mla");
+    v = moe__scratch_real(ctx, N * H * m.dv, "mla");
+    o = moe__scratch_real(ctx, N * H * m.dv, "mla");
+    lse = moe__scratch_real(ctx, m.B * H * m.T, "mla");
     kvb = moe__scratch_real(ctx, N * H * (m.dn + m.dv), "mla");
-    if (!S->ckv || !S->ckvn || !S->rkv || !S->kpe || !S->q || !S->k || !S->v || !S->o || !S->lse || !kvb) return MOE_ERR_MEMORY;
+    if (!ckv || !ckvn || !S->rkv || !kpe || !q || !k || !v || !o || !lse || !kvb) return MOE_ERR_MEMORY;
     /* queries */
     if (m.qr > 0) {
-        S->cq = moe__scratch_real(ctx, N * m.qr, "mla");
-        S->cqn = moe__scratch_real(ctx, N * m.qr, "mla");
+        cq = moe__scratch_real(ctx, N * m.qr, "mla");
+        cqn = moe__scratch_real(ctx, N * m.qr, "mla");
         S->rq = moe__scratch_real(ctx, N, "mla");
-        if (!S->cq || !S->cqn || !S->rq) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_a), m.qr, S->cq, S->bf16));
-        moe__rmsnorm_fwd(ctx->n_threads, S->cq, MOE__F32(w->q_a_norm), S->cqn, S->rq, N, m.qr, m.eps);
-        MOE__TRY(moe__linear(ctx, S->cqn, N, m.qr, MOE__F32(w->q_b), H * m.dqk, S->q, S->bf16));
+        if (!cq || !cqn || !S->rq) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_a), m.qr, cq, prec));
+        moe__rmsnorm_fwd(ctx->n_threads, cq, MOE__F32(w->q_a_norm), cqn, S->rq, N, m.qr, m.eps);
+        MOE__TRY(moe__linear(ctx, cqn, N, m.qr, MOE__F32(w->q_b), H * m.dqk, q, prec));
     } else {
-        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_proj), H * m.dqk, S->q, S->bf16));
+        MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_proj), H * m.dqk, q, prec));
     }
-    moe__mla_rope(S->q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, 1);
+    moe__mla_rope(q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, 1);
     /* compressed kv and the decoupled RoPE key */
-    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a), m.kvr, S->ckv, S->bf16));
-    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, S->kpe, S->bf16));
-    moe__rmsnorm_fwd(ctx->n_threads, S->ckv, MOE__F32(w->kv_a_norm), S->ckvn, S->rkv, N, m.kvr, m.eps);
-    moe__mla_rope(S->kpe, N, m.T, 1, m.dr, 0, m.dr, rope->cos_sin, m.pos0, 1);
-    MOE__TRY(moe__linear(ctx, S->ckvn, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), kvb, S->bf16));
+    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a), m.kvr, ckv, prec));
+    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, kpe, prec));
+    moe__rmsnorm_fwd(ctx->n_threads, ckv, MOE__F32(w->kv_a_norm), ckvn, S->rkv, N, m.kvr, m.eps);
+    moe__mla_rope(kpe, N, m.T, 1, m.dr, 0, m.dr, rope->cos_sin, m.pos0, 1);
+    MOE__TRY(moe__linear(ctx, ckvn, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), kvb, prec));
     for (tok = 0; tok < N; tok++)
         for (h = 0; h < H; h++) {
             const moe_real *src = kvb + (tok * H + h) * (m.dn + m.dv);
-            memcpy(S->k + (tok * H + h) * m.dqk, src, (size_t)m.dn * sizeof(moe_real));
-            memcpy(S->k + (tok * H + h) * m.dqk + m.dn, S->kpe + tok * m.dr, (size_t)m.dr * sizeof(moe_real));
-            memcpy(S->v + (tok * H + h) * m.dv, src + m.dn, (size_t)m.dv * sizeof(moe_real));
+            memcpy(k + (tok * H + h) * m.dqk, src, (size_t)m.dn * sizeof(moe_real));
+            memcpy(k + (tok * H + h) * m.dqk + m.dn, kpe + tok * m.dr, (size_t)m.dr * sizeof(moe_real));
+            memcpy(v + (tok * H + h) * m.dv, src + m.dn, (size_t)m.dv * sizeof(moe_real));
         }
     {
         moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla");
         if (!scratch) return MOE_ERR_MEMORY;
-        moe__attention_fwd(ctx->n_threads, S->q, S->k, S->v, S->o, S->lse, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
+        moe__attention_fwd(ctx->n_threads, q, k, v, o, lse, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
     }
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, out));
-    MOE__TRY(moe__linear(ctx, S->o, N, H * m.dv, MOE__F32(w->o), m.d, MOE__F32(*out), S->bf16));
+    MOE__TRY(moe__linear(ctx, o, N, H * m.dv, MOE__F32(w->o), m.d, MOE__F32(*out), prec));
     MOE__TRY(moe__record(ctx, moe__mla_bwd, *out, x, w->kv_a, w->o, &n));
-    if (n) n->saved = S;
+    if (n) {
+        n->saved = S;
+        MOE__TRY(moe__stash_put(ctx, &S->x, X, N, m.d, keep_fp8));
+        if (m.qr > 0) {
+            MOE__TRY(moe__stash_put(ctx, &S->cq, cq, N, m.qr, keep));
+            MOE__TRY(moe__stash_put(ctx, &S->cqn, cqn, N, m.qr, keep_fp8));
+        }
+        MOE__TRY(moe__stash_put(ctx, &S->ckv, ckv, N, m.kvr, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->ckvn, ckvn, N, m.kvr, keep_fp8));
+        MOE__TRY(moe__stash_put(ctx, &S->q, q, N, H * m.dqk, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->k, k, N, H * m.dqk, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->v, v, N, H * m.dv, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->o, o, N, H * m.dv, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->lse, lse, m.B * H, m.T, MOE_F32));
+        ctx->saved_bytes += (size_t)(m.qr > 0 ? 2 : 1) * (size_t)N * sizeof(moe_real); /* the rstd arrays */
+    }
     return MOE_OK;
 }
 
@@ -4235,13 +4511,14 @@ typedef struct moe__moe_saved {
     int64_t *offset;    /* [E+1] packed-row range of each expert */
     int32_t *row_of;    /* [N, K] packed row of (token, slot) */
     int32_t *tok_of;    /* [N·K] token of a packed row */
-    moe_real *xp, *yp;  /* [N·K, d] packed inputs and expert outputs */
-    moe__mlp_saved ex;  /* packed [N·K, 2I] and [N·K, I] */
-    moe__mlp_saved sh;  /* shared experts */
+    moe__stash u;       /* [N, d] the input (router and shared experts) */
+    moe__stash xp, yp;  /* [N·K, d] packed inputs and expert outputs */
+    moe__stash h13;     /* [N·K, 2I] packed SwiGLU inputs of the routed experts */
+    moe__stash sh_h13;  /* [N, 2·Is] of the shared experts */
     moe_real *f;        /* [B, E] balance-loss load fractions f_i per sequence */
     moe_tensor *aux;    /* the balance loss (one element) */
     float alpha;
-    int bf16;
+    moe_dtype prec;
 } moe__moe_saved;
 
 static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
@@ -4249,21 +4526,24 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     const moe__moe *L = S->L;
     const moe_config *c = S->cfg;
     int64_t N = S->N, d = S->d, E = S->E, K = S->K, I = S->I, R = N * K, e, t;
-    const moe_real *u = MOE__F32(n->in[0]), *dy = MOE__F32(n->out->grad);
+    const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *xp = moe__stash_get(ctx, &S->xp);
+    const moe_real *yp = moe__stash_get(ctx, &S->yp), *h13 = moe__stash_get(ctx, &S->h13), *sh_h13 = NULL;
     moe_real *du, *dyp, *dxp, *dg, *dz, *scratch, aux_g = 0;
     moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
+    if (!u || !xp || !yp || !h13) return MOE_ERR_MEMORY;
+    if (L->shared.w13 && !(sh_h13 = moe__stash_get(ctx, &S->sh_h13))) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(du, ctx, n->in[0]);
     if (S->aux && S->aux->grad) aux_g = MOE__F32(S->aux->grad)[0];
     dyp = moe__alloc_real(ctx, R * d, "moe backward");
     dxp = moe__alloc_real(ctx, R * d, "moe backward");
     dg = moe__alloc_real(ctx, R, "moe backward");
     dz = moe__alloc_real(ctx, N * E, "moe backward");
-    scratch = moe__alloc_real(ctx, (R > N ? R : N) * 3 * (I > S->Is ? I : S->Is), "moe backward");
+    scratch = moe__alloc_real(ctx, (R > N ? R : N) * 4 * (I > S->Is ? I : S->Is), "moe backward");
     if (!dyp || !dxp || !dg || !dz || !scratch) return MOE_ERR_MEMORY;
     /* shared experts */
     if (L->shared.w13)
-        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), &S->sh, du,
-                              moe__param_grad(L->shared.w13), moe__param_grad(L->shared.w2), scratch, S->bf16));
+        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), sh_h13, du,
+                              moe__param_grad(L->shared.w13), moe__param_grad(L->shared.w2), scratch, S->prec));
     /* gate gradients dg = <dy, Y_expert> and the packed output gradient g·dy */
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < N; t++) {
@@ -4272,28 +4552,26 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
             int64_t r = S->row_of[t * K + k];
             moe_real acc = 0;
             for (j = 0; j < d; j++) {
-                acc += dy[t * d + j] * S->yp[r * d + j];
+                acc += dy[t * d + j] * yp[r * d + j];
                 dyp[r * d + j] = S->gates[t * K + k] * dy[t * d + j];
             }
             dg[t * K + k] = acc;
         }
     }
-    /* experts in parallel, each one's GEMM chain over its packed rows on one thread */
+    /* experts in parallel, each one's GEMM chain over its packed rows on one thread (FP8:
+       one after the other, as its operands are quantised into the step arena) */
     {
         moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe backward");
         if (!st) return MOE_ERR_MEMORY;
         /* an expert sees each token at most once: N rows bound every expert in every step */
-        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->bf16)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
+        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1) if (S->prec != MOE_FP8_E4M3))
         for (e = 0; e < E; e++) {
             int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-            moe__mlp_saved sv;
             if (!ne) continue;
-            sv.h13 = S->ex.h13 + r0 * 2 * I;
-            sv.act = S->ex.act + r0 * I;
-            st[e] = moe__mlp_bwd(ctx, S->xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
-                                 MOE__F32(L->w2) + e * d * I, &sv, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
-                                 dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 3 * I, S->bf16);
+            st[e] = moe__mlp_bwd(ctx, xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
+                                 MOE__F32(L->w2) + e * d * I, h13 + r0 * 2 * I, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
+                                 dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 4 * I, S->prec);
         }
         for (e = 0; e < E; e++)
             if (st[e]) return moe__fail(ctx, st[e], "moe backward: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
@@ -4354,13 +4632,13 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     int64_t I = c->moe_intermediate_size, R = N * K, t, e, one = 1;
     int64_t *fill;
     const moe_real *u = MOE__F32(x);
-    moe_real *Y, *z, balance = 0;
+    moe_real *Y, *z, *xp, *yp, *h13, *act, *sh_h13 = NULL, balance = 0;
     moe__node *n;
     if (!S) return MOE_ERR_MEMORY;
     S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K; S->I = I;
     S->Is = L->shared.inter;
     S->alpha = alpha;
-    S->bf16 = ctx->gemm_compute == MOE_BF16;
+    S->prec = ctx->gemm_compute;
     S->s = moe__scratch_real(ctx, N * E, "moe");
     S->chosen = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
     S->gates = moe__scratch_real(ctx, R, "moe");
@@ -4369,14 +4647,14 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     fill = (int64_t *)moe__arena_alloc(ctx, (size_t)E, sizeof(int64_t), "moe");
     S->row_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
     S->tok_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    S->xp = moe__scratch_real(ctx, R * d, "moe");
-    S->yp = moe__scratch_real(ctx, R * d, "moe");
-    S->ex.h13 = moe__scratch_real(ctx, R * 2 * I, "moe");
-    S->ex.act = moe__scratch_real(ctx, R * I, "moe");
+    xp = moe__scratch_real(ctx, R * d, "moe");
+    yp = moe__scratch_real(ctx, R * d, "moe");
+    h13 = moe__scratch_real(ctx, R * 2 * I, "moe");
+    act = moe__scratch_real(ctx, (R > N ? R : N) * (I > S->Is ? I : S->Is), "moe");
     S->f = moe__alloc_real(ctx, B * E, "moe");
     z = moe__scratch_real(ctx, N * E, "moe");
-    if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !fill || !S->row_of || !S->tok_of || !S->xp ||
-        !S->yp || !S->ex.h13 || !S->ex.act || !S->f || !z)
+    if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !fill || !S->row_of || !S->tok_of || !xp ||
+        !yp || !h13 || !act || !S->f || !z)
         return MOE_ERR_MEMORY;
     /* router in FP32 */
     MOE__TRY(moe__linear(ctx, u, N, d, MOE__F32(L->gate), E, z, 0));
@@ -4407,23 +4685,20 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         S->tok_of[r] = (int32_t)(t / K);
     }
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
-    for (t = 0; t < R; t++) memcpy(S->xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
+    for (t = 0; t < R; t++) memcpy(xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
     /* each expert: one SwiGLU GEMM chain over all its tokens; experts run in parallel, each
-       on one thread, so no result depends on the thread count */
+       on one thread, so no result depends on the thread count (FP8: one after the other) */
     {
         moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe");
         if (!st) return MOE_ERR_MEMORY;
         /* an expert sees each token at most once: N rows bound every expert in every step */
-        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->bf16)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
+        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1) if (S->prec != MOE_FP8_E4M3))
         for (e = 0; e < E; e++) {
             int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-            moe__mlp_saved sv;
             if (!ne) continue;
-            sv.h13 = S->ex.h13 + r0 * 2 * I;
-            sv.act = S->ex.act + r0 * I;
-            st[e] = moe__mlp_fwd(ctx, S->xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
-                                 S->yp + r0 * d, &sv, S->bf16);
+            st[e] = moe__mlp_fwd(ctx, xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
+                                 yp + r0 * d, h13 + r0 * 2 * I, act + r0 * I, S->prec);
         }
         for (e = 0; e < E; e++)
             if (st[e]) return moe__fail(ctx, st[e], "moe: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
@@ -4433,16 +4708,15 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     else MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
     Y = MOE__F32(*y);
     if (L->shared.w13) {
-        S->sh.h13 = moe__scratch_real(ctx, N * 2 * S->Is, "moe");
-        S->sh.act = moe__scratch_real(ctx, N * S->Is, "moe");
-        if (!S->sh.h13 || !S->sh.act) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__mlp_fwd(ctx, u, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), Y, &S->sh, S->bf16));
+        sh_h13 = moe__scratch_real(ctx, N * 2 * S->Is, "moe");
+        if (!sh_h13) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__mlp_fwd(ctx, u, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), Y, sh_h13, act, S->prec));
     }
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < N; t++) {
         int64_t k, j;
         for (k = 0; k < K; k++) {
-            const moe_real *src = S->yp + (int64_t)S->row_of[t * K + k] * d;
+            const moe_real *src = yp + (int64_t)S->row_of[t * K + k] * d;
             moe_real g = S->gates[t * K + k];
             for (j = 0; j < d; j++) Y[t * d + j] += g * src[j];
         }
@@ -4478,8 +4752,17 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     S->aux = *aux;
     MOE__TRY(moe__record(ctx, moe__moe_bwd, *y, x, L->gate, L->w13, &n));
     if (n) {
+        moe_dtype keep = moe__stash_format(S->prec, 0), keep_fp8 = moe__stash_format(S->prec, 1);
         n->saved = S;
         if (alpha > 0) (*aux)->requires_grad = 1; /* its gradient is applied by this node */
+        MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, keep)); /* the router's input stays out of FP8 */
+        MOE__TRY(moe__stash_put(ctx, &S->xp, xp, R, d, keep_fp8));
+        MOE__TRY(moe__stash_put(ctx, &S->yp, yp, R, d, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->h13, h13, R, 2 * I, keep_fp8));
+        if (sh_h13) MOE__TRY(moe__stash_put(ctx, &S->sh_h13, sh_h13, N, 2 * S->Is, keep_fp8));
+        /* router state: scores, gates, Σ, choices, permutation, load fractions */
+        ctx->saved_bytes += (size_t)(N * E + R + N + B * E) * sizeof(moe_real) + (size_t)(3 * R) * sizeof(int32_t) +
+                            (size_t)(E + 1) * sizeof(int64_t);
     }
     return MOE_OK;
 }
@@ -7746,7 +8029,7 @@ static moe_status moe__gen_linear(moe_ctx *w, const moe_real *X, int64_t n, int6
         moe__gen_gemv(w->n_threads, X, n, in, W, out, Y);
         return MOE_OK;
     }
-    return moe__linear(w, X, n, in, W, out, Y, bf16);
+    return moe__linear(w, X, n, in, W, out, Y, w->gemm_compute);
 }
 
 /* y = W2 (silu(W1 x) ⊙ W3 x) for one row; w13 [2I, d], w2 [d, I]; h13: [2I] scratch. */
