@@ -4197,15 +4197,30 @@ static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe_real *X, int64_t n, int64
 }
 
 /* dX += ..., dw13 += ..., dw2 += ...; the SwiGLU output is recomputed from h13; scratch:
-   [n, 4I] values. */
+   [n, 4I] values. With `gate` (routed experts) the rows' outputs were scaled by gate[r] and
+   dY is the unscaled output gradient: dgate[r] = <dY_r, Y_r> = <dY_r·W2, act_r> comes from
+   the Dgrad product, so the expert outputs need not be kept. */
 static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t d, int64_t I,
-                               const moe_real *w13, const moe_real *w2, const moe_real *h13, moe_real *dX,
-                               moe_real *dw13, moe_real *dw2, moe_real *scratch, moe_dtype prec) {
+                               const moe_real *w13, const moe_real *w2, const moe_real *h13, const moe_real *gate,
+                               moe_real *dgate, moe_real *dX, moe_real *dw13, moe_real *dw2, moe_real *scratch, moe_dtype prec) {
     moe_real *dact = scratch, *dh13 = scratch + n * I, *act = scratch + 3 * n * I;
     int64_t r;
     moe__swiglu_rows(h13, n, I, act, ctx->n_threads);
     memset(dact, 0, (size_t)(n * I) * sizeof(moe_real));
-    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, dact, dw2, prec));
+    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, dact, NULL, prec));
+    if (gate) {
+        for (r = 0; r < n; r++) {
+            moe_real acc = 0;
+            int64_t j;
+            for (j = 0; j < I; j++) acc += dact[r * I + j] * act[r * I + j];
+            dgate[r] = acc;
+            for (j = 0; j < I; j++) {
+                dact[r * I + j] *= gate[r];
+                act[r * I + j] *= gate[r]; /* dw2 += dYᵀ·(gate ⊙ act) */
+            }
+        }
+    }
+    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, NULL, dw2, prec));
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
     for (r = 0; r < n; r++) {
         int64_t j;
@@ -4238,7 +4253,7 @@ static moe_status moe__ffn_bwd(moe_ctx *ctx, moe__node *n) {
     const moe_real *X = moe__stash_get(ctx, &f->x), *h13 = moe__stash_get(ctx, &f->h13);
     if (!scratch || !X || !h13) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
-    return moe__mlp_bwd(ctx, X, MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2), h13, dx,
+    return moe__mlp_bwd(ctx, X, MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2), h13, NULL, NULL, dx,
                         moe__param_grad(f->ffn->w13), moe__param_grad(f->ffn->w2), scratch, f->prec);
 }
 
@@ -4439,7 +4454,7 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
         MOE__TRY(moe__stash_put(ctx, &S->q, q, N, H * m.dqk, keep));
         MOE__TRY(moe__stash_put(ctx, &S->k, k, N, H * m.dqk, keep));
         MOE__TRY(moe__stash_put(ctx, &S->v, v, N, H * m.dv, keep));
-        MOE__TRY(moe__stash_put(ctx, &S->o, o, N, H * m.dv, keep));
+        MOE__TRY(moe__stash_put(ctx, &S->o, o, N, H * m.dv, keep_fp8)); /* o_proj's input; attention backward reads it too */
         MOE__TRY(moe__stash_put(ctx, &S->lse, lse, m.B * H, m.T, MOE_F32));
         ctx->saved_bytes += (size_t)(m.qr > 0 ? 2 : 1) * (size_t)N * sizeof(moe_real); /* the rstd arrays */
     }
@@ -4511,8 +4526,7 @@ typedef struct moe__moe_saved {
     int64_t *offset;    /* [E+1] packed-row range of each expert */
     int32_t *row_of;    /* [N, K] packed row of (token, slot) */
     int32_t *tok_of;    /* [N·K] token of a packed row */
-    moe__stash u;       /* [N, d] the input (router and shared experts) */
-    moe__stash xp, yp;  /* [N·K, d] packed inputs and expert outputs */
+    moe__stash u;       /* [N, d] the input (router, shared and routed experts) */
     moe__stash h13;     /* [N·K, 2I] packed SwiGLU inputs of the routed experts */
     moe__stash sh_h13;  /* [N, 2·Is] of the shared experts */
     moe_real *f;        /* [B, E] balance-loss load fractions f_i per sequence */
@@ -4526,36 +4540,36 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     const moe__moe *L = S->L;
     const moe_config *c = S->cfg;
     int64_t N = S->N, d = S->d, E = S->E, K = S->K, I = S->I, R = N * K, e, t;
-    const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *xp = moe__stash_get(ctx, &S->xp);
-    const moe_real *yp = moe__stash_get(ctx, &S->yp), *h13 = moe__stash_get(ctx, &S->h13), *sh_h13 = NULL;
-    moe_real *du, *dyp, *dxp, *dg, *dz, *scratch, aux_g = 0;
+    const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *h13 = moe__stash_get(ctx, &S->h13);
+    const moe_real *sh_h13 = NULL;
+    moe_real *du, *xp, *dyp, *dxp, *gp, *dgp, *dg, *dz, *scratch, aux_g = 0;
     moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
-    if (!u || !xp || !yp || !h13) return MOE_ERR_MEMORY;
+    if (!u || !h13) return MOE_ERR_MEMORY;
     if (L->shared.w13 && !(sh_h13 = moe__stash_get(ctx, &S->sh_h13))) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(du, ctx, n->in[0]);
     if (S->aux && S->aux->grad) aux_g = MOE__F32(S->aux->grad)[0];
+    xp = moe__alloc_real(ctx, R * d, "moe backward");
     dyp = moe__alloc_real(ctx, R * d, "moe backward");
     dxp = moe__alloc_real(ctx, R * d, "moe backward");
+    gp = moe__alloc_real(ctx, R, "moe backward");
+    dgp = moe__alloc_real(ctx, R, "moe backward");
     dg = moe__alloc_real(ctx, R, "moe backward");
     dz = moe__alloc_real(ctx, N * E, "moe backward");
     scratch = moe__alloc_real(ctx, (R > N ? R : N) * 4 * (I > S->Is ? I : S->Is), "moe backward");
-    if (!dyp || !dxp || !dg || !dz || !scratch) return MOE_ERR_MEMORY;
+    if (!xp || !dyp || !dxp || !gp || !dgp || !dg || !dz || !scratch) return MOE_ERR_MEMORY;
     /* shared experts */
     if (L->shared.w13)
-        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), sh_h13, du,
+        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), sh_h13, NULL, NULL, du,
                               moe__param_grad(L->shared.w13), moe__param_grad(L->shared.w2), scratch, S->prec));
-    /* gate gradients dg = <dy, Y_expert> and the packed output gradient g·dy */
+    /* dispatch again: packed inputs, output gradients and gates */
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < N; t++) {
-        int64_t k, j;
+        int64_t k;
         for (k = 0; k < K; k++) {
             int64_t r = S->row_of[t * K + k];
-            moe_real acc = 0;
-            for (j = 0; j < d; j++) {
-                acc += dy[t * d + j] * yp[r * d + j];
-                dyp[r * d + j] = S->gates[t * K + k] * dy[t * d + j];
-            }
-            dg[t * K + k] = acc;
+            memcpy(xp + r * d, u + t * d, (size_t)d * sizeof(moe_real));
+            memcpy(dyp + r * d, dy + t * d, (size_t)d * sizeof(moe_real));
+            gp[r] = S->gates[t * K + k];
         }
     }
     /* experts in parallel, each one's GEMM chain over its packed rows on one thread (FP8:
@@ -4570,12 +4584,13 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
             int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
             if (!ne) continue;
             st[e] = moe__mlp_bwd(ctx, xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
-                                 MOE__F32(L->w2) + e * d * I, h13 + r0 * 2 * I, dxp + r0 * d, dw13 ? dw13 + e * 2 * I * d : NULL,
-                                 dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 4 * I, S->prec);
+                                 MOE__F32(L->w2) + e * d * I, h13 + r0 * 2 * I, gp + r0, dgp + r0, dxp + r0 * d,
+                                 dw13 ? dw13 + e * 2 * I * d : NULL, dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 4 * I, S->prec);
         }
         for (e = 0; e < E; e++)
             if (st[e]) return moe__fail(ctx, st[e], "moe backward: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
     }
+    for (t = 0; t < R; t++) dg[t] = dgp[S->row_of[t]];
     /* un-permute: du[t] += Σ_k dxp[row(t,k)], slots in order */
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < N; t++) {
@@ -4620,7 +4635,7 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
         }
     }
     /* the router GEMMs stay in FP32 */
-    return moe__linear_bwd(ctx, u, dz, N, d, MOE__F32(L->gate), E, du, moe__param_grad(L->gate), 0);
+    return moe__linear_bwd(ctx, u, dz, N, d, MOE__F32(L->gate), E, du, moe__param_grad(L->gate), MOE_F32);
 }
 
 /* y = shared(u) + Σ_k g_k·Expert_k(u) for u [B, T, d]; *aux = the sequence-wise balance
@@ -4657,7 +4672,7 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         !yp || !h13 || !act || !S->f || !z)
         return MOE_ERR_MEMORY;
     /* router in FP32 */
-    MOE__TRY(moe__linear(ctx, u, N, d, MOE__F32(L->gate), E, z, 0));
+    MOE__TRY(moe__linear(ctx, u, N, d, MOE__F32(L->gate), E, z, MOE_F32));
     if (c->scoring_func == MOE_SCORING_SOFTMAX) moe__softmax_fwd(ctx->n_threads, z, S->s, N, E);
     else for (t = 0; t < N * E; t++) S->s[t] = moe_sigmoid_scalar(z[t]);
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (N * E > 4096))
@@ -4752,12 +4767,11 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     S->aux = *aux;
     MOE__TRY(moe__record(ctx, moe__moe_bwd, *y, x, L->gate, L->w13, &n));
     if (n) {
-        moe_dtype keep = moe__stash_format(S->prec, 0), keep_fp8 = moe__stash_format(S->prec, 1);
+        moe_dtype keep_fp8 = moe__stash_format(S->prec, 1);
         n->saved = S;
         if (alpha > 0) (*aux)->requires_grad = 1; /* its gradient is applied by this node */
-        MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, keep)); /* the router's input stays out of FP8 */
-        MOE__TRY(moe__stash_put(ctx, &S->xp, xp, R, d, keep_fp8));
-        MOE__TRY(moe__stash_put(ctx, &S->yp, yp, R, d, keep));
+        /* the routed experts' inputs are rows of u: backward dispatches them again */
+        MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, keep_fp8));
         MOE__TRY(moe__stash_put(ctx, &S->h13, h13, R, 2 * I, keep_fp8));
         if (sh_h13) MOE__TRY(moe__stash_put(ctx, &S->sh_h13, sh_h13, N, 2 * S->Is, keep_fp8));
         /* router state: scores, gates, Σ, choices, permutation, load fractions */

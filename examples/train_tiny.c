@@ -21,8 +21,8 @@
 #include <unistd.h>
 
 typedef struct options {
-    const char *config, *data, *out, *precision, *resume;
-    long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens;
+    const char *config, *data, *out, *precision, *moments, *resume;
+    long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block;
     double lr, lr_min, gamma, alpha, lambda, clip, seconds;
     unsigned long long seed;
     int warmup;
@@ -41,7 +41,10 @@ static void usage(FILE *f) {
             "  --lr X             peak learning rate (default 3e-3; warm-up then cosine to lr/10)\n"
             "  --warmup N         warm-up steps (default 50)\n"
             "  --seed N           seed of the initialisation and the data order (default 1)\n"
-            "  --precision P      fp32 or bf16 GEMM operands (default fp32)\n"
+            "  --precision P      fp32, bf16, fp8 (DeepSeek-V3 recipe: E4M3 linear layers, 1xB / BxB scales)\n"
+            "                     or fp8-tensor (one FP8 scale per tensor, an ablation) (default fp32)\n"
+            "  --fp8-block N      FP8 tile / block size B (default 128)\n"
+            "  --moments M        AdamW moments in fp32 or bf16 (default fp32)\n"
             "  --threads N        worker threads (default: all cores)\n"
             "  --gamma X          expert-bias update speed (default 1e-3; 0 turns balancing off)\n"
             "  --alpha X          sequence-wise balance loss weight (default 1e-4)\n"
@@ -57,7 +60,7 @@ static void usage(FILE *f) {
 static int parse_args(int argc, char **argv, options *o) {
     int i;
     memset(o, 0, sizeof *o);
-    o->data = "data/austen.txt"; o->out = "out/train_tiny"; o->precision = "fp32";
+    o->data = "data/austen.txt"; o->out = "out/train_tiny"; o->precision = "fp32"; o->moments = "fp32"; o->fp8_block = 128;
     o->steps = 1500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
     o->seed = 1; o->threads = 0; o->gamma = 1e-3; o->alpha = 1e-4; o->lambda = 0.3; o->clip = 1.0;
     o->val_every = 100; o->val_batches = 8; o->sample_tokens = 300;
@@ -79,6 +82,7 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--accum", accum, LNG, 1) NUM("--val-every", val_every, LNG, 1) NUM("--sample", sample_tokens, LNG, 0)
         NUM("--lr", lr, DBL, 0) NUM("--gamma", gamma, DBL, 0) NUM("--alpha", alpha, DBL, 0) NUM("--lambda", lambda, DBL, 0)
         NUM("--clip", clip, DBL, 0) NUM("--seconds", seconds, DBL, 0) NUM("--warmup", warmup, LNG, 0)
+        NUM("--fp8-block", fp8_block, LNG, 1)
         if (strcmp(a, "--seed") == 0) {
             o->seed = strtoull(v, &end, 10);
             if (!end || *end || *v == '-') { fprintf(stderr, "train_tiny: --seed wants a non-negative integer, got '%s'\n", v); return 0; }
@@ -89,8 +93,16 @@ static int parse_args(int argc, char **argv, options *o) {
         if (strcmp(a, "--out") == 0) { o->out = v; continue; }
         if (strcmp(a, "--resume") == 0) { o->resume = v; continue; }
         if (strcmp(a, "--precision") == 0) {
-            if (strcmp(v, "fp32") && strcmp(v, "bf16")) { fprintf(stderr, "train_tiny: --precision is fp32 or bf16, got '%s'\n", v); return 0; }
+            if (strcmp(v, "fp32") && strcmp(v, "bf16") && strcmp(v, "fp8") && strcmp(v, "fp8-tensor")) {
+                fprintf(stderr, "train_tiny: --precision is fp32, bf16, fp8 or fp8-tensor, got '%s'\n", v);
+                return 0;
+            }
             o->precision = v;
+            continue;
+        }
+        if (strcmp(a, "--moments") == 0) {
+            if (strcmp(v, "fp32") && strcmp(v, "bf16")) { fprintf(stderr, "train_tiny: --moments is fp32 or bf16, got '%s'\n", v); return 0; }
+            o->moments = v;
             continue;
         }
         fprintf(stderr, "train_tiny: unknown flag '%s' (see --help)\n", a);
@@ -216,7 +228,16 @@ int main(int argc, char **argv) {
     if (!parse_args(argc, argv, &o)) return 2;
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
-    CHECK(moe_ctx_set_gemm_precision(ctx, strcmp(o.precision, "bf16") == 0 ? MOE_BF16 : MOE_F32));
+    if (strncmp(o.precision, "fp8", 3) == 0) {
+        moe_fp8_options f8;
+        memset(&f8, 0, sizeof f8);
+        f8.block = o.fp8_block;
+        f8.per_tensor = strcmp(o.precision, "fp8-tensor") == 0;
+        CHECK(moe_ctx_set_fp8(ctx, &f8));
+        CHECK(moe_ctx_set_gemm_precision(ctx, MOE_FP8_E4M3));
+    } else {
+        CHECK(moe_ctx_set_gemm_precision(ctx, strcmp(o.precision, "bf16") == 0 ? MOE_BF16 : MOE_F32));
+    }
     if (o.config) CHECK(moe_config_load(ctx, o.config, &cfg));
     if (o.resume) CHECK(moe_ckpt_config(ctx, o.resume, &cfg));
     if (o.seq > cfg.max_position_embeddings) {
@@ -230,6 +251,7 @@ int main(int argc, char **argv) {
     }
     CHECK(moe_model_new(ctx, &cfg, o.seed, &m));
     memset(&ac, 0, sizeof ac);
+    ac.moment_dtype = strcmp(o.moments, "bf16") == 0 ? MOE_BF16 : MOE_F32;
     CHECK(moe_adamw_new(ctx, m, &ac, &opt));
     memset(&st, 0, sizeof st);
     st.seed = o.seed;

@@ -1,0 +1,388 @@
+/* tests/test_fp8.c — the FP8 training recipe (reference §5): fine-grained E4M3 quantisation,
+   the FP8 GEMMs of a linear layer against double-precision references, FP8 gradients against
+   FP32 ones, the saved-activation round trip, the limited-precision accumulator, and a short
+   FP8 training run.
+
+   Bounds used below. E4M3 keeps 3 fraction bits: a value in the normal range is rounded with
+   relative error ≤ 2^-4; below 2^-6 (subnormals, step 2^-9) the absolute error is ≤ 2^-10.
+   After scaling by s these become |x − x̂| ≤ max(2^-4·|x|, 2^-10·s), with a few FP32 ulps on top
+   for x/s and q·s. */
+#define MOE_IMPLEMENTATION
+#include "moe.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static moe_ctx *g_ctx;
+
+static void fill_normal(float *x, int64_t n, uint64_t stream, float std) {
+    moe_rng r = moe_rng_new(17, stream);
+    int64_t i;
+    for (i = 0; i < n; i++) x[i] = std * moe_rng_normal(&r);
+}
+
+/* |x − x̂| ≤ max(2^-4|x|, 2^-10 s) + 4 FP32 ulps of |x| + s·2^-20 */
+static double e4m3_bound(double x, double s) {
+    double rel = fabs(x) * 0.0625, sub = s * (1.0 / 1024);
+    return (rel > sub ? rel : sub) + fabs(x) * 4.8e-7 + s * 1e-6;
+}
+
+/* ---- quantisation ---- */
+
+/* 1×B tiles, one tile with a single outlier 1000× the rest: every element of every tile is
+   within the E4M3 bound of its own tile's scale; only the outlier's tile loses precision. */
+static void test_tiles_error_bound_and_outlier(void) {
+    enum { R = 8, C = 512, BLK = 128, NB = C / BLK };
+    static float x[R * C], y[R * C], sc[R * NB];
+    static uint8_t q[R * C];
+    double worst_ratio = 0, rel_other = 0, rel_outlier_tile = 0;
+    int64_t i;
+    fill_normal(x, R * C, 1, 1.0f);
+    x[3 * C + 2 * BLK + 5] = 1.0e5f; /* row 3, tile 2: scale 223, the N(0,1) values fall to the subnormals */
+    T_ASSERT(moe_fp8_quantize_tiles(g_ctx, x, R, C, BLK, q, sc) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_fp8_dequantize_tiles(g_ctx, q, sc, R, C, BLK, y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < R * C; i++) {
+        int64_t tile = (i / C) * NB + (i % C) / BLK;
+        double err = fabs((double)x[i] - y[i]), b = e4m3_bound(x[i], sc[tile]);
+        double rel = fabs(x[i]) > 0.5 ? err / fabs(x[i]) : 0;
+        if (err / b > worst_ratio) worst_ratio = err / b;
+        if (tile == 3 * NB + 2) { if (i != 3 * C + 2 * BLK + 5 && rel > rel_outlier_tile) rel_outlier_tile = rel; }
+        else if (rel > rel_other) rel_other = rel;
+    }
+    T_NOTE("max err/bound %.3f; max rel err of |x|>0.5: other tiles %.4f, the outlier's tile %.4f", worst_ratio, rel_other,
+           rel_outlier_tile);
+    T_CHECK(worst_ratio <= 1.0, "an element exceeds the E4M3 bound of its tile");
+    T_CHECK(rel_other <= 0.0625 + 1e-6, "tiles without the outlier keep 2^-4 relative precision");
+    T_CHECK(rel_outlier_tile > 0.25, "the outlier's tile has lost its small values' precision");
+}
+
+/* B×B blocks and the grouping used for the backward's B×1 tiles follow the same bound. */
+static void test_blocks_and_column_tiles_bound(void) {
+    enum { R = 200, C = 96, BLK = 32 };
+    static float x[R * C], y[R * C], sc[((R + BLK - 1) / BLK) * (C / BLK)];
+    static moe_real xr[R * C], yr[R * C];
+    static float scc[((R + BLK - 1) / BLK) * C];
+    static uint8_t q[R * C];
+    double worst = 0, worst_col = 0;
+    int64_t i;
+    fill_normal(x, R * C, 2, 0.02f);
+    for (i = 0; i < R; i++) x[i * C + 7] *= 300.0f; /* an outlier channel */
+    T_ASSERT(moe_fp8_quantize_blocks(g_ctx, x, R, C, BLK, q, sc) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_fp8_dequantize_blocks(g_ctx, q, sc, R, C, BLK, y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < R * C; i++) {
+        double r = fabs((double)x[i] - y[i]) / e4m3_bound(x[i], sc[(i / C / BLK) * (C / BLK) + (i % C) / BLK]);
+        if (r > worst) worst = r;
+    }
+    for (i = 0; i < R * C; i++) xr[i] = x[i];
+    moe__fp8_quantize(xr, R, C, BLK, 1, q, scc, yr, 2); /* B×1: 32 rows of one column share a scale */
+    for (i = 0; i < R * C; i++) {
+        double r = fabs((double)xr[i] - yr[i]) / e4m3_bound(xr[i], scc[(i / C / BLK) * C + i % C]);
+        if (r > worst_col) worst_col = r;
+    }
+    T_NOTE("max err/bound: B×B blocks %.3f, B×1 tiles %.3f (200 rows: a partial last group)", worst, worst_col);
+    T_CHECK(worst <= 1.0 && worst_col <= 1.0, "an element exceeds its group's E4M3 bound");
+}
+
+/* ---- the FP8 GEMMs ---- */
+
+/* Fprop Y = X·Wᵀ in FP8: (a) equals a double GEMM of the dequantised operands (built with the
+   public quantise/dequantise API) to FP32 accumulation error, γ_k·Σ|x̂||ŵ| with γ_k = k·2^-24;
+   (b) is within the analytic bound of the exact product of the unquantised operands:
+   Σ_p |x|e_w + e_x|w| + e_x e_w (e_· the per-element E4M3 bounds) plus (a)'s bound. */
+static void test_fprop_against_double(void) {
+    enum { N = 37, IN = 256, OUT = 160, BLK = 128 };
+    static float x[N * IN], w[OUT * IN], xd[N * IN], wd[OUT * IN], sx[N * (IN / BLK)], sw[2 * (IN / BLK)];
+    static uint8_t qx[N * IN], qw[OUT * IN];
+    static moe_real X[N * IN], W[OUT * IN], Y[N * OUT];
+    double worst_a = 0, worst_b = 0;
+    int64_t i, j, p;
+    fill_normal(x, N * IN, 3, 1.0f);
+    fill_normal(w, OUT * IN, 4, 0.05f);
+    for (i = 0; i < N; i++) x[i * IN + 3] *= 50.0f; /* token-wise outliers */
+    for (i = 0; i < N * IN; i++) X[i] = x[i];
+    for (i = 0; i < OUT * IN; i++) W[i] = w[i];
+    moe_ctx_reset(g_ctx);
+    T_ASSERT(moe__linear(g_ctx, X, N, IN, W, OUT, Y, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_fp8_quantize_tiles(g_ctx, x, N, IN, BLK, qx, sx) == MOE_OK && moe_fp8_quantize_blocks(g_ctx, w, OUT, IN, BLK, qw, sw) == MOE_OK,
+             "%s", moe_ctx_error(g_ctx));
+    moe_fp8_dequantize_tiles(g_ctx, qx, sx, N, IN, BLK, xd);
+    moe_fp8_dequantize_blocks(g_ctx, qw, sw, OUT, IN, BLK, wd);
+    for (i = 0; i < N; i++)
+        for (j = 0; j < OUT; j++) {
+            double deq = 0, deq_abs = 0, exact = 0, bound_q = 0;
+            for (p = 0; p < IN; p++) {
+                double a = x[i * IN + p], b = w[j * IN + p], ea = e4m3_bound(a, sx[i * 2 + p / BLK]), eb = e4m3_bound(b, sw[(j / BLK) * 2 + p / BLK]);
+                deq += (double)xd[i * IN + p] * wd[j * IN + p];
+                deq_abs += fabs((double)xd[i * IN + p] * wd[j * IN + p]);
+                exact += a * b;
+                bound_q += fabs(a) * eb + ea * fabs(b) + ea * eb;
+            }
+            {
+                double ga = IN * 5.96e-8 * deq_abs + 1e-30;
+                double ra = fabs(Y[i * OUT + j] - deq) / ga, rb = fabs(Y[i * OUT + j] - exact) / (bound_q + ga);
+                if (ra > worst_a) worst_a = ra;
+                if (rb > worst_b) worst_b = rb;
+            }
+        }
+    T_NOTE("max |Y − double GEMM of dequantised operands| / (k·2^-24·Σ|x̂ŵ|) = %.3f; max |Y − exact| / analytic bound = %.3f",
+           worst_a, worst_b);
+    T_CHECK(worst_a <= 1.0, "the FP8 GEMM differs from the dequantised product by more than FP32 accumulation error");
+    T_CHECK(worst_b <= 1.0, "the FP8 GEMM exceeds the analytic E4M3 error bound");
+}
+
+/* mean over rows of ‖a_r − b_r‖ / ‖b_r‖: every token counts, loud or not */
+static double row_rel(const moe_real *a, const moe_real *b, int64_t rows, int64_t cols) {
+    double sum = 0;
+    int64_t r, c;
+    for (r = 0; r < rows; r++) {
+        double num = 0, den = 0;
+        for (c = 0; c < cols; c++) {
+            num += ((double)a[r * cols + c] - b[r * cols + c]) * ((double)a[r * cols + c] - b[r * cols + c]);
+            den += (double)b[r * cols + c] * b[r * cols + c];
+        }
+        sum += sqrt(num / (den > 0 ? den : 1));
+    }
+    return sum / (double)rows;
+}
+
+static double rel_l2(const moe_real *a, const moe_real *b, int64_t n) {
+    double num = 0, den = 0;
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+/* The FP8 linear layer's three GEMMs against FP32: per-token relative error of Y and dX
+   (mean over rows), relative L2 error of dW. Each E4M3 operand carries a relative rounding
+   error of rms ≤ 2^-4/√3 ≈ 0.036; a product of two such operands ≈ 0.051, and the Wgrad
+   operands are quantised twice (the saved FP8 input re-quantised along the tokens) ≈ 0.07.
+   Tolerance 0.1 for all three. The inputs have token-wise outliers 10^4 times the rest (one
+   token in 16 of X, one row in 8 of dY): one scale per tensor pushes the ordinary tokens
+   into E4M3's subnormals (x/s ≈ 0.01, where the step 2^-9 costs ≈ 5% rms on top of the
+   2^-4 rounding), so the per-tensor ablation must be worse (> 1.3×) on Y and dX, while 1×128
+   tiles isolate each token. */
+static void linear_errors(int per_tensor, double err[3]) {
+    enum { N = 256, IN = 256, OUT = 128 };
+    static float f[N * IN + N * OUT + OUT * IN];
+    static moe_real X[N * IN], W[OUT * IN], dY[N * OUT], Y[2][N * OUT], dX[2][N * IN], dW[2][OUT * IN];
+    moe_fp8_options o;
+    int64_t i, mode;
+    fill_normal(f, N * IN + N * OUT + OUT * IN, 5, 1.0f);
+    for (i = 0; i < N * IN; i++) X[i] = f[i] * (i / IN % 16 == 0 ? 1e4f : 1.0f);
+    for (i = 0; i < N * OUT; i++) dY[i] = f[N * IN + i] * 1e-3f * (i / OUT % 8 == 3 ? 1e4f : 1.0f);
+    for (i = 0; i < OUT * IN; i++) W[i] = f[N * IN + N * OUT + i] * 0.05f;
+    memset(&o, 0, sizeof o);
+    o.per_tensor = per_tensor;
+    moe_ctx_set_fp8(g_ctx, &o);
+    for (mode = 0; mode < 2; mode++) {
+        moe_dtype prec = mode ? MOE_FP8_E4M3 : MOE_F32;
+        moe_ctx_reset(g_ctx);
+        memset(dX[mode], 0, sizeof dX[mode]);
+        memset(dW[mode], 0, sizeof dW[mode]);
+        if (moe__linear(g_ctx, X, N, IN, W, OUT, Y[mode], prec) ||
+            moe__linear_bwd(g_ctx, X, dY, N, IN, W, OUT, dX[mode], dW[mode], prec))
+            err[0] = err[1] = err[2] = 1e9;
+    }
+    err[0] = row_rel(Y[1], Y[0], N, OUT);
+    err[1] = row_rel(dX[1], dX[0], N, IN);
+    err[2] = rel_l2(dW[1], dW[0], OUT * IN);
+    memset(&o, 0, sizeof o);
+    moe_ctx_set_fp8(g_ctx, &o);
+}
+
+static void test_linear_grads_against_fp32(void) {
+    double tile[3], tensor[3];
+    linear_errors(0, tile);
+    linear_errors(1, tensor);
+    T_NOTE("error vs FP32, 1x128 / 128x128 scaling: Y %.4f dX %.4f dW %.4f (tol 0.1)", tile[0], tile[1], tile[2]);
+    T_NOTE("               one scale per tensor: Y %.4f dX %.4f dW %.4f", tensor[0], tensor[1], tensor[2]);
+    T_CHECK(tile[0] <= 0.1 && tile[1] <= 0.1 && tile[2] <= 0.1, "fine-grained FP8 linear layer too far from FP32");
+    T_CHECK(tile[0] > 1e-3 && tile[1] > 1e-3 && tile[2] > 1e-3, "FP8 errors this small mean the operands were not quantised");
+    T_CHECK(tensor[0] > 1.3 * tile[0] && tensor[1] > 1.3 * tile[1], "per-tensor scaling should lose to fine-grained scaling here");
+}
+
+/* ---- saved activations ---- */
+
+/* FP8 stash = the public 1×B quantiser's codes, decoded to the same values; BF16 stash =
+   round-to-nearest-even bf16; FP32 stash = the array itself. Bytes: n + 4·(scales), 2n, 4n. */
+static void test_saved_activation_round_trip(void) {
+    enum { R = 33, C = 200, BLK = 128, NS = R * 2 };
+    static float x[R * C], y[R * C], sc[NS];
+    static moe_real xr[R * C];
+    static uint8_t q[R * C];
+    moe__stash s8, s16, s32;
+    const moe_real *g8, *g16, *g32;
+    size_t b0;
+    int64_t i, bad8 = 0, bad16 = 0;
+    fill_normal(x, R * C, 6, 3.0f);
+    for (i = 0; i < R * C; i++) xr[i] = x[i];
+    moe_ctx_reset(g_ctx);
+    b0 = moe_ctx_saved_bytes(g_ctx);
+    T_ASSERT(moe__stash_put(g_ctx, &s8, xr, R, C, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ctx_saved_bytes(g_ctx) - b0 == (size_t)(R * C + NS * 4), "FP8 stash bytes %zu", moe_ctx_saved_bytes(g_ctx) - b0);
+    b0 = moe_ctx_saved_bytes(g_ctx);
+    T_ASSERT(moe__stash_put(g_ctx, &s16, xr, R, C, MOE_BF16) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ctx_saved_bytes(g_ctx) - b0 == (size_t)(R * C * 2), "BF16 stash bytes");
+    T_ASSERT(moe__stash_put(g_ctx, &s32, xr, R, C, MOE_F32) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    g8 = moe__stash_get(g_ctx, &s8);
+    g16 = moe__stash_get(g_ctx, &s16);
+    g32 = moe__stash_get(g_ctx, &s32);
+    T_ASSERT(g8 && g16 && g32, "decode failed");
+    moe_fp8_quantize_tiles(g_ctx, x, R, C, BLK, q, sc);
+    moe_fp8_dequantize_tiles(g_ctx, q, sc, R, C, BLK, y);
+    for (i = 0; i < R * C; i++) {
+        bad8 += g8[i] != (moe_real)y[i] || ((const uint8_t *)s8.data)[i] != q[i];
+        bad16 += g16[i] != (moe_real)moe_bf16_to_f32(moe_f32_to_bf16(x[i]));
+    }
+    T_CHECK(bad8 == 0, "%lld FP8 values differ from the public quantiser's", (long long)bad8);
+    T_CHECK(bad16 == 0, "%lld BF16 values differ", (long long)bad16);
+    T_CHECK(g32 == xr, "the FP32 stash is the array itself");
+    moe_ctx_reset(g_ctx);
+    T_CHECK(moe_ctx_saved_bytes(g_ctx) == 0, "reset clears the count");
+}
+
+/* ---- the limited-precision accumulator ---- */
+
+/* K = 4096 products accumulated in a 14-bit accumulator: without promotion the error grows
+   with K (the V3 report saw ≈ 2% on such GEMMs); promoting to FP32 every N_C = 128 products
+   brings it down by more than 4×; with acc_bits = 24 (FP32-like) it is FP32 rounding only. */
+static void test_limited_accumulation(void) {
+    enum { M = 4, N = 4, K = 4096 };
+    static float f[M * K + K * N];
+    static moe_real A[M * K], Bm[N * K], C[3][M * N];
+    double ref[M * N], err[3] = {0, 0, 0};
+    int64_t i, j, p, v;
+    fill_normal(f, M * K + N * K, 7, 1.0f);
+    for (i = 0; i < M * K; i++) A[i] = fabsf(f[i]); /* same-sign products: the sum grows like K */
+    for (i = 0; i < N * K; i++) Bm[i] = fabsf(f[M * K + i]);
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) {
+            double s = 0;
+            for (p = 0; p < K; p++) s += (double)A[i * K + p] * Bm[j * K + p];
+            ref[i * N + j] = s;
+        }
+    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[0], N, 14, -1);
+    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[1], N, 14, 128);
+    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[2], N, 24, -1);
+    for (v = 0; v < 3; v++)
+        for (i = 0; i < M * N; i++) {
+            double e = fabs(C[v][i] - ref[i]) / ref[i];
+            if (e > err[v]) err[v] = e;
+        }
+    T_NOTE("max relative error, K=4096: 14-bit accumulator %.2e, promoted every 128 %.2e, 24-bit %.2e", err[0], err[1], err[2]);
+    T_CHECK(err[0] > 4 * err[1], "promotion every 128 products should help by > 4x");
+    T_CHECK(err[0] > 1e-3, "a 14-bit accumulator over 4096 products loses > 0.1%%");
+    T_CHECK(err[2] < 1e-4, "a 24-bit accumulator is FP32-like");
+}
+
+/* ---- training ---- */
+
+static moe_config micro(void) {
+    moe_config c = moe_config_tiny();
+    c.vocab_size = 64; c.hidden_size = 64; c.intermediate_size = 96; c.moe_intermediate_size = 32;
+    c.num_hidden_layers = 2; c.first_k_dense_replace = 1; c.num_attention_heads = 2;
+    c.q_lora_rank = 32; c.kv_lora_rank = 32; c.qk_nope_head_dim = 16; c.qk_rope_head_dim = 8; c.v_head_dim = 16;
+    c.n_routed_experts = 8; c.num_experts_per_tok = 2; c.n_group = 4; c.topk_group = 2;
+    c.max_position_embeddings = 32;
+    return c;
+}
+
+/* 50 FP8 steps (block 32) on a repeating token pattern: every loss finite, the loss falls,
+   gradients identical on 1 and 2 threads, and the saved activations take fewer bytes than
+   in BF16 and in FP32. */
+static void test_fp8_training_50_steps(void) {
+    moe_config c = micro();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_fp8_options f8;
+    int32_t tok[4 * 17];
+    float first = 0, last = 0;
+    size_t bytes[3];
+    int i, finite = 1;
+    moe_dtype modes[3] = {MOE_F32, MOE_BF16, MOE_FP8_E4M3};
+    for (i = 0; i < 4 * 17; i++) tok[i] = (int32_t)((i * 7 + i / 17) % 64);
+    memset(&f8, 0, sizeof f8);
+    f8.block = 32;
+    T_ASSERT(moe_ctx_set_fp8(g_ctx, &f8) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_model_new(g_ctx, &c, 3, &m) == MOE_OK && moe_adamw_new(g_ctx, m, NULL, &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < 3; i++) {
+        moe_tensor *loss;
+        moe_ctx_set_gemm_precision(g_ctx, modes[i]);
+        moe_ctx_reset(g_ctx);
+        T_ASSERT(moe_model_loss(g_ctx, m, tok, 4, 16, NULL, &loss, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        bytes[i] = moe_ctx_saved_bytes(g_ctx);
+    }
+    T_NOTE("activation bytes saved for backward: fp32 %zu, bf16 %zu, fp8 %zu (fp8/bf16 %.3f)", bytes[0], bytes[1], bytes[2],
+           (double)bytes[2] / (double)bytes[1]);
+    T_CHECK(bytes[2] < 0.8 * bytes[1] && bytes[1] < 0.6 * bytes[0], "FP8 < 0.8 BF16, BF16 < 0.6 FP32 (router state and lse stay FP32)");
+    moe_ctx_set_gemm_precision(g_ctx, MOE_FP8_E4M3);
+    for (i = 0; i < 50; i++) {
+        moe_tensor *loss;
+        float l;
+        moe_ctx_reset(g_ctx);
+        T_ASSERT(moe_model_loss(g_ctx, m, tok, 4, 16, NULL, &loss, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        l = (float)MOE__F32(loss)[0];
+        finite &= isfinite(l);
+        if (i == 0) first = l;
+        last = l;
+        T_ASSERT(moe_backward(g_ctx, loss) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        moe_ctx_reset(g_ctx);
+        T_ASSERT(moe_adamw_step(g_ctx, o, 3e-3f, 1.0f, 1.0f, NULL) == MOE_OK, "step %d: %s", i, moe_ctx_error(g_ctx));
+        T_ASSERT(moe_model_update_expert_bias(g_ctx, m, 1e-3f) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    }
+    T_NOTE("FP8 loss: step 1 %.4f, step 50 %.4f", first, last);
+    T_CHECK(finite, "a loss was not finite");
+    T_CHECK(last < 0.5f * first, "the loss should fall on a repeating pattern");
+    {   /* thread-count independence of the FP8 gradients */
+        int64_t np = 0, th, k, e, at, diff = 0;
+        float *g[2];
+        for (e = 0; e < moe_model_tensor_count(m); e++) {
+            int is_param;
+            moe_tensor *t = moe_model_tensor(m, e, NULL, &is_param);
+            if (is_param) np += t->numel;
+        }
+        for (th = 0; th < 2; th++) {
+            moe_tensor *loss;
+            moe_ctx_set_threads(g_ctx, (int)th + 1);
+            moe_ctx_reset(g_ctx);
+            moe_model_zero_grad(m);
+            g[th] = (float *)calloc((size_t)np, sizeof(float));
+            T_ASSERT(g[th], "oom");
+            T_ASSERT(moe_model_loss(g_ctx, m, tok, 4, 16, NULL, &loss, NULL) == MOE_OK && moe_backward(g_ctx, loss) == MOE_OK, "%s",
+                     moe_ctx_error(g_ctx));
+            for (e = 0, at = 0; e < moe_model_tensor_count(m); e++) {
+                int is_param;
+                moe_tensor *t = moe_model_tensor(m, e, NULL, &is_param);
+                if (!is_param) continue;
+                for (k = 0; k < t->numel; k++) g[th][at++] = t->grad ? (float)MOE__F32(t->grad)[k] : 0.0f;
+            }
+        }
+        for (k = 0; k < np; k++) diff += memcmp(&g[0][k], &g[1][k], sizeof(float)) != 0;
+        T_CHECK(diff == 0, "%lld of %lld FP8 gradient values differ between 1 and 2 threads", (long long)diff, (long long)np);
+        free(g[0]);
+        free(g[1]);
+        moe_ctx_set_threads(g_ctx, 2);
+    }
+    moe_ctx_set_gemm_precision(g_ctx, MOE_F32);
+    moe_adamw_free(g_ctx, o);
+    moe_model_free(g_ctx, m);
+}
+
+int main(void) {
+    if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
+    moe_ctx_set_threads(g_ctx, 2);
+    T_RUN(test_tiles_error_bound_and_outlier);
+    T_RUN(test_blocks_and_column_tiles_bound);
+    T_RUN(test_fprop_against_double);
+    T_RUN(test_linear_grads_against_fp32);
+    T_RUN(test_saved_activation_round_trip);
+    T_RUN(test_limited_accumulation);
+    T_RUN(test_fp8_training_50_steps);
+    moe_ctx_free(g_ctx);
+    return t_summary();
+}
