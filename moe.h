@@ -999,6 +999,9 @@ struct moe_ctx {
     /* one workspace slot per thread for GEMMs called inside a parallel loop (experts) */
     void *gemm_tws;
     size_t gemm_tws_slot;
+    /* one slot per thread for the FP8 operands of GEMMs inside a parallel loop (experts) */
+    void *fp8_tws;
+    size_t fp8_tws_slot;
     double gemm_backoff[3]; /* GEMM contention back-off: until, length, started */
 };
 
@@ -1107,6 +1110,7 @@ MOE_API void moe_ctx_free(moe_ctx *ctx) {
     MOE_FREE(ctx->tape);
     MOE_FREE(ctx->gemm_ws);
     MOE_FREE(ctx->gemm_tws);
+    MOE_FREE(ctx->fp8_tws);
     MOE_FREE(ctx);
 }
 
@@ -3977,6 +3981,23 @@ static void moe__e4m3_table(float lut[256]) {
     for (i = 0; i < 256; i++) lut[i] = moe_e4m3_to_f32((uint8_t)i);
 }
 
+/* moe_f32_to_e4m3(v) for |v| ≤ 464, without branches on the rounding: normal values round
+   their mantissa to 3 bits by the carry trick (a carry moves into the exponent, as it
+   should), values below 2^-6 to multiples of the subnormal step 2^-9. Quantisation divides
+   by amax/448, so every value it encodes is in range. */
+static uint8_t moe__e4m3_in_range(float v) {
+    uint32_t u = moe__f32_bits(v), au = u & 0x7FFFFFFFu, sign = (u >> 24) & 0x80u;
+    if (au >= 0x3C800000u) { /* ≥ 2^-6 */
+        uint32_t r = au + 0x7FFFFu + ((au >> 20) & 1u);
+        return (uint8_t)(sign | ((r >> 20) - (120u << 3))); /* (float exponent − 127 + 7)·8 + mantissa */
+    }
+    {
+        /* round to nearest even in units of 2^-9: adding 1.5·2^23 leaves the integer part */
+        float t = moe__bits_f32(au) * 512.0f + 12582912.0f;
+        return (uint8_t)(sign | (uint32_t)(t - 12582912.0f));
+    }
+}
+
 /* E4M3 quantisation of x [rows, cols] in groups of gr×gc elements, each with its own scale
    amax/448 (moe_fp8_scale) computed from the data: codes[i] = e4m3(x[i]/scale),
    scales[(r/gr)·ceil(cols/gc) + c/gc]. If out is given it receives the dequantised values
@@ -3989,35 +4010,79 @@ static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int
     (void)n_threads;
     MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (rows * cols > 65536))
     for (g = 0; g < ngr; g++) {
-        int64_t r0 = g * gr, r1 = r0 + gr < rows ? r0 + gr : rows, r, c;
+        int64_t r0 = g * gr, r1 = r0 + gr < rows ? r0 + gr : rows, r, c, cg;
         float *sc = scales + g * ngc;
-        for (c = 0; c < ngc; c++) sc[c] = 0.0f;
-        for (r = r0; r < r1; r++)
-            for (c = 0; c < cols; c++) {
-                float a = fabsf((float)x[r * cols + c]);
-                if (a > sc[c / gc]) sc[c / gc] = a; /* NaN never wins */
+        for (cg = 0; cg < ngc; cg++) sc[cg] = 0.0f;
+        for (r = r0; r < r1; r++) {
+            const moe_real *row = x + r * cols;
+            if (gc == 1) {
+                for (c = 0; c < cols; c++) sc[c] = fabsf((float)row[c]) > sc[c] ? fabsf((float)row[c]) : sc[c];
+            } else {
+                for (cg = 0, c = 0; cg < ngc; cg++) {
+                    int64_t c1 = c + gc < cols ? c + gc : cols;
+                    float m = sc[cg];
+                    for (; c < c1; c++) m = fabsf((float)row[c]) > m ? fabsf((float)row[c]) : m; /* NaN never wins */
+                    sc[cg] = m;
+                }
             }
-        for (c = 0; c < ngc; c++) sc[c] = moe_fp8_scale(sc[c]);
-        for (r = r0; r < r1; r++)
-            for (c = 0; c < cols; c++) {
-                float s = sc[c / gc];
-                uint8_t q = moe_f32_to_e4m3((float)x[r * cols + c] / s);
-                if (codes) codes[r * cols + c] = q;
-                if (out) out[r * cols + c] = (moe_real)(lut[q] * s);
+        }
+        for (cg = 0; cg < ngc; cg++) sc[cg] = moe_fp8_scale(sc[cg]);
+        for (r = r0; r < r1; r++) {
+            const moe_real *row = x + r * cols;
+            for (cg = 0, c = 0; cg < ngc; cg++) {
+                int64_t c1 = c + gc < cols ? c + gc : cols;
+                float s = sc[cg];
+                for (; c < c1; c++) {
+                    float v = (float)row[c] / s;
+                    uint8_t q = fabsf(v) <= 464.0f ? moe__e4m3_in_range(v) : moe_f32_to_e4m3(v); /* NaN, inf: slow path */
+                    if (codes) codes[r * cols + c] = q;
+                    if (out) out[r * cols + c] = (moe_real)(lut[q] * s);
+                }
             }
+        }
     }
 }
 
-/* The FP8 form of a GEMM operand as the GEMM multiplies it (dequantised values), in the
-   step arena; NULL (message set) when out of memory. */
-static moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, moe__fp8_group g) {
+/* Bytes of moe__fp8_operand's memory for a [rows, cols] operand, any grouping. */
+static size_t moe__fp8_operand_bytes(int64_t rows, int64_t cols) {
+    return ((size_t)(rows * cols) * (sizeof(moe_real) + sizeof(float)) + 2 * MOE__ALIGN) / MOE__ALIGN * MOE__ALIGN;
+}
+
+/* Memory for the FP8 operands of one linear-layer GEMM: the step arena, or inside a
+   parallel loop (one expert per thread) the calling thread's slot reserved beforehand by
+   moe__fp8_reserve_threads. NULL when there is none (the loop's owner reports it). */
+static void *moe__fp8_scratch(moe_ctx *ctx, size_t bytes) {
+#ifdef _OPENMP
+    if (omp_in_parallel())
+        return bytes <= ctx->fp8_tws_slot ? (char *)ctx->fp8_tws + (size_t)omp_get_thread_num() * ctx->fp8_tws_slot : NULL;
+#endif
+    return moe__arena_alloc(ctx, bytes, 1, "fp8 operands");
+}
+static moe_status moe__fp8_reserve_threads(moe_ctx *ctx, size_t bytes) {
+    size_t total;
+    void *p;
+    if (bytes <= ctx->fp8_tws_slot) return MOE_OK;
+    bytes = (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN;
+    if (moe__mul_overflows(bytes, (size_t)ctx->n_threads, &total))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "fp8: per-thread operand memory size overflows");
+    p = moe__heap_alloc(ctx, total);
+    if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "fp8: out of memory for per-thread operands");
+    MOE_FREE(ctx->fp8_tws);
+    ctx->fp8_tws = p;
+    ctx->fp8_tws_slot = bytes;
+    return MOE_OK;
+}
+
+/* The FP8 form of a GEMM operand as the GEMM multiplies it (dequantised values), placed at
+   *mem (moe__fp8_operand_bytes of it; *mem moves past it). */
+static const moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, moe__fp8_group g,
+                                        char **mem) {
     int64_t gr, gc;
-    moe_real *out = moe__scratch_real(ctx, rows * cols, "fp8 operand");
-    float *scales;
+    moe_real *out = (moe_real *)(void *)*mem;
+    float *scales = (float *)(void *)(*mem + (size_t)(rows * cols) * sizeof(moe_real));
     moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
-    scales = (float *)moe__arena_alloc(ctx, (size_t)(((rows + gr - 1) / gr) * ((cols + gc - 1) / gc)) + 1, sizeof(float), "fp8 scales");
-    if (!out || !scales) return NULL;
     moe__fp8_quantize(x, rows, cols, gr, gc, NULL, scales, out, ctx->n_threads);
+    *mem += moe__fp8_operand_bytes(rows, cols);
     return out;
 }
 
@@ -4070,9 +4135,11 @@ static moe_status moe__gemm_fp8(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t
 static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
                               moe_real *Y, moe_dtype prec) {
     if (prec == MOE_FP8_E4M3) {
-        const moe_real *Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS);
-        const moe_real *Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS);
-        if (!Xq || !Wq) return MOE_ERR_MEMORY;
+        char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, in) + moe__fp8_operand_bytes(out, in));
+        const moe_real *Xq, *Wq;
+        if (!mem) return MOE_ERR_MEMORY;
+        Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS, &mem);
+        Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, &mem);
         return moe__gemm_fp8(ctx, 0, 1, n, out, in, Xq, in, Wq, in, 0, Y, out);
     }
     return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, prec == MOE_BF16);
@@ -4084,15 +4151,19 @@ static moe_status moe__linear_bwd(moe_ctx *ctx, const moe_real *X, const moe_rea
                                   const moe_real *W, int64_t out, moe_real *dX, moe_real *dW, moe_dtype prec) {
     if (prec == MOE_FP8_E4M3) {
         if (dX) {
-            const moe_real *dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS);
-            const moe_real *Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS);
-            if (!dYq || !Wq) return MOE_ERR_MEMORY;
+            char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(out, in));
+            const moe_real *dYq, *Wq;
+            if (!mem) return MOE_ERR_MEMORY;
+            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS, &mem);
+            Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, &mem);
             MOE__TRY(moe__gemm_fp8(ctx, 0, 0, n, in, out, dYq, out, Wq, in, 1, dX, in));
         }
         if (dW) {
-            const moe_real *dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS);
-            const moe_real *Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS);
-            if (!dYq || !Xq) return MOE_ERR_MEMORY;
+            char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(n, in));
+            const moe_real *dYq, *Xq;
+            if (!mem) return MOE_ERR_MEMORY;
+            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS, &mem);
+            Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS, &mem);
             MOE__TRY(moe__gemm_fp8(ctx, 1, 0, out, in, n, dYq, out, Xq, in, 1, dW, in));
         }
         return MOE_OK;
@@ -4176,6 +4247,12 @@ static const moe_real *moe__stash_get(moe_ctx *ctx, const moe__stash *st) {
 }
 
 /* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ---- */
+
+/* FP8 operand memory enough for any linear-layer GEMM of an MLP over at most `rows` rows
+   (each takes two of: rows×2I, rows×d, the 2I×d weights; the I-wide ones are smaller). */
+static size_t moe__mlp_fp8_bytes(int64_t rows, int64_t d, int64_t I) {
+    return moe__fp8_operand_bytes(rows, 2 * I) + moe__fp8_operand_bytes(rows, d) + moe__fp8_operand_bytes(2 * I, d);
+}
 
 static void moe__swiglu_rows(const moe_real *h13, int64_t n, int64_t I, moe_real *act, int n_threads) {
     int64_t r;
@@ -4572,14 +4649,14 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
             gp[r] = S->gates[t * K + k];
         }
     }
-    /* experts in parallel, each one's GEMM chain over its packed rows on one thread (FP8:
-       one after the other, as its operands are quantised into the step arena) */
+    /* experts in parallel, each one's GEMM chain over its packed rows on one thread */
     {
         moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe backward");
         if (!st) return MOE_ERR_MEMORY;
         /* an expert sees each token at most once: N rows bound every expert in every step */
         MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1) if (S->prec != MOE_FP8_E4M3))
+        if (S->prec == MOE_FP8_E4M3) MOE__TRY(moe__fp8_reserve_threads(ctx, moe__mlp_fp8_bytes(N, d, I)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
         for (e = 0; e < E; e++) {
             int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
             if (!ne) continue;
@@ -4702,13 +4779,14 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
     for (t = 0; t < R; t++) memcpy(xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
     /* each expert: one SwiGLU GEMM chain over all its tokens; experts run in parallel, each
-       on one thread, so no result depends on the thread count (FP8: one after the other) */
+       on one thread, so no result depends on the thread count */
     {
         moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe");
         if (!st) return MOE_ERR_MEMORY;
         /* an expert sees each token at most once: N rows bound every expert in every step */
         MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1) if (S->prec != MOE_FP8_E4M3))
+        if (S->prec == MOE_FP8_E4M3) MOE__TRY(moe__fp8_reserve_threads(ctx, moe__mlp_fp8_bytes(N, d, I)));
+        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
         for (e = 0; e < E; e++) {
             int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
             if (!ne) continue;

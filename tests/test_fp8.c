@@ -31,6 +31,36 @@ static double e4m3_bound(double x, double s) {
 
 /* ---- quantisation ---- */
 
+/* The quantiser's branch-free encoder equals moe_f32_to_e4m3 on every float in [−464, 464]
+   visited by a stride-7 sweep of the bit patterns (plus all ties of the last 2^12 below
+   each power of two and the exact midpoints between E4M3 codes). */
+static void test_fast_encoder_matches(void) {
+    uint32_t u;
+    int64_t checked = 0, bad = 0;
+    int c;
+    for (u = 0; u <= 0x43E80000u; u += 7) {
+        float v = moe__bits_f32(u);
+        checked += 2;
+        bad += moe__e4m3_in_range(v) != moe_f32_to_e4m3(v);
+        bad += moe__e4m3_in_range(-v) != moe_f32_to_e4m3(-v);
+    }
+    for (c = 0; c < 0x7E; c++) { /* midpoints and their neighbours */
+        float lo = moe_e4m3_to_f32((uint8_t)c), hi = moe_e4m3_to_f32((uint8_t)(c + 1)), mid = 0.5f * (lo + hi);
+        float probe[3];
+        int i;
+        probe[0] = mid;
+        probe[1] = nextafterf(mid, 0.0f);
+        probe[2] = nextafterf(mid, 1e9f);
+        for (i = 0; i < 3; i++) {
+            checked += 2;
+            bad += moe__e4m3_in_range(probe[i]) != moe_f32_to_e4m3(probe[i]);
+            bad += moe__e4m3_in_range(-probe[i]) != moe_f32_to_e4m3(-probe[i]);
+        }
+    }
+    T_NOTE("%lld values compared", (long long)checked);
+    T_CHECK(bad == 0, "%lld values encode differently", (long long)bad);
+}
+
 /* 1×B tiles, one tile with a single outlier 1000× the rest: every element of every tile is
    within the E4M3 bound of its own tile's scale; only the outlier's tile loses precision. */
 static void test_tiles_error_bound_and_outlier(void) {
@@ -376,6 +406,7 @@ static void test_fp8_training_50_steps(void) {
 int main(void) {
     if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
     moe_ctx_set_threads(g_ctx, 2);
+    T_RUN(test_fast_encoder_matches);
     T_RUN(test_tiles_error_bound_and_outlier);
     T_RUN(test_blocks_and_column_tiles_bound);
     T_RUN(test_fprop_against_double);
