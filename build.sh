@@ -157,6 +157,8 @@ cmd_bench() {
     local only=${1:-} f name libs
     [ $# -gt 0 ] && shift
     need_pkg /usr/include/x86_64-linux-gnu/cblas.h libopenblas-dev
+    need_pkg gnuplot gnuplot-nox # bench/fp8 draws its loss curves with it
+    bash data/prepare.sh >&2     # bench/fp8 trains on the corpus
     for f in bench/*.c; do
         name=$(basename "$f" .c)
         [ -n "$only" ] && [ "$only" != "$name" ] && continue

@@ -418,6 +418,10 @@ MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
 typedef struct moe_fp8_options {
     int64_t block;    /* B (default 128; smaller for tiny models) */
     int per_tensor;   /* ablation: one scale per tensor instead of per tile / block */
+    int amax_scales;  /* 1: activation and gradient tiles scaled by amax/448 too; 0 (default):
+                         by the power of two at or above it, so that the backward's
+                         re-quantisation of a 1×B-tiled input into B×1 tiles is exact
+                         (the recipe's choice); weight blocks always use amax/448 */
     int acc_bits;     /* emulate an accumulator that keeps this many significant bits
                          (Hopper's FP8 tensor cores: about 14); 0 = exact FP32 (default) */
     int acc_interval; /* with acc_bits: promote the partial sum to FP32 every this many
@@ -3969,11 +3973,24 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
    dim is cols), B×1 tiles down the columns (reduction over rows), or B×B weight blocks. */
 typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
 
-static void moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
+/* Group shape gr×gc of grouping g, and whether its scales are powers of two. */
+static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
     int64_t B = ctx->fp8.block;
-    if (ctx->fp8.per_tensor) { *gr = rows > 0 ? rows : 1; *gc = cols > 0 ? cols : 1; return; }
-    *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
-    *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
+    if (ctx->fp8.per_tensor) {
+        *gr = rows > 0 ? rows : 1;
+        *gc = cols > 0 ? cols : 1;
+    } else {
+        *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
+        *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
+    }
+    return g != MOE__FP8_BLOCKS && !ctx->fp8.amax_scales;
+}
+
+/* The smallest power of two ≥ s (s a positive normal float). */
+static float moe__pow2_at_or_above(float s) {
+    int e;
+    float f = frexpf(s, &e); /* s = f·2^e, f in [0.5, 1) */
+    return f == 0.5f ? s : ldexpf(1.0f, e);
 }
 
 static void moe__e4m3_table(float lut[256]) {
@@ -3999,11 +4016,12 @@ static uint8_t moe__e4m3_in_range(float v) {
 }
 
 /* E4M3 quantisation of x [rows, cols] in groups of gr×gc elements, each with its own scale
-   amax/448 (moe_fp8_scale) computed from the data: codes[i] = e4m3(x[i]/scale),
+   amax/448 (moe_fp8_scale; with pow2 the power of two at or above it) computed from the
+   data: codes[i] = e4m3(x[i]/scale),
    scales[(r/gr)·ceil(cols/gc) + c/gc]. If out is given it receives the dequantised values
    code·scale (decoded through a table), the operand the GEMM multiplies; out may be x. */
-static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, uint8_t *codes,
-                              float *scales, moe_real *out, int n_threads) {
+static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2,
+                              uint8_t *codes, float *scales, moe_real *out, int n_threads) {
     int64_t ngr = (rows + gr - 1) / gr, ngc = (cols + gc - 1) / gc, g;
     float lut[256];
     moe__e4m3_table(lut);
@@ -4026,7 +4044,7 @@ static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int
                 }
             }
         }
-        for (cg = 0; cg < ngc; cg++) sc[cg] = moe_fp8_scale(sc[cg]);
+        for (cg = 0; cg < ngc; cg++) sc[cg] = pow2 ? moe__pow2_at_or_above(moe_fp8_scale(sc[cg])) : moe_fp8_scale(sc[cg]);
         for (r = r0; r < r1; r++) {
             const moe_real *row = x + r * cols;
             for (cg = 0, c = 0; cg < ngc; cg++) {
@@ -4080,8 +4098,8 @@ static const moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t
     int64_t gr, gc;
     moe_real *out = (moe_real *)(void *)*mem;
     float *scales = (float *)(void *)(*mem + (size_t)(rows * cols) * sizeof(moe_real));
-    moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
-    moe__fp8_quantize(x, rows, cols, gr, gc, NULL, scales, out, ctx->n_threads);
+    int pow2 = moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
+    moe__fp8_quantize(x, rows, cols, gr, gc, pow2, NULL, scales, out, ctx->n_threads);
     *mem += moe__fp8_operand_bytes(rows, cols);
     return out;
 }
@@ -4213,11 +4231,11 @@ static moe_status moe__stash_put(moe_ctx *ctx, moe__stash *st, const moe_real *x
     } else {
         int64_t ns;
         uint8_t *q = (uint8_t *)moe__arena_alloc(ctx, (size_t)n + 1, 1, "saved activation");
-        moe__fp8_group_shape(ctx, MOE__FP8_ALONG_ROWS, rows, cols, &st->gr, &st->gc);
+        int pow2 = moe__fp8_group_shape(ctx, MOE__FP8_ALONG_ROWS, rows, cols, &st->gr, &st->gc);
         ns = ((rows + st->gr - 1) / st->gr) * ((cols + st->gc - 1) / st->gc);
         st->scales = (float *)moe__arena_alloc(ctx, (size_t)ns + 1, sizeof(float), "saved activation scales");
         if (!q || !st->scales) return MOE_ERR_MEMORY;
-        moe__fp8_quantize(x, rows, cols, st->gr, st->gc, q, st->scales, NULL, ctx->n_threads);
+        moe__fp8_quantize(x, rows, cols, st->gr, st->gc, pow2, q, st->scales, NULL, ctx->n_threads);
         st->data = q;
         ctx->saved_bytes += (size_t)n + (size_t)ns * sizeof(float);
     }
@@ -4531,7 +4549,7 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
         MOE__TRY(moe__stash_put(ctx, &S->q, q, N, H * m.dqk, keep));
         MOE__TRY(moe__stash_put(ctx, &S->k, k, N, H * m.dqk, keep));
         MOE__TRY(moe__stash_put(ctx, &S->v, v, N, H * m.dv, keep));
-        MOE__TRY(moe__stash_put(ctx, &S->o, o, N, H * m.dv, keep_fp8)); /* o_proj's input; attention backward reads it too */
+        MOE__TRY(moe__stash_put(ctx, &S->o, o, N, H * m.dv, keep)); /* attention backward reads it (V3: E5M6, not E4M3) */
         MOE__TRY(moe__stash_put(ctx, &S->lse, lse, m.B * H, m.T, MOE_F32));
         ctx->saved_bytes += (size_t)(m.qr > 0 ? 2 : 1) * (size_t)N * sizeof(moe_real); /* the rstd arrays */
     }
@@ -4848,8 +4866,9 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         moe_dtype keep_fp8 = moe__stash_format(S->prec, 1);
         n->saved = S;
         if (alpha > 0) (*aux)->requires_grad = 1; /* its gradient is applied by this node */
-        /* the routed experts' inputs are rows of u: backward dispatches them again */
-        MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, keep_fp8));
+        /* the router's input stays out of FP8; the routed experts' inputs are rows of it,
+           dispatched again in backward */
+        MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, moe__stash_format(S->prec, 0)));
         MOE__TRY(moe__stash_put(ctx, &S->h13, h13, R, 2 * I, keep_fp8));
         if (sh_h13) MOE__TRY(moe__stash_put(ctx, &S->sh_h13, sh_h13, N, 2 * S->Is, keep_fp8));
         /* router state: scores, gates, Σ, choices, permutation, load fractions */

@@ -8,18 +8,24 @@
        v_head_dim 128, expert width 128, dense width 256, 512 tokens a step) are multiples
        of 128, so the real B = 128 recipe applies. Relative loss error = |mean FP8 loss − mean
        BF16 loss| / mean BF16 loss over the last 100 steps (the training losses of the same
-       batches).
+       batches). A fourth run in FP32 shows the floor of this measure: how far two runs that
+       differ only in rounding drift apart. The expert-bias update is off (γ = 0; --gamma
+       sets it): it moves each bias by ±γ on the sign of an integer load difference, so a
+       one-token change flips it, and with γ = 1e-3 the FP32 and BF16 runs ended 0.7% apart
+       (measured), which would swamp what this bench measures. The balance loss stays on.
    (b) Bytes of the activations the layers save for backward (moe_ctx_saved_bytes after the
        forward pass of one step) in FP32, BF16 and FP8, and of weights + optimizer state.
    (c) Throughput of one linear layer's forward GEMM (2048 × 512 → 1536) in FP32, BF16 and
        FP8; the FP8 time includes quantising X (1×128 tiles) and W (128×128 blocks) and
        decoding them, as in training.
 
-     fp8 [--steps N] [--threads N] [--out DIR]      (defaults 1000, all cores, out/bench_fp8)
+     fp8 [--steps N] [--threads N] [--out DIR] [--gamma G]   (defaults 1000, all cores, out/bench_fp8, 0)
+     fp8 --only bf16|fp8|fp8_tensor|fp32 [...]      one training run: DIR/loss_NAME.csv and its
+                                                    mean loss over the last 100 steps
 
    Writes DIR/loss.csv (step, lr, loss per precision) and, when gnuplot is installed,
    DIR/loss.png. Last line: {"bench":"fp8","rel_loss_err_fp8":…,"rel_loss_err_pertensor":…,
-   "act_bytes_bf16":…,"act_bytes_fp8":…,"act_bytes_fp32":…} */
+   "act_bytes_bf16":…,"act_bytes_fp8":…,"act_bytes_fp32":…,"rel_loss_err_fp32":…,…} */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -37,8 +43,8 @@
         }                                                                                         \
     } while (0)
 
-enum { BATCH = 8, SEQ = 64, RUNS = 3, TAIL = 100 };
-static const char *const run_names[RUNS] = {"bf16", "fp8", "fp8_tensor"};
+enum { BATCH = 8, SEQ = 64, RUNS = 4, TAIL = 100 };
+static const char *const run_names[RUNS] = {"bf16", "fp8", "fp8_tensor", "fp32"};
 
 static moe_config bench_config(void) {
     moe_config c = moe_config_tiny();
@@ -56,10 +62,12 @@ static void set_precision(moe_ctx *ctx, int run) {
     memset(&o, 0, sizeof o);
     o.per_tensor = run == 2;
     CHECK(moe_ctx_set_fp8(ctx, &o));
-    CHECK(moe_ctx_set_gemm_precision(ctx, run == 0 ? MOE_BF16 : MOE_FP8_E4M3));
+    CHECK(moe_ctx_set_gemm_precision(ctx, run == 0 ? MOE_BF16 : run == 3 ? MOE_F32 : MOE_FP8_E4M3));
 }
 
 /* Train `steps` steps from seed 1 in precision `run`; losses[step]. */
+static double g_gamma = 0.0; /* expert-bias update speed (see the header) */
+
 static double train(moe_ctx *ctx, const moe_dataset *data, int run, long steps, double *losses) {
     moe_config c = bench_config();
     moe_model *m = NULL;
@@ -86,7 +94,7 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, long steps, 
         CHECK(moe_backward(ctx, loss));
         moe_ctx_reset(ctx);
         CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, step), 1.0f, 1.0f, NULL));
-        CHECK(moe_model_update_expert_bias(ctx, m, 1e-3f));
+        CHECK(moe_model_update_expert_bias(ctx, m, (float)g_gamma));
         losses[step] = parts.total;
         if (step % 100 == 99) fprintf(stderr, "  %-10s step %5ld  loss %.4f\n", run_names[run], step + 1, parts.total);
     }
@@ -152,7 +160,7 @@ int main(int argc, char **argv) {
     moe_config c = bench_config();
     long steps = 1000, i;
     int threads = 0, run;
-    const char *out = "out/bench_fp8";
+    const char *out = "out/bench_fp8", *only = NULL;
     char path[1024];
     double *loss[RUNS], ms[RUNS], mean[RUNS], gf[3];
     size_t act[3];
@@ -162,8 +170,10 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) steps = atol(argv[++i]);
         else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) out = argv[++i];
+        else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
+        else if (strcmp(argv[i], "--gamma") == 0 && i + 1 < argc) g_gamma = atof(argv[++i]);
         else {
-            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--threads N] [--out DIR]\n", TAIL);
+            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32]\n", TAIL);
             return 2;
         }
     }
@@ -180,6 +190,27 @@ int main(int argc, char **argv) {
     printf("config: hidden 128, 4 layers (1 dense + 3 MoE, 16 experts top-4 + 1 shared, width 128), MLA latents 128, MTP 1;\n"
            "        %lld parameters (+%lld MTP); %d x %d tokens a step; %ld steps per run; %d threads\n",
            (long long)total, (long long)mtp, BATCH, SEQ, steps, moe_ctx_threads(ctx));
+
+    mkdir("out", 0755);
+    mkdir(out, 0755);
+    if (only) {
+        for (run = 0; run < RUNS && strcmp(only, run_names[run]); run++) {}
+        if (run == RUNS) { fprintf(stderr, "bench fp8: --only wants bf16, fp8, fp8_tensor or fp32\n"); return 2; }
+        loss[0] = (double *)malloc(sizeof(double) * (size_t)steps);
+        if (!loss[0]) return 1;
+        ms[0] = train(ctx, data, run, steps, loss[0]);
+        snprintf(path, sizeof path, "%s/loss_%s.csv", out, only);
+        f = fopen(path, "w");
+        if (!f) { fprintf(stderr, "bench fp8: cannot write %s\n", path); return 1; }
+        fprintf(f, "step,loss_%s\n", only);
+        for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f\n", i + 1, loss[0][i]);
+        fclose(f);
+        printf("%s: %.1f ms/step, mean loss over the last %d steps %.6f (%s)\n", only, ms[0], TAIL, tail_mean(loss[0], steps), path);
+        free(loss[0]);
+        moe_data_free(ctx, data);
+        moe_ctx_free(ctx);
+        return 0;
+    }
 
     /* (b) bytes */
     act[0] = saved_bytes(ctx, data, MOE_F32);
@@ -199,13 +230,11 @@ int main(int argc, char **argv) {
         mean[run] = tail_mean(loss[run], steps);
     }
 
-    mkdir("out", 0755);
-    mkdir(out, 0755);
     snprintf(path, sizeof path, "%s/loss.csv", out);
     f = fopen(path, "w");
     if (!f) { fprintf(stderr, "bench fp8: cannot write %s\n", path); return 1; }
-    fprintf(f, "step,loss_bf16,loss_fp8,loss_fp8_tensor\n");
-    for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f,%.6f,%.6f\n", i + 1, loss[0][i], loss[1][i], loss[2][i]);
+    fprintf(f, "step,loss_bf16,loss_fp8,loss_fp8_tensor,loss_fp32\n");
+    for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f,%.6f,%.6f,%.6f\n", i + 1, loss[0][i], loss[1][i], loss[2][i], loss[3][i]);
     fclose(f);
     printf("loss curves: %s\n", path);
     if (system("command -v gnuplot >/dev/null 2>&1") == 0) {
@@ -213,9 +242,9 @@ int main(int argc, char **argv) {
         snprintf(cmd, sizeof cmd,
                  "gnuplot -e \"set terminal pngcairo size 900,520; set output '%s/loss.png'; set datafile separator ',';"
                  " set key top right; set xlabel 'step'; set ylabel 'training loss (CE + 0.3 MTP)'; set logscale y; set grid;"
-                 " set title 'moe.h: BF16 vs FP8 (1x128 / 128x128) vs FP8 per-tensor, same model, seed and data';"
+                 " set title 'moe.h: BF16 vs FP8 (1x128 / 128x128) vs FP8 per-tensor vs FP32, same model, seed and data';"
                  " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines lw 1 title 'FP8 1x128 tiles',"
-                 " '' using 1:4 with lines lw 1 dt 2 title 'FP8 per tensor'\"",
+                 " '' using 1:4 with lines lw 1 dt 2 title 'FP8 per tensor', '' using 1:5 with lines lw 1 dt 3 title 'FP32'\"",
                  out, path);
         if (system(cmd) == 0) printf("loss plot:   %s/loss.png\n", out);
         else printf("loss plot:   gnuplot failed\n");
@@ -236,8 +265,10 @@ int main(int argc, char **argv) {
     printf("linear layer forward 2048x512->1536, GFLOP/s: fp32 %.1f  bf16 %.1f  fp8 %.1f (quantise + decode + FP32 GEMM)\n",
            gf[0], gf[1], gf[2]);
     printf("{\"bench\":\"fp8\",\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
-           "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,\"gflops_fp8\":%.1f}\n",
-           fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0], gf[0], gf[1], gf[2]);
+           "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"rel_loss_err_fp32\":%.6f,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,"
+           "\"gflops_fp8\":%.1f}\n",
+           fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0],
+           fabs(mean[3] - mean[0]) / mean[0], gf[0], gf[1], gf[2]);
     for (run = 0; run < RUNS; run++) free(loss[run]);
     moe_data_free(ctx, data);
     moe_ctx_free(ctx);

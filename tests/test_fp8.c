@@ -106,13 +106,40 @@ static void test_blocks_and_column_tiles_bound(void) {
         if (r > worst) worst = r;
     }
     for (i = 0; i < R * C; i++) xr[i] = x[i];
-    moe__fp8_quantize(xr, R, C, BLK, 1, q, scc, yr, 2); /* B×1: 32 rows of one column share a scale */
+    moe__fp8_quantize(xr, R, C, BLK, 1, 0, q, scc, yr, 2); /* B×1: 32 rows of one column share a scale */
     for (i = 0; i < R * C; i++) {
         double r = fabs((double)xr[i] - yr[i]) / e4m3_bound(xr[i], scc[(i / C / BLK) * C + i % C]);
         if (r > worst_col) worst_col = r;
     }
     T_NOTE("max err/bound: B×B blocks %.3f, B×1 tiles %.3f (200 rows: a partial last group)", worst, worst_col);
     T_CHECK(worst <= 1.0 && worst_col <= 1.0, "an element exceeds its group's E4M3 bound");
+}
+
+/* Wgrad re-quantises a saved 1×128-tiled input into 128×1 tiles. With power-of-two scales
+   (the default) a value already on the first grid moves to the second by an exponent shift,
+   so only values that fall below E4M3's subnormal step change; with amax/448 scales the
+   second rounding changes most values. */
+static void test_requantisation_exact_with_pow2_scales(void) {
+    enum { R = 256, C = 256, BLK = 128 };
+    static moe_real x[R * C], a[R * C], b[R * C];
+    static float s1[R * 2], s2[2 * C];
+    static float f[R * C];
+    int64_t i, changed[2] = {0, 0}, underflow = 0;
+    int pow2;
+    fill_normal(f, R * C, 9, 1.0f);
+    for (i = 0; i < R * C; i++) x[i] = f[i] * (1.0f + 30.0f * (float)((i / C) % 7 == 0)); /* louder tokens */
+    for (pow2 = 1; pow2 >= 0; pow2--) {
+        moe__fp8_quantize(x, R, C, 1, BLK, pow2, NULL, s1, a, 2);
+        moe__fp8_quantize(a, R, C, BLK, 1, pow2, NULL, s2, b, 2);
+        for (i = 0; i < R * C; i++) {
+            changed[pow2] += a[i] != b[i];
+            if (pow2 && a[i] != b[i]) underflow += fabs(a[i]) < s2[(i / C / BLK) * C + i % C] * (1.0 / 64);
+        }
+    }
+    T_NOTE("values changed by the second quantisation: power-of-two scales %lld (all below the subnormal threshold: %lld), amax/448 scales %lld of %d",
+           (long long)changed[1], (long long)underflow, (long long)changed[0], R * C);
+    T_CHECK(changed[1] == underflow, "with power-of-two scales only underflowing values may change");
+    T_CHECK(changed[0] > R * C / 4, "with amax/448 scales the second rounding changes many values");
 }
 
 /* ---- the FP8 GEMMs ---- */
@@ -126,6 +153,7 @@ static void test_fprop_against_double(void) {
     static float x[N * IN], w[OUT * IN], xd[N * IN], wd[OUT * IN], sx[N * (IN / BLK)], sw[2 * (IN / BLK)];
     static uint8_t qx[N * IN], qw[OUT * IN];
     static moe_real X[N * IN], W[OUT * IN], Y[N * OUT];
+    moe_fp8_options o;
     double worst_a = 0, worst_b = 0;
     int64_t i, j, p;
     fill_normal(x, N * IN, 3, 1.0f);
@@ -133,8 +161,13 @@ static void test_fprop_against_double(void) {
     for (i = 0; i < N; i++) x[i * IN + 3] *= 50.0f; /* token-wise outliers */
     for (i = 0; i < N * IN; i++) X[i] = x[i];
     for (i = 0; i < OUT * IN; i++) W[i] = w[i];
+    memset(&o, 0, sizeof o);
+    o.amax_scales = 1; /* the scales of the public quantiser, the reference here */
+    moe_ctx_set_fp8(g_ctx, &o);
     moe_ctx_reset(g_ctx);
     T_ASSERT(moe__linear(g_ctx, X, N, IN, W, OUT, Y, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    o.amax_scales = 0;
+    moe_ctx_set_fp8(g_ctx, &o);
     T_ASSERT(moe_fp8_quantize_tiles(g_ctx, x, N, IN, BLK, qx, sx) == MOE_OK && moe_fp8_quantize_blocks(g_ctx, w, OUT, IN, BLK, qw, sw) == MOE_OK,
              "%s", moe_ctx_error(g_ctx));
     moe_fp8_dequantize_tiles(g_ctx, qx, sx, N, IN, BLK, xd);
@@ -249,8 +282,12 @@ static void test_saved_activation_round_trip(void) {
     const moe_real *g8, *g16, *g32;
     size_t b0;
     int64_t i, bad8 = 0, bad16 = 0;
+    moe_fp8_options o;
     fill_normal(x, R * C, 6, 3.0f);
     for (i = 0; i < R * C; i++) xr[i] = x[i];
+    memset(&o, 0, sizeof o);
+    o.amax_scales = 1; /* the public quantiser's amax/448 scales */
+    moe_ctx_set_fp8(g_ctx, &o);
     moe_ctx_reset(g_ctx);
     b0 = moe_ctx_saved_bytes(g_ctx);
     T_ASSERT(moe__stash_put(g_ctx, &s8, xr, R, C, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
@@ -272,6 +309,8 @@ static void test_saved_activation_round_trip(void) {
     T_CHECK(bad8 == 0, "%lld FP8 values differ from the public quantiser's", (long long)bad8);
     T_CHECK(bad16 == 0, "%lld BF16 values differ", (long long)bad16);
     T_CHECK(g32 == xr, "the FP32 stash is the array itself");
+    o.amax_scales = 0;
+    moe_ctx_set_fp8(g_ctx, &o);
     moe_ctx_reset(g_ctx);
     T_CHECK(moe_ctx_saved_bytes(g_ctx) == 0, "reset clears the count");
 }
@@ -308,6 +347,23 @@ static void test_limited_accumulation(void) {
     T_CHECK(err[0] > 4 * err[1], "promotion every 128 products should help by > 4x");
     T_CHECK(err[0] > 1e-3, "a 14-bit accumulator over 4096 products loses > 0.1%%");
     T_CHECK(err[2] < 1e-4, "a 24-bit accumulator is FP32-like");
+}
+
+/* ---- settings ---- */
+
+static void test_bad_settings_refused(void) {
+    moe_fp8_options o;
+    memset(&o, 0, sizeof o);
+    o.block = -4;
+    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_ERR_ARG && strstr(moe_ctx_error(g_ctx), "block"), "negative block: %s", moe_ctx_error(g_ctx));
+    o.block = 0; o.acc_bits = 30;
+    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_ERR_ARG && strstr(moe_ctx_error(g_ctx), "acc_bits"), "acc_bits 30: %s", moe_ctx_error(g_ctx));
+    o.acc_bits = 14; o.acc_interval = -2;
+    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_ERR_ARG && strstr(moe_ctx_error(g_ctx), "acc_interval"), "acc_interval -2: %s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ctx_set_fp8(g_ctx, NULL) == MOE_ERR_ARG, "NULL options");
+    T_CHECK(moe_ctx_set_gemm_precision(g_ctx, MOE_FP8_E5M2) == MOE_ERR_DTYPE, "E5M2 GEMMs are not a mode");
+    memset(&o, 0, sizeof o);
+    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_OK && g_ctx->fp8.block == 128 && g_ctx->fp8.acc_interval == 128, "zero fields take the defaults");
 }
 
 /* ---- training ---- */
@@ -409,10 +465,12 @@ int main(void) {
     T_RUN(test_fast_encoder_matches);
     T_RUN(test_tiles_error_bound_and_outlier);
     T_RUN(test_blocks_and_column_tiles_bound);
+    T_RUN(test_requantisation_exact_with_pow2_scales);
     T_RUN(test_fprop_against_double);
     T_RUN(test_linear_grads_against_fp32);
     T_RUN(test_saved_activation_round_trip);
     T_RUN(test_limited_accumulation);
+    T_RUN(test_bad_settings_refused);
     T_RUN(test_fp8_training_50_steps);
     moe_ctx_free(g_ctx);
     return t_summary();
