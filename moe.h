@@ -7552,7 +7552,8 @@ struct moe_gen {
     int64_t n_loads;
     moe_gen_attn attn;
     float *pbuf;           /* [(MAX_DRAFT + 1) · 2][V] distributions during speculation */
-    int32_t *idx;          /* [V] sort scratch */
+    float *logits;         /* [MAX_DRAFT + 1][V] logits of a step's rows */
+    int32_t *idx;          /* [2V] sort scratch: indices, merge buffer */
     int32_t *toks;         /* [cap + 1] tokens of the current generation */
     double t_par, t_ser;   /* seconds per token and block of multi-token passes, in parallel / serially */
     int64_t n_small;       /* multi-token passes so far */
@@ -7578,6 +7579,7 @@ MOE_API void moe_gen_free(moe_gen *g) {
     MOE_FREE(g->ring);
     MOE_FREE(g->loads_saved);
     MOE_FREE(g->pbuf);
+    MOE_FREE(g->logits);
     MOE_FREE(g->idx);
     MOE_FREE(g->toks);
     MOE_FREE(g);
@@ -7621,9 +7623,10 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
     g->ring = (moe_real *)moe__heap_calloc(ctx, n_ring * sizeof(moe_real));
     g->loads_saved = (int64_t *)moe__heap_calloc(ctx, (size_t)(g->n_loads + 1) * sizeof(int64_t));
     g->pbuf = (float *)moe__heap_calloc(ctx, n_p * sizeof(float));
-    g->idx = (int32_t *)moe__heap_calloc(ctx, (size_t)c->vocab_size * sizeof(int32_t));
+    g->logits = (float *)moe__heap_calloc(ctx, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)c->vocab_size * sizeof(float));
+    g->idx = (int32_t *)moe__heap_calloc(ctx, (size_t)(2 * c->vocab_size) * sizeof(int32_t));
     g->toks = (int32_t *)moe__heap_calloc(ctx, (size_t)(g->cap + 1) * sizeof(int32_t));
-    if (!g->cache || !g->ring || !g->loads_saved || !g->pbuf || !g->idx || !g->toks) {
+    if (!g->cache || !g->ring || !g->loads_saved || !g->pbuf || !g->logits || !g->idx || !g->toks) {
         moe_gen_free(g);
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for a cache of %lld tokens (%zu bytes)", fn,
                          (long long)g->cap, bytes);
@@ -8700,8 +8703,8 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
     int64_t V = c->vocab_size, L = np, nd = 0, k;
     moe_sampling s = o->sampling;
     moe_rng rng = moe_rng_new(o->seed, 0x6E6E);
-    float *P[MOE__GEN_MAX_DRAFT + 1], *Q[MOE__GEN_MAX_DRAFT + 1], *lg;
-    int32_t drafts[MOE__GEN_MAX_DRAFT + 1], *tmp;
+    float *P[MOE__GEN_MAX_DRAFT + 1], *Q[MOE__GEN_MAX_DRAFT + 1], *lg = g->logits;
+    int32_t drafts[MOE__GEN_MAX_DRAFT + 1], *tmp = g->idx + V;
     moe_real *h0;
     double t0 = moe_time_s(), t1;
     int greedy = !(s.temperature > 0);
@@ -8709,9 +8712,6 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
         P[k] = g->pbuf + (2 * k) * V;
         Q[k] = g->pbuf + (2 * k + 1) * V;
     }
-    lg = (float *)moe__arena_alloc(w, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)V, sizeof(float), "moe_gen");
-    tmp = (int32_t *)moe__arena_alloc(w, (size_t)V, sizeof(int32_t), "moe_gen");
-    if (!lg || !tmp) return MOE_ERR_MEMORY;
     if (o->speculative) {
         nd = o->n_draft > 0 ? o->n_draft : g->n_mtp;
         if (nd > g->n_mtp) nd = g->n_mtp;
@@ -8734,9 +8734,6 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
     t1 = moe_time_s();
     S->prefill_s = t1 - t0;
     moe_ctx_reset(w); /* the prompt's activations are not needed any more */
-    lg = (float *)moe__arena_alloc(w, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)V, sizeof(float), "moe_gen");
-    tmp = (int32_t *)moe__arena_alloc(w, (size_t)V, sizeof(int32_t), "moe_gen");
-    if (!lg || !tmp) return MOE_ERR_MEMORY;
     while (!E->done) {
         int64_t nv, a = 0, j;
         int32_t next = 0, in[MOE__GEN_MAX_DRAFT + 1], next_draft[MOE__GEN_MAX_DRAFT + 1];
@@ -8809,9 +8806,6 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
             }
         }
         moe_ctx_reset(w);
-        lg = (float *)moe__arena_alloc(w, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)V, sizeof(float), "moe_gen");
-        tmp = (int32_t *)moe__arena_alloc(w, (size_t)V, sizeof(int32_t), "moe_gen");
-        if (!lg || !tmp) return MOE_ERR_MEMORY;
     }
     S->decode_s = moe_time_s() - t1;
     return MOE_OK;
