@@ -7539,6 +7539,11 @@ MOE_API moe_status moe_model_distill_loss_cached(moe_ctx *ctx, moe_model *studen
    ============================================================================================ */
 
 #define MOE__GEN_MAX_DRAFT 4 /* = the most MTP modules a config may have */
+#define MOE__GEN_LINE 8      /* int64_t per cache line: counters that threads share sit on lines of their own */
+
+/* The counters through which thread 0 and the crew of a speculative generation talk (see
+   "the crew of a speculative generation"), each on a cache line of its own. */
+enum { MOE__GEN_POSTED = 0, MOE__GEN_FINISHED = 1, MOE__GEN_STOP = 2 };
 
 struct moe_gen {
     moe_model *m;
@@ -7558,6 +7563,11 @@ struct moe_gen {
     double t_par, t_ser;   /* seconds per token and block of multi-token passes, in parallel / serially */
     int64_t n_small;       /* multi-token passes so far */
     int64_t probe_at, probe_every; /* when to time the other way again, and how often */
+    const struct moe__gen_pass *pass; /* the pass posted to the crew */
+    int64_t sync[3][MOE__GEN_LINE];   /* [MOE__GEN_POSTED / _FINISHED / _STOP][0]: passes posted, crew parts finished, stop */
+    int64_t posts;         /* passes posted in this generation (thread 0's count) */
+    int crew;              /* crew threads serving (0: a pass opens a region of its own) */
+    int in_region;         /* the generation runs inside its crew's region (no nested regions) */
 };
 
 MOE_API void moe_gen_cache_bytes(const moe_model *m, int64_t *latent, int64_t *mha) {
@@ -8200,53 +8210,69 @@ static void moe__gen_tok_mtp_a(int inner, const moe_model *m, const moe__gen_tai
     moe__gen_tok_a(inner, m, &M->block, tl->mtp_cache, xm, pos, ws);
 }
 
-/* progress[t]: how many of row t's cache rows (its blocks', then its MTP entry's) are written;
-   row t counts one more with moe__gen_publish. The flush before the count and after reading it
-   orders the cache writes around it. */
-#define MOE__GEN_LINE 8 /* int64_t per cache line: each row's counter on a line of its own */
-static void moe__gen_publish(int64_t *progress, int64_t t) {
+/* Counters shared between threads: one thread counts (after a flush, so that what it wrote
+   before is seen by whoever reads the new count), others read it or wait for a value (then
+   flush, so that they see those writes). */
+static void moe__gen_count(int64_t *counter) {
 #ifdef _OPENMP
 #pragma omp flush
 #pragma omp atomic update
 #endif
-    progress[t * MOE__GEN_LINE]++;
+    (*counter)++;
 }
-static void moe__gen_wait(int64_t *progress, int64_t t, int64_t rows) {
-    int64_t j, seen;
-    for (j = 0; j < t; j++) {
-        do {
+static int64_t moe__gen_read(int64_t *counter) {
+    int64_t v;
 #ifdef _OPENMP
 #pragma omp atomic read
 #endif
-            seen = progress[j * MOE__GEN_LINE];
-        } while (seen < rows);
+    v = *counter;
+    return v;
+}
+static void moe__gen_await(int64_t *counter, int64_t v) {
+    while (moe__gen_read(counter) < v) {
     }
 #ifdef _OPENMP
 #pragma omp flush
 #endif
 }
 
-/* The work of moe__gen_layers_small for thread `tid` of `team` (1: all of it): rows tid,
-   tid + team, … in order, each through every block, the tail and its MTP entry. Row t waits
-   before each phase B until rows < t have written that block's cache row; a row never waits
-   for a later one, so the lowest unfinished row always runs. Row 0, which waits for nothing,
-   belongs to the calling thread (tid 0): it runs from the moment the region opens, and the
-   threads that start later wait on it rather than it on them. */
-static void moe__gen_layers_body(const moe_model *m, moe__block *const *blocks, moe_real *const *caches, int64_t nb, moe_real *x,
-                                 int64_t n, int64_t pos0, const moe__gen_tail *tl, moe_real *buf, int64_t S, int64_t Lk,
-                                 int inner, int tid, int team, int64_t *progress) {
+/* A decode pass as every thread of it sees it (moe__gen_layers_body). progress[t ·
+   MOE__GEN_LINE]: how many of row t's cache rows (its blocks', then its MTP entry's) are
+   written. */
+typedef struct moe__gen_pass {
+    const moe_model *m;
+    moe__block *const *blocks; /* [nb] */
+    moe_real *const *caches;   /* [nb] */
+    const moe__gen_tail *tl;
+    moe_real *x, *buf;         /* rows [n, d]; per-row scratch [n, S] */
+    int64_t *progress;
+    int64_t nb, n, pos0, S, Lk;
+    int team;                  /* threads on the pass */
+} moe__gen_pass;
+
+/* The work of a decode pass for thread `tid` of p->team (1: all of it): rows tid, tid + team,
+   … in order, each through every block, the tail and its MTP entry. Row t waits before each
+   phase B until rows < t have written that block's cache row; a row never waits for a later
+   one, so the lowest unfinished row always runs. Row 0, which waits for nothing, belongs to
+   the thread that starts the pass (tid 0): the threads that join later wait on it rather
+   than it on them. */
+static void moe__gen_layers_body(const moe__gen_pass *p, int tid, int inner) {
+    const moe_model *m = p->m;
     const moe_config *c = &m->cfg;
-    int64_t li, t, d = c->hidden_size, V = c->vocab_size, mrows = tl && tl->mtp ? tl->mtp_rows : 0;
-    for (t = tid; t < n; t += team) {
-        moe__gen_tws ws = moe__gen_tws_at(c, buf + t * S, Lk);
-        for (li = 0; li < nb; li++) {
-            moe__gen_tok_a(inner, m, blocks[li], caches[li], x + t * d, pos0 + t, &ws);
-            moe__gen_publish(progress, t);
-            moe__gen_wait(progress, t, li + 1);
-            moe__gen_tok_b(inner, m, blocks[li], caches[li], x + t * d, pos0 + t, &ws);
+    const moe__gen_tail *tl = p->tl;
+    int64_t li, t, j, d = c->hidden_size, V = c->vocab_size, n = p->n, pos0 = p->pos0;
+    int64_t mrows = tl && tl->mtp ? tl->mtp_rows : 0;
+    for (t = tid; t < n; t += p->team) {
+        moe__gen_tws ws = moe__gen_tws_at(c, p->buf + t * p->S, p->Lk);
+        moe_real *x = p->x + t * d;
+        for (li = 0; li < p->nb; li++) {
+            moe__gen_tok_a(inner, m, p->blocks[li], p->caches[li], x, pos0 + t, &ws);
+            moe__gen_count(p->progress + t * MOE__GEN_LINE);
+            for (j = 0; j < t; j++) moe__gen_await(p->progress + j * MOE__GEN_LINE, li + 1);
+            moe__gen_tok_b(inner, m, p->blocks[li], p->caches[li], x, pos0 + t, &ws);
         }
         if (!tl) continue;
-        moe__gen_tail_row(inner, m, tl, x + t * d, t);
+        moe__gen_tail_row(inner, m, tl, x, t);
         if (t < mrows) {
             const moe__mtp *M = tl->mtp;
             moe_real *xm = tl->mtp_out + t * d;
@@ -8254,10 +8280,10 @@ static void moe__gen_layers_body(const moe_model *m, moe__block *const *blocks, 
             /* the accepted drafts may end at this row unless its token is the next row's draft */
             int drafts = tl->mtp_draft && (t + 1 == n || tok != tl->tokens[t + 1]);
             moe__gen_tok_mtp_a(inner, m, tl, t, tok, pos0 + t, &ws);
-            moe__gen_publish(progress, t);
+            moe__gen_count(p->progress + t * MOE__GEN_LINE);
             if (tl->mtp_draft) tl->mtp_draft[t] = -1;
             if (!drafts && !tl->mtp_chain) continue;
-            moe__gen_wait(progress, t, nb + 1);
+            for (j = 0; j < t; j++) moe__gen_await(p->progress + j * MOE__GEN_LINE, p->nb + 1);
             moe__gen_tok_b(inner, m, &M->block, tl->mtp_cache, xm, pos0 + t, &ws);
             if (drafts) {
                 moe_real *lg = tl->mtp_logits + t * V;
@@ -8269,17 +8295,53 @@ static void moe__gen_layers_body(const moe_model *m, moe__block *const *blocks, 
     }
 }
 
+/* ---- the crew of a speculative generation ----
+   A parallel region per verification pass costs about 1.2 µs (the second thread starts some
+   0.5 µs after the first, the closing barrier takes 0.7 µs): 5% of a step of the tiny model.
+   So a speculative generation on several threads decodes inside one region: thread 0 runs the
+   generation, and the other threads, its crew, run their rows of every multi-token pass that
+   thread 0 posts, spinning in between. When passes run faster serially (a busy machine, where
+   a spinning thread only takes a core from others), thread 0 dismisses the crew for the rest
+   of the generation. */
+
+/* A crew thread: serve posted passes until told to stop. */
+static void moe__gen_crew_serve(moe_gen *g, int tid) {
+    int64_t served = 0;
+    for (;;) {
+        while (moe__gen_read(&g->sync[MOE__GEN_POSTED][0]) == served)
+            if (moe__gen_read(&g->sync[MOE__GEN_STOP][0])) return;
+#ifdef _OPENMP
+#pragma omp flush
+#endif
+        served++;
+        moe__gen_layers_body(g->pass, tid, 1);
+        moe__gen_count(&g->sync[MOE__GEN_FINISHED][0]);
+    }
+}
+
+/* Thread 0: run pass p with the crew (p->team = crew + 1) and wait for its parts. */
+static void moe__gen_crew_pass(moe_gen *g, const moe__gen_pass *p) {
+    g->pass = p;
+    moe__gen_count(&g->sync[MOE__GEN_POSTED][0]);
+    g->posts++;
+    moe__gen_layers_body(p, 0, 1);
+    moe__gen_await(&g->sync[MOE__GEN_FINISHED][0], g->posts * g->crew);
+}
+
+static void moe__gen_crew_dismiss(moe_gen *g) {
+    if (g->crew) moe__gen_count(&g->sync[MOE__GEN_STOP][0]);
+    g->crew = 0;
+}
+
 /* Blocks blocks[0..nb) (with their caches) over x [n, d] at positions pos0.., n ≤ MOE__GEN_SMALL,
-   then the tail, in one parallel region (see moe__gen_layers_body). */
+   then the tail: with the crew, in a parallel region of its own, or alone. */
 static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, moe_real *const *caches, int64_t nb,
                                         moe_real *x, int64_t n, int64_t pos0, const moe__gen_tail *tl) {
     moe_ctx *w = g->w;
-    const moe_model *m = g->m;
-    const moe_config *c = &m->cfg;
-    int64_t l, Lk = pos0 + n, ffn_ws = 0, S;
-    int nt = w->n_threads, par;
-    moe_real *buf;
-    int64_t *progress;
+    const moe_config *c = &g->m->cfg;
+    int64_t l, ffn_ws = 0;
+    int nt = w->n_threads, par, pref;
+    moe__gen_pass p;
     double t0;
     for (l = 0; l < nb; l++) {
         int64_t f = moe__gen_ffn_ws(c, blocks[l]);
@@ -8289,43 +8351,58 @@ static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, m
         int64_t f = moe__gen_ffn_ws(c, &tl->mtp->block);
         ffn_ws = f > ffn_ws ? f : ffn_ws;
     }
-    S = (moe__gen_tws_size(c, Lk, ffn_ws) + 15) & ~(int64_t)15;
-    buf = moe__scratch_real(w, n * S, "moe_gen decode");
-    progress = (int64_t *)moe__arena_alloc(w, (size_t)(n * MOE__GEN_LINE), sizeof(int64_t), "moe_gen decode");
-    if (!buf || !progress) return MOE_ERR_MEMORY;
+    p.m = g->m;
+    p.blocks = blocks;
+    p.caches = caches;
+    p.tl = tl;
+    p.x = x;
+    p.nb = nb;
+    p.n = n;
+    p.pos0 = pos0;
+    p.Lk = pos0 + n;
+    p.S = (moe__gen_tws_size(c, p.Lk, ffn_ws) + 15) & ~(int64_t)15;
+    p.team = 1;
+    p.buf = moe__scratch_real(w, n * p.S, "moe_gen decode");
+    p.progress = (int64_t *)moe__arena_alloc(w, (size_t)(n * MOE__GEN_LINE), sizeof(int64_t), "moe_gen decode");
+    if (!p.buf || !p.progress) return MOE_ERR_MEMORY;
     if (n == 1 || nt == 1) {
         /* one token: the threads (if any) go into its big GEMVs */
-        moe__gen_layers_body(m, blocks, caches, nb, x, n, pos0, tl, buf, S, Lk, nt, 0, 1, progress);
+        moe__gen_layers_body(&p, 0, g->in_region ? 1 : nt);
         return MOE_OK;
     }
     /* Tokens side by side pay off only while the cores are really ours: on a machine busy
        with other work a waiting thread can lose its core for a whole time slice. So both
        ways are timed (per token and block) and the faster is used, trying the other again
        every 64 passes. The results are the same bits either way. */
-    par = g->t_par == 0 || (g->t_ser > 0 && g->t_par <= g->t_ser);
+    pref = par = g->t_par == 0 || (g->t_ser > 0 && g->t_par <= g->t_ser);
     if (g->t_ser == 0 && g->t_par > 0 && g->n_small >= 4) par = 0; /* one early look at serial */
     if (g->n_small >= g->probe_at) {
         /* look at the other way again, less often each time it loses */
-        int pref = par;
         par = !pref;
         g->probe_every = g->probe_every ? 2 * g->probe_every : 16;
         if (g->probe_every > 4096) g->probe_every = 4096;
         g->probe_at = g->n_small + g->probe_every;
     }
+    if (!pref) moe__gen_crew_dismiss(g);
+    if (g->in_region && !g->crew) par = 0; /* a region cannot open inside the crew's */
     g->n_small++;
     t0 = moe_time_s();
-    if (par) {
+    if (par && g->crew) {
+        p.team = g->crew + 1;
+        moe__gen_crew_pass(g, &p);
+    } else if (par) {
         MOE__OMP(omp parallel num_threads(nt < n ? nt : (int)n))
         {
-            int tid = 0, team = 1;
+            moe__gen_pass q = p;
+            int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
-            team = omp_get_num_threads();
+            q.team = omp_get_num_threads();
 #endif
-            moe__gen_layers_body(m, blocks, caches, nb, x, n, pos0, tl, buf, S, Lk, 1, tid, team, progress);
+            moe__gen_layers_body(&q, tid, 1);
         }
     } else {
-        moe__gen_layers_body(m, blocks, caches, nb, x, n, pos0, tl, buf, S, Lk, 1, 0, 1, progress);
+        moe__gen_layers_body(&p, 0, 1);
     }
     t0 = (moe_time_s() - t0) / (double)(n * nb);
     {
@@ -8696,44 +8773,24 @@ static void moe__gen_emit(moe__gen_out *E, int32_t tok) {
     }
 }
 
-static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *o, moe__gen_out *E,
-                               moe_gen_stats *S) {
+/* What a generation carries from its prompt into its decoding steps. */
+typedef struct moe__gen_state {
+    moe_sampling s;
+    moe_rng rng;
+    float *P[MOE__GEN_MAX_DRAFT + 1], *Q[MOE__GEN_MAX_DRAFT + 1]; /* target and draft distributions */
+    int32_t drafts[MOE__GEN_MAX_DRAFT + 1];
+    int64_t L, nd; /* position of the pending token; drafts per step */
+} moe__gen_state;
+
+/* The decoding steps after the prompt, until a stop condition. */
+static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E, moe_gen_stats *S) {
     moe_ctx *w = g->w;
-    const moe_config *c = &g->m->cfg;
-    int64_t V = c->vocab_size, L = np, nd = 0, k;
-    moe_sampling s = o->sampling;
-    moe_rng rng = moe_rng_new(o->seed, 0x6E6E);
-    float *P[MOE__GEN_MAX_DRAFT + 1], *Q[MOE__GEN_MAX_DRAFT + 1], *lg = g->logits;
-    int32_t drafts[MOE__GEN_MAX_DRAFT + 1], *tmp = g->idx + V;
-    moe_real *h0;
-    double t0 = moe_time_s(), t1;
-    int greedy = !(s.temperature > 0);
-    for (k = 0; k <= MOE__GEN_MAX_DRAFT; k++) {
-        P[k] = g->pbuf + (2 * k) * V;
-        Q[k] = g->pbuf + (2 * k + 1) * V;
-    }
-    if (o->speculative) {
-        nd = o->n_draft > 0 ? o->n_draft : g->n_mtp;
-        if (nd > g->n_mtp) nd = g->n_mtp;
-    }
-    memcpy(g->toks, prompt, (size_t)np * sizeof(int32_t));
-    /* the prompt */
-    MOE__TRY(moe__gen_main(g, prompt, np, 1, lg, &h0, 0, NULL));
-    S->main_passes++;
-    if (greedy) g->toks[L] = moe__gen_argmax(lg, V);
-    else {
-        moe__gen_probs(lg, V, &s, P[0], g->idx, tmp);
-        g->toks[L] = moe__gen_draw(P[0], V, &rng);
-    }
-    moe__gen_emit(E, g->toks[L]);
-    if (nd > 0 && !E->done && L + 1 < g->cap) {
-        /* the MTP caches over the prompt: part of the prompt's cost */
-        int64_t n1 = nd < g->cap - L - 1 ? nd : g->cap - L - 1;
-        MOE__TRY(moe__gen_draft(g, L, 0, n1, &s, &rng, h0, 0, drafts, lg, Q, tmp));
-    }
-    t1 = moe_time_s();
-    S->prefill_s = t1 - t0;
-    moe_ctx_reset(w); /* the prompt's activations are not needed any more */
+    int64_t V = g->m->cfg.vocab_size, L = R->L, nd = R->nd, k;
+    const moe_sampling *s = &R->s;
+    moe_rng *rng = &R->rng;
+    float **P = R->P, **Q = R->Q, *lg = g->logits;
+    int32_t *drafts = R->drafts, *tmp = g->idx + V;
+    int greedy = !(s->temperature > 0);
     while (!E->done) {
         int64_t nv, a = 0, j;
         int32_t next = 0, in[MOE__GEN_MAX_DRAFT + 1], next_draft[MOE__GEN_MAX_DRAFT + 1];
@@ -8746,7 +8803,7 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
         if (nv < 0) nv = 0;
         if (nd > 0 && g->mtp_len[0] < L && nv > 0) {
             /* drafts were not made at the end of the last step (shortened step): make them now */
-            MOE__TRY(moe__gen_draft(g, L, 0, nv, &s, &rng, NULL, 0, drafts, lg, Q, tmp));
+            MOE__TRY(moe__gen_draft(g, L, 0, nv, s, rng, NULL, 0, drafts, lg, Q, tmp));
         }
         in[0] = g->toks[L];
         for (j = 0; j < nv; j++) in[j + 1] = drafts[j];
@@ -8766,8 +8823,8 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
                 if (next != drafts[j]) break;
             } else {
                 int acc;
-                moe__gen_probs(lg + j * V, V, &s, P[j], g->idx, tmp);
-                next = moe__gen_verify(P[j], Q[j], V, drafts[j], &rng, P[MOE__GEN_MAX_DRAFT], &acc);
+                moe__gen_probs(lg + j * V, V, s, P[j], g->idx, tmp);
+                next = moe__gen_verify(P[j], Q[j], V, drafts[j], rng, P[MOE__GEN_MAX_DRAFT], &acc);
                 if (!acc) break;
             }
             a++;
@@ -8775,8 +8832,8 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
         if (a == nv) { /* every draft kept: the last row gives one more token */
             if (greedy) next = moe__gen_argmax(lg + nv * V, V);
             else {
-                moe__gen_probs(lg + nv * V, V, &s, P[nv], g->idx, tmp);
-                next = moe__gen_draw(P[nv], V, &rng);
+                moe__gen_probs(lg + nv * V, V, s, P[nv], g->idx, tmp);
+                next = moe__gen_draw(P[nv], V, rng);
             }
         }
         S->accepted += a;
@@ -8800,15 +8857,87 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
             if (nv > 0 && fused && greedy) {
                 drafts[0] = next_draft[a]; /* made in the pass from the row that gave `next` */
                 MOE_ASSERT(drafts[0] >= 0);
-                MOE__TRY(moe__gen_draft(g, L, 1, nv, &s, &rng, NULL, 0, drafts, lg, Q, tmp));
+                MOE__TRY(moe__gen_draft(g, L, 1, nv, s, rng, NULL, 0, drafts, lg, Q, tmp));
             } else if (nv > 0) {
-                MOE__TRY(moe__gen_draft(g, L, 0, nv, &s, &rng, NULL, 0, drafts, lg, Q, tmp));
+                MOE__TRY(moe__gen_draft(g, L, 0, nv, s, rng, NULL, 0, drafts, lg, Q, tmp));
             }
         }
         moe_ctx_reset(w);
     }
-    S->decode_s = moe_time_s() - t1;
     return MOE_OK;
+}
+
+/* Whether multi-token passes currently run faster with their tokens side by side. */
+static int moe__gen_par_preferred(const moe_gen *g) { return g->t_par == 0 || (g->t_ser > 0 && g->t_par <= g->t_ser); }
+
+static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *o, moe__gen_out *E,
+                               moe_gen_stats *S) {
+    moe_ctx *w = g->w;
+    const moe_config *c = &g->m->cfg;
+    int64_t V = c->vocab_size, L = np, k;
+    moe__gen_state R;
+    float *lg = g->logits;
+    int32_t *tmp = g->idx + V;
+    moe_real *h0;
+    double t0 = moe_time_s(), t1;
+    moe_status st = MOE_OK;
+    int team;
+    memset(&R, 0, sizeof R);
+    R.s = o->sampling;
+    R.rng = moe_rng_new(o->seed, 0x6E6E);
+    for (k = 0; k <= MOE__GEN_MAX_DRAFT; k++) {
+        R.P[k] = g->pbuf + (2 * k) * V;
+        R.Q[k] = g->pbuf + (2 * k + 1) * V;
+    }
+    if (o->speculative) {
+        R.nd = o->n_draft > 0 ? o->n_draft : g->n_mtp;
+        if (R.nd > g->n_mtp) R.nd = g->n_mtp;
+    }
+    memcpy(g->toks, prompt, (size_t)np * sizeof(int32_t));
+    /* the prompt */
+    MOE__TRY(moe__gen_main(g, prompt, np, 1, lg, &h0, 0, NULL));
+    S->main_passes++;
+    if (!(R.s.temperature > 0)) g->toks[L] = moe__gen_argmax(lg, V);
+    else {
+        moe__gen_probs(lg, V, &R.s, R.P[0], g->idx, tmp);
+        g->toks[L] = moe__gen_draw(R.P[0], V, &R.rng);
+    }
+    moe__gen_emit(E, g->toks[L]);
+    if (R.nd > 0 && !E->done && L + 1 < g->cap) {
+        /* the MTP caches over the prompt: part of the prompt's cost */
+        int64_t n1 = R.nd < g->cap - L - 1 ? R.nd : g->cap - L - 1;
+        MOE__TRY(moe__gen_draft(g, L, 0, n1, &R.s, &R.rng, h0, 0, R.drafts, lg, R.Q, tmp));
+    }
+    R.L = L;
+    t1 = moe_time_s();
+    S->prefill_s = t1 - t0;
+    moe_ctx_reset(w); /* the prompt's activations are not needed any more */
+    /* speculative steps verify 1 + nd tokens: with a crew when they run side by side */
+    team = w->n_threads < R.nd + 1 ? w->n_threads : (int)R.nd + 1;
+    if (team > 1 && moe__gen_small(g, R.nd + 1, L) && moe__gen_par_preferred(g)) {
+        memset(g->sync, 0, sizeof g->sync);
+        g->posts = 0;
+        g->in_region = 1;
+        MOE__OMP(omp parallel num_threads(team))
+        {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+            if (tid == 0) g->crew = omp_get_num_threads() - 1;
+#endif
+            if (tid == 0) {
+                st = moe__gen_decode(g, &R, E, S);
+                moe__gen_crew_dismiss(g);
+            } else {
+                moe__gen_crew_serve(g, tid);
+            }
+        }
+        g->in_region = 0;
+    } else {
+        st = moe__gen_decode(g, &R, E, S);
+    }
+    S->decode_s = moe_time_s() - t1;
+    return st;
 }
 
 MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *opts,
