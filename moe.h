@@ -2715,6 +2715,118 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
 #endif
 }
 
+/* ---- row helpers: dot, max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) - */
+
+#if defined(MOE__GEMM_HAVE_AVX2) && !defined(MOE_NO_SIMD)
+#define MOE__SIMD_AVX2 1
+
+/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
+   to the scalar function (and the tails of the row loops below can use it). */
+static __m256 moe__exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
+    __m256i ni, e;
+    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+    p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    ni = _mm256_cvttps_epi32(n);
+    e = _mm256_min_epi32(ni, bias);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23)));
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), bias), 23)));
+    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* Lane sum in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs. */
+static float moe__hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static float moe__hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Σ a[i]·b[i] in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
+static moe_real moe__row_dot(const moe_real *a, const moe_real *b, int64_t n) {
+    moe_real s = 0;
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+        s = moe__hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* max of x[0..n), n ≥ 1 (with a NaN in x it is unspecified: the exp-sums that follow carry the NaN). */
+static moe_real moe__row_max(const moe_real *x, int64_t n) {
+    moe_real m = x[0];
+    int64_t i = 1;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        __m256 vm = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(x + i), vm);
+        m = moe__hmax8(vm);
+    }
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* y[i] = exp(x[i] − shift) (y may be x, or NULL to keep only the sum); returns Σ y[i],
+   summed in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
+static moe_real moe__row_exp_sum(const moe_real *x, moe_real *y, int64_t n, moe_real shift) {
+    moe_real s = 0, e;
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        const __m256 vs = _mm256_set1_ps(shift);
+        __m256 acc = _mm256_setzero_ps(), ev;
+        for (; i + 8 <= n; i += 8) {
+            ev = moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+            if (y) _mm256_storeu_ps(y + i, ev);
+            acc = _mm256_add_ps(acc, ev);
+        }
+        s = moe__hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) {
+        e = moe__exp(x[i] - shift);
+        if (y) y[i] = e;
+        s += e;
+    }
+    return s;
+}
+
+/* y[i] += a·exp(x[i] − shift) */
+static void moe__row_exp_axpy(const moe_real *x, moe_real shift, moe_real a, moe_real *y, int64_t n) {
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 vs = _mm256_set1_ps(shift), va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs)))));
+#endif
+    for (; i < n; i++) y[i] += a * moe__exp(x[i] - shift);
+}
+
 /* ---- RMSNorm ---------------------------------------------------------------------------- */
 
 /* y = w ⊙ x·rstd per row of length d; rstd[r] = 1/sqrt(mean(x²)+eps) is kept for backward. */
@@ -2725,9 +2837,9 @@ static void moe__rmsnorm_fwd(int nt, const moe_real *x, const moe_real *w, moe_r
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
     for (r = 0; r < rows; r++) {
         const moe_real *xr = x + r * d;
-        moe_real *yr = y + r * d, ss = 0, rs;
+        moe_real *yr = y + r * d, ss, rs;
         int64_t i;
-        for (i = 0; i < d; i++) ss += xr[i] * xr[i];
+        ss = moe__row_dot(xr, xr, d);
         rs = (moe_real)1 / moe__sqrt(ss / (moe_real)d + eps);
         if (rstd) rstd[r] = rs;
         for (i = 0; i < d; i++) yr[i] = w[i] * (xr[i] * rs);
@@ -2748,7 +2860,18 @@ static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const
         for (r = c * MOE__ROW_CHUNK; r < r1; r++) {
             const moe_real *xr = x + r * d, *dyr = dy + r * d;
             moe_real rs = rstd[r], dot = 0;
-            for (i = 0; i < d; i++) dot += dyr[i] * w[i] * (xr[i] * rs);
+            i = 0;
+#ifdef MOE__SIMD_AVX2
+            if (d >= 8) { /* Σ (dy⊙w)·(x·rs) in 8 interleaved partial sums, as moe__row_dot */
+                const __m256 vrs = _mm256_set1_ps(rs);
+                __m256 acc = _mm256_setzero_ps();
+                for (; i + 8 <= d; i += 8)
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(dyr + i), _mm256_loadu_ps(w + i)),
+                                                           _mm256_mul_ps(_mm256_loadu_ps(xr + i), vrs)));
+                dot = moe__hsum8(acc);
+            }
+#endif
+            for (; i < d; i++) dot += dyr[i] * w[i] * (xr[i] * rs);
             dot /= (moe_real)d;
             if (dx)
                 for (i = 0; i < d; i++) dx[r * d + i] += rs * (dyr[i] * w[i] - xr[i] * rs * dot);
@@ -2834,103 +2957,6 @@ MOE_API void moe_rope_table_free(moe_rope_table *table) {
     if (!table) return;
     MOE_FREE(table->cos_sin);
     memset(table, 0, sizeof *table);
-}
-
-/* ---- row helpers: max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) ------ */
-
-#if defined(MOE__GEMM_HAVE_AVX2) && !defined(MOE_NO_SIMD)
-#define MOE__SIMD_AVX2 1
-
-/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
-   to the scalar function (and the tails of the row loops below can use it). */
-static __m256 moe__exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
-    const __m256i bias = _mm256_set1_epi32(127);
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
-    __m256i ni, e;
-    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
-    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
-    p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-    ni = _mm256_cvttps_epi32(n);
-    e = _mm256_min_epi32(ni, bias);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23)));
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), bias), 23)));
-    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
-/* Lane sum in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs. */
-static float moe__hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-static float moe__hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-/* max of x[0..n), n ≥ 1 (with a NaN in x it is unspecified: the exp-sums that follow carry the NaN). */
-static moe_real moe__row_max(const moe_real *x, int64_t n) {
-    moe_real m = x[0];
-    int64_t i = 1;
-#ifdef MOE__SIMD_AVX2
-    if (n >= 8) {
-        __m256 vm = _mm256_loadu_ps(x);
-        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(x + i), vm);
-        m = moe__hmax8(vm);
-    }
-#endif
-    for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-/* y[i] = exp(x[i] − shift) (y may be x, or NULL to keep only the sum); returns Σ y[i],
-   summed in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
-static moe_real moe__row_exp_sum(const moe_real *x, moe_real *y, int64_t n, moe_real shift) {
-    moe_real s = 0, e;
-    int64_t i = 0;
-#ifdef MOE__SIMD_AVX2
-    if (n >= 8) {
-        const __m256 vs = _mm256_set1_ps(shift);
-        __m256 acc = _mm256_setzero_ps(), ev;
-        for (; i + 8 <= n; i += 8) {
-            ev = moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
-            if (y) _mm256_storeu_ps(y + i, ev);
-            acc = _mm256_add_ps(acc, ev);
-        }
-        s = moe__hsum8(acc);
-    }
-#endif
-    for (; i < n; i++) {
-        e = moe__exp(x[i] - shift);
-        if (y) y[i] = e;
-        s += e;
-    }
-    return s;
-}
-
-/* y[i] += a·exp(x[i] − shift) */
-static void moe__row_exp_axpy(const moe_real *x, moe_real shift, moe_real a, moe_real *y, int64_t n) {
-    int64_t i = 0;
-#ifdef MOE__SIMD_AVX2
-    const __m256 vs = _mm256_set1_ps(shift), va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs)))));
-#endif
-    for (; i < n; i++) y[i] += a * moe__exp(x[i] - shift);
 }
 
 /* ---- softmax, cross-entropy ------------------------------------------------------------- */
@@ -3171,12 +3197,8 @@ static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, con
                 moe__att_rows(dout, H, Dv, h, b * T + i0, nq, DO);
                 moe__att_pack_rows(q, H, Dk, h, b * T + i0, nq, Qn);
                 moe__att_pack_rows(dout, H, Dv, h, b * T + i0, nq, DOn);
-                for (i = 0; i < nq; i++) { /* delta_i = dO_i · O_i */
-                    const moe_real *orow = o + ((b * T + i0 + i) * H + h) * Dv;
-                    moe_real acc = 0;
-                    for (d = 0; d < Dv; d++) acc += DO[i * Dv + d] * orow[d];
-                    delta[i] = acc;
-                }
+                for (i = 0; i < nq; i++) /* delta_i = dO_i · O_i */
+                    delta[i] = moe__row_dot(DO + i * Dv, o + ((b * T + i0 + i) * H + h) * Dv, Dv);
                 /* query groups: P, dS, and dQ = dS·K */
                 for (r0 = 0; r0 < nq; r0 += 6) {
                     int64_t kmax = it == jt && r0 + 6 < nk ? r0 + 6 : nk;
@@ -3524,7 +3546,10 @@ MOE_API moe_status moe_add(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tenso
     if (!moe__same_shape(a, b) && !(b->ndim == 1 && b->shape[0] == MOE__LAST(a))) return moe__shape_mismatch(ctx, fn, a, b);
     MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
     d = b->numel;
-    for (i = 0; i < a->numel; i++) MOE__F32(*y)[i] = MOE__F32(a)[i] + MOE__F32(b)[i % d];
+    for (i = 0; i < a->numel; i += d) { /* b repeats along the rows of a (once when the shapes match) */
+        int64_t j;
+        for (j = 0; j < d; j++) MOE__F32(*y)[i + j] = MOE__F32(a)[i + j] + MOE__F32(b)[j];
+    }
     return moe__record(ctx, moe__add_bwd, *y, a, b, NULL, &n);
 }
 
