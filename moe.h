@@ -1756,7 +1756,7 @@ typedef struct moe__gemm_desc {
     double *backoff; /* the caller's contention state {until, length, started} (NULL: none) */
 } moe__gemm_desc;
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MOE_NO_SIMD)
 #define MOE__GEMM_HAVE_AVX2 1
 #endif
 #if defined(MOE__GEMM_HAVE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
