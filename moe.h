@@ -3024,12 +3024,15 @@ static void moe__xent_bwd(int nt, const moe_real *x, const int32_t *targets, int
 
 static int64_t moe__att_rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-/* Values in one thread's scratch: at most 16 tile buffers of MOE__ATT_ROWS × w values each,
-   every buffer starting 64-byte aligned. */
+/* Values in one thread's scratch: the buffers moe__attention_bwd takes (the forward pass takes
+   fewer), each rounded up to 16 values so that every buffer starts 64-byte aligned. */
 static int64_t moe__attention_scratch(int64_t Dk, int64_t Dv) {
-    int64_t w = moe__att_rup(Dk > Dv ? Dk : Dv, 16);
-    w = w > MOE__ATT_ROWS ? w : MOE__ATT_ROWS;
-    return 16 * moe__att_rup(MOE__ATT_ROWS * w, 16);
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, Dkp = moe__att_rup(Dk, 16), Dvp = moe__att_rup(Dv, 16);
+    const int64_t sizes[13] = {Dk * TL, Dv * TL, TL * Dkp, RL * Dk, TL * Dkp, RL * Dv, TL * Dvp,
+                               RL * RL, RL * RL, RL,      RL * Dkp, RL * Dvp, RL * Dkp};
+    int64_t total = 0, i;
+    for (i = 0; i < 13; i++) total += moe__att_rup(sizes[i], 16);
+    return total;
 }
 /* The next buffer of n values from a thread's scratch. */
 static moe_real *moe__att_take(moe_real **cursor, int64_t n) {
