@@ -1657,13 +1657,21 @@ MOE_API void moe_tensor_zero_grad(moe_tensor *t) {
    (or heads) that no two threads share; sums across rows use fixed row chunks whose partial
    results are added in chunk order, so the thread count never changes a result bit. */
 
-/* e^x in float, branch-free so loops over it vectorise: Cody–Waite reduction x = n·ln2 + r,
-   a degree-6 polynomial for e^r on |r| ≤ ln2/2 (Cephes' coefficients), then ·2^n through the
-   exponent bits. Within 2 ulp of exp() on [−87.3, 88.72]; 0 below, +inf above, NaN kept. */
+/* e^x in float, written so that compilers vectorise loops over it (straight-line selects, no
+   floorf, no conversion of an unclamped value): Cody–Waite reduction x = n·ln2 + r, a degree-6
+   polynomial for e^r on |r| ≤ ln2/2 (Cephes' coefficients), then ·2^n through the exponent
+   bits. Within 2 ulp of exp() on [−87.3, 88.72]; 0 below, +inf above, NaN kept. */
 MOE_HD float moe_expf(float x) {
-    float n, r, p, xc = x < -87.3f ? -87.3f : x > 88.72f ? 88.72f : x;
+    float y, n, r, p, xc = x >= -87.3f ? x : -87.3f; /* a NaN clamps too: its result is picked below */
     int32_t e;
-    n = floorf(xc * 1.44269504088896341f + 0.5f);
+    xc = xc <= 88.72f ? xc : 88.72f;
+    y = xc * 1.44269504088896341f + 0.5f;
+#ifdef __FAST_MATH__
+    n = floorf(y); /* reassociation would fold the rounding trick below away */
+#else
+    n = (y + 12582912.0f) - 12582912.0f; /* rint(y): |y| < 2^22, so adding 1.5·2^23 drops the fraction */
+    n = n > y ? n - 1.0f : n;            /* floor(y) */
+#endif
     r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     p = 1.9875691500e-4f;
@@ -1675,7 +1683,9 @@ MOE_HD float moe_expf(float x) {
     p = p * r * r + r + 1.0f;
     e = (int32_t)n > 127 ? 127 : (int32_t)n; /* 2^128 is not a float: scale in two steps */
     p = p * moe__bits_f32((uint32_t)(e + 127) << 23) * moe__bits_f32((uint32_t)((int32_t)n - e + 127) << 23);
-    return x != x ? x : x < -87.3f ? 0.0f : x > 88.72f ? (float)INFINITY : p;
+    p = x > 88.72f ? (float)INFINITY : p;
+    p = x < -87.3f ? 0.0f : p;
+    return x != x ? x : p;
 }
 
 static moe_real moe__exp(moe_real x) {
@@ -1799,7 +1809,7 @@ typedef struct moe__gemm_desc {
     double *backoff; /* the caller's contention state {until, length, started} (NULL: none) */
 } moe__gemm_desc;
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MOE_NO_SIMD)
 #define MOE__GEMM_HAVE_AVX2 1
 #endif
 #if defined(MOE__GEMM_HAVE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -2758,6 +2768,118 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
 #endif
 }
 
+/* ---- row helpers: dot, max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) - */
+
+#if defined(MOE__GEMM_HAVE_AVX2) && !defined(MOE_NO_SIMD)
+#define MOE__SIMD_AVX2 1
+
+/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
+   to the scalar function (and the tails of the row loops below can use it). */
+static __m256 moe__exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
+    __m256i ni, e;
+    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+    p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    ni = _mm256_cvttps_epi32(n);
+    e = _mm256_min_epi32(ni, bias);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23)));
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), bias), 23)));
+    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* Lane sum in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs. */
+static float moe__hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static float moe__hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Σ a[i]·b[i] in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
+static moe_real moe__row_dot(const moe_real *a, const moe_real *b, int64_t n) {
+    moe_real s = 0;
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+        s = moe__hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* max of x[0..n), n ≥ 1 (with a NaN in x it is unspecified: the exp-sums that follow carry the NaN). */
+static moe_real moe__row_max(const moe_real *x, int64_t n) {
+    moe_real m = x[0];
+    int64_t i = 1;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        __m256 vm = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(x + i), vm);
+        m = moe__hmax8(vm);
+    }
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* y[i] = exp(x[i] − shift) (y may be x, or NULL to keep only the sum); returns Σ y[i],
+   summed in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
+static moe_real moe__row_exp_sum(const moe_real *x, moe_real *y, int64_t n, moe_real shift) {
+    moe_real s = 0, e;
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        const __m256 vs = _mm256_set1_ps(shift);
+        __m256 acc = _mm256_setzero_ps(), ev;
+        for (; i + 8 <= n; i += 8) {
+            ev = moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+            if (y) _mm256_storeu_ps(y + i, ev);
+            acc = _mm256_add_ps(acc, ev);
+        }
+        s = moe__hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) {
+        e = moe__exp(x[i] - shift);
+        if (y) y[i] = e;
+        s += e;
+    }
+    return s;
+}
+
+/* y[i] += a·exp(x[i] − shift) */
+static void moe__row_exp_axpy(const moe_real *x, moe_real shift, moe_real a, moe_real *y, int64_t n) {
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 vs = _mm256_set1_ps(shift), va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs)))));
+#endif
+    for (; i < n; i++) y[i] += a * moe__exp(x[i] - shift);
+}
+
 /* ---- RMSNorm ---------------------------------------------------------------------------- */
 
 /* y = w ⊙ x·rstd per row of length d; rstd[r] = 1/sqrt(mean(x²)+eps) is kept for backward. */
@@ -2768,9 +2890,9 @@ static void moe__rmsnorm_fwd(int nt, const moe_real *x, const moe_real *w, moe_r
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
     for (r = 0; r < rows; r++) {
         const moe_real *xr = x + r * d;
-        moe_real *yr = y + r * d, ss = 0, rs;
+        moe_real *yr = y + r * d, ss, rs;
         int64_t i;
-        for (i = 0; i < d; i++) ss += xr[i] * xr[i];
+        ss = moe__row_dot(xr, xr, d);
         rs = (moe_real)1 / moe__sqrt(ss / (moe_real)d + eps);
         if (rstd) rstd[r] = rs;
         for (i = 0; i < d; i++) yr[i] = w[i] * (xr[i] * rs);
@@ -2791,7 +2913,18 @@ static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const
         for (r = c * MOE__ROW_CHUNK; r < r1; r++) {
             const moe_real *xr = x + r * d, *dyr = dy + r * d;
             moe_real rs = rstd[r], dot = 0;
-            for (i = 0; i < d; i++) dot += dyr[i] * w[i] * (xr[i] * rs);
+            i = 0;
+#ifdef MOE__SIMD_AVX2
+            if (d >= 8) { /* Σ (dy⊙w)·(x·rs) in 8 interleaved partial sums, as moe__row_dot */
+                const __m256 vrs = _mm256_set1_ps(rs);
+                __m256 acc = _mm256_setzero_ps();
+                for (; i + 8 <= d; i += 8)
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(dyr + i), _mm256_loadu_ps(w + i)),
+                                                           _mm256_mul_ps(_mm256_loadu_ps(xr + i), vrs)));
+                dot = moe__hsum8(acc);
+            }
+#endif
+            for (; i < d; i++) dot += dyr[i] * w[i] * (xr[i] * rs);
             dot /= (moe_real)d;
             if (dx)
                 for (i = 0; i < d; i++) dx[r * d + i] += rs * (dyr[i] * w[i] - xr[i] * rs * dot);
@@ -2887,10 +3020,8 @@ static void moe__softmax_fwd(int nt, const moe_real *x, moe_real *y, int64_t row
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
     for (r = 0; r < rows; r++) {
         const moe_real *xr = x + r * d;
-        moe_real *yr = y + r * d, m = xr[0], s = 0;
+        moe_real *yr = y + r * d, s = moe__row_exp_sum(xr, yr, d, moe__row_max(xr, d));
         int64_t i;
-        for (i = 1; i < d; i++) m = xr[i] > m ? xr[i] : m;
-        for (i = 0; i < d; i++) s += (yr[i] = moe__exp(xr[i] - m));
         for (i = 0; i < d; i++) yr[i] /= s;
     }
 }
@@ -2916,11 +3047,7 @@ static void moe__xent_fwd(int nt, const moe_real *x, const int32_t *targets, int
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * v > 16384))
     for (r = 0; r < rows; r++) {
         const moe_real *xr = x + r * v;
-        moe_real m = xr[0], s = 0, l;
-        int64_t i;
-        for (i = 1; i < v; i++) m = xr[i] > m ? xr[i] : m;
-        for (i = 0; i < v; i++) s += moe__exp(xr[i] - m);
-        l = m + moe__ln(s);
+        moe_real m = moe__row_max(xr, v), l = m + moe__ln(moe__row_exp_sum(xr, NULL, v, m));
         lse[r] = l;
         row_loss[r] = targets[r] == ignore ? 0 : l - xr[targets[r]];
     }
@@ -2932,48 +3059,82 @@ static void moe__xent_bwd(int nt, const moe_real *x, const int32_t *targets, int
     (void)nt;
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * v > 16384))
     for (r = 0; r < rows; r++) {
-        int64_t i;
         if (targets[r] == ignore) continue;
-        for (i = 0; i < v; i++) dx[r * v + i] += scale * moe__exp(x[r * v + i] - lse[r]);
+        moe__row_exp_axpy(x + r * v, lse[r], scale, dx + r * v, v);
         dx[r * v + targets[r]] -= scale;
     }
 }
 
 /* ---- causal attention ------------------------------------------------------------------- */
 
-#define MOE__ATT_TILE 64 /* queries and keys per tile of the online softmax */
+/* Tiles of the online softmax go through the GEMM's 6×16 micro-kernel: a tile product runs
+   over row groups of 6 (queries, or keys for dK and dV) and column panels of 16, with its B
+   operand packed into 16-wide panels. Tile buffers are padded to whole groups and panels
+   (the padding is zero or only feeds rows that are dropped), and diagonal tiles skip the
+   groups and panels that the causal mask empties. */
+#define MOE__ATT_TILE 64 /* queries and keys per tile (a multiple of the panel width 16) */
+#define MOE__ATT_ROWS 66 /* a tile's rows rounded up to whole groups of 6 */
 
-/* Scratch values one thread needs for a tile pair, forward or backward. */
+static int64_t moe__att_rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* Values in one thread's scratch: the buffers moe__attention_bwd takes (the forward pass takes
+   fewer), each rounded up to 16 values so that every buffer starts 64-byte aligned. */
 static int64_t moe__attention_scratch(int64_t Dk, int64_t Dv) {
-    const int64_t t = MOE__ATT_TILE;
-    return 4 * t * Dk + 4 * t * Dv + 2 * t * t + 4 * t;
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, Dkp = moe__att_rup(Dk, 16), Dvp = moe__att_rup(Dv, 16);
+    const int64_t sizes[13] = {Dk * TL, Dv * TL, TL * Dkp, RL * Dk, TL * Dkp, RL * Dv, TL * Dvp,
+                               RL * RL, RL * RL, RL,      RL * Dkp, RL * Dvp, RL * Dkp};
+    int64_t total = 0, i;
+    for (i = 0; i < 13; i++) total += moe__att_rup(sizes[i], 16);
+    return total;
+}
+/* The next buffer of n values from a thread's scratch. */
+static moe_real *moe__att_take(moe_real **cursor, int64_t n) {
+    moe_real *p = *cursor;
+    *cursor += moe__att_rup(n, 16);
+    return p;
 }
 
-/* Copy a tile of n rows of head h from x [B·T, H, D] (rows r0..) into dst [n, D], and into
-   dstT [D, TILE] transposed when given. */
-static void moe__att_load(const moe_real *x, int64_t H, int64_t D, int64_t h, int64_t r0, int64_t n, moe_real *dst,
-                          moe_real *dstT) {
+/* C[6, 16] = alpha·Σ_p A(i, p)·B[p, ·], or C += that with `accumulate` (then alpha is 1);
+   A element (i, p) at a[i·rsa + p·csa] (rsa or csa is 1), B one packed panel [kc][16]. */
+static void moe__att_kern(int64_t kc, const moe_real *a, int64_t rsa, int64_t csa, const moe_real *b, moe_real *c,
+                          int64_t ldc, moe_real alpha, int accumulate) {
+#ifdef MOE__SIMD_AVX2
+    moe__gemm_kern_avx2(kc, a, rsa, csa, b, c, ldc, alpha, 0.0f, accumulate ? 2 : 0);
+#else
+    int64_t i, j, p;
+    for (i = 0; i < 6; i++)
+        for (j = 0; j < 16; j++) {
+            moe_real acc = 0;
+            for (p = 0; p < kc; p++) acc += a[i * rsa + p * csa] * b[p * 16 + j];
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc : alpha * acc;
+        }
+#endif
+}
+
+/* Rows r0..r0+n of head h of x [B·T, H, D] as an A operand [MOE__ATT_ROWS, D]; the rows
+   after n, up to a whole group, are zero. */
+static void moe__att_rows(const moe_real *x, int64_t H, int64_t D, int64_t h, int64_t r0, int64_t n, moe_real *dst) {
+    int64_t i;
+    for (i = 0; i < n; i++) memcpy(dst + i * D, x + ((r0 + i) * H + h) * D, (size_t)D * sizeof(moe_real));
+    memset(dst + n * D, 0, (size_t)((moe__att_rup(n, 6) - n) * D) * sizeof(moe_real));
+}
+/* The same rows as a B operand with the rows as columns (for S = Q·Kᵀ): panel c is [D][16],
+   element (d, j) = row 16c + j; rows after n are zero. */
+static void moe__att_pack_cols(const moe_real *x, int64_t H, int64_t D, int64_t h, int64_t r0, int64_t n, moe_real *dst) {
+    int64_t j, d;
+    for (j = 0; j < moe__att_rup(n, 16); j++) {
+        const moe_real *src = x + ((r0 + j) * H + h) * D;
+        moe_real *col = dst + (j / 16) * D * 16 + j % 16;
+        for (d = 0; d < D; d++) col[d * 16] = j < n ? src[d] : 0;
+    }
+}
+/* The same rows as a B operand with the rows as rows (for P·V): panel c is
+   [MOE__ATT_TILE][16], element (i, j) = x[r0 + i, 16c + j]; features after D are zero. */
+static void moe__att_pack_rows(const moe_real *x, int64_t H, int64_t D, int64_t h, int64_t r0, int64_t n, moe_real *dst) {
     int64_t i, d;
     for (i = 0; i < n; i++) {
         const moe_real *src = x + ((r0 + i) * H + h) * D;
-        if (dst) memcpy(dst + i * D, src, (size_t)D * sizeof(moe_real));
-        if (dstT)
-            for (d = 0; d < D; d++) dstT[d * MOE__ATT_TILE + i] = src[d];
-    }
-}
-
-/* S[i, 0..nk) = Σ_d Q[i, d]·Kᵀ[d, ·] for nq query rows: an outer-product loop whose inner
-   loop runs over keys, so it vectorises whatever the head dim. */
-static void moe__att_scores(const moe_real *Q, const moe_real *KT, int64_t nq, int64_t nk, int64_t D, moe_real *S) {
-    int64_t i, j, d;
-    for (i = 0; i < nq; i++) {
-        moe_real *s = S + i * MOE__ATT_TILE;
-        for (j = 0; j < nk; j++) s[j] = 0;
-        for (d = 0; d < D; d++) {
-            moe_real qd = Q[i * D + d];
-            const moe_real *kt = KT + d * MOE__ATT_TILE;
-            for (j = 0; j < nk; j++) s[j] += qd * kt[j];
-        }
+        for (d = 0; d < moe__att_rup(D, 16); d++) dst[(d / 16) * MOE__ATT_TILE * 16 + i * 16 + d % 16] = d < D ? src[d] : 0;
     }
 }
 
@@ -2983,7 +3144,7 @@ static void moe__att_scores(const moe_real *Q, const moe_real *KT, int64_t nq, i
 static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, moe_real *o,
                                moe_real *lse, int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale,
                                moe_real *scratch) {
-    const int64_t TL = MOE__ATT_TILE, ntiles = (T + TL - 1) / TL;
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, ntiles = (T + TL - 1) / TL, Dvp = moe__att_rup(Dv, 16);
     int64_t job;
     (void)nt;
     MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H * ntiles > 1))
@@ -2993,45 +3154,62 @@ static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, con
 #else
         moe_real *w = scratch;
 #endif
-        moe_real *Q = w, *KT = Q + TL * Dk, *V = KT + TL * Dk, *O = V + TL * Dv, *S = O + TL * Dv, *m = S + TL * TL, *l = m + TL;
+        moe_real *Q = moe__att_take(&w, RL * Dk), *KT = moe__att_take(&w, Dk * TL), *V = moe__att_take(&w, TL * Dvp);
+        moe_real *S = moe__att_take(&w, RL * TL), *O = moe__att_take(&w, RL * Dvp), *m = moe__att_take(&w, RL),
+                 *l = moe__att_take(&w, RL);
         int64_t b = job / (H * ntiles), h = (job / ntiles) % H, it = job % ntiles;
-        int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL, jt, i, j, d;
-        moe__att_load(q, H, Dk, h, b * T + i0, nq, Q, NULL);
+        int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL, jt, r0, i, c, d;
+        moe__att_rows(q, H, Dk, h, b * T + i0, nq, Q);
         for (i = 0; i < nq; i++) {
             m[i] = -INFINITY;
             l[i] = 0;
         }
-        memset(O, 0, (size_t)(nq * Dv) * sizeof(moe_real));
+        memset(O, 0, (size_t)(RL * Dvp) * sizeof(moe_real));
         for (jt = 0; jt <= it; jt++) {
             int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
-            moe__att_load(k, H, Dk, h, b * T + j0, nk, NULL, KT);
-            moe__att_load(v, H, Dv, h, b * T + j0, nk, V, NULL);
-            moe__att_scores(Q, KT, nq, nk, Dk, S);
-            for (i = 0; i < nq; i++) {
-                moe_real *s = S + i * TL, mt = m[i], corr, sum = 0;
-                int64_t kend = jt == it ? i + 1 : nk; /* causal: keys j ≤ query i */
-                for (j = 0; j < kend; j++) {
-                    s[j] *= scale;
-                    mt = s[j] > mt ? s[j] : mt;
+            moe__att_pack_cols(k, H, Dk, h, b * T + j0, nk, KT);
+            moe__att_pack_rows(v, H, Dv, h, b * T + j0, nk, V);
+            for (r0 = 0; r0 < nq; r0 += 6) {
+                int64_t kmax = jt == it && r0 + 6 < nk ? r0 + 6 : nk; /* causal: keys ≤ the group's last query */
+                for (c = 0; c < kmax; c += 16) moe__att_kern(Dk, Q + r0 * Dk, Dk, 1, KT + c * Dk, S + r0 * TL + c, TL, scale, 0);
+                for (i = r0; i < r0 + 6 && i < nq; i++) {
+                    moe_real *s = S + i * TL, mt, corr;
+                    int64_t kend = jt == it ? i + 1 : nk, j;
+                    mt = moe__row_max(s, kend);
+                    mt = mt > m[i] ? mt : m[i];
+                    corr = moe__exp(m[i] - mt); /* exp(−inf) = 0 on the first tile */
+                    l[i] = l[i] * corr + moe__row_exp_sum(s, s, kend, mt);
+                    m[i] = mt;
+                    for (j = kend; j < kmax; j++) s[j] = 0;
+                    for (d = 0; d < Dv; d++) O[i * Dvp + d] *= corr;
                 }
-                corr = moe__exp(m[i] - mt); /* exp(−inf) = 0 on the first tile */
-                for (j = 0; j < kend; j++) sum += (s[j] = moe__exp(s[j] - mt));
-                l[i] = l[i] * corr + sum;
-                m[i] = mt;
-                for (d = 0; d < Dv; d++) O[i * Dv + d] *= corr;
-                for (j = 0; j < kend; j++) {
-                    moe_real p = s[j];
-                    const moe_real *vr = V + j * Dv;
-                    moe_real *orow = O + i * Dv;
-                    for (d = 0; d < Dv; d++) orow[d] += p * vr[d];
-                }
+                /* rows after nq: Q is zero there, so S and their O rows stay zero */
+                for (c = 0; c < Dv; c += 16) moe__att_kern(kmax, S + r0 * TL, TL, 1, V + c * TL, O + r0 * Dvp + c, Dvp, 1, 1);
             }
         }
         for (i = 0; i < nq; i++) {
             moe_real *dst = o + ((b * T + i0 + i) * H + h) * Dv;
-            for (d = 0; d < Dv; d++) dst[d] = O[i * Dv + d] / l[i];
+            for (d = 0; d < Dv; d++) dst[d] = O[i * Dvp + d] / l[i];
             lse[(b * H + h) * T + i0 + i] = m[i] + moe__ln(l[i]);
         }
+    }
+}
+
+/* p[j] = exp(p[j] − lse) (p holds scale·q·k), ds[j] = p[j]·(ds[j] − delta)·scale (ds holds dO·v)
+   for j < n: one query row of a backward tile. */
+static void moe__att_dscores(moe_real *p, moe_real *ds, int64_t n, moe_real lse, moe_real delta, moe_real scale) {
+    int64_t j = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(delta), vs = _mm256_set1_ps(scale);
+    for (; j + 8 <= n; j += 8) {
+        __m256 pv = moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vl));
+        _mm256_storeu_ps(p + j, pv);
+        _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(ds + j), vd)), vs));
+    }
+#endif
+    for (; j < n; j++) {
+        p[j] = moe__exp(p[j] - lse);
+        ds[j] = p[j] * (ds[j] - delta) * scale;
     }
 }
 
@@ -3041,7 +3219,8 @@ static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, con
 static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, const moe_real *o,
                                const moe_real *lse, const moe_real *dout, moe_real *dq, moe_real *dk, moe_real *dv,
                                int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale, moe_real *scratch) {
-    const int64_t TL = MOE__ATT_TILE, ntiles = (T + TL - 1) / TL;
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, ntiles = (T + TL - 1) / TL;
+    const int64_t Dkp = moe__att_rup(Dk, 16), Dvp = moe__att_rup(Dv, 16);
     int64_t bh;
     (void)nt;
     MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H > 1))
@@ -3051,61 +3230,68 @@ static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, con
 #else
         moe_real *w = scratch;
 #endif
-        moe_real *K = w, *KT = K + TL * Dk, *Q = KT + TL * Dk, *V = Q + TL * Dk, *VT = V + TL * Dv, *DO = VT + TL * Dv;
-        moe_real *P = DO + TL * Dv, *DP = P + TL * TL, *delta = DP + TL * TL, *dKt = delta + TL, *dVt = dKt + TL * Dk;
-        int64_t b = bh / H, h = bh % H, jt, it, i, j, d;
+        /* B operands: KT, VT (keys as columns), K, Qn, DOn (rows as rows); A operands: Q, DO;
+           P and DS [RL, RL]: columns past the causal end are zero, so the key groups of the
+           transposed products (which run to RL) read zeros there */
+        moe_real *KT = moe__att_take(&w, Dk * TL), *VT = moe__att_take(&w, Dv * TL), *K = moe__att_take(&w, TL * Dkp);
+        moe_real *Q = moe__att_take(&w, RL * Dk), *Qn = moe__att_take(&w, TL * Dkp), *DO = moe__att_take(&w, RL * Dv),
+                 *DOn = moe__att_take(&w, TL * Dvp);
+        moe_real *P = moe__att_take(&w, RL * RL), *DS = moe__att_take(&w, RL * RL), *delta = moe__att_take(&w, RL);
+        moe_real *dKt = moe__att_take(&w, RL * Dkp), *dVt = moe__att_take(&w, RL * Dvp), *dQt = moe__att_take(&w, RL * Dkp);
+        int64_t b = bh / H, h = bh % H, jt, it, r0, i, c, d;
         for (jt = 0; jt < ntiles; jt++) {
             int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
-            moe__att_load(k, H, Dk, h, b * T + j0, nk, K, KT);
-            moe__att_load(v, H, Dv, h, b * T + j0, nk, V, VT);
-            /* dk and dv of this key tile collect over query tiles here, in L1, then go out once */
-            memset(dKt, 0, (size_t)(nk * Dk) * sizeof(moe_real));
-            memset(dVt, 0, (size_t)(nk * Dv) * sizeof(moe_real));
+            moe__att_pack_cols(k, H, Dk, h, b * T + j0, nk, KT);
+            moe__att_pack_cols(v, H, Dv, h, b * T + j0, nk, VT);
+            moe__att_pack_rows(k, H, Dk, h, b * T + j0, nk, K);
+            /* dk and dv of this key tile collect over query tiles here, then go out once */
+            memset(dKt, 0, (size_t)(RL * Dkp) * sizeof(moe_real));
+            memset(dVt, 0, (size_t)(RL * Dvp) * sizeof(moe_real));
             for (it = jt; it < ntiles; it++) {
                 int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL;
-                moe__att_load(q, H, Dk, h, b * T + i0, nq, Q, NULL);
-                moe__att_load(dout, H, Dv, h, b * T + i0, nq, DO, NULL);
-                for (i = 0; i < nq; i++) { /* delta_i = dO_i · O_i */
-                    const moe_real *orow = o + ((b * T + i0 + i) * H + h) * Dv;
-                    moe_real acc = 0;
-                    for (d = 0; d < Dv; d++) acc += DO[i * Dv + d] * orow[d];
-                    delta[i] = acc;
-                }
-                moe__att_scores(Q, KT, nq, nk, Dk, P);
-                moe__att_scores(DO, VT, nq, nk, Dv, DP);
-                for (i = 0; i < nq; i++) {
-                    moe_real *p = P + i * TL, *dp = DP + i * TL, l = lse[bh * T + i0 + i];
-                    int64_t kend = it == jt ? i + 1 : nk;
-                    for (j = 0; j < kend; j++) {
-                        p[j] = moe__exp(p[j] * scale - l);
-                        dp[j] = p[j] * (dp[j] - delta[i]) * scale; /* dS */
+                moe__att_rows(q, H, Dk, h, b * T + i0, nq, Q);
+                moe__att_rows(dout, H, Dv, h, b * T + i0, nq, DO);
+                moe__att_pack_rows(q, H, Dk, h, b * T + i0, nq, Qn);
+                moe__att_pack_rows(dout, H, Dv, h, b * T + i0, nq, DOn);
+                for (i = 0; i < nq; i++) /* delta_i = dO_i · O_i */
+                    delta[i] = moe__row_dot(DO + i * Dv, o + ((b * T + i0 + i) * H + h) * Dv, Dv);
+                /* query groups: P, dS, and dQ = dS·K */
+                for (r0 = 0; r0 < nq; r0 += 6) {
+                    int64_t kmax = it == jt && r0 + 6 < nk ? r0 + 6 : nk;
+                    for (c = 0; c < kmax; c += 16) {
+                        moe__att_kern(Dk, Q + r0 * Dk, Dk, 1, KT + c * Dk, P + r0 * RL + c, RL, scale, 0);
+                        moe__att_kern(Dv, DO + r0 * Dv, Dv, 1, VT + c * Dv, DS + r0 * RL + c, RL, 1, 0);
                     }
-                    for (j = kend; j < nk; j++) p[j] = dp[j] = 0;
-                }
-                for (i = 0; i < nq; i++) {
-                    const moe_real *p = P + i * TL, *ds = DP + i * TL, *qi = Q + i * Dk, *doi = DO + i * Dv;
-                    moe_real *dqi = dq ? dq + ((b * T + i0 + i) * H + h) * Dk : NULL;
-                    for (j = 0; j < nk; j++) {
-                        moe_real pj = p[j], sj = ds[j], *dvr = dVt + j * Dv, *dkr = dKt + j * Dk;
-                        for (d = 0; d < Dv; d++) dvr[d] += pj * doi[d];
-                        for (d = 0; d < Dk; d++) dkr[d] += sj * qi[d];
+                    for (i = r0; i < r0 + 6 && i < nq; i++) {
+                        int64_t kend = it == jt ? i + 1 : nk;
+                        moe__att_dscores(P + i * RL, DS + i * RL, kend, lse[bh * T + i0 + i], delta[i], scale);
+                        memset(P + i * RL + kend, 0, (size_t)(RL - kend) * sizeof(moe_real));
+                        memset(DS + i * RL + kend, 0, (size_t)(RL - kend) * sizeof(moe_real));
                     }
-                    if (dqi)
-                        for (j = 0; j < nk; j++) {
-                            const moe_real *kr = K + j * Dk;
-                            moe_real sj = ds[j];
-                            for (d = 0; d < Dk; d++) dqi[d] += sj * kr[d];
-                        }
+                    if (!dq) continue;
+                    for (c = 0; c < Dk; c += 16) moe__att_kern(kmax, DS + r0 * RL, RL, 1, K + c * TL, dQt + r0 * Dkp + c, Dkp, 1, 0);
+                    for (i = r0; i < r0 + 6 && i < nq; i++) {
+                        moe_real *dqi = dq + ((b * T + i0 + i) * H + h) * Dk;
+                        for (d = 0; d < Dk; d++) dqi[d] += dQt[i * Dkp + d];
+                    }
+                }
+                /* key groups: dV += Pᵀ·dO, dK += dSᵀ·Q, over the queries that see the group */
+                for (r0 = 0; r0 < nk; r0 += 6) {
+                    int64_t qa = it == jt ? r0 : 0;
+                    for (c = 0; c < Dv; c += 16)
+                        moe__att_kern(nq - qa, P + qa * RL + r0, 1, RL, DOn + c * TL + qa * 16, dVt + r0 * Dvp + c, Dvp, 1, 1);
+                    for (c = 0; c < Dk; c += 16)
+                        moe__att_kern(nq - qa, DS + qa * RL + r0, 1, RL, Qn + c * TL + qa * 16, dKt + r0 * Dkp + c, Dkp, 1, 1);
                 }
             }
-            for (j = 0; j < nk; j++) {
+            for (i = 0; i < nk; i++) {
                 if (dv) {
-                    moe_real *dvr = dv + ((b * T + j0 + j) * H + h) * Dv;
-                    for (d = 0; d < Dv; d++) dvr[d] += dVt[j * Dv + d];
+                    moe_real *dvr = dv + ((b * T + j0 + i) * H + h) * Dv;
+                    for (d = 0; d < Dv; d++) dvr[d] += dVt[i * Dvp + d];
                 }
                 if (dk) {
-                    moe_real *dkr = dk + ((b * T + j0 + j) * H + h) * Dk;
-                    for (d = 0; d < Dk; d++) dkr[d] += dKt[j * Dk + d];
+                    moe_real *dkr = dk + ((b * T + j0 + i) * H + h) * Dk;
+                    for (d = 0; d < Dk; d++) dkr[d] += dKt[i * Dkp + d];
                 }
             }
         }
@@ -3416,7 +3602,10 @@ MOE_API moe_status moe_add(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tenso
     if (!moe__same_shape(a, b) && !(b->ndim == 1 && b->shape[0] == MOE__LAST(a))) return moe__shape_mismatch(ctx, fn, a, b);
     MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
     d = b->numel;
-    for (i = 0; i < a->numel; i++) MOE__F32(*y)[i] = MOE__F32(a)[i] + MOE__F32(b)[i % d];
+    for (i = 0; i < a->numel; i += d) { /* b repeats along the rows of a (once when the shapes match) */
+        int64_t j;
+        for (j = 0; j < d; j++) MOE__F32(*y)[i + j] = MOE__F32(a)[i + j] + MOE__F32(b)[j];
+    }
     return moe__record(ctx, moe__add_bwd, *y, a, b, NULL, &n);
 }
 
@@ -5437,16 +5626,85 @@ MOE_API void moe_model_reset_loads(moe_model *m) {
    8. train
    ============================================================================================ */
 
+/* The optimizer's unit of work: a slice of one parameter. Slices have a fixed size, so the
+   gradient norm (a sum of per-slice sums, in slice order) is the same for any thread count. */
+#define MOE__ADAMW_SLICE 32768
+typedef struct moe__adamw_slice {
+    int64_t entry, start, len;
+} moe__adamw_slice;
+
 struct moe_adamw {
     moe_model *model;
     moe_adamw_config cfg;
     int64_t step;
     void **m, **v; /* per model entry (NULL for buffers): moments in cfg.moment_dtype */
+    moe__adamw_slice *slices;
+    double *slice_sumsq;
+    int64_t n_slices;
 };
+
+/* Σ x² in double: four interleaved partial sums, then (0+1)+(2+3). */
+static double moe__sumsq(const moe_real *x, int64_t n) {
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    int64_t i;
+    for (i = 0; i + 4 <= n; i += 4) {
+        a0 += (double)x[i] * (double)x[i];
+        a1 += (double)x[i + 1] * (double)x[i + 1];
+        a2 += (double)x[i + 2] * (double)x[i + 2];
+        a3 += (double)x[i + 3] * (double)x[i + 3];
+    }
+    for (; i < n; i++) a0 += (double)x[i] * (double)x[i];
+    return (a0 + a1) + (a2 + a3);
+}
+
+/* The per-element constants of one AdamW step for one parameter. */
+typedef struct moe__adamw_k {
+    float gs, b1, b2, eps, step, inv_bc2, decay;
+} moe__adamw_k;
+
+/* In float: g ← g·gs; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p); then the gradient is zeroed. The AVX2
+   lanes do the same operations in the same order (no FMA), so every value is the same. */
+static void moe__adamw_update_f32(moe_real *p, moe_real *g, float *mm, float *vv, int64_t n, const moe__adamw_k *k) {
+    int64_t j = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 gs = _mm256_set1_ps(k->gs), b1 = _mm256_set1_ps(k->b1), c1 = _mm256_set1_ps(1 - k->b1),
+                 b2 = _mm256_set1_ps(k->b2), c2 = _mm256_set1_ps(1 - k->b2), eps = _mm256_set1_ps(k->eps),
+                 step = _mm256_set1_ps(k->step), ib = _mm256_set1_ps(k->inv_bc2), decay = _mm256_set1_ps(k->decay);
+    for (; j + 8 <= n; j += 8) {
+        __m256 gj = _mm256_mul_ps(_mm256_loadu_ps(g + j), gs), pj = _mm256_loadu_ps(p + j);
+        __m256 mj = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(mm + j)), _mm256_mul_ps(c1, gj));
+        __m256 vj = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(vv + j)), _mm256_mul_ps(_mm256_mul_ps(c2, gj), gj));
+        __m256 u = _mm256_div_ps(_mm256_mul_ps(step, mj), _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vj, ib)), eps));
+        _mm256_storeu_ps(mm + j, mj);
+        _mm256_storeu_ps(vv + j, vj);
+        _mm256_storeu_ps(p + j, _mm256_sub_ps(pj, _mm256_add_ps(u, _mm256_mul_ps(decay, pj))));
+        _mm256_storeu_ps(g + j, _mm256_setzero_ps());
+    }
+#endif
+    for (; j < n; j++) {
+        float gj = (float)g[j] * k->gs, mj = k->b1 * mm[j] + (1 - k->b1) * gj, vj = k->b2 * vv[j] + (1 - k->b2) * gj * gj;
+        mm[j] = mj;
+        vv[j] = vj;
+        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
+        g[j] = 0;
+    }
+}
+static void moe__adamw_update_bf16(moe_real *p, moe_real *g, uint16_t *mm, uint16_t *vv, int64_t n, const moe__adamw_k *k) {
+    int64_t j;
+    for (j = 0; j < n; j++) {
+        float gj = (float)g[j] * k->gs, mj = k->b1 * moe_bf16_to_f32(mm[j]) + (1 - k->b1) * gj;
+        float vj = k->b2 * moe_bf16_to_f32(vv[j]) + (1 - k->b2) * gj * gj;
+        mm[j] = moe_f32_to_bf16(mj);
+        vv[j] = moe_f32_to_bf16(vj);
+        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
+        g[j] = 0;
+    }
+}
 
 MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw_config *cfg, moe_adamw **out) {
     moe_adamw *o;
-    int64_t i;
+    int64_t i, n;
     size_t es;
     MOE__CHECK_CTX(ctx);
     if (!model || !out) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: NULL model or out");
@@ -5483,6 +5741,22 @@ MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw
             moe_adamw_free(ctx, o);
             return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory for moments");
         }
+        o->n_slices += (model->entries[i].t->numel + MOE__ADAMW_SLICE - 1) / MOE__ADAMW_SLICE;
+    }
+    o->slices = (moe__adamw_slice *)moe__heap_calloc(ctx, sizeof(moe__adamw_slice) * (size_t)(o->n_slices + 1));
+    o->slice_sumsq = (double *)moe__heap_calloc(ctx, sizeof(double) * (size_t)(o->n_slices + 1));
+    if (!o->slices || !o->slice_sumsq) {
+        moe_adamw_free(ctx, o);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
+    }
+    for (i = 0, n = 0; i < model->n_entries; i++) {
+        int64_t start;
+        if (!model->entries[i].is_param) continue;
+        for (start = 0; start < model->entries[i].t->numel; start += MOE__ADAMW_SLICE, n++) {
+            o->slices[n].entry = i;
+            o->slices[n].start = start;
+            o->slices[n].len = model->entries[i].t->numel - start < MOE__ADAMW_SLICE ? model->entries[i].t->numel - start : MOE__ADAMW_SLICE;
+        }
     }
     *out = o;
     return MOE_OK;
@@ -5498,6 +5772,8 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
     }
     MOE_FREE(o->m);
     MOE_FREE(o->v);
+    MOE_FREE(o->slices);
+    MOE_FREE(o->slice_sumsq);
     MOE_FREE(o);
 }
 
@@ -5506,22 +5782,22 @@ MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
     moe_model *m;
     double sumsq = 0, norm, coef, bc1, bc2;
-    int64_t i;
+    int64_t s;
     int bf16;
+    moe__adamw_k k;
     MOE__CHECK_CTX(ctx);
     if (!o) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: optimizer is NULL");
     if (!(lr >= 0) || !isfinite(lr) || !(grad_scale > 0) || !isfinite(grad_scale) || !(clip >= 0))
         return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
                          (double)lr, (double)grad_scale, (double)clip);
     m = o->model;
-    for (i = 0; i < m->n_entries; i++) { /* global norm, params in order */
-        const moe_tensor *t = m->entries[i].t;
-        const moe_real *g;
-        int64_t j;
-        if (!m->entries[i].is_param || !t->grad) continue;
-        g = (const moe_real *)t->grad->data;
-        for (j = 0; j < t->numel; j++) sumsq += (double)g[j] * (double)g[j];
+    /* global norm: per-slice sums in parallel, added in slice order */
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1))
+    for (s = 0; s < o->n_slices; s++) {
+        const moe_tensor *t = m->entries[o->slices[s].entry].t;
+        o->slice_sumsq[s] = t->grad ? moe__sumsq((const moe_real *)t->grad->data + o->slices[s].start, o->slices[s].len) : 0;
     }
+    for (s = 0; s < o->n_slices; s++) sumsq += o->slice_sumsq[s];
     norm = sqrt(sumsq) * grad_scale;
     if (grad_norm) *grad_norm = (float)norm;
     if (!isfinite(norm)) {
@@ -5533,40 +5809,22 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     bc1 = 1.0 - pow(o->cfg.beta1, (double)o->step);
     bc2 = 1.0 - pow(o->cfg.beta2, (double)o->step);
     bf16 = o->cfg.moment_dtype == MOE_BF16;
-    {
-        /* per element, in float: m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
-           p ← p − lr·(m/bc1)/(sqrt(v/bc2) + eps) − lr·wd·p */
-        const float b1 = o->cfg.beta1, b2 = o->cfg.beta2, eps = o->cfg.eps, step = lr / (float)bc1, inv_bc2 = 1.0f / (float)bc2;
-        for (i = 0; i < m->n_entries; i++) {
-            moe_tensor *t = m->entries[i].t;
-            moe_real *p = MOE__F32(t), *g;
-            const float decay = lr * (m->entries[i].decay ? o->cfg.weight_decay : 0.0f), gs = (float)coef;
-            int64_t j;
-            if (!m->entries[i].is_param || !t->grad) continue;
-            g = (moe_real *)t->grad->data;
-            if (bf16) {
-                uint16_t *mm = (uint16_t *)o->m[i], *vv = (uint16_t *)o->v[i];
-                MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
-                for (j = 0; j < t->numel; j++) {
-                    float gj = (float)g[j] * gs, mj = b1 * moe_bf16_to_f32(mm[j]) + (1 - b1) * gj;
-                    float vj = b2 * moe_bf16_to_f32(vv[j]) + (1 - b2) * gj * gj;
-                    mm[j] = moe_f32_to_bf16(mj);
-                    vv[j] = moe_f32_to_bf16(vj);
-                    p[j] -= (moe_real)(step * mj / (sqrtf(vj * inv_bc2) + eps) + decay * (float)p[j]);
-                    g[j] = 0;
-                }
-            } else {
-                float *mm = (float *)o->m[i], *vv = (float *)o->v[i];
-                MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (t->numel > 65536))
-                for (j = 0; j < t->numel; j++) {
-                    float gj = (float)g[j] * gs, mj = b1 * mm[j] + (1 - b1) * gj, vj = b2 * vv[j] + (1 - b2) * gj * gj;
-                    mm[j] = mj;
-                    vv[j] = vj;
-                    p[j] -= (moe_real)(step * mj / (sqrtf(vj * inv_bc2) + eps) + decay * (float)p[j]);
-                    g[j] = 0;
-                }
-            }
-        }
+    k.gs = (float)coef;
+    k.b1 = o->cfg.beta1;
+    k.b2 = o->cfg.beta2;
+    k.eps = o->cfg.eps;
+    k.step = lr / (float)bc1;
+    k.inv_bc2 = 1.0f / (float)bc2;
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1) firstprivate(k))
+    for (s = 0; s < o->n_slices; s++) {
+        const moe__adamw_slice *sl = &o->slices[s];
+        moe_tensor *t = m->entries[sl->entry].t;
+        moe_real *p = MOE__F32(t) + sl->start, *g;
+        if (!t->grad) continue;
+        g = (moe_real *)t->grad->data + sl->start;
+        k.decay = lr * (m->entries[sl->entry].decay ? o->cfg.weight_decay : 0.0f);
+        if (bf16) moe__adamw_update_bf16(p, g, (uint16_t *)o->m[sl->entry] + sl->start, (uint16_t *)o->v[sl->entry] + sl->start, sl->len, &k);
+        else moe__adamw_update_f32(p, g, (float *)o->m[sl->entry] + sl->start, (float *)o->v[sl->entry] + sl->start, sl->len, &k);
     }
     return MOE_OK;
 }
