@@ -241,12 +241,17 @@ int main(int argc, char **argv) {
     if (system("command -v gnuplot >/dev/null 2>&1") == 0) {
         char cmd[4096];
         snprintf(cmd, sizeof cmd,
-                 "gnuplot -e \"set terminal pngcairo size 900,520; set output '%s/loss.png'; set datafile separator ',';"
-                 " set key top right; set xlabel 'step'; set ylabel 'training loss (CE + 0.3 MTP)'; set logscale y; set grid;"
-                 " set title 'moe.h: BF16 vs FP8 (1x128 / 128x128) vs FP8 per-tensor vs FP32, same model, seed and data';"
-                 " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines lw 1 title 'FP8 1x128 tiles',"
-                 " '' using 1:4 with lines lw 1 dt 2 title 'FP8 per tensor', '' using 1:5 with lines lw 1 dt 3 title 'FP32'\"",
-                 out, path);
+                 "gnuplot -e \"set terminal pngcairo size 900,760; set output '%s/loss.png'; set datafile separator ',';"
+                 " set multiplot layout 2,1 title 'moe.h: the same model, seed and data in BF16, FP8 (1x128 / 128x128 scales),"
+                 " FP8 per tensor and FP32'; set grid; set key top right;"
+                 " set ylabel 'training loss'; set logscale y; set xrange [0:*];"
+                 " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines title 'FP8 1x128 tiles',"
+                 " '' using 1:4 with lines dt 2 title 'FP8 per tensor', '' using 1:5 with lines dt 3 title 'FP32';"
+                 " unset logscale y; set xlabel 'step'; set ylabel '(loss - BF16 loss) / BF16 loss, smoothed';"
+                 " set yrange [-0.03:0.03]; plot '%s' using 1:(($3-$2)/$2) smooth sbezier title 'FP8 1x128 tiles',"
+                 " '' using 1:(($4-$2)/$2) smooth sbezier dt 2 title 'FP8 per tensor',"
+                 " '' using 1:(($5-$2)/$2) smooth sbezier dt 3 title 'FP32'; unset multiplot\"",
+                 out, path, path);
         if (system(cmd) == 0) printf("loss plot:   %s/loss.png\n", out);
         else printf("loss plot:   gnuplot failed\n");
     } else {
