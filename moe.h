@@ -15,8 +15,9 @@
                   attention (tiled, online softmax), embedding, cross-entropy, top-k
      5. autograd  a tape recorded in the step arena, moe_backward, and the differentiable
                   tensor ops built on the kernels
-     6. layers    MLA, DeepSeekMoE (router, permutation, experts, combine), SwiGLU FFN — each
-                  one tape node with a hand-written backward
+     6. layers    linear layers in FP32, BF16 or FP8 (the V3 recipe) and the activations they
+                  save for backward; MLA, DeepSeekMoE (router, permutation, experts, combine),
+                  SwiGLU FFN — each one tape node with a hand-written backward
      7. model     moe_config (Hugging Face names), moe_model with MTP modules, the loss,
                   auxiliary-loss-free expert-bias updates
      8. train     AdamW, learning-rate schedules, gradient clipping
