@@ -2683,20 +2683,25 @@ static moe_status moe__gemm(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, 
     return MOE_OK;
 }
 
-/* Make sure each thread has `bytes` of GEMM workspace for GEMMs inside a parallel loop. */
-static moe_status moe__gemm_reserve_threads(moe_ctx *ctx, size_t bytes) {
+/* Make sure *base holds n_threads slots of at least `bytes` each (*slot: the slot size),
+   for work inside a parallel loop, where the arena cannot be used. */
+static moe_status moe__reserve_thread_slots(moe_ctx *ctx, void **base, size_t *slot, size_t bytes, const char *what) {
     size_t total;
     void *p;
-    if (bytes <= ctx->gemm_tws_slot) return MOE_OK;
-    bytes = (bytes + 63) & ~(size_t)63;
+    if (bytes <= *slot) return MOE_OK;
+    bytes = (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN;
     if (moe__mul_overflows(bytes, (size_t)ctx->n_threads, &total))
-        return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: per-thread workspace size overflows");
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: per-thread memory size overflows", what);
     p = moe__heap_alloc(ctx, total);
-    if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for per-thread workspaces");
-    MOE_FREE(ctx->gemm_tws);
-    ctx->gemm_tws = p;
-    ctx->gemm_tws_slot = bytes;
+    if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for per-thread slots", what);
+    MOE_FREE(*base);
+    *base = p;
+    *slot = bytes;
     return MOE_OK;
+}
+/* Make sure each thread has `bytes` of GEMM workspace for GEMMs inside a parallel loop. */
+static moe_status moe__gemm_reserve_threads(moe_ctx *ctx, size_t bytes) {
+    return moe__reserve_thread_slots(ctx, &ctx->gemm_tws, &ctx->gemm_tws_slot, bytes, "gemm");
 }
 
 /* Per-thread workspace for the GEMMs of a SwiGLU MLP over at most `rows` rows (forward and
@@ -4267,18 +4272,7 @@ static void *moe__fp8_scratch(moe_ctx *ctx, size_t bytes) {
     return moe__arena_alloc(ctx, bytes, 1, "fp8 operands");
 }
 static moe_status moe__fp8_reserve_threads(moe_ctx *ctx, size_t bytes) {
-    size_t total;
-    void *p;
-    if (bytes <= ctx->fp8_tws_slot) return MOE_OK;
-    bytes = (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN;
-    if (moe__mul_overflows(bytes, (size_t)ctx->n_threads, &total))
-        return moe__fail(ctx, MOE_ERR_MEMORY, "fp8: per-thread operand memory size overflows");
-    p = moe__heap_alloc(ctx, total);
-    if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "fp8: out of memory for per-thread operands");
-    MOE_FREE(ctx->fp8_tws);
-    ctx->fp8_tws = p;
-    ctx->fp8_tws_slot = bytes;
-    return MOE_OK;
+    return moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, bytes, "fp8 operands");
 }
 
 /* The FP8 form of a GEMM operand as the GEMM multiplies it (dequantised values), placed at
@@ -8373,7 +8367,7 @@ static moe_real moe__gen_dot(const moe_real *MOE_RESTRICT a, const moe_real *MOE
     return s;
 }
 
-#if defined(__AVX2__) && !defined(MOE_REAL_F64) && !defined(MOE_NO_SIMD)
+#if defined(MOE__SIMD_AVX2) && !defined(MOE_REAL_F64) /* moe__exp8 and the row helpers of section 4 */
 #define MOE__GEN_AVX2 1
 /* y[r] = moe__gen_dot(x, W + r·in, in) for r < 8, bit for bit: one 8-lane accumulator per
    row, and two rounds of horizontal adds plus one add of the halves form the pairwise sums
@@ -8400,33 +8394,6 @@ static void moe__gen_dot8(const float *x, const float *W, int64_t in, float *y) 
     for (; i < in; i++)
         for (r = 0; r < 8; r++) y[r] += x[i] * W[r * in + i];
 }
-
-/* moe_expf of 8 lanes, bit for bit (its operations in its order; floor and the int
-   conversion are exact). Compilers do not vectorise moe_expf's loops without
-   -fno-trapping-math, and decoding spends a fifth of its time in exponentials otherwise. */
-static __m256 moe__gen_exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
-    __m256i ni, e;
-    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
-    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
-    p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-    ni = _mm256_cvttps_epi32(n);
-    e = _mm256_min_epi32(ni, _mm256_set1_epi32(127));
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)));
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(
-                             _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), _mm256_set1_epi32(127)), 23)));
-    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
 #endif
 
 /* x[j] = e^(x[j] − shift) for j < n, moe__exp's values. */
@@ -8434,7 +8401,7 @@ static void moe__gen_exp(moe_real *x, int64_t n, moe_real shift) {
     int64_t j = 0;
 #ifdef MOE__GEN_AVX2
     for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(x + j, moe__gen_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(shift))));
+        _mm256_storeu_ps(x + j, moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(shift))));
 #endif
     for (; j < n; j++) x[j] = moe__exp(x[j] - shift);
 }
@@ -8445,7 +8412,7 @@ static void moe__gen_swiglu(moe_real *h, int64_t I) {
 #ifdef MOE__GEN_AVX2
     for (; j + 8 <= I; j += 8) {
         __m256 g = _mm256_loadu_ps(h + j), one = _mm256_set1_ps(1.0f);
-        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, moe__gen_exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, moe__exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
         _mm256_storeu_ps(h + j, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(h + I + j)));
     }
 #endif
