@@ -4210,11 +4210,89 @@ static uint8_t moe__e4m3_in_range(float v) {
     }
 }
 
+#if defined(MOE__SIMD_AVX2) && !defined(MOE_REAL_F64)
+#define MOE__FP8_AVX2 1
+/* moe__e4m3_in_range on 8 lanes (each |v| ≤ 464): the codes (as int32 lanes) and, returned,
+   their values with v's sign — what a table decode of the codes gives, bit for bit. */
+static __m256 moe__e4m3_round8(__m256 v, __m256i *codes) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), one = _mm256_set1_epi32(1);
+    const __m256 big = _mm256_set1_ps(12582912.0f);
+    __m256i u = _mm256_castps_si256(v), au = _mm256_and_si256(u, abs_mask), sign = _mm256_andnot_si256(abs_mask, u);
+    __m256i normal = _mm256_cmpgt_epi32(au, _mm256_set1_epi32(0x3C7FFFFF)); /* ≥ 2^-6 */
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(au, _mm256_set1_epi32(0x7FFFF)), _mm256_and_si256(_mm256_srli_epi32(au, 20), one));
+    __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(au), _mm256_set1_ps(512.0f)), big), big);
+    __m256 mag = _mm256_blendv_ps(_mm256_mul_ps(k, _mm256_set1_ps(1.0f / 512.0f)),
+                                  _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFF00000u))),
+                                  _mm256_castsi256_ps(normal));
+    *codes = _mm256_or_si256(_mm256_blendv_epi8(_mm256_cvttps_epi32(k), _mm256_sub_epi32(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(960)), normal),
+                             _mm256_srli_epi32(sign, 24));
+    return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+}
+/* The low bytes of 8 int32 lanes, stored at q. */
+static void moe__store_low_bytes8(uint8_t *q, __m256i c) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(c, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64((__m128i *)(void *)q, _mm256_castsi256_si128(b));
+}
+#endif
+
+/* The max-abs of x[0..n) folded into m (a NaN never wins). */
+static float moe__amax_fold(const moe_real *x, int64_t n, float m) {
+    int64_t i = 0;
+#ifdef MOE__FP8_AVX2
+    if (n >= 8) {
+        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        __m256 acc = _mm256_set1_ps(m);
+        for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
+        m = moe__hmax8(acc);
+    }
+#endif
+    for (; i < n; i++) m = fabsf((float)x[i]) > m ? fabsf((float)x[i]) : m;
+    return m;
+}
+
+/* codes/out of x[0..n) with scale s, or with scale s_each[i] for element i when s_each is
+   given: codes[i] = e4m3(x[i]/scale), out[i] = the code's value × scale (either may be NULL). */
+static void moe__fp8_encode(const moe_real *x, int64_t n, float s, const float *s_each, const float *lut, uint8_t *codes,
+                            moe_real *out) {
+    int64_t i = 0;
+#ifdef MOE__FP8_AVX2
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), lim = _mm256_set1_ps(464.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 sv = s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s), v = _mm256_div_ps(_mm256_loadu_ps(x + i), sv), y;
+        __m256i c;
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v, abs_mask), lim, _CMP_LE_OQ)) != 0xFF) break; /* NaN, inf */
+        y = moe__e4m3_round8(v, &c);
+        if (codes) moe__store_low_bytes8(codes + i, c);
+        if (out) _mm256_storeu_ps(out + i, _mm256_mul_ps(y, sv));
+    }
+#endif
+    for (; i < n; i++) {
+        float si = s_each ? s_each[i] : s, v = (float)x[i] / si;
+        uint8_t q = fabsf(v) <= 464.0f ? moe__e4m3_in_range(v) : moe_f32_to_e4m3(v); /* NaN, inf: slow path */
+        if (codes) codes[i] = q;
+        if (out) out[i] = (moe_real)(lut[q] * si);
+    }
+}
+
+/* x[i] = lut[q[i]] · scale for i < n: scale s, or s_each[i] when s_each is given. */
+static void moe__fp8_decode(const uint8_t *q, int64_t n, float s, const float *s_each, const float *lut, moe_real *x) {
+    int64_t i = 0;
+#ifdef MOE__FP8_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i))), 4);
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(v, s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s)));
+    }
+#endif
+    for (; i < n; i++) x[i] = (moe_real)(lut[q[i]] * (s_each ? s_each[i] : s));
+}
+
 /* E4M3 quantisation of x [rows, cols] in groups of gr×gc elements, each with its own scale
    amax/448 (moe_fp8_scale; with pow2 the power of two at or above it) computed from the
    data: codes[i] = e4m3(x[i]/scale),
    scales[(r/gr)·ceil(cols/gc) + c/gc]. If out is given it receives the dequantised values
-   code·scale (decoded through a table), the operand the GEMM multiplies; out may be x. */
+   code·scale, the operand the GEMM multiplies; out may be x. */
 static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2,
                               uint8_t *codes, float *scales, moe_real *out, int n_threads) {
     int64_t ngr = (rows + gr - 1) / gr, ngc = (cols + gc - 1) / gc, g;
@@ -4229,28 +4307,31 @@ static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int
         for (r = r0; r < r1; r++) {
             const moe_real *row = x + r * cols;
             if (gc == 1) {
-                for (c = 0; c < cols; c++) sc[c] = fabsf((float)row[c]) > sc[c] ? fabsf((float)row[c]) : sc[c];
-            } else {
-                for (cg = 0, c = 0; cg < ngc; cg++) {
-                    int64_t c1 = c + gc < cols ? c + gc : cols;
-                    float m = sc[cg];
-                    for (; c < c1; c++) m = fabsf((float)row[c]) > m ? fabsf((float)row[c]) : m; /* NaN never wins */
-                    sc[cg] = m;
+                /* one scale per column: the running max of each column over the group's rows */
+                c = 0;
+#ifdef MOE__FP8_AVX2
+                {
+                    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+                    for (; c + 8 <= cols; c += 8)
+                        _mm256_storeu_ps(sc + c, _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + c), abs_mask), _mm256_loadu_ps(sc + c)));
                 }
+#endif
+                for (; c < cols; c++) sc[c] = fabsf((float)row[c]) > sc[c] ? fabsf((float)row[c]) : sc[c];
+            } else {
+                for (cg = 0; cg < ngc; cg++) sc[cg] = moe__amax_fold(row + cg * gc, (cg + 1) * gc < cols ? gc : cols - cg * gc, sc[cg]);
             }
         }
         for (cg = 0; cg < ngc; cg++) sc[cg] = pow2 ? moe__pow2_at_or_above(moe_fp8_scale(sc[cg])) : moe_fp8_scale(sc[cg]);
         for (r = r0; r < r1; r++) {
-            const moe_real *row = x + r * cols;
-            for (cg = 0, c = 0; cg < ngc; cg++) {
-                int64_t c1 = c + gc < cols ? c + gc : cols;
-                float s = sc[cg];
-                for (; c < c1; c++) {
-                    float v = (float)row[c] / s;
-                    uint8_t q = fabsf(v) <= 464.0f ? moe__e4m3_in_range(v) : moe_f32_to_e4m3(v); /* NaN, inf: slow path */
-                    if (codes) codes[r * cols + c] = q;
-                    if (out) out[r * cols + c] = (moe_real)(lut[q] * s);
-                }
+            uint8_t *q = codes ? codes + r * cols : NULL;
+            moe_real *o = out ? out + r * cols : NULL;
+            if (gc == 1) {
+                moe__fp8_encode(x + r * cols, cols, 0.0f, sc, lut, q, o);
+                continue;
+            }
+            for (cg = 0; cg < ngc; cg++) {
+                int64_t c0 = cg * gc, n = c0 + gc < cols ? gc : cols - c0;
+                moe__fp8_encode(x + r * cols + c0, n, sc[cg], NULL, lut, q ? q + c0 : NULL, o ? o + c0 : NULL);
             }
         }
     }
@@ -4269,7 +4350,11 @@ static void *moe__fp8_scratch(moe_ctx *ctx, size_t bytes) {
     if (omp_in_parallel())
         return bytes <= ctx->fp8_tws_slot ? (char *)ctx->fp8_tws + (size_t)omp_get_thread_num() * ctx->fp8_tws_slot : NULL;
 #endif
-    return moe__arena_alloc(ctx, bytes, 1, "fp8 operands");
+    {
+        void *p = moe__arena_alloc_raw(ctx, bytes); /* not zeroed: moe__fp8_operand writes it all */
+        if (!p) moe__fail(ctx, MOE_ERR_MEMORY, "fp8 operands: no memory for %zu bytes (arena limit %zu)", bytes, ctx->arena_limit);
+        return p;
+    }
 }
 static moe_status moe__fp8_reserve_threads(moe_ctx *ctx, size_t bytes) {
     return moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, bytes, "fp8 operands");
@@ -4438,12 +4523,20 @@ static const moe_real *moe__stash_get(moe_ctx *ctx, const moe__stash *st) {
         for (i = 0; i < n; i++) x[i] = (moe_real)moe_bf16_to_f32(((const uint16_t *)st->data)[i]);
     } else {
         const uint8_t *q = (const uint8_t *)st->data;
-        int64_t ngc = (st->cols + st->gc - 1) / st->gc, r, c;
+        int64_t ngc = (st->cols + st->gc - 1) / st->gc, r, cg;
         float lut[256];
         moe__e4m3_table(lut);
-        for (r = 0; r < st->rows; r++)
-            for (c = 0; c < st->cols; c++)
-                x[r * st->cols + c] = (moe_real)(lut[q[r * st->cols + c]] * st->scales[(r / st->gr) * ngc + c / st->gc]);
+        for (r = 0; r < st->rows; r++) {
+            const float *sr = st->scales + (r / st->gr) * ngc;
+            if (st->gc == 1) {
+                moe__fp8_decode(q + r * st->cols, st->cols, 0.0f, sr, lut, x + r * st->cols);
+                continue;
+            }
+            for (cg = 0; cg < ngc; cg++) {
+                int64_t c0 = cg * st->gc, n = c0 + st->gc < st->cols ? st->gc : st->cols - c0;
+                moe__fp8_decode(q + r * st->cols + c0, n, sr[cg], NULL, lut, x + r * st->cols + c0);
+            }
+        }
     }
     return x;
 }
