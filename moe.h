@@ -409,8 +409,8 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *args);
    - MOE_FP8_E4M3: the DeepSeek-V3 recipe (reference §5). The three GEMMs of every linear
      layer of MLA and the MLPs (Fprop, Dgrad, Wgrad) take E4M3 operands: activations and
      output gradients in 1×B tiles along the reduction dim, weights in B×B blocks, the
-     backward's operands re-quantised along their own reduction dim, scale = amax/448 per
-     tile, computed online. The layers' inputs and the SwiGLU input are saved for backward
+     backward's operands re-quantised along their own reduction dim, one scale per tile or
+     block computed online from its amax (by default the power of two at or above amax/448). The layers' inputs and the SwiGLU input are saved for backward
      in FP8, the rest in bf16. Embedding, output head, MTP projection and the other
      generic matmuls run in BF16; router, norms and the attention core in FP32. */
 MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
@@ -419,10 +419,12 @@ MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
 typedef struct moe_fp8_options {
     int64_t block;    /* B (default 128; smaller for tiny models) */
     int per_tensor;   /* ablation: one scale per tensor instead of per tile / block */
-    int amax_scales;  /* 1: activation and gradient tiles scaled by amax/448 too; 0 (default):
-                         by the power of two at or above it, so that the backward's
-                         re-quantisation of a 1×B-tiled input into B×1 tiles is exact
-                         (the recipe's choice); weight blocks always use amax/448 */
+    int amax_scales;  /* 1: every tile and block scaled by amax/448 (the V3 paper's scales);
+                         0 (default): by the power of two at or above it (UE8M0 scales, as
+                         in DeepSeek-V3.1), so that the backward's re-quantisation of a
+                         1×B-tiled input into B×1 tiles is exact and every dequantised
+                         operand is exactly a BF16 value: the GEMM then runs on the BF16
+                         kernel (exact products, FP32 sums) instead of the FP32 one */
     int acc_bits;     /* emulate an accumulator that keeps this many significant bits
                          (Hopper's FP8 tensor cores: about 14); 0 = exact FP32 (default) */
     int acc_interval; /* with acc_bits: promote the partial sum to FP32 every this many
@@ -4168,7 +4170,8 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
    dim is cols), B×1 tiles down the columns (reduction over rows), or B×B weight blocks. */
 typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
 
-/* Group shape gr×gc of grouping g, and whether its scales are powers of two. */
+/* Group shape gr×gc of grouping g, and whether its scales are powers of two (all of them,
+   weights too, unless amax_scales). */
 static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
     int64_t B = ctx->fp8.block;
     if (ctx->fp8.per_tensor) {
@@ -4178,7 +4181,8 @@ static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t ro
         *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
         *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
     }
-    return g != MOE__FP8_BLOCKS && !ctx->fp8.amax_scales;
+    (void)g;
+    return !ctx->fp8.amax_scales;
 }
 
 /* The smallest power of two ≥ s (s a positive normal float). */
@@ -4415,7 +4419,11 @@ static moe_status moe__gemm_fp8(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t
         moe__gemm_limited_acc(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, ctx->fp8.acc_bits, ctx->fp8.acc_interval);
         return MOE_OK;
     }
-    return moe__gemm(ctx, ta, tb, m, n, k, 1, A, lda, B, ldb, beta, C, ldc, 0);
+    /* Power-of-two scales make every operand a 4-bit significand times 2^e, exactly a BF16
+       value: the BF16 kernel's products are then exact and it sums them in FP32, as the
+       FP32 kernel would, at twice its speed (values below 2^-126, which only tiles with an
+       amax below 2^-117 can hold, count as zero there). */
+    return moe__gemm(ctx, ta, tb, m, n, k, 1, A, lda, B, ldb, beta, C, ldc, !ctx->fp8.amax_scales);
 }
 
 /* Y[n,out] = X[n,in]·Wᵀ with W [out, in] (Fprop). FP8: X in 1×B tiles, W in B×B blocks. */
@@ -9046,6 +9054,10 @@ static void moe__gen_crew_dismiss(moe_gen *g) {
     g->crew = 0;
 }
 
+/* Whether multi-token passes run with their tokens side by side: unless serial passes have
+   been clearly faster (by a quarter, per token and block). */
+static int moe__gen_par_preferred(const moe_gen *g) { return g->t_par == 0 || g->t_ser == 0 || g->t_par <= 1.25 * g->t_ser; }
+
 /* Blocks blocks[0..nb) (with their caches) over x [n, d] at positions pos0.., n ≤ MOE__GEN_SMALL,
    then the tail: with the crew, in a parallel region of its own, or alone. */
 static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, moe_real *const *caches, int64_t nb,
@@ -9086,8 +9098,12 @@ static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, m
     /* Tokens side by side pay off only while the cores are really ours: on a machine busy
        with other work a waiting thread can lose its core for a whole time slice. So both
        ways are timed (per token and block) and the faster is used, trying the other again
-       every 64 passes. The results are the same bits either way. */
-    pref = par = g->t_par == 0 || (g->t_ser > 0 && g->t_par <= g->t_ser);
+       every 16, 32, … passes. Side by side is only given up for a clear loss (per-pass times
+       are noisy: a pass that happens to lose the core to a daemon must not decide it), and
+       each speculative generation gives it a fresh chance with its crew (moe__gen_run): the
+       first crew pass of a generation, which pays for waking the crew, is not timed. The
+       results are the same bits either way. */
+    pref = par = moe__gen_par_preferred(g);
     if (g->t_ser == 0 && g->t_par > 0 && g->n_small >= 4) par = 0; /* one early look at serial */
     if (g->n_small >= g->probe_at) {
         /* look at the other way again, less often each time it loses */
@@ -9096,7 +9112,6 @@ static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, m
         if (g->probe_every > 4096) g->probe_every = 4096;
         g->probe_at = g->n_small + g->probe_every;
     }
-    if (!pref) moe__gen_crew_dismiss(g);
     if (g->in_region && !g->crew) par = 0; /* a region cannot open inside the crew's */
     g->n_small++;
     t0 = moe_time_s();
@@ -9118,12 +9133,13 @@ static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, m
         moe__gen_layers_body(&p, 0, 1);
     }
     t0 = (moe_time_s() - t0) / (double)(n * nb);
-    {
-        int was = g->t_par > 0 && g->t_ser > 0 ? g->t_par <= g->t_ser : -1;
+    if (!(par && g->crew && g->posts == 1)) {
+        int was = g->t_par > 0 && g->t_ser > 0 ? moe__gen_par_preferred(g) : -1;
         if (par) g->t_par = g->t_par == 0 ? t0 : 0.8 * g->t_par + 0.2 * t0;
         else g->t_ser = g->t_ser == 0 ? t0 : 0.8 * g->t_ser + 0.2 * t0;
-        if (was >= 0 && was != (g->t_par <= g->t_ser)) g->probe_every = 0; /* the winner changed */
+        if (was >= 0 && was != moe__gen_par_preferred(g)) g->probe_every = 0; /* the winner changed */
     }
+    if (!moe__gen_par_preferred(g)) moe__gen_crew_dismiss(g); /* serial for the rest of this generation */
     return MOE_OK;
 }
 
@@ -9581,7 +9597,6 @@ static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E
 }
 
 /* Whether multi-token passes currently run faster with their tokens side by side. */
-static int moe__gen_par_preferred(const moe_gen *g) { return g->t_par == 0 || (g->t_ser > 0 && g->t_par <= g->t_ser); }
 
 static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *o, moe__gen_out *E,
                                moe_gen_stats *S) {
@@ -9627,7 +9642,8 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
     moe_ctx_reset(w); /* the prompt's activations are not needed any more */
     /* speculative steps verify 1 + nd tokens: with a crew when they run side by side */
     team = w->n_threads < R.nd + 1 ? w->n_threads : (int)R.nd + 1;
-    if (team > 1 && moe__gen_small(g, R.nd + 1, L) && moe__gen_par_preferred(g)) {
+    if (team > 1 && moe__gen_small(g, R.nd + 1, L)) {
+        if (!moe__gen_par_preferred(g)) g->t_par = 0; /* side by side lost last time: time it afresh */
         memset(g->sync, 0, sizeof g->sync);
         g->posts = 0;
         g->in_region = 1;

@@ -33,7 +33,7 @@ static void usage(FILE *f) {
             "usage: train_tiny [flags]\n"
             "  --config FILE      Hugging Face style config.json (default: the tiny config of reference 12.1)\n"
             "  --data FILE        text file (one token per byte) or llm.c .bin shard (default data/austen.txt)\n"
-            "  --steps N          optimizer steps (default 1500)\n"
+            "  --steps N          optimizer steps (default 4500)\n"
             "  --seconds S        stop early after S seconds of training (default 200; 0 = no limit)\n"
             "  --batch B          sequences per micro-batch (default 16)\n"
             "  --seq T            tokens per sequence (default 64, at most max_position_embeddings)\n"
@@ -61,7 +61,7 @@ static int parse_args(int argc, char **argv, options *o) {
     int i;
     memset(o, 0, sizeof *o);
     o->data = "data/austen.txt"; o->out = "out/train_tiny"; o->precision = "fp32"; o->moments = "fp32"; o->fp8_block = 128;
-    o->steps = 1500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
+    o->steps = 4500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
     o->seed = 1; o->threads = 0; o->gamma = 1e-3; o->alpha = 1e-4; o->lambda = 0.3; o->clip = 1.0;
     o->val_every = 100; o->val_batches = 8; o->sample_tokens = 300;
     for (i = 1; i < argc; i++) {

@@ -232,17 +232,19 @@ static void test_requantisation_exact_with_pow2_scales(void) {
 
 /* ---- the FP8 GEMMs ---- */
 
-/* Fprop Y = X·Wᵀ in FP8: (a) equals a double GEMM of the dequantised operands (built with the
-   public quantise/dequantise API) to FP32 accumulation error, γ_k·Σ|x̂||ŵ| with γ_k = k·2^-24;
-   (b) is within the analytic bound of the exact product of the unquantised operands:
-   Σ_p |x|e_w + e_x|w| + e_x e_w (e_· the per-element E4M3 bounds) plus (a)'s bound. */
-static void test_fprop_against_double(void) {
+/* Fprop Y = X·Wᵀ in FP8: (a) equals a double GEMM of the dequantised operands to FP32
+   accumulation error, γ_k·Σ|x̂||ŵ| with γ_k = k·2^-24; (b) is within the analytic bound of the
+   exact product of the unquantised operands: Σ_p |x|e_w + e_x|w| + e_x e_w (e_· the
+   per-element E4M3 bounds) plus (a)'s bound. Both scale kinds: amax/448 (operands from the
+   public quantise/dequantise API; the FP32 kernel) and powers of two (the default; operands
+   from moe__fp8_quantize, checked bit for bit against the reference encoder above; the BF16
+   kernel). */
+static void fprop_against_double(int amax_scales, double *worst_a, double *worst_b) {
     enum { N = 37, IN = 256, OUT = 160, BLK = 128 };
     static float x[N * IN], w[OUT * IN], xd[N * IN], wd[OUT * IN], sx[N * (IN / BLK)], sw[2 * (IN / BLK)];
     static uint8_t qx[N * IN], qw[OUT * IN];
-    static moe_real X[N * IN], W[OUT * IN], Y[N * OUT];
+    static moe_real X[N * IN], W[OUT * IN], Y[N * OUT], Xd[N * IN], Wd[OUT * IN];
     moe_fp8_options o;
-    double worst_a = 0, worst_b = 0;
     int64_t i, j, p;
     fill_normal(x, N * IN, 3, 1.0f);
     fill_normal(w, OUT * IN, 4, 0.05f);
@@ -250,16 +252,24 @@ static void test_fprop_against_double(void) {
     for (i = 0; i < N * IN; i++) X[i] = x[i];
     for (i = 0; i < OUT * IN; i++) W[i] = w[i];
     memset(&o, 0, sizeof o);
-    o.amax_scales = 1; /* the scales of the public quantiser, the reference here */
+    o.amax_scales = amax_scales;
     moe_ctx_set_fp8(g_ctx, &o);
     moe_ctx_reset(g_ctx);
     T_ASSERT(moe__linear(g_ctx, X, N, IN, W, OUT, Y, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    if (amax_scales) {
+        T_ASSERT(moe_fp8_quantize_tiles(g_ctx, x, N, IN, BLK, qx, sx) == MOE_OK && moe_fp8_quantize_blocks(g_ctx, w, OUT, IN, BLK, qw, sw) == MOE_OK,
+                 "%s", moe_ctx_error(g_ctx));
+        moe_fp8_dequantize_tiles(g_ctx, qx, sx, N, IN, BLK, xd);
+        moe_fp8_dequantize_blocks(g_ctx, qw, sw, OUT, IN, BLK, wd);
+    } else {
+        moe__fp8_quantize(X, N, IN, 1, BLK, 1, NULL, sx, Xd, 1);
+        moe__fp8_quantize(W, OUT, IN, BLK, BLK, 1, NULL, sw, Wd, 1);
+        for (i = 0; i < N * IN; i++) xd[i] = (float)Xd[i];
+        for (i = 0; i < OUT * IN; i++) wd[i] = (float)Wd[i];
+    }
     o.amax_scales = 0;
     moe_ctx_set_fp8(g_ctx, &o);
-    T_ASSERT(moe_fp8_quantize_tiles(g_ctx, x, N, IN, BLK, qx, sx) == MOE_OK && moe_fp8_quantize_blocks(g_ctx, w, OUT, IN, BLK, qw, sw) == MOE_OK,
-             "%s", moe_ctx_error(g_ctx));
-    moe_fp8_dequantize_tiles(g_ctx, qx, sx, N, IN, BLK, xd);
-    moe_fp8_dequantize_blocks(g_ctx, qw, sw, OUT, IN, BLK, wd);
+    *worst_a = *worst_b = 0;
     for (i = 0; i < N; i++)
         for (j = 0; j < OUT; j++) {
             double deq = 0, deq_abs = 0, exact = 0, bound_q = 0;
@@ -273,14 +283,20 @@ static void test_fprop_against_double(void) {
             {
                 double ga = IN * 5.96e-8 * deq_abs + 1e-30;
                 double ra = fabs(Y[i * OUT + j] - deq) / ga, rb = fabs(Y[i * OUT + j] - exact) / (bound_q + ga);
-                if (ra > worst_a) worst_a = ra;
-                if (rb > worst_b) worst_b = rb;
+                if (ra > *worst_a) *worst_a = ra;
+                if (rb > *worst_b) *worst_b = rb;
             }
         }
-    T_NOTE("max |Y − double GEMM of dequantised operands| / (k·2^-24·Σ|x̂ŵ|) = %.3f; max |Y − exact| / analytic bound = %.3f",
-           worst_a, worst_b);
-    T_CHECK(worst_a <= 1.0, "the FP8 GEMM differs from the dequantised product by more than FP32 accumulation error");
-    T_CHECK(worst_b <= 1.0, "the FP8 GEMM exceeds the analytic E4M3 error bound");
+}
+static void test_fprop_against_double(void) {
+    double a[2], b[2];
+    int amax;
+    for (amax = 0; amax < 2; amax++) fprop_against_double(amax, &a[amax], &b[amax]);
+    T_NOTE("max |Y − double GEMM of dequantised operands| / (k·2^-24·Σ|x̂ŵ|): amax/448 scales %.3f, powers of two %.3f",
+           a[1], a[0]);
+    T_NOTE("max |Y − exact| / analytic bound: amax/448 scales %.3f, powers of two %.3f", b[1], b[0]);
+    T_CHECK(a[0] <= 1.0 && a[1] <= 1.0, "the FP8 GEMM differs from the dequantised product by more than FP32 accumulation error");
+    T_CHECK(b[0] <= 1.0 && b[1] <= 1.0, "the FP8 GEMM exceeds the analytic E4M3 error bound");
 }
 
 /* mean over rows of ‖a_r − b_r‖ / ‖b_r‖: every token counts, loud or not */
