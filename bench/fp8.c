@@ -1,26 +1,27 @@
 /* bench/fp8.c — the FP8 training recipe against BF16 on this CPU.
 
    (a) One model (a dense layer, then a MoE layer with V3's eight routed experts per token,
-       of sixteen, plus a shared one; no MTP), seed and data order trained three times: BF16 (the baseline), FP8 with
-       1×128 / 128×128 scaling (the DeepSeek-V3 recipe) and FP8 with one scale per tensor
-       (the ablation). The config's GEMM reduction dims (hidden 128, q/kv latents 128, heads ×
-       v_head_dim 128, expert width 128, dense width 256, 2048 tokens a step) are multiples
-       of 128, so the real B = 128 recipe applies. Batch 32 × 64 and peak lr 1e-3 keep the
-       runs' trajectories close enough to measure a 0.1% effect (with 8 × 64 and 2e-3 two
-       runs differing only in rounding ended up to 1.4% apart, measured). Relative loss error = |mean FP8 loss − mean
-       BF16 loss| / mean BF16 loss over the last 100 steps (the training losses of the same
-       batches). A fourth run in FP32 shows the floor of this measure: how far two runs that
-       differ only in rounding drift apart. The expert-bias update is off (γ = 0; --gamma
+       of sixteen, plus a shared one; no MTP), seed and data order trained three times: BF16
+       (the baseline), FP8 with 1×128 / 128×128 scaling (the DeepSeek-V3 recipe) and FP8 with
+       one scale per tensor (the ablation). Width D = --hidden (default 256): hidden D, q/kv
+       latents D, heads × v_head_dim D, expert width D, dense width 2D, 2048 tokens a step, so
+       with D a multiple of 128 every GEMM reduction dim is one and the real B = 128 recipe
+       applies. Batch 32 × 64 and peak lr 1e-3 keep the runs' trajectories close (with 8 × 64
+       and 2e-3 two runs differing only in rounding ended up to 1.4% apart, measured).
+       Relative loss error = |mean FP8 loss − mean BF16 loss| / mean BF16 loss over the last
+       100 steps (the training losses of the same batches). A fourth run in FP32 shows what
+       rounding alone does to this measure. The expert-bias update is off (γ = 0; --gamma
        sets it): it moves each bias by ±γ on the sign of an integer load difference, so a
        one-token change flips it, and with γ = 1e-3 the FP32 and BF16 runs ended 0.7% apart
        (measured), which would swamp what this bench measures. The balance loss stays on.
    (b) Bytes of the activations the layers save for backward (moe_ctx_saved_bytes after the
        forward pass of one step) in FP32, BF16 and FP8, and of weights + optimizer state.
    (c) Throughput of one linear layer's forward GEMM (2048 × 512 → 1536) in FP32, BF16 and
-       FP8; the FP8 time includes quantising X (1×128 tiles) and W (128×128 blocks) and
-       decoding them, as in training.
+       FP8; the FP8 time includes quantising X (1×128 tiles) and W (128×128 blocks) into
+       their dequantised values, as in training, then the BF16 GEMM (exact on them).
 
-     fp8 [--steps N] [--threads N] [--out DIR] [--gamma G]   (defaults 1000, all cores, out/bench_fp8, 0)
+     fp8 [--steps N] [--hidden D] [--threads N] [--out DIR] [--gamma G]
+                                       (defaults 1000, 256, all cores, out/bench_fp8, 0)
      fp8 --only bf16|fp8|fp8_tensor|fp32 [...]      one training run: DIR/loss_NAME.csv and its
                                                     mean loss over the last 100 steps
 
@@ -47,11 +48,14 @@
 enum { BATCH = 32, SEQ = 64, RUNS = 4, TAIL = 100 };
 static const char *const run_names[RUNS] = {"bf16", "fp8", "fp8_tensor", "fp32"};
 
+static int64_t g_hidden = 256; /* --hidden */
+
 static moe_config bench_config(void) {
     moe_config c = moe_config_tiny();
-    c.vocab_size = 256; c.hidden_size = 128; c.intermediate_size = 256; c.moe_intermediate_size = 128;
+    int64_t D = g_hidden;
+    c.vocab_size = 256; c.hidden_size = D; c.intermediate_size = 2 * D; c.moe_intermediate_size = D;
     c.num_hidden_layers = 2; c.first_k_dense_replace = 1; c.num_attention_heads = 4;
-    c.q_lora_rank = 128; c.kv_lora_rank = 128; c.qk_nope_head_dim = 32; c.qk_rope_head_dim = 16; c.v_head_dim = 32;
+    c.q_lora_rank = D; c.kv_lora_rank = D; c.qk_nope_head_dim = D / 4; c.qk_rope_head_dim = 16; c.v_head_dim = D / 4;
     c.n_routed_experts = 16; c.n_shared_experts = 1; c.num_experts_per_tok = 8; c.n_group = 4; c.topk_group = 2;
     c.num_nextn_predict_layers = 0;
     c.max_position_embeddings = SEQ;
@@ -173,12 +177,15 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) out = argv[++i];
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
         else if (strcmp(argv[i], "--gamma") == 0 && i + 1 < argc) g_gamma = atof(argv[++i]);
+        else if (strcmp(argv[i], "--hidden") == 0 && i + 1 < argc) g_hidden = atol(argv[++i]);
         else {
-            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32]\n", TAIL);
+            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--hidden D] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32]\n", TAIL);
             return 2;
         }
     }
     if (steps < TAIL) { fprintf(stderr, "bench fp8: --steps must be at least %d\n", TAIL); return 2; }
+    if (g_hidden < 64 || g_hidden % 64) { fprintf(stderr, "bench fp8: --hidden must be a multiple of 64 (of 128 for the B = 128 recipe)\n"); return 2; }
+    c = bench_config();
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     if (threads > 0) CHECK(moe_ctx_set_threads(ctx, threads));
     CHECK(moe_data_load(ctx, "data/austen.txt", 0.1, &data));
@@ -188,8 +195,9 @@ int main(int argc, char **argv) {
         moe_model_param_counts(m, &total, &active, &mtp);
         moe_model_free(ctx, m);
     }
-    printf("config: hidden 128, 2 layers (1 dense + 1 MoE, 16 experts top-8 + 1 shared, width 128), MLA latents 128;\n"
+    printf("config: hidden %lld, 2 layers (1 dense of width %lld + 1 MoE: 16 experts top-8 + 1 shared, width %lld), MLA latents %lld;\n"
            "        %lld parameters (+%lld MTP); %d x %d tokens a step; %ld steps per run; %d threads\n",
+           (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.moe_intermediate_size, (long long)c.q_lora_rank,
            (long long)total, (long long)mtp, BATCH, SEQ, steps, moe_ctx_threads(ctx));
 
     mkdir("out", 0755);
@@ -265,10 +273,10 @@ int main(int argc, char **argv) {
     printf("\nactivations saved for backward (one step, %d tokens):\n", BATCH * SEQ);
     printf("  fp32 %zu B   bf16 %zu B   fp8 %zu B   (fp8/bf16 %.3f)\n", act[0], act[1], act[2], (double)act[2] / (double)act[1]);
     printf("weights + gradients + AdamW state, %lld parameters: FP32 master + FP32 grads + moments:\n", (long long)(total + mtp));
-    printf("  FP32 moments %.2f MB, BF16 moments %.2f MB (the same in every GEMM precision; FP8 adds transient\n"
-           "  quantised copies of each weight, 1 B/param, inside a step)\n",
+    printf("  FP32 moments %.2f MB, BF16 moments %.2f MB (the same in every GEMM precision; FP8 adds a transient\n"
+           "  copy of each GEMM operand, its E4M3 values as floats, inside a step, as BF16 does)\n",
            (double)(total + mtp) * 16 / 1e6, (double)(total + mtp) * 12 / 1e6);
-    printf("linear layer forward 2048x512->1536, GFLOP/s: fp32 %.1f  bf16 %.1f  fp8 %.1f (quantise + decode + FP32 GEMM)\n",
+    printf("linear layer forward 2048x512->1536, GFLOP/s: fp32 %.1f  bf16 %.1f  fp8 %.1f (quantise + the BF16 GEMM, exact on E4M3 values)\n",
            gf[0], gf[1], gf[2]);
     printf("{\"bench\":\"fp8\",\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
            "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"rel_loss_err_fp32\":%.6f,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,"
