@@ -274,7 +274,7 @@ int main(int argc, char **argv) {
     printf("  fp32 %zu B   bf16 %zu B   fp8 %zu B   (fp8/bf16 %.3f)\n", act[0], act[1], act[2], (double)act[2] / (double)act[1]);
     printf("weights + gradients + AdamW state, %lld parameters: FP32 master + FP32 grads + moments:\n", (long long)(total + mtp));
     printf("  FP32 moments %.2f MB, BF16 moments %.2f MB (the same in every GEMM precision; FP8 adds a transient\n"
-           "  copy of each GEMM operand, its E4M3 values as floats, inside a step, as BF16 does)\n",
+           "  copy of each GEMM operand, its E4M3 values as floats, inside a step)\n",
            (double)(total + mtp) * 16 / 1e6, (double)(total + mtp) * 12 / 1e6);
     printf("linear layer forward 2048x512->1536, GFLOP/s: fp32 %.1f  bf16 %.1f  fp8 %.1f (quantise + the BF16 GEMM, exact on E4M3 values)\n",
            gf[0], gf[1], gf[2]);
