@@ -24,6 +24,7 @@
                                        (defaults 1000, 256, all cores, out/bench_fp8, 0)
      fp8 --only bf16|fp8|fp8_tensor|fp32 [...]      one training run: DIR/loss_NAME.csv and its
                                                     mean loss over the last 100 steps
+     fp8 --replot [--out DIR]                       draw DIR/loss.png again from DIR/loss.csv
 
    Writes DIR/loss.csv (step, lr, loss per precision) and, when gnuplot is installed,
    DIR/loss.png. Last line: {"bench":"fp8","rel_loss_err_fp8":…,"rel_loss_err_pertensor":…,
@@ -159,12 +160,36 @@ static double tail_mean(const double *l, long steps) {
     return s / TAIL;
 }
 
+/* DIR/loss.png from the curves in `csv`, when gnuplot is installed. */
+static void plot(const char *out, const char *path) {
+    if (system("command -v gnuplot >/dev/null 2>&1") == 0) {
+        char cmd[4096];
+        snprintf(cmd, sizeof cmd,
+                 "gnuplot -e \"set terminal pngcairo size 900,760; set output '%s/loss.png'; set datafile separator ',';"
+                 " set multiplot layout 2,1 title 'moe.h: the same model, seed and data in BF16, FP8 (1x128 / 128x128 scales),"
+                 " FP8 per tensor and FP32'; set grid; set key top right;"
+                 " set ylabel 'training loss'; set logscale y; set xrange [0:*];"
+                 " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines title 'FP8 1x128 tiles',"
+                 " '' using 1:4 with lines dt 2 title 'FP8 per tensor', '' using 1:5 with lines dt 3 title 'FP32';"
+                 " unset logscale y; set xlabel 'step'; set ylabel '(loss - BF16 loss) / BF16 loss, smoothed';"
+                 " set yrange [-0.03:0.03]; plot '%s' using 1:((\\$3-\\$2)/\\$2) smooth sbezier title 'FP8 1x128 tiles',"
+                 " '' using 1:((\\$4-\\$2)/\\$2) smooth sbezier dt 2 title 'FP8 per tensor',"
+                 " '' using 1:((\\$5-\\$2)/\\$2) smooth sbezier dt 3 title 'FP32'; unset multiplot\"",
+                 out, path, path);
+        if (system(cmd) == 0) printf("loss plot:   %s/loss.png\n", out);
+        else printf("loss plot:   gnuplot failed\n");
+    } else {
+        printf("loss plot:   gnuplot not installed (./build.sh bench fp8 installs it)\n");
+    }
+
+}
+
 int main(int argc, char **argv) {
     moe_ctx *ctx = NULL;
     moe_dataset *data = NULL;
     moe_config c = bench_config();
     long steps = 1000, i;
-    int threads = 0, run;
+    int threads = 0, run, replot = 0;
     const char *out = "out/bench_fp8", *only = NULL;
     char path[1024];
     double *loss[RUNS], ms[RUNS], mean[RUNS], gf[3];
@@ -178,13 +203,19 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
         else if (strcmp(argv[i], "--gamma") == 0 && i + 1 < argc) g_gamma = atof(argv[++i]);
         else if (strcmp(argv[i], "--hidden") == 0 && i + 1 < argc) g_hidden = atol(argv[++i]);
+        else if (strcmp(argv[i], "--replot") == 0) replot = 1;
         else {
-            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--hidden D] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32]\n", TAIL);
+            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--hidden D] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32] [--replot]\n", TAIL);
             return 2;
         }
     }
     if (steps < TAIL) { fprintf(stderr, "bench fp8: --steps must be at least %d\n", TAIL); return 2; }
     if (g_hidden < 64 || g_hidden % 64) { fprintf(stderr, "bench fp8: --hidden must be a multiple of 64 (of 128 for the B = 128 recipe)\n"); return 2; }
+    if (replot) { /* only draw DIR/loss.png again from DIR/loss.csv */
+        snprintf(path, sizeof path, "%s/loss.csv", out);
+        plot(out, path);
+        return 0;
+    }
     c = bench_config();
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     if (threads > 0) CHECK(moe_ctx_set_threads(ctx, threads));
@@ -246,25 +277,7 @@ int main(int argc, char **argv) {
     for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f,%.6f,%.6f,%.6f\n", i + 1, loss[0][i], loss[1][i], loss[2][i], loss[3][i]);
     fclose(f);
     printf("loss curves: %s\n", path);
-    if (system("command -v gnuplot >/dev/null 2>&1") == 0) {
-        char cmd[4096];
-        snprintf(cmd, sizeof cmd,
-                 "gnuplot -e \"set terminal pngcairo size 900,760; set output '%s/loss.png'; set datafile separator ',';"
-                 " set multiplot layout 2,1 title 'moe.h: the same model, seed and data in BF16, FP8 (1x128 / 128x128 scales),"
-                 " FP8 per tensor and FP32'; set grid; set key top right;"
-                 " set ylabel 'training loss'; set logscale y; set xrange [0:*];"
-                 " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines title 'FP8 1x128 tiles',"
-                 " '' using 1:4 with lines dt 2 title 'FP8 per tensor', '' using 1:5 with lines dt 3 title 'FP32';"
-                 " unset logscale y; set xlabel 'step'; set ylabel '(loss - BF16 loss) / BF16 loss, smoothed';"
-                 " set yrange [-0.03:0.03]; plot '%s' using 1:(($3-$2)/$2) smooth sbezier title 'FP8 1x128 tiles',"
-                 " '' using 1:(($4-$2)/$2) smooth sbezier dt 2 title 'FP8 per tensor',"
-                 " '' using 1:(($5-$2)/$2) smooth sbezier dt 3 title 'FP32'; unset multiplot\"",
-                 out, path, path);
-        if (system(cmd) == 0) printf("loss plot:   %s/loss.png\n", out);
-        else printf("loss plot:   gnuplot failed\n");
-    } else {
-        printf("loss plot:   gnuplot not installed (./build.sh bench fp8 installs it)\n");
-    }
+    plot(out, path);
 
     printf("\n%-12s %10s %14s %14s\n", "precision", "ms/step", "mean loss", "rel_loss_err");
     printf("%-12s %10s %14s %14s\n", "", "", "(last 100)", "vs bf16");
