@@ -410,9 +410,10 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *args);
      layer of MLA and the MLPs (Fprop, Dgrad, Wgrad) take E4M3 operands: activations and
      output gradients in 1×B tiles along the reduction dim, weights in B×B blocks, the
      backward's operands re-quantised along their own reduction dim, one scale per tile or
-     block computed online from its amax (by default the power of two at or above amax/448). The layers' inputs and the SwiGLU input are saved for backward
-     in FP8, the rest in bf16. Embedding, output head, MTP projection and the other
-     generic matmuls run in BF16; router, norms and the attention core in FP32. */
+     block computed online from its amax (by default the power of two at or above amax/448).
+     The layers' inputs and the SwiGLU input are saved for backward in FP8, the rest in
+     bf16. Embedding, output head, MTP projection and the other generic matmuls run in
+     BF16; router, norms and the attention core in FP32. */
 MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute);
 
 /* Options of the FP8 mode; zero fields take the defaults. */
@@ -4181,7 +4182,6 @@ static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t ro
         *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
         *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
     }
-    (void)g;
     return !ctx->fp8.amax_scales;
 }
 
@@ -9595,8 +9595,6 @@ static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E
     }
     return MOE_OK;
 }
-
-/* Whether multi-token passes currently run faster with their tokens side by side. */
 
 static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *o, moe__gen_out *E,
                                moe_gen_stats *S) {

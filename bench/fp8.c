@@ -160,7 +160,7 @@ static double tail_mean(const double *l, long steps) {
     return s / TAIL;
 }
 
-/* DIR/loss.png from the curves in `csv`, when gnuplot is installed. */
+/* out/loss.png from the loss curves in the CSV at `path`, when gnuplot is installed. */
 static void plot(const char *out, const char *path) {
     if (system("command -v gnuplot >/dev/null 2>&1") == 0) {
         char cmd[4096];
@@ -181,7 +181,6 @@ static void plot(const char *out, const char *path) {
     } else {
         printf("loss plot:   gnuplot not installed (./build.sh bench fp8 installs it)\n");
     }
-
 }
 
 int main(int argc, char **argv) {
