@@ -2950,6 +2950,43 @@ static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const
 
 /* ---- RoPE ------------------------------------------------------------------------------- */
 
+/* Rotate one vector's `half` pairs by a table row [half][2] of cos, sin (sin times `sign`).
+   Adjacent pairs go through explicit SIMD: left to itself, GCC's -O3 vectoriser reads the
+   rotation as a complex multiplication and fuses it (vfmaddsub) despite -ffp-contract=off,
+   so results would depend on compiler flags and inlining. Both paths round each product,
+   then the sum: bit-identical to moe_rope_rotate. */
+#ifdef MOE__SIMD_AVX2
+static void moe__rope_pairs8(float *v, const float *cs, __m256 sign) {
+    __m256 x = _mm256_loadu_ps(v), t = _mm256_loadu_ps(cs);
+    __m256 c = _mm256_moveldup_ps(t), s = _mm256_mul_ps(_mm256_movehdup_ps(t), sign);
+    __m256 swapped = _mm256_permute_ps(x, 0xB1); /* (x1, x0) in every pair */
+    _mm256_storeu_ps(v, _mm256_addsub_ps(_mm256_mul_ps(x, c), _mm256_mul_ps(swapped, s)));
+}
+#endif
+static void moe__rope_row(moe_real *v, const float *cs, int64_t half, moe_rope_layout layout, moe_real sign) {
+    int64_t j = 0;
+    if (layout == MOE_ROPE_HALVES) {
+        for (; j < half; j++) moe_rope_rotate(&v[j], &v[j + half], (moe_real)cs[2 * j], sign * (moe_real)cs[2 * j + 1]);
+        return;
+    }
+#ifdef MOE__SIMD_AVX2
+    {
+        const __m256 sg = _mm256_set1_ps(sign);
+        for (; j + 4 <= half; j += 4) moe__rope_pairs8(v + 2 * j, cs + 2 * j, sg);
+        if (j < half) { /* the last 1–3 pairs through a zero-padded copy */
+            float vt[8] = {0}, ct[8] = {0};
+            size_t bytes = (size_t)(2 * (half - j)) * sizeof(float);
+            memcpy(vt, v + 2 * j, bytes);
+            memcpy(ct, cs + 2 * j, bytes);
+            moe__rope_pairs8(vt, ct, sg);
+            memcpy(v + 2 * j, vt, bytes);
+        }
+    }
+#else
+    for (; j < half; j++) moe_rope_rotate(&v[2 * j], &v[2 * j + 1], (moe_real)cs[2 * j], sign * (moe_real)cs[2 * j + 1]);
+#endif
+}
+
 /* Rotate x [B, T, H, D] in place, token t at position pos0 + t; `sign` −1 undoes it. */
 static void moe__rope_apply(int nt, moe_real *x, const float *cs, int64_t B, int64_t T, int64_t H, int64_t D,
                             int64_t pos0, moe_rope_layout layout, moe_real sign) {
@@ -2958,15 +2995,8 @@ static void moe__rope_apply(int nt, moe_real *x, const float *cs, int64_t B, int
     MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (B * T * H * D > 16384))
     for (bt = 0; bt < B * T; bt++) {
         const float *row = cs + (pos0 + bt % T) * D; /* [D/2][2] cos, sin */
-        int64_t h, j, half = D / 2;
-        for (h = 0; h < H; h++) {
-            moe_real *v = x + (bt * H + h) * D;
-            for (j = 0; j < half; j++) {
-                moe_real c = (moe_real)row[2 * j], s = sign * (moe_real)row[2 * j + 1];
-                if (layout == MOE_ROPE_PAIRS) moe_rope_rotate(&v[2 * j], &v[2 * j + 1], c, s);
-                else moe_rope_rotate(&v[j], &v[j + half], c, s);
-            }
-        }
+        int64_t h;
+        for (h = 0; h < H; h++) moe__rope_row(x + (bt * H + h) * D, row, D / 2, layout, sign);
     }
 }
 
@@ -4692,11 +4722,8 @@ static void moe__mla_rope(moe_real *x, int64_t N, int64_t T, int64_t heads, int6
     int64_t tok;
     for (tok = 0; tok < N; tok++) {
         const float *row = cs + (pos0 + tok % T) * dr;
-        int64_t h, j;
-        for (h = 0; h < heads; h++) {
-            moe_real *v = x + (tok * heads + h) * hs + off;
-            for (j = 0; j < dr / 2; j++) moe_rope_rotate(&v[2 * j], &v[2 * j + 1], (moe_real)row[2 * j], sign * (moe_real)row[2 * j + 1]);
-        }
+        int64_t h;
+        for (h = 0; h < heads; h++) moe__rope_row(x + (tok * heads + h) * hs + off, row, dr / 2, MOE_ROPE_PAIRS, sign);
     }
 }
 

@@ -14,21 +14,25 @@
        sets it): it moves each bias by ±γ on the sign of an integer load difference, so a
        one-token change flips it, and with γ = 1e-3 the FP32 and BF16 runs ended 0.7% apart
        (measured), which would swamp what this bench measures. The balance loss stays on.
+       Runs differing only in rounding still end a few tenths of a percent apart, so --seeds N
+       repeats all four from N initialisations and data orders: the losses are then means over
+       the seeds, and each precision's paired difference from BF16 gets a standard error.
    (b) Bytes of the activations the layers save for backward (moe_ctx_saved_bytes after the
        forward pass of one step) in FP32, BF16 and FP8, and of weights + optimizer state.
    (c) Throughput of one linear layer's forward GEMM (2048 × 512 → 1536) in FP32, BF16 and
        FP8; the FP8 time includes quantising X (1×128 tiles) and W (128×128 blocks) into
        their dequantised values, as in training, then the BF16 GEMM (exact on them).
 
-     fp8 [--steps N] [--hidden D] [--threads N] [--out DIR] [--gamma G]
-                                       (defaults 1000, 256, all cores, out/bench_fp8, 0)
+     fp8 [--steps N] [--hidden D] [--seeds N] [--seed S] [--threads N] [--out DIR] [--gamma G]
+                              (defaults 1000, 256, 1, 1, all cores, out/bench_fp8, 0)
      fp8 --only bf16|fp8|fp8_tensor|fp32 [...]      one training run: DIR/loss_NAME.csv and its
                                                     mean loss over the last 100 steps
      fp8 --replot [--out DIR]                       draw DIR/loss.png again from DIR/loss.csv
 
-   Writes DIR/loss.csv (step, lr, loss per precision) and, when gnuplot is installed,
-   DIR/loss.png. Last line: {"bench":"fp8","rel_loss_err_fp8":…,"rel_loss_err_pertensor":…,
-   "act_bytes_bf16":…,"act_bytes_fp8":…,"act_bytes_fp32":…,"rel_loss_err_fp32":…,…} */
+   Writes DIR/loss.csv (step, the loss per precision averaged over the seeds, then each seed's)
+   and, when gnuplot is installed, DIR/loss.png. Last line: {"bench":"fp8","rel_loss_err_fp8":…,
+   "rel_loss_err_pertensor":…,"act_bytes_bf16":…,"act_bytes_fp8":…,"act_bytes_fp32":…,
+   "rel_loss_err_fp32":…,…,"seeds":N,"diff_fp8":…,"diff_fp8_se":…,…} */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -71,10 +75,11 @@ static void set_precision(moe_ctx *ctx, int run) {
     CHECK(moe_ctx_set_gemm_precision(ctx, run == 0 ? MOE_BF16 : run == 3 ? MOE_F32 : MOE_FP8_E4M3));
 }
 
-/* Train `steps` steps from seed 1 in precision `run`; losses[step]. */
+/* Train `steps` steps in precision `run` from initial weights and a data order drawn from
+   `seed`; losses[step]. */
 static double g_gamma = 0.0; /* expert-bias update speed (see the header) */
 
-static double train(moe_ctx *ctx, const moe_dataset *data, int run, long steps, double *losses) {
+static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t seed, long steps, double *losses) {
     moe_config c = bench_config();
     moe_model *m = NULL;
     moe_adamw *opt = NULL;
@@ -85,7 +90,7 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, long steps, 
     long step;
     if (!batch) exit(1);
     set_precision(ctx, run);
-    CHECK(moe_model_new(ctx, &c, 1, &m));
+    CHECK(moe_model_new(ctx, &c, seed, &m));
     CHECK(moe_adamw_new(ctx, m, NULL, &opt));
     memset(&sched, 0, sizeof sched);
     sched.shape = MOE_LR_COSINE; sched.lr_max = 1e-3f; sched.lr_min = 1e-4f; sched.warmup_steps = 50; sched.total_steps = steps;
@@ -95,14 +100,14 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, long steps, 
     for (step = 0; step < steps; step++) {
         moe_tensor *loss;
         moe_loss_parts parts;
-        CHECK(moe_data_batch(ctx, data, 0, 1, step, BATCH, SEQ, batch));
+        CHECK(moe_data_batch(ctx, data, 0, seed, step, BATCH, SEQ, batch));
         CHECK(moe_model_loss(ctx, m, batch, BATCH, SEQ, &lo, &loss, &parts));
         CHECK(moe_backward(ctx, loss));
         moe_ctx_reset(ctx);
         CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, step), 1.0f, 1.0f, NULL));
         CHECK(moe_model_update_expert_bias(ctx, m, (float)g_gamma));
         losses[step] = parts.total;
-        if (step % 100 == 99) fprintf(stderr, "  %-10s step %5ld  loss %.4f\n", run_names[run], step + 1, parts.total);
+        if (step % 100 == 99) fprintf(stderr, "  seed %llu %-10s step %5ld  loss %.4f\n", (unsigned long long)seed, run_names[run], step + 1, parts.total);
     }
     t0 = moe_time_s() - t0;
     moe_adamw_free(ctx, opt);
@@ -153,6 +158,13 @@ static double linear_gflops(moe_ctx *ctx, moe_dtype prec) {
     return 2.0 * N * IN * OUT / best / 1e9;
 }
 
+/* x with six decimals, or null when it is not a number (a standard error of one seed). */
+static const char *json_number(char buf[32], double x) {
+    if (x == x) snprintf(buf, 32, "%.6f", x);
+    else snprintf(buf, 32, "null");
+    return buf;
+}
+
 static double tail_mean(const double *l, long steps) {
     double s = 0;
     long i;
@@ -188,10 +200,12 @@ int main(int argc, char **argv) {
     moe_dataset *data = NULL;
     moe_config c = bench_config();
     long steps = 1000, i;
-    int threads = 0, run, replot = 0;
+    int threads = 0, run, replot = 0, seeds = 1, k;
+    uint64_t seed0 = 1;
     const char *out = "out/bench_fp8", *only = NULL;
     char path[1024];
-    double *loss[RUNS], ms[RUNS], mean[RUNS], gf[3];
+    double *loss[RUNS], *tail[RUNS], ms[RUNS], mean[RUNS], diff[RUNS], diff_se[RUNS], gf[3];
+    char se[2][32];
     size_t act[3];
     int64_t total = 0, active = 0, mtp = 0;
     FILE *f;
@@ -202,13 +216,17 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
         else if (strcmp(argv[i], "--gamma") == 0 && i + 1 < argc) g_gamma = atof(argv[++i]);
         else if (strcmp(argv[i], "--hidden") == 0 && i + 1 < argc) g_hidden = atol(argv[++i]);
+        else if (strcmp(argv[i], "--seeds") == 0 && i + 1 < argc) seeds = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) seed0 = (uint64_t)atol(argv[++i]);
         else if (strcmp(argv[i], "--replot") == 0) replot = 1;
         else {
-            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--hidden D] [--threads N] [--out DIR] [--gamma G] [--only bf16|fp8|fp8_tensor|fp32] [--replot]\n", TAIL);
+            fprintf(stderr, "usage: fp8 [--steps N (>= %d)] [--hidden D] [--seeds N] [--seed S] [--threads N] [--out DIR] [--gamma G]\n"
+                            "           [--only bf16|fp8|fp8_tensor|fp32] [--replot]\n", TAIL);
             return 2;
         }
     }
     if (steps < TAIL) { fprintf(stderr, "bench fp8: --steps must be at least %d\n", TAIL); return 2; }
+    if (seeds < 1 || seeds > 64) { fprintf(stderr, "bench fp8: --seeds must be 1 to 64\n"); return 2; }
     if (g_hidden < 64 || g_hidden % 64) { fprintf(stderr, "bench fp8: --hidden must be a multiple of 64 (of 128 for the B = 128 recipe)\n"); return 2; }
     if (replot) { /* only draw DIR/loss.png again from DIR/loss.csv */
         snprintf(path, sizeof path, "%s/loss.csv", out);
@@ -226,9 +244,10 @@ int main(int argc, char **argv) {
         moe_model_free(ctx, m);
     }
     printf("config: hidden %lld, 2 layers (1 dense of width %lld + 1 MoE: 16 experts top-8 + 1 shared, width %lld), MLA latents %lld;\n"
-           "        %lld parameters (+%lld MTP); %d x %d tokens a step; %ld steps per run; %d threads\n",
+           "        %lld parameters (+%lld MTP); %d x %d tokens a step; %ld steps per run; seeds %llu..%llu; %d threads\n",
            (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.moe_intermediate_size, (long long)c.q_lora_rank,
-           (long long)total, (long long)mtp, BATCH, SEQ, steps, moe_ctx_threads(ctx));
+           (long long)total, (long long)mtp, BATCH, SEQ, steps, (unsigned long long)seed0,
+           (unsigned long long)(seed0 + (uint64_t)seeds - 1), moe_ctx_threads(ctx));
 
     mkdir("out", 0755);
     mkdir(out, 0755);
@@ -237,7 +256,7 @@ int main(int argc, char **argv) {
         if (run == RUNS) { fprintf(stderr, "bench fp8: --only wants bf16, fp8, fp8_tensor or fp32\n"); return 2; }
         loss[0] = (double *)malloc(sizeof(double) * (size_t)steps);
         if (!loss[0]) return 1;
-        ms[0] = train(ctx, data, run, steps, loss[0]);
+        ms[0] = train(ctx, data, run, seed0, steps, loss[0]);
         snprintf(path, sizeof path, "%s/loss_%s.csv", out, only);
         f = fopen(path, "w");
         if (!f) { fprintf(stderr, "bench fp8: cannot write %s\n", path); return 1; }
@@ -251,12 +270,37 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    /* (a) loss curves */
+    /* (a) loss curves: every precision from each seed, seed by seed; loss[run][k·steps + step] */
     for (run = 0; run < RUNS; run++) {
-        loss[run] = (double *)malloc(sizeof(double) * (size_t)steps);
-        if (!loss[run]) return 1;
-        ms[run] = train(ctx, data, run, steps, loss[run]);
-        mean[run] = tail_mean(loss[run], steps);
+        loss[run] = (double *)malloc(sizeof(double) * (size_t)(steps * seeds));
+        tail[run] = (double *)malloc(sizeof(double) * (size_t)seeds);
+        if (!loss[run] || !tail[run]) return 1;
+        ms[run] = 0;
+    }
+    for (k = 0; k < seeds; k++) {
+        printf("seed %llu, mean loss over the last %d steps:", (unsigned long long)(seed0 + (uint64_t)k), TAIL);
+        for (run = 0; run < RUNS; run++) {
+            ms[run] += train(ctx, data, run, seed0 + (uint64_t)k, steps, loss[run] + k * steps) / seeds;
+            tail[run][k] = tail_mean(loss[run] + k * steps, steps);
+            printf("  %s %.5f", run_names[run], tail[run][k]);
+        }
+        printf("\n");
+        fflush(stdout);
+    }
+    /* Over the seeds: each precision's mean loss, and the mean and standard error of its
+       paired relative difference from BF16 (each seed's runs share weights and batches). */
+    for (run = 0; run < RUNS; run++) {
+        double sd = 0;
+        mean[run] = diff[run] = 0;
+        for (k = 0; k < seeds; k++) {
+            mean[run] += tail[run][k] / seeds;
+            diff[run] += (tail[run][k] - tail[0][k]) / tail[0][k] / seeds;
+        }
+        for (k = 0; k < seeds; k++) {
+            double d = (tail[run][k] - tail[0][k]) / tail[0][k] - diff[run];
+            sd += d * d;
+        }
+        diff_se[run] = seeds > 1 ? sqrt(sd / (seeds - 1) / seeds) : NAN;
     }
 
     /* (b) bytes */
@@ -272,16 +316,31 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/loss.csv", out);
     f = fopen(path, "w");
     if (!f) { fprintf(stderr, "bench fp8: cannot write %s\n", path); return 1; }
-    fprintf(f, "step,loss_bf16,loss_fp8,loss_fp8_tensor,loss_fp32\n");
-    for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f,%.6f,%.6f,%.6f\n", i + 1, loss[0][i], loss[1][i], loss[2][i], loss[3][i]);
+    fprintf(f, "step,loss_bf16,loss_fp8,loss_fp8_tensor,loss_fp32"); /* means over the seeds, then each seed's */
+    for (k = 0; seeds > 1 && k < seeds; k++)
+        for (run = 0; run < RUNS; run++) fprintf(f, ",loss_%s_seed%llu", run_names[run], (unsigned long long)(seed0 + (uint64_t)k));
+    fprintf(f, "\n");
+    for (i = 0; i < steps; i++) {
+        fprintf(f, "%ld", i + 1);
+        for (run = 0; run < RUNS; run++) {
+            double m = 0;
+            for (k = 0; k < seeds; k++) m += loss[run][k * steps + i] / seeds;
+            fprintf(f, ",%.6f", m);
+        }
+        for (k = 0; seeds > 1 && k < seeds; k++)
+            for (run = 0; run < RUNS; run++) fprintf(f, ",%.6f", loss[run][k * steps + i]);
+        fprintf(f, "\n");
+    }
     fclose(f);
     printf("loss curves: %s\n", path);
     plot(out, path);
 
-    printf("\n%-12s %10s %14s %14s\n", "precision", "ms/step", "mean loss", "rel_loss_err");
-    printf("%-12s %10s %14s %14s\n", "", "", "(last 100)", "vs bf16");
+    printf("\n%-12s %10s %14s %14s %24s\n", "precision", "ms/step", "mean loss", "rel_loss_err", "paired (L - L_bf16)/L_bf16");
+    printf("%-12s %10s %14s %14s %24s\n", "", "", "(last 100)", "vs bf16", "mean +- std. error");
     for (run = 0; run < RUNS; run++)
-        printf("%-12s %10.1f %14.5f %14.5f\n", run_names[run], ms[run], mean[run], fabs(mean[run] - mean[0]) / mean[0]);
+        printf("%-12s %10.1f %14.5f %14.5f %+13.5f +- %.5f\n", run_names[run], ms[run], mean[run], fabs(mean[run] - mean[0]) / mean[0],
+               diff[run], diff_se[run]);
+    printf("(means over %d seed%s)\n", seeds, seeds > 1 ? "s" : "; a standard error needs two or more");
     printf("\nactivations saved for backward (one step, %d tokens):\n", BATCH * SEQ);
     printf("  fp32 %zu B   bf16 %zu B   fp8 %zu B   (fp8/bf16 %.3f)\n", act[0], act[1], act[2], (double)act[2] / (double)act[1]);
     printf("weights + gradients + AdamW state, %lld parameters: FP32 master + FP32 grads + moments:\n", (long long)(total + mtp));
@@ -292,10 +351,15 @@ int main(int argc, char **argv) {
            gf[0], gf[1], gf[2]);
     printf("{\"bench\":\"fp8\",\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
            "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"rel_loss_err_fp32\":%.6f,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,"
-           "\"gflops_fp8\":%.1f}\n",
+           "\"gflops_fp8\":%.1f,\"seeds\":%d,\"diff_fp8\":%.6f,\"diff_fp8_se\":%s,\"diff_pertensor\":%.6f,"
+           "\"diff_pertensor_se\":%s}\n",
            fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0],
-           fabs(mean[3] - mean[0]) / mean[0], gf[0], gf[1], gf[2]);
-    for (run = 0; run < RUNS; run++) free(loss[run]);
+           fabs(mean[3] - mean[0]) / mean[0], gf[0], gf[1], gf[2], seeds, diff[1], json_number(se[0], diff_se[1]), diff[2],
+           json_number(se[1], diff_se[2]));
+    for (run = 0; run < RUNS; run++) {
+        free(loss[run]);
+        free(tail[run]);
+    }
     moe_data_free(ctx, data);
     moe_ctx_free(ctx);
     return 0;
