@@ -430,8 +430,35 @@ typedef struct moe_fp8_options {
                          (Hopper's FP8 tensor cores: about 14); 0 = exact FP32 (default) */
     int acc_interval; /* with acc_bits: promote the partial sum to FP32 every this many
                          products (N_C, default 128); -1 = never */
+    int stats;        /* 1: add up each GEMM operand's quantisation error (moe_ctx_fp8_stats) */
 } moe_fp8_options;
+/* Sets the FP8 options and zeroes the statistics. */
 MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt);
+
+/* What the FP8 GEMMs quantise, by role: Fprop X and W, Dgrad dY and W, Wgrad dY and X. */
+typedef enum moe_fp8_role {
+    MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, MOE_FP8_DGRAD_DY, MOE_FP8_DGRAD_W, MOE_FP8_WGRAD_DY, MOE_FP8_WGRAD_X, MOE_FP8_ROLES
+} moe_fp8_role;
+/* Quantisation error of the FP8 GEMM operands since moe_ctx_set_fp8, per role, with both
+   scalings on the same values: the recipe's tiles and blocks, and one scale per tensor
+   (whichever trains, the other is computed beside it, so with stats on every operand is
+   quantised twice). A row is a token (X, dY) or an output channel (W). The error of the
+   whole operand is sqrt(err_sq / sum_sq), dominated by its largest values; the typical
+   row's is sqrt(row_rel_sq / rows), what the tiles protect: a token's precision whatever
+   the others' magnitudes. Wgrad's X is the saved activation, already in FP8 in the scaling
+   that trains, so its errors there are those of the re-quantisation into B×1 tiles. */
+typedef struct moe_fp8_stats {
+    int64_t values[MOE_FP8_ROLES];           /* elements quantised */
+    int64_t rows[MOE_FP8_ROLES];             /* rows with a nonzero value */
+    double sum_sq[MOE_FP8_ROLES];            /* Σ x² */
+    double err_sq_tiles[MOE_FP8_ROLES];      /* Σ (x − x̂)², 1×B / B×1 tiles and B×B blocks */
+    double err_sq_tensor[MOE_FP8_ROLES];     /* Σ (x − x̂)², one scale per tensor */
+    double row_rel_sq_tiles[MOE_FP8_ROLES];  /* Σ over rows of Σ_row (x − x̂)² / Σ_row x² */
+    double row_rel_sq_tensor[MOE_FP8_ROLES];
+    int64_t zeroed_tiles[MOE_FP8_ROLES];     /* nonzero x with x̂ = 0 (below half the subnormal step) */
+    int64_t zeroed_tensor[MOE_FP8_ROLES];
+} moe_fp8_stats;
+MOE_API moe_status moe_ctx_fp8_stats(moe_ctx *ctx, moe_fp8_stats *out);
 /* Bytes of activations the layers (MLA, MoE, FFN) saved for backward since the last
    reset, in the format they are kept in (FP32, BF16 or FP8 codes plus scales). */
 MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx);
@@ -988,6 +1015,7 @@ struct moe_ctx {
     int grad_enabled;
     moe_dtype gemm_compute;
     moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
+    moe_fp8_stats fp8_stats;
     size_t saved_bytes;  /* activations saved for backward since the last reset */
     char error[512];
     moe_log_fn log_fn;
@@ -1172,6 +1200,13 @@ MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt) {
     if (o.acc_interval < -1)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_interval must be -1 (never) or positive, got %d", o.acc_interval);
     ctx->fp8 = o;
+    memset(&ctx->fp8_stats, 0, sizeof ctx->fp8_stats);
+    return MOE_OK;
+}
+MOE_API moe_status moe_ctx_fp8_stats(moe_ctx *ctx, moe_fp8_stats *out) {
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_fp8_stats: out is NULL");
+    *out = ctx->fp8_stats;
     return MOE_OK;
 }
 MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx) { return ctx ? ctx->saved_bytes : 0; }
@@ -4201,17 +4236,21 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
    dim is cols), B×1 tiles down the columns (reduction over rows), or B×B weight blocks. */
 typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
 
-/* Group shape gr×gc of grouping g, and whether its scales are powers of two (all of them,
-   weights too, unless amax_scales). */
-static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
-    int64_t B = ctx->fp8.block;
-    if (ctx->fp8.per_tensor) {
+/* Group shape gr×gc of grouping g with block B, or of one scale per tensor. */
+static void moe__fp8_group_dims(int64_t B, int per_tensor, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr,
+                                int64_t *gc) {
+    if (per_tensor) {
         *gr = rows > 0 ? rows : 1;
         *gc = cols > 0 ? cols : 1;
     } else {
         *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
         *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
     }
+}
+/* Group shape of grouping g in the context's mode, and whether its scales are powers of two
+   (all of them, weights too, unless amax_scales). */
+static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
+    moe__fp8_group_dims(ctx->fp8.block, ctx->fp8.per_tensor, g, rows, cols, gr, gc);
     return !ctx->fp8.amax_scales;
 }
 
@@ -4394,15 +4433,65 @@ static moe_status moe__fp8_reserve_threads(moe_ctx *ctx, size_t bytes) {
     return moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, bytes, "fp8 operands");
 }
 
-/* The FP8 form of a GEMM operand as the GEMM multiplies it (dequantised values), placed at
-   *mem (moe__fp8_operand_bytes of it; *mem moves past it). */
+/* moe_fp8_options.stats: add operand x's quantisation error to the context's statistics, for
+   the scaling in use (xq, its dequantised values) and for the other one, quantised here
+   into a heap buffer (the operand is left out when there is no memory for it). */
+static void moe__fp8_count(moe_ctx *ctx, const moe_real *x, const moe_real *xq, int64_t rows, int64_t cols,
+                           moe__fp8_group g, moe_fp8_role role) {
+    int64_t n = rows * cols, gr, gc, r, c, nz_rows = 0, zeroed = 0, zeroed_other = 0;
+    int per_tensor = ctx->fp8.per_tensor;
+    moe_real *other;
+    double sum_sq = 0, err = 0, err_other = 0, row_rel = 0, row_rel_other = 0;
+    moe_fp8_stats *st = &ctx->fp8_stats;
+    moe__fp8_group_dims(ctx->fp8.block, !per_tensor, g, rows, cols, &gr, &gc);
+    other = (moe_real *)MOE_MALLOC((size_t)n * sizeof(moe_real) + (size_t)(((rows + gr - 1) / gr) * ((cols + gc - 1) / gc)) * sizeof(float));
+    if (!other) return;
+    moe__fp8_quantize(x, rows, cols, gr, gc, !ctx->fp8.amax_scales, NULL, (float *)(void *)(other + n), other, ctx->n_threads);
+    for (r = 0; r < rows; r++) {
+        double ss = 0, e = 0, e_other = 0;
+        for (c = r * cols; c < (r + 1) * cols; c++) {
+            double v = (double)x[c], d = v - (double)xq[c], d_other = v - (double)other[c];
+            ss += v * v;
+            e += d * d;
+            e_other += d_other * d_other;
+            zeroed += v != 0 && xq[c] == 0;
+            zeroed_other += v != 0 && other[c] == 0;
+        }
+        sum_sq += ss;
+        err += e;
+        err_other += e_other;
+        if (ss > 0) {
+            nz_rows++;
+            row_rel += e / ss;
+            row_rel_other += e_other / ss;
+        }
+    }
+    MOE_FREE(other);
+    MOE__OMP(omp critical(moe__fp8_stats_update))
+    {
+        ctx->heap_allocs++;
+        st->values[role] += n;
+        st->rows[role] += nz_rows;
+        st->sum_sq[role] += sum_sq;
+        st->err_sq_tiles[role] += per_tensor ? err_other : err;
+        st->err_sq_tensor[role] += per_tensor ? err : err_other;
+        st->row_rel_sq_tiles[role] += per_tensor ? row_rel_other : row_rel;
+        st->row_rel_sq_tensor[role] += per_tensor ? row_rel : row_rel_other;
+        st->zeroed_tiles[role] += per_tensor ? zeroed_other : zeroed;
+        st->zeroed_tensor[role] += per_tensor ? zeroed : zeroed_other;
+    }
+}
+
+/* The FP8 form of a GEMM operand in role `role` as the GEMM multiplies it (dequantised
+   values), placed at *mem (moe__fp8_operand_bytes of it; *mem moves past it). */
 static const moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, moe__fp8_group g,
-                                        char **mem) {
+                                        moe_fp8_role role, char **mem) {
     int64_t gr, gc;
     moe_real *out = (moe_real *)(void *)*mem;
     float *scales = (float *)(void *)(*mem + (size_t)(rows * cols) * sizeof(moe_real));
     int pow2 = moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
     moe__fp8_quantize(x, rows, cols, gr, gc, pow2, NULL, scales, out, ctx->n_threads);
+    if (ctx->fp8.stats) moe__fp8_count(ctx, x, out, rows, cols, g, role);
     *mem += moe__fp8_operand_bytes(rows, cols);
     return out;
 }
@@ -4463,8 +4552,8 @@ static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_
         char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, in) + moe__fp8_operand_bytes(out, in));
         const moe_real *Xq, *Wq;
         if (!mem) return MOE_ERR_MEMORY;
-        Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS, &mem);
-        Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, &mem);
+        Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS, MOE_FP8_FPROP_X, &mem);
+        Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, MOE_FP8_FPROP_W, &mem);
         return moe__gemm_fp8(ctx, 0, 1, n, out, in, Xq, in, Wq, in, 0, Y, out);
     }
     return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, prec == MOE_BF16);
@@ -4479,16 +4568,16 @@ static moe_status moe__linear_bwd(moe_ctx *ctx, const moe_real *X, const moe_rea
             char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(out, in));
             const moe_real *dYq, *Wq;
             if (!mem) return MOE_ERR_MEMORY;
-            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS, &mem);
-            Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, &mem);
+            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS, MOE_FP8_DGRAD_DY, &mem);
+            Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, MOE_FP8_DGRAD_W, &mem);
             MOE__TRY(moe__gemm_fp8(ctx, 0, 0, n, in, out, dYq, out, Wq, in, 1, dX, in));
         }
         if (dW) {
             char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(n, in));
             const moe_real *dYq, *Xq;
             if (!mem) return MOE_ERR_MEMORY;
-            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS, &mem);
-            Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS, &mem);
+            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS, MOE_FP8_WGRAD_DY, &mem);
+            Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS, MOE_FP8_WGRAD_X, &mem);
             MOE__TRY(moe__gemm_fp8(ctx, 1, 0, out, in, n, dYq, out, Xq, in, 1, dW, in));
         }
         return MOE_OK;

@@ -17,6 +17,9 @@
        Runs differing only in rounding still end a few tenths of a percent apart, so --seeds N
        repeats all four from N initialisations and data orders: the losses are then means over
        the seeds, and each precision's paired difference from BF16 gets a standard error.
+       The first seed's FP8 run also adds up, over its last 100 steps, the quantisation error
+       of every GEMM operand with both scalings on the same values (moe_fp8_stats): the
+       direct measure of what fine-grained scaling buys, free of the trajectories' noise.
    (b) Bytes of the activations the layers save for backward (moe_ctx_saved_bytes after the
        forward pass of one step) in FP32, BF16 and FP8, and of weights + optimizer state.
    (c) Throughput of one linear layer's forward GEMM (2048 × 512 → 1536) in FP32, BF16 and
@@ -26,7 +29,8 @@
      fp8 [--steps N] [--hidden D] [--seeds N] [--seed S] [--threads N] [--out DIR] [--gamma G]
                               (defaults 1000, 256, 1, 1, all cores, out/bench_fp8, 0)
      fp8 --only bf16|fp8|fp8_tensor|fp32 [...]      one training run: DIR/loss_NAME.csv and its
-                                                    mean loss over the last 100 steps
+                                                    mean loss over the last 100 steps (FP8: and
+                                                    its operand statistics)
      fp8 --replot [--out DIR]                       draw DIR/loss.png again from DIR/loss.csv
 
    Writes DIR/loss.csv (step, the loss per precision averaged over the seeds, then each seed's)
@@ -67,19 +71,23 @@ static moe_config bench_config(void) {
     return c;
 }
 
-static void set_precision(moe_ctx *ctx, int run) {
+static void set_precision(moe_ctx *ctx, int run, int stats) {
     moe_fp8_options o;
     memset(&o, 0, sizeof o);
     o.per_tensor = run == 2;
+    o.stats = stats;
     CHECK(moe_ctx_set_fp8(ctx, &o));
     CHECK(moe_ctx_set_gemm_precision(ctx, run == 0 ? MOE_BF16 : run == 3 ? MOE_F32 : MOE_FP8_E4M3));
 }
 
 /* Train `steps` steps in precision `run` from initial weights and a data order drawn from
-   `seed`; losses[step]. */
+   `seed`; losses[step]; returns ms per step. With `stats` (an FP8 run of at least 2·TAIL
+   steps) the last TAIL steps also add up every GEMM operand's quantisation error in both
+   scalings; they are slower and left out of the timing. */
 static double g_gamma = 0.0; /* expert-bias update speed (see the header) */
 
-static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t seed, long steps, double *losses) {
+static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t seed, long steps, double *losses,
+                    moe_fp8_stats *stats) {
     moe_config c = bench_config();
     moe_model *m = NULL;
     moe_adamw *opt = NULL;
@@ -87,9 +95,11 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t see
     moe_loss_opts lo;
     int32_t *batch = (int32_t *)malloc(sizeof(int32_t) * BATCH * (SEQ + 1));
     double t0;
-    long step;
+    long step, timed;
     if (!batch) exit(1);
-    set_precision(ctx, run);
+    if (steps < 2 * TAIL) stats = NULL;
+    timed = stats ? steps - TAIL : steps;
+    set_precision(ctx, run, 0);
     CHECK(moe_model_new(ctx, &c, seed, &m));
     CHECK(moe_adamw_new(ctx, m, NULL, &opt));
     memset(&sched, 0, sizeof sched);
@@ -100,6 +110,10 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t see
     for (step = 0; step < steps; step++) {
         moe_tensor *loss;
         moe_loss_parts parts;
+        if (step == timed) {
+            t0 = moe_time_s() - t0;
+            set_precision(ctx, run, 1);
+        }
         CHECK(moe_data_batch(ctx, data, 0, seed, step, BATCH, SEQ, batch));
         CHECK(moe_model_loss(ctx, m, batch, BATCH, SEQ, &lo, &loss, &parts));
         CHECK(moe_backward(ctx, loss));
@@ -109,11 +123,32 @@ static double train(moe_ctx *ctx, const moe_dataset *data, int run, uint64_t see
         losses[step] = parts.total;
         if (step % 100 == 99) fprintf(stderr, "  seed %llu %-10s step %5ld  loss %.4f\n", (unsigned long long)seed, run_names[run], step + 1, parts.total);
     }
-    t0 = moe_time_s() - t0;
+    if (stats) CHECK(moe_ctx_fp8_stats(ctx, stats));
+    else t0 = moe_time_s() - t0;
     moe_adamw_free(ctx, opt);
     moe_model_free(ctx, m);
     free(batch);
-    return 1e3 * t0 / (double)steps;
+    return 1e3 * t0 / (double)timed;
+}
+
+/* The table of an FP8 run's operand statistics (its last TAIL steps). */
+static void print_stats(const moe_fp8_stats *st, const char *run, long steps) {
+    static const char *const roles[MOE_FP8_ROLES] = {"Fprop X", "Fprop W", "Dgrad dY", "Dgrad W", "Wgrad dY", "Wgrad X"};
+    int r;
+    if (steps < 2 * TAIL) {
+        printf("\n(operand statistics: runs of at least %d steps only)\n", 2 * TAIL);
+        return;
+    }
+    printf("\nquantisation error of the FP8 GEMM operands, last %d steps of the %s run, both scalings on the same\n"
+           "values (relative: sqrt(sum err^2 / sum x^2); per row = per token of X, dY or output channel of W, rms):\n", TAIL, run);
+    printf("%-9s %12s %21s %21s %21s\n", "operand", "values", "whole: tiles  tensor", "per row: tiles tensor",
+           "zeroed: tiles tensor");
+    for (r = 0; r < MOE_FP8_ROLES; r++) {
+        double n = (double)st->values[r], rows = st->rows[r] > 0 ? (double)st->rows[r] : 1, ss = st->sum_sq[r] > 0 ? st->sum_sq[r] : 1;
+        printf("%-9s %12lld %13.5f %7.5f %13.5f %7.5f %12.2e %8.2e\n", roles[r], (long long)st->values[r], sqrt(st->err_sq_tiles[r] / ss),
+               sqrt(st->err_sq_tensor[r] / ss), sqrt(st->row_rel_sq_tiles[r] / rows), sqrt(st->row_rel_sq_tensor[r] / rows),
+               n > 0 ? (double)st->zeroed_tiles[r] / n : 0.0, n > 0 ? (double)st->zeroed_tensor[r] / n : 0.0);
+    }
 }
 
 /* Saved-activation bytes of one forward pass in precision `prec`. */
@@ -123,7 +158,7 @@ static size_t saved_bytes(moe_ctx *ctx, const moe_dataset *data, moe_dtype prec)
     moe_tensor *loss;
     static int32_t batch[BATCH * (SEQ + 1)];
     size_t bytes;
-    set_precision(ctx, 1);
+    set_precision(ctx, 1, 0);
     CHECK(moe_ctx_set_gemm_precision(ctx, prec));
     CHECK(moe_model_new(ctx, &c, 1, &m));
     CHECK(moe_data_batch(ctx, data, 0, 1, 0, BATCH, SEQ, batch));
@@ -146,7 +181,7 @@ static double linear_gflops(moe_ctx *ctx, moe_dtype prec) {
     if (!X || !W || !Y) exit(1);
     for (i = 0; i < N * IN; i++) X[i] = moe_rng_normal(&r);
     for (i = 0; i < OUT * IN; i++) W[i] = 0.05f * moe_rng_normal(&r);
-    set_precision(ctx, 1);
+    set_precision(ctx, 1, 0);
     for (rep = 0; rep < 7; rep++) {
         double t = moe_time_s();
         moe_ctx_reset(ctx);
@@ -165,6 +200,16 @@ static const char *json_number(char buf[32], double x) {
     return buf;
 }
 
+/* Mean over the seeds of (a − b)/b, and its standard error (NaN for one seed). */
+static double paired_diff(const double *a, const double *b, int seeds, double *se) {
+    double m = 0, sd = 0;
+    int k;
+    for (k = 0; k < seeds; k++) m += (a[k] - b[k]) / b[k] / seeds;
+    for (k = 0; k < seeds; k++) sd += ((a[k] - b[k]) / b[k] - m) * ((a[k] - b[k]) / b[k] - m);
+    *se = seeds > 1 ? sqrt(sd / (seeds - 1) / seeds) : NAN;
+    return m;
+}
+
 static double tail_mean(const double *l, long steps) {
     double s = 0;
     long i;
@@ -178,8 +223,8 @@ static void plot(const char *out, const char *path) {
         char cmd[4096];
         snprintf(cmd, sizeof cmd,
                  "gnuplot -e \"set terminal pngcairo size 900,760; set output '%s/loss.png'; set datafile separator ',';"
-                 " set multiplot layout 2,1 title 'moe.h: the same model, seed and data in BF16, FP8 (1x128 / 128x128 scales),"
-                 " FP8 per tensor and FP32'; set grid; set key top right;"
+                 " set multiplot layout 2,1 title 'moe.h: BF16, FP8 (1x128 / 128x128 scales), FP8 per tensor, FP32 - means over"
+                 " the seeds'; set grid; set key top right;"
                  " set ylabel 'training loss'; set logscale y; set xrange [0:*];"
                  " plot '%s' using 1:2 with lines lw 2 title 'BF16', '' using 1:3 with lines title 'FP8 1x128 tiles',"
                  " '' using 1:4 with lines dt 2 title 'FP8 per tensor', '' using 1:5 with lines dt 3 title 'FP32';"
@@ -205,7 +250,10 @@ int main(int argc, char **argv) {
     const char *out = "out/bench_fp8", *only = NULL;
     char path[1024];
     double *loss[RUNS], *tail[RUNS], ms[RUNS], mean[RUNS], diff[RUNS], diff_se[RUNS], gf[3];
-    char se[2][32];
+    double diff_tiles, diff_tiles_se;
+    int tiles_lower = 0;
+    char se[3][32];
+    moe_fp8_stats stats;
     size_t act[3];
     int64_t total = 0, active = 0, mtp = 0;
     FILE *f;
@@ -256,7 +304,7 @@ int main(int argc, char **argv) {
         if (run == RUNS) { fprintf(stderr, "bench fp8: --only wants bf16, fp8, fp8_tensor or fp32\n"); return 2; }
         loss[0] = (double *)malloc(sizeof(double) * (size_t)steps);
         if (!loss[0]) return 1;
-        ms[0] = train(ctx, data, run, seed0, steps, loss[0]);
+        ms[0] = train(ctx, data, run, seed0, steps, loss[0], run == 1 || run == 2 ? &stats : NULL);
         snprintf(path, sizeof path, "%s/loss_%s.csv", out, only);
         f = fopen(path, "w");
         if (!f) { fprintf(stderr, "bench fp8: cannot write %s\n", path); return 1; }
@@ -264,6 +312,7 @@ int main(int argc, char **argv) {
         for (i = 0; i < steps; i++) fprintf(f, "%ld,%.6f\n", i + 1, loss[0][i]);
         fclose(f);
         printf("%s: %.1f ms/step, mean loss over the last %d steps %.6f (%s)\n", only, ms[0], TAIL, tail_mean(loss[0], steps), path);
+        if (run == 1 || run == 2) print_stats(&stats, only, steps);
         free(loss[0]);
         moe_data_free(ctx, data);
         moe_ctx_free(ctx);
@@ -280,28 +329,22 @@ int main(int argc, char **argv) {
     for (k = 0; k < seeds; k++) {
         printf("seed %llu, mean loss over the last %d steps:", (unsigned long long)(seed0 + (uint64_t)k), TAIL);
         for (run = 0; run < RUNS; run++) {
-            ms[run] += train(ctx, data, run, seed0 + (uint64_t)k, steps, loss[run] + k * steps) / seeds;
+            ms[run] += train(ctx, data, run, seed0 + (uint64_t)k, steps, loss[run] + k * steps, k == 0 && run == 1 ? &stats : NULL) / seeds;
             tail[run][k] = tail_mean(loss[run] + k * steps, steps);
             printf("  %s %.5f", run_names[run], tail[run][k]);
         }
         printf("\n");
         fflush(stdout);
     }
-    /* Over the seeds: each precision's mean loss, and the mean and standard error of its
-       paired relative difference from BF16 (each seed's runs share weights and batches). */
+    /* Over the seeds: each precision's mean loss and its paired relative difference from
+       BF16 (each seed's runs share weights and batches), and fine-grained vs per-tensor. */
     for (run = 0; run < RUNS; run++) {
-        double sd = 0;
-        mean[run] = diff[run] = 0;
-        for (k = 0; k < seeds; k++) {
-            mean[run] += tail[run][k] / seeds;
-            diff[run] += (tail[run][k] - tail[0][k]) / tail[0][k] / seeds;
-        }
-        for (k = 0; k < seeds; k++) {
-            double d = (tail[run][k] - tail[0][k]) / tail[0][k] - diff[run];
-            sd += d * d;
-        }
-        diff_se[run] = seeds > 1 ? sqrt(sd / (seeds - 1) / seeds) : NAN;
+        mean[run] = 0;
+        for (k = 0; k < seeds; k++) mean[run] += tail[run][k] / seeds;
+        diff[run] = paired_diff(tail[run], tail[0], seeds, &diff_se[run]);
     }
+    diff_tiles = paired_diff(tail[1], tail[2], seeds, &diff_tiles_se);
+    for (k = 0; k < seeds; k++) tiles_lower += tail[1][k] < tail[2][k];
 
     /* (b) bytes */
     act[0] = saved_bytes(ctx, data, MOE_F32);
@@ -341,6 +384,9 @@ int main(int argc, char **argv) {
         printf("%-12s %10.1f %14.5f %14.5f %+13.5f +- %.5f\n", run_names[run], ms[run], mean[run], fabs(mean[run] - mean[0]) / mean[0],
                diff[run], diff_se[run]);
     printf("(means over %d seed%s)\n", seeds, seeds > 1 ? "s" : "; a standard error needs two or more");
+    printf("fine-grained vs per-tensor FP8, paired (L_fp8 - L_fp8_tensor)/L_fp8_tensor: %+.5f +- %.5f; lower in %d of %d seeds\n",
+           diff_tiles, diff_tiles_se, tiles_lower, seeds);
+    print_stats(&stats, "first seed's fp8", steps);
     printf("\nactivations saved for backward (one step, %d tokens):\n", BATCH * SEQ);
     printf("  fp32 %zu B   bf16 %zu B   fp8 %zu B   (fp8/bf16 %.3f)\n", act[0], act[1], act[2], (double)act[2] / (double)act[1]);
     printf("weights + gradients + AdamW state, %lld parameters: FP32 master + FP32 grads + moments:\n", (long long)(total + mtp));
@@ -352,10 +398,10 @@ int main(int argc, char **argv) {
     printf("{\"bench\":\"fp8\",\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
            "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"rel_loss_err_fp32\":%.6f,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,"
            "\"gflops_fp8\":%.1f,\"seeds\":%d,\"diff_fp8\":%.6f,\"diff_fp8_se\":%s,\"diff_pertensor\":%.6f,"
-           "\"diff_pertensor_se\":%s}\n",
+           "\"diff_pertensor_se\":%s,\"diff_fp8_vs_pertensor\":%.6f,\"diff_fp8_vs_pertensor_se\":%s}\n",
            fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0],
            fabs(mean[3] - mean[0]) / mean[0], gf[0], gf[1], gf[2], seeds, diff[1], json_number(se[0], diff_se[1]), diff[2],
-           json_number(se[1], diff_se[2]));
+           json_number(se[1], diff_se[2]), diff_tiles, json_number(se[2], diff_tiles_se));
     for (run = 0; run < RUNS; run++) {
         free(loss[run]);
         free(tail[run]);

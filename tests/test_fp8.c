@@ -373,6 +373,103 @@ static void test_linear_grads_against_fp32(void) {
     T_CHECK(tensor[0] > 1.3 * tile[0] && tensor[1] > 1.3 * tile[1], "per-tensor scaling should lose to fine-grained scaling here");
 }
 
+/* Oracle for moe_fp8_stats: x [rows, cols] through the public scalar quantiser (amax/448
+   scales) in 1×128 tiles, or per tensor as one B×B block with B ≥ both dims; the squared
+   error and the sum over rows of each row's relative squared error, in double. */
+static void stats_oracle(const float *x, int64_t rows, int64_t cols, int per_tensor, double *err_sq, double *row_rel_sq) {
+    static float y[256 * 256], sc[256 * 256];
+    static uint8_t q[256 * 256];
+    int64_t r, c, B = rows > cols ? rows : cols;
+    if (per_tensor) {
+        moe_fp8_quantize_blocks(g_ctx, x, rows, cols, B, q, sc);
+        moe_fp8_dequantize_blocks(g_ctx, q, sc, rows, cols, B, y);
+    } else {
+        moe_fp8_quantize_tiles(g_ctx, x, rows, cols, 128, q, sc);
+        moe_fp8_dequantize_tiles(g_ctx, q, sc, rows, cols, 128, y);
+    }
+    *err_sq = *row_rel_sq = 0;
+    for (r = 0; r < rows; r++) {
+        double e = 0, ss = 0;
+        for (c = r * cols; c < (r + 1) * cols; c++) {
+            e += ((double)x[c] - y[c]) * ((double)x[c] - y[c]);
+            ss += (double)x[c] * x[c];
+        }
+        *err_sq += e;
+        if (ss > 0) *row_rel_sq += e / ss;
+    }
+}
+
+static int close_rel(double a, double b) { return fabs(a - b) <= 1e-9 * fabs(b); }
+
+/* moe_fp8_options.stats on the linear layer's three GEMMs (the token-outlier operands of
+   linear_errors): the Fprop X and Dgrad dY errors of both scalings equal the public scalar
+   quantiser's on the same values (amax/448 scales; the sums differ only in their order of
+   addition, hence 1e-9), whichever scaling trains the statistics of the operands the test
+   gives are the same, and per token the tensor scale is worse than the tiles (> 1.3×, as
+   for the layer's outputs above). Stats off counts nothing. */
+static void test_operand_stats(void) {
+    enum { N = 256, IN = 256, OUT = 128 };
+    static float f[N * IN + N * OUT + OUT * IN];
+    static moe_real X[N * IN], W[OUT * IN], dY[N * OUT], Y[N * OUT], dX[N * IN], dW[OUT * IN];
+    moe_fp8_stats st[3];
+    moe_fp8_options o;
+    double e, rr, e_t, rr_t;
+    int64_t i;
+    int run, role, same = 1;
+    fill_normal(f, N * IN + N * OUT + OUT * IN, 5, 1.0f);
+    for (i = 0; i < N * IN; i++) X[i] = f[i] * (i / IN % 16 == 0 ? 1e4f : 1.0f);
+    for (i = 0; i < N * OUT; i++) dY[i] = f[N * IN + i] * 1e-3f * (i / OUT % 8 == 3 ? 1e4f : 1.0f);
+    for (i = 0; i < OUT * IN; i++) W[i] = f[N * IN + N * OUT + i] * 0.05f;
+    for (run = 0; run < 3; run++) { /* tiles train, the tensor scale trains, stats off */
+        memset(&o, 0, sizeof o);
+        o.per_tensor = run == 1;
+        o.amax_scales = 1;
+        o.stats = run < 2;
+        T_ASSERT(moe_ctx_set_fp8(g_ctx, &o) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        moe_ctx_reset(g_ctx);
+        memset(dX, 0, sizeof dX);
+        memset(dW, 0, sizeof dW);
+        T_ASSERT(moe__linear(g_ctx, X, N, IN, W, OUT, Y, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        T_ASSERT(moe__linear_bwd(g_ctx, X, dY, N, IN, W, OUT, dX, dW, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        T_ASSERT(moe_ctx_fp8_stats(g_ctx, &st[run]) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    }
+    memset(&o, 0, sizeof o);
+    moe_ctx_set_fp8(g_ctx, &o);
+    T_CHECK(st[0].values[MOE_FP8_FPROP_X] == N * IN && st[0].values[MOE_FP8_FPROP_W] == OUT * IN &&
+                st[0].values[MOE_FP8_DGRAD_DY] == N * OUT && st[0].values[MOE_FP8_WGRAD_X] == N * IN &&
+                st[0].rows[MOE_FP8_FPROP_X] == N && st[0].rows[MOE_FP8_FPROP_W] == OUT,
+            "element / row counts");
+    for (role = 0; role < MOE_FP8_ROLES; role++) {
+        T_CHECK(st[2].values[role] == 0 && st[2].sum_sq[role] == 0, "stats off counted role %d", role);
+        if (role == MOE_FP8_WGRAD_X) continue; /* the saved input, quantised in the scaling that trains */
+        same &= st[0].err_sq_tiles[role] == st[1].err_sq_tiles[role] && st[0].err_sq_tensor[role] == st[1].err_sq_tensor[role] &&
+                st[0].row_rel_sq_tiles[role] == st[1].row_rel_sq_tiles[role] && st[0].zeroed_tensor[role] == st[1].zeroed_tensor[role];
+    }
+    T_CHECK(same, "the statistics of given operands depend on which scaling trains");
+    stats_oracle(X, N, IN, 0, &e, &rr);
+    stats_oracle(X, N, IN, 1, &e_t, &rr_t);
+    T_CHECK(close_rel(st[0].err_sq_tiles[MOE_FP8_FPROP_X], e) && close_rel(st[0].row_rel_sq_tiles[MOE_FP8_FPROP_X], rr),
+            "Fprop X, tiles: %.9g %.9g vs oracle %.9g %.9g", st[0].err_sq_tiles[MOE_FP8_FPROP_X],
+            st[0].row_rel_sq_tiles[MOE_FP8_FPROP_X], e, rr);
+    T_CHECK(close_rel(st[0].err_sq_tensor[MOE_FP8_FPROP_X], e_t) && close_rel(st[0].row_rel_sq_tensor[MOE_FP8_FPROP_X], rr_t),
+            "Fprop X, per tensor: %.9g %.9g vs oracle %.9g %.9g", st[0].err_sq_tensor[MOE_FP8_FPROP_X],
+            st[0].row_rel_sq_tensor[MOE_FP8_FPROP_X], e_t, rr_t);
+    T_CHECK(sqrt(rr_t / N) > 1.3 * sqrt(rr / N), "per token, one scale per tensor should lose to 1x128 tiles here");
+    T_NOTE("Fprop X per-token rel. error: tiles %.4f, per tensor %.4f; whole operand: %.4f, %.4f", sqrt(rr / N),
+           sqrt(rr_t / N), sqrt(e / st[0].sum_sq[MOE_FP8_FPROP_X]), sqrt(e_t / st[0].sum_sq[MOE_FP8_FPROP_X]));
+    {
+        static float dYf[N * OUT];
+        for (i = 0; i < N * OUT; i++) dYf[i] = dY[i];
+        stats_oracle(dYf, N, OUT, 0, &e, &rr);
+        stats_oracle(dYf, N, OUT, 1, &e_t, &rr_t);
+    }
+    T_CHECK(close_rel(st[0].err_sq_tiles[MOE_FP8_DGRAD_DY], e) && close_rel(st[0].err_sq_tensor[MOE_FP8_DGRAD_DY], e_t) &&
+                close_rel(st[0].row_rel_sq_tiles[MOE_FP8_DGRAD_DY], rr) && close_rel(st[0].row_rel_sq_tensor[MOE_FP8_DGRAD_DY], rr_t),
+            "Dgrad dY statistics differ from the oracle");
+    T_NOTE("Dgrad dY per-token rel. error: tiles %.4f, per tensor %.4f; zeroed values: %lld, %lld", sqrt(rr / N),
+           sqrt(rr_t / N), (long long)st[0].zeroed_tiles[MOE_FP8_DGRAD_DY], (long long)st[0].zeroed_tensor[MOE_FP8_DGRAD_DY]);
+}
+
 /* ---- saved activations ---- */
 
 /* FP8 stash = the public 1×B quantiser's codes, decoded to the same values; BF16 stash =
@@ -574,6 +671,7 @@ int main(void) {
     T_RUN(test_requantisation_exact_with_pow2_scales);
     T_RUN(test_fprop_against_double);
     T_RUN(test_linear_grads_against_fp32);
+    T_RUN(test_operand_stats);
     T_RUN(test_saved_activation_round_trip);
     T_RUN(test_limited_accumulation);
     T_RUN(test_bad_settings_refused);
