@@ -445,8 +445,10 @@ typedef enum moe_fp8_role {
    quantised twice). A row is a token (X, dY) or an output channel (W). The error of the
    whole operand is sqrt(err_sq / sum_sq), dominated by its largest values; the typical
    row's is sqrt(row_rel_sq / rows), what the tiles protect: a token's precision whatever
-   the others' magnitudes. Wgrad's X is the saved activation, already in FP8 in the scaling
-   that trains, so its errors there are those of the re-quantisation into B×1 tiles. */
+   the others' magnitudes. Wgrad's X comes from the saved activations, FP8 in the scaling that
+   trains where the recipe stashes one, so its errors there are largely those of the
+   re-quantisation into B×1 tiles. Inside the MoE layer's parallel expert loop the sums are
+   added in the order threads finish: equal to rounding, not bit for bit, from run to run. */
 typedef struct moe_fp8_stats {
     int64_t values[MOE_FP8_ROLES];           /* elements quantised */
     int64_t rows[MOE_FP8_ROLES];             /* rows with a nonzero value */
@@ -2991,7 +2993,7 @@ static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const
    so results would depend on compiler flags and inlining. Both paths round each product,
    then the sum: bit-identical to moe_rope_rotate. */
 #ifdef MOE__SIMD_AVX2
-static void moe__rope_pairs8(float *v, const float *cs, __m256 sign) {
+static void moe__rope_4pairs(float *v, const float *cs, __m256 sign) {
     __m256 x = _mm256_loadu_ps(v), t = _mm256_loadu_ps(cs);
     __m256 c = _mm256_moveldup_ps(t), s = _mm256_mul_ps(_mm256_movehdup_ps(t), sign);
     __m256 swapped = _mm256_permute_ps(x, 0xB1); /* (x1, x0) in every pair */
@@ -3007,13 +3009,13 @@ static void moe__rope_row(moe_real *v, const float *cs, int64_t half, moe_rope_l
 #ifdef MOE__SIMD_AVX2
     {
         const __m256 sg = _mm256_set1_ps(sign);
-        for (; j + 4 <= half; j += 4) moe__rope_pairs8(v + 2 * j, cs + 2 * j, sg);
+        for (; j + 4 <= half; j += 4) moe__rope_4pairs(v + 2 * j, cs + 2 * j, sg);
         if (j < half) { /* the last 1–3 pairs through a zero-padded copy */
             float vt[8] = {0}, ct[8] = {0};
             size_t bytes = (size_t)(2 * (half - j)) * sizeof(float);
             memcpy(vt, v + 2 * j, bytes);
             memcpy(ct, cs + 2 * j, bytes);
-            moe__rope_pairs8(vt, ct, sg);
+            moe__rope_4pairs(vt, ct, sg);
             memcpy(v + 2 * j, vt, bytes);
         }
     }

@@ -443,7 +443,9 @@ static void test_operand_stats(void) {
         T_CHECK(st[2].values[role] == 0 && st[2].sum_sq[role] == 0, "stats off counted role %d", role);
         if (role == MOE_FP8_WGRAD_X) continue; /* the saved input, quantised in the scaling that trains */
         same &= st[0].err_sq_tiles[role] == st[1].err_sq_tiles[role] && st[0].err_sq_tensor[role] == st[1].err_sq_tensor[role] &&
-                st[0].row_rel_sq_tiles[role] == st[1].row_rel_sq_tiles[role] && st[0].zeroed_tensor[role] == st[1].zeroed_tensor[role];
+                st[0].row_rel_sq_tiles[role] == st[1].row_rel_sq_tiles[role] &&
+                st[0].row_rel_sq_tensor[role] == st[1].row_rel_sq_tensor[role] &&
+                st[0].zeroed_tiles[role] == st[1].zeroed_tiles[role] && st[0].zeroed_tensor[role] == st[1].zeroed_tensor[role];
     }
     T_CHECK(same, "the statistics of given operands depend on which scaling trains");
     stats_oracle(X, N, IN, 0, &e, &rr);

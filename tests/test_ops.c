@@ -272,7 +272,8 @@ static float rot_ref(float a, float c, float b, float s) {
 
 /* Reference §2.3: rotating adjacent pairs equals de-interleaving the vector, applying the
    half-split rotation, and interleaving back; both round like the scalar rotation, so they
-   agree bit for bit. D = 14 and 6 leave a tail of pairs past the 4-pair SIMD blocks. */
+   agree bit for bit. D = 10, 12, 14 and 6 leave a tail of 1, 2 or 3 pairs past the 4-pair
+   SIMD blocks. */
 static void check_rope_layouts(int64_t D) {
     const int64_t T = 9, H = 2;
     moe_rope_table tab;
@@ -312,6 +313,8 @@ static void check_rope_layouts(int64_t D) {
 }
 static void test_rope_layouts(void) {
     check_rope_layouts(8);
+    check_rope_layouts(10);
+    check_rope_layouts(12);
     check_rope_layouts(14);
     check_rope_layouts(6);
 }
