@@ -272,13 +272,14 @@ static float rot_ref(float a, float c, float b, float s) {
 
 /* Reference §2.3: rotating adjacent pairs equals de-interleaving the vector, applying the
    half-split rotation, and interleaving back; both round like the scalar rotation, so they
-   agree bit for bit. D = 10, 12, 14 and 6 leave a tail of 1, 2 or 3 pairs past the 4-pair
-   SIMD blocks. */
+   agree bit for bit. So does the backward (the rotation by −angle of dL/dy = g, from
+   L = Σ y·g). D = 10, 12, 14 and 6 leave a tail of 1, 2 or 3 pairs past the 4-pair SIMD
+   blocks. */
 static void check_rope_layouts(int64_t D) {
     const int64_t T = 9, H = 2;
     moe_rope_table tab;
-    moe_tensor *x = mk(3, T, H, D, 0), *xp = NULL, *ypairs, *yhalves;
-    int64_t t, h, j, mismatches = 0;
+    moe_tensor *x = mk(3, T, H, D, 0), *g = mk(3, T, H, D, 0), *xp = NULL, *ypairs, *yhalves, *yg, *l;
+    int64_t t, h, j, mismatches = 0, grad_mismatches = 0;
     double worst_angle = 0;
     T_ASSERT(moe_rope_table_init(g_ctx, &tab, D, 32, 10000.0, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
     moe_ctx_reset(g_ctx);
@@ -288,8 +289,11 @@ static void check_rope_layouts(int64_t D) {
             F(xp)[t * D + j] = F(x)[t * D + 2 * j];
             F(xp)[t * D + D / 2 + j] = F(x)[t * D + 2 * j + 1];
         }
+    moe_tensor_set_requires_grad(g_ctx, x, 1);
     T_ASSERT(moe_rope(g_ctx, x, &tab, 5, MOE_ROPE_PAIRS, &ypairs) == MOE_OK, "%s", moe_ctx_error(g_ctx));
     T_ASSERT(moe_rope(g_ctx, xp, &tab, 5, MOE_ROPE_HALVES, &yhalves) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_mul(g_ctx, ypairs, g, &yg) == MOE_OK && moe_sum(g_ctx, yg, &l) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_backward(g_ctx, l) == MOE_OK, "%s", moe_ctx_error(g_ctx));
     for (t = 0; t < T; t++)
         for (h = 0; h < H; h++)
             for (j = 0; j < D / 2; j++) {
@@ -303,13 +307,21 @@ static void check_rope_layouts(int64_t D) {
                 worst_angle = e > worst_angle ? e : worst_angle;
                 mismatches += F(ypairs)[r + 2 * j] != want0 || F(ypairs)[r + 2 * j + 1] != want1;
                 mismatches += F(yhalves)[r + j] != want0 || F(yhalves)[r + D / 2 + j] != want1;
+                {
+                    float ga = F(g)[r + 2 * j], gb = F(g)[r + 2 * j + 1];
+                    float back0 = rot_ref(ga, c, gb, -s), back1 = rot_ref(ga, -s, gb, -c); /* ga·c + gb·s, −ga·s + gb·c */
+                    grad_mismatches += F(x->grad)[r + 2 * j] != back0 || F(x->grad)[r + 2 * j + 1] != back1;
+                }
             }
     T_CHECK(worst_angle < 1e-5, "D %d: pairs layout vs formula: %.3g", (int)D, worst_angle);
     T_CHECK(mismatches == 0, "D %d: %d rotations differ from the float-rounded reference", (int)D, (int)mismatches);
-    T_NOTE("rope D %d vs cos/sin formula: max err %.2e (tol 1e-5); pairs and halves bit-identical to float "
-           "rounding: %d mismatches", (int)D, worst_angle, (int)mismatches);
+    T_CHECK(grad_mismatches == 0, "D %d: %d backward rotations differ from the float-rounded reference", (int)D,
+            (int)grad_mismatches);
+    T_NOTE("rope D %d vs cos/sin formula: max err %.2e (tol 1e-5); pairs, halves and the backward bit-identical to "
+           "float rounding: %d, %d mismatches", (int)D, worst_angle, (int)mismatches, (int)grad_mismatches);
     moe_rope_table_free(&tab);
     moe_tensor_free(g_ctx, x);
+    moe_tensor_free(g_ctx, g);
 }
 static void test_rope_layouts(void) {
     check_rope_layouts(8);
