@@ -5,26 +5,31 @@
        #include "moe.h"
    and include "moe.h" plainly everywhere else.
 
-   What is inside, in the order of the sections below:
-     1. base      status codes, moe_ctx (threads, step arena, errors, logging), RNG, timer
+   What is inside, in the order of the sections below (public declarations first, then the
+   implementation, under the same numbers; each banner carries a tag to grep for, >>name):
+     1. base      status codes, moe_ctx (device, threads, step arena, errors, logging), the
+                  parallel loop every kernel uses, RNG, timer, file helpers
      2. numerics  bf16 / fp16 / fp8 (E4M3, E5M2) conversions, bit-exact with the CUDA
-                  intrinsics; fine-grained FP8 block quantisation (1×B tiles, B×B blocks)
-     3. tensor    moe_tensor: dtype, up to 4 dims, contiguous data, optional grad
-     4. kernels   CPU kernels on plain arrays, forward and backward: GEMM (packed, SIMD,
-                  threaded; FP32 and BF16), RMSNorm, RoPE, SiLU/SwiGLU, softmax, causal
-                  attention (tiled, online softmax), embedding, cross-entropy, top-k
-     5. autograd  a tape recorded in the step arena, moe_backward, and the differentiable
-                  tensor ops built on the kernels
-     6. layers    linear layers in FP32, BF16 or FP8 (the V3 recipe) and the activations they
-                  save for backward; MLA, DeepSeekMoE (router, permutation, experts, combine),
-                  SwiGLU FFN — each one tape node with a hand-written backward
-     7. model     moe_config (Hugging Face names), moe_model with MTP modules, the loss,
-                  auxiliary-loss-free expert-bias updates
-     8. train     AdamW, learning-rate schedules, gradient clipping
-     8b. distill  teacher → student losses (forward / reverse KL), top-k teacher cache files
-     9. io        config.json, token data, checkpoints, safetensors, Hugging Face directories
-    10. infer     latent KV cache with absorbed MLA, sampling, MTP self-speculative decoding
-   (11. dist — MPI/NCCL collectives — is planned in DESIGN.md.)
+                  intrinsics; the one FP8 quantiser (1×B tiles, B×1 tiles, B×B blocks)
+     3. kernels   the kernel interface (moe_backend): one table of entry points — memory,
+                  GEMM, norms, RoPE, SwiGLU, attention, routing and dispatch, FP8, AdamW,
+                  distillation — that every section from 6 on calls and a backend fills
+     4. gemm      the CPU GEMM (packed, SIMD, threaded; FP32, BF16, FP8 by the V3 recipe),
+                  grouped by expert; the public moe_gemm
+     5. cpu       the CPU backend: every other entry of the table, SIMD + OpenMP
+     6. tensor    moe_tensor: dtype, device, up to 4 dims, contiguous data, optional grad
+     7. autograd  a tape recorded in the step arena, moe_backward, differentiable ops
+     8. layers    linear layers (FP32, BF16, FP8) and what they keep for backward; MLA
+                  (training and the absorbed, cached decode path), DeepSeekMoE (route, plan,
+                  gather, experts, combine), SwiGLU MLP — orchestration only
+     9. model     moe_config (Hugging Face names), moe_model (parameters, gradients in one
+                  slab each) with MTP modules: one forward for training and decoding, the
+                  loss, auxiliary-loss-free expert-bias updates
+    10. train     AdamW (moments in slabs), learning-rate schedules, gradient clipping
+    11. distill   teacher → student losses (forward / reverse KL), top-k teacher cache files
+    12. io        config.json, token data, checkpoints, safetensors, Hugging Face directories
+    13. infer     latent KV cache, sampling, MTP self-speculative decoding
+    14. gpu       the CUDA entry points (moe_cuda.cuh); the communicator is planned (DESIGN.md)
 
    Conventions
      - Every fallible function returns moe_status (MOE_OK == 0) and leaves a one-line
@@ -95,7 +100,7 @@ extern "C" {
 #endif
 
 /* ============================================================================================
-   1. base — status codes, context, step arena, RNG, timer
+   1. base — status codes, context, device, step arena, RNG, timer                       >>base
    ============================================================================================
    A moe_ctx owns everything a computation needs besides the tensors themselves: the thread
    count, the step arena that op outputs and the autograd tape live in, GEMM workspace, the
@@ -139,6 +144,11 @@ MOE_API moe_status moe_ctx_set_grad_enabled(moe_ctx *ctx, int enabled);
 MOE_API void moe_ctx_reset(moe_ctx *ctx);
 /* Step-scoped scratch memory (64-byte aligned, zeroed), valid until moe_ctx_reset. */
 MOE_API void *moe_ctx_scratch(moe_ctx *ctx, size_t bytes);
+/* Where the context's kernels run and its tensors and step arena live: the CPU (default),
+   or a GPU of a build with the CUDA backend (section 14). */
+typedef enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 } moe_device;
+MOE_API moe_status moe_ctx_set_device(moe_ctx *ctx, moe_device device, int index);
+MOE_API moe_device moe_ctx_device(const moe_ctx *ctx);
 /* Heap allocations the context has made so far (to check a loop allocates nothing). */
 MOE_API uint64_t moe_ctx_heap_allocs(const moe_ctx *ctx);
 /* Bytes of the step arena in use now and at most since the context was made. */
@@ -179,13 +189,23 @@ MOE_API float moe_rng_normal(moe_rng *rng);
 MOE_API double moe_time_s(void);
 
 /* ============================================================================================
-   2. numerics — low-precision formats and fine-grained FP8 quantisation
+   2. numerics — low-precision formats and fine-grained FP8 quantisation             >>numerics
    ============================================================================================
    Conversions round to nearest, ties to even, keep subnormals and signed zeros, and match
    the CUDA host intrinsics bit for bit: __float2bfloat16_rn, __float2half_rn and
    __nv_cvt_float_to_fp8(x, __NV_SATFINITE, ...). NaN becomes the canonical NaN (bf16/f16
    0x7FFF, fp8 0x7F). E4M3 ("fn": no infinities, max 448) and E5M2 saturate out-of-range
    values and infinities to ±max finite, as SATFINITE does. */
+
+typedef enum moe_dtype {
+    MOE_F32 = 0, /* moe_real: float (double under MOE_REAL_F64) */
+    MOE_BF16,
+    MOE_F16,
+    MOE_FP8_E4M3,
+    MOE_FP8_E5M2,
+    MOE_I32,
+    MOE_DTYPE_COUNT
+} moe_dtype;
 
 MOE_HD uint32_t moe__f32_bits(float x) { union { float f; uint32_t u; } v; v.f = x; return v.u; }
 MOE_HD float moe__bits_f32(uint32_t u) { union { float f; uint32_t u; } v; v.u = u; return v.f; }
@@ -302,90 +322,8 @@ MOE_API moe_status moe_fp8_dequantize_tiles(moe_ctx *ctx, const uint8_t *q, cons
 MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, const float *scales,
                                              int64_t rows, int64_t cols, int64_t block, float *x);
 
-
-/* ---- GPU (nvcc with MOE_CUDA; defined in moe_cuda.cuh) ---- */
-#ifdef MOE_CUDA
-typedef struct moe_gpu moe_gpu;
-/* Number of usable GPUs (0 without a driver or device; that is not an error). */
-MOE_API moe_status moe_cuda_device_count(moe_ctx *ctx, int *count);
-MOE_API moe_status moe_cuda_init(moe_ctx *ctx, int device, moe_gpu **out);
-MOE_API void moe_cuda_free(moe_gpu *gpu);
-/* Wait for the GPU's stream. */
-MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu);
-/* moe_fp8_quantize_tiles on device pointers, asynchronous on the GPU's stream. */
-MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const float *x, int64_t rows, int64_t cols,
-                                           int64_t block, uint8_t *q, float *scales);
-#endif
-
 /* ============================================================================================
-   3. tensor
-   ============================================================================================
-   A moe_tensor is a dense row-major array of up to 4 dims with a dtype and a device tag, and
-   optionally a gradient (same shape, MOE_F32) and FP8 scales. Views share their base's data. */
-
-typedef enum moe_dtype {
-    MOE_F32 = 0, /* moe_real: float (double under MOE_REAL_F64) */
-    MOE_BF16,
-    MOE_F16,
-    MOE_FP8_E4M3,
-    MOE_FP8_E5M2,
-    MOE_I32,
-    MOE_DTYPE_COUNT
-} moe_dtype;
-
-typedef enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 } moe_device;
-
-#define MOE_MAX_DIMS 4
-
-typedef struct moe_tensor moe_tensor;
-struct moe_tensor {
-    moe_dtype dtype;
-    moe_device device;
-    int ndim;
-    int64_t shape[MOE_MAX_DIMS];
-    int64_t numel;
-    void *data;
-    moe_tensor *grad;     /* NULL unless gradients flow into this tensor */
-    float *scales;        /* FP8 tensors: one scale per tile/block, else NULL */
-    int64_t scale_block;  /* B of the tiles (1×B) or blocks (B×B) the scales cover */
-    int scale_2d;         /* 1: B×B blocks over the last two dims; 0: 1×B tiles along the last dim */
-    int requires_grad;    /* gradients are wanted for this tensor */
-    int in_arena;         /* storage belongs to the step arena (made by an op) */
-    moe_tensor *base;     /* a view's base tensor, else NULL */
-};
-
-/* Bytes per element (0 for an invalid dtype) and the dtype's name ("f32", "bf16", ...). */
-MOE_API size_t moe_dtype_size(moe_dtype dtype);
-MOE_API const char *moe_dtype_name(moe_dtype dtype);
-/* A heap tensor, zero-filled; free it with moe_tensor_free. */
-MOE_API moe_status moe_tensor_new(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape,
-                                  moe_tensor **out);
-MOE_API void moe_tensor_free(moe_ctx *ctx, moe_tensor *t);
-/* A zero-filled tensor in the step arena, valid until moe_ctx_reset. */
-MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape,
-                                   moe_tensor **out);
-/* Ask for gradients of a heap tensor (a parameter): allocates its zeroed grad. */
-MOE_API moe_status moe_tensor_set_requires_grad(moe_ctx *ctx, moe_tensor *t, int on);
-/* A view of `numel(shape)` elements starting at element `offset` of t (in the step arena). */
-MOE_API moe_status moe_tensor_view(moe_ctx *ctx, moe_tensor *t, int ndim, const int64_t *shape,
-                                   int64_t offset, moe_tensor **out);
-/* Copy src into dst of the same shape, converting dtypes (to FP8 with 1×128 tile scales
-   when dst has scales, else plain saturating casts). */
-MOE_API moe_status moe_tensor_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src);
-MOE_API moe_status moe_tensor_fill(moe_ctx *ctx, moe_tensor *t, double value);
-/* Fill with N(mean, std²) draws from rng (element i uses counter rng->counter + i). */
-MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *rng, float mean,
-                                          float std);
-/* Element i as double, whatever the dtype (no bounds check beyond i < numel → NaN). */
-MOE_API double moe_tensor_get(const moe_tensor *t, int64_t i);
-MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value);
-/* Write "label: dtype[shape] first values..." through the context's log hook. */
-MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *label);
-/* Set t's gradient to zero (no-op when it has none). */
-MOE_API void moe_tensor_zero_grad(moe_tensor *t);
-
-/* ============================================================================================
-   4. kernels — the public GEMM entry point (the other kernels are internal)
+   4. gemm — the public GEMM and the precision of the layers' GEMMs                      >>gemm
    ============================================================================================ */
 
 /* C[m,n] = alpha·op(A)·op(B) + beta·C, row-major. op(A) is m×k: A is [m,k], or [k,m] with
@@ -461,12 +399,64 @@ typedef struct moe_fp8_stats {
     int64_t zeroed_tensor[MOE_FP8_ROLES];
 } moe_fp8_stats;
 MOE_API moe_status moe_ctx_fp8_stats(moe_ctx *ctx, moe_fp8_stats *out);
-/* Bytes of activations the layers (MLA, MoE, FFN) saved for backward since the last
-   reset, in the format they are kept in (FP32, BF16 or FP8 codes plus scales). */
-MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx);
 
 /* ============================================================================================
-   5. autograd — the tape, moe_backward and the differentiable ops
+   6. tensor — dense arrays with a dtype, a device and an optional gradient            >>tensor
+   ============================================================================================
+   A moe_tensor is a dense row-major array of up to 4 dims with a dtype and a device tag, and
+   optionally a gradient (same shape, MOE_F32) and FP8 scales. Views share their base's data. */
+
+#define MOE_MAX_DIMS 4
+
+typedef struct moe_tensor moe_tensor;
+struct moe_tensor {
+    moe_dtype dtype;
+    moe_device device;
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+    int64_t numel;
+    void *data;
+    moe_tensor *grad;     /* NULL unless gradients flow into this tensor */
+    float *scales;        /* FP8 tensors: one scale per tile/block, else NULL */
+    int64_t scale_block;  /* B of the tiles (1×B) or blocks (B×B) the scales cover */
+    int scale_2d;         /* 1: B×B blocks over the last two dims; 0: 1×B tiles along the last dim */
+    int requires_grad;    /* gradients are wanted for this tensor */
+    int in_arena;         /* storage belongs to the step arena (made by an op) */
+    moe_tensor *base;     /* a view's base tensor, else NULL */
+};
+
+/* Bytes per element (0 for an invalid dtype) and the dtype's name ("f32", "bf16", ...). */
+MOE_API size_t moe_dtype_size(moe_dtype dtype);
+MOE_API const char *moe_dtype_name(moe_dtype dtype);
+/* A heap tensor, zero-filled; free it with moe_tensor_free. */
+MOE_API moe_status moe_tensor_new(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape,
+                                  moe_tensor **out);
+MOE_API void moe_tensor_free(moe_ctx *ctx, moe_tensor *t);
+/* A zero-filled tensor in the step arena, valid until moe_ctx_reset. */
+MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape,
+                                   moe_tensor **out);
+/* Ask for gradients of a heap tensor (a parameter): allocates its zeroed grad. */
+MOE_API moe_status moe_tensor_set_requires_grad(moe_ctx *ctx, moe_tensor *t, int on);
+/* A view of `numel(shape)` elements starting at element `offset` of t (in the step arena). */
+MOE_API moe_status moe_tensor_view(moe_ctx *ctx, moe_tensor *t, int ndim, const int64_t *shape,
+                                   int64_t offset, moe_tensor **out);
+/* Copy src into dst of the same shape, converting dtypes (to FP8 with 1×128 tile scales
+   when dst has scales, else plain saturating casts). */
+MOE_API moe_status moe_tensor_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src);
+MOE_API moe_status moe_tensor_fill(moe_ctx *ctx, moe_tensor *t, double value);
+/* Fill with N(mean, std²) draws from rng (element i uses counter rng->counter + i). */
+MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *rng, float mean,
+                                          float std);
+/* Element i as double, whatever the dtype (no bounds check beyond i < numel → NaN). */
+MOE_API double moe_tensor_get(const moe_tensor *t, int64_t i);
+MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value);
+/* Write "label: dtype[shape] first values..." through the context's log hook. */
+MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *label);
+/* Set t's gradient to zero (no-op when it has none). */
+MOE_API void moe_tensor_zero_grad(moe_tensor *t);
+
+/* ============================================================================================
+   7. autograd — the tape, moe_backward and the differentiable ops                   >>autograd
    ============================================================================================
    Each op checks its inputs, computes its output in the step arena and, when an input
    requires gradients and recording is on, appends a node to the tape. moe_backward(loss)
@@ -547,7 +537,7 @@ MOE_API moe_status moe_split(moe_ctx *ctx, moe_tensor *x, int dim, int64_t size0
                              moe_tensor **b);
 
 /* ============================================================================================
-   6. layers and 7. model — DeepSeek-V3: MLA, DeepSeekMoE, MTP
+   8. layers and 9. model — DeepSeek-V3: MLA, DeepSeekMoE, MTP                          >>model
    ============================================================================================
    The configuration carries the Hugging Face DeepseekV3 config.json names. Sizes and
    hyper-parameters left at zero take the defaults of the tiny config (reference §12.1); for
@@ -634,9 +624,12 @@ MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *model, 
 MOE_API double moe_model_max_vio(const moe_model *model);
 /* Forget the counted loads without updating the biases (e.g. after evaluation passes). */
 MOE_API void moe_model_reset_loads(moe_model *model);
+/* Bytes of activations the layers (MLA, MoE, FFN) saved for backward since the last
+   reset, in the format they are kept in (FP32, BF16 or FP8 codes plus scales). */
+MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx);
 
 /* ============================================================================================
-   8. train — AdamW, learning-rate schedules, gradient clipping
+   10. train — AdamW, learning-rate schedules, gradient clipping                        >>train
    ============================================================================================ */
 
 typedef struct moe_adamw_config {
@@ -665,7 +658,7 @@ typedef struct moe_lr_schedule {
 MOE_API float moe_lr_at(const moe_lr_schedule *sched, int64_t step);
 
 /* ============================================================================================
-   8b. distillation — a student learns from a frozen teacher's next-token distribution
+   11. distill — a student learns from a frozen teacher's distribution                >>distill
    ============================================================================================
    L = α·CE(student, labels) + (1−α)·T²·KL, where KL compares the teacher's and the student's
    distributions at temperature T (the T² factor keeps the size of the KL gradient independent
@@ -759,7 +752,7 @@ MOE_API moe_status moe_model_distill_loss_cached(moe_ctx *ctx, moe_model *studen
                                                  moe_tensor **loss, moe_distill_parts *parts);
 
 /* ============================================================================================
-   9. io — token data, checkpoints (and config.json, declared in section 7)
+   12. io — token data, checkpoints (config.json: section 9)                               >>io
    ============================================================================================ */
 
 /* A token stream split into training and validation parts. A file that starts with the
@@ -848,7 +841,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
 MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *model, const char *dir, const moe_hf_save_opts *opts);
 
 /* ============================================================================================
-   10. infer — latent KV cache (MLA absorb), sampling, generation, MTP speculative decoding
+   13. infer — latent KV cache, sampling, generation, speculative decoding              >>infer
    ============================================================================================
    A moe_gen session holds, per layer and cached token, only what MLA needs (reference §2.4):
    the normalised latent c_KV (kv_lora_rank values) and the RoPE'd shared key k_pe
@@ -936,11 +929,33 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *gen, const int32_t *p
                                     const moe_gen_opts *opts, int32_t *out, int64_t cap, int64_t *n_out,
                                     moe_gen_stats *stats);
 
+/* ============================================================================================
+   14. gpu — the CUDA backend's entry points, the planned communicator                    >>gpu
+   ============================================================================================
+   moe_cuda.cuh defines these when the implementation is compiled by nvcc with MOE_CUDA
+   defined (the implementation then includes it); other builds do not declare them. A GPU
+   backend fills section 3's kernel table; what it runs today is the first of its kernels.
+   The communicator (moe_comm: one process, MPI, NCCL), a second table beside the kernel
+   one for data- and expert-parallel training, is planned in DESIGN.md. */
+
+#ifdef MOE_CUDA
+typedef struct moe_gpu moe_gpu;
+/* Number of usable GPUs (0 without a driver or device; that is not an error). */
+MOE_API moe_status moe_cuda_device_count(moe_ctx *ctx, int *count);
+MOE_API moe_status moe_cuda_init(moe_ctx *ctx, int device, moe_gpu **out);
+MOE_API void moe_cuda_free(moe_gpu *gpu);
+/* Wait for the GPU's stream. */
+MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu);
+/* moe_fp8_quantize_tiles (1×B tiles, amax/448 scales) on device pointers, asynchronous on
+   the GPU's stream. */
+MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const float *x, int64_t rows, int64_t cols,
+                                           int64_t block, uint8_t *q, float *scales);
+#endif
+
 #ifdef __cplusplus
 }
 #endif
 #endif /* MOE_H */
-
 /* ============================================================================================
    ============================================================================================
    IMPLEMENTATION
@@ -995,7 +1010,7 @@ extern "C" {
 #endif
 
 /* ============================================================================================
-   1. base
+   1. base — context, threads, step arena, errors, RNG, files                            >>base
    ============================================================================================ */
 
 #define MOE__ALIGN 64
@@ -1010,37 +1025,45 @@ typedef struct moe__arena_block {
 } moe__arena_block;
 
 typedef struct moe__node moe__node;
+typedef struct moe_backend moe_backend; /* the kernel interface (section 3) */
 
-struct moe_ctx {
+/* What a context is set to: the moe_ctx_set_* values. A child context (moe__ctx_child) starts
+   with its parent's, copied whole. */
+typedef struct moe__conf {
     int n_threads;
     int simd;
     int grad_enabled;
     moe_dtype gemm_compute;
     moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
-    moe_fp8_stats fp8_stats;
-    size_t saved_bytes;  /* activations saved for backward since the last reset */
-    char error[512];
+    size_t arena_limit;
     moe_log_fn log_fn;
     void *log_user;
+    const moe_backend *be; /* the device's kernels */
+} moe__conf;
+
+struct moe_ctx {
+    moe__conf conf;
+    char error[512];
     uint64_t heap_allocs;
-    /* step arena */
+    moe_fp8_stats fp8_stats;
+    size_t saved_bytes;        /* activations saved for backward since the last reset */
+    /* step arena (host memory; the CPU backend's device arena too) */
     moe__arena_block *arena;   /* current block first; older blocks follow */
     size_t arena_used;         /* bytes handed out since the last reset, all blocks */
     size_t arena_peak;
-    size_t arena_limit;
     /* autograd tape: node pointers, capacity kept across steps */
     moe__node **tape;
     int64_t tape_len, tape_cap;
-    /* GEMM packing workspace, grows to the largest call and stays */
+    /* CPU backend state: the GEMM's packing workspace (grows to the largest call and stays),
+       per-thread slots for GEMMs and FP8 operands inside a parallel loop over experts, and
+       the GEMM's contention back-off {until, length, started} */
     void *gemm_ws;
     size_t gemm_ws_size;
-    /* one workspace slot per thread for GEMMs called inside a parallel loop (experts) */
     void *gemm_tws;
     size_t gemm_tws_slot;
-    /* one slot per thread for the FP8 operands of GEMMs inside a parallel loop (experts) */
     void *fp8_tws;
     size_t fp8_tws_slot;
-    double gemm_backoff[3]; /* GEMM contention back-off: until, length, started */
+    double gemm_backoff[3];
 };
 
 static const char *const moe__status_names[] = {
@@ -1082,7 +1105,7 @@ static void moe__log(moe_ctx *ctx, int level, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (ctx && ctx->log_fn) ctx->log_fn(ctx->log_user, level, msg);
+    if (ctx && ctx->conf.log_fn) ctx->conf.log_fn(ctx->conf.log_user, level, msg);
     else if (level > 0) fprintf(stderr, "moe: %s\n", msg);
 }
 
@@ -1116,22 +1139,127 @@ static int moe__default_threads(void) {
 #endif
 }
 
-MOE_API moe_status moe_ctx_new(moe_ctx **out) {
-    moe_ctx *ctx;
-    if (!out) return MOE_ERR_ARG;
-    *out = NULL;
-    ctx = (moe_ctx *)MOE_MALLOC(sizeof *ctx);
-    if (!ctx) return MOE_ERR_MEMORY;
+/* ---- threads ----
+   Work is split over items that no two threads share (rows, heads, experts, tiles), so no
+   result depends on the thread count. Entering an OpenMP region costs about 0.4 µs even with
+   one thread (a decode step would pay it a hundred times), so small work runs on the calling
+   thread without entering one. These are the only parallel regions outside the GEMM. */
+
+#define MOE__PAR_WORK 16384.0 /* work units (about a multiply-add each) from which a loop is split */
+
+/* The body of a parallel loop: items [i0, i1) on thread `tid` (< the context's threads). */
+typedef void (*moe__range_fn)(void *arg, int64_t i0, int64_t i1, int tid);
+
+/* fn over the items [0, n), each costing about `cost` work units: on the calling thread when
+   the loop is small, the context has one thread or a parallel region is already running;
+   else on the context's threads, in one contiguous chunk each (dynamic = 0) or handed out
+   one item at a time (dynamic = 1, for items of uneven cost). */
+static void moe__parallel_for(const moe_ctx *ctx, int64_t n, double cost, int dynamic, moe__range_fn fn, void *arg) {
+    if (n <= 0) return;
+#ifdef _OPENMP
+    {
+        int nt = ctx->conf.n_threads;
+        if (nt > 1 && n > 1 && (double)n * cost >= MOE__PAR_WORK && !omp_in_parallel()) {
+            int64_t next = 0;
+            if ((int64_t)nt > n) nt = (int)n;
+#pragma omp parallel num_threads(nt)
+            {
+                int tid = omp_get_thread_num(), team = omp_get_num_threads();
+                if (!dynamic) {
+                    int64_t i0 = n * tid / team, i1 = n * (tid + 1) / team;
+                    if (i1 > i0) fn(arg, i0, i1, tid);
+                } else {
+                    for (;;) {
+                        int64_t i;
+#pragma omp atomic capture
+                        i = next++;
+                        if (i >= n) break;
+                        fn(arg, i, i + 1, tid);
+                    }
+                }
+            }
+            return;
+        }
+    }
+#else
+    (void)ctx; (void)cost; (void)dynamic;
+#endif
+    fn(arg, 0, n, 0);
+}
+
+/* fn(arg, tid, team) on up to `team` threads at once, the calling thread as tid 0, for work
+   whose threads talk through the counters below while it runs; without OpenMP, team 1. */
+static void moe__team_run(int team, void (*fn)(void *arg, int tid, int team), void *arg) {
+#ifdef _OPENMP
+    if (team > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(team)
+        fn(arg, omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    (void)team;
+    fn(arg, 0, 1);
+}
+
+/* Counters that threads share: one thread counts (after a flush, so that what it wrote
+   before is seen by whoever reads the new count); others read it or wait for a value (then
+   flush, so that they see those writes). */
+static void moe__count_add(int64_t *counter, int64_t n) {
+#ifdef _OPENMP
+#pragma omp flush
+#pragma omp atomic update
+#endif
+    *counter += n;
+}
+static void moe__count(int64_t *counter) { moe__count_add(counter, 1); }
+static int64_t moe__count_read(int64_t *counter) {
+    int64_t v;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+    v = *counter;
+    return v;
+}
+static void moe__count_await(int64_t *counter, int64_t v) {
+    while (moe__count_read(counter) < v) {
+    }
+#ifdef _OPENMP
+#pragma omp flush
+#endif
+}
+
+static const moe_backend *moe__cpu_backend(void); /* the CPU backend's table (section 5) */
+
+/* A context with the given settings and nothing else. */
+static moe_ctx *moe__ctx_make(const moe__conf *conf) {
+    moe_ctx *ctx = (moe_ctx *)MOE_MALLOC(sizeof *ctx);
+    if (!ctx) return NULL;
     memset(ctx, 0, sizeof *ctx);
     ctx->heap_allocs = 1;
-    ctx->n_threads = moe__default_threads();
-    ctx->simd = 1;
-    ctx->grad_enabled = 1;
-    ctx->gemm_compute = MOE_F32;
-    ctx->fp8.block = 128;
-    ctx->fp8.acc_interval = 128;
-    *out = ctx;
-    return MOE_OK;
+    ctx->conf = *conf;
+    return ctx;
+}
+
+MOE_API moe_status moe_ctx_new(moe_ctx **out) {
+    moe__conf c;
+    if (!out) return MOE_ERR_ARG;
+    memset(&c, 0, sizeof c);
+    c.n_threads = moe__default_threads();
+    c.simd = 1;
+    c.grad_enabled = 1;
+    c.gemm_compute = MOE_F32;
+    c.fp8.block = 128;
+    c.fp8.acc_interval = 128;
+    c.be = moe__cpu_backend();
+    *out = moe__ctx_make(&c);
+    return *out ? MOE_OK : MOE_ERR_MEMORY;
+}
+
+/* A context for work done on the side of `parent` (e.g. by a thread of a decode crew): the
+   parent's settings, its own arena, tape and workspaces. */
+static moe_status moe__ctx_child(moe_ctx *parent, moe_ctx **out) {
+    *out = moe__ctx_make(&parent->conf);
+    return *out ? MOE_OK : moe__fail(parent, MOE_ERR_MEMORY, "out of memory for a context");
 }
 
 static void moe__arena_free_blocks(moe__arena_block *b) {
@@ -1160,62 +1288,43 @@ MOE_API moe_status moe_ctx_set_threads(moe_ctx *ctx, int n_threads) {
     MOE__CHECK_CTX(ctx);
     if (n_threads < 1 || n_threads > 1024)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_threads: n_threads must be 1..1024, got %d", n_threads);
-    ctx->n_threads = n_threads;
+    ctx->conf.n_threads = n_threads;
     return MOE_OK;
 }
-MOE_API int moe_ctx_threads(const moe_ctx *ctx) { return ctx ? ctx->n_threads : 1; }
+MOE_API int moe_ctx_threads(const moe_ctx *ctx) { return ctx ? ctx->conf.n_threads : 1; }
+
+MOE_API moe_status moe_ctx_set_device(moe_ctx *ctx, moe_device device, int index) {
+    MOE__CHECK_CTX(ctx);
+    if (device == MOE_DEVICE_CPU) {
+        if (index != 0) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: the CPU is device 0, got %d", index);
+        ctx->conf.be = moe__cpu_backend();
+        return MOE_OK;
+    }
+    if (device == MOE_DEVICE_CUDA)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_ctx_set_device: this build has no CUDA backend (compile the "
+                                                   "implementation with nvcc and MOE_CUDA defined)");
+    return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: unknown device %d", (int)device);
+}
 
 MOE_API moe_status moe_ctx_set_simd(moe_ctx *ctx, int enabled) {
     MOE__CHECK_CTX(ctx);
-    ctx->simd = enabled != 0;
+    ctx->conf.simd = enabled != 0;
     return MOE_OK;
 }
 MOE_API moe_status moe_ctx_set_arena_limit(moe_ctx *ctx, size_t bytes) {
     MOE__CHECK_CTX(ctx);
-    ctx->arena_limit = bytes;
+    ctx->conf.arena_limit = bytes;
     return MOE_OK;
 }
 MOE_API moe_status moe_ctx_set_grad_enabled(moe_ctx *ctx, int enabled) {
     MOE__CHECK_CTX(ctx);
-    ctx->grad_enabled = enabled != 0;
+    ctx->conf.grad_enabled = enabled != 0;
     return MOE_OK;
 }
-MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute) {
-    MOE__CHECK_CTX(ctx);
-    if (compute != MOE_F32 && compute != MOE_BF16 && compute != MOE_FP8_E4M3)
-        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_ctx_set_gemm_precision: want MOE_F32, MOE_BF16 or MOE_FP8_E4M3, got %s",
-                         moe_dtype_name(compute));
-    ctx->gemm_compute = compute;
-    return MOE_OK;
-}
-MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt) {
-    moe_fp8_options o;
-    MOE__CHECK_CTX(ctx);
-    if (!opt) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: options are NULL");
-    o = *opt;
-    if (o.block == 0) o.block = 128;
-    if (o.acc_interval == 0) o.acc_interval = 128;
-    if (o.block < 1 || o.block > (1 << 20))
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: block must be in [1, 2^20], got %lld", (long long)o.block);
-    if (o.acc_bits < 0 || o.acc_bits > 24)
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_bits must be in [0, 24], got %d", o.acc_bits);
-    if (o.acc_interval < -1)
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_interval must be -1 (never) or positive, got %d", o.acc_interval);
-    ctx->fp8 = o;
-    memset(&ctx->fp8_stats, 0, sizeof ctx->fp8_stats);
-    return MOE_OK;
-}
-MOE_API moe_status moe_ctx_fp8_stats(moe_ctx *ctx, moe_fp8_stats *out) {
-    MOE__CHECK_CTX(ctx);
-    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_fp8_stats: out is NULL");
-    *out = ctx->fp8_stats;
-    return MOE_OK;
-}
-MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx) { return ctx ? ctx->saved_bytes : 0; }
 MOE_API void moe_ctx_set_log(moe_ctx *ctx, moe_log_fn fn, void *user) {
     if (!ctx) return;
-    ctx->log_fn = fn;
-    ctx->log_user = user;
+    ctx->conf.log_fn = fn;
+    ctx->conf.log_user = user;
 }
 MOE_API uint64_t moe_ctx_heap_allocs(const moe_ctx *ctx) { return ctx ? ctx->heap_allocs : 0; }
 MOE_API size_t moe_ctx_arena_used(const moe_ctx *ctx) { return ctx ? ctx->arena_used : 0; }
@@ -1240,7 +1349,7 @@ static void *moe__arena_alloc_raw(moe_ctx *ctx, size_t bytes) {
     size_t need = (bytes + MOE__ALIGN - 1) & ~(size_t)(MOE__ALIGN - 1);
     void *p;
     if (need < bytes) return NULL;
-    if (ctx->arena_limit && (need > ctx->arena_limit || ctx->arena_used > ctx->arena_limit - need)) return NULL;
+    if (ctx->conf.arena_limit && (need > ctx->conf.arena_limit || ctx->arena_used > ctx->conf.arena_limit - need)) return NULL;
     if (!b || b->cap - b->used < need) {
         size_t cap = need > MOE__ARENA_MIN_BLOCK ? need : MOE__ARENA_MIN_BLOCK;
         if (b && cap < b->cap) cap = b->cap; /* grow geometrically-ish while the first step runs */
@@ -1266,27 +1375,14 @@ static void *moe__arena_alloc(moe_ctx *ctx, size_t n, size_t size, const char *w
     }
     p = moe__arena_alloc_raw(ctx, bytes);
     if (!p) {
-        if (ctx->arena_limit)
+        if (ctx->conf.arena_limit)
             moe__fail(ctx, MOE_ERR_MEMORY, "%s: step arena limit of %zu bytes reached (%zu in use, %zu more wanted)",
-                      what, ctx->arena_limit, ctx->arena_used, bytes);
+                      what, ctx->conf.arena_limit, ctx->arena_used, bytes);
         else
             moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory allocating %zu bytes", what, bytes);
         return NULL;
     }
     memset(p, 0, bytes);
-    return p;
-}
-
-/* Uninitialised arena memory for n moe_real values (for buffers that are fully written). */
-static moe_real *moe__scratch_real(moe_ctx *ctx, int64_t n, const char *what) {
-    size_t bytes;
-    moe_real *p;
-    if (n < 0 || moe__mul_overflows((size_t)n, sizeof(moe_real), &bytes)) {
-        moe__fail(ctx, MOE_ERR_MEMORY, "%s: size overflows", what);
-        return NULL;
-    }
-    p = (moe_real *)moe__arena_alloc_raw(ctx, bytes);
-    if (!p) moe__fail(ctx, MOE_ERR_MEMORY, "%s: no memory for %zu bytes of scratch (arena limit %zu)", what, bytes, ctx->arena_limit);
     return p;
 }
 
@@ -1457,357 +1553,10 @@ static moe_status moe__write_atomic(moe_ctx *ctx, const char *fn, const char *pa
 }
 
 /* ============================================================================================
-   2. numerics
-   ============================================================================================ */
-
-static moe_status moe__check_quant_args(moe_ctx *ctx, const char *fn, const void *src, const void *dst,
-                                        const float *scales, int64_t rows, int64_t cols, int64_t block) {
-    MOE__CHECK_CTX(ctx);
-    if (!src || !dst || !scales) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL data or scales pointer", fn);
-    if (rows < 0 || cols < 0) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: negative shape [%lld, %lld]", fn, (long long)rows, (long long)cols);
-    if (block <= 0) return moe__fail(ctx, MOE_ERR_ARG, "%s: block size must be positive, got %lld", fn, (long long)block);
-    return MOE_OK;
-}
-
-static float moe__amax(const float *x, int64_t n) {
-    float m = 0.0f;
-    int64_t i;
-    for (i = 0; i < n; i++) {
-        float a = fabsf(x[i]);
-        m = a > m ? a : m; /* NaN never wins, so a NaN tile keeps a finite scale */
-    }
-    return m;
-}
-
-MOE_API moe_status moe_fp8_quantize_tiles(moe_ctx *ctx, const float *x, int64_t rows, int64_t cols,
-                                          int64_t block, uint8_t *q, float *scales) {
-    int64_t nb, r;
-    MOE__TRY(moe__check_quant_args(ctx, "moe_fp8_quantize_tiles", x, q, scales, rows, cols, block));
-    nb = (cols + block - 1) / block;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (rows * cols > 65536))
-    for (r = 0; r < rows; r++) {
-        int64_t j, i;
-        for (j = 0; j < nb; j++) {
-            int64_t c0 = j * block, n = cols - c0 < block ? cols - c0 : block;
-            const float *src = x + r * cols + c0;
-            float s = moe_fp8_scale(moe__amax(src, n));
-            scales[r * nb + j] = s;
-            for (i = 0; i < n; i++) q[r * cols + c0 + i] = moe_f32_to_e4m3(src[i] / s);
-        }
-    }
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_fp8_dequantize_tiles(moe_ctx *ctx, const uint8_t *q, const float *scales,
-                                            int64_t rows, int64_t cols, int64_t block, float *x) {
-    int64_t nb, r;
-    MOE__TRY(moe__check_quant_args(ctx, "moe_fp8_dequantize_tiles", q, x, scales, rows, cols, block));
-    nb = (cols + block - 1) / block;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (rows * cols > 65536))
-    for (r = 0; r < rows; r++) {
-        int64_t c;
-        for (c = 0; c < cols; c++) x[r * cols + c] = moe_e4m3_to_f32(q[r * cols + c]) * scales[r * nb + c / block];
-    }
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_fp8_quantize_blocks(moe_ctx *ctx, const float *x, int64_t rows, int64_t cols,
-                                           int64_t block, uint8_t *q, float *scales) {
-    int64_t nbr, nbc, bi;
-    MOE__TRY(moe__check_quant_args(ctx, "moe_fp8_quantize_blocks", x, q, scales, rows, cols, block));
-    nbr = (rows + block - 1) / block;
-    nbc = (cols + block - 1) / block;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (rows * cols > 65536))
-    for (bi = 0; bi < nbr * nbc; bi++) {
-        int64_t br = bi / nbc, bc = bi % nbc, r0 = br * block, c0 = bc * block;
-        int64_t nr = rows - r0 < block ? rows - r0 : block, nc = cols - c0 < block ? cols - c0 : block, r, c;
-        float amax = 0.0f, s;
-        for (r = 0; r < nr; r++) {
-            float m = moe__amax(x + (r0 + r) * cols + c0, nc);
-            amax = m > amax ? m : amax;
-        }
-        s = moe_fp8_scale(amax);
-        scales[bi] = s;
-        for (r = 0; r < nr; r++)
-            for (c = 0; c < nc; c++) q[(r0 + r) * cols + c0 + c] = moe_f32_to_e4m3(x[(r0 + r) * cols + c0 + c] / s);
-    }
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, const float *scales,
-                                             int64_t rows, int64_t cols, int64_t block, float *x) {
-    int64_t nbc, r;
-    MOE__TRY(moe__check_quant_args(ctx, "moe_fp8_dequantize_blocks", q, x, scales, rows, cols, block));
-    nbc = (cols + block - 1) / block;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (rows * cols > 65536))
-    for (r = 0; r < rows; r++) {
-        int64_t c;
-        for (c = 0; c < cols; c++)
-            x[r * cols + c] = moe_e4m3_to_f32(q[r * cols + c]) * scales[(r / block) * nbc + c / block];
-    }
-    return MOE_OK;
-}
-
-/* ============================================================================================
-   3. tensor
-   ============================================================================================ */
-
-static const size_t moe__dtype_sizes[MOE_DTYPE_COUNT] = {sizeof(moe_real), 2, 2, 1, 1, 4};
-static const char *const moe__dtype_names[MOE_DTYPE_COUNT] = {"f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "i32"};
-
-MOE_API size_t moe_dtype_size(moe_dtype dtype) {
-    return ((int)dtype >= 0 && dtype < MOE_DTYPE_COUNT) ? moe__dtype_sizes[dtype] : 0;
-}
-MOE_API const char *moe_dtype_name(moe_dtype dtype) {
-    return ((int)dtype >= 0 && dtype < MOE_DTYPE_COUNT) ? moe__dtype_names[dtype] : "invalid";
-}
-
-#define MOE__MAX_ELEMS ((int64_t)1 << 48)
-
-/* Validate dtype and shape, fill t's metadata (no data). */
-static moe_status moe__tensor_meta(moe_ctx *ctx, const char *fn, moe_tensor *t, moe_dtype dtype, int ndim,
-                                   const int64_t *shape) {
-    int i;
-    int64_t n = 1;
-    memset(t, 0, sizeof *t);
-    if ((int)dtype < 0 || dtype >= MOE_DTYPE_COUNT) return moe__fail(ctx, MOE_ERR_DTYPE, "%s: invalid dtype %d", fn, (int)dtype);
-    if (ndim < 1 || ndim > MOE_MAX_DIMS) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: ndim must be 1..%d, got %d", fn, MOE_MAX_DIMS, ndim);
-    if (!shape) return moe__fail(ctx, MOE_ERR_ARG, "%s: shape is NULL", fn);
-    for (i = 0; i < ndim; i++) {
-        if (shape[i] <= 0) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: dim %d is %lld, dims must be positive", fn, i, (long long)shape[i]);
-        if (shape[i] > MOE__MAX_ELEMS / n) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: shape too large (more than 2^48 elements)", fn);
-        n *= shape[i];
-        t->shape[i] = shape[i];
-    }
-    t->dtype = dtype;
-    t->ndim = ndim;
-    t->numel = n;
-    t->device = MOE_DEVICE_CPU;
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_tensor_new(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape, moe_tensor **out) {
-    moe_tensor meta, *t;
-    size_t bytes;
-    MOE__CHECK_CTX(ctx);
-    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_new: out is NULL");
-    *out = NULL;
-    MOE__TRY(moe__tensor_meta(ctx, "moe_tensor_new", &meta, dtype, ndim, shape));
-    bytes = (size_t)meta.numel * moe_dtype_size(dtype);
-    t = (moe_tensor *)moe__heap_alloc(ctx, sizeof *t);
-    if (!t) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_tensor_new: out of memory");
-    *t = meta;
-    t->data = moe__heap_calloc(ctx, bytes);
-    if (!t->data) {
-        MOE_FREE(t);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_tensor_new: out of memory for %zu bytes", bytes);
-    }
-    *out = t;
-    return MOE_OK;
-}
-
-MOE_API void moe_tensor_free(moe_ctx *ctx, moe_tensor *t) {
-    (void)ctx;
-    if (!t || t->in_arena) return; /* arena tensors go with moe_ctx_reset */
-    if (t->grad) {
-        MOE_FREE(t->grad->data);
-        MOE_FREE(t->grad);
-    }
-    if (!t->base) {
-        MOE_FREE(t->data);
-        MOE_FREE(t->scales);
-    }
-    MOE_FREE(t);
-}
-
-MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape, moe_tensor **out) {
-    moe_tensor meta, *t;
-    MOE__CHECK_CTX(ctx);
-    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_temp: out is NULL");
-    *out = NULL;
-    MOE__TRY(moe__tensor_meta(ctx, "moe_tensor_temp", &meta, dtype, ndim, shape));
-    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "moe_tensor_temp");
-    if (!t) return MOE_ERR_MEMORY;
-    *t = meta;
-    t->in_arena = 1;
-    t->data = moe__arena_alloc(ctx, (size_t)meta.numel, moe_dtype_size(dtype), "moe_tensor_temp");
-    if (!t->data) return MOE_ERR_MEMORY;
-    *out = t;
-    return MOE_OK;
-}
-
-/* An op's output in the step arena, NOT zeroed: for outputs the op writes in full. */
-static moe_status moe__tensor_out(moe_ctx *ctx, int ndim, const int64_t *shape, moe_tensor **out) {
-    moe_tensor meta, *t;
-    MOE__TRY(moe__tensor_meta(ctx, "op output", &meta, MOE_F32, ndim, shape));
-    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "op output");
-    if (!t) return MOE_ERR_MEMORY;
-    *t = meta;
-    t->in_arena = 1;
-    t->data = moe__scratch_real(ctx, meta.numel, "op output");
-    if (!t->data) return MOE_ERR_MEMORY;
-    *out = t;
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_tensor_set_requires_grad(moe_ctx *ctx, moe_tensor *t, int on) {
-    MOE__CHECK_CTX(ctx);
-    if (!t) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_set_requires_grad: tensor is NULL");
-    if (on && t->dtype != MOE_F32)
-        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_tensor_set_requires_grad: only f32 tensors take gradients, this one is %s",
-                         moe_dtype_name(t->dtype));
-    if (on && t->in_arena)
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_set_requires_grad: use it on heap tensors (parameters), not op outputs");
-    t->requires_grad = on != 0;
-    if (on && !t->grad) {
-        moe_tensor *g;
-        MOE__TRY(moe_tensor_new(ctx, MOE_F32, t->ndim, t->shape, &g));
-        t->grad = g;
-    }
-    return MOE_OK;
-}
-
-static double moe__load(const void *data, moe_dtype dtype, int64_t i) {
-    switch (dtype) {
-    case MOE_F32: return (double)((const moe_real *)data)[i];
-    case MOE_BF16: return moe_bf16_to_f32(((const uint16_t *)data)[i]);
-    case MOE_F16: return moe_f16_to_f32(((const uint16_t *)data)[i]);
-    case MOE_FP8_E4M3: return moe_e4m3_to_f32(((const uint8_t *)data)[i]);
-    case MOE_FP8_E5M2: return moe_e5m2_to_f32(((const uint8_t *)data)[i]);
-    case MOE_I32: return (double)((const int32_t *)data)[i];
-    default: return NAN;
-    }
-}
-static void moe__store(void *data, moe_dtype dtype, int64_t i, double v) {
-    switch (dtype) {
-    case MOE_F32: ((moe_real *)data)[i] = (moe_real)v; break;
-    case MOE_BF16: ((uint16_t *)data)[i] = moe_f32_to_bf16((float)v); break;
-    case MOE_F16: ((uint16_t *)data)[i] = moe_f32_to_f16((float)v); break;
-    case MOE_FP8_E4M3: ((uint8_t *)data)[i] = moe_f32_to_e4m3((float)v); break;
-    case MOE_FP8_E5M2: ((uint8_t *)data)[i] = moe_f32_to_e5m2((float)v); break;
-    case MOE_I32: ((int32_t *)data)[i] = (int32_t)v; break;
-    default: break;
-    }
-}
-
-/* Value i of t including its FP8 scale, if any. */
-static double moe__tensor_value(const moe_tensor *t, int64_t i) {
-    double v = moe__load(t->data, t->dtype, i);
-    if (t->scales) {
-        int64_t last = t->shape[t->ndim - 1], B = t->scale_block, r = i / last, c = i % last;
-        int64_t nb = (last + B - 1) / B;
-        if (t->scale_2d) v *= t->scales[(r / B) * nb + c / B];
-        else v *= t->scales[r * nb + c / B];
-    }
-    return v;
-}
-
-MOE_API double moe_tensor_get(const moe_tensor *t, int64_t i) {
-    if (!t || !t->data || i < 0 || i >= t->numel) return NAN;
-    return moe__tensor_value(t, i);
-}
-MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value) {
-    if (!t || !t->data || i < 0 || i >= t->numel || t->scales) return MOE_ERR_ARG;
-    moe__store(t->data, t->dtype, i, value);
-    return MOE_OK;
-}
-
-static int moe__same_shape(const moe_tensor *a, const moe_tensor *b) {
-    int i;
-    if (a->ndim != b->ndim) return 0;
-    for (i = 0; i < a->ndim; i++)
-        if (a->shape[i] != b->shape[i]) return 0;
-    return 1;
-}
-
-/* "[2, 3, 4]" into buf. */
-static const char *moe__shape_str(const moe_tensor *t, char *buf, size_t size) {
-    int i;
-    size_t used = 0;
-    buf[0] = 0;
-    if (!t) return "(null)";
-    used += (size_t)snprintf(buf, size, "[");
-    for (i = 0; i < t->ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    if (used < size) snprintf(buf + used, size - used, "]");
-    return buf;
-}
-
-MOE_API moe_status moe_tensor_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
-    int64_t i;
-    MOE__CHECK_CTX(ctx);
-    if (!dst || !src || !dst->data || !src->data) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_copy: NULL tensor");
-    if (dst->numel != src->numel) {
-        char a[96], b[96];
-        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_tensor_copy: dst %s and src %s differ in size",
-                         moe__shape_str(dst, a, sizeof a), moe__shape_str(src, b, sizeof b));
-    }
-    if (dst->dtype == MOE_FP8_E4M3 && dst->scales) {
-        /* Quantise through float tiles, row by row of the last dim. */
-        int64_t last = dst->shape[dst->ndim - 1], rows = dst->numel / last, B = dst->scale_block;
-        float *tmp = (float *)moe__arena_alloc(ctx, (size_t)dst->numel, sizeof(float), "moe_tensor_copy");
-        if (!tmp) return MOE_ERR_MEMORY;
-        for (i = 0; i < src->numel; i++) tmp[i] = (float)moe__tensor_value(src, i);
-        if (dst->scale_2d) return moe_fp8_quantize_blocks(ctx, tmp, rows, last, B, (uint8_t *)dst->data, dst->scales);
-        return moe_fp8_quantize_tiles(ctx, tmp, rows, last, B, (uint8_t *)dst->data, dst->scales);
-    }
-    if (dst->dtype == src->dtype && !src->scales) {
-        memmove(dst->data, src->data, (size_t)src->numel * moe_dtype_size(src->dtype));
-        return MOE_OK;
-    }
-    for (i = 0; i < src->numel; i++) moe__store(dst->data, dst->dtype, i, moe__tensor_value(src, i));
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_tensor_fill(moe_ctx *ctx, moe_tensor *t, double value) {
-    int64_t i;
-    MOE__CHECK_CTX(ctx);
-    if (!t || !t->data) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill: NULL tensor");
-    if (t->scales) return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_tensor_fill: fill a scaled FP8 tensor via moe_tensor_copy");
-    for (i = 0; i < t->numel; i++) moe__store(t->data, t->dtype, i, value);
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *rng, float mean, float std) {
-    int64_t i;
-    MOE__CHECK_CTX(ctx);
-    if (!t || !t->data || !rng) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: NULL tensor or rng");
-    if (t->dtype == MOE_I32 || t->scales) return moe__fail(ctx, MOE_ERR_DTYPE, "moe_tensor_fill_normal: needs a float tensor");
-    if (!(std >= 0.0f) || !isfinite(std) || !isfinite(mean))
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: mean and std must be finite, std >= 0 (got %g, %g)", (double)mean, (double)std);
-    for (i = 0; i < t->numel; i++)
-        moe__store(t->data, t->dtype, i, (double)mean + (double)std * moe__rng_normal_at(rng->key, rng->counter + 2 * (uint64_t)i));
-    rng->counter += 2 * (uint64_t)t->numel;
-    return MOE_OK;
-}
-
-MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *label) {
-    char line[1024], shape[96];
-    size_t used;
-    int64_t i, n;
-    if (!t) {
-        moe__log(ctx, 0, "%s: (null)", label ? label : "tensor");
-        return;
-    }
-    used = (size_t)snprintf(line, sizeof line, "%s: %s%s", label ? label : "tensor", moe_dtype_name(t->dtype),
-                            moe__shape_str(t, shape, sizeof shape));
-    n = t->numel < 8 ? t->numel : 8;
-    for (i = 0; i < n && used < sizeof line; i++)
-        used += (size_t)snprintf(line + used, sizeof line - used, " %.6g", moe__tensor_value(t, i));
-    if (t->numel > n && used < sizeof line) snprintf(line + used, sizeof line - used, " ...");
-    moe__log(ctx, 0, "%s", line);
-}
-
-MOE_API void moe_tensor_zero_grad(moe_tensor *t) {
-    if (t && t->grad && t->grad->data) memset(t->grad->data, 0, (size_t)t->grad->numel * sizeof(moe_real));
-}
-
-/* ============================================================================================
-   4. kernels
+   2. numerics — formats, the FP8 quantiser, vector math                             >>numerics
    ============================================================================================
-   Plain loops over moe_real arrays, each a forward and a backward. Work is split over rows
-   (or heads) that no two threads share; sums across rows use fixed row chunks whose partial
-   results are added in chunk order, so the thread count never changes a result bit. */
+   Element-wise math written once for the CPU loops and the CUDA kernels (MOE_HD), its 8-lane
+   AVX2 twins (bit for bit the scalar functions), and FP8 quantisation. */
 
 /* e^x in float, written so that compilers vectorise loops over it (straight-line selects, no
    floorf, no conversion of an unclamped value): Cody–Waite reduction x = n·ln2 + r, a degree-6
@@ -1840,27 +1589,18 @@ MOE_HD float moe_expf(float x) {
     return x != x ? x : p;
 }
 
-static moe_real moe__exp(moe_real x) {
 #ifdef MOE_REAL_F64
-    return exp(x);
+static moe_real moe__exp(moe_real x) { return exp(x); }
+static moe_real moe__ln(moe_real x) { return log(x); }
+static moe_real moe__sqrt(moe_real x) { return sqrt(x); }
 #else
-    return moe_expf(x);
+static moe_real moe__exp(moe_real x) { return moe_expf(x); }
+static moe_real moe__ln(moe_real x) { return logf(x); }
+static moe_real moe__sqrt(moe_real x) { return sqrtf(x); }
 #endif
-}
-static moe_real moe__ln(moe_real x) {
-#ifdef MOE_REAL_F64
-    return log(x);
-#else
-    return logf(x);
-#endif
-}
-static moe_real moe__sqrt(moe_real x) {
-#ifdef MOE_REAL_F64
-    return sqrt(x);
-#else
-    return sqrtf(x);
-#endif
-}
+
+/* x rounded to the nearest bf16 value (ties to even): what a BF16 operand holds. */
+static moe_real moe__round_bf16(moe_real x) { return (moe_real)moe_bf16_to_f32(moe_f32_to_bf16((float)x)); }
 
 /* Element-wise math shared with the CUDA kernels. */
 MOE_HD moe_real moe_sigmoid_scalar(moe_real x) {
@@ -1884,43 +1624,679 @@ MOE_HD void moe_rope_rotate(moe_real *a, moe_real *b, moe_real c, moe_real s) {
     *b = x0 * s + x1 * c;
 }
 
-#define MOE__ROW_CHUNK 64 /* rows per partial sum in cross-row reductions */
 
-/* ---- GEMM ------------------------------------------------------------------------------- */
 
-/* op(A) element (i, p) and op(B) element (p, j) for the portable path. */
-#define MOE__GEMM_A(i, p) (ta ? A[(p) * lda + (i)] : A[(i) * lda + (p)])
-#define MOE__GEMM_B(p, j) (tb ? B[(j) * ldb + (p)] : B[(p) * ldb + (j)])
+/* Element i of an array of any dtype as double, and back (MOE_F32 means moe_real). */
+static double moe__load(const void *data, moe_dtype dtype, int64_t i) {
+    switch (dtype) {
+    case MOE_F32: return (double)((const moe_real *)data)[i];
+    case MOE_BF16: return moe_bf16_to_f32(((const uint16_t *)data)[i]);
+    case MOE_F16: return moe_f16_to_f32(((const uint16_t *)data)[i]);
+    case MOE_FP8_E4M3: return moe_e4m3_to_f32(((const uint8_t *)data)[i]);
+    case MOE_FP8_E5M2: return moe_e5m2_to_f32(((const uint8_t *)data)[i]);
+    case MOE_I32: return (double)((const int32_t *)data)[i];
+    default: return NAN;
+    }
+}
+static void moe__store(void *data, moe_dtype dtype, int64_t i, double v) {
+    switch (dtype) {
+    case MOE_F32: ((moe_real *)data)[i] = (moe_real)v; break;
+    case MOE_BF16: ((uint16_t *)data)[i] = moe_f32_to_bf16((float)v); break;
+    case MOE_F16: ((uint16_t *)data)[i] = moe_f32_to_f16((float)v); break;
+    case MOE_FP8_E4M3: ((uint8_t *)data)[i] = moe_f32_to_e4m3((float)v); break;
+    case MOE_FP8_E5M2: ((uint8_t *)data)[i] = moe_f32_to_e5m2((float)v); break;
+    case MOE_I32: ((int32_t *)data)[i] = (int32_t)v; break;
+    default: break;
+    }
+}
 
-static moe_real moe__round_bf16(moe_real x) { return (moe_real)moe_bf16_to_f32(moe_f32_to_bf16((float)x)); }
+/* ---- 8-lane building blocks (AVX2) of the CPU kernels ---- */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MOE_NO_SIMD) && !defined(MOE_REAL_F64)
+#define MOE__SIMD_AVX2 1
+/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
+   to the scalar function (and the tails of the row loops below can use it). */
+static __m256 moe__exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
+    __m256i ni, e;
+    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+    p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    ni = _mm256_cvttps_epi32(n);
+    e = _mm256_min_epi32(ni, bias);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23)));
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), bias), 23)));
+    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
 
-/* The portable GEMM on moe_real: c[i,j] = alpha·Σ_p a·b + beta·c, p ascending. Also the
-   double-precision path of MOE_REAL_F64 builds. bf16 rounds each operand first. */
-static void moe__gemm_portable(int n_threads, int ta, int tb, int64_t m, int64_t n, int64_t k, moe_real alpha,
-                               const moe_real *A, int64_t lda, const moe_real *B, int64_t ldb, moe_real beta,
-                               moe_real *C, int64_t ldc, int bf16) {
-    int64_t i;
-    (void)n_threads;
-    MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (m * n * k > 32768))
-    for (i = 0; i < m; i++) {
-        int64_t j, p;
-        for (j = 0; j < n; j++) {
-            moe_real acc = 0;
-            if (bf16) {
-                for (p = 0; p < k; p++) acc += moe__round_bf16(MOE__GEMM_A(i, p)) * moe__round_bf16(MOE__GEMM_B(p, j));
+/* Lane sum in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs. */
+static float moe__hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static float moe__hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ---- FP8 quantisation ---- */
+
+/* The smallest power of two ≥ s (s a positive normal float). */
+static float moe__pow2_at_or_above(float s) {
+    int e;
+    float f = frexpf(s, &e); /* s = f·2^e, f in [0.5, 1) */
+    return f == 0.5f ? s : ldexpf(1.0f, e);
+}
+
+static void moe__e4m3_table(float lut[256]) {
+    int i;
+    for (i = 0; i < 256; i++) lut[i] = moe_e4m3_to_f32((uint8_t)i);
+}
+
+/* moe_f32_to_e4m3(v) for |v| ≤ 464, without branches on the rounding: normal values round
+   their mantissa to 3 bits by the carry trick (a carry moves into the exponent, as it
+   should), values below 2^-6 to multiples of the subnormal step 2^-9. Quantisation divides
+   by amax/448, so every value it encodes is in range. */
+static uint8_t moe__e4m3_in_range(float v) {
+    uint32_t u = moe__f32_bits(v), au = u & 0x7FFFFFFFu, sign = (u >> 24) & 0x80u;
+    if (au >= 0x3C800000u) { /* ≥ 2^-6 */
+        uint32_t r = au + 0x7FFFFu + ((au >> 20) & 1u);
+        return (uint8_t)(sign | ((r >> 20) - (120u << 3))); /* (float exponent − 127 + 7)·8 + mantissa */
+    }
+    {
+        /* round to nearest even in units of 2^-9: adding 1.5·2^23 leaves the integer part */
+        float t = moe__bits_f32(au) * 512.0f + 12582912.0f;
+        return (uint8_t)(sign | (uint32_t)(t - 12582912.0f));
+    }
+}
+
+#ifdef MOE__SIMD_AVX2
+/* moe__e4m3_in_range on 8 lanes (each |v| ≤ 464): the codes (as int32 lanes) and, returned,
+   their values with v's sign — what a table decode of the codes gives, bit for bit. */
+static __m256 moe__e4m3_round8(__m256 v, __m256i *codes) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), one = _mm256_set1_epi32(1);
+    const __m256 big = _mm256_set1_ps(12582912.0f);
+    __m256i u = _mm256_castps_si256(v), au = _mm256_and_si256(u, abs_mask), sign = _mm256_andnot_si256(abs_mask, u);
+    __m256i normal = _mm256_cmpgt_epi32(au, _mm256_set1_epi32(0x3C7FFFFF)); /* ≥ 2^-6 */
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(au, _mm256_set1_epi32(0x7FFFF)), _mm256_and_si256(_mm256_srli_epi32(au, 20), one));
+    __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(au), _mm256_set1_ps(512.0f)), big), big);
+    __m256 mag = _mm256_blendv_ps(_mm256_mul_ps(k, _mm256_set1_ps(1.0f / 512.0f)),
+                                  _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFF00000u))),
+                                  _mm256_castsi256_ps(normal));
+    *codes = _mm256_or_si256(_mm256_blendv_epi8(_mm256_cvttps_epi32(k), _mm256_sub_epi32(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(960)), normal),
+                             _mm256_srli_epi32(sign, 24));
+    return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+}
+/* The low bytes of 8 int32 lanes, stored at q. */
+static void moe__store_low_bytes8(uint8_t *q, __m256i c) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(c, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64((__m128i *)(void *)q, _mm256_castsi256_si128(b));
+}
+#endif
+
+/* The max-abs of x[0..n) folded into m (a NaN never wins). */
+static float moe__amax_fold(const moe_real *x, int64_t n, float m) {
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    if (n >= 8) {
+        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        __m256 acc = _mm256_set1_ps(m);
+        for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
+        m = moe__hmax8(acc);
+    }
+#endif
+    for (; i < n; i++) m = fabsf((float)x[i]) > m ? fabsf((float)x[i]) : m;
+    return m;
+}
+
+/* codes/out of x[0..n) with scale s, or with scale s_each[i] for element i when s_each is
+   given: codes[i] = e4m3(x[i]/scale), out[i] = the code's value × scale (either may be NULL). */
+static void moe__fp8_encode(const moe_real *x, int64_t n, float s, const float *s_each, const float *lut, uint8_t *codes,
+                            moe_real *out) {
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), lim = _mm256_set1_ps(464.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 sv = s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s), v = _mm256_div_ps(_mm256_loadu_ps(x + i), sv), y;
+        __m256i c;
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v, abs_mask), lim, _CMP_LE_OQ)) != 0xFF) break; /* NaN, inf */
+        y = moe__e4m3_round8(v, &c);
+        if (codes) moe__store_low_bytes8(codes + i, c);
+        if (out) _mm256_storeu_ps(out + i, _mm256_mul_ps(y, sv));
+    }
+#endif
+    for (; i < n; i++) {
+        float si = s_each ? s_each[i] : s, v = (float)x[i] / si;
+        uint8_t q = fabsf(v) <= 464.0f ? moe__e4m3_in_range(v) : moe_f32_to_e4m3(v); /* NaN, inf: slow path */
+        if (codes) codes[i] = q;
+        if (out) out[i] = (moe_real)(lut[q] * si);
+    }
+}
+
+/* x[i] = lut[q[i]] · scale for i < n: scale s, or s_each[i] when s_each is given. */
+static void moe__fp8_decode(const uint8_t *q, int64_t n, float s, const float *s_each, const float *lut, moe_real *x) {
+    int64_t i = 0;
+#ifdef MOE__SIMD_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i))), 4);
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(v, s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s)));
+    }
+#endif
+    for (; i < n; i++) x[i] = (moe_real)(lut[q[i]] * (s_each ? s_each[i] : s));
+}
+
+/* E4M3 quantisation of the row groups [g0, g1) of x [rows, cols] (row stride ldx) in groups
+   of gr×gc elements, each with its own scale amax/448 (moe_fp8_scale; with pow2 the power of
+   two at or above it) computed from the data: codes[r·cols + c] = e4m3(x/scale), scales
+   [(r/gr)·ceil(cols/gc) + c/gc]. out (may be NULL, or x when ldx = cols) receives the
+   dequantised values code·scale, the operand an FP8 GEMM multiplies. The one quantiser: the
+   public functions, the FP8 GEMMs and the FP8 stashes all come here. */
+static void moe__fp8_quantize_groups(const moe_real *x, int64_t ldx, int64_t rows, int64_t cols, int64_t gr, int64_t gc,
+                                     int pow2, uint8_t *codes, float *scales, moe_real *out, int64_t g0, int64_t g1) {
+    int64_t ngc = (cols + gc - 1) / gc, g;
+    float lut[256];
+    moe__e4m3_table(lut);
+    for (g = g0; g < g1; g++) {
+        int64_t r0 = g * gr, r1 = r0 + gr < rows ? r0 + gr : rows, r, c, cg;
+        float *sc = scales + g * ngc;
+        for (cg = 0; cg < ngc; cg++) sc[cg] = 0.0f;
+        for (r = r0; r < r1; r++) {
+            const moe_real *row = x + r * ldx;
+            if (gc == 1) {
+                /* one scale per column: the running max of each column over the group's rows */
+                c = 0;
+#ifdef MOE__SIMD_AVX2
+                {
+                    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+                    for (; c + 8 <= cols; c += 8)
+                        _mm256_storeu_ps(sc + c, _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + c), abs_mask), _mm256_loadu_ps(sc + c)));
+                }
+#endif
+                for (; c < cols; c++) sc[c] = fabsf((float)row[c]) > sc[c] ? fabsf((float)row[c]) : sc[c];
             } else {
-                for (p = 0; p < k; p++) acc += MOE__GEMM_A(i, p) * MOE__GEMM_B(p, j);
+                for (cg = 0; cg < ngc; cg++) sc[cg] = moe__amax_fold(row + cg * gc, (cg + 1) * gc < cols ? gc : cols - cg * gc, sc[cg]);
             }
-            C[i * ldc + j] = beta == 0 ? alpha * acc : alpha * acc + beta * C[i * ldc + j];
+        }
+        for (cg = 0; cg < ngc; cg++) sc[cg] = pow2 ? moe__pow2_at_or_above(moe_fp8_scale(sc[cg])) : moe_fp8_scale(sc[cg]);
+        for (r = r0; r < r1; r++) {
+            uint8_t *q = codes ? codes + r * cols : NULL;
+            moe_real *o = out ? out + r * cols : NULL;
+            if (gc == 1) {
+                moe__fp8_encode(x + r * ldx, cols, 0.0f, sc, lut, q, o);
+                continue;
+            }
+            for (cg = 0; cg < ngc; cg++) {
+                int64_t c0 = cg * gc, n = c0 + gc < cols ? gc : cols - c0;
+                moe__fp8_encode(x + r * ldx + c0, n, sc[cg], NULL, lut, q ? q + c0 : NULL, o ? o + c0 : NULL);
+            }
         }
     }
 }
 
-/* ---- GEMM kernels: packed, SIMD (AVX2 FP32, AVX512_BF16), threaded over M and N only ---- */
-#ifndef MOE_REAL_F64 /* the double-precision build uses the portable path */
-#define MOE__HAVE_SIMD_GEMM 1
-/* ==== moe__gemm: CPU GEMM (FP32 / BF16 compute, FP32 accumulation) ======================
-   C[m,n] = alpha·op(A)·op(B) + beta·C, C row-major.
+/* x = code·scale for the row groups [g0, g1) of codes [rows, cols] in gr×gc groups. */
+static void moe__fp8_dequantize_groups(const uint8_t *codes, const float *scales, int64_t rows, int64_t cols, int64_t gr,
+                                       int64_t gc, moe_real *x, int64_t g0, int64_t g1) {
+    int64_t ngc = (cols + gc - 1) / gc, r, cg;
+    float lut[256];
+    moe__e4m3_table(lut);
+    for (r = g0 * gr; r < g1 * gr && r < rows; r++) {
+        const float *sr = scales + (r / gr) * ngc;
+        if (gc == 1) {
+            moe__fp8_decode(codes + r * cols, cols, 0.0f, sr, lut, x + r * cols);
+            continue;
+        }
+        for (cg = 0; cg < ngc; cg++) {
+            int64_t c0 = cg * gc, n = c0 + gc < cols ? gc : cols - c0;
+            moe__fp8_decode(codes + r * cols + c0, n, sr[cg], NULL, lut, x + r * cols + c0);
+        }
+    }
+}
+
+
+/* The quantiser and its inverse over a whole array, split over the context's threads by row
+   group: the CPU backend's fp8 entries and the public functions below. */
+typedef struct moe__fp8_job {
+    const moe_real *x;
+    const uint8_t *codes_in;
+    uint8_t *codes;
+    const float *scales_in;
+    float *scales;
+    moe_real *out;
+    int64_t rows, cols, gr, gc;
+    int pow2;
+} moe__fp8_job;
+static void moe__fp8_quantize_range(void *arg, int64_t g0, int64_t g1, int tid) {
+    const moe__fp8_job *j = (const moe__fp8_job *)arg;
+    (void)tid;
+    moe__fp8_quantize_groups(j->x, j->cols, j->rows, j->cols, j->gr, j->gc, j->pow2, j->codes, j->scales, j->out, g0, g1);
+}
+static void moe__fp8_dequantize_range(void *arg, int64_t g0, int64_t g1, int tid) {
+    const moe__fp8_job *j = (const moe__fp8_job *)arg;
+    (void)tid;
+    moe__fp8_dequantize_groups(j->codes_in, j->scales_in, j->rows, j->cols, j->gr, j->gc, j->out, g0, g1);
+}
+static void moe__fp8_quantize_all(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2,
+                                  uint8_t *codes, float *scales, moe_real *deq) {
+    moe__fp8_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.rows = rows; j.cols = cols; j.gr = gr; j.gc = gc; j.pow2 = pow2; j.codes = codes; j.scales = scales; j.out = deq;
+    moe__parallel_for(ctx, (rows + gr - 1) / gr, (double)(gr * cols) / 4, 0, moe__fp8_quantize_range, &j);
+}
+static void moe__fp8_dequantize_all(moe_ctx *ctx, const uint8_t *codes, const float *scales, int64_t rows, int64_t cols,
+                                    int64_t gr, int64_t gc, moe_real *x) {
+    moe__fp8_job j;
+    memset(&j, 0, sizeof j);
+    j.codes_in = codes; j.scales_in = scales; j.rows = rows; j.cols = cols; j.gr = gr; j.gc = gc; j.out = x;
+    moe__parallel_for(ctx, (rows + gr - 1) / gr, (double)(gr * cols) / 4, 0, moe__fp8_dequantize_range, &j);
+}
+
+/* ---- the public FP8 functions (host arrays of float) ---- */
+
+static moe_status moe__check_quant_args(moe_ctx *ctx, const char *fn, const void *src, const void *dst,
+                                        const float *scales, int64_t rows, int64_t cols, int64_t block) {
+    MOE__CHECK_CTX(ctx);
+    if (!src || !dst || !scales) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL data or scales pointer", fn);
+    if (rows < 0 || cols < 0) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: negative shape [%lld, %lld]", fn, (long long)rows, (long long)cols);
+    if (block <= 0) return moe__fail(ctx, MOE_ERR_ARG, "%s: block size must be positive, got %lld", fn, (long long)block);
+    return MOE_OK;
+}
+
+/* The public functions take the caller's float arrays (moe_real is double in MOE_REAL_F64
+   builds: then through a converted copy) and amax/448 scales. */
+static moe_status moe__fp8_public(moe_ctx *ctx, const char *fn, const float *x, const uint8_t *q_in, uint8_t *q, float *scales,
+                                  float *x_out, int64_t rows, int64_t cols, int64_t block, int blocks) {
+    int64_t n = rows * cols, i, gr = blocks ? block : 1;
+    moe_real *tmp = NULL;
+    MOE__TRY(moe__check_quant_args(ctx, fn, x ? (const void *)x : (const void *)q_in, q ? (void *)q : (void *)x_out, scales,
+                                   rows, cols, block));
+    if (rows == 0 || cols == 0) return MOE_OK;
+    if (sizeof(moe_real) != sizeof(float)) {
+        tmp = (moe_real *)moe__heap_alloc(ctx, (size_t)n * sizeof(moe_real));
+        if (!tmp) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+        for (i = 0; x && i < n; i++) tmp[i] = (moe_real)x[i];
+    }
+    if (x)
+        moe__fp8_quantize_all(ctx, tmp ? tmp : (const moe_real *)(const void *)x, rows, cols, gr, block, 0, q, scales, NULL);
+    else
+        moe__fp8_dequantize_all(ctx, q_in, scales, rows, cols, gr, block, tmp ? tmp : (moe_real *)(void *)x_out);
+    for (i = 0; tmp && x_out && i < n; i++) x_out[i] = (float)tmp[i];
+    MOE_FREE(tmp);
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_fp8_quantize_tiles(moe_ctx *ctx, const float *x, int64_t rows, int64_t cols, int64_t block, uint8_t *q,
+                                          float *scales) {
+    return moe__fp8_public(ctx, "moe_fp8_quantize_tiles", x, NULL, q, scales, NULL, rows, cols, block, 0);
+}
+MOE_API moe_status moe_fp8_dequantize_tiles(moe_ctx *ctx, const uint8_t *q, const float *scales, int64_t rows, int64_t cols,
+                                            int64_t block, float *x) {
+    return moe__fp8_public(ctx, "moe_fp8_dequantize_tiles", NULL, q, NULL, (float *)(uintptr_t)scales, x, rows, cols, block, 0);
+}
+MOE_API moe_status moe_fp8_quantize_blocks(moe_ctx *ctx, const float *x, int64_t rows, int64_t cols, int64_t block, uint8_t *q,
+                                           float *scales) {
+    return moe__fp8_public(ctx, "moe_fp8_quantize_blocks", x, NULL, q, scales, NULL, rows, cols, block, 1);
+}
+MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, const float *scales, int64_t rows, int64_t cols,
+                                             int64_t block, float *x) {
+    return moe__fp8_public(ctx, "moe_fp8_dequantize_blocks", NULL, q, NULL, (float *)(uintptr_t)scales, x, rows, cols, block, 1);
+}
+
+/* ============================================================================================
+   3. kernels — the kernel interface, the contract a backend fills                    >>kernels
+   ============================================================================================
+   Everything that reads or writes activations, weights, gradients or optimizer moments goes
+   through one table of entry points, the context's backend (ctx->conf.be). Sections 4 and 5
+   fill it for the CPU (SIMD + OpenMP); moe_cuda.cuh fills it for a GPU. Sections 6–13 are
+   orchestration written once for every backend: they decide shapes, order and what to keep
+   for backward, get device memory from the table, and call its entries; they hold no
+   parallel region, no SIMD and no loop over activation values.
+
+   Every entry
+   - takes the context first and returns moe_status (a message in the context on failure);
+   - takes device pointers, except those named host_* (index bookkeeping the host needs, and
+     scalar results such as a loss sum); arrays are row-major, `ld` is a row stride in elements;
+   - reads and writes moe_real values (MOE_F32), int32 indices, FP8 codes as bytes with float
+     scales; outputs marked "+=" accumulate, the others are overwritten;
+   - gives results that do not depend on the thread count or on how a device schedules its
+     work: every sum runs in a fixed order.
+   tests/test_backend.c walks the whole table against plain references, each entry in its
+   exactness class: bit-exact (copies, gathers, conversions, quantisation, routing),
+   ULP-bounded (element- and row-wise math) or order-dependent (GEMMs, attention, sums:
+   normalised error ‖a − b‖/‖b‖). */
+
+typedef enum moe__copy_kind { MOE__H2D = 0, MOE__D2H = 1, MOE__D2D = 2 } moe__copy_kind;
+
+/* One GEMM call: C[i] = alpha·op(A[i])·op(B[i]) (+ C[i] with accumulate) for i < batch, the
+   operands of product i at a + i·stride_a, b + i·stride_b, c + i·stride_c. op(A) is m×k: A is
+   [m, k], or [k, m] with trans_a; op(B) is k×n: B is [k, n], or [n, k] with trans_b (a linear
+   layer's x·Wᵀ). precision: MOE_F32; MOE_BF16 (operands rounded to bf16, FP32 sums); or
+   MOE_FP8_E4M3, where each operand is quantised as its role in the DeepSeek-V3 recipe says
+   (Fprop X, Dgrad dY: 1×B tiles along their rows; weights: B×B blocks; Wgrad dY and X: B×1
+   tiles down their columns) with the context's FP8 options, then multiplied exactly. */
+typedef struct moe__gemm_op {
+    int64_t m, n, k, batch;
+    const moe_real *a; int64_t lda, stride_a; int trans_a;
+    const moe_real *b; int64_t ldb, stride_b; int trans_b;
+    moe_real *c; int64_t ldc, stride_c;
+    moe_real alpha;
+    int accumulate;
+    moe_dtype precision;
+    moe_fp8_role role_a, role_b; /* FP8 only */
+} moe__gemm_op;
+
+/* The optimizer's update of a slab of n parameters p with gradients g and moments m, v (f32
+   or bf16), cut into segments with their weight decay; per element, in float:
+   g ← g·grad_scale; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p); then g ← 0. Segments are in slab
+   order and do not overlap. */
+typedef struct moe__adamw_segment {
+    int64_t start, len;
+    float decay; /* lr·weight_decay, or 0 */
+} moe__adamw_segment;
+typedef struct moe__adamw_op {
+    moe_real *p, *g;
+    void *m, *v;
+    moe_dtype moment_dtype;
+    const moe__adamw_segment *host_segments;
+    int64_t n_segments;
+    float grad_scale, beta1, beta2, eps, step, inv_bc2;
+} moe__adamw_op;
+
+/* Distillation rows (section 11 states the losses and their gradients): student logits zs
+   [rows, V] against a teacher given as full logits zt [rows, V] (k = 0), or as its top-k (ids,
+   logp [rows, k] at temperature T, tail [rows]); labels [rows] for the hard-label term
+   (NULL: every row counts, no hard-label term). */
+typedef struct moe__distill_op {
+    int64_t rows, V, k;
+    const moe_real *zt;
+    const int32_t *ids;
+    const moe_real *logp, *tail;
+    const int32_t *labels;
+    int32_t ignore_index;
+    moe_real alpha, temperature;
+    int reverse;                       /* KL(q‖p) instead of KL(p‖q) */
+    moe_real *lse1, *lseT, *lseX, *kl; /* [rows] each: written by distill_fwd for distill_bwd */
+} moe__distill_op;
+
+struct moe_backend {
+    const char *name;
+    moe_device device;
+
+    /* ---- memory ---- */
+    /* Device memory of `bytes` (zeroed, MOE__ALIGN-aligned) until free. */
+    moe_status (*alloc)(moe_ctx *ctx, size_t bytes, void **out);
+    void (*free)(moe_ctx *ctx, void *p);
+    moe_status (*copy)(moe_ctx *ctx, void *dst, const void *src, size_t bytes, moe__copy_kind kind);
+    moe_status (*memset)(moe_ctx *ctx, void *dst, int byte, size_t bytes);
+    /* Step memory (uninitialised, MOE__ALIGN-aligned) valid until moe_ctx_reset. */
+    moe_status (*scratch)(moe_ctx *ctx, size_t bytes, void **out);
+
+    /* ---- GEMM ---- */
+    moe_status (*gemm)(moe_ctx *ctx, const moe__gemm_op *op);
+    /* The same product for `groups` groups of tokens (the experts of a MoE layer): group e
+       takes the token rows [host_offsets[e], host_offsets[e+1]); the token dimension is m (A and
+       C rows), or k with group_k (A and B rows: a weight gradient per group); B (C with
+       group_k) of group e starts at e·stride_b (e·stride_c). batch must be 1. */
+    moe_status (*gemm_grouped)(moe_ctx *ctx, const moe__gemm_op *op, int64_t groups, const int64_t *host_offsets,
+                               int group_k);
+
+    /* ---- rows ---- */
+    /* y = w ⊙ x / sqrt(mean(x²) + eps) per row of length d; rstd [rows] (may be NULL) keeps
+       1/sqrt(mean(x²) + eps) for backward. */
+    moe_status (*rmsnorm_fwd)(moe_ctx *ctx, const moe_real *x, int64_t ldx, const moe_real *w, int64_t rows, int64_t d,
+                              moe_real eps, moe_real *y, int64_t ldy, moe_real *rstd);
+    /* dx += rstd·(g − x̂·mean(g ⊙ x̂)) with g = dy ⊙ w, x̂ = x·rstd; dw += Σ_rows dy ⊙ x̂ (either NULL). */
+    moe_status (*rmsnorm_bwd)(moe_ctx *ctx, const moe_real *x, const moe_real *w, const moe_real *rstd, const moe_real *dy,
+                              int64_t rows, int64_t d, moe_real *dx, moe_real *dw);
+    moe_status (*softmax_fwd)(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *y);
+    /* dx += y ⊙ (dy − Σ dy ⊙ y) */
+    moe_status (*softmax_bwd)(moe_ctx *ctx, const moe_real *y, const moe_real *dy, int64_t rows, int64_t d, moe_real *dx);
+    /* Per row: lse = log Σ e^x and loss = lse − x[target] unless target == ignore; host_sum gets
+       Σ loss over the rows (summed in row order), host_count the rows that are not ignored. */
+    moe_status (*xent_fwd)(moe_ctx *ctx, const moe_real *x, const int32_t *targets, int32_t ignore, int64_t rows, int64_t V,
+                           moe_real *lse, moe_real *host_sum, int64_t *host_count);
+    /* dx += scale·(softmax(x) − onehot(target)) for the rows that are not ignored. */
+    moe_status (*xent_bwd)(moe_ctx *ctx, const moe_real *x, const int32_t *targets, int32_t ignore, const moe_real *lse,
+                           moe_real scale, int64_t rows, int64_t V, moe_real *dx);
+    /* y = silu(gate) ⊙ up ([rows, cols], input rows at stride ld_in, up NULL: y = silu(gate)). */
+    moe_status (*swiglu_fwd)(moe_ctx *ctx, const moe_real *gate, const moe_real *up, int64_t ld_in, int64_t rows,
+                             int64_t cols, moe_real *y, int64_t ld_y);
+    /* dgate = dy ⊙ up ⊙ silu'(gate), dup = dy ⊙ silu(gate) (up NULL: dgate = dy ⊙ silu'(gate));
+       outputs at stride ld_d, "+=" with accumulate; either output may be NULL. */
+    moe_status (*swiglu_bwd)(moe_ctx *ctx, const moe_real *gate, const moe_real *up, int64_t ld_in, const moe_real *dy,
+                             int64_t rows, int64_t cols, moe_real *dgate, moe_real *dup, int64_t ld_d, int accumulate);
+    /* RoPE in place on the `dim` values at `offset` of each of `heads` vectors (stride
+       head_stride) of `tokens` tokens; token t sits at position pos0 + t % T. cos_sin: the
+       table [positions][dim/2][2]; inverse rotates back (the backward). */
+    moe_status (*rope)(moe_ctx *ctx, moe_real *x, int64_t tokens, int64_t T, int64_t heads, int64_t head_stride,
+                       int64_t offset, int64_t dim, const float *cos_sin, int64_t pos0, moe_rope_layout layout, int inverse);
+    /* The k largest of each row of x [rows, n], descending, ties to the lower index, NaN last. */
+    moe_status (*topk_fwd)(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t n, int64_t k, moe_real *val, int32_t *idx);
+    /* dx[r, idx[r, j]] += dy[r, j] */
+    moe_status (*topk_bwd)(moe_ctx *ctx, const moe_real *dy, const int32_t *idx, int64_t rows, int64_t n, int64_t k,
+                           moe_real *dx);
+
+    /* ---- attention ---- */
+    /* Causal attention: q [B, Tq, H, Dk] over k [B, Tk, H, Dk], v [B, Tk, H, Dv] (Tq ≤ Tk; query
+       i sits at position Tk − Tq + i) → o [B, Tq, H, Dv] and lse [B, H, Tq], the log-sum-exp of
+       each query's scaled scores. */
+    moe_status (*attention_fwd)(moe_ctx *ctx, const moe_real *q, const moe_real *k, const moe_real *v, int64_t B, int64_t Tq,
+                                int64_t Tk, int64_t H, int64_t Dk, int64_t Dv, moe_real scale, moe_real *o, moe_real *lse);
+    /* Its backward for Tq = Tk = T: dq, dk, dv += (any may be NULL). */
+    moe_status (*attention_bwd)(moe_ctx *ctx, const moe_real *q, const moe_real *k, const moe_real *v, const moe_real *o,
+                                const moe_real *lse, const moe_real *dout, int64_t B, int64_t T, int64_t H, int64_t Dk,
+                                int64_t Dv, moe_real scale, moe_real *dq, moe_real *dk, moe_real *dv);
+    /* Decoding over MLA's latent cache (absorbed attention): row t of the n new tokens (at
+       position pos0 + t) attends over cache rows 0..pos0+t of width R; head h's score with row
+       j is scale·(qc[t, h] · cache[j]), and ob[t, h] = Σ_j p_j cache[j, 0..width). */
+    moe_status (*attention_decode)(moe_ctx *ctx, const moe_real *qc, const moe_real *cache, int64_t n, int64_t H, int64_t R,
+                                   int64_t width, int64_t pos0, moe_real scale, moe_real *ob);
+
+    /* ---- MLA, MoE ---- */
+    /* k [n, H, dn + dr] = [k_nope ; k_pe] and v [n, H, dv] from kvb [n, H, dn + dv] =
+       [k_nope ; v] and the shared RoPE key kpe [n, dr] (row stride ld_kpe). */
+    moe_status (*mla_split_kv)(moe_ctx *ctx, const moe_real *kvb, const moe_real *kpe, int64_t ld_kpe, int64_t n, int64_t H,
+                               int64_t dn, int64_t dr, int64_t dv, moe_real *k, moe_real *v);
+    /* Its backward: dkvb = [dk_nope ; dv], dkpe += Σ_h dk_pe (heads in order). */
+    moe_status (*mla_merge_kv)(moe_ctx *ctx, const moe_real *dk, const moe_real *dv, int64_t n, int64_t H, int64_t dn,
+                               int64_t dr, int64_t dv_dim, moe_real *dkvb, moe_real *dkpe);
+    /* The router of n tokens: scores s = sigmoid(z) or softmax(z) [n, E]; chosen [n, K] the
+       experts with the largest s + bias (noaux_tc; plain s otherwise) within the kept groups,
+       best first; gates [n, K] = routed_scaling_factor · (s of the chosen, normalised by
+       sel_sum [n] = their sum when norm_topk_prob). */
+    moe_status (*router_fwd)(moe_ctx *ctx, const moe_config *cfg, const moe_real *z, const moe_real *bias, int64_t n,
+                             moe_real *s, int32_t *chosen, moe_real *gates, moe_real *sel_sum);
+    /* dz [n, E] from dgates [n, K], plus the sequence balance loss's gradient when
+       balance_scale != 0 (f [n/T, E] from balance_loss, T tokens per sequence). */
+    moe_status (*router_bwd)(moe_ctx *ctx, const moe_config *cfg, const moe_real *s, const int32_t *chosen,
+                             const moe_real *sel_sum, const moe_real *dgates, const moe_real *f, moe_real balance_scale,
+                             int64_t n, int64_t T, moe_real *dz);
+    /* The sequence-wise balance loss of B sequences of T tokens before its α/B: host_loss =
+       Σ_b Σ_i f_bi·P_bi with f_bi = E/(K·T)·(slots that chose i) (written to f [B, E]) and
+       P_bi = mean over the sequence of s_i normalised over the experts. */
+    moe_status (*balance_loss)(moe_ctx *ctx, const moe_config *cfg, const moe_real *s, const int32_t *chosen, int64_t B,
+                               int64_t T, moe_real *f, moe_real *host_loss);
+    /* The dispatch plan of n tokens' k choices among E experts: a stable counting sort of the
+       n·k (token, slot) pairs by expert. host_offsets [E+1]: each expert's range of packed rows;
+       row_of [n·k]: the packed row of each pair; slot_of [n·k]: the pair of each packed row. */
+    moe_status (*dispatch_plan)(moe_ctx *ctx, const int32_t *chosen, int64_t n, int64_t k, int64_t E,
+                                int64_t *host_offsets, int32_t *row_of, int32_t *slot_of);
+    /* dst[r] = src[idx[r] / div] for rows of d values (an embedding, a MoE dispatch). */
+    moe_status (*gather_rows)(moe_ctx *ctx, const moe_real *src, const int32_t *idx, int32_t div, int64_t rows, int64_t d,
+                              moe_real *dst);
+    /* dst[idx[r]] += src[r], r in order (an embedding's backward). */
+    moe_status (*scatter_add_rows)(moe_ctx *ctx, const moe_real *src, const int32_t *idx, int64_t rows, int64_t d,
+                                   moe_real *dst);
+    /* y[t] += Σ_j gates[t, j]·src[row_of[t, j]] for j < k in order (gates NULL: 1): the MoE
+       combine, and a dispatch's backward, without atomics. */
+    moe_status (*combine)(moe_ctx *ctx, const moe_real *src, const int32_t *row_of, const moe_real *gates, int64_t n,
+                          int64_t k, int64_t d, moe_real *y);
+    /* A routed expert's gate in backward, per row r: dgate[r] = dact_r · act_r, then dact_r
+       and act_r are scaled by gate[r]. */
+    moe_status (*expert_gate_bwd)(moe_ctx *ctx, const moe_real *gate, int64_t rows, int64_t cols, moe_real *dact,
+                                  moe_real *act, moe_real *dgate);
+
+    /* ---- FP8 ---- */
+    /* E4M3 codes of x [rows, cols] in groups of gr×gc, each scaled by its amax/448 (pow2: the
+       power of two at or above it): scales [ceil(rows/gr)][ceil(cols/gc)]. codes and deq (the
+       dequantised values code·scale) may each be NULL. */
+    moe_status (*fp8_quantize)(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2,
+                               uint8_t *codes, float *scales, moe_real *deq);
+    moe_status (*fp8_dequantize)(moe_ctx *ctx, const uint8_t *codes, const float *scales, int64_t rows, int64_t cols,
+                                 int64_t gr, int64_t gc, moe_real *x);
+
+    /* ---- element-wise ---- */
+    /* n values from one dtype to another (round to nearest even, saturating to finite for FP8). */
+    moe_status (*convert)(moe_ctx *ctx, const void *src, moe_dtype src_dtype, int64_t n, void *dst, moe_dtype dst_dtype);
+    /* dst rows (+)= src rows: [rows, cols] blocks at row strides lds and ldd. */
+    moe_status (*copy2d)(moe_ctx *ctx, const moe_real *src, int64_t lds, int64_t rows, int64_t cols, moe_real *dst,
+                         int64_t ldd, int accumulate);
+    /* y = a + b with b repeating every nb values (nb = n: plain). */
+    moe_status (*add)(moe_ctx *ctx, const moe_real *a, const moe_real *b, int64_t n, int64_t nb, moe_real *y);
+    /* y (+)= a ⊙ b */
+    moe_status (*mul)(moe_ctx *ctx, const moe_real *a, const moe_real *b, int64_t n, moe_real *y, int accumulate);
+    /* y = alpha·x */
+    moe_status (*scale)(moe_ctx *ctx, moe_real alpha, const moe_real *x, int64_t n, moe_real *y);
+    /* y += alpha·x */
+    moe_status (*axpy)(moe_ctx *ctx, moe_real alpha, const moe_real *x, int64_t n, moe_real *y);
+    moe_status (*fill)(moe_ctx *ctx, moe_real value, int64_t n, moe_real *x);
+    /* x[i] = mean + std·N_i, N_i the Box–Muller normal of counters (counter + 2i, +1) of key. */
+    moe_status (*fill_normal)(moe_ctx *ctx, uint64_t key, uint64_t counter, moe_real mean, moe_real std, int64_t n,
+                              moe_real *x);
+
+    /* ---- reductions ---- */
+    /* host_sum = Σ x in order (moe_real). */
+    moe_status (*sum)(moe_ctx *ctx, const moe_real *x, int64_t n, moe_real *host_sum);
+    /* host_sum = Σ x² in double, in chunks that depend on n alone, added in order. */
+    moe_status (*sumsq)(moe_ctx *ctx, const moe_real *x, int64_t n, double *host_sum);
+    /* out[j] += Σ_r x[r, j] (rows in fixed chunks, added in order). */
+    moe_status (*colsum)(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *out);
+
+    /* ---- optimizer, distillation ---- */
+    moe_status (*adamw)(moe_ctx *ctx, const moe__adamw_op *op);
+    /* Per row that counts, its cross-entropy at T = 1 and KL at T (into op->kl); host_ce and
+       host_kl get their sums in row order (double), host_count the rows that count. */
+    moe_status (*distill_fwd)(moe_ctx *ctx, const moe__distill_op *op, const moe_real *zs, double *host_ce, double *host_kl,
+                              int64_t *host_count);
+    /* dzs += scale·(α·(softmax(zs) − onehot(label)) + (1 − α)·T·dKL/da) per row that counts. */
+    moe_status (*distill_bwd)(moe_ctx *ctx, const moe__distill_op *op, const moe_real *zs, moe_real scale, moe_real *dzs);
+    /* The teacher's top-k at temperature T from logits z [rows, V]: ids [rows, k] (most likely
+       first, ties to the lower id), logp [rows, k] and the probability outside them, tail [rows]
+       (summed directly, in double). A non-finite logit is an error naming it. */
+    moe_status (*teacher_topk)(moe_ctx *ctx, const moe_real *z, int64_t rows, int64_t V, int64_t k, moe_real temperature,
+                               int32_t *ids, moe_real *logp, moe_real *tail);
+};
+
+/* ---- orchestration's side of the contract ---- */
+
+#define MOE__BE(ctx) ((ctx)->conf.be)
+
+MOE_API moe_device moe_ctx_device(const moe_ctx *ctx) { return ctx ? MOE__BE(ctx)->device : MOE_DEVICE_CPU; }
+
+/* Device step memory for n values of `size` bytes (uninitialised), with a message on failure. */
+static void *moe__dev_scratch(moe_ctx *ctx, int64_t n, size_t size, const char *what) {
+    size_t bytes;
+    void *p = NULL;
+    if (n < 0 || moe__mul_overflows((size_t)n, size, &bytes)) {
+        moe__fail(ctx, MOE_ERR_MEMORY, "%s: size overflows", what);
+        return NULL;
+    }
+    if (MOE__BE(ctx)->scratch(ctx, bytes, &p) != MOE_OK) {
+        if (ctx->conf.arena_limit)
+            moe__fail(ctx, MOE_ERR_MEMORY, "%s: step arena limit of %zu bytes reached (%zu in use, %zu more wanted)", what,
+                      ctx->conf.arena_limit, ctx->arena_used, bytes);
+        else
+            moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %zu bytes of step memory", what, bytes);
+        return NULL;
+    }
+    return p;
+}
+/* n moe_real of device step memory, uninitialised (real) or zeroed (zeros). */
+static moe_real *moe__dev_real(moe_ctx *ctx, int64_t n, const char *what) {
+    return (moe_real *)moe__dev_scratch(ctx, n, sizeof(moe_real), what);
+}
+static moe_real *moe__dev_zeros(moe_ctx *ctx, int64_t n, const char *what) {
+    moe_real *p = moe__dev_real(ctx, n, what);
+    if (p && n > 0 && MOE__BE(ctx)->memset(ctx, p, 0, (size_t)n * sizeof(moe_real)) != MOE_OK) return NULL;
+    return p;
+}
+
+/* The descriptor of one product C = op(A)·op(B) (+ C) (alpha 1, batch 1). */
+static moe__gemm_op moe__gemm_1(int64_t m, int64_t n, int64_t k, const moe_real *a, int64_t lda, int trans_a, const moe_real *b,
+                                int64_t ldb, int trans_b, moe_real *c, int64_t ldc, int accumulate, moe_dtype precision) {
+    moe__gemm_op g;
+    memset(&g, 0, sizeof g);
+    g.m = m; g.n = n; g.k = k; g.batch = 1;
+    g.a = a; g.lda = lda; g.trans_a = trans_a;
+    g.b = b; g.ldb = ldb; g.trans_b = trans_b;
+    g.c = c; g.ldc = ldc;
+    g.alpha = 1;
+    g.accumulate = accumulate;
+    g.precision = precision;
+    return g;
+}
+
+/* ---- the FP8 recipe's groupings (reference §5) ---- */
+
+/* The grouping of an operand [rows, cols] in storage order: 1×B tiles along its rows, B×1
+   tiles down its columns, or B×B blocks. */
+typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
+
+/* The recipe: activations and output gradients are quantised along their reduction
+   dimension (Fprop and Dgrad: their rows; Wgrad: down the tokens), weights in blocks. */
+static moe__fp8_group moe__fp8_role_group(moe_fp8_role role) {
+    switch (role) {
+    case MOE_FP8_FPROP_W: case MOE_FP8_DGRAD_W: return MOE__FP8_BLOCKS;
+    case MOE_FP8_WGRAD_DY: case MOE_FP8_WGRAD_X: return MOE__FP8_DOWN_COLS;
+    default: return MOE__FP8_ALONG_ROWS;
+    }
+}
+
+/* Group shape gr×gc of grouping g with block B, or of one scale per tensor. */
+static void moe__fp8_group_dims(int64_t B, int per_tensor, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr,
+                                int64_t *gc) {
+    if (per_tensor) {
+        *gr = rows > 0 ? rows : 1;
+        *gc = cols > 0 ? cols : 1;
+    } else {
+        *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
+        *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
+    }
+}
+/* Group shape of grouping g in the context's mode, and whether its scales are powers of two
+   (all of them, weights too, unless amax_scales). */
+static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
+    moe__fp8_group_dims(ctx->conf.fp8.block, ctx->conf.fp8.per_tensor, g, rows, cols, gr, gc);
+    return !ctx->conf.fp8.amax_scales;
+}
+/* ============================================================================================
+   4. gemm — the CPU GEMM                                                                >>gemm
+   ============================================================================================
+   The backend's two GEMM entries (plain and strided-batched, grouped by expert), and the
+   public moe_gemm, on one engine: a packed SIMD GEMM for everything but the smallest
+   products, a dot-product path for a few rows (decoding), and the scalar reference. FP8
+   products quantise their operands here, as the recipe's roles say, and multiply the exact
+   values on the BF16 kernel.
+
+   The engine: C[m,n] = alpha·op(A)·op(B) + beta·C, C row-major, FP32 (or BF16) operands,
+   FP32 accumulation.
 
    Kernels
    - FP32: 6×16 micro-kernel, 12 ymm accumulators, AVX2+FMA (on Zen 4 a zmm FMA is
@@ -1941,13 +2317,15 @@ static void moe__gemm_portable(int n_threads, int ta, int tb, int64_t m, int64_t
      thread slowed down by a busy core does not hold the others back. Units shrink when
      there are fewer than MOE__GEMM_UNITS_PER_THREAD per thread.
    - Problems under MOE__GEMM_MT_FLOPS run on the calling thread.
+   - The scalar path (MOE_NO_SIMD, moe_ctx_set_simd 0, the double-precision build) makes each
+     element one sum over p in order.
    Determinism
    - The K blocking depends only on k; every element of C is produced by the same
      instruction sequence wherever its tile lies and whichever thread runs it (edge tiles
      run the same kernel on a temporary tile), so C is bit-identical for any thread count.
    - Epilogue per K block: first block C = alpha·acc (beta == 0: C not read) or
      fma(beta, C, alpha·acc); later blocks C = fma(alpha, acc, C).
-   ========================================================================================= */
+ */
 
 typedef enum moe__gemm_isa { MOE__GEMM_SCALAR = 0, MOE__GEMM_AVX2 = 1, MOE__GEMM_AVX512 = 2 } moe__gemm_isa;
 
@@ -1955,13 +2333,13 @@ typedef struct moe__gemm_desc {
     int64_t m, n, k;
     const void *a; int64_t lda; int a_trans; int a_bf16;
     const void *b; int64_t ldb; int b_trans; int b_bf16;
-    float *c; int64_t ldc;
-    float alpha, beta;
+    moe_real *c; int64_t ldc;
+    moe_real alpha, beta;
     int bf16_compute;
     double *backoff; /* the caller's contention state {until, length, started} (NULL: none) */
 } moe__gemm_desc;
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(MOE_NO_SIMD)
+#ifdef MOE__SIMD_AVX2
 #define MOE__GEMM_HAVE_AVX2 1
 #endif
 #if defined(MOE__GEMM_HAVE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -2032,33 +2410,32 @@ static int64_t moe__gemm_rup(int64_t a, int64_t b) { return (a + b - 1) / b * b;
 static int64_t moe__gemm_kcb(int64_t k) { return k <= MOE__GEMM_KC1 ? k : MOE__GEMM_KC; }
 
 /* ---- scalar element access ---- */
-static float moe__gemm_get(const void *p, int bf16, int64_t idx) {
-    return bf16 ? moe_bf16_to_f32(((const uint16_t *)p)[idx]) : ((const float *)p)[idx];
+static moe_real moe__gemm_get(const void *p, int bf16, int64_t idx) {
+    return bf16 ? (moe_real)moe_bf16_to_f32(((const uint16_t *)p)[idx]) : ((const moe_real *)p)[idx];
 }
-static float moe__gemm_geta(const moe__gemm_desc *d, int64_t i, int64_t p) {
+static moe_real moe__gemm_geta(const moe__gemm_desc *d, int64_t i, int64_t p) {
     return moe__gemm_get(d->a, d->a_bf16, d->a_trans ? p * d->lda + i : i * d->lda + p);
 }
-static float moe__gemm_getb(const moe__gemm_desc *d, int64_t p, int64_t j) {
+static moe_real moe__gemm_getb(const moe__gemm_desc *d, int64_t p, int64_t j) {
     return moe__gemm_get(d->b, d->b_bf16, d->b_trans ? j * d->ldb + p : p * d->ldb + j);
 }
-static float moe__gemm_rnd(float x) { return moe_bf16_to_f32(moe_f32_to_bf16(x)); }
 
-/* ---- scalar reference path: rows [m0, m1) ---- */
+/* ---- the scalar path: rows [m0, m1), each element one sum over p in order ---- */
 static void moe__gemm_scalar_rows(const moe__gemm_desc *d, int64_t m0, int64_t m1) {
     int64_t i, j, p;
     int rnd_a = d->bf16_compute && !d->a_bf16, rnd_b = d->bf16_compute && !d->b_bf16;
     for (i = m0; i < m1; i++) {
-        float *crow = d->c + i * d->ldc;
+        moe_real *crow = d->c + i * d->ldc;
         for (j = 0; j < d->n; j++) {
-            float acc = 0.0f, v;
+            moe_real acc = 0, v;
             for (p = 0; p < d->k; p++) {
-                float av = moe__gemm_geta(d, i, p), bv = moe__gemm_getb(d, p, j);
-                if (rnd_a) av = moe__gemm_rnd(av);
-                if (rnd_b) bv = moe__gemm_rnd(bv);
+                moe_real av = moe__gemm_geta(d, i, p), bv = moe__gemm_getb(d, p, j);
+                if (rnd_a) av = moe__round_bf16(av);
+                if (rnd_b) bv = moe__round_bf16(bv);
                 acc += av * bv;
             }
             v = d->alpha * acc;
-            if (d->beta != 0.0f) v += d->beta * crow[j];
+            if (d->beta != 0) v += d->beta * crow[j];
             crow[j] = v;
         }
     }
@@ -2154,7 +2531,7 @@ static void moe__gemm_pack_b_f32(const moe__gemm_desc *d, int64_t p0, int64_t kc
         for (p = 0; p < kc; p++) {
             for (jj = 0; jj < nr; jj++) {
                 float v = moe__gemm_getb(d, p0 + p, j + jj);
-                dst[p * NR + jj] = rnd ? moe__gemm_rnd(v) : v;
+                dst[p * NR + jj] = rnd ? moe__round_bf16(v) : v;
             }
             for (; jj < NR; jj++) dst[p * NR + jj] = 0.0f;
         }
@@ -2201,7 +2578,7 @@ static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i, int64_t mr,
         for (p = 0; p < kc; p++) {
             for (ii = 0; ii < mr; ii++) {
                 float v = moe__gemm_geta(d, i + ii, p0 + p);
-                dst[p * MR + ii] = rnd ? moe__gemm_rnd(v) : v;
+                dst[p * MR + ii] = rnd ? moe__round_bf16(v) : v;
             }
             for (; ii < MR; ii++) dst[p * MR + ii] = 0.0f;
         }
@@ -2700,8 +3077,8 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
     if (d->m <= 0 || d->n <= 0) return;
     if (d->k <= 0) {
         for (i = 0; i < d->m; i++) {
-            float *cr = d->c + i * d->ldc;
-            for (j = 0; j < d->n; j++) cr[j] = d->beta == 0.0f ? 0.0f : d->beta * cr[j];
+            moe_real *cr = d->c + i * d->ldc;
+            for (j = 0; j < d->n; j++) cr[j] = d->beta == 0 ? 0 : d->beta * cr[j];
         }
         return;
     }
@@ -2713,16 +3090,16 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
 #endif
     if (isa == MOE__GEMM_SCALAR) {
         if (nt > d->m) nt = (int)d->m;
+        if (nt <= 1) {
+            moe__gemm_scalar_rows(d, 0, d->m);
+        } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel num_threads(nt)
+            {
+                int t, team = omp_get_num_threads(), tid = omp_get_thread_num();
+                for (t = tid; t < nt; t += team) moe__gemm_scalar_rows(d, d->m * t / nt, d->m * (t + 1) / nt);
+            }
 #endif
-        {
-            int t, team = 1, tid = 0;
-#ifdef _OPENMP
-            team = omp_get_num_threads();
-            tid = omp_get_thread_num();
-#endif
-            for (t = tid; t < nt; t += team) moe__gemm_scalar_rows(d, d->m * t / nt, d->m * (t + 1) / nt);
         }
         (void)workspace;
         return;
@@ -2774,11 +3151,12 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int n_thre
     (void)workspace;
 #endif
 }
-#endif /* MOE_REAL_F64 */
-/* ---- GEMM kernels: end ---- */
 
-#if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
-/* Grow the context's GEMM workspace to `bytes`; it is kept for later calls. */
+/* ---- workspaces ----
+   A product at the top level packs into the context's workspace (grown to the largest call
+   and kept); a product inside a parallel loop over groups (one expert per thread) uses its
+   thread's slot, reserved before the loop, since the step arena is not thread-safe. */
+
 static void *moe__gemm_workspace(moe_ctx *ctx, size_t bytes) {
     if (bytes > ctx->gemm_ws_size) {
         void *p = moe__heap_alloc(ctx, bytes);
@@ -2789,59 +3167,14 @@ static void *moe__gemm_workspace(moe_ctx *ctx, size_t bytes) {
     }
     return ctx->gemm_ws;
 }
-#endif
 
-/* C = alpha·op(A)·op(B) + beta·C on moe_real arrays, in the context's precision `bf16`. */
-static moe_status moe__gemm(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, int64_t k, moe_real alpha,
-                            const moe_real *A, int64_t lda, const moe_real *B, int64_t ldb, moe_real beta,
-                            moe_real *C, int64_t ldc, int bf16) {
-    if (m == 0 || n == 0) return MOE_OK;
-#if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
-    if (ctx->simd) {
-        moe__gemm_desc d;
-        void *ws;
-#ifdef MOE_CBLAS
-        if (!bf16) {
-            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)m, (int)n,
-                        (int)k, alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-            return MOE_OK;
-        }
-#endif
-        memset(&d, 0, sizeof d);
-        d.m = m; d.n = n; d.k = k;
-        d.a = A; d.lda = lda; d.a_trans = ta;
-        d.b = B; d.ldb = ldb; d.b_trans = tb;
-        d.c = C; d.ldc = ldc;
-        d.alpha = alpha; d.beta = beta;
-        d.bf16_compute = bf16;
-        d.backoff = ctx->gemm_backoff;
-#ifdef _OPENMP
-        if (omp_in_parallel()) {
-            /* inside a parallel loop (one expert per thread): this thread's reserved slot;
-               no message here, the loop's owner reports the failure */
-            if (moe__gemm_workspace_bytes(&d, 1) > ctx->gemm_tws_slot) return MOE_ERR_STATE;
-            moe__gemm_run(&d, moe__gemm_best_isa(), 1, (char *)ctx->gemm_tws + (size_t)omp_get_thread_num() * ctx->gemm_tws_slot);
-            return MOE_OK;
-        }
-#endif
-        ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(&d, ctx->n_threads));
-        if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for the packing workspace");
-        moe__gemm_run(&d, moe__gemm_best_isa(), ctx->n_threads, ws);
-        return MOE_OK;
-    }
-#endif
-    moe__gemm_portable(ctx->n_threads, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bf16);
-    return MOE_OK;
-}
-
-/* Make sure *base holds n_threads slots of at least `bytes` each (*slot: the slot size),
-   for work inside a parallel loop, where the arena cannot be used. */
+/* Make sure *base holds a slot of at least `bytes` for each of the context's threads. */
 static moe_status moe__reserve_thread_slots(moe_ctx *ctx, void **base, size_t *slot, size_t bytes, const char *what) {
     size_t total;
     void *p;
     if (bytes <= *slot) return MOE_OK;
     bytes = (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN;
-    if (moe__mul_overflows(bytes, (size_t)ctx->n_threads, &total))
+    if (moe__mul_overflows(bytes, (size_t)ctx->conf.n_threads, &total))
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: per-thread memory size overflows", what);
     p = moe__heap_alloc(ctx, total);
     if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for per-thread slots", what);
@@ -2850,39 +3183,384 @@ static moe_status moe__reserve_thread_slots(moe_ctx *ctx, void **base, size_t *s
     *slot = bytes;
     return MOE_OK;
 }
-/* Make sure each thread has `bytes` of GEMM workspace for GEMMs inside a parallel loop. */
-static moe_status moe__gemm_reserve_threads(moe_ctx *ctx, size_t bytes) {
-    return moe__reserve_thread_slots(ctx, &ctx->gemm_tws, &ctx->gemm_tws_slot, bytes, "gemm");
+
+/* One product on the engine: at the top level with the context's threads (tid < 0), or on
+   thread tid of a parallel loop with its slot. */
+static moe_status moe__gemm_engine(moe_ctx *ctx, const moe__gemm_desc *d, int tid) {
+    moe__gemm_isa isa = ctx->conf.simd ? moe__gemm_best_isa() : MOE__GEMM_SCALAR;
+    void *ws = NULL;
+    if (d->m == 0 || d->n == 0) return MOE_OK;
+#if defined(MOE_CBLAS) && !defined(MOE_REAL_F64)
+    if (tid < 0 && ctx->conf.simd && !d->bf16_compute && !d->a_bf16 && !d->b_bf16) {
+        cblas_sgemm(CblasRowMajor, d->a_trans ? CblasTrans : CblasNoTrans, d->b_trans ? CblasTrans : CblasNoTrans, (int)d->m,
+                    (int)d->n, (int)d->k, d->alpha, (const float *)d->a, (int)d->lda, (const float *)d->b, (int)d->ldb, d->beta,
+                    d->c, (int)d->ldc);
+        return MOE_OK;
+    }
+#endif
+    if (isa != MOE__GEMM_SCALAR) {
+        if (tid >= 0) {
+            if (moe__gemm_workspace_bytes(d, 1) > ctx->gemm_tws_slot) return MOE_ERR_STATE; /* the loop's owner reports it */
+            ws = (char *)ctx->gemm_tws + (size_t)tid * ctx->gemm_tws_slot;
+        } else {
+            ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(d, ctx->conf.n_threads));
+            if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for the packing workspace");
+        }
+    }
+    moe__gemm_run(d, isa, tid >= 0 ? 1 : ctx->conf.n_threads, ws);
+    return MOE_OK;
 }
 
-/* Per-thread workspace for the GEMMs of a SwiGLU MLP over at most `rows` rows (forward and
-   backward shapes). */
-static size_t moe__mlp_workspace(int64_t rows, int64_t d, int64_t I, int bf16) {
-#if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
-    static const int shapes[6][5] = {/* m, n, k as 0=rows 1=d 2=I 3=2I; ta, tb */
-                                     {0, 3, 1, 0, 1}, {0, 1, 2, 0, 1}, {0, 2, 1, 0, 0}, {1, 2, 0, 1, 0}, {0, 1, 3, 0, 0}, {3, 1, 0, 1, 0}};
-    int64_t v[4];
-    size_t best = 0, need;
-    int i;
-    v[0] = rows; v[1] = d; v[2] = I; v[3] = 2 * I;
-    for (i = 0; i < 6; i++) {
-        moe__gemm_desc g;
-        memset(&g, 0, sizeof g);
-        g.m = v[shapes[i][0]]; g.n = v[shapes[i][1]]; g.k = v[shapes[i][2]];
-        g.a_trans = shapes[i][3]; g.b_trans = shapes[i][4];
-        g.lda = g.a_trans ? g.m : g.k; g.ldb = g.b_trans ? g.k : g.n; g.ldc = g.n;
-        g.bf16_compute = bf16;
-        need = moe__gemm_workspace_bytes(&g, 1);
-        best = need > best ? need : best;
-    }
-    return best;
-#else
-    (void)rows; (void)d; (void)I; (void)bf16;
-    return 0;
-#endif
+/* ---- a few rows: dot products ----
+   Decoding multiplies one to a few rows by a weight matrix, where packing the weights would
+   cost more than the product. Up to MOE__GEMM_SMALL rows of FP32, C = A·Bᵀ runs as dot
+   products of 8 interleaved partial sums, 8 output rows at a time (one 8-lane accumulator per
+   output in AVX2), and C = A·B as rows of B added in order. Every element's arithmetic is the
+   same whatever the number of rows, so a verification pass over 1 + k tokens gives bit for
+   bit the values k + 1 single-token steps would. */
+
+#define MOE__GEMM_SMALL 8
+
+/* Σ a[i]·b[i] in 8 interleaved partial sums p_l (i ≡ l mod 8), added pairwise
+   ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), then the tail in order. */
+static moe_real moe__dot8x(const moe_real *MOE_RESTRICT a, const moe_real *MOE_RESTRICT b, int64_t n) {
+    moe_real p[8], s;
+    int64_t i, l;
+    for (l = 0; l < 8; l++) p[l] = 0;
+    for (i = 0; i + 8 <= n; i += 8)
+        for (l = 0; l < 8; l++) p[l] += a[i + l] * b[i + l];
+    s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
 }
+
+#ifdef MOE__SIMD_AVX2
+/* y[r] = moe__dot8x(x, W + r·ldw, n) for r < 8, bit for bit: two rounds of horizontal adds and
+   one add of the halves make the pairwise sums of all 8 rows together. */
+static void moe__dot8x8(const float *x, const float *W, int64_t ldw, int64_t n, float *y) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, u0, u1;
+    int64_t i, r;
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        const float *w = W + i;
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(xv, _mm256_loadu_ps(w)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(xv, _mm256_loadu_ps(w + ldw)));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 2 * ldw)));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 3 * ldw)));
+        a4 = _mm256_add_ps(a4, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 4 * ldw)));
+        a5 = _mm256_add_ps(a5, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 5 * ldw)));
+        a6 = _mm256_add_ps(a6, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 6 * ldw)));
+        a7 = _mm256_add_ps(a7, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 7 * ldw)));
+    }
+    /* lanes of u0: (p0 + p1) + (p2 + p3) of rows 0-3, then (p4 + p5) + (p6 + p7) of rows 0-3 */
+    u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    for (; i < n; i++)
+        for (r = 0; r < 8; r++) y[r] += x[i] * W[r * ldw + i];
+}
+#endif
+
+/* Output columns [j0, j1) of a small product (j0 a multiple of 8). */
+static void moe__gemm_small_cols(const moe__gemm_desc *d, int64_t j0, int64_t j1) {
+    const moe_real *A = (const moe_real *)d->a, *B = (const moe_real *)d->b;
+    int64_t t, j, p;
+    if (d->b_trans) {
+#ifdef MOE__SIMD_AVX2
+        const int plain = d->alpha == 1 && d->beta == 0; /* C = A·Bᵀ: the sums go straight to C */
+#endif
+        for (t = 0; t < d->m; t++) {
+            const moe_real *a = A + t * d->lda;
+            moe_real *c = d->c + t * d->ldc;
+            for (j = j0; j < j1; j++) {
+                moe_real y[8];
+                int l, nb = j1 - j < 8 ? (int)(j1 - j) : 8;
+#ifdef MOE__SIMD_AVX2
+                if (nb == 8 && plain) {
+                    moe__dot8x8(a, B + j * d->ldb, d->ldb, d->k, c + j);
+                    j += 7;
+                    continue;
+                }
+                if (nb == 8) moe__dot8x8(a, B + j * d->ldb, d->ldb, d->k, y);
+                else
+#endif
+                    for (l = 0; l < nb; l++) y[l] = moe__dot8x(a, B + (j + l) * d->ldb, d->k);
+                for (l = 0; l < nb; l++) c[j + l] = d->beta == 0 ? d->alpha * y[l] : d->alpha * y[l] + c[j + l];
+                j += nb - 1;
+            }
+        }
+        return;
+    }
+    for (t = 0; t < d->m; t++) {
+        moe_real *MOE_RESTRICT c = d->c + t * d->ldc;
+        if (d->beta == 0)
+            for (j = j0; j < j1; j++) c[j] = 0;
+        for (p = 0; p < d->k; p++) {
+            const moe_real a = d->alpha * A[t * d->lda + p], *MOE_RESTRICT b = B + p * d->ldb;
+            for (j = j0; j < j1; j++) c[j] += a * b[j];
+        }
+    }
+}
+static void moe__gemm_small_range(void *arg, int64_t b0, int64_t b1, int tid) {
+    const moe__gemm_desc *d = (const moe__gemm_desc *)arg;
+    (void)tid;
+    moe__gemm_small_cols(d, b0 * 8, b1 * 8 < d->n ? b1 * 8 : d->n);
+}
+
+/* ---- FP8 products (reference §5) ----
+   An FP8 product quantises each operand as its role says, into memory of its own (the step
+   arena, or the thread's slot in a parallel loop), then multiplies the dequantised values:
+   with power-of-two scales (the default) each is a 4-bit significand times a power of two,
+   exactly a BF16 value, so the BF16 kernel's products are exact and its sums FP32, as an
+   FP32 kernel's would be, at twice the speed (values below 2^-126, which only tiles with an
+   amax below 2^-117 hold, count as zero there). */
+
+/* Bytes of moe__fp8_operand's memory for a [rows, cols] operand, any grouping. */
+static size_t moe__fp8_operand_bytes(int64_t rows, int64_t cols) {
+    return ((size_t)(rows * cols) * (sizeof(moe_real) + sizeof(float)) + 2 * MOE__ALIGN) / MOE__ALIGN * MOE__ALIGN;
+}
+
+/* moe_fp8_options.stats: add operand x's quantisation error to the context's statistics, for
+   the scaling in use (xq, its dequantised values) and for the other one, quantised here
+   into a heap buffer (the operand is left out when there is no memory for it). */
+static void moe__fp8_count(moe_ctx *ctx, const moe_real *x, int64_t ldx, const moe_real *xq, int64_t rows, int64_t cols,
+                           moe__fp8_group g, moe_fp8_role role) {
+    int64_t n = rows * cols, gr, gc, r, c, nz_rows = 0, zeroed = 0, zeroed_other = 0;
+    int per_tensor = ctx->conf.fp8.per_tensor;
+    moe_real *other;
+    double sum_sq = 0, err = 0, err_other = 0, row_rel = 0, row_rel_other = 0;
+    moe_fp8_stats *st = &ctx->fp8_stats;
+    moe__fp8_group_dims(ctx->conf.fp8.block, !per_tensor, g, rows, cols, &gr, &gc);
+    other = (moe_real *)MOE_MALLOC((size_t)n * sizeof(moe_real) + (size_t)(((rows + gr - 1) / gr) * ((cols + gc - 1) / gc)) * sizeof(float));
+    if (!other) return;
+    moe__fp8_quantize_groups(x, ldx, rows, cols, gr, gc, !ctx->conf.fp8.amax_scales, NULL, (float *)(void *)(other + n), other,
+                             0, (rows + gr - 1) / gr);
+    for (r = 0; r < rows; r++) {
+        double ss = 0, e = 0, e_other = 0;
+        for (c = 0; c < cols; c++) {
+            double v = (double)x[r * ldx + c], dq = v - (double)xq[r * cols + c], d_other = v - (double)other[r * cols + c];
+            ss += v * v;
+            e += dq * dq;
+            e_other += d_other * d_other;
+            zeroed += v != 0 && xq[r * cols + c] == 0;
+            zeroed_other += v != 0 && other[r * cols + c] == 0;
+        }
+        sum_sq += ss;
+        err += e;
+        err_other += e_other;
+        if (ss > 0) {
+            nz_rows++;
+            row_rel += e / ss;
+            row_rel_other += e_other / ss;
+        }
+    }
+    MOE_FREE(other);
+    MOE__OMP(omp critical(moe__fp8_stats_update))
+    {
+        ctx->heap_allocs++;
+        st->values[role] += n;
+        st->rows[role] += nz_rows;
+        st->sum_sq[role] += sum_sq;
+        st->err_sq_tiles[role] += per_tensor ? err_other : err;
+        st->err_sq_tensor[role] += per_tensor ? err : err_other;
+        st->row_rel_sq_tiles[role] += per_tensor ? row_rel_other : row_rel;
+        st->row_rel_sq_tensor[role] += per_tensor ? row_rel : row_rel_other;
+        st->zeroed_tiles[role] += per_tensor ? zeroed_other : zeroed;
+        st->zeroed_tensor[role] += per_tensor ? zeroed : zeroed_other;
+    }
+}
+
+/* The FP8 form of an operand x [rows, cols] (row stride ldx) in role `role`, as the GEMM
+   multiplies it (dequantised values, row stride cols), placed at *mem
+   (moe__fp8_operand_bytes of it; *mem moves past it). */
+static const moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t ldx, int64_t rows, int64_t cols,
+                                        moe_fp8_role role, char **mem) {
+    int64_t gr, gc;
+    moe_real *out = (moe_real *)(void *)*mem;
+    float *scales = (float *)(void *)(*mem + (size_t)(rows * cols) * sizeof(moe_real));
+    moe__fp8_group g = moe__fp8_role_group(role);
+    int pow2 = moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
+    moe__fp8_quantize_groups(x, ldx, rows, cols, gr, gc, pow2, NULL, scales, out, 0, (rows + gr - 1) / gr);
+    if (ctx->conf.fp8.stats) moe__fp8_count(ctx, x, ldx, out, rows, cols, g, role);
+    *mem += moe__fp8_operand_bytes(rows, cols);
+    return out;
+}
+
+/* v rounded toward zero to `bits` significant bits. */
+static float moe__keep_bits(float v, int bits) {
+    uint32_t u;
+    if (bits >= 24) return v;
+    memcpy(&u, &v, sizeof u);
+    u &= ~((1u << (24 - bits)) - 1u);
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* C = op(A)·op(B) (+ C) where every product is added to a partial sum that keeps only `bits`
+   significant bits (an emulation of a tensor-core FP8 accumulator), and the partial sum is
+   promoted to an FP32 accumulator every `interval` products (−1: once, at the end). Scalar
+   and slow: it exists to study the effect, not to train fast. */
+static void moe__gemm_limited_acc(const moe__gemm_desc *d, int bits, int interval) {
+    const moe_real *A = (const moe_real *)d->a, *B = (const moe_real *)d->b;
+    int64_t i, j, p;
+    for (i = 0; i < d->m; i++)
+        for (j = 0; j < d->n; j++) {
+            float acc = 0.0f, part = 0.0f;
+            for (p = 0; p < d->k; p++) {
+                float a = (float)(d->a_trans ? A[p * d->lda + i] : A[i * d->lda + p]);
+                float b = (float)(d->b_trans ? B[j * d->ldb + p] : B[p * d->ldb + j]);
+                part = moe__keep_bits(part + a * b, bits);
+                if (interval > 0 && (p + 1) % interval == 0) {
+                    acc += part;
+                    part = 0.0f;
+                }
+            }
+            acc += part;
+            d->c[i * d->ldc + j] = (moe_real)acc + (d->beta != 0 ? d->beta * d->c[i * d->ldc + j] : 0);
+        }
+}
+
+/* ---- the backend's GEMM entries ---- */
+
+/* The engine's view of product i of op, its token rows [r0, r0 + rows) when grouped. */
+static moe__gemm_desc moe__gemm_desc_of(const moe_ctx *ctx, const moe__gemm_op *op, const moe_real *a, const moe_real *b,
+                                        moe_real *c, int64_t m, int64_t k) {
+    moe__gemm_desc d;
+    memset(&d, 0, sizeof d);
+    d.m = m; d.n = op->n; d.k = k;
+    d.a = a; d.lda = op->lda; d.a_trans = op->trans_a;
+    d.b = b; d.ldb = op->ldb; d.b_trans = op->trans_b;
+    d.c = c; d.ldc = op->ldc;
+    d.alpha = op->alpha;
+    d.beta = op->accumulate ? 1 : 0;
+    d.bf16_compute = op->precision == MOE_BF16;
+    d.backoff = (double *)ctx->gemm_backoff;
+    return d;
+}
+
+/* One product in op's precision (tid as for moe__gemm_engine). */
+static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, moe__gemm_desc d, int tid) {
+    if (d.m == 0 || d.n == 0) return MOE_OK;
+    if (op->precision == MOE_FP8_E4M3) {
+        int64_t ra = d.a_trans ? d.k : d.m, ca = d.a_trans ? d.m : d.k, rb = d.b_trans ? d.n : d.k, cb = d.b_trans ? d.k : d.n;
+        size_t bytes = moe__fp8_operand_bytes(ra, ca) + moe__fp8_operand_bytes(rb, cb);
+        char *mem;
+        if (tid >= 0) {
+            if (bytes > ctx->fp8_tws_slot) return MOE_ERR_STATE; /* the loop's owner reports it */
+            mem = (char *)ctx->fp8_tws + (size_t)tid * ctx->fp8_tws_slot;
+        } else {
+            mem = (char *)moe__dev_scratch(ctx, (int64_t)bytes, 1, "fp8 operands");
+            if (!mem) return MOE_ERR_MEMORY;
+        }
+        d.a = moe__fp8_operand(ctx, (const moe_real *)d.a, d.lda, ra, ca, op->role_a, &mem);
+        d.lda = ca;
+        d.b = moe__fp8_operand(ctx, (const moe_real *)d.b, d.ldb, rb, cb, op->role_b, &mem);
+        d.ldb = cb;
+        if (ctx->conf.fp8.acc_bits > 0) {
+            moe__gemm_limited_acc(&d, ctx->conf.fp8.acc_bits, ctx->conf.fp8.acc_interval);
+            return MOE_OK;
+        }
+        d.bf16_compute = !ctx->conf.fp8.amax_scales;
+        return moe__gemm_engine(ctx, &d, tid);
+    }
+    if (ctx->conf.simd && !d.bf16_compute && d.m <= MOE__GEMM_SMALL && !d.a_trans) {
+        int64_t blocks = (d.n + 7) / 8;
+        if (tid >= 0) moe__gemm_small_cols(&d, 0, d.n);
+        /* a parallel region pays off only from about 2^18 multiply-adds (measured on decode) */
+        else moe__parallel_for(ctx, blocks, (double)(8 * d.m * d.k) / 16.0, 0, moe__gemm_small_range, &d);
+        return MOE_OK;
+    }
+    return moe__gemm_engine(ctx, &d, tid);
+}
+
+static moe_status moe__gemm_check(moe_ctx *ctx, const char *fn, const moe__gemm_op *op) {
+    if (op->m < 0 || op->n < 0 || op->k < 0 || op->batch < 1)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "%s: bad sizes m=%lld n=%lld k=%lld batch=%lld", fn, (long long)op->m,
+                         (long long)op->n, (long long)op->k, (long long)op->batch);
+    if (op->precision != MOE_F32 && op->precision != MOE_BF16 && op->precision != MOE_FP8_E4M3)
+        return moe__fail(ctx, MOE_ERR_DTYPE, "%s: precision %s", fn, moe_dtype_name(op->precision));
+    if (op->lda < (op->trans_a ? op->m : op->k) || op->ldb < (op->trans_b ? op->k : op->n) || op->ldc < op->n)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "%s: a leading dimension is smaller than its row", fn);
+    return MOE_OK;
+}
+
+static moe_status moe__cpu_gemm(moe_ctx *ctx, const moe__gemm_op *op) {
+    int64_t i;
+    MOE__TRY(moe__gemm_check(ctx, "gemm", op));
+    for (i = 0; i < op->batch; i++)
+        MOE__TRY(moe__gemm_product(ctx, op,
+                                   moe__gemm_desc_of(ctx, op, op->a + i * op->stride_a, op->b + i * op->stride_b,
+                                                     op->c + i * op->stride_c, op->m, op->k),
+                                   -1));
+    return MOE_OK;
+}
+
+/* A grouped product: groups run in parallel, each on one thread (its GEMMs single-threaded,
+   so no result depends on the thread count); one group alone gets all the threads. */
+typedef struct moe__gemm_groups {
+    moe_ctx *ctx;
+    const moe__gemm_op *op;
+    const int64_t *off;
+    int group_k;
+    moe_status *st;
+} moe__gemm_groups;
+
+static moe__gemm_desc moe__gemm_group_desc(const moe__gemm_groups *G, int64_t e) {
+    const moe__gemm_op *op = G->op;
+    int64_t r0 = G->off[e], rows = G->off[e + 1] - r0;
+    if (G->group_k) /* dC_e = op(A_e)·B_e over the group's token rows: A is [tokens, m] (trans_a), B [tokens, n] */
+        return moe__gemm_desc_of(G->ctx, op, op->a + r0 * op->lda, op->b + r0 * op->ldb, op->c + e * op->stride_c, op->m, rows);
+    return moe__gemm_desc_of(G->ctx, op, op->a + r0 * op->lda, op->b + e * op->stride_b, op->c + r0 * op->ldc, rows, op->k);
+}
+static void moe__gemm_group_range(void *arg, int64_t e0, int64_t e1, int tid) {
+    const moe__gemm_groups *G = (const moe__gemm_groups *)arg;
+    int64_t e;
+    for (e = e0; e < e1; e++)
+        if (G->off[e + 1] > G->off[e]) G->st[e] = moe__gemm_product(G->ctx, G->op, moe__gemm_group_desc(G, e), tid);
+}
+
+static moe_status moe__cpu_gemm_grouped(moe_ctx *ctx, const moe__gemm_op *op, int64_t groups, const int64_t *host_offsets,
+                                        int group_k) {
+    moe__gemm_groups G;
+    double flops;
+    int64_t e, rows;
+    MOE__TRY(moe__gemm_check(ctx, "gemm_grouped", op));
+    if (groups < 1 || !host_offsets || op->batch != 1 || (group_k && (!op->trans_a || op->trans_b)) || (!group_k && op->trans_a))
+        return moe__fail(ctx, MOE_ERR_ARG, "gemm_grouped: want groups >= 1 with offsets, batch 1, and token rows in A");
+    G.ctx = ctx;
+    G.op = op;
+    G.off = host_offsets;
+    G.group_k = group_k;
+    if (groups == 1) return moe__gemm_product(ctx, op, moe__gemm_group_desc(&G, 0), -1);
+    G.st = (moe_status *)moe__arena_alloc(ctx, (size_t)groups, sizeof(moe_status), "gemm_grouped");
+    if (!G.st) return MOE_ERR_MEMORY;
+    rows = host_offsets[groups];
+    flops = 2.0 * (double)rows * (double)op->n * (double)(group_k ? op->m : op->k);
+    if (!(ctx->conf.simd && op->precision == MOE_F32 && !group_k && rows <= MOE__GEMM_SMALL)) {
+        /* Each thread's memory is sized for all the token rows in one group, a bound that does
+           not change with the routing: after the first step a training loop allocates nothing.
+           (A few rows in all take the dot-product path, which needs none.) */
+        moe__gemm_desc d = moe__gemm_desc_of(ctx, op, op->a, op->b, op->c, group_k ? op->m : rows, group_k ? rows : op->k);
+        size_t ws = moe__gemm_workspace_bytes(&d, 1), fp8 = 0;
+        if (op->precision == MOE_FP8_E4M3) {
+            fp8 = moe__fp8_operand_bytes(d.a_trans ? d.k : d.m, d.a_trans ? d.m : d.k) +
+                  moe__fp8_operand_bytes(d.b_trans ? d.n : d.k, d.b_trans ? d.k : d.n);
+            d.bf16_compute = 1;
+            ws = moe__gemm_workspace_bytes(&d, 1);
+        }
+        MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->gemm_tws, &ctx->gemm_tws_slot, ws, "gemm_grouped"));
+        if (fp8) MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, fp8, "gemm_grouped"));
+    }
+    moe__parallel_for(ctx, groups, flops / (double)groups / 64.0, 1, moe__gemm_group_range, &G);
+    for (e = 0; e < groups; e++)
+        if (G.st[e]) return moe__fail(ctx, G.st[e], "gemm_grouped: group %lld failed (%s)", (long long)e, moe_status_name(G.st[e]));
+    return MOE_OK;
+}
+
+/* ---- the public GEMM (host arrays, f32 or bf16 storage) ---- */
 
 MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
+    moe__gemm_desc d;
     MOE__CHECK_CTX(ctx);
     if (!g) return moe__fail(ctx, MOE_ERR_ARG, "moe_gemm: args is NULL");
     if (g->m < 0 || g->n < 0 || g->k < 0)
@@ -2897,79 +3575,103 @@ MOE_API moe_status moe_gemm(moe_ctx *ctx, const moe_gemm_args *g) {
         return moe__fail(ctx, MOE_ERR_DTYPE, "moe_gemm: compute must be f32 or bf16, got %s", moe_dtype_name(g->compute));
     if (g->lda < (g->trans_a ? g->m : g->k) || g->ldb < (g->trans_b ? g->k : g->n) || g->ldc < g->n)
         return moe__fail(ctx, MOE_ERR_SHAPE, "moe_gemm: leading dimension smaller than the row length");
-#if defined(MOE__HAVE_SIMD_GEMM) && !defined(MOE_REAL_F64)
-    {
-        moe__gemm_desc d;
-        void *ws;
-        if (g->m == 0 || g->n == 0) return MOE_OK;
-        memset(&d, 0, sizeof d);
-        d.m = g->m; d.n = g->n; d.k = g->k;
-        d.a = g->a; d.lda = g->lda; d.a_trans = g->trans_a; d.a_bf16 = g->a_dtype == MOE_BF16;
-        d.b = g->b; d.ldb = g->ldb; d.b_trans = g->trans_b; d.b_bf16 = g->b_dtype == MOE_BF16;
-        d.c = g->c; d.ldc = g->ldc;
-        d.alpha = g->alpha; d.beta = g->beta;
-        d.bf16_compute = g->compute == MOE_BF16;
-        d.backoff = ctx->gemm_backoff;
-        ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(&d, ctx->n_threads));
-        if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_gemm: out of memory for the packing workspace");
-        moe__gemm_run(&d, ctx->simd ? moe__gemm_best_isa() : MOE__GEMM_SCALAR, ctx->n_threads, ws);
-        return MOE_OK;
-    }
-#else
-    if (g->a_dtype != MOE_F32 || g->b_dtype != MOE_F32 || sizeof(moe_real) != sizeof(float))
-        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_gemm: this build has only the portable f32 path");
-    moe__gemm_portable(ctx->n_threads, g->trans_a, g->trans_b, g->m, g->n, g->k, (moe_real)g->alpha,
-                       (const moe_real *)g->a, g->lda, (const moe_real *)g->b, g->ldb, (moe_real)g->beta,
-                       (moe_real *)g->c, g->ldc, g->compute == MOE_BF16);
+    if (sizeof(moe_real) != sizeof(float))
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_gemm: the double-precision build (MOE_REAL_F64) has no float GEMM");
+    memset(&d, 0, sizeof d);
+    d.m = g->m; d.n = g->n; d.k = g->k;
+    d.a = g->a; d.lda = g->lda; d.a_trans = g->trans_a; d.a_bf16 = g->a_dtype == MOE_BF16;
+    d.b = g->b; d.ldb = g->ldb; d.b_trans = g->trans_b; d.b_bf16 = g->b_dtype == MOE_BF16;
+    d.c = (moe_real *)(void *)g->c; d.ldc = g->ldc;
+    d.alpha = (moe_real)g->alpha; d.beta = (moe_real)g->beta;
+    d.bf16_compute = g->compute == MOE_BF16;
+    d.backoff = ctx->gemm_backoff;
+    return moe__gemm_engine(ctx, &d, -1);
+}
+
+/* ---- the precision of the layers' GEMMs ---- */
+
+MOE_API moe_status moe_ctx_set_gemm_precision(moe_ctx *ctx, moe_dtype compute) {
+    MOE__CHECK_CTX(ctx);
+    if (compute != MOE_F32 && compute != MOE_BF16 && compute != MOE_FP8_E4M3)
+        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_ctx_set_gemm_precision: want MOE_F32, MOE_BF16 or MOE_FP8_E4M3, got %s",
+                         moe_dtype_name(compute));
+    ctx->conf.gemm_compute = compute;
     return MOE_OK;
-#endif
+}
+MOE_API moe_status moe_ctx_set_fp8(moe_ctx *ctx, const moe_fp8_options *opt) {
+    moe_fp8_options o;
+    MOE__CHECK_CTX(ctx);
+    if (!opt) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: options are NULL");
+    o = *opt;
+    if (o.block == 0) o.block = 128;
+    if (o.acc_interval == 0) o.acc_interval = 128;
+    if (o.block < 1 || o.block > (1 << 20))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: block must be in [1, 2^20], got %lld", (long long)o.block);
+    if (o.acc_bits < 0 || o.acc_bits > 24)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_bits must be in [0, 24], got %d", o.acc_bits);
+    if (o.acc_interval < -1)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_fp8: acc_interval must be -1 (never) or positive, got %d", o.acc_interval);
+    ctx->conf.fp8 = o;
+    memset(&ctx->fp8_stats, 0, sizeof ctx->fp8_stats);
+    return MOE_OK;
+}
+MOE_API moe_status moe_ctx_fp8_stats(moe_ctx *ctx, moe_fp8_stats *out) {
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_fp8_stats: out is NULL");
+    *out = ctx->fp8_stats;
+    return MOE_OK;
+}
+/* ============================================================================================
+   5. cpu — the CPU backend                                                               >>cpu
+   ============================================================================================
+   Every other entry of the kernel interface for host memory: SIMD row helpers (AVX2, each
+   with the same arithmetic in plain C) and the kernels, each an entry function that checks
+   what it must, sizes its work, and runs a range body over rows, heads or chunks through
+   moe__parallel_for. Sums across rows use fixed chunks of MOE__ROW_CHUNK rows whose partial
+   results are added in chunk order, so the thread count never changes a result bit. The
+   table of entries closes the section. */
+
+#define MOE__ROW_CHUNK 64 /* rows per partial sum in cross-row reductions */
+
+/* ---- memory: the heap, and the context's step arena ---- */
+
+/* Heap blocks aligned to MOE__ALIGN: the allocation's start is kept just before the block. */
+static moe_status moe__cpu_alloc(moe_ctx *ctx, size_t bytes, void **out) {
+    unsigned char *raw, *p;
+    *out = NULL;
+    if (bytes > SIZE_MAX - MOE__ALIGN - sizeof(void *)) return moe__fail(ctx, MOE_ERR_MEMORY, "alloc: size overflows");
+    raw = (unsigned char *)moe__heap_alloc(ctx, bytes + MOE__ALIGN + sizeof(void *));
+    if (!raw) return moe__fail(ctx, MOE_ERR_MEMORY, "out of memory for %zu bytes", bytes);
+    p = (unsigned char *)(((uintptr_t)(raw + sizeof(void *)) + MOE__ALIGN - 1) & ~(uintptr_t)(MOE__ALIGN - 1));
+    memcpy(p - sizeof(void *), &raw, sizeof raw);
+    memset(p, 0, bytes);
+    *out = p;
+    return MOE_OK;
+}
+static void moe__cpu_free(moe_ctx *ctx, void *p) {
+    void *raw;
+    (void)ctx;
+    if (!p) return;
+    memcpy(&raw, (unsigned char *)p - sizeof(void *), sizeof raw);
+    MOE_FREE(raw);
+}
+static moe_status moe__cpu_copy(moe_ctx *ctx, void *dst, const void *src, size_t bytes, moe__copy_kind kind) {
+    (void)ctx;
+    (void)kind; /* host memory all three ways */
+    if (bytes) memmove(dst, src, bytes);
+    return MOE_OK;
+}
+static moe_status moe__cpu_memset(moe_ctx *ctx, void *dst, int byte, size_t bytes) {
+    (void)ctx;
+    if (bytes) memset(dst, byte, bytes);
+    return MOE_OK;
+}
+static moe_status moe__cpu_scratch(moe_ctx *ctx, size_t bytes, void **out) {
+    *out = moe__arena_alloc_raw(ctx, bytes);
+    return *out ? MOE_OK : MOE_ERR_MEMORY;
 }
 
 /* ---- row helpers: dot, max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) - */
-
-#if defined(MOE__GEMM_HAVE_AVX2) && !defined(MOE_NO_SIMD)
-#define MOE__SIMD_AVX2 1
-
-/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
-   to the scalar function (and the tails of the row loops below can use it). */
-static __m256 moe__exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
-    const __m256i bias = _mm256_set1_epi32(127);
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
-    __m256i ni, e;
-    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
-    r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
-    p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-    ni = _mm256_cvttps_epi32(n);
-    e = _mm256_min_epi32(ni, bias);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23)));
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, e), bias), 23)));
-    p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-    p = _mm256_blendv_ps(p, _mm256_set1_ps((float)INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
-/* Lane sum in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs. */
-static float moe__hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-static float moe__hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* Σ a[i]·b[i] in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
 static moe_real moe__row_dot(const moe_real *a, const moe_real *b, int64_t n) {
@@ -3037,39 +3739,63 @@ static void moe__row_exp_axpy(const moe_real *x, moe_real shift, moe_real a, moe
     for (; i < n; i++) y[i] += a * moe__exp(x[i] - shift);
 }
 
-/* ---- RMSNorm ---------------------------------------------------------------------------- */
-
-/* y = w ⊙ x·rstd per row of length d; rstd[r] = 1/sqrt(mean(x²)+eps) is kept for backward. */
-static void moe__rmsnorm_fwd(int nt, const moe_real *x, const moe_real *w, moe_real *y, moe_real *rstd, int64_t rows,
-                             int64_t d, moe_real eps) {
-    int64_t r;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
-    for (r = 0; r < rows; r++) {
-        const moe_real *xr = x + r * d;
-        moe_real *yr = y + r * d, ss, rs;
-        int64_t i;
-        ss = moe__row_dot(xr, xr, d);
-        rs = (moe_real)1 / moe__sqrt(ss / (moe_real)d + eps);
-        if (rstd) rstd[r] = rs;
-        for (i = 0; i < d; i++) yr[i] = w[i] * (xr[i] * rs);
+/* y[j] = silu(g[j])·u[j] (u NULL: silu(g[j])), moe_silu_scalar's values. */
+static void moe__row_swiglu(const moe_real *g, const moe_real *u, moe_real *y, int64_t n) {
+    int64_t j = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= n; j += 8) {
+        __m256 gv = _mm256_loadu_ps(g + j);
+        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, moe__exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        __m256 sv = _mm256_mul_ps(gv, sig);
+        _mm256_storeu_ps(y + j, u ? _mm256_mul_ps(sv, _mm256_loadu_ps(u + j)) : sv);
     }
+#endif
+    for (; j < n; j++) y[j] = u ? moe_silu_scalar(g[j]) * u[j] : moe_silu_scalar(g[j]);
 }
 
-/* dx (+)= rstd·(g − x̂·mean(g⊙x̂)), g = dy⊙w; dw += Σ_rows dy⊙x̂. dx or dw may be NULL.
-   `partial` is scratch of ceil(rows/64)·d values for the fixed-order dw reduction. */
-static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const moe_real *rstd, const moe_real *dy,
-                             moe_real *dx, moe_real *dw, moe_real *partial, int64_t rows, int64_t d) {
-    int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK, c;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
-    for (c = 0; c < nchunks; c++) {
-        int64_t r, i, r1 = (c + 1) * MOE__ROW_CHUNK < rows ? (c + 1) * MOE__ROW_CHUNK : rows;
-        moe_real *pw = dw ? partial + c * d : NULL;
+/* ---- RMSNorm ---------------------------------------------------------------------------- */
+
+typedef struct moe__rmsnorm_job {
+    const moe_real *x, *w, *rstd_in, *dy;
+    moe_real *y, *rstd, *dx, *partial;
+    int64_t ldx, ldy, rows, d;
+    moe_real eps;
+} moe__rmsnorm_job;
+
+static void moe__rmsnorm_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__rmsnorm_job *j = (const moe__rmsnorm_job *)arg;
+    int64_t r, i;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *xr = j->x + r * j->ldx;
+        moe_real *yr = j->y + r * j->ldy, rs = (moe_real)1 / moe__sqrt(moe__row_dot(xr, xr, j->d) / (moe_real)j->d + j->eps);
+        if (j->rstd) j->rstd[r] = rs;
+        for (i = 0; i < j->d; i++) yr[i] = j->w[i] * (xr[i] * rs);
+    }
+}
+static moe_status moe__cpu_rmsnorm_fwd(moe_ctx *ctx, const moe_real *x, int64_t ldx, const moe_real *w, int64_t rows, int64_t d,
+                                       moe_real eps, moe_real *y, int64_t ldy, moe_real *rstd) {
+    moe__rmsnorm_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.ldx = ldx; j.w = w; j.rows = rows; j.d = d; j.eps = eps; j.y = y; j.ldy = ldy; j.rstd = rstd;
+    moe__parallel_for(ctx, rows, (double)d, 0, moe__rmsnorm_fwd_rows, &j);
+    return MOE_OK;
+}
+
+/* Chunks [c0, c1) of MOE__ROW_CHUNK rows: dx rows, and each chunk's dw partial sum. */
+static void moe__rmsnorm_bwd_chunks(void *arg, int64_t c0, int64_t c1, int tid) {
+    const moe__rmsnorm_job *j = (const moe__rmsnorm_job *)arg;
+    const moe_real *w = j->w;
+    int64_t c, d = j->d;
+    (void)tid;
+    for (c = c0; c < c1; c++) {
+        int64_t r, i, r1 = (c + 1) * MOE__ROW_CHUNK < j->rows ? (c + 1) * MOE__ROW_CHUNK : j->rows;
+        moe_real *pw = j->partial ? j->partial + c * d : NULL;
         if (pw) memset(pw, 0, (size_t)d * sizeof(moe_real));
         for (r = c * MOE__ROW_CHUNK; r < r1; r++) {
-            const moe_real *xr = x + r * d, *dyr = dy + r * d;
-            moe_real rs = rstd[r], dot = 0;
+            const moe_real *xr = j->x + r * d, *dyr = j->dy + r * d;
+            moe_real rs = j->rstd_in[r], dot = 0;
             i = 0;
 #ifdef MOE__SIMD_AVX2
             if (d >= 8) { /* Σ (dy⊙w)·(x·rs) in 8 interleaved partial sums, as moe__row_dot */
@@ -3083,17 +3809,172 @@ static void moe__rmsnorm_bwd(int nt, const moe_real *x, const moe_real *w, const
 #endif
             for (; i < d; i++) dot += dyr[i] * w[i] * (xr[i] * rs);
             dot /= (moe_real)d;
-            if (dx)
-                for (i = 0; i < d; i++) dx[r * d + i] += rs * (dyr[i] * w[i] - xr[i] * rs * dot);
+            if (j->dx)
+                for (i = 0; i < d; i++) j->dx[r * d + i] += rs * (dyr[i] * w[i] - xr[i] * rs * dot);
             if (pw)
                 for (i = 0; i < d; i++) pw[i] += dyr[i] * (xr[i] * rs);
         }
     }
-    if (dw)
-        for (c = 0; c < nchunks; c++) {
-            int64_t i;
-            for (i = 0; i < d; i++) dw[i] += partial[c * d + i];
+}
+static moe_status moe__cpu_rmsnorm_bwd(moe_ctx *ctx, const moe_real *x, const moe_real *w, const moe_real *rstd,
+                                       const moe_real *dy, int64_t rows, int64_t d, moe_real *dx, moe_real *dw) {
+    moe__rmsnorm_job j;
+    int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK, c, i;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.w = w; j.rstd_in = rstd; j.dy = dy; j.rows = rows; j.d = d; j.dx = dx;
+    if (dw && !(j.partial = moe__dev_real(ctx, nchunks * d, "rmsnorm backward"))) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, nchunks, (double)(MOE__ROW_CHUNK * d), 0, moe__rmsnorm_bwd_chunks, &j);
+    for (c = 0; dw && c < nchunks; c++)
+        for (i = 0; i < d; i++) dw[i] += j.partial[c * d + i];
+    return MOE_OK;
+}
+
+/* ---- softmax, cross-entropy ------------------------------------------------------------- */
+
+typedef struct moe__rows_job {
+    const moe_real *x, *y, *dy, *lse_in;
+    const int32_t *targets;
+    moe_real *out, *lse, *dx;
+    int64_t rows, d;
+    int32_t ignore;
+    moe_real scale;
+} moe__rows_job;
+
+static void moe__softmax_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__rows_job *j = (const moe__rows_job *)arg;
+    int64_t r, i, d = j->d;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *xr = j->x + r * d;
+        moe_real *yr = j->out + r * d, s = moe__row_exp_sum(xr, yr, d, moe__row_max(xr, d));
+        for (i = 0; i < d; i++) yr[i] /= s;
+    }
+}
+static moe_status moe__cpu_softmax_fwd(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *y) {
+    moe__rows_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.rows = rows; j.d = d; j.out = y;
+    moe__parallel_for(ctx, rows, (double)d, 0, moe__softmax_fwd_rows, &j);
+    return MOE_OK;
+}
+static void moe__softmax_bwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__rows_job *j = (const moe__rows_job *)arg;
+    int64_t r, i, d = j->d;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *yr = j->y + r * d, *g = j->dy + r * d;
+        moe_real dot = 0;
+        for (i = 0; i < d; i++) dot += g[i] * yr[i];
+        for (i = 0; i < d; i++) j->dx[r * d + i] += yr[i] * (g[i] - dot);
+    }
+}
+static moe_status moe__cpu_softmax_bwd(moe_ctx *ctx, const moe_real *y, const moe_real *dy, int64_t rows, int64_t d,
+                                       moe_real *dx) {
+    moe__rows_job j;
+    memset(&j, 0, sizeof j);
+    j.y = y; j.dy = dy; j.rows = rows; j.d = d; j.dx = dx;
+    moe__parallel_for(ctx, rows, (double)d, 0, moe__softmax_bwd_rows, &j);
+    return MOE_OK;
+}
+
+static void moe__xent_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__rows_job *j = (const moe__rows_job *)arg;
+    int64_t r, v = j->d;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *xr = j->x + r * v;
+        moe_real m = moe__row_max(xr, v), l = m + moe__ln(moe__row_exp_sum(xr, NULL, v, m));
+        j->lse[r] = l;
+        j->out[r] = j->targets[r] == j->ignore ? 0 : l - xr[j->targets[r]];
+    }
+}
+static moe_status moe__cpu_xent_fwd(moe_ctx *ctx, const moe_real *x, const int32_t *targets, int32_t ignore, int64_t rows,
+                                    int64_t V, moe_real *lse, moe_real *host_sum, int64_t *host_count) {
+    moe__rows_job j;
+    moe_real total = 0;
+    int64_t r, count = 0;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.targets = targets; j.ignore = ignore; j.rows = rows; j.d = V; j.lse = lse;
+    if (!(j.out = moe__dev_real(ctx, rows, "cross-entropy"))) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, rows, (double)V, 0, moe__xent_fwd_rows, &j);
+    for (r = 0; r < rows; r++) {
+        total += j.out[r];
+        count += targets[r] != ignore;
+    }
+    *host_sum = total;
+    *host_count = count;
+    return MOE_OK;
+}
+static void moe__xent_bwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__rows_job *j = (const moe__rows_job *)arg;
+    int64_t r, v = j->d;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        if (j->targets[r] == j->ignore) continue;
+        moe__row_exp_axpy(j->x + r * v, j->lse_in[r], j->scale, j->dx + r * v, v);
+        j->dx[r * v + j->targets[r]] -= j->scale;
+    }
+}
+static moe_status moe__cpu_xent_bwd(moe_ctx *ctx, const moe_real *x, const int32_t *targets, int32_t ignore, const moe_real *lse,
+                                    moe_real scale, int64_t rows, int64_t V, moe_real *dx) {
+    moe__rows_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.targets = targets; j.ignore = ignore; j.lse_in = lse; j.scale = scale; j.rows = rows; j.d = V; j.dx = dx;
+    moe__parallel_for(ctx, rows, (double)V, 0, moe__xent_bwd_rows, &j);
+    return MOE_OK;
+}
+
+/* ---- SwiGLU ----------------------------------------------------------------------------- */
+
+typedef struct moe__swiglu_job {
+    const moe_real *gate, *up, *dy;
+    moe_real *y, *dgate, *dup;
+    int64_t ld_in, ld_out, cols;
+    int accumulate;
+} moe__swiglu_job;
+
+static void moe__swiglu_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__swiglu_job *j = (const moe__swiglu_job *)arg;
+    int64_t r;
+    (void)tid;
+    for (r = r0; r < r1; r++)
+        moe__row_swiglu(j->gate + r * j->ld_in, j->up ? j->up + r * j->ld_in : NULL, j->y + r * j->ld_out, j->cols);
+}
+static moe_status moe__cpu_swiglu_fwd(moe_ctx *ctx, const moe_real *gate, const moe_real *up, int64_t ld_in, int64_t rows,
+                                      int64_t cols, moe_real *y, int64_t ld_y) {
+    moe__swiglu_job j;
+    memset(&j, 0, sizeof j);
+    j.gate = gate; j.up = up; j.ld_in = ld_in; j.cols = cols; j.y = y; j.ld_out = ld_y;
+    moe__parallel_for(ctx, rows, (double)cols, 0, moe__swiglu_fwd_rows, &j);
+    return MOE_OK;
+}
+static void moe__swiglu_bwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__swiglu_job *j = (const moe__swiglu_job *)arg;
+    int64_t r, c;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *g = j->gate + r * j->ld_in, *u = j->up ? j->up + r * j->ld_in : NULL, *dy = j->dy + r * j->cols;
+        moe_real *dg = j->dgate ? j->dgate + r * j->ld_out : NULL, *du = j->dup ? j->dup + r * j->ld_out : NULL;
+        for (c = 0; c < j->cols; c++) {
+            if (dg) {
+                moe_real vg = dy[c] * (u ? u[c] : 1) * moe_silu_grad_scalar(g[c]);
+                dg[c] = j->accumulate ? dg[c] + vg : vg;
+            }
+            if (du) {
+                moe_real vu = dy[c] * moe_silu_scalar(g[c]);
+                du[c] = j->accumulate ? du[c] + vu : vu;
+            }
         }
+    }
+}
+static moe_status moe__cpu_swiglu_bwd(moe_ctx *ctx, const moe_real *gate, const moe_real *up, int64_t ld_in, const moe_real *dy,
+                                      int64_t rows, int64_t cols, moe_real *dgate, moe_real *dup, int64_t ld_d, int accumulate) {
+    moe__swiglu_job j;
+    memset(&j, 0, sizeof j);
+    j.gate = gate; j.up = up; j.ld_in = ld_in; j.dy = dy; j.cols = cols; j.dgate = dgate; j.dup = dup; j.ld_out = ld_d;
+    j.accumulate = accumulate;
+    moe__parallel_for(ctx, rows, (double)cols, 0, moe__swiglu_bwd_rows, &j);
+    return MOE_OK;
 }
 
 /* ---- RoPE ------------------------------------------------------------------------------- */
@@ -3135,121 +4016,88 @@ static void moe__rope_row(moe_real *v, const float *cs, int64_t half, moe_rope_l
 #endif
 }
 
-/* Rotate x [B, T, H, D] in place, token t at position pos0 + t; `sign` −1 undoes it. */
-static void moe__rope_apply(int nt, moe_real *x, const float *cs, int64_t B, int64_t T, int64_t H, int64_t D,
-                            int64_t pos0, moe_rope_layout layout, moe_real sign) {
-    int64_t bt;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (B * T * H * D > 16384))
-    for (bt = 0; bt < B * T; bt++) {
-        const float *row = cs + (pos0 + bt % T) * D; /* [D/2][2] cos, sin */
-        int64_t h;
-        for (h = 0; h < H; h++) moe__rope_row(x + (bt * H + h) * D, row, D / 2, layout, sign);
+typedef struct moe__rope_job {
+    moe_real *x;
+    const float *cs;
+    int64_t T, heads, head_stride, offset, dim, pos0;
+    moe_rope_layout layout;
+    moe_real sign;
+} moe__rope_job;
+static void moe__rope_tokens(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__rope_job *j = (const moe__rope_job *)arg;
+    int64_t t, h;
+    (void)tid;
+    for (t = t0; t < t1; t++) {
+        const float *row = j->cs + (j->pos0 + t % j->T) * j->dim; /* [dim/2][2] cos, sin */
+        for (h = 0; h < j->heads; h++)
+            moe__rope_row(j->x + (t * j->heads + h) * j->head_stride + j->offset, row, j->dim / 2, j->layout, j->sign);
     }
 }
-
-/* f'_j of YaRN (reference §2.3): keep low-index (high-frequency) pairs, divide the rest by
-   the factor, with a linear ramp between beta_fast and beta_slow correction dims. */
-static double moe__yarn_freq(double f, int64_t j, int64_t dim, double theta, const moe_yarn *y) {
-    double lo, hi, ramp;
-    if (!y || y->factor <= 1.0) return f;
-    lo = floor((double)dim * log((double)y->original_max_pos / (y->beta_fast * 2.0 * 3.141592653589793)) / (2.0 * log(theta)));
-    hi = ceil((double)dim * log((double)y->original_max_pos / (y->beta_slow * 2.0 * 3.141592653589793)) / (2.0 * log(theta)));
-    if (lo < 0) lo = 0;
-    if (hi > (double)(dim - 1)) hi = (double)(dim - 1);
-    if (lo == hi) hi += 0.001;
-    ramp = ((double)j - lo) / (hi - lo);
-    ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
-    return f / y->factor * ramp + f * (1.0 - ramp);
-}
-
-MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int64_t dim, int64_t max_pos, double theta,
-                                       const moe_yarn *yarn) {
-    int64_t p, j;
-    size_t n;
-    MOE__CHECK_CTX(ctx);
-    if (!table) return moe__fail(ctx, MOE_ERR_ARG, "moe_rope_table_init: table is NULL");
-    memset(table, 0, sizeof *table);
-    if (dim <= 0 || dim % 2 || dim > 65536)
-        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: dim must be even and in 2..65536, got %lld", (long long)dim);
-    if (max_pos <= 0 || max_pos > ((int64_t)1 << 26))
-        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: max_pos must be 1..2^26, got %lld", (long long)max_pos);
-    if (!(theta > 1.0)) return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: theta must be > 1");
-    if (yarn && yarn->factor > 1.0 && (yarn->original_max_pos <= 0 || !(yarn->beta_fast > 0) || !(yarn->beta_slow > 0)))
-        return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: YaRN needs original_max_pos, beta_fast, beta_slow > 0");
-    if (moe__mul_overflows((size_t)max_pos, (size_t)dim * sizeof(float), &n))
-        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: table too large");
-    table->cos_sin = (float *)moe__heap_alloc(ctx, n);
-    if (!table->cos_sin) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: out of memory");
-    table->dim = dim;
-    table->max_pos = max_pos;
-    for (j = 0; j < dim / 2; j++) {
-        double f = moe__yarn_freq(pow(theta, -2.0 * (double)j / (double)dim), j, dim, theta, yarn);
-        for (p = 0; p < max_pos; p++) {
-            double a = (double)p * f;
-            table->cos_sin[(p * (dim / 2) + j) * 2] = (float)cos(a);
-            table->cos_sin[(p * (dim / 2) + j) * 2 + 1] = (float)sin(a);
-        }
-    }
+static moe_status moe__cpu_rope(moe_ctx *ctx, moe_real *x, int64_t tokens, int64_t T, int64_t heads, int64_t head_stride,
+                                int64_t offset, int64_t dim, const float *cos_sin, int64_t pos0, moe_rope_layout layout,
+                                int inverse) {
+    moe__rope_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.cs = cos_sin; j.T = T; j.heads = heads; j.head_stride = head_stride; j.offset = offset; j.dim = dim;
+    j.pos0 = pos0; j.layout = layout; j.sign = inverse ? -1 : 1;
+    moe__parallel_for(ctx, tokens, (double)(heads * dim), 0, moe__rope_tokens, &j);
     return MOE_OK;
 }
-MOE_API void moe_rope_table_free(moe_rope_table *table) {
-    if (!table) return;
-    MOE_FREE(table->cos_sin);
-    memset(table, 0, sizeof *table);
-}
 
-/* ---- softmax, cross-entropy ------------------------------------------------------------- */
+/* ---- top-k ------------------------------------------------------------------------------ */
 
-static void moe__softmax_fwd(int nt, const moe_real *x, moe_real *y, int64_t rows, int64_t d) {
-    int64_t r;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
-    for (r = 0; r < rows; r++) {
-        const moe_real *xr = x + r * d;
-        moe_real *yr = y + r * d, s = moe__row_exp_sum(xr, yr, d, moe__row_max(xr, d));
-        int64_t i;
-        for (i = 0; i < d; i++) yr[i] /= s;
-    }
-}
-/* dx += y ⊙ (dy − Σ dy⊙y) */
-static void moe__softmax_bwd(int nt, const moe_real *y, const moe_real *dy, moe_real *dx, int64_t rows, int64_t d) {
-    int64_t r;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * d > 16384))
-    for (r = 0; r < rows; r++) {
-        const moe_real *yr = y + r * d, *g = dy + r * d;
-        moe_real dot = 0;
-        int64_t i;
-        for (i = 0; i < d; i++) dot += g[i] * yr[i];
-        for (i = 0; i < d; i++) dx[r * d + i] += yr[i] * (g[i] - dot);
-    }
-}
+typedef struct moe__topk_job {
+    const moe_real *x, *dy;
+    moe_real *val, *dx;
+    const int32_t *idx_in;
+    int32_t *idx;
+    int64_t n, k;
+} moe__topk_job;
 
-/* Per-row loss −log softmax(x)[t] (0 for ignored rows) and the row's log-sum-exp. */
-static void moe__xent_fwd(int nt, const moe_real *x, const int32_t *targets, int32_t ignore, moe_real *row_loss,
-                          moe_real *lse, int64_t rows, int64_t v) {
-    int64_t r;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * v > 16384))
-    for (r = 0; r < rows; r++) {
-        const moe_real *xr = x + r * v;
-        moe_real m = moe__row_max(xr, v), l = m + moe__ln(moe__row_exp_sum(xr, NULL, v, m));
-        lse[r] = l;
-        row_loss[r] = targets[r] == ignore ? 0 : l - xr[targets[r]];
+/* The k largest of x[0..n) in descending order, ties to the lower index; NaN ranks lowest. */
+static void moe__topk_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__topk_job *J = (const moe__topk_job *)arg;
+    int64_t r, i, j, m;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *x = J->x + r * J->n;
+        int32_t *idx = J->idx + r * J->k;
+        for (j = 0; j < J->k; j++) {
+            int64_t best = -1;
+            for (i = 0; i < J->n; i++) {
+                int taken = 0;
+                for (m = 0; m < j; m++)
+                    if (idx[m] == (int32_t)i) { taken = 1; break; }
+                if (taken) continue;
+                if (best < 0 || x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
+            }
+            idx[j] = (int32_t)best;
+            J->val[r * J->k + j] = x[best];
+        }
     }
 }
-/* dx += scale·(softmax(x) − onehot(t)) for rows that are not ignored. */
-static void moe__xent_bwd(int nt, const moe_real *x, const int32_t *targets, int32_t ignore, const moe_real *lse,
-                          moe_real scale, moe_real *dx, int64_t rows, int64_t v) {
-    int64_t r;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (rows * v > 16384))
-    for (r = 0; r < rows; r++) {
-        if (targets[r] == ignore) continue;
-        moe__row_exp_axpy(x + r * v, lse[r], scale, dx + r * v, v);
-        dx[r * v + targets[r]] -= scale;
-    }
+static moe_status moe__cpu_topk_fwd(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t n, int64_t k, moe_real *val,
+                                    int32_t *idx) {
+    moe__topk_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.n = n; j.k = k; j.val = val; j.idx = idx;
+    moe__parallel_for(ctx, rows, (double)(n * k), 0, moe__topk_fwd_rows, &j);
+    return MOE_OK;
+}
+static void moe__topk_bwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__topk_job *J = (const moe__topk_job *)arg;
+    int64_t r, j;
+    (void)tid;
+    for (r = r0; r < r1; r++)
+        for (j = 0; j < J->k; j++) J->dx[r * J->n + J->idx_in[r * J->k + j]] += J->dy[r * J->k + j];
+}
+static moe_status moe__cpu_topk_bwd(moe_ctx *ctx, const moe_real *dy, const int32_t *idx, int64_t rows, int64_t n, int64_t k,
+                                    moe_real *dx) {
+    moe__topk_job j;
+    memset(&j, 0, sizeof j);
+    j.dy = dy; j.idx_in = idx; j.n = n; j.k = k; j.dx = dx;
+    moe__parallel_for(ctx, rows, (double)k, 0, moe__topk_bwd_rows, &j);
+    return MOE_OK;
 }
 
 /* ---- causal attention ------------------------------------------------------------------- */
@@ -3257,15 +4105,15 @@ static void moe__xent_bwd(int nt, const moe_real *x, const int32_t *targets, int
 /* Tiles of the online softmax go through the GEMM's 6×16 micro-kernel: a tile product runs
    over row groups of 6 (queries, or keys for dK and dV) and column panels of 16, with its B
    operand packed into 16-wide panels. Tile buffers are padded to whole groups and panels
-   (the padding is zero or only feeds rows that are dropped), and diagonal tiles skip the
-   groups and panels that the causal mask empties. */
+   (the padding is zero or only feeds rows that are dropped), and tiles on the causal
+   boundary skip the groups and panels that the mask empties. */
 #define MOE__ATT_TILE 64 /* queries and keys per tile (a multiple of the panel width 16) */
 #define MOE__ATT_ROWS 66 /* a tile's rows rounded up to whole groups of 6 */
 
 static int64_t moe__att_rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-/* Values in one thread's scratch: the buffers moe__attention_bwd takes (the forward pass takes
-   fewer), each rounded up to 16 values so that every buffer starts 64-byte aligned. */
+/* Values in one thread's scratch: the buffers the backward takes (the forward takes fewer),
+   each rounded up to 16 values so that every buffer starts 64-byte aligned. */
 static int64_t moe__attention_scratch(int64_t Dk, int64_t Dv) {
     const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, Dkp = moe__att_rup(Dk, 16), Dvp = moe__att_rup(Dv, 16);
     const int64_t sizes[13] = {Dk * TL, Dv * TL, TL * Dkp, RL * Dk, TL * Dkp, RL * Dv, TL * Dvp,
@@ -3325,49 +4173,59 @@ static void moe__att_pack_rows(const moe_real *x, int64_t H, int64_t D, int64_t 
     }
 }
 
-/* o[b,t,h] = Σ_{j≤t} softmax_j(scale·q[b,t,h]·k[b,j,h]) v[b,j,h], one 64-query tile against
-   64-key tiles with a running max and sum; lse[(b·H+h)·T+t] keeps the log-sum-exp for the
-   backward pass. `scratch` holds moe__attention_scratch values per thread. */
-static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, moe_real *o,
-                               moe_real *lse, int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale,
-                               moe_real *scratch) {
-    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, ntiles = (T + TL - 1) / TL, Dvp = moe__att_rup(Dv, 16);
+typedef struct moe__att_job {
+    const moe_real *q, *k, *v, *o, *lse_in, *dout;
+    moe_real *out, *lse, *dq, *dk, *dv, *scratch;
+    int64_t B, Tq, Tk, H, Dk, Dv, ntiles, per_thread;
+    moe_real scale;
+} moe__att_job;
+
+/* One job of the forward: query tile `it` of head h of sequence b against the 64-key tiles it
+   sees, with a running max m and sum l per query (an online softmax: no T×T matrix is
+   stored); query i sits at position Tk − Tq + i; lse keeps each query's log-sum-exp for the
+   backward pass. */
+static void moe__attention_fwd_jobs(void *arg, int64_t job0, int64_t job1, int tid) {
+    const moe__att_job *J = (const moe__att_job *)arg;
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, Dk = J->Dk, Dv = J->Dv, Dvp = moe__att_rup(Dv, 16), H = J->H;
+    const int64_t off = J->Tk - J->Tq;
     int64_t job;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H * ntiles > 1))
-    for (job = 0; job < B * H * ntiles; job++) {
-#ifdef _OPENMP
-        moe_real *w = scratch + (int64_t)omp_get_thread_num() * moe__attention_scratch(Dk, Dv);
-#else
-        moe_real *w = scratch;
-#endif
+    for (job = job0; job < job1; job++) {
+        moe_real *w = J->scratch + (int64_t)tid * J->per_thread;
         moe_real *Q = moe__att_take(&w, RL * Dk), *KT = moe__att_take(&w, Dk * TL), *V = moe__att_take(&w, TL * Dvp);
         moe_real *S = moe__att_take(&w, RL * TL), *O = moe__att_take(&w, RL * Dvp), *m = moe__att_take(&w, RL),
                  *l = moe__att_take(&w, RL);
-        int64_t b = job / (H * ntiles), h = (job / ntiles) % H, it = job % ntiles;
-        int64_t i0 = it * TL, nq = T - i0 < TL ? T - i0 : TL, jt, r0, i, c, d;
-        moe__att_rows(q, H, Dk, h, b * T + i0, nq, Q);
+        int64_t b = job / (H * J->ntiles), h = (job / J->ntiles) % H, it = job % J->ntiles;
+        int64_t i0 = it * TL, nq = J->Tq - i0 < TL ? J->Tq - i0 : TL, jt, jt_last = (off + i0 + nq - 1) / TL, r0, i, c, d;
+        moe__att_rows(J->q, H, Dk, h, b * J->Tq + i0, nq, Q);
         for (i = 0; i < nq; i++) {
             m[i] = -INFINITY;
             l[i] = 0;
         }
         memset(O, 0, (size_t)(RL * Dvp) * sizeof(moe_real));
-        for (jt = 0; jt <= it; jt++) {
-            int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
-            moe__att_pack_cols(k, H, Dk, h, b * T + j0, nk, KT);
-            moe__att_pack_rows(v, H, Dv, h, b * T + j0, nk, V);
+        for (jt = 0; jt <= jt_last; jt++) {
+            int64_t j0 = jt * TL, nk = J->Tk - j0 < TL ? J->Tk - j0 : TL;
+            moe__att_pack_cols(J->k, H, Dk, h, b * J->Tk + j0, nk, KT);
+            moe__att_pack_rows(J->v, H, Dv, h, b * J->Tk + j0, nk, V);
             for (r0 = 0; r0 < nq; r0 += 6) {
-                int64_t kmax = jt == it && r0 + 6 < nk ? r0 + 6 : nk; /* causal: keys ≤ the group's last query */
-                for (c = 0; c < kmax; c += 16) moe__att_kern(Dk, Q + r0 * Dk, Dk, 1, KT + c * Dk, S + r0 * TL + c, TL, scale, 0);
+                /* causal: the keys up to the group's last query */
+                int64_t kmax = off + i0 + r0 + 6 - j0;
+                kmax = kmax < nk ? kmax : nk;
+                if (kmax <= 0) continue;
+                for (c = 0; c < kmax; c += 16) moe__att_kern(Dk, Q + r0 * Dk, Dk, 1, KT + c * Dk, S + r0 * TL + c, TL, J->scale, 0);
                 for (i = r0; i < r0 + 6 && i < nq; i++) {
                     moe_real *s = S + i * TL, mt, corr;
-                    int64_t kend = jt == it ? i + 1 : nk, j;
+                    int64_t kend = off + i0 + i + 1 - j0, jj;
+                    kend = kend < nk ? kend : nk;
+                    if (kend <= 0) { /* this query sees none of the tile's keys */
+                        for (jj = 0; jj < kmax; jj++) s[jj] = 0;
+                        continue;
+                    }
                     mt = moe__row_max(s, kend);
                     mt = mt > m[i] ? mt : m[i];
                     corr = moe__exp(m[i] - mt); /* exp(−inf) = 0 on the first tile */
                     l[i] = l[i] * corr + moe__row_exp_sum(s, s, kend, mt);
                     m[i] = mt;
-                    for (j = kend; j < kmax; j++) s[j] = 0;
+                    for (jj = kend; jj < kmax; jj++) s[jj] = 0;
                     for (d = 0; d < Dv; d++) O[i * Dvp + d] *= corr;
                 }
                 /* rows after nq: Q is zero there, so S and their O rows stay zero */
@@ -3375,11 +4233,26 @@ static void moe__attention_fwd(int nt, const moe_real *q, const moe_real *k, con
             }
         }
         for (i = 0; i < nq; i++) {
-            moe_real *dst = o + ((b * T + i0 + i) * H + h) * Dv;
+            moe_real *dst = J->out + ((b * J->Tq + i0 + i) * H + h) * Dv;
             for (d = 0; d < Dv; d++) dst[d] = O[i * Dvp + d] / l[i];
-            lse[(b * H + h) * T + i0 + i] = m[i] + moe__ln(l[i]);
+            J->lse[(b * H + h) * J->Tq + i0 + i] = m[i] + moe__ln(l[i]);
         }
     }
+}
+static moe_status moe__cpu_attention_fwd(moe_ctx *ctx, const moe_real *q, const moe_real *k, const moe_real *v, int64_t B,
+                                         int64_t Tq, int64_t Tk, int64_t H, int64_t Dk, int64_t Dv, moe_real scale, moe_real *o,
+                                         moe_real *lse) {
+    moe__att_job J;
+    if (Tq < 1 || Tq > Tk) return moe__fail(ctx, MOE_ERR_SHAPE, "attention: want 1 <= Tq <= Tk, got %lld and %lld", (long long)Tq, (long long)Tk);
+    memset(&J, 0, sizeof J);
+    J.q = q; J.k = k; J.v = v; J.B = B; J.Tq = Tq; J.Tk = Tk; J.H = H; J.Dk = Dk; J.Dv = Dv; J.scale = scale; J.out = o; J.lse = lse;
+    J.ntiles = (Tq + MOE__ATT_TILE - 1) / MOE__ATT_TILE;
+    J.per_thread = moe__attention_scratch(Dk, Dv);
+    if (!(J.scratch = moe__dev_real(ctx, ctx->conf.n_threads * J.per_thread, "attention"))) return MOE_ERR_MEMORY;
+    /* a job costs about a tile of queries against its keys */
+    moe__parallel_for(ctx, B * H * J.ntiles, (double)(MOE__ATT_TILE * (Tk - Tq + MOE__ATT_TILE) * (Dk + Dv)), 1,
+                      moe__attention_fwd_jobs, &J);
+    return MOE_OK;
 }
 
 /* p[j] = exp(p[j] − lse) (p holds scale·q·k), ds[j] = p[j]·(ds[j] − delta)·scale (ds holds dO·v)
@@ -3403,20 +4276,15 @@ static void moe__att_dscores(moe_real *p, moe_real *ds, int64_t n, moe_real lse,
 /* FlashAttention-2 style backward: p = exp(scale·q·k − lse) is recomputed tile by tile.
    One thread owns one (b, h), so dk and dv sum over query tiles in a fixed order and dq over
    key tiles in a fixed order. dq, dk, dv are accumulated into (+=); any may be NULL. */
-static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, const moe_real *v, const moe_real *o,
-                               const moe_real *lse, const moe_real *dout, moe_real *dq, moe_real *dk, moe_real *dv,
-                               int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, moe_real scale, moe_real *scratch) {
-    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, ntiles = (T + TL - 1) / TL;
+static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int tid) {
+    const moe__att_job *J = (const moe__att_job *)arg;
+    const moe_real *q = J->q, *k = J->k, *v = J->v, *o = J->o, *lse = J->lse_in, *dout = J->dout, scale = J->scale;
+    moe_real *dq = J->dq, *dk = J->dk, *dv = J->dv;
+    const int64_t TL = MOE__ATT_TILE, RL = MOE__ATT_ROWS, T = J->Tq, H = J->H, Dk = J->Dk, Dv = J->Dv, ntiles = J->ntiles;
     const int64_t Dkp = moe__att_rup(Dk, 16), Dvp = moe__att_rup(Dv, 16);
     int64_t bh;
-    (void)nt;
-    MOE__OMP(omp parallel for num_threads(nt) schedule(dynamic, 1) if (B * H > 1))
-    for (bh = 0; bh < B * H; bh++) {
-#ifdef _OPENMP
-        moe_real *w = scratch + (int64_t)omp_get_thread_num() * moe__attention_scratch(Dk, Dv);
-#else
-        moe_real *w = scratch;
-#endif
+    for (bh = bh0; bh < bh1; bh++) {
+        moe_real *w = J->scratch + (int64_t)tid * J->per_thread;
         /* B operands: KT, VT (keys as columns), K, Qn, DOn (rows as rows); A operands: Q, DO;
            P and DS [RL, RL]: columns past the causal end are zero, so the key groups of the
            transposed products (which run to RL) read zeros there */
@@ -3484,30 +4352,1270 @@ static void moe__attention_bwd(int nt, const moe_real *q, const moe_real *k, con
         }
     }
 }
+static moe_status moe__cpu_attention_bwd(moe_ctx *ctx, const moe_real *q, const moe_real *k, const moe_real *v, const moe_real *o,
+                                         const moe_real *lse, const moe_real *dout, int64_t B, int64_t T, int64_t H, int64_t Dk,
+                                         int64_t Dv, moe_real scale, moe_real *dq, moe_real *dk, moe_real *dv) {
+    moe__att_job J;
+    memset(&J, 0, sizeof J);
+    J.q = q; J.k = k; J.v = v; J.o = o; J.lse_in = lse; J.dout = dout; J.B = B; J.Tq = J.Tk = T; J.H = H; J.Dk = Dk; J.Dv = Dv;
+    J.scale = scale; J.dq = dq; J.dk = dk; J.dv = dv;
+    J.ntiles = (T + MOE__ATT_TILE - 1) / MOE__ATT_TILE;
+    J.per_thread = moe__attention_scratch(Dk, Dv);
+    if (!(J.scratch = moe__dev_real(ctx, ctx->conf.n_threads * J.per_thread, "attention backward"))) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, B * H, (double)(T * T * (Dk + Dv)), 1, moe__attention_bwd_heads, &J);
+    return MOE_OK;
+}
 
-/* ---- top-k ------------------------------------------------------------------------------ */
+/* ---- decode attention over MLA's latent cache ------------------------------------------- */
 
-/* The k largest of x[0..n) in descending order, ties to the lower index; NaN ranks lowest. */
-static void moe__topk_row(const moe_real *x, int64_t n, int64_t k, moe_real *val, int32_t *idx) {
-    int64_t i, j;
-    for (j = 0; j < k; j++) {
-        int64_t best = -1;
-        for (i = 0; i < n; i++) {
-            int64_t m;
-            int taken = 0;
-            for (m = 0; m < j; m++)
-                if (idx[m] == (int32_t)i) { taken = 1; break; }
-            if (taken) continue;
-            if (best < 0 || x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
+typedef struct moe__decode_job {
+    const moe_real *qc, *cache;
+    moe_real *ob, *scratch;
+    int64_t H, R, width, pos0, per_thread;
+    moe_real scale;
+} moe__decode_job;
+
+/* (token, head) pairs [p0, p1): scores over the cache rows the token sees (8 rows at a time,
+   as the GEMM's dot-product path sums), softmax, and the weighted sum of the rows. */
+static void moe__attention_decode_pairs(void *arg, int64_t p0, int64_t p1, int tid) {
+    const moe__decode_job *J = (const moe__decode_job *)arg;
+    const int64_t R = J->R, W = J->width;
+    int64_t pair, j, i;
+    for (pair = p0; pair < p1; pair++) {
+        int64_t nk = J->pos0 + pair / J->H + 1;
+        const moe_real *qh = J->qc + pair * R;
+        moe_real *sc = J->scratch + (int64_t)tid * J->per_thread, *oh = J->ob + pair * W, mx = -INFINITY, sum;
+        j = 0;
+#ifdef MOE__SIMD_AVX2
+        for (; j + 8 <= nk; j += 8) moe__dot8x8(qh, J->cache + j * R, R, R, sc + j);
+#endif
+        for (; j < nk; j++) sc[j] = moe__dot8x(qh, J->cache + j * R, R);
+        for (j = 0; j < nk; j++) {
+            sc[j] *= J->scale;
+            mx = sc[j] > mx ? sc[j] : mx;
         }
-        idx[j] = (int32_t)best;
-        if (val) val[j] = x[best];
+        sum = moe__row_exp_sum(sc, sc, nk, mx);
+        for (i = 0; i < W; i++) oh[i] = 0;
+        for (j = 0; j < nk; j++) {
+            const moe_real *cj = J->cache + j * R, p = sc[j] / sum;
+            for (i = 0; i < W; i++) oh[i] += p * cj[i];
+        }
+    }
+}
+static moe_status moe__cpu_attention_decode(moe_ctx *ctx, const moe_real *qc, const moe_real *cache, int64_t n, int64_t H,
+                                            int64_t R, int64_t width, int64_t pos0, moe_real scale, moe_real *ob) {
+    moe__decode_job J;
+    memset(&J, 0, sizeof J);
+    J.qc = qc; J.cache = cache; J.ob = ob; J.H = H; J.R = R; J.width = width; J.pos0 = pos0; J.scale = scale;
+    J.per_thread = moe__att_rup(pos0 + n, 16);
+    if (!(J.scratch = moe__dev_real(ctx, ctx->conf.n_threads * J.per_thread, "decode attention"))) return MOE_ERR_MEMORY;
+    /* as the GEMMs' dot-product path: a region only from about 2^18 multiply-adds */
+    moe__parallel_for(ctx, n * H, (double)((pos0 + n) * (R + width)) / 16.0, 0, moe__attention_decode_pairs, &J);
+    return MOE_OK;
+}
+
+/* ---- MLA: keys and values from the expanded latent -------------------------------------- */
+
+typedef struct moe__kv_job {
+    const moe_real *kvb, *kpe, *dk, *dv;
+    moe_real *k, *v, *dkvb, *dkpe;
+    int64_t ld_kpe, H, dn, dr, dv_dim;
+} moe__kv_job;
+static void moe__mla_split_rows(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__kv_job *J = (const moe__kv_job *)arg;
+    const int64_t H = J->H, dn = J->dn, dr = J->dr, dv = J->dv_dim, dqk = dn + dr;
+    int64_t t, h;
+    (void)tid;
+    for (t = t0; t < t1; t++)
+        for (h = 0; h < H; h++) {
+            const moe_real *src = J->kvb + (t * H + h) * (dn + dv);
+            memcpy(J->k + (t * H + h) * dqk, src, (size_t)dn * sizeof(moe_real));
+            memcpy(J->k + (t * H + h) * dqk + dn, J->kpe + t * J->ld_kpe, (size_t)dr * sizeof(moe_real));
+            memcpy(J->v + (t * H + h) * dv, src + dn, (size_t)dv * sizeof(moe_real));
+        }
+}
+static moe_status moe__cpu_mla_split_kv(moe_ctx *ctx, const moe_real *kvb, const moe_real *kpe, int64_t ld_kpe, int64_t n,
+                                        int64_t H, int64_t dn, int64_t dr, int64_t dv, moe_real *k, moe_real *v) {
+    moe__kv_job J;
+    memset(&J, 0, sizeof J);
+    J.kvb = kvb; J.kpe = kpe; J.ld_kpe = ld_kpe; J.H = H; J.dn = dn; J.dr = dr; J.dv_dim = dv; J.k = k; J.v = v;
+    moe__parallel_for(ctx, n, (double)(H * (dn + dr + dv)), 0, moe__mla_split_rows, &J);
+    return MOE_OK;
+}
+static void moe__mla_merge_rows(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__kv_job *J = (const moe__kv_job *)arg;
+    const int64_t H = J->H, dn = J->dn, dr = J->dr, dv = J->dv_dim, dqk = dn + dr;
+    int64_t t, h, j;
+    (void)tid;
+    for (t = t0; t < t1; t++)
+        for (h = 0; h < H; h++) {
+            const moe_real *dkh = J->dk + (t * H + h) * dqk;
+            for (j = 0; j < dr; j++) J->dkpe[t * dr + j] += dkh[dn + j];
+            memcpy(J->dkvb + (t * H + h) * (dn + dv), dkh, (size_t)dn * sizeof(moe_real));
+            memcpy(J->dkvb + (t * H + h) * (dn + dv) + dn, J->dv + (t * H + h) * dv, (size_t)dv * sizeof(moe_real));
+        }
+}
+static moe_status moe__cpu_mla_merge_kv(moe_ctx *ctx, const moe_real *dk, const moe_real *dv, int64_t n, int64_t H, int64_t dn,
+                                        int64_t dr, int64_t dv_dim, moe_real *dkvb, moe_real *dkpe) {
+    moe__kv_job J;
+    memset(&J, 0, sizeof J);
+    J.dk = dk; J.dv = dv; J.H = H; J.dn = dn; J.dr = dr; J.dv_dim = dv_dim; J.dkvb = dkvb; J.dkpe = dkpe;
+    moe__parallel_for(ctx, n, (double)(H * (dn + dr + dv_dim)), 0, moe__mla_merge_rows, &J);
+    return MOE_OK;
+}
+
+/* ---- DeepSeekMoE: router, dispatch plan, gather, combine (reference §3) ------------------ */
+
+#define MOE__MAX_EXPERTS 4096
+
+/* Route one token: scores s[E] (sigmoid or softmax), bias b (noaux_tc only). Writes the K
+   chosen experts, best first, ties to the lower index; masked groups are at −∞. */
+static void moe__route(const moe_real *s, const moe_real *bias, const moe_config *c, int32_t *chosen) {
+    double key[MOE__MAX_EXPERTS];
+    int64_t E = c->n_routed_experts, G = c->n_group, per = E / G, e, g, k;
+    int use_groups = c->topk_method != MOE_TOPK_GREEDY && G > 1 && c->topk_group < G;
+    for (e = 0; e < E; e++) key[e] = (double)s[e] + (c->topk_method == MOE_TOPK_NOAUX_TC && bias ? (double)bias[e] : 0.0);
+    if (use_groups) {
+        double gscore[MOE__MAX_EXPERTS];
+        unsigned char keep[MOE__MAX_EXPERTS];
+        for (g = 0; g < G; g++) {
+            double best = -INFINITY, second = -INFINITY;
+            for (e = g * per; e < (g + 1) * per; e++) {
+                if (key[e] > best) { second = best; best = key[e]; }
+                else if (key[e] > second) second = key[e];
+            }
+            gscore[g] = c->topk_method == MOE_TOPK_NOAUX_TC ? best + (per > 1 ? second : 0.0) : best;
+            keep[g] = 0;
+        }
+        for (k = 0; k < c->topk_group; k++) {
+            int64_t bg = 0;
+            while (keep[bg]) bg++; /* topk_group < G, so an unkept group exists */
+            for (g = bg + 1; g < G; g++)
+                if (!keep[g] && gscore[g] > gscore[bg]) bg = g;
+            keep[bg] = 1;
+        }
+        for (e = 0; e < E; e++)
+            if (!keep[e / per]) key[e] = -INFINITY;
+    }
+    for (k = 0; k < c->num_experts_per_tok; k++) {
+        int64_t be = -1;
+        for (e = 0; e < E; e++) {
+            int64_t j;
+            int taken = 0;
+            for (j = 0; j < k; j++) taken |= chosen[j] == (int32_t)e;
+            if (!taken && (be < 0 || key[e] > key[be])) be = e;
+        }
+        chosen[k] = (int32_t)(be < 0 ? 0 : be); /* K ≤ E, so be ≥ 0 */
     }
 }
 
+typedef struct moe__router_job {
+    const moe_config *cfg;
+    const moe_real *z, *bias, *s_in, *sel_in, *dgates, *f;
+    const int32_t *chosen_in;
+    moe_real *s, *gates, *sel_sum, *dz;
+    int32_t *chosen;
+    moe_real balance_scale;
+    int64_t T;
+} moe__router_job;
+
+static void moe__router_fwd_rows(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__router_job *J = (const moe__router_job *)arg;
+    const moe_config *c = J->cfg;
+    const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int64_t t, k;
+    (void)tid;
+    for (t = t0; t < t1; t++) {
+        const moe_real *z = J->z + t * E;
+        moe_real *s = J->s + t * E, sum = 0;
+        int32_t *ch = J->chosen + t * K;
+        if (c->scoring_func == MOE_SCORING_SOFTMAX) {
+            moe_real tot = moe__row_exp_sum(z, s, E, moe__row_max(z, E));
+            for (k = 0; k < E; k++) s[k] /= tot;
+        } else {
+            for (k = 0; k < E; k++) s[k] = -z[k];
+            moe__row_exp_sum(s, s, E, 0); /* e^−z, then σ = 1/(1 + e^−z): moe_sigmoid_scalar's values */
+            for (k = 0; k < E; k++) s[k] = (moe_real)1 / ((moe_real)1 + s[k]);
+        }
+        moe__route(s, J->bias, c, ch);
+        for (k = 0; k < K; k++) sum += s[ch[k]];
+        J->sel_sum[t] = sum;
+        for (k = 0; k < K; k++) {
+            moe_real g = s[ch[k]];
+            J->gates[t * K + k] = (moe_real)c->routed_scaling_factor * (c->norm_topk_prob ? g / sum : g);
+        }
+    }
+}
+static moe_status moe__cpu_router_fwd(moe_ctx *ctx, const moe_config *cfg, const moe_real *z, const moe_real *bias, int64_t n,
+                                      moe_real *s, int32_t *chosen, moe_real *gates, moe_real *sel_sum) {
+    moe__router_job J;
+    if (cfg->n_routed_experts > MOE__MAX_EXPERTS)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "router: at most %d experts", MOE__MAX_EXPERTS);
+    memset(&J, 0, sizeof J);
+    J.cfg = cfg; J.z = z; J.bias = bias; J.s = s; J.chosen = chosen; J.gates = gates; J.sel_sum = sel_sum;
+    moe__parallel_for(ctx, n, (double)(cfg->n_routed_experts * (4 + cfg->num_experts_per_tok)), 0, moe__router_fwd_rows, &J);
+    return MOE_OK;
+}
+
+/* Per token: gates → scores (reference §10), plus the balance loss, → router logits z. */
+static void moe__router_bwd_rows(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__router_job *J = (const moe__router_job *)arg;
+    const moe_config *c = J->cfg;
+    const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int64_t t, k, j;
+    (void)tid;
+    for (t = t0; t < t1; t++) {
+        const moe_real *st = J->s_in + t * E, *dg = J->dgates + t * K;
+        const int32_t *ch = J->chosen_in + t * K;
+        moe_real *dzt = J->dz + t * E, Rs = (moe_real)c->routed_scaling_factor, corr = 0;
+        for (j = 0; j < E; j++) dzt[j] = 0; /* first ds, turned into dz below */
+        if (c->norm_topk_prob) {
+            moe_real sum = J->sel_in[t];
+            for (k = 0; k < K; k++) corr += dg[k] * st[ch[k]] / sum;
+            for (k = 0; k < K; k++) dzt[ch[k]] += Rs / sum * (dg[k] - corr);
+        } else {
+            for (k = 0; k < K; k++) dzt[ch[k]] += Rs * dg[k];
+        }
+        if (J->f && J->balance_scale != 0) {
+            /* L = α/B Σ_b Σ_i f_i P_i, P_i = (1/T) Σ_t s'_{i,t}, s' = s / Σ_j s_j */
+            const moe_real *f = J->f + (t / J->T) * E, w = J->balance_scale;
+            moe_real tot = 0, dot = 0;
+            if (c->scoring_func == MOE_SCORING_SIGMOID) {
+                for (j = 0; j < E; j++) tot += st[j];
+                for (j = 0; j < E; j++) dot += f[j] * st[j] / tot;
+                for (j = 0; j < E; j++) dzt[j] += w * (f[j] - dot) / tot;
+            } else {
+                for (j = 0; j < E; j++) dzt[j] += w * f[j];
+            }
+        }
+        if (c->scoring_func == MOE_SCORING_SIGMOID) {
+            for (j = 0; j < E; j++) dzt[j] *= st[j] * (1 - st[j]);
+        } else {
+            moe_real dot = 0;
+            for (j = 0; j < E; j++) dot += dzt[j] * st[j];
+            for (j = 0; j < E; j++) dzt[j] = st[j] * (dzt[j] - dot);
+        }
+    }
+}
+static moe_status moe__cpu_router_bwd(moe_ctx *ctx, const moe_config *cfg, const moe_real *s, const int32_t *chosen,
+                                      const moe_real *sel_sum, const moe_real *dgates, const moe_real *f, moe_real balance_scale,
+                                      int64_t n, int64_t T, moe_real *dz) {
+    moe__router_job J;
+    memset(&J, 0, sizeof J);
+    J.cfg = cfg; J.s_in = s; J.chosen_in = chosen; J.sel_in = sel_sum; J.dgates = dgates; J.f = f;
+    J.balance_scale = balance_scale; J.T = T; J.dz = dz;
+    moe__parallel_for(ctx, n, (double)(4 * cfg->n_routed_experts), 0, moe__router_bwd_rows, &J);
+    return MOE_OK;
+}
+
+static moe_status moe__cpu_balance_loss(moe_ctx *ctx, const moe_config *c, const moe_real *s, const int32_t *chosen, int64_t B,
+                                        int64_t T, moe_real *f, moe_real *host_loss) {
+    const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok;
+    moe_real balance = 0;
+    int64_t b, t, e, k, j;
+    (void)ctx;
+    memset(f, 0, (size_t)(B * E) * sizeof(moe_real));
+    for (b = 0; b < B; b++) {
+        moe_real *fb = f + b * E, P;
+        for (t = b * T; t < (b + 1) * T; t++)
+            for (k = 0; k < K; k++) fb[chosen[t * K + k]] += (moe_real)E / (moe_real)(K * T);
+        for (e = 0; e < E; e++) {
+            P = 0;
+            for (t = b * T; t < (b + 1) * T; t++) {
+                moe_real tot = 0;
+                if (c->scoring_func == MOE_SCORING_SIGMOID) {
+                    for (j = 0; j < E; j++) tot += s[t * E + j];
+                    P += s[t * E + e] / tot;
+                } else {
+                    P += s[t * E + e];
+                }
+            }
+            balance += fb[e] * P / (moe_real)T;
+        }
+    }
+    *host_loss = balance;
+    return MOE_OK;
+}
+
+/* A stable counting sort: serial, one pass over the choices (a few thousand integers). */
+static moe_status moe__cpu_dispatch_plan(moe_ctx *ctx, const int32_t *chosen, int64_t n, int64_t k, int64_t E,
+                                         int64_t *host_offsets, int32_t *row_of, int32_t *slot_of) {
+    int64_t *fill = (int64_t *)moe__arena_alloc(ctx, (size_t)E, sizeof(int64_t), "dispatch plan"), t, e;
+    if (!fill) return MOE_ERR_MEMORY;
+    for (e = 0; e <= E; e++) host_offsets[e] = 0;
+    for (t = 0; t < n * k; t++) host_offsets[chosen[t] + 1]++;
+    for (e = 0; e < E; e++) {
+        host_offsets[e + 1] += host_offsets[e];
+        fill[e] = host_offsets[e];
+    }
+    for (t = 0; t < n * k; t++) {
+        int64_t r = fill[chosen[t]]++;
+        row_of[t] = (int32_t)r;
+        slot_of[r] = (int32_t)t;
+    }
+    return MOE_OK;
+}
+
+typedef struct moe__index_job {
+    const moe_real *src, *gates;
+    const int32_t *idx;
+    moe_real *dst;
+    int64_t rows, d, k;
+    int32_t div;
+} moe__index_job;
+
+static void moe__gather_range(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__index_job *J = (const moe__index_job *)arg;
+    int64_t r;
+    (void)tid;
+    for (r = r0; r < r1; r++)
+        memcpy(J->dst + r * J->d, J->src + (int64_t)(J->idx[r] / J->div) * J->d, (size_t)J->d * sizeof(moe_real));
+}
+static moe_status moe__cpu_gather_rows(moe_ctx *ctx, const moe_real *src, const int32_t *idx, int32_t div, int64_t rows,
+                                       int64_t d, moe_real *dst) {
+    moe__index_job J;
+    memset(&J, 0, sizeof J);
+    J.src = src; J.idx = idx; J.div = div; J.rows = rows; J.d = d; J.dst = dst;
+    moe__parallel_for(ctx, rows, (double)d, 0, moe__gather_range, &J);
+    return MOE_OK;
+}
+/* Column blocks of 64: every destination row sums its sources in index order. */
+static void moe__scatter_add_range(void *arg, int64_t b0, int64_t b1, int tid) {
+    const moe__index_job *J = (const moe__index_job *)arg;
+    int64_t c0 = b0 * 64, c1 = b1 * 64 < J->d ? b1 * 64 : J->d, r, c;
+    (void)tid;
+    for (r = 0; r < J->rows; r++) {
+        moe_real *dst = J->dst + (int64_t)J->idx[r] * J->d;
+        const moe_real *src = J->src + r * J->d;
+        for (c = c0; c < c1; c++) dst[c] += src[c];
+    }
+}
+static moe_status moe__cpu_scatter_add_rows(moe_ctx *ctx, const moe_real *src, const int32_t *idx, int64_t rows, int64_t d,
+                                            moe_real *dst) {
+    moe__index_job J;
+    memset(&J, 0, sizeof J);
+    J.src = src; J.idx = idx; J.rows = rows; J.d = d; J.dst = dst;
+    moe__parallel_for(ctx, (d + 63) / 64, (double)(rows * 64), 0, moe__scatter_add_range, &J);
+    return MOE_OK;
+}
+static void moe__combine_range(void *arg, int64_t t0, int64_t t1, int tid) {
+    const moe__index_job *J = (const moe__index_job *)arg;
+    int64_t t, k, j;
+    (void)tid;
+    for (t = t0; t < t1; t++)
+        for (k = 0; k < J->k; k++) {
+            const moe_real *src = J->src + (int64_t)J->idx[t * J->k + k] * J->d;
+            moe_real *y = J->dst + t * J->d;
+            if (J->gates) {
+                moe_real g = J->gates[t * J->k + k];
+                for (j = 0; j < J->d; j++) y[j] += g * src[j];
+            } else {
+                for (j = 0; j < J->d; j++) y[j] += src[j];
+            }
+        }
+}
+static moe_status moe__cpu_combine(moe_ctx *ctx, const moe_real *src, const int32_t *row_of, const moe_real *gates, int64_t n,
+                                   int64_t k, int64_t d, moe_real *y) {
+    moe__index_job J;
+    memset(&J, 0, sizeof J);
+    J.src = src; J.idx = row_of; J.gates = gates; J.rows = n; J.k = k; J.d = d; J.dst = y;
+    moe__parallel_for(ctx, n, (double)(k * d), 0, moe__combine_range, &J);
+    return MOE_OK;
+}
+
+static moe_status moe__cpu_expert_gate_bwd(moe_ctx *ctx, const moe_real *gate, int64_t rows, int64_t cols, moe_real *dact,
+                                           moe_real *act, moe_real *dgate) {
+    int64_t r, j;
+    (void)ctx;
+    for (r = 0; r < rows; r++) {
+        moe_real acc = 0, *da = dact + r * cols, *a = act + r * cols;
+        for (j = 0; j < cols; j++) acc += da[j] * a[j];
+        dgate[r] = acc;
+        for (j = 0; j < cols; j++) {
+            da[j] *= gate[r];
+            a[j] *= gate[r]; /* dw2 += dYᵀ·(gate ⊙ act) */
+        }
+    }
+    return MOE_OK;
+}
+
+/* ---- FP8 quantisation ------------------------------------------------------------------- */
+
+static moe_status moe__cpu_fp8_quantize(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc,
+                                        int pow2, uint8_t *codes, float *scales, moe_real *deq) {
+    if (gr < 1 || gc < 1) return moe__fail(ctx, MOE_ERR_ARG, "fp8_quantize: groups of %lld x %lld", (long long)gr, (long long)gc);
+    moe__fp8_quantize_all(ctx, x, rows, cols, gr, gc, pow2, codes, scales, deq);
+    return MOE_OK;
+}
+static moe_status moe__cpu_fp8_dequantize(moe_ctx *ctx, const uint8_t *codes, const float *scales, int64_t rows, int64_t cols,
+                                          int64_t gr, int64_t gc, moe_real *x) {
+    if (gr < 1 || gc < 1) return moe__fail(ctx, MOE_ERR_ARG, "fp8_dequantize: groups of %lld x %lld", (long long)gr, (long long)gc);
+    moe__fp8_dequantize_all(ctx, codes, scales, rows, cols, gr, gc, x);
+    return MOE_OK;
+}
+
+/* ---- element-wise ----------------------------------------------------------------------- */
+
+/* One job shape for the element-wise kernels: ranges of [0, n). */
+typedef struct moe__ew_job {
+    const void *a, *b;
+    void *y;
+    moe_dtype at, yt;
+    int64_t nb, lda, ldy, cols;
+    moe_real alpha;
+    int accumulate;
+    uint64_t key, counter;
+} moe__ew_job;
+
+static void moe__convert_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    int64_t i;
+    (void)tid;
+    if (J->at == MOE_F32 && J->yt == MOE_BF16) {
+        const moe_real *x = (const moe_real *)J->a;
+        uint16_t *y = (uint16_t *)J->y;
+        for (i = i0; i < i1; i++) y[i] = moe_f32_to_bf16((float)x[i]);
+    } else if (J->at == MOE_BF16 && J->yt == MOE_F32) {
+        const uint16_t *x = (const uint16_t *)J->a;
+        moe_real *y = (moe_real *)J->y;
+        for (i = i0; i < i1; i++) y[i] = (moe_real)moe_bf16_to_f32(x[i]);
+    } else {
+        for (i = i0; i < i1; i++) moe__store(J->y, J->yt, i, moe__load(J->a, J->at, i));
+    }
+}
+static moe_status moe__cpu_convert(moe_ctx *ctx, const void *src, moe_dtype src_dtype, int64_t n, void *dst, moe_dtype dst_dtype) {
+    moe__ew_job J;
+    if (!moe_dtype_size(src_dtype) || !moe_dtype_size(dst_dtype)) return moe__fail(ctx, MOE_ERR_DTYPE, "convert: invalid dtype");
+    memset(&J, 0, sizeof J);
+    J.a = src; J.at = src_dtype; J.y = dst; J.yt = dst_dtype;
+    moe__parallel_for(ctx, n, 1, 0, moe__convert_range, &J);
+    return MOE_OK;
+}
+
+static void moe__copy2d_range(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    int64_t r, c;
+    (void)tid;
+    for (r = r0; r < r1; r++) {
+        const moe_real *s = (const moe_real *)J->a + r * J->lda;
+        moe_real *d = (moe_real *)J->y + r * J->ldy;
+        if (J->accumulate)
+            for (c = 0; c < J->cols; c++) d[c] += s[c];
+        else
+            memcpy(d, s, (size_t)J->cols * sizeof(moe_real));
+    }
+}
+static moe_status moe__cpu_copy2d(moe_ctx *ctx, const moe_real *src, int64_t lds, int64_t rows, int64_t cols, moe_real *dst,
+                                  int64_t ldd, int accumulate) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.a = src; J.lda = lds; J.cols = cols; J.y = dst; J.ldy = ldd; J.accumulate = accumulate;
+    moe__parallel_for(ctx, rows, (double)cols, 0, moe__copy2d_range, &J);
+    return MOE_OK;
+}
+
+/* y = a + b: items are values (nb = n), or whole repeats of b (no modulo per value). */
+static void moe__add_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    const moe_real *a = (const moe_real *)J->a, *b = (const moe_real *)J->b;
+    moe_real *y = (moe_real *)J->y;
+    int64_t i, j;
+    (void)tid;
+    if (!J->nb)
+        for (i = i0; i < i1; i++) y[i] = a[i] + b[i];
+    else
+        for (i = i0; i < i1; i++)
+            for (j = 0; j < J->nb; j++) y[i * J->nb + j] = a[i * J->nb + j] + b[j];
+}
+static moe_status moe__cpu_add(moe_ctx *ctx, const moe_real *a, const moe_real *b, int64_t n, int64_t nb, moe_real *y) {
+    moe__ew_job J;
+    if (nb < 1 || n % nb) return moe__fail(ctx, MOE_ERR_SHAPE, "add: %lld values do not repeat %lld", (long long)n, (long long)nb);
+    memset(&J, 0, sizeof J);
+    J.a = a; J.b = b; J.y = y; J.nb = nb == n ? 0 : nb;
+    moe__parallel_for(ctx, J.nb ? n / nb : n, J.nb ? (double)nb : 1, 0, moe__add_range, &J);
+    return MOE_OK;
+}
+static void moe__mul_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    const moe_real *a = (const moe_real *)J->a, *b = (const moe_real *)J->b;
+    moe_real *y = (moe_real *)J->y;
+    int64_t i;
+    (void)tid;
+    if (J->accumulate)
+        for (i = i0; i < i1; i++) y[i] += a[i] * b[i];
+    else
+        for (i = i0; i < i1; i++) y[i] = a[i] * b[i];
+}
+static moe_status moe__cpu_mul(moe_ctx *ctx, const moe_real *a, const moe_real *b, int64_t n, moe_real *y, int accumulate) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.a = a; J.b = b; J.y = y; J.accumulate = accumulate;
+    moe__parallel_for(ctx, n, 1, 0, moe__mul_range, &J);
+    return MOE_OK;
+}
+static void moe__scale_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    const moe_real *x = (const moe_real *)J->a;
+    moe_real *y = (moe_real *)J->y;
+    int64_t i;
+    (void)tid;
+    if (J->accumulate)
+        for (i = i0; i < i1; i++) y[i] += J->alpha * x[i];
+    else
+        for (i = i0; i < i1; i++) y[i] = J->alpha * x[i];
+}
+static moe_status moe__cpu_scale(moe_ctx *ctx, moe_real alpha, const moe_real *x, int64_t n, moe_real *y) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.a = x; J.y = y; J.alpha = alpha;
+    moe__parallel_for(ctx, n, 1, 0, moe__scale_range, &J);
+    return MOE_OK;
+}
+static moe_status moe__cpu_axpy(moe_ctx *ctx, moe_real alpha, const moe_real *x, int64_t n, moe_real *y) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.a = x; J.y = y; J.alpha = alpha; J.accumulate = 1;
+    moe__parallel_for(ctx, n, 1, 0, moe__scale_range, &J);
+    return MOE_OK;
+}
+static void moe__fill_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    moe_real *y = (moe_real *)J->y;
+    int64_t i;
+    (void)tid;
+    for (i = i0; i < i1; i++) y[i] = J->alpha;
+}
+static moe_status moe__cpu_fill(moe_ctx *ctx, moe_real value, int64_t n, moe_real *x) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.y = x; J.alpha = value;
+    moe__parallel_for(ctx, n, 1, 0, moe__fill_range, &J);
+    return MOE_OK;
+}
+static void moe__fill_normal_range(void *arg, int64_t i0, int64_t i1, int tid) {
+    const moe__ew_job *J = (const moe__ew_job *)arg;
+    moe_real *y = (moe_real *)J->y, mean = *(const moe_real *)J->a, std = *(const moe_real *)J->b;
+    int64_t i;
+    (void)tid;
+    for (i = i0; i < i1; i++) y[i] = (moe_real)((double)mean + (double)std * moe__rng_normal_at(J->key, J->counter + 2 * (uint64_t)i));
+}
+static moe_status moe__cpu_fill_normal(moe_ctx *ctx, uint64_t key, uint64_t counter, moe_real mean, moe_real std, int64_t n,
+                                       moe_real *x) {
+    moe__ew_job J;
+    memset(&J, 0, sizeof J);
+    J.y = x; J.key = key; J.counter = counter; J.a = &mean; J.b = &std;
+    moe__parallel_for(ctx, n, 64, 0, moe__fill_normal_range, &J);
+    return MOE_OK;
+}
+
+/* ---- reductions ------------------------------------------------------------------------- */
+
+static moe_status moe__cpu_sum(moe_ctx *ctx, const moe_real *x, int64_t n, moe_real *host_sum) {
+    moe_real s = 0;
+    int64_t i;
+    (void)ctx;
+    for (i = 0; i < n; i++) s += x[i];
+    *host_sum = s;
+    return MOE_OK;
+}
+
+/* Σ x² in chunks of MOE__SUMSQ_CHUNK values (more for slabs of over 2^25: at most
+   MOE__SUMSQ_PARTS chunks), a function of n alone; each chunk in double as four interleaved
+   partial sums, then (0+1)+(2+3); the chunks added in order. */
+#define MOE__SUMSQ_CHUNK 32768
+#define MOE__SUMSQ_PARTS 1024
+typedef struct moe__sumsq_job {
+    const moe_real *x;
+    double *part;
+    int64_t n, chunk;
+} moe__sumsq_job;
+static void moe__sumsq_chunks(void *arg, int64_t c0, int64_t c1, int tid) {
+    const moe__sumsq_job *J = (const moe__sumsq_job *)arg;
+    int64_t c;
+    (void)tid;
+    for (c = c0; c < c1; c++) {
+        const moe_real *x = J->x + c * J->chunk;
+        int64_t n = J->n - c * J->chunk < J->chunk ? J->n - c * J->chunk : J->chunk, i;
+        double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        for (i = 0; i + 4 <= n; i += 4) {
+            a0 += (double)x[i] * (double)x[i];
+            a1 += (double)x[i + 1] * (double)x[i + 1];
+            a2 += (double)x[i + 2] * (double)x[i + 2];
+            a3 += (double)x[i + 3] * (double)x[i + 3];
+        }
+        for (; i < n; i++) a0 += (double)x[i] * (double)x[i];
+        J->part[c] = (a0 + a1) + (a2 + a3);
+    }
+}
+static moe_status moe__cpu_sumsq(moe_ctx *ctx, const moe_real *x, int64_t n, double *host_sum) {
+    moe__sumsq_job J;
+    double part[MOE__SUMSQ_PARTS], s = 0;
+    int64_t nc = (n + MOE__SUMSQ_CHUNK - 1) / MOE__SUMSQ_CHUNK, c;
+    J.x = x;
+    J.n = n;
+    J.part = part;
+    J.chunk = MOE__SUMSQ_CHUNK;
+    if (nc > MOE__SUMSQ_PARTS) {
+        J.chunk = (n + MOE__SUMSQ_PARTS - 1) / MOE__SUMSQ_PARTS;
+        nc = (n + J.chunk - 1) / J.chunk;
+    }
+    moe__parallel_for(ctx, nc, (double)J.chunk, 0, moe__sumsq_chunks, &J);
+    for (c = 0; c < nc; c++) s += part[c];
+    *host_sum = s;
+    return MOE_OK;
+}
+
+typedef struct moe__colsum_job {
+    const moe_real *x;
+    moe_real *part;
+    int64_t rows, d;
+} moe__colsum_job;
+static void moe__colsum_chunks(void *arg, int64_t c0, int64_t c1, int tid) {
+    const moe__colsum_job *J = (const moe__colsum_job *)arg;
+    int64_t c, r, j;
+    (void)tid;
+    for (c = c0; c < c1; c++) {
+        int64_t r1 = (c + 1) * MOE__ROW_CHUNK < J->rows ? (c + 1) * MOE__ROW_CHUNK : J->rows;
+        moe_real *p = J->part + c * J->d;
+        for (j = 0; j < J->d; j++) p[j] = 0;
+        for (r = c * MOE__ROW_CHUNK; r < r1; r++)
+            for (j = 0; j < J->d; j++) p[j] += J->x[r * J->d + j];
+    }
+}
+static moe_status moe__cpu_colsum(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *out) {
+    moe__colsum_job J;
+    int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK, c, j;
+    J.x = x;
+    J.rows = rows;
+    J.d = d;
+    if (!(J.part = moe__dev_real(ctx, nchunks * d, "colsum"))) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, nchunks, (double)(MOE__ROW_CHUNK * d), 0, moe__colsum_chunks, &J);
+    for (c = 0; c < nchunks; c++)
+        for (j = 0; j < d; j++) out[j] += J.part[c * d + j];
+    return MOE_OK;
+}
+
+/* ---- AdamW ------------------------------------------------------------------------------ */
+
+/* The per-element constants of one AdamW step for one parameter. */
+typedef struct moe__adamw_k {
+    float gs, b1, b2, eps, step, inv_bc2, decay;
+} moe__adamw_k;
+
+/* In float: g ← g·gs; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p); then the gradient is zeroed. The AVX2
+   lanes do the same operations in the same order (no FMA), so every value is the same. */
+static void moe__adamw_update_f32(moe_real *p, moe_real *g, float *mm, float *vv, int64_t n, const moe__adamw_k *k) {
+    int64_t j = 0;
+#ifdef MOE__SIMD_AVX2
+    const __m256 gs = _mm256_set1_ps(k->gs), b1 = _mm256_set1_ps(k->b1), c1 = _mm256_set1_ps(1 - k->b1),
+                 b2 = _mm256_set1_ps(k->b2), c2 = _mm256_set1_ps(1 - k->b2), eps = _mm256_set1_ps(k->eps),
+                 step = _mm256_set1_ps(k->step), ib = _mm256_set1_ps(k->inv_bc2), decay = _mm256_set1_ps(k->decay);
+    for (; j + 8 <= n; j += 8) {
+        __m256 gj = _mm256_mul_ps(_mm256_loadu_ps(g + j), gs), pj = _mm256_loadu_ps(p + j);
+        __m256 mj = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(mm + j)), _mm256_mul_ps(c1, gj));
+        __m256 vj = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(vv + j)), _mm256_mul_ps(_mm256_mul_ps(c2, gj), gj));
+        __m256 u = _mm256_div_ps(_mm256_mul_ps(step, mj), _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vj, ib)), eps));
+        _mm256_storeu_ps(mm + j, mj);
+        _mm256_storeu_ps(vv + j, vj);
+        _mm256_storeu_ps(p + j, _mm256_sub_ps(pj, _mm256_add_ps(u, _mm256_mul_ps(decay, pj))));
+        _mm256_storeu_ps(g + j, _mm256_setzero_ps());
+    }
+#endif
+    for (; j < n; j++) {
+        float gj = (float)g[j] * k->gs, mj = k->b1 * mm[j] + (1 - k->b1) * gj, vj = k->b2 * vv[j] + (1 - k->b2) * gj * gj;
+        mm[j] = mj;
+        vv[j] = vj;
+        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
+        g[j] = 0;
+    }
+}
+static void moe__adamw_update_bf16(moe_real *p, moe_real *g, uint16_t *mm, uint16_t *vv, int64_t n, const moe__adamw_k *k) {
+    int64_t j;
+    for (j = 0; j < n; j++) {
+        float gj = (float)g[j] * k->gs, mj = k->b1 * moe_bf16_to_f32(mm[j]) + (1 - k->b1) * gj;
+        float vj = k->b2 * moe_bf16_to_f32(vv[j]) + (1 - k->b2) * gj * gj;
+        mm[j] = moe_f32_to_bf16(mj);
+        vv[j] = moe_f32_to_bf16(vj);
+        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
+        g[j] = 0;
+    }
+}
+
+/* The update runs over the slab in fixed slices of MOE__ADAMW_SLICE values, each the parts
+   of the segments it overlaps (the gaps between tensors are skipped), split over the threads:
+   every value's arithmetic is its own, so no split changes it. */
+#define MOE__ADAMW_SLICE 32768
+static void moe__adamw_range(void *arg, int64_t s0, int64_t s1, int tid) {
+    const moe__adamw_op *op = (const moe__adamw_op *)arg;
+    const moe__adamw_segment *seg = op->host_segments;
+    int64_t lo = 0, hi = op->n_segments, a = s0 * MOE__ADAMW_SLICE, b = s1 * MOE__ADAMW_SLICE, i;
+    moe__adamw_k k;
+    (void)tid;
+    k.gs = op->grad_scale; k.b1 = op->beta1; k.b2 = op->beta2; k.eps = op->eps; k.step = op->step; k.inv_bc2 = op->inv_bc2;
+    while (lo < hi) { /* the first segment that ends after a (segments are in slab order) */
+        int64_t mid = (lo + hi) / 2;
+        if (seg[mid].start + seg[mid].len <= a) lo = mid + 1;
+        else hi = mid;
+    }
+    for (i = lo; i < op->n_segments && seg[i].start < b; i++) {
+        int64_t at = seg[i].start > a ? seg[i].start : a, end = seg[i].start + seg[i].len < b ? seg[i].start + seg[i].len : b;
+        k.decay = seg[i].decay;
+        if (op->moment_dtype == MOE_BF16)
+            moe__adamw_update_bf16(op->p + at, op->g + at, (uint16_t *)op->m + at, (uint16_t *)op->v + at, end - at, &k);
+        else
+            moe__adamw_update_f32(op->p + at, op->g + at, (float *)op->m + at, (float *)op->v + at, end - at, &k);
+    }
+}
+static moe_status moe__cpu_adamw(moe_ctx *ctx, const moe__adamw_op *op) {
+    int64_t end = op->n_segments ? op->host_segments[op->n_segments - 1].start + op->host_segments[op->n_segments - 1].len : 0;
+    moe__parallel_for(ctx, (end + MOE__ADAMW_SLICE - 1) / MOE__ADAMW_SLICE, MOE__ADAMW_SLICE, 0, moe__adamw_range, (void *)op);
+    return MOE_OK;
+}
+
+/* ---- distillation rows (the losses and gradients are stated in section 11) ---------------- */
+
+#define MOE__DISTILL_TAIL_FLOOR 1e-30
+
+/* Log-sum-exp of s·x[j] over j < n, skipping ids marked in `skip` (NULL: none); −inf when
+   every id is skipped. */
+static moe_real moe__distill_lse(const moe_real *x, int64_t n, moe_real s, const unsigned char *skip) {
+    moe_real m = -(moe_real)INFINITY, sum = 0;
+    int64_t j;
+    for (j = 0; j < n; j++)
+        if (!(skip && skip[j]) && s * x[j] > m) m = s * x[j];
+    if (m == -(moe_real)INFINITY) return m;
+    for (j = 0; j < n; j++)
+        if (!(skip && skip[j])) sum += moe__exp(s * x[j] - m);
+    return m + moe__ln(sum);
+}
+
+static int moe__distill_counts(const moe__distill_op *D, int64_t r) {
+    return !D->labels || D->labels[r] != D->ignore_index;
+}
+
+/* Forward of rows [r0, r1): per-row CE (at T = 1) into ce[r], KL (at T) into D->kl[r]. */
+static void moe__distill_rows_fwd(const moe__distill_op *D, const moe_real *zs, int64_t r0, int64_t r1, unsigned char *mark,
+                                  moe_real *ce) {
+    const int64_t V = D->V, k = D->k;
+    const moe_real invT = (moe_real)1 / D->temperature;
+    const int fwd = !D->reverse;
+    int64_t r, j, i;
+    for (r = r0; r < r1; r++) {
+        const moe_real *x = zs + r * V;
+        moe_real lseT, kr = 0;
+        ce[r] = 0;
+        D->kl[r] = 0;
+        if (!moe__distill_counts(D, r)) continue;
+        if (D->labels) {
+            D->lse1[r] = moe__distill_lse(x, V, 1, NULL);
+            ce[r] = D->lse1[r] - x[D->labels[r]];
+        }
+        lseT = D->lseT[r] = moe__distill_lse(x, V, invT, NULL);
+        if (!k) {
+            const moe_real *y = D->zt + r * V;
+            moe_real lset = D->lseX[r] = moe__distill_lse(y, V, invT, NULL);
+            for (j = 0; j < V; j++) {
+                moe_real lp = invT * y[j] - lset, lq = invT * x[j] - lseT;
+                kr += fwd ? moe__exp(lp) * (lp - lq) : moe__exp(lq) * (lq - lp);
+            }
+        } else {
+            const int32_t *ids = D->ids + r * k;
+            const moe_real *lp = D->logp + r * k, pR = D->tail[r];
+            moe_real lseR, lqR;
+            for (i = 0; i < k; i++) mark[ids[i]] = 1;
+            lseR = D->lseX[r] = k < V ? moe__distill_lse(x, V, invT, mark) : -(moe_real)INFINITY;
+            for (i = 0; i < k; i++) mark[ids[i]] = 0;
+            lqR = lseR - lseT;
+            for (i = 0; i < k; i++) {
+                moe_real lq = invT * x[ids[i]] - lseT;
+                kr += fwd ? moe__exp(lp[i]) * (lp[i] - lq) : moe__exp(lq) * (lq - lp[i]);
+            }
+            if (k < V) {
+                if (fwd) {
+                    if (pR > 0) kr += pR * (moe__ln(pR) - lqR);
+                } else {
+                    moe_real lpR = moe__ln(pR > (moe_real)MOE__DISTILL_TAIL_FLOOR ? pR : (moe_real)MOE__DISTILL_TAIL_FLOOR);
+                    kr += moe__exp(lqR) * (lqR - lpR);
+                }
+            }
+        }
+        D->kl[r] = kr;
+    }
+}
+
+/* Backward of rows [r0, r1): dz += scale·(α·(softmax(z) − onehot) + (1−α)·T·dKL/da). */
+static void moe__distill_rows_bwd(const moe__distill_op *D, const moe_real *zs, int64_t r0, int64_t r1, unsigned char *mark,
+                                  moe_real scale, moe_real *dz) {
+    const int64_t V = D->V, k = D->k;
+    const moe_real T = D->temperature, invT = (moe_real)1 / T, alpha = D->alpha;
+    const moe_real ks = scale * (1 - alpha) * T;
+    const int fwd = !D->reverse;
+    int64_t r, j, i;
+    for (r = r0; r < r1; r++) {
+        const moe_real *x = zs + r * V;
+        moe_real *d = dz + r * V, lseT = D->lseT[r], klr = D->kl[r];
+        if (!moe__distill_counts(D, r)) continue;
+        if (D->labels && alpha > 0) {
+            moe_real cs = scale * alpha, l1 = D->lse1[r];
+            for (j = 0; j < V; j++) d[j] += cs * moe__exp(x[j] - l1);
+            d[D->labels[r]] -= cs;
+        }
+        if (ks == 0) continue;
+        if (!k) {
+            const moe_real *y = D->zt + r * V;
+            moe_real lset = D->lseX[r];
+            for (j = 0; j < V; j++) {
+                moe_real lp = invT * y[j] - lset, lq = invT * x[j] - lseT, q = moe__exp(lq);
+                d[j] += ks * (fwd ? q - moe__exp(lp) : q * (lq - lp - klr));
+            }
+        } else {
+            const int32_t *ids = D->ids + r * k;
+            const moe_real *lp = D->logp + r * k, pR = D->tail[r], lseR = D->lseX[r], lqR = lseR - lseT;
+            const moe_real lpR = moe__ln(pR > (moe_real)MOE__DISTILL_TAIL_FLOOR ? pR : (moe_real)MOE__DISTILL_TAIL_FLOOR);
+            moe_real P = pR;
+            for (i = 0; i < k; i++) {
+                P += moe__exp(lp[i]);
+                mark[ids[i]] = 1;
+            }
+            if (k < V) /* the tail bucket: ids outside S */
+                for (j = 0; j < V; j++) {
+                    moe_real q;
+                    if (mark[j]) continue;
+                    q = moe__exp(invT * x[j] - lseT);
+                    /* q_j/q_R = exp(a_j − lse_tail): no division by a tail that may underflow */
+                    d[j] += ks * (fwd ? P * q - pR * moe__exp(invT * x[j] - lseR) : q * (lqR - lpR - klr));
+                }
+            for (i = 0; i < k; i++) {
+                int32_t id = ids[i];
+                moe_real lq = invT * x[id] - lseT, q = moe__exp(lq);
+                mark[id] = 0;
+                d[id] += ks * (fwd ? P * q - moe__exp(lp[i]) : q * (lq - lp[i] - klr));
+            }
+        }
+    }
+}
+
+
+typedef struct moe__distill_job {
+    const moe__distill_op *op;
+    const moe_real *zs;
+    moe_real *ce, *dz, scale;
+    unsigned char *mark; /* top-k: V bytes per thread, zero between rows */
+} moe__distill_job;
+static void moe__distill_fwd_range(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__distill_job *J = (const moe__distill_job *)arg;
+    moe__distill_rows_fwd(J->op, J->zs, r0, r1, J->mark ? J->mark + (int64_t)tid * J->op->V : NULL, J->ce);
+}
+static void moe__distill_bwd_range(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__distill_job *J = (const moe__distill_job *)arg;
+    moe__distill_rows_bwd(J->op, J->zs, r0, r1, J->mark ? J->mark + (int64_t)tid * J->op->V : NULL, J->scale, J->dz);
+}
+static moe_status moe__distill_job_init(moe_ctx *ctx, const moe__distill_op *op, const moe_real *zs, moe__distill_job *J) {
+    memset(J, 0, sizeof *J);
+    J->op = op;
+    J->zs = zs;
+    if (op->k) {
+        J->mark = (unsigned char *)moe__arena_alloc(ctx, (size_t)ctx->conf.n_threads, (size_t)op->V, "distillation");
+        if (!J->mark) return MOE_ERR_MEMORY;
+    }
+    return MOE_OK;
+}
+static moe_status moe__cpu_distill_fwd(moe_ctx *ctx, const moe__distill_op *op, const moe_real *zs, double *host_ce,
+                                       double *host_kl, int64_t *host_count) {
+    moe__distill_job J;
+    double ce_sum = 0, kl_sum = 0;
+    int64_t r, count = 0;
+    MOE__TRY(moe__distill_job_init(ctx, op, zs, &J));
+    if (!(J.ce = moe__dev_real(ctx, op->rows, "distillation"))) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, op->rows, (double)op->V, 0, moe__distill_fwd_range, &J);
+    for (r = 0; r < op->rows; r++) { /* fixed order: the same sum for any thread count */
+        if (!moe__distill_counts(op, r)) continue;
+        ce_sum += (double)J.ce[r];
+        kl_sum += (double)op->kl[r];
+        count++;
+    }
+    *host_ce = ce_sum;
+    *host_kl = kl_sum;
+    *host_count = count;
+    return MOE_OK;
+}
+static moe_status moe__cpu_distill_bwd(moe_ctx *ctx, const moe__distill_op *op, const moe_real *zs, moe_real scale,
+                                       moe_real *dzs) {
+    moe__distill_job J;
+    MOE__TRY(moe__distill_job_init(ctx, op, zs, &J));
+    J.scale = scale;
+    J.dz = dzs;
+    moe__parallel_for(ctx, op->rows, (double)op->V, 0, moe__distill_bwd_range, &J);
+    return MOE_OK;
+}
+
+typedef struct moe__topk_teacher_job {
+    const moe_real *z;
+    int64_t V, k;
+    double invT;
+    int32_t *ids;
+    moe_real *logp, *tail;
+    double *lp;          /* V per thread */
+    unsigned char *mark; /* V per thread, zero between rows */
+    int64_t *top;        /* k per thread */
+} moe__topk_teacher_job;
+static void moe__teacher_topk_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const moe__topk_teacher_job *J = (const moe__topk_teacher_job *)arg;
+    const int64_t V = J->V, k = J->k;
+    double *lp = J->lp + (int64_t)tid * V;
+    unsigned char *mark = J->mark + (int64_t)tid * V;
+    int64_t *top = J->top + (int64_t)tid * k, r, j, i;
+    for (r = r0; r < r1; r++) {
+        const moe_real *z = J->z + r * V;
+        double mx = -INFINITY, sum = 0, lse, tail = 0;
+        int64_t n = 0;
+        for (j = 0; j < V; j++)
+            if ((double)z[j] > mx) mx = (double)z[j];
+        for (j = 0; j < V; j++) sum += exp(((double)z[j] - mx) * J->invT);
+        lse = log(sum);
+        /* top-k by insertion into a descending list; an equal value stays behind the lower id */
+        for (j = 0; j < V; j++) {
+            double v = lp[j] = ((double)z[j] - mx) * J->invT - lse;
+            int64_t pos;
+            if (n == k && v <= lp[top[k - 1]]) continue;
+            pos = n < k ? n++ : k - 1;
+            while (pos > 0 && v > lp[top[pos - 1]]) {
+                top[pos] = top[pos - 1];
+                pos--;
+            }
+            top[pos] = j;
+        }
+        for (i = 0; i < k; i++) mark[top[i]] = 1;
+        for (j = 0; j < V; j++)
+            if (!mark[j]) tail += exp(lp[j]);
+        for (i = 0; i < k; i++) {
+            mark[top[i]] = 0;
+            J->ids[r * k + i] = (int32_t)top[i];
+            J->logp[r * k + i] = (moe_real)(float)lp[top[i]];
+        }
+        J->tail[r] = (moe_real)(float)tail;
+    }
+}
+static moe_status moe__cpu_teacher_topk(moe_ctx *ctx, const moe_real *z, int64_t rows, int64_t V, int64_t k, moe_real temperature,
+                                        int32_t *ids, moe_real *logp, moe_real *tail) {
+    moe__topk_teacher_job J;
+    int64_t i, nt = ctx->conf.n_threads;
+    for (i = 0; i < rows * V; i++)
+        if (!isfinite((double)z[i]))
+            return moe__fail(ctx, MOE_ERR_NUMERIC, "teacher logit %lld of row %lld is %g", (long long)(i % V), (long long)(i / V),
+                             (double)z[i]);
+    memset(&J, 0, sizeof J);
+    J.z = z; J.V = V; J.k = k; J.invT = 1.0 / (double)temperature; J.ids = ids; J.logp = logp; J.tail = tail;
+    J.lp = (double *)moe__arena_alloc(ctx, (size_t)(nt * V), sizeof(double), "teacher top-k");
+    J.mark = (unsigned char *)moe__arena_alloc(ctx, (size_t)(nt * V), 1, "teacher top-k");
+    J.top = (int64_t *)moe__arena_alloc(ctx, (size_t)(nt * k), sizeof(int64_t), "teacher top-k");
+    if (!J.lp || !J.mark || !J.top) return MOE_ERR_MEMORY;
+    moe__parallel_for(ctx, rows, (double)(4 * V), 0, moe__teacher_topk_rows, &J);
+    return MOE_OK;
+}
+
+/* ---- the table ---- */
+
+static const moe_backend moe__cpu_table = {
+    "cpu", MOE_DEVICE_CPU,
+    moe__cpu_alloc, moe__cpu_free, moe__cpu_copy, moe__cpu_memset, moe__cpu_scratch,
+    moe__cpu_gemm, moe__cpu_gemm_grouped,
+    moe__cpu_rmsnorm_fwd, moe__cpu_rmsnorm_bwd, moe__cpu_softmax_fwd, moe__cpu_softmax_bwd, moe__cpu_xent_fwd,
+    moe__cpu_xent_bwd, moe__cpu_swiglu_fwd, moe__cpu_swiglu_bwd, moe__cpu_rope, moe__cpu_topk_fwd, moe__cpu_topk_bwd,
+    moe__cpu_attention_fwd, moe__cpu_attention_bwd, moe__cpu_attention_decode,
+    moe__cpu_mla_split_kv, moe__cpu_mla_merge_kv, moe__cpu_router_fwd, moe__cpu_router_bwd, moe__cpu_balance_loss,
+    moe__cpu_dispatch_plan, moe__cpu_gather_rows, moe__cpu_scatter_add_rows, moe__cpu_combine, moe__cpu_expert_gate_bwd,
+    moe__cpu_fp8_quantize, moe__cpu_fp8_dequantize,
+    moe__cpu_convert, moe__cpu_copy2d, moe__cpu_add, moe__cpu_mul, moe__cpu_scale, moe__cpu_axpy, moe__cpu_fill,
+    moe__cpu_fill_normal,
+    moe__cpu_sum, moe__cpu_sumsq, moe__cpu_colsum,
+    moe__cpu_adamw, moe__cpu_distill_fwd, moe__cpu_distill_bwd, moe__cpu_teacher_topk};
+
+static const moe_backend *moe__cpu_backend(void) { return &moe__cpu_table; }
 /* ============================================================================================
-   5. autograd
-   ============================================================================================ */
+   6. tensor — tensors on the context's device                                         >>tensor
+   ============================================================================================
+   Tensors live on the context's device: their memory comes from its backend (moe_tensor_new,
+   the slabs of a model) or its step arena (op outputs), and every op refuses a tensor of
+   another device. Element access (get, set, print) reads host tensors. */
+
+static const size_t moe__dtype_sizes[MOE_DTYPE_COUNT] = {sizeof(moe_real), 2, 2, 1, 1, 4};
+static const char *const moe__dtype_names[MOE_DTYPE_COUNT] = {"f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "i32"};
+
+MOE_API size_t moe_dtype_size(moe_dtype dtype) {
+    return ((int)dtype >= 0 && dtype < MOE_DTYPE_COUNT) ? moe__dtype_sizes[dtype] : 0;
+}
+MOE_API const char *moe_dtype_name(moe_dtype dtype) {
+    return ((int)dtype >= 0 && dtype < MOE_DTYPE_COUNT) ? moe__dtype_names[dtype] : "invalid";
+}
+
+#define MOE__MAX_ELEMS ((int64_t)1 << 48)
+
+/* Validate dtype and shape, fill t's metadata (no data). */
+static moe_status moe__tensor_meta(moe_ctx *ctx, const char *fn, moe_tensor *t, moe_dtype dtype, int ndim,
+                                   const int64_t *shape) {
+    int i;
+    int64_t n = 1;
+    memset(t, 0, sizeof *t);
+    if ((int)dtype < 0 || dtype >= MOE_DTYPE_COUNT) return moe__fail(ctx, MOE_ERR_DTYPE, "%s: invalid dtype %d", fn, (int)dtype);
+    if (ndim < 1 || ndim > MOE_MAX_DIMS) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: ndim must be 1..%d, got %d", fn, MOE_MAX_DIMS, ndim);
+    if (!shape) return moe__fail(ctx, MOE_ERR_ARG, "%s: shape is NULL", fn);
+    for (i = 0; i < ndim; i++) {
+        if (shape[i] <= 0) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: dim %d is %lld, dims must be positive", fn, i, (long long)shape[i]);
+        if (shape[i] > MOE__MAX_ELEMS / n) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: shape too large (more than 2^48 elements)", fn);
+        n *= shape[i];
+        t->shape[i] = shape[i];
+    }
+    t->dtype = dtype;
+    t->ndim = ndim;
+    t->numel = n;
+    t->device = ctx ? MOE__BE(ctx)->device : MOE_DEVICE_CPU;
+    return MOE_OK;
+}
+
+/* The kernels that own memory of `device`: the context's, or the CPU's for host memory. */
+static const moe_backend *moe__backend_of(const moe_ctx *ctx, moe_device device) {
+    if (ctx && MOE__BE(ctx)->device == device) return MOE__BE(ctx);
+    return device == MOE_DEVICE_CPU ? moe__cpu_backend() : NULL;
+}
+
+MOE_API moe_status moe_tensor_new(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape, moe_tensor **out) {
+    moe_tensor meta, *t;
+    size_t bytes;
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_new: out is NULL");
+    *out = NULL;
+    MOE__TRY(moe__tensor_meta(ctx, "moe_tensor_new", &meta, dtype, ndim, shape));
+    bytes = (size_t)meta.numel * moe_dtype_size(dtype);
+    t = (moe_tensor *)moe__heap_alloc(ctx, sizeof *t);
+    if (!t) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_tensor_new: out of memory");
+    *t = meta;
+    if (MOE__BE(ctx)->alloc(ctx, bytes, &t->data) != MOE_OK) {
+        MOE_FREE(t);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_tensor_new: out of memory for %zu bytes", bytes);
+    }
+    *out = t;
+    return MOE_OK;
+}
+
+MOE_API void moe_tensor_free(moe_ctx *ctx, moe_tensor *t) {
+    const moe_backend *be;
+    if (!t || t->in_arena) return; /* arena tensors go with moe_ctx_reset */
+    be = moe__backend_of(ctx, t->device);
+    if (t->grad && !t->grad->base) {
+        if (be) be->free(ctx, t->grad->data);
+        MOE_FREE(t->grad);
+    } else {
+        MOE_FREE(t->grad); /* a view into a gradient slab: the slab's owner frees it */
+    }
+    if (!t->base) {
+        if (be) be->free(ctx, t->data);
+        MOE_FREE(t->scales);
+    }
+    MOE_FREE(t);
+}
+
+MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape, moe_tensor **out) {
+    moe_tensor meta, *t;
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_temp: out is NULL");
+    *out = NULL;
+    MOE__TRY(moe__tensor_meta(ctx, "moe_tensor_temp", &meta, dtype, ndim, shape));
+    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "moe_tensor_temp");
+    if (!t) return MOE_ERR_MEMORY;
+    *t = meta;
+    t->in_arena = 1;
+    t->data = moe__dev_scratch(ctx, meta.numel, moe_dtype_size(dtype), "moe_tensor_temp");
+    if (!t->data) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->memset(ctx, t->data, 0, (size_t)meta.numel * moe_dtype_size(dtype)));
+    *out = t;
+    return MOE_OK;
+}
+
+/* An op's output in the step arena, NOT zeroed: for outputs the op writes in full. */
+static moe_status moe__tensor_out(moe_ctx *ctx, int ndim, const int64_t *shape, moe_tensor **out) {
+    moe_tensor meta, *t;
+    MOE__TRY(moe__tensor_meta(ctx, "op output", &meta, MOE_F32, ndim, shape));
+    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "op output");
+    if (!t) return MOE_ERR_MEMORY;
+    *t = meta;
+    t->in_arena = 1;
+    t->data = moe__dev_real(ctx, meta.numel, "op output");
+    if (!t->data) return MOE_ERR_MEMORY;
+    *out = t;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_tensor_set_requires_grad(moe_ctx *ctx, moe_tensor *t, int on) {
+    MOE__CHECK_CTX(ctx);
+    if (!t) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_set_requires_grad: tensor is NULL");
+    if (on && t->dtype != MOE_F32)
+        return moe__fail(ctx, MOE_ERR_DTYPE, "moe_tensor_set_requires_grad: only f32 tensors take gradients, this one is %s",
+                         moe_dtype_name(t->dtype));
+    if (on && t->in_arena)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_set_requires_grad: use it on heap tensors (parameters), not op outputs");
+    t->requires_grad = on != 0;
+    if (on && !t->grad) {
+        moe_tensor *g;
+        MOE__TRY(moe_tensor_new(ctx, MOE_F32, t->ndim, t->shape, &g));
+        t->grad = g;
+    }
+    return MOE_OK;
+}
+
+/* Value i of t including its FP8 scale, if any. */
+static double moe__tensor_value(const moe_tensor *t, int64_t i) {
+    double v = moe__load(t->data, t->dtype, i);
+    if (t->scales) {
+        int64_t last = t->shape[t->ndim - 1], B = t->scale_block, r = i / last, c = i % last;
+        int64_t nb = (last + B - 1) / B;
+        if (t->scale_2d) v *= t->scales[(r / B) * nb + c / B];
+        else v *= t->scales[r * nb + c / B];
+    }
+    return v;
+}
+
+MOE_API double moe_tensor_get(const moe_tensor *t, int64_t i) {
+    if (!t || !t->data || i < 0 || i >= t->numel || t->device != MOE_DEVICE_CPU) return NAN;
+    return moe__tensor_value(t, i);
+}
+MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value) {
+    if (!t || !t->data || i < 0 || i >= t->numel || t->scales || t->device != MOE_DEVICE_CPU) return MOE_ERR_ARG;
+    moe__store(t->data, t->dtype, i, value);
+    return MOE_OK;
+}
+
+static int moe__same_shape(const moe_tensor *a, const moe_tensor *b) {
+    int i;
+    if (a->ndim != b->ndim) return 0;
+    for (i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i]) return 0;
+    return 1;
+}
+
+/* "[2, 3, 4]" into buf. */
+static const char *moe__shape_str(const moe_tensor *t, char *buf, size_t size) {
+    int i;
+    size_t used = 0;
+    buf[0] = 0;
+    if (!t) return "(null)";
+    used += (size_t)snprintf(buf, size, "[");
+    for (i = 0; i < t->ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+    if (used < size) snprintf(buf + used, size - used, "]");
+    return buf;
+}
+
+MOE_API moe_status moe_tensor_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
+    int64_t i;
+    MOE__CHECK_CTX(ctx);
+    if (!dst || !src || !dst->data || !src->data) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_copy: NULL tensor");
+    if (dst->numel != src->numel) {
+        char a[96], b[96];
+        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_tensor_copy: dst %s and src %s differ in size",
+                         moe__shape_str(dst, a, sizeof a), moe__shape_str(src, b, sizeof b));
+    }
+    if (dst->device != MOE__BE(ctx)->device || src->device != MOE__BE(ctx)->device)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_copy: both tensors must be on the context's device");
+    if (!dst->scales && !src->scales) {
+        if (dst->dtype == src->dtype)
+            return MOE__BE(ctx)->copy(ctx, dst->data, src->data, (size_t)src->numel * moe_dtype_size(src->dtype), MOE__D2D);
+        return MOE__BE(ctx)->convert(ctx, src->data, src->dtype, src->numel, dst->data, dst->dtype);
+    }
+    if (MOE__BE(ctx)->device != MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_tensor_copy: tensors with FP8 scales are host tensors");
+    if (dst->dtype == MOE_FP8_E4M3 && dst->scales) {
+        /* Quantise through float tiles, row by row of the last dim. */
+        int64_t last = dst->shape[dst->ndim - 1], rows = dst->numel / last, B = dst->scale_block;
+        float *tmp = (float *)moe__arena_alloc(ctx, (size_t)dst->numel, sizeof(float), "moe_tensor_copy");
+        if (!tmp) return MOE_ERR_MEMORY;
+        for (i = 0; i < src->numel; i++) tmp[i] = (float)moe__tensor_value(src, i);
+        if (dst->scale_2d) return moe_fp8_quantize_blocks(ctx, tmp, rows, last, B, (uint8_t *)dst->data, dst->scales);
+        return moe_fp8_quantize_tiles(ctx, tmp, rows, last, B, (uint8_t *)dst->data, dst->scales);
+    }
+    for (i = 0; i < src->numel; i++) moe__store(dst->data, dst->dtype, i, moe__tensor_value(src, i));
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_tensor_fill(moe_ctx *ctx, moe_tensor *t, double value) {
+    int64_t i;
+    MOE__CHECK_CTX(ctx);
+    if (!t || !t->data) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill: NULL tensor");
+    if (t->scales) return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_tensor_fill: fill a scaled FP8 tensor via moe_tensor_copy");
+    if (t->device != MOE__BE(ctx)->device) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill: the tensor is on another device");
+    if (t->dtype == MOE_F32) return MOE__BE(ctx)->fill(ctx, (moe_real)value, t->numel, (moe_real *)t->data);
+    if (t->device != MOE_DEVICE_CPU) return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_tensor_fill: f32 tensors only on a device");
+    for (i = 0; i < t->numel; i++) moe__store(t->data, t->dtype, i, value);
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *rng, float mean, float std) {
+    int64_t i;
+    MOE__CHECK_CTX(ctx);
+    if (!t || !t->data || !rng) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: NULL tensor or rng");
+    if (t->dtype == MOE_I32 || t->scales) return moe__fail(ctx, MOE_ERR_DTYPE, "moe_tensor_fill_normal: needs a float tensor");
+    if (!(std >= 0.0f) || !isfinite(std) || !isfinite(mean))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: mean and std must be finite, std >= 0 (got %g, %g)", (double)mean, (double)std);
+    if (t->device != MOE__BE(ctx)->device) return moe__fail(ctx, MOE_ERR_ARG, "moe_tensor_fill_normal: the tensor is on another device");
+    if (t->dtype == MOE_F32) {
+        MOE__TRY(MOE__BE(ctx)->fill_normal(ctx, rng->key, rng->counter, (moe_real)mean, (moe_real)std, t->numel, (moe_real *)t->data));
+    } else if (t->device == MOE_DEVICE_CPU) {
+        for (i = 0; i < t->numel; i++)
+            moe__store(t->data, t->dtype, i, (double)mean + (double)std * moe__rng_normal_at(rng->key, rng->counter + 2 * (uint64_t)i));
+    } else {
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_tensor_fill_normal: f32 tensors only on a device");
+    }
+    rng->counter += 2 * (uint64_t)t->numel;
+    return MOE_OK;
+}
+
+MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *label) {
+    char line[1024], shape[96];
+    size_t used;
+    int64_t i, n;
+    if (!t) {
+        moe__log(ctx, 0, "%s: (null)", label ? label : "tensor");
+        return;
+    }
+    used = (size_t)snprintf(line, sizeof line, "%s: %s%s", label ? label : "tensor", moe_dtype_name(t->dtype),
+                            moe__shape_str(t, shape, sizeof shape));
+    n = t->device != MOE_DEVICE_CPU ? 0 : t->numel < 8 ? t->numel : 8;
+    for (i = 0; i < n && used < sizeof line; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " %.6g", moe__tensor_value(t, i));
+    if (t->numel > n && used < sizeof line) snprintf(line + used, sizeof line - used, " ...");
+    moe__log(ctx, 0, "%s", line);
+}
+
+MOE_API void moe_tensor_zero_grad(moe_tensor *t) {
+    if (t && t->grad && t->grad->data && t->device == MOE_DEVICE_CPU)
+        memset(t->grad->data, 0, (size_t)t->grad->numel * sizeof(moe_real));
+}
+
+/* Element i of a tensor on the context's device, read into host memory (the loss, a norm). */
+static moe_real moe__tensor_at(moe_ctx *ctx, const moe_tensor *t, int64_t i) {
+    moe_real v = 0;
+    if (MOE__BE(ctx)->copy(ctx, &v, (const moe_real *)t->data + i, sizeof v, MOE__D2H) != MOE_OK) return (moe_real)NAN;
+    return v;
+}
+
+/* n values of the context's device as host floats (the public API's logits). */
+static moe_status moe__download_floats(moe_ctx *ctx, float *dst, const moe_real *src, int64_t n) {
+    moe_real *tmp;
+    int64_t i;
+    if (sizeof(moe_real) == sizeof(float)) return MOE__BE(ctx)->copy(ctx, dst, src, (size_t)n * sizeof(float), MOE__D2H);
+    if (!(tmp = (moe_real *)moe__arena_alloc(ctx, (size_t)n, sizeof(moe_real), "download"))) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->copy(ctx, tmp, src, (size_t)n * sizeof(moe_real), MOE__D2H));
+    for (i = 0; i < n; i++) dst[i] = (float)tmp[i];
+    return MOE_OK;
+}
+/* ============================================================================================
+   7. autograd — the tape and the differentiable ops                                 >>autograd
+   ============================================================================================
+   A tape of nodes recorded in the step arena during forward and replayed in reverse by
+   moe_backward, and the differentiable ops: each checks its inputs, gets its output from the
+   device's step memory, calls kernels and, when an input takes gradients and recording is
+   on, appends a node whose backward calls kernels again. */
 
 typedef moe_status (*moe__backward_fn)(moe_ctx *ctx, moe__node *node);
 
@@ -3519,7 +5627,7 @@ struct moe__node {
     void *saved;      /* op-specific saved values (rstd, log-sum-exp, indices, ...) */
     const void *cptr; /* op-specific constant data (a RoPE table) */
     double f[2];
-    int64_t i[4];
+    int64_t i[5];
 };
 
 /* The gradient buffer of t, made (zeroed, in the arena) on first use; NULL when t takes none
@@ -3535,7 +5643,7 @@ static moe_real *moe__grad(moe_ctx *ctx, moe_tensor *t) {
         g->base = NULL;
         g->requires_grad = 0;
         g->in_arena = 1;
-        g->data = moe__arena_alloc(ctx, (size_t)t->numel, sizeof(moe_real), "backward");
+        g->data = moe__dev_zeros(ctx, t->numel, "backward");
         if (!g->data) return NULL;
         t->grad = g;
     }
@@ -3545,7 +5653,7 @@ static moe_real *moe__grad(moe_ctx *ctx, moe_tensor *t) {
     do { var = moe__grad(ctx, t); if ((t)->requires_grad && !var) return MOE_ERR_MEMORY; } while (0)
 
 static int moe__any_grad(const moe_ctx *ctx, const moe_tensor *a, const moe_tensor *b, const moe_tensor *c) {
-    return ctx->grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
+    return ctx->conf.grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
 }
 
 /* Append a node for `out` to the tape when any input takes gradients. *node is NULL when
@@ -3589,11 +5697,12 @@ MOE_API moe_status moe_backward(moe_ctx *ctx, moe_tensor *loss) {
     if (!loss->requires_grad || ctx->tape_len == 0)
         return moe__fail(ctx, MOE_ERR_STATE, "moe_backward: nothing recorded leads to this loss (no parameter requires "
                                              "gradients, recording was off, or backward already ran for this step)");
-    v = (double)((moe_real *)loss->data)[0];
+    if (loss->device != MOE__BE(ctx)->device) return moe__fail(ctx, MOE_ERR_ARG, "moe_backward: the loss is on another device");
+    v = (double)moe__tensor_at(ctx, loss, 0);
     if (!isfinite(v)) return moe__fail(ctx, MOE_ERR_NUMERIC, "moe_backward: loss is %g", v);
     g = moe__grad(ctx, loss);
     if (!g) return MOE_ERR_MEMORY;
-    g[0] = 1;
+    MOE__TRY(MOE__BE(ctx)->fill(ctx, 1, 1, g));
     for (i = ctx->tape_len - 1; i >= 0; i--) {
         moe__node *n = ctx->tape[i];
         moe_status st;
@@ -3610,17 +5719,23 @@ MOE_API moe_status moe_backward(moe_ctx *ctx, moe_tensor *loss) {
 
 /* ---- argument checks shared by the ops ---- */
 
+static moe_status moe__check_device(moe_ctx *ctx, const char *fn, const moe_tensor *t, const char *what) {
+    if (t->device != MOE__BE(ctx)->device)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: %s is on the %s, the context computes on the %s", fn, what,
+                         t->device == MOE_DEVICE_CPU ? "CPU" : "GPU", MOE__BE(ctx)->device == MOE_DEVICE_CPU ? "CPU" : "GPU");
+    return MOE_OK;
+}
 static moe_status moe__check_f32(moe_ctx *ctx, const char *fn, const moe_tensor *t, const char *what) {
     if (!t || !t->data) return moe__fail(ctx, MOE_ERR_ARG, "%s: %s is NULL", fn, what);
     if (t->dtype != MOE_F32)
         return moe__fail(ctx, MOE_ERR_DTYPE, "%s: %s must be f32, got %s", fn, what, moe_dtype_name(t->dtype));
-    return MOE_OK;
+    return moe__check_device(ctx, fn, t, what);
 }
 static moe_status moe__check_i32(moe_ctx *ctx, const char *fn, const moe_tensor *t, const char *what) {
     if (!t || !t->data) return moe__fail(ctx, MOE_ERR_ARG, "%s: %s is NULL", fn, what);
     if (t->dtype != MOE_I32)
         return moe__fail(ctx, MOE_ERR_DTYPE, "%s: %s must be i32, got %s", fn, what, moe_dtype_name(t->dtype));
-    return MOE_OK;
+    return moe__check_device(ctx, fn, t, what);
 }
 static moe_status moe__check_out(moe_ctx *ctx, const char *fn, moe_tensor **out) {
     MOE__CHECK_CTX(ctx);
@@ -3637,32 +5752,13 @@ static moe_status moe__shape_mismatch(moe_ctx *ctx, const char *fn, const moe_te
 #define MOE__I32(t) ((int32_t *)(t)->data)
 #define MOE__LAST(t) ((t)->shape[(t)->ndim - 1])
 
-/* Column sums over rows in fixed row chunks: out[j] += Σ_r x[r·d + j]. */
-static moe_status moe__colsum_add(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *out) {
-    int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK, c;
-    moe_real *part = (moe_real *)moe__arena_alloc(ctx, (size_t)(nchunks * d), sizeof(moe_real), "colsum");
-    if (!part) return MOE_ERR_MEMORY;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (rows * d > 16384))
-    for (c = 0; c < nchunks; c++) {
-        int64_t r, j, r1 = (c + 1) * MOE__ROW_CHUNK < rows ? (c + 1) * MOE__ROW_CHUNK : rows;
-        for (r = c * MOE__ROW_CHUNK; r < r1; r++)
-            for (j = 0; j < d; j++) part[c * d + j] += x[r * d + j];
-    }
-    for (c = 0; c < nchunks; c++) {
-        int64_t j;
-        for (j = 0; j < d; j++) out[j] += part[c * d + j];
-    }
-    return MOE_OK;
-}
 
 /* ---- view (only its gradient routing lives here) ---- */
 
 static moe_status moe__view_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dx, *dy = MOE__F32(n->out->grad);
-    int64_t i;
+    moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    for (i = 0; i < n->out->numel; i++) dx[n->i[0] + i] += dy[i];
-    return MOE_OK;
+    return MOE__BE(ctx)->axpy(ctx, 1, MOE__F32(n->out->grad), n->out->numel, dx + n->i[0]);
 }
 
 MOE_API moe_status moe_tensor_view(moe_ctx *ctx, moe_tensor *t, int ndim, const int64_t *shape, int64_t offset,
@@ -3708,26 +5804,42 @@ MOE_API moe_status moe_tensor_view(moe_ctx *ctx, moe_tensor *t, int ndim, const 
 
 /* ---- matmul ---- */
 
+/* y = x·Wᵀ, batch b of a 3-D W with batch b of x: the descriptor of the forward product. */
+static moe__gemm_op moe__matmul_op(const moe__node *n, const moe_tensor *x, const moe_tensor *w, moe_real *y) {
+    int64_t batches = n->i[0], M = n->i[1], N = n->i[2], K = n->i[3];
+    moe__gemm_op g = moe__gemm_1(M, N, K, MOE__F32(x), K, 0, MOE__F32(w), K, 1, y, N, 0, (moe_dtype)n->i[4]);
+    g.batch = batches;
+    g.stride_a = M * K;
+    g.stride_b = N * K;
+    g.stride_c = M * N;
+    return g;
+}
+
 static moe_status moe__matmul_bwd(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0], *w = n->in[1];
     moe_real *dy = MOE__F32(n->out->grad), *dx, *dw;
-    int64_t batches = n->i[0], M = n->i[1], N = n->i[2], K = n->i[3], b;
-    int bf16 = (int)n->f[0];
+    int64_t batches = n->i[0], M = n->i[1], N = n->i[2], K = n->i[3];
+    moe_dtype prec = (moe_dtype)n->i[4];
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     MOE__GRAD_OR_FAIL(dw, ctx, w);
-    for (b = 0; b < batches; b++) {
-        const moe_real *dyb = dy + b * M * N, *xb = MOE__F32(x) + b * M * K, *wb = MOE__F32(w) + (w->ndim == 3 ? b * N * K : 0);
-        if (dx) MOE__TRY(moe__gemm(ctx, 0, 0, M, K, N, 1, dyb, N, wb, K, 1, dx + b * M * K, K, bf16));
-        if (dw) MOE__TRY(moe__gemm(ctx, 1, 0, N, K, M, 1, dyb, N, xb, K, 1, dw + (w->ndim == 3 ? b * N * K : 0), K, bf16));
+    if (dx) { /* dx += dy·W */
+        moe__gemm_op g = moe__gemm_1(M, K, N, dy, N, 0, MOE__F32(w), K, 0, dx, K, 1, prec);
+        g.batch = batches; g.stride_a = M * N; g.stride_b = N * K; g.stride_c = M * K;
+        MOE__TRY(MOE__BE(ctx)->gemm(ctx, &g));
+    }
+    if (dw) { /* dw += dyᵀ·x */
+        moe__gemm_op g = moe__gemm_1(N, K, M, dy, N, 1, MOE__F32(x), K, 0, dw, K, 1, prec);
+        g.batch = batches; g.stride_a = M * N; g.stride_b = M * K; g.stride_c = N * K;
+        MOE__TRY(MOE__BE(ctx)->gemm(ctx, &g));
     }
     return MOE_OK;
 }
 
 MOE_API moe_status moe_matmul(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, moe_tensor **y) {
     static const char *fn = "moe_matmul";
-    int64_t shape[MOE_MAX_DIMS], batches, M, N, K, b;
-    moe__node *n;
-    int bf16;
+    int64_t shape[MOE_MAX_DIMS], batches, M, N, K;
+    moe__node *n, meta;
+    moe__gemm_op g;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     MOE__TRY(moe__check_f32(ctx, fn, w, "w"));
@@ -3748,15 +5860,13 @@ MOE_API moe_status moe_matmul(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, moe_te
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
     MOE__TRY(moe__tensor_out(ctx, x->ndim, shape, y));
-    bf16 = ctx->gemm_compute != MOE_F32; /* FP8 mode: generic matmuls (head, MTP projection) in BF16 */
-    for (b = 0; b < batches; b++)
-        MOE__TRY(moe__gemm(ctx, 0, 1, M, N, K, 1, MOE__F32(x) + b * M * K, K, MOE__F32(w) + b * N * K, K, 0,
-                           MOE__F32(*y) + b * M * N, N, bf16));
+    memset(&meta, 0, sizeof meta);
+    meta.i[0] = batches; meta.i[1] = M; meta.i[2] = N; meta.i[3] = K;
+    meta.i[4] = ctx->conf.gemm_compute != MOE_F32 ? MOE_BF16 : MOE_F32; /* FP8 mode: generic matmuls (head, MTP projection) in BF16 */
+    g = moe__matmul_op(&meta, x, w, MOE__F32(*y));
+    MOE__TRY(MOE__BE(ctx)->gemm(ctx, &g));
     MOE__TRY(moe__record(ctx, moe__matmul_bwd, *y, x, w, NULL, &n));
-    if (n) {
-        n->i[0] = batches; n->i[1] = M; n->i[2] = N; n->i[3] = K;
-        n->f[0] = bf16;
-    }
+    if (n) memcpy(n->i, meta.i, sizeof n->i);
     return MOE_OK;
 }
 
@@ -3764,166 +5874,132 @@ MOE_API moe_status moe_matmul(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, moe_te
 
 static moe_status moe__add_bwd(moe_ctx *ctx, moe__node *n) {
     moe_real *dy = MOE__F32(n->out->grad), *da, *db;
-    int64_t i;
     MOE__GRAD_OR_FAIL(da, ctx, n->in[0]);
     MOE__GRAD_OR_FAIL(db, ctx, n->in[1]);
-    if (da) for (i = 0; i < n->out->numel; i++) da[i] += dy[i];
+    if (da) MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dy, n->out->numel, da));
     if (db) {
-        if (n->in[1]->numel == n->out->numel) {
-            for (i = 0; i < n->out->numel; i++) db[i] += dy[i];
-        } else {
-            int64_t d = n->in[1]->numel;
-            MOE__TRY(moe__colsum_add(ctx, dy, n->out->numel / d, d, db));
-        }
+        int64_t d = n->in[1]->numel;
+        if (d == n->out->numel) MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dy, d, db));
+        else MOE__TRY(MOE__BE(ctx)->colsum(ctx, dy, n->out->numel / d, d, db));
     }
     return MOE_OK;
 }
 
 MOE_API moe_status moe_add(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tensor **y) {
     static const char *fn = "moe_add";
-    int64_t i, d;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, a, "a"));
     MOE__TRY(moe__check_f32(ctx, fn, b, "b"));
     if (!moe__same_shape(a, b) && !(b->ndim == 1 && b->shape[0] == MOE__LAST(a))) return moe__shape_mismatch(ctx, fn, a, b);
     MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
-    d = b->numel;
-    for (i = 0; i < a->numel; i += d) { /* b repeats along the rows of a (once when the shapes match) */
-        int64_t j;
-        for (j = 0; j < d; j++) MOE__F32(*y)[i + j] = MOE__F32(a)[i + j] + MOE__F32(b)[j];
-    }
+    /* b repeats along the rows of a (once when the shapes match) */
+    MOE__TRY(MOE__BE(ctx)->add(ctx, MOE__F32(a), MOE__F32(b), a->numel, b->numel, MOE__F32(*y)));
     return moe__record(ctx, moe__add_bwd, *y, a, b, NULL, &n);
 }
 
 static moe_status moe__mul_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dy = MOE__F32(n->out->grad), *da, *db, *a = MOE__F32(n->in[0]), *b = MOE__F32(n->in[1]);
-    int64_t i;
+    moe_real *dy = MOE__F32(n->out->grad), *da, *db;
     MOE__GRAD_OR_FAIL(da, ctx, n->in[0]);
     MOE__GRAD_OR_FAIL(db, ctx, n->in[1]);
-    for (i = 0; i < n->out->numel; i++) {
-        if (da) da[i] += dy[i] * b[i];
-        if (db) db[i] += dy[i] * a[i];
-    }
+    if (da) MOE__TRY(MOE__BE(ctx)->mul(ctx, dy, MOE__F32(n->in[1]), n->out->numel, da, 1));
+    if (db) MOE__TRY(MOE__BE(ctx)->mul(ctx, dy, MOE__F32(n->in[0]), n->out->numel, db, 1));
     return MOE_OK;
 }
 
 MOE_API moe_status moe_mul(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, moe_tensor **y) {
     static const char *fn = "moe_mul";
-    int64_t i;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, a, "a"));
     MOE__TRY(moe__check_f32(ctx, fn, b, "b"));
     if (!moe__same_shape(a, b)) return moe__shape_mismatch(ctx, fn, a, b);
     MOE__TRY(moe__tensor_out(ctx, a->ndim, a->shape, y));
-    for (i = 0; i < a->numel; i++) MOE__F32(*y)[i] = MOE__F32(a)[i] * MOE__F32(b)[i];
+    MOE__TRY(MOE__BE(ctx)->mul(ctx, MOE__F32(a), MOE__F32(b), a->numel, MOE__F32(*y), 0));
     return moe__record(ctx, moe__mul_bwd, *y, a, b, NULL, &n);
 }
 
 static moe_status moe__scale_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dy = MOE__F32(n->out->grad), *dx, s = (moe_real)n->f[0];
-    int64_t i;
+    moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    for (i = 0; i < n->out->numel; i++) dx[i] += s * dy[i];
-    return MOE_OK;
+    return MOE__BE(ctx)->axpy(ctx, (moe_real)n->f[0], MOE__F32(n->out->grad), n->out->numel, dx);
 }
 
 MOE_API moe_status moe_scale(moe_ctx *ctx, moe_tensor *x, float s, moe_tensor **y) {
     static const char *fn = "moe_scale";
-    int64_t i;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     if (!isfinite(s)) return moe__fail(ctx, MOE_ERR_NUMERIC, "%s: scale factor is %g", fn, (double)s);
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    for (i = 0; i < x->numel; i++) MOE__F32(*y)[i] = (moe_real)s * MOE__F32(x)[i];
+    MOE__TRY(MOE__BE(ctx)->scale(ctx, (moe_real)s, MOE__F32(x), x->numel, MOE__F32(*y)));
     MOE__TRY(moe__record(ctx, moe__scale_bwd, *y, x, NULL, NULL, &n));
     if (n) n->f[0] = s;
     return MOE_OK;
 }
 
 static moe_status moe__sum_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dx, g = MOE__F32(n->out->grad)[0];
-    int64_t i;
+    moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    for (i = 0; i < n->in[0]->numel; i++) dx[i] += g;
-    return MOE_OK;
+    /* dx += dy, the one-element gradient repeating over x */
+    return MOE__BE(ctx)->add(ctx, dx, MOE__F32(n->out->grad), n->in[0]->numel, 1, dx);
 }
 
 MOE_API moe_status moe_sum(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
     static const char *fn = "moe_sum";
-    int64_t one = 1, i;
+    int64_t one = 1;
     moe_real s = 0;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, y));
-    for (i = 0; i < x->numel; i++) s += MOE__F32(x)[i];
-    MOE__F32(*y)[0] = s;
+    MOE__TRY(MOE__BE(ctx)->sum(ctx, MOE__F32(x), x->numel, &s));
+    MOE__TRY(MOE__BE(ctx)->fill(ctx, s, 1, MOE__F32(*y)));
     return moe__record(ctx, moe__sum_bwd, *y, x, NULL, NULL, &n);
 }
 
-static moe_status moe__silu_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dy = MOE__F32(n->out->grad), *dx, *x = MOE__F32(n->in[0]);
-    int64_t i;
-    MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    for (i = 0; i < n->out->numel; i++) dx[i] += dy[i] * moe_silu_grad_scalar(x[i]);
-    return MOE_OK;
+static moe_status moe__swiglu_bwd_node(moe_ctx *ctx, moe__node *n) {
+    moe_tensor *gate = n->in[0], *up = n->in[1];
+    int64_t cols = MOE__LAST(gate);
+    moe_real *dg, *du = NULL;
+    MOE__GRAD_OR_FAIL(dg, ctx, gate);
+    if (up) MOE__GRAD_OR_FAIL(du, ctx, up);
+    return MOE__BE(ctx)->swiglu_bwd(ctx, MOE__F32(gate), up ? MOE__F32(up) : NULL, cols, MOE__F32(n->out->grad), gate->numel / cols,
+                                    cols, dg, du, cols, 1);
 }
 
-MOE_API moe_status moe_silu(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
-    static const char *fn = "moe_silu";
-    int64_t i;
+/* silu(gate) ⊙ up, or silu(gate) when up is NULL. */
+static moe_status moe__swiglu_op(moe_ctx *ctx, const char *fn, moe_tensor *gate, moe_tensor *up, moe_tensor **y) {
+    int64_t cols;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
-    MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
-    MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    for (i = 0; i < x->numel; i++) MOE__F32(*y)[i] = moe_silu_scalar(MOE__F32(x)[i]);
-    return moe__record(ctx, moe__silu_bwd, *y, x, NULL, NULL, &n);
-}
-
-static moe_status moe__swiglu_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_real *dy = MOE__F32(n->out->grad), *dg, *du, *g = MOE__F32(n->in[0]), *u = MOE__F32(n->in[1]);
-    int64_t i;
-    MOE__GRAD_OR_FAIL(dg, ctx, n->in[0]);
-    MOE__GRAD_OR_FAIL(du, ctx, n->in[1]);
-    for (i = 0; i < n->out->numel; i++) {
-        if (dg) dg[i] += dy[i] * u[i] * moe_silu_grad_scalar(g[i]);
-        if (du) du[i] += dy[i] * moe_silu_scalar(g[i]);
+    MOE__TRY(moe__check_f32(ctx, fn, gate, up ? "gate" : "x"));
+    if (up) {
+        MOE__TRY(moe__check_f32(ctx, fn, up, "up"));
+        if (!moe__same_shape(gate, up)) return moe__shape_mismatch(ctx, fn, gate, up);
     }
-    return MOE_OK;
-}
-
-MOE_API moe_status moe_swiglu(moe_ctx *ctx, moe_tensor *gate, moe_tensor *up, moe_tensor **y) {
-    static const char *fn = "moe_swiglu";
-    int64_t i;
-    moe__node *n;
-    MOE__TRY(moe__check_out(ctx, fn, y));
-    MOE__TRY(moe__check_f32(ctx, fn, gate, "gate"));
-    MOE__TRY(moe__check_f32(ctx, fn, up, "up"));
-    if (!moe__same_shape(gate, up)) return moe__shape_mismatch(ctx, fn, gate, up);
+    cols = MOE__LAST(gate);
     MOE__TRY(moe__tensor_out(ctx, gate->ndim, gate->shape, y));
-    for (i = 0; i < gate->numel; i++) MOE__F32(*y)[i] = moe_silu_scalar(MOE__F32(gate)[i]) * MOE__F32(up)[i];
-    return moe__record(ctx, moe__swiglu_bwd, *y, gate, up, NULL, &n);
+    MOE__TRY(MOE__BE(ctx)->swiglu_fwd(ctx, MOE__F32(gate), up ? MOE__F32(up) : NULL, cols, gate->numel / cols, cols, MOE__F32(*y), cols));
+    return moe__record(ctx, moe__swiglu_bwd_node, *y, gate, up, NULL, &n);
+}
+MOE_API moe_status moe_silu(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) { return moe__swiglu_op(ctx, "moe_silu", x, NULL, y); }
+MOE_API moe_status moe_swiglu(moe_ctx *ctx, moe_tensor *gate, moe_tensor *up, moe_tensor **y) {
+    MOE__TRY(moe__check_out(ctx, "moe_swiglu", y));
+    MOE__TRY(moe__check_f32(ctx, "moe_swiglu", up, "up"));
+    return moe__swiglu_op(ctx, "moe_swiglu", gate, up, y);
 }
 
 /* ---- row-wise ---- */
 
 static moe_status moe__rmsnorm_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0], *w = n->in[1];
-    int64_t d = MOE__LAST(x), rows = x->numel / d;
-    moe_real *dx, *dw, *part = NULL;
+    int64_t d = MOE__LAST(x);
+    moe_real *dx, *dw;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     MOE__GRAD_OR_FAIL(dw, ctx, w);
-    if (dw) {
-        part = (moe_real *)moe__arena_alloc(ctx, (size_t)(((rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK) * d),
-                                            sizeof(moe_real), "moe_rmsnorm backward");
-        if (!part) return MOE_ERR_MEMORY;
-    }
-    moe__rmsnorm_bwd(ctx->n_threads, MOE__F32(x), MOE__F32(w), (const moe_real *)n->saved, MOE__F32(n->out->grad), dx,
-                     dw, part, rows, d);
-    return MOE_OK;
+    return MOE__BE(ctx)->rmsnorm_bwd(ctx, MOE__F32(x), MOE__F32(w), (const moe_real *)n->saved, MOE__F32(n->out->grad),
+                                     x->numel / d, d, dx, dw);
 }
 
 MOE_API moe_status moe_rmsnorm(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, float eps, moe_tensor **y) {
@@ -3939,9 +6015,9 @@ MOE_API moe_status moe_rmsnorm(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, float
     if (w->ndim != 1 || w->shape[0] != d) return moe__shape_mismatch(ctx, fn, x, w);
     if (!(eps > 0.0f) || !isfinite(eps)) return moe__fail(ctx, MOE_ERR_ARG, "%s: eps must be positive and finite", fn);
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    rstd = (moe_real *)moe__arena_alloc(ctx, (size_t)rows, sizeof(moe_real), fn);
-    if (!rstd) return MOE_ERR_MEMORY;
-    moe__rmsnorm_fwd(ctx->n_threads, MOE__F32(x), MOE__F32(w), MOE__F32(*y), rstd, rows, d, (moe_real)eps);
+    rstd = moe__any_grad(ctx, x, w, NULL) ? moe__dev_real(ctx, rows, fn) : NULL; /* kept for backward */
+    if (moe__any_grad(ctx, x, w, NULL) && !rstd) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->rmsnorm_fwd(ctx, MOE__F32(x), d, MOE__F32(w), rows, d, (moe_real)eps, MOE__F32(*y), d, rstd));
     MOE__TRY(moe__record(ctx, moe__rmsnorm_bwd_node, *y, x, w, NULL, &n));
     if (n) n->saved = rstd;
     return MOE_OK;
@@ -3951,8 +6027,7 @@ static moe_status moe__softmax_bwd_node(moe_ctx *ctx, moe__node *n) {
     int64_t d = MOE__LAST(n->out);
     moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    moe__softmax_bwd(ctx->n_threads, MOE__F32(n->out), MOE__F32(n->out->grad), dx, n->out->numel / d, d);
-    return MOE_OK;
+    return MOE__BE(ctx)->softmax_bwd(ctx, MOE__F32(n->out), MOE__F32(n->out->grad), n->out->numel / d, d, dx);
 }
 
 MOE_API moe_status moe_softmax(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
@@ -3961,7 +6036,7 @@ MOE_API moe_status moe_softmax(moe_ctx *ctx, moe_tensor *x, moe_tensor **y) {
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    moe__softmax_fwd(ctx->n_threads, MOE__F32(x), MOE__F32(*y), x->numel / MOE__LAST(x), MOE__LAST(x));
+    MOE__TRY(MOE__BE(ctx)->softmax_fwd(ctx, MOE__F32(x), x->numel / MOE__LAST(x), MOE__LAST(x), MOE__F32(*y)));
     return moe__record(ctx, moe__softmax_bwd_node, *y, x, NULL, NULL, &n);
 }
 
@@ -3976,19 +6051,68 @@ static moe_status moe__bthd(moe_ctx *ctx, const char *fn, const moe_tensor *t, i
     }
 }
 
+/* f'_j of YaRN (reference §2.3): keep low-index (high-frequency) pairs, divide the rest by
+   the factor, with a linear ramp between beta_fast and beta_slow correction dims. */
+static double moe__yarn_freq(double f, int64_t j, int64_t dim, double theta, const moe_yarn *y) {
+    double lo, hi, ramp;
+    if (!y || y->factor <= 1.0) return f;
+    lo = floor((double)dim * log((double)y->original_max_pos / (y->beta_fast * 2.0 * 3.141592653589793)) / (2.0 * log(theta)));
+    hi = ceil((double)dim * log((double)y->original_max_pos / (y->beta_slow * 2.0 * 3.141592653589793)) / (2.0 * log(theta)));
+    if (lo < 0) lo = 0;
+    if (hi > (double)(dim - 1)) hi = (double)(dim - 1);
+    if (lo == hi) hi += 0.001;
+    ramp = ((double)j - lo) / (hi - lo);
+    ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+    return f / y->factor * ramp + f * (1.0 - ramp);
+}
+
+MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int64_t dim, int64_t max_pos, double theta,
+                                       const moe_yarn *yarn) {
+    int64_t p, j;
+    size_t n;
+    MOE__CHECK_CTX(ctx);
+    if (!table) return moe__fail(ctx, MOE_ERR_ARG, "moe_rope_table_init: table is NULL");
+    memset(table, 0, sizeof *table);
+    if (dim <= 0 || dim % 2 || dim > 65536)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: dim must be even and in 2..65536, got %lld", (long long)dim);
+    if (max_pos <= 0 || max_pos > ((int64_t)1 << 26))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: max_pos must be 1..2^26, got %lld", (long long)max_pos);
+    if (!(theta > 1.0)) return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: theta must be > 1");
+    if (yarn && yarn->factor > 1.0 && (yarn->original_max_pos <= 0 || !(yarn->beta_fast > 0) || !(yarn->beta_slow > 0)))
+        return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: YaRN needs original_max_pos, beta_fast, beta_slow > 0");
+    if (moe__mul_overflows((size_t)max_pos, (size_t)dim * sizeof(float), &n))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: table too large");
+    table->cos_sin = (float *)moe__heap_alloc(ctx, n);
+    if (!table->cos_sin) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: out of memory");
+    table->dim = dim;
+    table->max_pos = max_pos;
+    for (j = 0; j < dim / 2; j++) {
+        double f = moe__yarn_freq(pow(theta, -2.0 * (double)j / (double)dim), j, dim, theta, yarn);
+        for (p = 0; p < max_pos; p++) {
+            double a = (double)p * f;
+            table->cos_sin[(p * (dim / 2) + j) * 2] = (float)cos(a);
+            table->cos_sin[(p * (dim / 2) + j) * 2 + 1] = (float)sin(a);
+        }
+    }
+    return MOE_OK;
+}
+MOE_API void moe_rope_table_free(moe_rope_table *table) {
+    if (!table) return;
+    MOE_FREE(table->cos_sin);
+    memset(table, 0, sizeof *table);
+}
+
 static moe_status moe__rope_bwd(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0];
     const moe_rope_table *tab = (const moe_rope_table *)n->cptr;
     moe_real *dx, *tmp;
-    int64_t B = 0, T = 0, H = 0, D = 0, i;
+    int64_t B = 0, T = 0, H = 0, D = 0;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     MOE__TRY(moe__bthd(ctx, "moe_rope", x, &B, &T, &H, &D));
-    tmp = (moe_real *)moe__arena_alloc(ctx, (size_t)x->numel, sizeof(moe_real), "moe_rope backward");
-    if (!tmp) return MOE_ERR_MEMORY;
-    memcpy(tmp, n->out->grad->data, (size_t)x->numel * sizeof(moe_real));
-    moe__rope_apply(ctx->n_threads, tmp, tab->cos_sin, B, T, H, D, n->i[0], (moe_rope_layout)n->i[1], -1);
-    for (i = 0; i < x->numel; i++) dx[i] += tmp[i];
-    return MOE_OK;
+    if (!(tmp = moe__dev_real(ctx, x->numel, "moe_rope backward"))) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->copy(ctx, tmp, n->out->grad->data, (size_t)x->numel * sizeof(moe_real), MOE__D2D));
+    MOE__TRY(MOE__BE(ctx)->rope(ctx, tmp, B * T, T, H, D, 0, D, tab->cos_sin, n->i[0], (moe_rope_layout)n->i[1], 1));
+    return MOE__BE(ctx)->axpy(ctx, 1, tmp, x->numel, dx);
 }
 
 MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *table, int64_t pos0,
@@ -4006,8 +6130,8 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: positions %lld..%lld exceed the table's %lld", fn, (long long)pos0,
                          (long long)(pos0 + T - 1), (long long)table->max_pos);
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    memcpy((*y)->data, x->data, (size_t)x->numel * sizeof(moe_real));
-    moe__rope_apply(ctx->n_threads, MOE__F32(*y), table->cos_sin, B, T, H, D, pos0, layout, 1);
+    MOE__TRY(MOE__BE(ctx)->copy(ctx, (*y)->data, x->data, (size_t)x->numel * sizeof(moe_real), MOE__D2D));
+    MOE__TRY(MOE__BE(ctx)->rope(ctx, MOE__F32(*y), B * T, T, H, D, 0, D, table->cos_sin, pos0, layout, 0));
     MOE__TRY(moe__record(ctx, moe__rope_bwd, *y, x, NULL, NULL, &n));
     if (n) {
         n->cptr = table;
@@ -4020,23 +6144,20 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
 static moe_status moe__attention_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
     int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, tmp;
-    moe_real *dq, *dk, *dv, *scratch;
+    moe_real *dq, *dk, *dv;
     MOE__GRAD_OR_FAIL(dq, ctx, q);
     MOE__GRAD_OR_FAIL(dk, ctx, k);
     MOE__GRAD_OR_FAIL(dv, ctx, v);
     MOE__TRY(moe__bthd(ctx, "moe_attention", q, &B, &T, &H, &Dk));
     MOE__TRY(moe__bthd(ctx, "moe_attention", v, &tmp, &tmp, &tmp, &Dv));
-    scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(Dk, Dv), "moe_attention backward");
-    if (!scratch) return MOE_ERR_MEMORY;
-    moe__attention_bwd(ctx->n_threads, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(n->out), (const moe_real *)n->saved,
-                       MOE__F32(n->out->grad), dq, dk, dv, B, T, H, Dk, Dv, (moe_real)n->f[0], scratch);
-    return MOE_OK;
+    return MOE__BE(ctx)->attention_bwd(ctx, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(n->out), (const moe_real *)n->saved,
+                                       MOE__F32(n->out->grad), B, T, H, Dk, Dv, (moe_real)n->f[0], dq, dk, dv);
 }
 
 MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe_tensor *v, float scale, moe_tensor **o) {
     static const char *fn = "moe_attention";
     int64_t B = 0, T = 0, H = 0, Dk = 0, B2, T2, H2, Dk2, B3 = 0, T3 = 0, H3 = 0, Dv = 0, shape[4];
-    moe_real *lse, *scratch;
+    moe_real *lse;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, o));
     MOE__TRY(moe__check_f32(ctx, fn, q, "q"));
@@ -4049,11 +6170,9 @@ MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe
     if (!(scale > 0.0f) || !isfinite(scale)) return moe__fail(ctx, MOE_ERR_ARG, "%s: scale must be positive and finite", fn);
     memcpy(shape, v->shape, sizeof shape);
     MOE__TRY(moe__tensor_out(ctx, v->ndim, shape, o));
-    lse = (moe_real *)moe__arena_alloc(ctx, (size_t)(B * H * T), sizeof(moe_real), fn);
-    if (!lse) return MOE_ERR_MEMORY;
-    scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(Dk, Dv), fn);
-    if (!scratch) return MOE_ERR_MEMORY;
-    moe__attention_fwd(ctx->n_threads, MOE__F32(q), MOE__F32(k), MOE__F32(v), MOE__F32(*o), lse, B, T, H, Dk, Dv, (moe_real)scale, scratch);
+    if (!(lse = moe__dev_real(ctx, B * H * T, fn))) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->attention_fwd(ctx, MOE__F32(q), MOE__F32(k), MOE__F32(v), B, T, T, H, Dk, Dv, (moe_real)scale,
+                                         MOE__F32(*o), lse));
     MOE__TRY(moe__record(ctx, moe__attention_bwd_node, *o, q, k, v, &n));
     if (n) {
         n->saved = lse;
@@ -4064,32 +6183,38 @@ MOE_API moe_status moe_attention(moe_ctx *ctx, moe_tensor *q, moe_tensor *k, moe
 
 /* ---- indexing ---- */
 
-static moe_status moe__check_ids(moe_ctx *ctx, const char *fn, const moe_tensor *ids, int64_t limit, int32_t allowed) {
+/* `bytes` of device memory where the host can read them: the memory itself on the CPU, else a
+   copy in the step arena (NULL, message set, when there is no memory). */
+static const void *moe__host_data(moe_ctx *ctx, const void *data, size_t bytes) {
+    void *h;
+    if (MOE__BE(ctx)->device == MOE_DEVICE_CPU) return data;
+    h = moe__arena_alloc(ctx, bytes, 1, "a copy for the host");
+    if (h && MOE__BE(ctx)->copy(ctx, h, data, bytes, MOE__D2H) != MOE_OK) return NULL;
+    return h;
+}
+
+static moe_status moe__check_ids(moe_ctx *ctx, const char *fn, const moe_tensor *t, int64_t limit, int32_t allowed) {
+    const int32_t *ids = (const int32_t *)moe__host_data(ctx, t->data, (size_t)t->numel * sizeof(int32_t));
     int64_t i;
-    for (i = 0; i < ids->numel; i++) {
-        int32_t id = MOE__I32(ids)[i];
-        if ((id < 0 || id >= limit) && id != allowed)
-            return moe__fail(ctx, MOE_ERR_ARG, "%s: index %d at position %lld is outside [0, %lld)", fn, (int)id,
-                             (long long)i, (long long)limit);
-    }
+    if (!ids) return MOE_ERR_MEMORY;
+    for (i = 0; i < t->numel; i++)
+        if ((ids[i] < 0 || ids[i] >= limit) && ids[i] != allowed)
+            return moe__fail(ctx, MOE_ERR_ARG, "%s: index %d at position %lld is outside [0, %lld)", fn, (int)ids[i], (long long)i,
+                             (long long)limit);
     return MOE_OK;
 }
 
-static moe_status moe__embedding_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_tensor *table = n->in[0], *ids = n->in[1];
-    int64_t d = table->shape[1], i, j;
-    moe_real *dt, *dy = MOE__F32(n->out->grad);
-    MOE__GRAD_OR_FAIL(dt, ctx, table);
-    for (i = 0; i < ids->numel; i++) {
-        moe_real *row = dt + (int64_t)MOE__I32(ids)[i] * d;
-        for (j = 0; j < d; j++) row[j] += dy[i * d + j];
-    }
-    return MOE_OK;
+/* The backward of a row gather: dx[idx[i]] += dy[i]. */
+static moe_status moe__gather_bwd(moe_ctx *ctx, moe__node *n) {
+    moe_tensor *x = n->in[0], *idx = n->in[1];
+    moe_real *dx;
+    MOE__GRAD_OR_FAIL(dx, ctx, x);
+    return MOE__BE(ctx)->scatter_add_rows(ctx, MOE__F32(n->out->grad), MOE__I32(idx), idx->numel, MOE__LAST(x), dx);
 }
 
 MOE_API moe_status moe_embedding(moe_ctx *ctx, moe_tensor *table, moe_tensor *ids, moe_tensor **y) {
     static const char *fn = "moe_embedding";
-    int64_t shape[MOE_MAX_DIMS], d, i;
+    int64_t shape[MOE_MAX_DIMS], d;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, table, "table"));
@@ -4101,9 +6226,8 @@ MOE_API moe_status moe_embedding(moe_ctx *ctx, moe_tensor *table, moe_tensor *id
     memcpy(shape, ids->shape, sizeof shape);
     shape[ids->ndim] = d;
     MOE__TRY(moe__tensor_out(ctx, ids->ndim + 1, shape, y));
-    for (i = 0; i < ids->numel; i++)
-        memcpy(MOE__F32(*y) + i * d, MOE__F32(table) + (int64_t)MOE__I32(ids)[i] * d, (size_t)d * sizeof(moe_real));
-    return moe__record(ctx, moe__embedding_bwd, *y, table, ids, NULL, &n);
+    MOE__TRY(MOE__BE(ctx)->gather_rows(ctx, MOE__F32(table), MOE__I32(ids), 1, ids->numel, d, MOE__F32(*y)));
+    return moe__record(ctx, moe__gather_bwd, *y, table, ids, NULL, &n);
 }
 
 static moe_status moe__xent_bwd_node(moe_ctx *ctx, moe__node *n) {
@@ -4112,16 +6236,15 @@ static moe_status moe__xent_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     if (n->i[1] == 0) return MOE_OK; /* every row ignored: the loss is constant 0 */
-    moe__xent_bwd(ctx->n_threads, MOE__F32(x), MOE__I32(t), (int32_t)n->i[0], (const moe_real *)n->saved,
-                  MOE__F32(n->out->grad)[0] / (moe_real)n->i[1], dx, x->numel / v, v);
-    return MOE_OK;
+    return MOE__BE(ctx)->xent_bwd(ctx, MOE__F32(x), MOE__I32(t), (int32_t)n->i[0], (const moe_real *)n->saved,
+                                  moe__tensor_at(ctx, n->out->grad, 0) / (moe_real)n->i[1], x->numel / v, v, dx);
 }
 
 MOE_API moe_status moe_cross_entropy(moe_ctx *ctx, moe_tensor *logits, moe_tensor *targets, int32_t ignore_index,
                                      moe_tensor **loss) {
     static const char *fn = "moe_cross_entropy";
-    int64_t v, rows, one = 1, i, count = 0;
-    moe_real *row_loss, *lse, total = 0;
+    int64_t v, rows, one = 1, count = 0;
+    moe_real *lse, total = 0;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, loss));
     MOE__TRY(moe__check_f32(ctx, fn, logits, "logits"));
@@ -4130,16 +6253,10 @@ MOE_API moe_status moe_cross_entropy(moe_ctx *ctx, moe_tensor *logits, moe_tenso
     rows = logits->numel / v;
     if (targets->numel != rows) return moe__shape_mismatch(ctx, fn, logits, targets);
     MOE__TRY(moe__check_ids(ctx, fn, targets, v, ignore_index));
-    row_loss = (moe_real *)moe__arena_alloc(ctx, (size_t)rows, sizeof(moe_real), fn);
-    lse = (moe_real *)moe__arena_alloc(ctx, (size_t)rows, sizeof(moe_real), fn);
-    if (!row_loss || !lse) return MOE_ERR_MEMORY;
-    moe__xent_fwd(ctx->n_threads, MOE__F32(logits), MOE__I32(targets), ignore_index, row_loss, lse, rows, v);
-    for (i = 0; i < rows; i++) {
-        total += row_loss[i];
-        count += MOE__I32(targets)[i] != ignore_index;
-    }
+    if (!(lse = moe__dev_real(ctx, rows, fn))) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->xent_fwd(ctx, MOE__F32(logits), MOE__I32(targets), ignore_index, rows, v, lse, &total, &count));
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, loss));
-    MOE__F32(*loss)[0] = count ? total / (moe_real)count : 0;
+    MOE__TRY(MOE__BE(ctx)->fill(ctx, count ? total / (moe_real)count : 0, 1, MOE__F32(*loss)));
     MOE__TRY(moe__record(ctx, moe__xent_bwd_node, *loss, logits, targets, NULL, &n));
     if (n) {
         n->saved = lse;
@@ -4149,50 +6266,36 @@ MOE_API moe_status moe_cross_entropy(moe_ctx *ctx, moe_tensor *logits, moe_tenso
     return MOE_OK;
 }
 
-static moe_status moe__topk_bwd(moe_ctx *ctx, moe__node *n) {
+static moe_status moe__topk_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0];
-    const int32_t *idx = (const int32_t *)n->saved;
-    int64_t k = MOE__LAST(n->out), cols = MOE__LAST(x), rows = x->numel / cols, r, j;
-    moe_real *dx, *dy = MOE__F32(n->out->grad);
+    int64_t k = MOE__LAST(n->out), cols = MOE__LAST(x);
+    moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
-    for (r = 0; r < rows; r++)
-        for (j = 0; j < k; j++) dx[r * cols + idx[r * k + j]] += dy[r * k + j];
-    return MOE_OK;
+    return MOE__BE(ctx)->topk_bwd(ctx, MOE__F32(n->out->grad), (const int32_t *)n->saved, x->numel / cols, cols, k, dx);
 }
 
 MOE_API moe_status moe_topk(moe_ctx *ctx, moe_tensor *x, int64_t k, moe_tensor **values, moe_tensor **indices) {
     static const char *fn = "moe_topk";
-    int64_t shape[MOE_MAX_DIMS], cols, rows, r;
+    int64_t shape[MOE_MAX_DIMS], cols;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, values));
     MOE__TRY(moe__check_out(ctx, fn, indices));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     cols = MOE__LAST(x);
-    rows = x->numel / cols;
     if (k < 1 || k > cols) return moe__fail(ctx, MOE_ERR_ARG, "%s: k must be 1..%lld, got %lld", fn, (long long)cols, (long long)k);
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = k;
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, shape, values));
     MOE__TRY(moe_tensor_temp(ctx, MOE_I32, x->ndim, shape, indices));
-    for (r = 0; r < rows; r++) moe__topk_row(MOE__F32(x) + r * cols, cols, k, MOE__F32(*values) + r * k, MOE__I32(*indices) + r * k);
-    MOE__TRY(moe__record(ctx, moe__topk_bwd, *values, x, NULL, NULL, &n));
+    MOE__TRY(MOE__BE(ctx)->topk_fwd(ctx, MOE__F32(x), x->numel / cols, cols, k, MOE__F32(*values), MOE__I32(*indices)));
+    MOE__TRY(moe__record(ctx, moe__topk_bwd_node, *values, x, NULL, NULL, &n));
     if (n) n->saved = (*indices)->data;
-    return MOE_OK;
-}
-
-static moe_status moe__gather_bwd(moe_ctx *ctx, moe__node *n) {
-    moe_tensor *x = n->in[0], *idx = n->in[1];
-    int64_t d = x->shape[1], i, j;
-    moe_real *dx, *dy = MOE__F32(n->out->grad);
-    MOE__GRAD_OR_FAIL(dx, ctx, x);
-    for (i = 0; i < idx->numel; i++)
-        for (j = 0; j < d; j++) dx[(int64_t)MOE__I32(idx)[i] * d + j] += dy[i * d + j];
     return MOE_OK;
 }
 
 MOE_API moe_status moe_gather(moe_ctx *ctx, moe_tensor *x, moe_tensor *idx, moe_tensor **y) {
     static const char *fn = "moe_gather";
-    int64_t shape[2], d, i;
+    int64_t shape[2], d;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
@@ -4203,24 +6306,24 @@ MOE_API moe_status moe_gather(moe_ctx *ctx, moe_tensor *x, moe_tensor *idx, moe_
     shape[0] = idx->shape[0];
     shape[1] = d;
     MOE__TRY(moe__tensor_out(ctx, 2, shape, y));
-    for (i = 0; i < idx->numel; i++)
-        memcpy(MOE__F32(*y) + i * d, MOE__F32(x) + (int64_t)MOE__I32(idx)[i] * d, (size_t)d * sizeof(moe_real));
+    MOE__TRY(MOE__BE(ctx)->gather_rows(ctx, MOE__F32(x), MOE__I32(idx), 1, idx->numel, d, MOE__F32(*y)));
     return moe__record(ctx, moe__gather_bwd, *y, x, idx, NULL, &n);
 }
 
+/* The backward of a row scatter-add: dsrc[i] += dy[idx[i]]. */
 static moe_status moe__scatter_add_bwd(moe_ctx *ctx, moe__node *n) {
     moe_tensor *src = n->in[0], *idx = n->in[1];
-    int64_t d = src->shape[1], i, j;
-    moe_real *ds, *dy = MOE__F32(n->out->grad);
+    int64_t d = src->shape[1];
+    moe_real *ds, *tmp;
     MOE__GRAD_OR_FAIL(ds, ctx, src);
-    for (i = 0; i < idx->numel; i++)
-        for (j = 0; j < d; j++) ds[i * d + j] += dy[(int64_t)MOE__I32(idx)[i] * d + j];
-    return MOE_OK;
+    if (!(tmp = moe__dev_real(ctx, src->numel, "moe_scatter_add backward"))) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->gather_rows(ctx, MOE__F32(n->out->grad), MOE__I32(idx), 1, idx->numel, d, tmp));
+    return MOE__BE(ctx)->axpy(ctx, 1, tmp, src->numel, ds);
 }
 
 MOE_API moe_status moe_scatter_add(moe_ctx *ctx, moe_tensor *src, moe_tensor *idx, int64_t n_rows, moe_tensor **y) {
     static const char *fn = "moe_scatter_add";
-    int64_t shape[2], d, i, j;
+    int64_t shape[2], d;
     moe__node *n;
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, src, "src"));
@@ -4232,8 +6335,7 @@ MOE_API moe_status moe_scatter_add(moe_ctx *ctx, moe_tensor *src, moe_tensor *id
     shape[0] = n_rows;
     shape[1] = d;
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 2, shape, y));
-    for (i = 0; i < idx->numel; i++)
-        for (j = 0; j < d; j++) MOE__F32(*y)[(int64_t)MOE__I32(idx)[i] * d + j] += MOE__F32(src)[i * d + j];
+    MOE__TRY(MOE__BE(ctx)->scatter_add_rows(ctx, MOE__F32(src), MOE__I32(idx), idx->numel, d, MOE__F32(*y)));
     return moe__record(ctx, moe__scatter_add_bwd, *y, src, idx, NULL, &n);
 }
 
@@ -4248,18 +6350,6 @@ static void moe__dim_split(const moe_tensor *t, int dim, int64_t *outer, int64_t
     for (i = dim + 1; i < t->ndim; i++) *inner *= t->shape[i];
 }
 
-/* For each outer slice o: dst[o·dspan + doff ..][0..len) (+)= src[o·sspan + soff ..]. */
-static void moe__copy_spans(moe_real *dst, int64_t dspan, int64_t doff, const moe_real *src, int64_t sspan, int64_t soff,
-                            int64_t len, int64_t outer, int accumulate) {
-    int64_t o, i;
-    for (o = 0; o < outer; o++) {
-        moe_real *d = dst + o * dspan + doff;
-        const moe_real *s = src + o * sspan + soff;
-        if (accumulate) for (i = 0; i < len; i++) d[i] += s[i];
-        else memcpy(d, s, (size_t)len * sizeof(moe_real));
-    }
-}
-
 /* A slice of x along dim: entries [start, start+len); i[] = {dim, start, len}. */
 static moe_status moe__slice_bwd(moe_ctx *ctx, moe__node *n) {
     moe_tensor *x = n->in[0];
@@ -4267,9 +6357,8 @@ static moe_status moe__slice_bwd(moe_ctx *ctx, moe__node *n) {
     moe_real *dx;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
     moe__dim_split(x, (int)n->i[0], &outer, &inner);
-    moe__copy_spans(dx, x->shape[n->i[0]] * inner, n->i[1] * inner, MOE__F32(n->out->grad), n->i[2] * inner, 0,
-                    n->i[2] * inner, outer, 1);
-    return MOE_OK;
+    return MOE__BE(ctx)->copy2d(ctx, MOE__F32(n->out->grad), n->i[2] * inner, outer, n->i[2] * inner, dx + n->i[1] * inner,
+                                x->shape[n->i[0]] * inner, 1);
 }
 
 static moe_status moe__slice(moe_ctx *ctx, moe_tensor *x, int dim, int64_t start, int64_t len, moe_tensor **y) {
@@ -4279,7 +6368,8 @@ static moe_status moe__slice(moe_ctx *ctx, moe_tensor *x, int dim, int64_t start
     shape[dim] = len;
     MOE__TRY(moe__tensor_out(ctx, x->ndim, shape, y));
     moe__dim_split(x, dim, &outer, &inner);
-    moe__copy_spans(MOE__F32(*y), len * inner, 0, MOE__F32(x), x->shape[dim] * inner, start * inner, len * inner, outer, 0);
+    MOE__TRY(MOE__BE(ctx)->copy2d(ctx, MOE__F32(x) + start * inner, x->shape[dim] * inner, outer, len * inner, MOE__F32(*y),
+                                  len * inner, 0));
     MOE__TRY(moe__record(ctx, moe__slice_bwd, *y, x, NULL, NULL, &n));
     if (n) { n->i[0] = dim; n->i[1] = start; n->i[2] = len; }
     return MOE_OK;
@@ -4307,8 +6397,8 @@ static moe_status moe__concat_bwd(moe_ctx *ctx, moe__node *n) {
     moe__dim_split(n->out, dim, &outer, &inner);
     la = a->shape[dim] * inner;
     lb = b->shape[dim] * inner;
-    if (da) moe__copy_spans(da, la, 0, dy, la + lb, 0, la, outer, 1);
-    if (db) moe__copy_spans(db, lb, 0, dy, la + lb, la, lb, outer, 1);
+    if (da) MOE__TRY(MOE__BE(ctx)->copy2d(ctx, dy, la + lb, outer, la, da, la, 1));
+    if (db) MOE__TRY(MOE__BE(ctx)->copy2d(ctx, dy + la, la + lb, outer, lb, db, lb, 1));
     return MOE_OK;
 }
 
@@ -4330,379 +6420,48 @@ MOE_API moe_status moe_concat(moe_ctx *ctx, moe_tensor *a, moe_tensor *b, int di
     moe__dim_split(*y, dim, &outer, &inner);
     la = a->shape[dim] * inner;
     lb = b->shape[dim] * inner;
-    moe__copy_spans(MOE__F32(*y), la + lb, 0, MOE__F32(a), la, 0, la, outer, 0);
-    moe__copy_spans(MOE__F32(*y), la + lb, la, MOE__F32(b), lb, 0, lb, outer, 0);
+    MOE__TRY(MOE__BE(ctx)->copy2d(ctx, MOE__F32(a), la, outer, la, MOE__F32(*y), la + lb, 0));
+    MOE__TRY(MOE__BE(ctx)->copy2d(ctx, MOE__F32(b), lb, outer, lb, MOE__F32(*y) + la, la + lb, 0));
     MOE__TRY(moe__record(ctx, moe__concat_bwd, *y, a, b, NULL, &n));
     if (n) n->i[0] = dim;
     return MOE_OK;
 }
-
 /* ============================================================================================
-   6. layers
+   8. layers — linear, SwiGLU MLP, MLA, DeepSeekMoE                                    >>layers
    ============================================================================================
-   Each layer is one tape node with a hand-written backward that calls the kernels of
-   section 4. What the backward needs is kept in a per-call record in the step arena. */
+   Linear layers in FP32, BF16 or FP8 (reference §5), the activations they keep for backward,
+   and the layers of DeepSeek-V3 — the SwiGLU MLP (dense FFN, shared and routed experts), MLA
+   and DeepSeekMoE — each one tape node whose forward and hand-written backward are lists of
+   kernel calls. What a backward needs is kept in a per-call record in the step arena. */
 
-/* ---- linear layers in FP32, BF16 or FP8 (reference §5) ---- */
+/* ---- linear layers ---- */
 
-/* The FP8 grouping of a GEMM operand [rows, cols]: 1×B tiles along the row (its reduction
-   dim is cols), B×1 tiles down the columns (reduction over rows), or B×B weight blocks. */
-typedef enum moe__fp8_group { MOE__FP8_ALONG_ROWS, MOE__FP8_DOWN_COLS, MOE__FP8_BLOCKS } moe__fp8_group;
-
-/* Group shape gr×gc of grouping g with block B, or of one scale per tensor. */
-static void moe__fp8_group_dims(int64_t B, int per_tensor, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr,
-                                int64_t *gc) {
-    if (per_tensor) {
-        *gr = rows > 0 ? rows : 1;
-        *gc = cols > 0 ? cols : 1;
-    } else {
-        *gr = g == MOE__FP8_ALONG_ROWS ? 1 : B;
-        *gc = g == MOE__FP8_DOWN_COLS ? 1 : B;
-    }
-}
-/* Group shape of grouping g in the context's mode, and whether its scales are powers of two
-   (all of them, weights too, unless amax_scales). */
-static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t rows, int64_t cols, int64_t *gr, int64_t *gc) {
-    moe__fp8_group_dims(ctx->fp8.block, ctx->fp8.per_tensor, g, rows, cols, gr, gc);
-    return !ctx->fp8.amax_scales;
-}
-
-/* The smallest power of two ≥ s (s a positive normal float). */
-static float moe__pow2_at_or_above(float s) {
-    int e;
-    float f = frexpf(s, &e); /* s = f·2^e, f in [0.5, 1) */
-    return f == 0.5f ? s : ldexpf(1.0f, e);
-}
-
-static void moe__e4m3_table(float lut[256]) {
-    int i;
-    for (i = 0; i < 256; i++) lut[i] = moe_e4m3_to_f32((uint8_t)i);
-}
-
-/* moe_f32_to_e4m3(v) for |v| ≤ 464, without branches on the rounding: normal values round
-   their mantissa to 3 bits by the carry trick (a carry moves into the exponent, as it
-   should), values below 2^-6 to multiples of the subnormal step 2^-9. Quantisation divides
-   by amax/448, so every value it encodes is in range. */
-static uint8_t moe__e4m3_in_range(float v) {
-    uint32_t u = moe__f32_bits(v), au = u & 0x7FFFFFFFu, sign = (u >> 24) & 0x80u;
-    if (au >= 0x3C800000u) { /* ≥ 2^-6 */
-        uint32_t r = au + 0x7FFFFu + ((au >> 20) & 1u);
-        return (uint8_t)(sign | ((r >> 20) - (120u << 3))); /* (float exponent − 127 + 7)·8 + mantissa */
-    }
-    {
-        /* round to nearest even in units of 2^-9: adding 1.5·2^23 leaves the integer part */
-        float t = moe__bits_f32(au) * 512.0f + 12582912.0f;
-        return (uint8_t)(sign | (uint32_t)(t - 12582912.0f));
-    }
-}
-
-#if defined(MOE__SIMD_AVX2) && !defined(MOE_REAL_F64)
-#define MOE__FP8_AVX2 1
-/* moe__e4m3_in_range on 8 lanes (each |v| ≤ 464): the codes (as int32 lanes) and, returned,
-   their values with v's sign — what a table decode of the codes gives, bit for bit. */
-static __m256 moe__e4m3_round8(__m256 v, __m256i *codes) {
-    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), one = _mm256_set1_epi32(1);
-    const __m256 big = _mm256_set1_ps(12582912.0f);
-    __m256i u = _mm256_castps_si256(v), au = _mm256_and_si256(u, abs_mask), sign = _mm256_andnot_si256(abs_mask, u);
-    __m256i normal = _mm256_cmpgt_epi32(au, _mm256_set1_epi32(0x3C7FFFFF)); /* ≥ 2^-6 */
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(au, _mm256_set1_epi32(0x7FFFF)), _mm256_and_si256(_mm256_srli_epi32(au, 20), one));
-    __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(au), _mm256_set1_ps(512.0f)), big), big);
-    __m256 mag = _mm256_blendv_ps(_mm256_mul_ps(k, _mm256_set1_ps(1.0f / 512.0f)),
-                                  _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFF00000u))),
-                                  _mm256_castsi256_ps(normal));
-    *codes = _mm256_or_si256(_mm256_blendv_epi8(_mm256_cvttps_epi32(k), _mm256_sub_epi32(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(960)), normal),
-                             _mm256_srli_epi32(sign, 24));
-    return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
-}
-/* The low bytes of 8 int32 lanes, stored at q. */
-static void moe__store_low_bytes8(uint8_t *q, __m256i c) {
-    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(c, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
-    _mm_storel_epi64((__m128i *)(void *)q, _mm256_castsi256_si128(b));
-}
-#endif
-
-/* The max-abs of x[0..n) folded into m (a NaN never wins). */
-static float moe__amax_fold(const moe_real *x, int64_t n, float m) {
-    int64_t i = 0;
-#ifdef MOE__FP8_AVX2
-    if (n >= 8) {
-        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        __m256 acc = _mm256_set1_ps(m);
-        for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
-        m = moe__hmax8(acc);
-    }
-#endif
-    for (; i < n; i++) m = fabsf((float)x[i]) > m ? fabsf((float)x[i]) : m;
-    return m;
-}
-
-/* codes/out of x[0..n) with scale s, or with scale s_each[i] for element i when s_each is
-   given: codes[i] = e4m3(x[i]/scale), out[i] = the code's value × scale (either may be NULL). */
-static void moe__fp8_encode(const moe_real *x, int64_t n, float s, const float *s_each, const float *lut, uint8_t *codes,
-                            moe_real *out) {
-    int64_t i = 0;
-#ifdef MOE__FP8_AVX2
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), lim = _mm256_set1_ps(464.0f);
-    for (; i + 8 <= n; i += 8) {
-        __m256 sv = s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s), v = _mm256_div_ps(_mm256_loadu_ps(x + i), sv), y;
-        __m256i c;
-        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v, abs_mask), lim, _CMP_LE_OQ)) != 0xFF) break; /* NaN, inf */
-        y = moe__e4m3_round8(v, &c);
-        if (codes) moe__store_low_bytes8(codes + i, c);
-        if (out) _mm256_storeu_ps(out + i, _mm256_mul_ps(y, sv));
-    }
-#endif
-    for (; i < n; i++) {
-        float si = s_each ? s_each[i] : s, v = (float)x[i] / si;
-        uint8_t q = fabsf(v) <= 464.0f ? moe__e4m3_in_range(v) : moe_f32_to_e4m3(v); /* NaN, inf: slow path */
-        if (codes) codes[i] = q;
-        if (out) out[i] = (moe_real)(lut[q] * si);
-    }
-}
-
-/* x[i] = lut[q[i]] · scale for i < n: scale s, or s_each[i] when s_each is given. */
-static void moe__fp8_decode(const uint8_t *q, int64_t n, float s, const float *s_each, const float *lut, moe_real *x) {
-    int64_t i = 0;
-#ifdef MOE__FP8_AVX2
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i))), 4);
-        _mm256_storeu_ps(x + i, _mm256_mul_ps(v, s_each ? _mm256_loadu_ps(s_each + i) : _mm256_set1_ps(s)));
-    }
-#endif
-    for (; i < n; i++) x[i] = (moe_real)(lut[q[i]] * (s_each ? s_each[i] : s));
-}
-
-/* E4M3 quantisation of x [rows, cols] in groups of gr×gc elements, each with its own scale
-   amax/448 (moe_fp8_scale; with pow2 the power of two at or above it) computed from the
-   data: codes[i] = e4m3(x[i]/scale),
-   scales[(r/gr)·ceil(cols/gc) + c/gc]. If out is given it receives the dequantised values
-   code·scale, the operand the GEMM multiplies; out may be x. */
-static void moe__fp8_quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2,
-                              uint8_t *codes, float *scales, moe_real *out, int n_threads) {
-    int64_t ngr = (rows + gr - 1) / gr, ngc = (cols + gc - 1) / gc, g;
-    float lut[256];
-    moe__e4m3_table(lut);
-    (void)n_threads;
-    MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (rows * cols > 65536))
-    for (g = 0; g < ngr; g++) {
-        int64_t r0 = g * gr, r1 = r0 + gr < rows ? r0 + gr : rows, r, c, cg;
-        float *sc = scales + g * ngc;
-        for (cg = 0; cg < ngc; cg++) sc[cg] = 0.0f;
-        for (r = r0; r < r1; r++) {
-            const moe_real *row = x + r * cols;
-            if (gc == 1) {
-                /* one scale per column: the running max of each column over the group's rows */
-                c = 0;
-#ifdef MOE__FP8_AVX2
-                {
-                    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-                    for (; c + 8 <= cols; c += 8)
-                        _mm256_storeu_ps(sc + c, _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + c), abs_mask), _mm256_loadu_ps(sc + c)));
-                }
-#endif
-                for (; c < cols; c++) sc[c] = fabsf((float)row[c]) > sc[c] ? fabsf((float)row[c]) : sc[c];
-            } else {
-                for (cg = 0; cg < ngc; cg++) sc[cg] = moe__amax_fold(row + cg * gc, (cg + 1) * gc < cols ? gc : cols - cg * gc, sc[cg]);
-            }
-        }
-        for (cg = 0; cg < ngc; cg++) sc[cg] = pow2 ? moe__pow2_at_or_above(moe_fp8_scale(sc[cg])) : moe_fp8_scale(sc[cg]);
-        for (r = r0; r < r1; r++) {
-            uint8_t *q = codes ? codes + r * cols : NULL;
-            moe_real *o = out ? out + r * cols : NULL;
-            if (gc == 1) {
-                moe__fp8_encode(x + r * cols, cols, 0.0f, sc, lut, q, o);
-                continue;
-            }
-            for (cg = 0; cg < ngc; cg++) {
-                int64_t c0 = cg * gc, n = c0 + gc < cols ? gc : cols - c0;
-                moe__fp8_encode(x + r * cols + c0, n, sc[cg], NULL, lut, q ? q + c0 : NULL, o ? o + c0 : NULL);
-            }
-        }
-    }
-}
-
-/* Bytes of moe__fp8_operand's memory for a [rows, cols] operand, any grouping. */
-static size_t moe__fp8_operand_bytes(int64_t rows, int64_t cols) {
-    return ((size_t)(rows * cols) * (sizeof(moe_real) + sizeof(float)) + 2 * MOE__ALIGN) / MOE__ALIGN * MOE__ALIGN;
-}
-
-/* Memory for the FP8 operands of one linear-layer GEMM: the step arena, or inside a
-   parallel loop (one expert per thread) the calling thread's slot reserved beforehand by
-   moe__fp8_reserve_threads. NULL when there is none (the loop's owner reports it). */
-static void *moe__fp8_scratch(moe_ctx *ctx, size_t bytes) {
-#ifdef _OPENMP
-    if (omp_in_parallel())
-        return bytes <= ctx->fp8_tws_slot ? (char *)ctx->fp8_tws + (size_t)omp_get_thread_num() * ctx->fp8_tws_slot : NULL;
-#endif
-    {
-        void *p = moe__arena_alloc_raw(ctx, bytes); /* not zeroed: moe__fp8_operand writes it all */
-        if (!p) moe__fail(ctx, MOE_ERR_MEMORY, "fp8 operands: no memory for %zu bytes (arena limit %zu)", bytes, ctx->arena_limit);
-        return p;
-    }
-}
-static moe_status moe__fp8_reserve_threads(moe_ctx *ctx, size_t bytes) {
-    return moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, bytes, "fp8 operands");
-}
-
-/* moe_fp8_options.stats: add operand x's quantisation error to the context's statistics, for
-   the scaling in use (xq, its dequantised values) and for the other one, quantised here
-   into a heap buffer (the operand is left out when there is no memory for it). */
-static void moe__fp8_count(moe_ctx *ctx, const moe_real *x, const moe_real *xq, int64_t rows, int64_t cols,
-                           moe__fp8_group g, moe_fp8_role role) {
-    int64_t n = rows * cols, gr, gc, r, c, nz_rows = 0, zeroed = 0, zeroed_other = 0;
-    int per_tensor = ctx->fp8.per_tensor;
-    moe_real *other;
-    double sum_sq = 0, err = 0, err_other = 0, row_rel = 0, row_rel_other = 0;
-    moe_fp8_stats *st = &ctx->fp8_stats;
-    moe__fp8_group_dims(ctx->fp8.block, !per_tensor, g, rows, cols, &gr, &gc);
-    other = (moe_real *)MOE_MALLOC((size_t)n * sizeof(moe_real) + (size_t)(((rows + gr - 1) / gr) * ((cols + gc - 1) / gc)) * sizeof(float));
-    if (!other) return;
-    moe__fp8_quantize(x, rows, cols, gr, gc, !ctx->fp8.amax_scales, NULL, (float *)(void *)(other + n), other, ctx->n_threads);
-    for (r = 0; r < rows; r++) {
-        double ss = 0, e = 0, e_other = 0;
-        for (c = r * cols; c < (r + 1) * cols; c++) {
-            double v = (double)x[c], d = v - (double)xq[c], d_other = v - (double)other[c];
-            ss += v * v;
-            e += d * d;
-            e_other += d_other * d_other;
-            zeroed += v != 0 && xq[c] == 0;
-            zeroed_other += v != 0 && other[c] == 0;
-        }
-        sum_sq += ss;
-        err += e;
-        err_other += e_other;
-        if (ss > 0) {
-            nz_rows++;
-            row_rel += e / ss;
-            row_rel_other += e_other / ss;
-        }
-    }
-    MOE_FREE(other);
-    MOE__OMP(omp critical(moe__fp8_stats_update))
-    {
-        ctx->heap_allocs++;
-        st->values[role] += n;
-        st->rows[role] += nz_rows;
-        st->sum_sq[role] += sum_sq;
-        st->err_sq_tiles[role] += per_tensor ? err_other : err;
-        st->err_sq_tensor[role] += per_tensor ? err : err_other;
-        st->row_rel_sq_tiles[role] += per_tensor ? row_rel_other : row_rel;
-        st->row_rel_sq_tensor[role] += per_tensor ? row_rel : row_rel_other;
-        st->zeroed_tiles[role] += per_tensor ? zeroed_other : zeroed;
-        st->zeroed_tensor[role] += per_tensor ? zeroed : zeroed_other;
-    }
-}
-
-/* The FP8 form of a GEMM operand in role `role` as the GEMM multiplies it (dequantised
-   values), placed at *mem (moe__fp8_operand_bytes of it; *mem moves past it). */
-static const moe_real *moe__fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t cols, moe__fp8_group g,
-                                        moe_fp8_role role, char **mem) {
-    int64_t gr, gc;
-    moe_real *out = (moe_real *)(void *)*mem;
-    float *scales = (float *)(void *)(*mem + (size_t)(rows * cols) * sizeof(moe_real));
-    int pow2 = moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
-    moe__fp8_quantize(x, rows, cols, gr, gc, pow2, NULL, scales, out, ctx->n_threads);
-    if (ctx->fp8.stats) moe__fp8_count(ctx, x, out, rows, cols, g, role);
-    *mem += moe__fp8_operand_bytes(rows, cols);
-    return out;
-}
-
-/* v rounded toward zero to `bits` significant bits. */
-static float moe__keep_bits(float v, int bits) {
-    uint32_t u;
-    if (bits >= 24) return v;
-    memcpy(&u, &v, sizeof u);
-    u &= ~((1u << (24 - bits)) - 1u);
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
-/* C = op(A)·op(B) + beta·C where every product is added to a partial sum that keeps only
-   `bits` significant bits (an emulation of a tensor-core FP8 accumulator), and the partial
-   sum is promoted to an FP32 accumulator every `interval` products (−1: once, at the end).
-   Scalar and slow: it exists to study the effect, not to train fast. */
-static void moe__gemm_limited_acc(int ta, int tb, int64_t m, int64_t n, int64_t k, const moe_real *A, int64_t lda,
-                                  const moe_real *B, int64_t ldb, moe_real beta, moe_real *C, int64_t ldc, int bits,
-                                  int interval) {
-    int64_t i, j, p;
-    for (i = 0; i < m; i++)
-        for (j = 0; j < n; j++) {
-            float acc = 0.0f, part = 0.0f;
-            for (p = 0; p < k; p++) {
-                float a = (float)(ta ? A[p * lda + i] : A[i * lda + p]), b = (float)(tb ? B[j * ldb + p] : B[p * ldb + j]);
-                part = moe__keep_bits(part + a * b, bits);
-                if (interval > 0 && (p + 1) % interval == 0) {
-                    acc += part;
-                    part = 0.0f;
-                }
-            }
-            acc += part;
-            C[i * ldc + j] = (moe_real)acc + (beta != 0 ? beta * C[i * ldc + j] : 0);
-        }
-}
-
-/* The GEMM of an FP8 linear layer on dequantised operands: FP32 accumulation (the SIMD
-   kernels), or the limited-precision accumulator when the context asks for it. */
-static moe_status moe__gemm_fp8(moe_ctx *ctx, int ta, int tb, int64_t m, int64_t n, int64_t k, const moe_real *A,
-                                int64_t lda, const moe_real *B, int64_t ldb, moe_real beta, moe_real *C, int64_t ldc) {
-    if (ctx->fp8.acc_bits > 0) {
-        moe__gemm_limited_acc(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, ctx->fp8.acc_bits, ctx->fp8.acc_interval);
-        return MOE_OK;
-    }
-    /* Power-of-two scales make every operand a 4-bit significand times 2^e, exactly a BF16
-       value: the BF16 kernel's products are then exact and it sums them in FP32, as the
-       FP32 kernel would, at twice its speed (values below 2^-126, which only tiles with an
-       amax below 2^-117 can hold, count as zero there). */
-    return moe__gemm(ctx, ta, tb, m, n, k, 1, A, lda, B, ldb, beta, C, ldc, !ctx->fp8.amax_scales);
-}
-
-/* Y[n,out] = X[n,in]·Wᵀ with W [out, in] (Fprop). FP8: X in 1×B tiles, W in B×B blocks. */
+/* Y[n,out] = X[n,in]·Wᵀ with W [out, in] (Fprop). */
 static moe_status moe__linear(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
                               moe_real *Y, moe_dtype prec) {
-    if (prec == MOE_FP8_E4M3) {
-        char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, in) + moe__fp8_operand_bytes(out, in));
-        const moe_real *Xq, *Wq;
-        if (!mem) return MOE_ERR_MEMORY;
-        Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_ALONG_ROWS, MOE_FP8_FPROP_X, &mem);
-        Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, MOE_FP8_FPROP_W, &mem);
-        return moe__gemm_fp8(ctx, 0, 1, n, out, in, Xq, in, Wq, in, 0, Y, out);
-    }
-    return moe__gemm(ctx, 0, 1, n, out, in, 1, X, in, W, in, 0, Y, out, prec == MOE_BF16);
+    moe__gemm_op g = moe__gemm_1(n, out, in, X, in, 0, W, in, 1, Y, out, 0, prec);
+    g.role_a = MOE_FP8_FPROP_X;
+    g.role_b = MOE_FP8_FPROP_W;
+    return MOE__BE(ctx)->gemm(ctx, &g);
 }
-/* dX += dY·W (Dgrad) and dW += dYᵀ·X (Wgrad); either may be NULL. FP8: for Dgrad dY in
-   1×B tiles along `out` and W in its B×B blocks; for Wgrad dY and X re-quantised in B×1
-   tiles along the tokens, their reduction dim. */
+/* dX += dY·W (Dgrad) and dW += dYᵀ·X (Wgrad); either may be NULL. */
 static moe_status moe__linear_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t in,
                                   const moe_real *W, int64_t out, moe_real *dX, moe_real *dW, moe_dtype prec) {
-    if (prec == MOE_FP8_E4M3) {
-        if (dX) {
-            char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(out, in));
-            const moe_real *dYq, *Wq;
-            if (!mem) return MOE_ERR_MEMORY;
-            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_ALONG_ROWS, MOE_FP8_DGRAD_DY, &mem);
-            Wq = moe__fp8_operand(ctx, W, out, in, MOE__FP8_BLOCKS, MOE_FP8_DGRAD_W, &mem);
-            MOE__TRY(moe__gemm_fp8(ctx, 0, 0, n, in, out, dYq, out, Wq, in, 1, dX, in));
-        }
-        if (dW) {
-            char *mem = (char *)moe__fp8_scratch(ctx, moe__fp8_operand_bytes(n, out) + moe__fp8_operand_bytes(n, in));
-            const moe_real *dYq, *Xq;
-            if (!mem) return MOE_ERR_MEMORY;
-            dYq = moe__fp8_operand(ctx, dY, n, out, MOE__FP8_DOWN_COLS, MOE_FP8_WGRAD_DY, &mem);
-            Xq = moe__fp8_operand(ctx, X, n, in, MOE__FP8_DOWN_COLS, MOE_FP8_WGRAD_X, &mem);
-            MOE__TRY(moe__gemm_fp8(ctx, 1, 0, out, in, n, dYq, out, Xq, in, 1, dW, in));
-        }
-        return MOE_OK;
+    if (dX) {
+        moe__gemm_op g = moe__gemm_1(n, in, out, dY, out, 0, W, in, 0, dX, in, 1, prec);
+        g.role_a = MOE_FP8_DGRAD_DY;
+        g.role_b = MOE_FP8_DGRAD_W;
+        MOE__TRY(MOE__BE(ctx)->gemm(ctx, &g));
     }
-    if (dX) MOE__TRY(moe__gemm(ctx, 0, 0, n, in, out, 1, dY, out, W, in, 1, dX, in, prec == MOE_BF16));
-    if (dW) MOE__TRY(moe__gemm(ctx, 1, 0, out, in, n, 1, dY, out, X, in, 1, dW, in, prec == MOE_BF16));
+    if (dW) {
+        moe__gemm_op g = moe__gemm_1(out, in, n, dY, out, 1, X, in, 0, dW, in, 1, prec);
+        g.role_a = MOE_FP8_WGRAD_DY;
+        g.role_b = MOE_FP8_WGRAD_X;
+        MOE__TRY(MOE__BE(ctx)->gemm(ctx, &g));
+    }
     return MOE_OK;
 }
 static moe_real *moe__param_grad(moe_tensor *t) { return t && t->requires_grad && t->grad ? (moe_real *)t->grad->data : NULL; }
-static moe_real *moe__alloc_real(moe_ctx *ctx, int64_t n, const char *what) {
-    return (moe_real *)moe__arena_alloc(ctx, (size_t)n, sizeof(moe_real), what);
-}
 
 /* ---- activations saved for backward ----
    A layer keeps what its backward needs as stashes, in the format of the precision mode:
@@ -4715,6 +6474,7 @@ typedef struct moe__stash {
     float *scales;    /* FP8: one per gr×gc group */
     int64_t rows, cols, gr, gc;
 } moe__stash;
+MOE_API size_t moe_ctx_saved_bytes(const moe_ctx *ctx) { return ctx ? ctx->saved_bytes : 0; }
 
 /* The format mode `prec` keeps an activation in; fp8_ok: the recipe allows FP8 for it. */
 static moe_dtype moe__stash_format(moe_dtype prec, int fp8_ok) {
@@ -4723,7 +6483,7 @@ static moe_dtype moe__stash_format(moe_dtype prec, int fp8_ok) {
 }
 
 static moe_status moe__stash_put(moe_ctx *ctx, moe__stash *st, const moe_real *x, int64_t rows, int64_t cols, moe_dtype dtype) {
-    int64_t n = rows * cols, i;
+    int64_t n = rows * cols;
     memset(st, 0, sizeof *st);
     st->dtype = dtype;
     st->rows = rows;
@@ -4732,117 +6492,107 @@ static moe_status moe__stash_put(moe_ctx *ctx, moe__stash *st, const moe_real *x
         st->data = x;
         ctx->saved_bytes += (size_t)n * sizeof(moe_real);
     } else if (dtype == MOE_BF16) {
-        uint16_t *b = (uint16_t *)moe__arena_alloc(ctx, (size_t)n + 1, sizeof(uint16_t), "saved activation");
+        void *b = moe__dev_scratch(ctx, n + 1, sizeof(uint16_t), "saved activation");
         if (!b) return MOE_ERR_MEMORY;
-        for (i = 0; i < n; i++) b[i] = moe_f32_to_bf16((float)x[i]);
+        MOE__TRY(MOE__BE(ctx)->convert(ctx, x, MOE_F32, n, b, MOE_BF16));
         st->data = b;
         ctx->saved_bytes += (size_t)n * sizeof(uint16_t);
     } else {
         int64_t ns;
-        uint8_t *q = (uint8_t *)moe__arena_alloc(ctx, (size_t)n + 1, 1, "saved activation");
+        uint8_t *q = (uint8_t *)moe__dev_scratch(ctx, n + 1, 1, "saved activation");
         int pow2 = moe__fp8_group_shape(ctx, MOE__FP8_ALONG_ROWS, rows, cols, &st->gr, &st->gc);
         ns = ((rows + st->gr - 1) / st->gr) * ((cols + st->gc - 1) / st->gc);
-        st->scales = (float *)moe__arena_alloc(ctx, (size_t)ns + 1, sizeof(float), "saved activation scales");
+        st->scales = (float *)moe__dev_scratch(ctx, ns + 1, sizeof(float), "saved activation scales");
         if (!q || !st->scales) return MOE_ERR_MEMORY;
-        moe__fp8_quantize(x, rows, cols, st->gr, st->gc, pow2, q, st->scales, NULL, ctx->n_threads);
+        MOE__TRY(MOE__BE(ctx)->fp8_quantize(ctx, x, rows, cols, st->gr, st->gc, pow2, q, st->scales, NULL));
         st->data = q;
         ctx->saved_bytes += (size_t)n + (size_t)ns * sizeof(float);
     }
     return MOE_OK;
 }
 
-/* The stashed values as moe_real (the array itself for FP32, else decoded into the arena);
+/* The stashed values as moe_real (the array itself for FP32, else decoded into step memory);
    NULL (message set) when out of memory. */
 static const moe_real *moe__stash_get(moe_ctx *ctx, const moe__stash *st) {
-    int64_t n = st->rows * st->cols, i;
+    int64_t n = st->rows * st->cols;
     moe_real *x;
     if (st->dtype == MOE_F32) return (const moe_real *)st->data;
-    x = moe__scratch_real(ctx, n, "saved activation");
-    if (!x) return NULL;
+    if (!(x = moe__dev_real(ctx, n, "saved activation"))) return NULL;
     if (st->dtype == MOE_BF16) {
-        for (i = 0; i < n; i++) x[i] = (moe_real)moe_bf16_to_f32(((const uint16_t *)st->data)[i]);
-    } else {
-        const uint8_t *q = (const uint8_t *)st->data;
-        int64_t ngc = (st->cols + st->gc - 1) / st->gc, r, cg;
-        float lut[256];
-        moe__e4m3_table(lut);
-        for (r = 0; r < st->rows; r++) {
-            const float *sr = st->scales + (r / st->gr) * ngc;
-            if (st->gc == 1) {
-                moe__fp8_decode(q + r * st->cols, st->cols, 0.0f, sr, lut, x + r * st->cols);
-                continue;
-            }
-            for (cg = 0; cg < ngc; cg++) {
-                int64_t c0 = cg * st->gc, n = c0 + st->gc < st->cols ? st->gc : st->cols - c0;
-                moe__fp8_decode(q + r * st->cols + c0, n, sr[cg], NULL, lut, x + r * st->cols + c0);
-            }
-        }
+        if (MOE__BE(ctx)->convert(ctx, st->data, MOE_BF16, n, x, MOE_F32) != MOE_OK) return NULL;
+    } else if (MOE__BE(ctx)->fp8_dequantize(ctx, (const uint8_t *)st->data, st->scales, st->rows, st->cols, st->gr, st->gc, x) !=
+               MOE_OK) {
+        return NULL;
     }
     return x;
 }
 
-/* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ---- */
+/* ---- SwiGLU MLP: Y = (silu(X·W1ᵀ) ⊙ X·W3ᵀ)·W2ᵀ, W1 and W3 stacked in w13 [2I, d] ----
+   One definition for a dense FFN, the shared experts and the routed experts: the rows of X
+   fall into `groups` groups (offsets on the host), group e multiplied by its own weights
+   w13 + e·2I·d and w2 + e·d·I (a dense layer is one group). */
 
-/* FP8 operand memory enough for any linear-layer GEMM of an MLP over at most `rows` rows
-   (each takes two of: rows×2I, rows×d, the 2I×d weights; the I-wide ones are smaller). */
-static size_t moe__mlp_fp8_bytes(int64_t rows, int64_t d, int64_t I) {
-    return moe__fp8_operand_bytes(rows, 2 * I) + moe__fp8_operand_bytes(rows, d) + moe__fp8_operand_bytes(2 * I, d);
+typedef struct moe__mlp {
+    const moe_real *w13, *w2;  /* [groups][2I, d], [groups][d, I] */
+    moe_real *dw13, *dw2;      /* their gradients (NULL: none) */
+    int64_t d, I, groups;
+    const int64_t *offsets;    /* host [groups + 1] */
+} moe__mlp;
+
+/* Y = op(A)·op(B) per group: the linear layer of a group (Fprop: token rows of A and C). */
+static moe_status moe__mlp_gemm(moe_ctx *ctx, const moe__mlp *M, int64_t n, int64_t m_cols, int64_t k, const moe_real *A,
+                                const moe_real *W, int trans_w, moe_real *C, int accumulate, moe_fp8_role ra, moe_fp8_role rb,
+                                moe_dtype prec) {
+    int64_t one[2];
+    moe__gemm_op g = moe__gemm_1(n, m_cols, k, A, k, 0, W, trans_w ? k : m_cols, trans_w, C, m_cols, accumulate, prec);
+    g.stride_b = m_cols * k;
+    g.role_a = ra;
+    g.role_b = rb;
+    one[0] = 0;
+    one[1] = n;
+    return MOE__BE(ctx)->gemm_grouped(ctx, &g, M->groups, M->offsets ? M->offsets : one, 0);
+}
+/* dW += dYᵀ·X per group (Wgrad): the group's token rows are the reduction. */
+static moe_status moe__mlp_wgrad(moe_ctx *ctx, const moe__mlp *M, int64_t n, const moe_real *dY, int64_t out, const moe_real *X,
+                                 int64_t in, moe_real *dW, moe_dtype prec) {
+    int64_t one[2];
+    moe__gemm_op g = moe__gemm_1(out, in, n, dY, out, 1, X, in, 0, dW, in, 1, prec);
+    g.stride_c = out * in;
+    g.role_a = MOE_FP8_WGRAD_DY;
+    g.role_b = MOE_FP8_WGRAD_X;
+    one[0] = 0;
+    one[1] = n;
+    return MOE__BE(ctx)->gemm_grouped(ctx, &g, M->groups, M->offsets ? M->offsets : one, 1);
 }
 
-static void moe__swiglu_rows(const moe_real *h13, int64_t n, int64_t I, moe_real *act, int n_threads) {
-    int64_t r;
-    (void)n_threads;
-    MOE__OMP(omp parallel for num_threads(n_threads) schedule(static) if (n * I > 16384))
-    for (r = 0; r < n; r++) {
-        int64_t j;
-        for (j = 0; j < I; j++) act[r * I + j] = moe_silu_scalar(h13[r * 2 * I + j]) * h13[r * 2 * I + I + j];
-    }
+/* Y [n, d] of X [n, d]; h13 [n, 2I] receives the gate | up pre-activations (the SwiGLU input,
+   kept for backward); act [n, I] is scratch. */
+static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe__mlp *M, const moe_real *X, int64_t n, moe_real *Y, moe_real *h13,
+                               moe_real *act, moe_dtype prec) {
+    int64_t d = M->d, I = M->I;
+    MOE__TRY(moe__mlp_gemm(ctx, M, n, 2 * I, d, X, M->w13, 1, h13, 0, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, prec));
+    MOE__TRY(MOE__BE(ctx)->swiglu_fwd(ctx, h13, h13 + I, 2 * I, n, I, act, I));
+    return moe__mlp_gemm(ctx, M, n, d, I, act, M->w2, 1, Y, 0, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, prec);
 }
 
-/* h13 [n, 2I] receives the gate | up pre-activations (the SwiGLU input, kept for backward);
-   act [n, I] is scratch. */
-static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe_real *X, int64_t n, int64_t d, int64_t I, const moe_real *w13,
-                               const moe_real *w2, moe_real *Y, moe_real *h13, moe_real *act, moe_dtype prec) {
-    MOE__TRY(moe__linear(ctx, X, n, d, w13, 2 * I, h13, prec));
-    moe__swiglu_rows(h13, n, I, act, ctx->n_threads);
-    return moe__linear(ctx, act, n, I, w2, d, Y, prec);
-}
-
-/* dX += ..., dw13 += ..., dw2 += ...; the SwiGLU output is recomputed from h13; scratch:
-   [n, 4I] values. With `gate` (routed experts) the rows' outputs were scaled by gate[r] and
-   dY is the unscaled output gradient: dgate[r] = <dY_r, Y_r> = <dY_r·W2, act_r> comes from
-   the Dgrad product, so the expert outputs need not be kept. */
-static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe_real *X, const moe_real *dY, int64_t n, int64_t d, int64_t I,
-                               const moe_real *w13, const moe_real *w2, const moe_real *h13, const moe_real *gate,
-                               moe_real *dgate, moe_real *dX, moe_real *dw13, moe_real *dw2, moe_real *scratch, moe_dtype prec) {
-    moe_real *dact = scratch, *dh13 = scratch + n * I, *act = scratch + 3 * n * I;
-    int64_t r;
-    moe__swiglu_rows(h13, n, I, act, ctx->n_threads);
-    memset(dact, 0, (size_t)(n * I) * sizeof(moe_real));
-    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, dact, NULL, prec));
-    if (gate) {
-        for (r = 0; r < n; r++) {
-            moe_real acc = 0;
-            int64_t j;
-            for (j = 0; j < I; j++) acc += dact[r * I + j] * act[r * I + j];
-            dgate[r] = acc;
-            for (j = 0; j < I; j++) {
-                dact[r * I + j] *= gate[r];
-                act[r * I + j] *= gate[r]; /* dw2 += dYᵀ·(gate ⊙ act) */
-            }
-        }
-    }
-    MOE__TRY(moe__linear_bwd(ctx, act, dY, n, I, w2, d, NULL, dw2, prec));
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (n * I > 16384))
-    for (r = 0; r < n; r++) {
-        int64_t j;
-        for (j = 0; j < I; j++) {
-            moe_real g = h13[r * 2 * I + j], u = h13[r * 2 * I + I + j], da = dact[r * I + j];
-            dh13[r * 2 * I + j] = da * u * moe_silu_grad_scalar(g);
-            dh13[r * 2 * I + I + j] = da * moe_silu_scalar(g);
-        }
-    }
-    return moe__linear_bwd(ctx, X, dh13, n, d, w13, 2 * I, dX, dw13, prec);
+/* dX += ..., dw13 += ..., dw2 += ...; the SwiGLU output is recomputed from h13. With `gate`
+   (routed experts) row r's output was scaled by gate[r] and dY is the unscaled output
+   gradient: dgate[r] = <dY_r, Y_r> = <dY_r·W2, act_r> comes from the Dgrad product, so the
+   expert outputs need not be kept. */
+static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe__mlp *M, const moe_real *X, const moe_real *dY, int64_t n,
+                               const moe_real *h13, const moe_real *gate, moe_real *dgate, moe_real *dX, moe_dtype prec) {
+    int64_t d = M->d, I = M->I;
+    moe_real *act = moe__dev_real(ctx, n * I, "mlp backward"), *dact = moe__dev_real(ctx, n * I, "mlp backward");
+    moe_real *dh13 = moe__dev_real(ctx, n * 2 * I, "mlp backward");
+    if (!act || !dact || !dh13) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->swiglu_fwd(ctx, h13, h13 + I, 2 * I, n, I, act, I));
+    MOE__TRY(moe__mlp_gemm(ctx, M, n, I, d, dY, M->w2, 0, dact, 0, MOE_FP8_DGRAD_DY, MOE_FP8_DGRAD_W, prec)); /* dact = dY·W2 */
+    if (gate) MOE__TRY(MOE__BE(ctx)->expert_gate_bwd(ctx, gate, n, I, dact, act, dgate));
+    if (M->dw2) MOE__TRY(moe__mlp_wgrad(ctx, M, n, dY, d, act, I, M->dw2, prec));
+    MOE__TRY(MOE__BE(ctx)->swiglu_bwd(ctx, h13, h13 + I, 2 * I, dact, n, I, dh13, dh13 + I, 2 * I, 0));
+    if (dX) MOE__TRY(moe__mlp_gemm(ctx, M, n, d, 2 * I, dh13, M->w13, 0, dX, 1, MOE_FP8_DGRAD_DY, MOE_FP8_DGRAD_W, prec));
+    if (M->dw13) MOE__TRY(moe__mlp_wgrad(ctx, M, n, dh13, 2 * I, X, d, M->dw13, prec));
+    return MOE_OK;
 }
 
 /* A dense SwiGLU FFN layer (also the shared experts): weights w13 [2I, d], w2 [d, I]. */
@@ -4850,6 +6600,19 @@ typedef struct moe__ffn {
     moe_tensor *w13, *w2;
     int64_t inter;
 } moe__ffn;
+
+static moe__mlp moe__ffn_mlp(const moe__ffn *f, int64_t d) {
+    moe__mlp M;
+    memset(&M, 0, sizeof M);
+    M.w13 = MOE__F32(f->w13);
+    M.w2 = MOE__F32(f->w2);
+    M.dw13 = moe__param_grad(f->w13);
+    M.dw2 = moe__param_grad(f->w2);
+    M.d = d;
+    M.I = f->inter;
+    M.groups = 1;
+    return M;
+}
 
 typedef struct moe__ffn_node {
     const moe__ffn *ffn;
@@ -4860,28 +6623,26 @@ typedef struct moe__ffn_node {
 static moe_status moe__ffn_bwd(moe_ctx *ctx, moe__node *n) {
     moe__ffn_node *f = (moe__ffn_node *)n->saved;
     moe_tensor *x = n->in[0];
-    int64_t d = MOE__LAST(x), rows = x->numel / d, I = f->ffn->inter;
-    moe_real *dx, *scratch = moe__alloc_real(ctx, rows * 4 * I, "ffn backward");
+    int64_t d = MOE__LAST(x), rows = x->numel / d;
+    moe__mlp M = moe__ffn_mlp(f->ffn, d);
     const moe_real *X = moe__stash_get(ctx, &f->x), *h13 = moe__stash_get(ctx, &f->h13);
-    if (!scratch || !X || !h13) return MOE_ERR_MEMORY;
+    moe_real *dx;
+    if (!X || !h13) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(dx, ctx, x);
-    return moe__mlp_bwd(ctx, X, MOE__F32(n->out->grad), rows, d, I, MOE__F32(f->ffn->w13), MOE__F32(f->ffn->w2), h13, NULL, NULL, dx,
-                        moe__param_grad(f->ffn->w13), moe__param_grad(f->ffn->w2), scratch, f->prec);
+    return moe__mlp_bwd(ctx, &M, X, MOE__F32(n->out->grad), rows, h13, NULL, NULL, dx, f->prec);
 }
 
 static moe_status moe__ffn_forward(moe_ctx *ctx, const moe__ffn *ffn, moe_tensor *x, moe_tensor **y) {
     int64_t d = MOE__LAST(x), rows = x->numel / d, I = ffn->inter;
     moe__ffn_node *f = (moe__ffn_node *)moe__arena_alloc(ctx, 1, sizeof *f, "ffn");
-    moe_real *h13, *act;
+    moe__mlp M = moe__ffn_mlp(ffn, d);
+    moe_real *h13 = moe__dev_real(ctx, rows * 2 * I, "ffn"), *act = moe__dev_real(ctx, rows * I, "ffn");
     moe__node *n;
-    if (!f) return MOE_ERR_MEMORY;
+    if (!f || !h13 || !act) return MOE_ERR_MEMORY;
     f->ffn = ffn;
-    f->prec = ctx->gemm_compute;
-    h13 = moe__scratch_real(ctx, rows * 2 * I, "ffn");
-    act = moe__scratch_real(ctx, rows * I, "ffn");
-    if (!h13 || !act) return MOE_ERR_MEMORY;
+    f->prec = ctx->conf.gemm_compute;
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y));
-    MOE__TRY(moe__mlp_fwd(ctx, MOE__F32(x), rows, d, I, MOE__F32(ffn->w13), MOE__F32(ffn->w2), MOE__F32(*y), h13, act, f->prec));
+    MOE__TRY(moe__mlp_fwd(ctx, &M, MOE__F32(x), rows, MOE__F32(*y), h13, act, f->prec));
     MOE__TRY(moe__record(ctx, moe__ffn_bwd, *y, x, ffn->w13, ffn->w2, &n));
     if (n) {
         n->saved = f;
@@ -4905,6 +6666,25 @@ typedef struct moe__mla_dims {
     moe_real eps, scale;
 } moe__mla_dims;
 
+/* Decoding with several threads, one row of a pass each (section 13): a row publishes that
+   it has written its cache rows, then waits until the rows before it have written theirs. */
+#define MOE__LINE 8 /* int64_t per cache line: each row's counter on a line of its own */
+typedef struct moe__pass_sync {
+    int64_t *progress; /* [rows][MOE__LINE]: cache rows written so far, per row of the pass */
+    int64_t row;
+} moe__pass_sync;
+
+/* The latent KV cache of one MLA layer: per token, RMSNorm(c_KV) (kvr values) and the RoPE'd
+   shared key k_pe (dr values), R = kvr + dr. A layer called with a cache writes its tokens'
+   rows at pos0.. and attends over every row up to each token's own position, absorbed (the
+   decode-attention entry over the latents) or expanded (k and v of every row, as training). */
+typedef struct moe__kv_cache {
+    moe_real *rows;              /* [cap][R] */
+    int absorb;
+    int write_only;              /* write the tokens' rows and stop (no output): an entry whose rows alone are read later */
+    const moe__pass_sync *sync;  /* NULL unless the rows of a pass run side by side */
+} moe__kv_cache;
+
 typedef struct moe__mla_saved {
     moe__mla_dims m;
     const moe__mla *w;
@@ -4918,18 +6698,8 @@ typedef struct moe__mla_saved {
     moe_dtype prec;
 } moe__mla_saved;
 
-/* Rotate the RoPE part (offset `off`, width dr) of `heads` vectors of stride `hs` per token. */
-static void moe__mla_rope(moe_real *x, int64_t N, int64_t T, int64_t heads, int64_t hs, int64_t off, int64_t dr,
-                          const float *cs, int64_t pos0, moe_real sign) {
-    int64_t tok;
-    for (tok = 0; tok < N; tok++) {
-        const float *row = cs + (pos0 + tok % T) * dr;
-        int64_t h;
-        for (h = 0; h < heads; h++) moe__rope_row(x + (tok * heads + h) * hs + off, row, dr / 2, MOE_ROPE_PAIRS, sign);
-    }
-}
-
 static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
+    const moe_backend *be = MOE__BE(ctx);
     moe__mla_saved *S = (moe__mla_saved *)n->saved;
     const moe__mla *w = S->w;
     moe__mla_dims m = S->m;
@@ -4937,54 +6707,38 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     const moe_real *x = moe__stash_get(ctx, &S->x), *ckv = moe__stash_get(ctx, &S->ckv), *ckvn = moe__stash_get(ctx, &S->ckvn);
     const moe_real *q = moe__stash_get(ctx, &S->q), *k = moe__stash_get(ctx, &S->k), *v = moe__stash_get(ctx, &S->v);
     const moe_real *o = moe__stash_get(ctx, &S->o), *lse = moe__stash_get(ctx, &S->lse), *cq = NULL, *cqn = NULL;
-    moe_real *dx, *dO, *dq, *dk, *dv, *dkvb, *dkpe, *dckvn, *dckv, *part;
-    int64_t N = m.N, H = m.H, tok, h, j, maxr = m.qr > m.kvr ? m.qr : m.kvr;
+    moe_real *dx, *dO, *dq, *dk, *dv, *dkvb, *dkpe, *dckvn, *dckv, *dwkva = moe__param_grad(w->kv_a);
+    int64_t N = m.N, H = m.H, maxr = m.qr > m.kvr ? m.qr : m.kvr;
     if (!x || !ckv || !ckvn || !q || !k || !v || !o || !lse) return MOE_ERR_MEMORY;
     if (m.qr > 0 && (!(cq = moe__stash_get(ctx, &S->cq)) || !(cqn = moe__stash_get(ctx, &S->cqn)))) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(dx, ctx, n->in[0]);
-    dO = moe__alloc_real(ctx, N * H * m.dv, "mla backward");
-    dq = moe__alloc_real(ctx, N * H * m.dqk, "mla backward");
-    dk = moe__alloc_real(ctx, N * H * m.dqk, "mla backward");
-    dv = moe__alloc_real(ctx, N * H * m.dv, "mla backward");
-    dkvb = moe__alloc_real(ctx, N * H * (m.dn + m.dv), "mla backward");
-    dkpe = moe__alloc_real(ctx, N * m.dr, "mla backward");
-    dckvn = moe__alloc_real(ctx, N * maxr, "mla backward");
-    dckv = moe__alloc_real(ctx, N * maxr, "mla backward");
-    part = moe__alloc_real(ctx, ((N + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK) * maxr, "mla backward");
-    if (!dO || !dq || !dk || !dv || !dkvb || !dkpe || !dckvn || !dckv || !part) return MOE_ERR_MEMORY;
-    /* output projection */
+    dO = moe__dev_zeros(ctx, N * H * m.dv, "mla backward");
+    dq = moe__dev_zeros(ctx, N * H * m.dqk, "mla backward");
+    dk = moe__dev_zeros(ctx, N * H * m.dqk, "mla backward");
+    dv = moe__dev_zeros(ctx, N * H * m.dv, "mla backward");
+    dkvb = moe__dev_real(ctx, N * H * (m.dn + m.dv), "mla backward");
+    dkpe = moe__dev_zeros(ctx, N * m.dr, "mla backward");
+    dckvn = moe__dev_zeros(ctx, N * maxr, "mla backward");
+    dckv = moe__dev_zeros(ctx, N * maxr, "mla backward");
+    if (!dO || !dq || !dk || !dv || !dkvb || !dkpe || !dckvn || !dckv) return MOE_ERR_MEMORY;
+    /* output projection, attention core */
     MOE__TRY(moe__linear_bwd(ctx, o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->prec));
-    /* attention core */
-    {
-        moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla backward");
-        if (!scratch) return MOE_ERR_MEMORY;
-        moe__attention_bwd(ctx->n_threads, q, k, v, o, lse, dO, dq, dk, dv, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
-    }
+    MOE__TRY(be->attention_bwd(ctx, q, k, v, o, lse, dO, m.B, m.T, H, m.dqk, m.dv, m.scale, dq, dk, dv));
     /* un-rotate: q per head; the shared k_pe collects the sum over heads first */
-    moe__mla_rope(dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, -1);
-    for (tok = 0; tok < N; tok++)
-        for (h = 0; h < H; h++) {
-            for (j = 0; j < m.dr; j++) dkpe[tok * m.dr + j] += dk[(tok * H + h) * m.dqk + m.dn + j];
-            memcpy(dkvb + (tok * H + h) * (m.dn + m.dv), dk + (tok * H + h) * m.dqk, (size_t)m.dn * sizeof(moe_real));
-            memcpy(dkvb + (tok * H + h) * (m.dn + m.dv) + m.dn, dv + (tok * H + h) * m.dv, (size_t)m.dv * sizeof(moe_real));
-        }
-    moe__mla_rope(dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, -1);
+    MOE__TRY(be->rope(ctx, dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, MOE_ROPE_PAIRS, 1));
+    MOE__TRY(be->mla_merge_kv(ctx, dk, dv, N, H, m.dn, m.dr, m.dv, dkvb, dkpe));
+    MOE__TRY(be->rope(ctx, dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, MOE_ROPE_PAIRS, 1));
     /* kv path: kv_b, its norm, kv_a (rows 0..kvr-1 make c_KV, rows kvr.. the RoPE key) */
-    memset(dckvn, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
     MOE__TRY(moe__linear_bwd(ctx, ckvn, dkvb, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), dckvn, moe__param_grad(w->kv_b), S->prec));
-    memset(dckv, 0, (size_t)(N * m.kvr) * sizeof(moe_real));
-    moe__rmsnorm_bwd(ctx->n_threads, ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, dckv, moe__param_grad(w->kv_a_norm), part, N, m.kvr);
-    {
-        moe_real *dwkva = moe__param_grad(w->kv_a);
-        MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->kv_a), m.kvr, dx, dwkva, S->prec));
-        MOE__TRY(moe__linear_bwd(ctx, x, dkpe, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, dx, dwkva ? dwkva + m.kvr * m.d : NULL, S->prec));
-    }
+    MOE__TRY(be->rmsnorm_bwd(ctx, ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, N, m.kvr, dckv, moe__param_grad(w->kv_a_norm)));
+    MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->kv_a), m.kvr, dx, dwkva, S->prec));
+    MOE__TRY(moe__linear_bwd(ctx, x, dkpe, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, dx, dwkva ? dwkva + m.kvr * m.d : NULL, S->prec));
     /* q path */
     if (m.qr > 0) {
-        memset(dckvn, 0, (size_t)(N * m.qr) * sizeof(moe_real));
+        MOE__TRY(be->memset(ctx, dckvn, 0, (size_t)(N * m.qr) * sizeof(moe_real)));
         MOE__TRY(moe__linear_bwd(ctx, cqn, dq, N, m.qr, MOE__F32(w->q_b), H * m.dqk, dckvn, moe__param_grad(w->q_b), S->prec));
-        memset(dckv, 0, (size_t)(N * m.qr) * sizeof(moe_real));
-        moe__rmsnorm_bwd(ctx->n_threads, cq, MOE__F32(w->q_a_norm), S->rq, dckvn, dckv, moe__param_grad(w->q_a_norm), part, N, m.qr);
+        MOE__TRY(be->memset(ctx, dckv, 0, (size_t)(N * m.qr) * sizeof(moe_real)));
+        MOE__TRY(be->rmsnorm_bwd(ctx, cq, MOE__F32(w->q_a_norm), S->rq, dckvn, N, m.qr, dckv, moe__param_grad(w->q_a_norm)));
         MOE__TRY(moe__linear_bwd(ctx, x, dckv, N, m.d, MOE__F32(w->q_a), m.qr, dx, moe__param_grad(w->q_a), S->prec));
     } else {
         MOE__TRY(moe__linear_bwd(ctx, x, dq, N, m.d, MOE__F32(w->q_proj), H * m.dqk, dx, moe__param_grad(w->q_proj), S->prec));
@@ -4992,64 +6746,107 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     return MOE_OK;
 }
 
-/* out = MLA(x) for x [B, T, d] (already normed), tokens at positions pos0.. */
+/* Attention over the cache, absorbed (reference §2.4): W_UK folds into the query,
+   q̃_h = [W_UK_hᵀ q_nope_h ; q_pe_h], a vector that dots a cache row directly; the attention
+   output ō_h is a mix of cache rows, and W_UV unfolds it: o_h = W_UV_h ō_h. */
+static moe_status moe__mla_absorbed(moe_ctx *ctx, const moe__mla *w, const moe__mla_dims *m, const moe__kv_cache *cache,
+                                    const moe_real *q, moe_real *o, moe_dtype prec) {
+    const moe_backend *be = MOE__BE(ctx);
+    const int64_t N = m->N, H = m->H, kvr = m->kvr, R = kvr + m->dr, dn = m->dn, dv = m->dv, dqk = m->dqk;
+    const moe_real *kvb = MOE__F32(w->kv_b);
+    moe_real *qc = moe__dev_real(ctx, N * H * R, "mla"), *ob = moe__dev_real(ctx, N * H * kvr, "mla");
+    moe__gemm_op g;
+    if (!qc || !ob) return MOE_ERR_MEMORY;
+    prec = prec == MOE_F32 ? MOE_F32 : MOE_BF16; /* the per-head folds are not linear layers of the recipe */
+    g = moe__gemm_1(N, kvr, dn, q, H * dqk, 0, kvb, kvr, 0, qc, H * R, 0, prec); /* q̃_h = q_nope_h · W_UK_h */
+    g.batch = H; g.stride_a = dqk; g.stride_b = (dn + dv) * kvr; g.stride_c = R;
+    MOE__TRY(be->gemm(ctx, &g));
+    MOE__TRY(be->copy2d(ctx, q + dn, dqk, N * H, m->dr, qc + kvr, R, 0));
+    MOE__TRY(be->attention_decode(ctx, qc, cache->rows, N, H, R, kvr, m->pos0, m->scale, ob));
+    g = moe__gemm_1(N, dv, kvr, ob, H * kvr, 0, kvb + dn * kvr, kvr, 1, o, H * dv, 0, prec); /* o_h = ō_h · W_UV_hᵀ */
+    g.batch = H; g.stride_a = kvr; g.stride_b = (dn + dv) * kvr; g.stride_c = dv;
+    return be->gemm(ctx, &g);
+}
+
+/* out = MLA(x) for x [B, T, d] (already normed), tokens at positions pos0... With a cache
+   (inference: B = 1), the tokens' latent rows go into it and attention reads it; without
+   one (training), the latents are the call's own and backward is recorded. */
 static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__mla_dims *dims, const moe_rope_table *rope,
-                                   moe_tensor *x, moe_tensor **out) {
+                                   const moe__kv_cache *cache, moe_tensor *x, moe_tensor **out) {
+    const moe_backend *be = MOE__BE(ctx);
     moe__mla_saved *S = (moe__mla_saved *)moe__arena_alloc(ctx, 1, sizeof *S, "mla");
     moe__mla_dims m = *dims;
-    moe_real *kvb, *X = MOE__F32(x), *cq = NULL, *cqn = NULL, *ckv, *ckvn, *kpe, *q, *k, *v, *o, *lse;
-    int64_t N = m.N, H = m.H, tok, h;
-    moe_dtype prec = ctx->gemm_compute, keep = moe__stash_format(prec, 0), keep_fp8 = moe__stash_format(prec, 1);
+    const int64_t N = m.N, H = m.H, R = m.kvr + m.dr, Lk = cache ? m.pos0 + N : N;
+    const int record = !cache && moe__any_grad(ctx, x, w->kv_a, w->o);
+    moe_real *X = MOE__F32(x), *cq = NULL, *cqn = NULL, *ckv, *ckvn, *kpe, *q, *k = NULL, *v = NULL, *o, *lse = NULL;
+    int64_t ld_lat = cache ? R : m.kvr, ld_kpe = cache ? R : m.dr;
+    moe_dtype prec = ctx->conf.gemm_compute, keep = moe__stash_format(prec, 0), keep_fp8 = moe__stash_format(prec, 1);
+    moe__gemm_op g;
     moe__node *n;
     if (!S) return MOE_ERR_MEMORY;
     S->m = m;
     S->w = w;
     S->cos_sin = rope->cos_sin;
     S->prec = prec;
-    ckv = moe__scratch_real(ctx, N * m.kvr, "mla");
-    ckvn = moe__scratch_real(ctx, N * m.kvr, "mla");
-    S->rkv = moe__scratch_real(ctx, N, "mla");
-    kpe = moe__scratch_real(ctx, N * m.dr, "mla");
-    q = moe__scratch_real(ctx, N * H * m.dqk, "mla");
-    k = moe__scratch_real(ctx, N * H * m.dqk, "mla");
-    v = moe__scratch_real(ctx, N * H * m.dv, "mla");
-    o = moe__scratch_real(ctx, N * H * m.dv, "mla");
-    lse = moe__scratch_real(ctx, m.B * H * m.T, "mla");
-    kvb = moe__scratch_real(ctx, N * H * (m.dn + m.dv), "mla");
-    if (!ckv || !ckvn || !S->rkv || !kpe || !q || !k || !v || !o || !lse || !kvb) return MOE_ERR_MEMORY;
-    /* queries */
+    ckv = moe__dev_real(ctx, N * m.kvr, "mla");
+    ckvn = cache ? cache->rows + m.pos0 * R : moe__dev_real(ctx, N * m.kvr, "mla");
+    kpe = cache ? cache->rows + m.pos0 * R + m.kvr : moe__dev_real(ctx, N * m.dr, "mla");
+    q = moe__dev_real(ctx, N * H * m.dqk, "mla");
+    o = moe__dev_real(ctx, N * H * m.dv, "mla");
+    if (record && !(S->rkv = moe__dev_real(ctx, N, "mla"))) return MOE_ERR_MEMORY;
+    if (!ckv || !ckvn || !kpe || !q || !o) return MOE_ERR_MEMORY;
+    /* the latents: RMSNorm(c_KV) and the decoupled RoPE key (kv_a's rows are [c_KV ; k_pe]) */
+    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a), m.kvr, ckv, prec));
+    g = moe__gemm_1(N, m.dr, m.d, X, m.d, 0, MOE__F32(w->kv_a) + m.kvr * m.d, m.d, 1, kpe, ld_kpe, 0, prec);
+    g.role_a = MOE_FP8_FPROP_X;
+    g.role_b = MOE_FP8_FPROP_W;
+    MOE__TRY(be->gemm(ctx, &g));
+    MOE__TRY(be->rmsnorm_fwd(ctx, ckv, m.kvr, MOE__F32(w->kv_a_norm), N, m.kvr, m.eps, ckvn, ld_lat, S->rkv));
+    MOE__TRY(be->rope(ctx, kpe, N, m.T, 1, ld_kpe, 0, m.dr, rope->cos_sin, m.pos0, MOE_ROPE_PAIRS, 0));
+    if (cache && cache->sync) moe__count(cache->sync->progress + cache->sync->row * MOE__LINE); /* our rows are written */
+    if (cache && cache->write_only) {
+        *out = NULL;
+        return MOE_OK;
+    }
+    /* queries, rotated at their positions */
     if (m.qr > 0) {
-        cq = moe__scratch_real(ctx, N * m.qr, "mla");
-        cqn = moe__scratch_real(ctx, N * m.qr, "mla");
-        S->rq = moe__scratch_real(ctx, N, "mla");
-        if (!cq || !cqn || !S->rq) return MOE_ERR_MEMORY;
+        cq = moe__dev_real(ctx, N * m.qr, "mla");
+        cqn = moe__dev_real(ctx, N * m.qr, "mla");
+        if (record && !(S->rq = moe__dev_real(ctx, N, "mla"))) return MOE_ERR_MEMORY;
+        if (!cq || !cqn) return MOE_ERR_MEMORY;
         MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_a), m.qr, cq, prec));
-        moe__rmsnorm_fwd(ctx->n_threads, cq, MOE__F32(w->q_a_norm), cqn, S->rq, N, m.qr, m.eps);
+        MOE__TRY(be->rmsnorm_fwd(ctx, cq, m.qr, MOE__F32(w->q_a_norm), N, m.qr, m.eps, cqn, m.qr, S->rq));
         MOE__TRY(moe__linear(ctx, cqn, N, m.qr, MOE__F32(w->q_b), H * m.dqk, q, prec));
     } else {
         MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_proj), H * m.dqk, q, prec));
     }
-    moe__mla_rope(q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, 1);
-    /* compressed kv and the decoupled RoPE key */
-    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a), m.kvr, ckv, prec));
-    MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->kv_a) + m.kvr * m.d, m.dr, kpe, prec));
-    moe__rmsnorm_fwd(ctx->n_threads, ckv, MOE__F32(w->kv_a_norm), ckvn, S->rkv, N, m.kvr, m.eps);
-    moe__mla_rope(kpe, N, m.T, 1, m.dr, 0, m.dr, rope->cos_sin, m.pos0, 1);
-    MOE__TRY(moe__linear(ctx, ckvn, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), kvb, prec));
-    for (tok = 0; tok < N; tok++)
-        for (h = 0; h < H; h++) {
-            const moe_real *src = kvb + (tok * H + h) * (m.dn + m.dv);
-            memcpy(k + (tok * H + h) * m.dqk, src, (size_t)m.dn * sizeof(moe_real));
-            memcpy(k + (tok * H + h) * m.dqk + m.dn, kpe + tok * m.dr, (size_t)m.dr * sizeof(moe_real));
-            memcpy(v + (tok * H + h) * m.dv, src + m.dn, (size_t)m.dv * sizeof(moe_real));
-        }
-    {
-        moe_real *scratch = moe__scratch_real(ctx, ctx->n_threads * moe__attention_scratch(m.dqk, m.dv), "mla");
-        if (!scratch) return MOE_ERR_MEMORY;
-        moe__attention_fwd(ctx->n_threads, q, k, v, o, lse, m.B, m.T, H, m.dqk, m.dv, m.scale, scratch);
+    MOE__TRY(be->rope(ctx, q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, MOE_ROPE_PAIRS, 0));
+    if (cache && cache->sync) { /* the rows before ours, written by other threads, are read next */
+        const moe__pass_sync *s = cache->sync;
+        int64_t mine = moe__count_read(s->progress + s->row * MOE__LINE), j;
+        for (j = 0; j < s->row; j++) moe__count_await(s->progress + j * MOE__LINE, mine);
+    }
+    /* attention */
+    if (cache && cache->absorb) {
+        MOE__TRY(moe__mla_absorbed(ctx, w, &m, cache, q, o, prec));
+    } else {
+        /* k_nope | v of every key row through kv_b, the RoPE key shared by the heads */
+        moe_real *kvb = moe__dev_real(ctx, Lk * H * (m.dn + m.dv), "mla");
+        k = moe__dev_real(ctx, Lk * H * m.dqk, "mla");
+        v = moe__dev_real(ctx, Lk * H * m.dv, "mla");
+        lse = moe__dev_real(ctx, m.B * H * m.T, "mla");
+        if (!kvb || !k || !v || !lse) return MOE_ERR_MEMORY;
+        g = moe__gemm_1(Lk, H * (m.dn + m.dv), m.kvr, cache ? cache->rows : ckvn, ld_lat, 0, MOE__F32(w->kv_b), m.kvr, 1, kvb,
+                        H * (m.dn + m.dv), 0, prec);
+        g.role_a = MOE_FP8_FPROP_X;
+        g.role_b = MOE_FP8_FPROP_W;
+        MOE__TRY(be->gemm(ctx, &g));
+        MOE__TRY(be->mla_split_kv(ctx, kvb, cache ? cache->rows + m.kvr : kpe, ld_kpe, Lk, H, m.dn, m.dr, m.dv, k, v));
+        MOE__TRY(be->attention_fwd(ctx, q, k, v, m.B, m.T, cache ? Lk : m.T, H, m.dqk, m.dv, m.scale, o, lse));
     }
     MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, out));
     MOE__TRY(moe__linear(ctx, o, N, H * m.dv, MOE__F32(w->o), m.d, MOE__F32(*out), prec));
+    if (cache) return MOE_OK;
     MOE__TRY(moe__record(ctx, moe__mla_bwd, *out, x, w->kv_a, w->o, &n));
     if (n) {
         n->saved = S;
@@ -5070,7 +6867,9 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
     return MOE_OK;
 }
 
-/* ---- DeepSeekMoE: router, permutation, experts, combine (reference §3) ---- */
+/* ---- DeepSeekMoE: route → plan → gather → experts → combine (reference §3) ----
+   An expert-parallel exchange would go between the gather and the experts (dispatch) and
+   between the experts and the combine. */
 
 typedef struct moe__moe {
     moe_tensor *gate;   /* [E, d] router weights */
@@ -5078,51 +6877,8 @@ typedef struct moe__moe {
     moe_tensor *w13;    /* [E, 2I, d] gate_proj | up_proj of every routed expert */
     moe_tensor *w2;     /* [E, d, I] down_proj */
     moe__ffn shared;    /* n_shared_experts·I wide; w13 NULL when there are none */
-    int64_t *load;      /* [E] (token, slot) assignments counted since the last bias update */
+    int64_t *load;      /* [E] (token, slot) assignments counted since the last bias update (host) */
 } moe__moe;
-
-#define MOE__MAX_EXPERTS 4096
-
-/* Route one token: scores s[E] (sigmoid or softmax), bias b (noaux_tc only). Writes the K
-   chosen experts, best first, ties to the lower index; masked groups are at −∞. */
-static void moe__route(const moe_real *s, const moe_real *bias, const moe_config *c, int32_t *chosen) {
-    double key[MOE__MAX_EXPERTS];
-    int64_t E = c->n_routed_experts, G = c->n_group, per = E / G, e, g, k;
-    int use_groups = c->topk_method != MOE_TOPK_GREEDY && G > 1 && c->topk_group < G;
-    for (e = 0; e < E; e++) key[e] = (double)s[e] + (c->topk_method == MOE_TOPK_NOAUX_TC && bias ? (double)bias[e] : 0.0);
-    if (use_groups) {
-        double gscore[MOE__MAX_EXPERTS];
-        unsigned char keep[MOE__MAX_EXPERTS];
-        for (g = 0; g < G; g++) {
-            double best = -INFINITY, second = -INFINITY;
-            for (e = g * per; e < (g + 1) * per; e++) {
-                if (key[e] > best) { second = best; best = key[e]; }
-                else if (key[e] > second) second = key[e];
-            }
-            gscore[g] = c->topk_method == MOE_TOPK_NOAUX_TC ? best + (per > 1 ? second : 0.0) : best;
-            keep[g] = 0;
-        }
-        for (k = 0; k < c->topk_group; k++) {
-            int64_t bg = 0;
-            while (keep[bg]) bg++; /* topk_group < G, so an unkept group exists */
-            for (g = bg + 1; g < G; g++)
-                if (!keep[g] && gscore[g] > gscore[bg]) bg = g;
-            keep[bg] = 1;
-        }
-        for (e = 0; e < E; e++)
-            if (!keep[e / per]) key[e] = -INFINITY;
-    }
-    for (k = 0; k < c->num_experts_per_tok; k++) {
-        int64_t be = -1;
-        for (e = 0; e < E; e++) {
-            int64_t j;
-            int taken = 0;
-            for (j = 0; j < k; j++) taken |= chosen[j] == (int32_t)e;
-            if (!taken && (be < 0 || key[e] > key[be])) be = e;
-        }
-        chosen[k] = (int32_t)(be < 0 ? 0 : be); /* K ≤ E, so be ≥ 0 */
-    }
-}
 
 typedef struct moe__moe_saved {
     const moe__moe *L;
@@ -5132,9 +6888,9 @@ typedef struct moe__moe_saved {
     int32_t *chosen;    /* [N, K] */
     moe_real *gates;    /* [N, K] */
     moe_real *sel_sum;  /* [N] Σ of the chosen scores (normalisation) */
-    int64_t *offset;    /* [E+1] packed-row range of each expert */
+    int64_t *offset;    /* [E+1] packed-row range of each expert (host) */
     int32_t *row_of;    /* [N, K] packed row of (token, slot) */
-    int32_t *tok_of;    /* [N·K] token of a packed row */
+    int32_t *slot_of;   /* [N·K] (token, slot) of a packed row */
     moe__stash u;       /* [N, d] the input (router, shared and routed experts) */
     moe__stash h13;     /* [N·K, 2I] packed SwiGLU inputs of the routed experts */
     moe__stash sh_h13;  /* [N, 2·Is] of the shared experts */
@@ -5144,106 +6900,57 @@ typedef struct moe__moe_saved {
     moe_dtype prec;
 } moe__moe_saved;
 
+static moe__mlp moe__experts_mlp(const moe__moe *L, const moe_config *c, const int64_t *offset) {
+    moe__mlp M;
+    memset(&M, 0, sizeof M);
+    M.w13 = MOE__F32(L->w13);
+    M.w2 = MOE__F32(L->w2);
+    M.dw13 = moe__param_grad(L->w13);
+    M.dw2 = moe__param_grad(L->w2);
+    M.d = c->hidden_size;
+    M.I = c->moe_intermediate_size;
+    M.groups = c->n_routed_experts;
+    M.offsets = offset;
+    return M;
+}
+
 static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
+    const moe_backend *be = MOE__BE(ctx);
     moe__moe_saved *S = (moe__moe_saved *)n->saved;
     const moe__moe *L = S->L;
-    const moe_config *c = S->cfg;
-    int64_t N = S->N, d = S->d, E = S->E, K = S->K, I = S->I, R = N * K, e, t;
+    int64_t N = S->N, d = S->d, E = S->E, K = S->K, R = N * K;
     const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *h13 = moe__stash_get(ctx, &S->h13);
     const moe_real *sh_h13 = NULL;
-    moe_real *du, *xp, *dyp, *dxp, *gp, *dgp, *dg, *dz, *scratch, aux_g = 0;
-    moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
+    moe__mlp experts = moe__experts_mlp(L, S->cfg, S->offset);
+    moe_real *du, *xp, *dyp, *dxp, *gp, *dgp, *dg, *dz, aux_g = 0;
     if (!u || !h13) return MOE_ERR_MEMORY;
     if (L->shared.w13 && !(sh_h13 = moe__stash_get(ctx, &S->sh_h13))) return MOE_ERR_MEMORY;
     MOE__GRAD_OR_FAIL(du, ctx, n->in[0]);
-    if (S->aux && S->aux->grad) aux_g = MOE__F32(S->aux->grad)[0];
-    xp = moe__alloc_real(ctx, R * d, "moe backward");
-    dyp = moe__alloc_real(ctx, R * d, "moe backward");
-    dxp = moe__alloc_real(ctx, R * d, "moe backward");
-    gp = moe__alloc_real(ctx, R, "moe backward");
-    dgp = moe__alloc_real(ctx, R, "moe backward");
-    dg = moe__alloc_real(ctx, R, "moe backward");
-    dz = moe__alloc_real(ctx, N * E, "moe backward");
-    scratch = moe__alloc_real(ctx, (R > N ? R : N) * 4 * (I > S->Is ? I : S->Is), "moe backward");
-    if (!xp || !dyp || !dxp || !gp || !dgp || !dg || !dz || !scratch) return MOE_ERR_MEMORY;
+    if (S->aux && S->aux->grad) aux_g = moe__tensor_at(ctx, S->aux->grad, 0);
+    xp = moe__dev_real(ctx, R * d, "moe backward");
+    dyp = moe__dev_real(ctx, R * d, "moe backward");
+    dxp = moe__dev_zeros(ctx, R * d, "moe backward");
+    gp = moe__dev_real(ctx, R, "moe backward");
+    dgp = moe__dev_real(ctx, R, "moe backward");
+    dg = moe__dev_real(ctx, R, "moe backward");
+    dz = moe__dev_real(ctx, N * E, "moe backward");
+    if (!xp || !dyp || !dxp || !gp || !dgp || !dg || !dz) return MOE_ERR_MEMORY;
     /* shared experts */
-    if (L->shared.w13)
-        MOE__TRY(moe__mlp_bwd(ctx, u, dy, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), sh_h13, NULL, NULL, du,
-                              moe__param_grad(L->shared.w13), moe__param_grad(L->shared.w2), scratch, S->prec));
+    if (L->shared.w13) {
+        moe__mlp M = moe__ffn_mlp(&L->shared, d);
+        MOE__TRY(moe__mlp_bwd(ctx, &M, u, dy, N, sh_h13, NULL, NULL, du, S->prec));
+    }
     /* dispatch again: packed inputs, output gradients and gates */
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
-    for (t = 0; t < N; t++) {
-        int64_t k;
-        for (k = 0; k < K; k++) {
-            int64_t r = S->row_of[t * K + k];
-            memcpy(xp + r * d, u + t * d, (size_t)d * sizeof(moe_real));
-            memcpy(dyp + r * d, dy + t * d, (size_t)d * sizeof(moe_real));
-            gp[r] = S->gates[t * K + k];
-        }
-    }
-    /* experts in parallel, each one's GEMM chain over its packed rows on one thread */
-    {
-        moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe backward");
-        if (!st) return MOE_ERR_MEMORY;
-        /* an expert sees each token at most once: N rows bound every expert in every step */
-        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
-        if (S->prec == MOE_FP8_E4M3) MOE__TRY(moe__fp8_reserve_threads(ctx, moe__mlp_fp8_bytes(N, d, I)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
-        for (e = 0; e < E; e++) {
-            int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-            if (!ne) continue;
-            st[e] = moe__mlp_bwd(ctx, xp + r0 * d, dyp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d,
-                                 MOE__F32(L->w2) + e * d * I, h13 + r0 * 2 * I, gp + r0, dgp + r0, dxp + r0 * d,
-                                 dw13 ? dw13 + e * 2 * I * d : NULL, dw2 ? dw2 + e * d * I : NULL, scratch + r0 * 4 * I, S->prec);
-        }
-        for (e = 0; e < E; e++)
-            if (st[e]) return moe__fail(ctx, st[e], "moe backward: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
-    }
-    for (t = 0; t < R; t++) dg[t] = dgp[S->row_of[t]];
-    /* un-permute: du[t] += Σ_k dxp[row(t,k)], slots in order */
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
-    for (t = 0; t < N; t++) {
-        int64_t k, j;
-        for (k = 0; k < K; k++) {
-            const moe_real *src = dxp + (int64_t)S->row_of[t * K + k] * d;
-            for (j = 0; j < d; j++) du[t * d + j] += src[j];
-        }
-    }
-    /* router: gates → scores (reference §10), plus the balance loss, → logits z */
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (N * E > 16384))
-    for (t = 0; t < N; t++) {
-        const moe_real *st = S->s + t * E;
-        moe_real *dzt = dz + t * E, Rs = (moe_real)c->routed_scaling_factor, corr = 0;
-        int64_t k, j;
-        for (j = 0; j < E; j++) dzt[j] = 0; /* first ds, turned into dz below */
-        if (c->norm_topk_prob) {
-            moe_real sum = S->sel_sum[t];
-            for (k = 0; k < K; k++) corr += dg[t * K + k] * st[S->chosen[t * K + k]] / sum;
-            for (k = 0; k < K; k++) dzt[S->chosen[t * K + k]] += Rs / sum * (dg[t * K + k] - corr);
-        } else {
-            for (k = 0; k < K; k++) dzt[S->chosen[t * K + k]] += Rs * dg[t * K + k];
-        }
-        if (aux_g != 0 && S->alpha > 0) {
-            /* L = α/B Σ_b Σ_i f_i P_i, P_i = (1/T) Σ_t s'_{i,t}, s' = s / Σ_j s_j */
-            const moe_real *f = S->f + (t / S->T) * E;
-            moe_real w = aux_g * (moe_real)S->alpha / (moe_real)(S->B * S->T), tot = 0, dot = 0;
-            if (c->scoring_func == MOE_SCORING_SIGMOID) {
-                for (j = 0; j < E; j++) tot += st[j];
-                for (j = 0; j < E; j++) dot += f[j] * st[j] / tot;
-                for (j = 0; j < E; j++) dzt[j] += w * (f[j] - dot) / tot;
-            } else {
-                for (j = 0; j < E; j++) dzt[j] += w * f[j];
-            }
-        }
-        if (c->scoring_func == MOE_SCORING_SIGMOID) {
-            for (j = 0; j < E; j++) dzt[j] *= st[j] * (1 - st[j]);
-        } else {
-            moe_real dot = 0;
-            for (j = 0; j < E; j++) dot += dzt[j] * st[j];
-            for (j = 0; j < E; j++) dzt[j] = st[j] * (dzt[j] - dot);
-        }
-    }
-    /* the router GEMMs stay in FP32 */
+    MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
+    MOE__TRY(be->gather_rows(ctx, dy, S->slot_of, (int32_t)K, R, d, dyp));
+    MOE__TRY(be->gather_rows(ctx, S->gates, S->slot_of, 1, R, 1, gp));
+    /* the experts, with their gates' gradients, then un-permute (a dispatch's backward is a combine) */
+    MOE__TRY(moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec));
+    MOE__TRY(be->gather_rows(ctx, dgp, S->row_of, 1, R, 1, dg));
+    MOE__TRY(be->combine(ctx, dxp, S->row_of, NULL, N, K, d, du));
+    /* router: gates → scores (reference §10), plus the balance loss, → logits z; its GEMMs stay FP32 */
+    MOE__TRY(be->router_bwd(ctx, S->cfg, S->s, S->chosen, S->sel_sum, dg, S->f,
+                            aux_g != 0 && S->alpha > 0 ? aux_g * (moe_real)S->alpha / (moe_real)(S->B * S->T) : 0, N, S->T, dz));
     return moe__linear_bwd(ctx, u, dz, N, d, MOE__F32(L->gate), E, du, moe__param_grad(L->gate), MOE_F32);
 }
 
@@ -5251,129 +6958,62 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
    loss α·mean_b Σ_i f_i P_i (0 when alpha is 0). */
 static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *c, int64_t B, int64_t T, float alpha,
                                    moe_tensor *x, moe_tensor **y, moe_tensor **aux) {
+    const moe_backend *be = MOE__BE(ctx);
     moe__moe_saved *S = (moe__moe_saved *)moe__arena_alloc(ctx, 1, sizeof *S, "moe");
     int64_t N = B * T, d = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-    int64_t I = c->moe_intermediate_size, R = N * K, t, e, one = 1;
-    int64_t *fill;
+    int64_t I = c->moe_intermediate_size, R = N * K, e, one = 1;
     const moe_real *u = MOE__F32(x);
-    moe_real *Y, *z, *xp, *yp, *h13, *act, *sh_h13 = NULL, balance = 0;
+    moe_real *z, *xp, *yp, *h13, *act, *sh_h13 = NULL, balance = 0;
+    moe__mlp experts;
     moe__node *n;
     if (!S) return MOE_ERR_MEMORY;
     S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K; S->I = I;
     S->Is = L->shared.inter;
     S->alpha = alpha;
-    S->prec = ctx->gemm_compute;
-    S->s = moe__scratch_real(ctx, N * E, "moe");
-    S->chosen = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    S->gates = moe__scratch_real(ctx, R, "moe");
-    S->sel_sum = moe__scratch_real(ctx, N, "moe");
+    S->prec = ctx->conf.gemm_compute;
+    S->s = moe__dev_real(ctx, N * E, "moe");
+    S->chosen = (int32_t *)moe__dev_scratch(ctx, R, sizeof(int32_t), "moe");
+    S->gates = moe__dev_real(ctx, R, "moe");
+    S->sel_sum = moe__dev_real(ctx, N, "moe");
     S->offset = (int64_t *)moe__arena_alloc(ctx, (size_t)(E + 1), sizeof(int64_t), "moe");
-    fill = (int64_t *)moe__arena_alloc(ctx, (size_t)E, sizeof(int64_t), "moe");
-    S->row_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    S->tok_of = (int32_t *)moe__arena_alloc(ctx, (size_t)R, sizeof(int32_t), "moe");
-    xp = moe__scratch_real(ctx, R * d, "moe");
-    yp = moe__scratch_real(ctx, R * d, "moe");
-    h13 = moe__scratch_real(ctx, R * 2 * I, "moe");
-    act = moe__scratch_real(ctx, (R > N ? R : N) * (I > S->Is ? I : S->Is), "moe");
-    S->f = moe__alloc_real(ctx, B * E, "moe");
-    z = moe__scratch_real(ctx, N * E, "moe");
-    if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !fill || !S->row_of || !S->tok_of || !xp ||
-        !yp || !h13 || !act || !S->f || !z)
+    S->row_of = (int32_t *)moe__dev_scratch(ctx, R, sizeof(int32_t), "moe");
+    S->slot_of = (int32_t *)moe__dev_scratch(ctx, R, sizeof(int32_t), "moe");
+    S->f = moe__dev_real(ctx, B * E, "moe");
+    z = moe__dev_real(ctx, N * E, "moe");
+    xp = moe__dev_real(ctx, R * d, "moe");
+    yp = moe__dev_real(ctx, R * d, "moe");
+    h13 = moe__dev_real(ctx, R * 2 * I, "moe");
+    act = moe__dev_real(ctx, (R > N ? R : N) * (I > S->Is ? I : S->Is), "moe");
+    if (!S->s || !S->chosen || !S->gates || !S->sel_sum || !S->offset || !S->row_of || !S->slot_of || !S->f || !z || !xp ||
+        !yp || !h13 || !act)
         return MOE_ERR_MEMORY;
-    /* router in FP32 */
+    /* route: the router in FP32, then sigmoid (softmax) scores and the group-limited top-k */
     MOE__TRY(moe__linear(ctx, u, N, d, MOE__F32(L->gate), E, z, MOE_F32));
-    if (c->scoring_func == MOE_SCORING_SOFTMAX) moe__softmax_fwd(ctx->n_threads, z, S->s, N, E);
-    else for (t = 0; t < N * E; t++) S->s[t] = moe_sigmoid_scalar(z[t]);
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (N * E > 4096))
-    for (t = 0; t < N; t++) {
-        int64_t k;
-        moe_real sum = 0;
-        moe__route(S->s + t * E, MOE__F32(L->bias), c, S->chosen + t * K);
-        for (k = 0; k < K; k++) sum += S->s[t * E + S->chosen[t * K + k]];
-        S->sel_sum[t] = sum;
-        for (k = 0; k < K; k++) {
-            moe_real g = S->s[t * E + S->chosen[t * K + k]];
-            S->gates[t * K + k] = (moe_real)c->routed_scaling_factor * (c->norm_topk_prob ? g / sum : g);
-        }
-    }
-    /* permutation: a stable counting sort of (token, slot) by expert */
-    for (t = 0; t < R; t++) S->offset[S->chosen[t] + 1]++;
-    for (e = 0; e < E; e++) {
-        S->offset[e + 1] += S->offset[e];
-        L->load[e] += S->offset[e + 1] - S->offset[e];
-        fill[e] = S->offset[e];
-    }
-    for (t = 0; t < R; t++) {
-        int64_t r = fill[S->chosen[t]]++;
-        S->row_of[t] = (int32_t)r;
-        S->tok_of[r] = (int32_t)(t / K);
-    }
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
-    for (t = 0; t < R; t++) memcpy(xp + t * d, u + (int64_t)S->tok_of[t] * d, (size_t)d * sizeof(moe_real));
-    /* each expert: one SwiGLU GEMM chain over all its tokens; experts run in parallel, each
-       on one thread, so no result depends on the thread count */
-    {
-        moe_status *st = (moe_status *)moe__arena_alloc(ctx, (size_t)E, sizeof(moe_status), "moe");
-        if (!st) return MOE_ERR_MEMORY;
-        /* an expert sees each token at most once: N rows bound every expert in every step */
-        MOE__TRY(moe__gemm_reserve_threads(ctx, moe__mlp_workspace(N, d, I, S->prec == MOE_BF16)));
-        if (S->prec == MOE_FP8_E4M3) MOE__TRY(moe__fp8_reserve_threads(ctx, moe__mlp_fp8_bytes(N, d, I)));
-        MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(dynamic, 1))
-        for (e = 0; e < E; e++) {
-            int64_t r0 = S->offset[e], ne = S->offset[e + 1] - r0;
-            if (!ne) continue;
-            st[e] = moe__mlp_fwd(ctx, xp + r0 * d, ne, d, I, MOE__F32(L->w13) + e * 2 * I * d, MOE__F32(L->w2) + e * d * I,
-                                 yp + r0 * d, h13 + r0 * 2 * I, act + r0 * I, S->prec);
-        }
-        for (e = 0; e < E; e++)
-            if (st[e]) return moe__fail(ctx, st[e], "moe: expert %lld failed (%s)", (long long)e, moe_status_name(st[e]));
-    }
+    MOE__TRY(be->router_fwd(ctx, c, z, MOE__F32(L->bias), N, S->s, S->chosen, S->gates, S->sel_sum));
+    /* plan: the packed rows of each expert; the loads the bias update balances */
+    MOE__TRY(be->dispatch_plan(ctx, S->chosen, N, K, E, S->offset, S->row_of, S->slot_of));
+    for (e = 0; e < E; e++) L->load[e] += S->offset[e + 1] - S->offset[e];
+    /* gather, experts: one SwiGLU GEMM chain per expert over all its tokens */
+    experts = moe__experts_mlp(L, c, S->offset);
+    MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
+    MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
-    if (L->shared.w13) MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y)); /* the shared experts write it */
-    else MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
-    Y = MOE__F32(*y);
     if (L->shared.w13) {
-        sh_h13 = moe__scratch_real(ctx, N * 2 * S->Is, "moe");
-        if (!sh_h13) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__mlp_fwd(ctx, u, N, d, S->Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), Y, sh_h13, act, S->prec));
+        moe__mlp M = moe__ffn_mlp(&L->shared, d);
+        MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y)); /* the shared experts write it */
+        if (!(sh_h13 = moe__dev_real(ctx, N * 2 * S->Is, "moe"))) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__mlp_fwd(ctx, &M, u, N, MOE__F32(*y), sh_h13, act, S->prec));
+    } else {
+        MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
     }
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (R * d > 16384))
-    for (t = 0; t < N; t++) {
-        int64_t k, j;
-        for (k = 0; k < K; k++) {
-            const moe_real *src = yp + (int64_t)S->row_of[t * K + k] * d;
-            moe_real g = S->gates[t * K + k];
-            for (j = 0; j < d; j++) Y[t * d + j] += g * src[j];
-        }
-    }
+    MOE__TRY(be->combine(ctx, yp, S->row_of, S->gates, N, K, d, MOE__F32(*y)));
     /* sequence-wise balance loss (reference §3.5), on the realised routing */
     if (alpha > 0) {
-        int64_t b;
-        for (b = 0; b < B; b++) {
-            moe_real *f = S->f + b * E, P;
-            for (t = b * T; t < (b + 1) * T; t++) {
-                int64_t k;
-                for (k = 0; k < K; k++) f[S->chosen[t * K + k]] += (moe_real)E / (moe_real)(K * T);
-            }
-            for (e = 0; e < E; e++) {
-                P = 0;
-                for (t = b * T; t < (b + 1) * T; t++) {
-                    moe_real tot = 0;
-                    int64_t j;
-                    if (c->scoring_func == MOE_SCORING_SIGMOID) {
-                        for (j = 0; j < E; j++) tot += S->s[t * E + j];
-                        P += S->s[t * E + e] / tot;
-                    } else {
-                        P += S->s[t * E + e];
-                    }
-                }
-                balance += f[e] * P / (moe_real)T;
-            }
-        }
+        MOE__TRY(be->balance_loss(ctx, c, S->s, S->chosen, B, T, S->f, &balance));
         balance *= (moe_real)alpha / (moe_real)B;
     }
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, aux));
-    MOE__F32(*aux)[0] = balance;
+    MOE__TRY(be->fill(ctx, balance, 1, MOE__F32(*aux)));
     S->aux = *aux;
     MOE__TRY(moe__record(ctx, moe__moe_bwd, *y, x, L->gate, L->w13, &n));
     if (n) {
@@ -5391,10 +7031,13 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     }
     return MOE_OK;
 }
-
 /* ============================================================================================
-   7. model
-   ============================================================================================ */
+   9. model — DeepSeek-V3 with MTP, one forward for training and decoding               >>model
+   ============================================================================================
+   moe_config, the model's tensors (parameters, gradients and buffers each one slab on the
+   context's device; the tensors are views into them), and its forward passes: the blocks,
+   the main trunk and the MTP modules, written once for training, evaluation and decoding
+   (which passes each MLA layer its latent cache). */
 
 MOE_API moe_config moe_config_tiny(void) {
     moe_config c;
@@ -5508,9 +7151,11 @@ typedef struct moe__mtp {
 typedef struct moe__entry {
     char name[MOE__NAME_MAX];
     moe_tensor *t;
-    int is_param; /* 0: a buffer (expert bias): saved, never trained */
-    int decay;    /* gets weight decay: matrices, not norms or biases */
-    int mtp;      /* belongs to an MTP module */
+    int64_t offset; /* in the parameter or buffer slab */
+    int init;       /* MOE__INIT_NORMAL, _ONES or _BUFFER */
+    int is_param;   /* 0: a buffer (expert bias): saved, never trained */
+    int decay;      /* gets weight decay: matrices, not norms or biases */
+    int mtp;        /* belongs to an MTP module */
 } moe__entry;
 
 struct moe_model {
@@ -5520,9 +7165,13 @@ struct moe_model {
     moe__mtp *mtp;
     moe__entry *entries;
     int64_t n_entries, cap_entries;
+    moe_tensor *params, *grads, *buffers; /* the slabs the entries are views of */
+    int64_t n_params, n_buffers;          /* their lengths, each entry starting 64-byte aligned */
+    const moe_backend *be;                /* whose memory the slabs are */
+    moe_real *bias_step;                  /* [E] device: a bias update's steps */
     moe_rope_table rope;
     moe_real softmax_scale;
-    int64_t *loads; /* expert load counters of every MoE layer, main then MTP */
+    int64_t *loads; /* expert load counters of every MoE layer, main then MTP (host) */
 };
 
 MOE_API const moe_config *moe_model_config(const moe_model *m) { return m ? &m->cfg : NULL; }
@@ -5543,18 +7192,19 @@ MOE_API moe_tensor *moe_model_find(const moe_model *m, const char *name) {
 
 enum { MOE__INIT_NORMAL, MOE__INIT_ONES, MOE__INIT_BUFFER };
 
-/* Make, initialise and register one model tensor. Stream = registration index, so the
-   initialisation depends on the seed and the architecture only. */
-static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, uint64_t seed, moe_tensor **slot, int kind, int mtp,
-                                 int ndim, int64_t d0, int64_t d1, int64_t d2, const char *fmt, ...)
+/* Register one model tensor: its name, shape, slab (parameters or buffers) and offset in
+   it; its memory and initial values come once every tensor is registered. */
+static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, moe_tensor **slot, int kind, int mtp, int ndim, int64_t d0,
+                                 int64_t d1, int64_t d2, const char *fmt, ...)
 #if defined(__GNUC__)
-    __attribute__((format(printf, 11, 12)))
+    __attribute__((format(printf, 10, 11)))
 #endif
     ;
-static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, uint64_t seed, moe_tensor **slot, int kind, int mtp,
-                                 int ndim, int64_t d0, int64_t d1, int64_t d2, const char *fmt, ...) {
-    int64_t shape[3];
+static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, moe_tensor **slot, int kind, int mtp, int ndim, int64_t d0,
+                                 int64_t d1, int64_t d2, const char *fmt, ...) {
+    int64_t shape[3], *len;
     moe__entry *e;
+    moe_tensor meta;
     va_list ap;
     shape[0] = d0; shape[1] = d1; shape[2] = d2;
     if (m->n_entries == m->cap_entries) {
@@ -5570,59 +7220,99 @@ static moe_status moe__model_add(moe_ctx *ctx, moe_model *m, uint64_t seed, moe_
     va_start(ap, fmt);
     vsnprintf(e->name, sizeof e->name, fmt, ap);
     va_end(ap);
-    MOE__TRY(moe_tensor_new(ctx, MOE_F32, ndim, shape, &e->t));
+    MOE__TRY(moe__tensor_meta(ctx, "moe_model_new", &meta, MOE_F32, ndim, shape));
+    if (!(e->t = (moe_tensor *)moe__heap_alloc(ctx, sizeof *e->t))) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
+    *e->t = meta;
     m->n_entries++;
     *slot = e->t;
+    e->init = kind;
     e->is_param = kind != MOE__INIT_BUFFER;
     e->decay = kind == MOE__INIT_NORMAL;
     e->mtp = mtp;
-    if (kind == MOE__INIT_NORMAL) {
-        moe_rng rng = moe_rng_new(seed, (uint64_t)m->n_entries);
-        MOE__TRY(moe_tensor_fill_normal(ctx, e->t, &rng, 0.0f, (float)m->cfg.initializer_range));
-    } else if (kind == MOE__INIT_ONES) {
-        MOE__TRY(moe_tensor_fill(ctx, e->t, 1.0));
+    len = e->is_param ? &m->n_params : &m->n_buffers;
+    e->offset = *len;
+    *len += (meta.numel + MOE__ALIGN / (int64_t)sizeof(moe_real) - 1) / (MOE__ALIGN / (int64_t)sizeof(moe_real)) *
+            (MOE__ALIGN / (int64_t)sizeof(moe_real));
+    return MOE_OK;
+}
+
+/* A view of `slab` from element `offset` with t's shape (a gradient: requires no gradient). */
+static moe_status moe__slab_view(moe_ctx *ctx, moe_tensor *slab, int64_t offset, const moe_tensor *t, moe_tensor **out) {
+    if (!(*out = (moe_tensor *)moe__heap_alloc(ctx, sizeof **out))) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
+    **out = *t;
+    (*out)->base = slab;
+    (*out)->data = MOE__F32(slab) + offset;
+    return MOE_OK;
+}
+
+/* Give the registered tensors their slabs and initial values: N(0, initializer_range²) from
+   stream (registration index + 1) of the seed, so the initialisation depends on the seed and
+   the architecture only; norms 1; buffers 0. */
+static moe_status moe__model_place(moe_ctx *ctx, moe_model *m, uint64_t seed) {
+    int64_t one, i;
+    one = m->n_params > 0 ? m->n_params : 1;
+    MOE__TRY(moe_tensor_new(ctx, MOE_F32, 1, &one, &m->params));
+    MOE__TRY(moe_tensor_new(ctx, MOE_F32, 1, &one, &m->grads));
+    one = m->n_buffers > 0 ? m->n_buffers : 1;
+    MOE__TRY(moe_tensor_new(ctx, MOE_F32, 1, &one, &m->buffers));
+    m->be = MOE__BE(ctx);
+    MOE__TRY(m->be->alloc(ctx, (size_t)m->cfg.n_routed_experts * sizeof(moe_real), (void **)&m->bias_step));
+    for (i = 0; i < m->n_entries; i++) {
+        moe__entry *e = &m->entries[i];
+        moe_tensor *t = e->t;
+        t->base = e->is_param ? m->params : m->buffers;
+        t->data = MOE__F32(t->base) + e->offset;
+        if (e->init == MOE__INIT_NORMAL) {
+            moe_rng rng = moe_rng_new(seed, (uint64_t)(i + 1));
+            MOE__TRY(moe_tensor_fill_normal(ctx, t, &rng, 0.0f, (float)m->cfg.initializer_range));
+        } else if (e->init == MOE__INIT_ONES) {
+            MOE__TRY(moe_tensor_fill(ctx, t, 1.0));
+        }
+        if (e->is_param) {
+            MOE__TRY(moe__slab_view(ctx, m->grads, e->offset, t, &t->grad));
+            t->requires_grad = 1;
+        }
     }
-    if (e->is_param) MOE__TRY(moe_tensor_set_requires_grad(ctx, e->t, 1));
     return MOE_OK;
 }
 
 /* The tensors of one transformer block; `p` is its name prefix ("model.layers.3."). */
-static moe_status moe__block_init(moe_ctx *ctx, moe_model *m, uint64_t seed, moe__block *b, int is_moe, int mtp,
+static moe_status moe__block_init(moe_ctx *ctx, moe_model *m, moe__block *b, int is_moe, int mtp,
                                   int64_t **loads, const char *p) {
     const moe_config *c = &m->cfg;
     int64_t d = c->hidden_size, H = c->num_attention_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
     int64_t E = c->n_routed_experts, I = c->moe_intermediate_size;
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%sinput_layernorm.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->attn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%sinput_layernorm.weight", p));
     if (c->q_lora_rank > 0) {
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_a, MOE__INIT_NORMAL, mtp, 2, c->q_lora_rank, d, 0, "%sself_attn.q_a_proj.weight", p));
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_a_norm, MOE__INIT_ONES, mtp, 1, c->q_lora_rank, 0, 0, "%sself_attn.q_a_layernorm.weight", p));
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_b, MOE__INIT_NORMAL, mtp, 2, H * dqk, c->q_lora_rank, 0, "%sself_attn.q_b_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->attn.q_a, MOE__INIT_NORMAL, mtp, 2, c->q_lora_rank, d, 0, "%sself_attn.q_a_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->attn.q_a_norm, MOE__INIT_ONES, mtp, 1, c->q_lora_rank, 0, 0, "%sself_attn.q_a_layernorm.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->attn.q_b, MOE__INIT_NORMAL, mtp, 2, H * dqk, c->q_lora_rank, 0, "%sself_attn.q_b_proj.weight", p));
     } else {
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.q_proj, MOE__INIT_NORMAL, mtp, 2, H * dqk, d, 0, "%sself_attn.q_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->attn.q_proj, MOE__INIT_NORMAL, mtp, 2, H * dqk, d, 0, "%sself_attn.q_proj.weight", p));
     }
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_a, MOE__INIT_NORMAL, mtp, 2, c->kv_lora_rank + c->qk_rope_head_dim, d, 0,
+    MOE__TRY(moe__model_add(ctx, m, &b->attn.kv_a, MOE__INIT_NORMAL, mtp, 2, c->kv_lora_rank + c->qk_rope_head_dim, d, 0,
                             "%sself_attn.kv_a_proj_with_mqa.weight", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_a_norm, MOE__INIT_ONES, mtp, 1, c->kv_lora_rank, 0, 0, "%sself_attn.kv_a_layernorm.weight", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.kv_b, MOE__INIT_NORMAL, mtp, 2, H * (c->qk_nope_head_dim + c->v_head_dim),
+    MOE__TRY(moe__model_add(ctx, m, &b->attn.kv_a_norm, MOE__INIT_ONES, mtp, 1, c->kv_lora_rank, 0, 0, "%sself_attn.kv_a_layernorm.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->attn.kv_b, MOE__INIT_NORMAL, mtp, 2, H * (c->qk_nope_head_dim + c->v_head_dim),
                             c->kv_lora_rank, 0, "%sself_attn.kv_b_proj.weight", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->attn.o, MOE__INIT_NORMAL, mtp, 2, d, H * c->v_head_dim, 0, "%sself_attn.o_proj.weight", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->ffn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%spost_attention_layernorm.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->attn.o, MOE__INIT_NORMAL, mtp, 2, d, H * c->v_head_dim, 0, "%sself_attn.o_proj.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->ffn_norm, MOE__INIT_ONES, mtp, 1, d, 0, 0, "%spost_attention_layernorm.weight", p));
     b->is_moe = is_moe;
     if (!is_moe) {
         b->dense.inter = c->intermediate_size;
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->dense.w13, MOE__INIT_NORMAL, mtp, 2, 2 * c->intermediate_size, d, 0, "%smlp.gate_up_proj.weight", p));
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->dense.w2, MOE__INIT_NORMAL, mtp, 2, d, c->intermediate_size, 0, "%smlp.down_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->dense.w13, MOE__INIT_NORMAL, mtp, 2, 2 * c->intermediate_size, d, 0, "%smlp.gate_up_proj.weight", p));
+        MOE__TRY(moe__model_add(ctx, m, &b->dense.w2, MOE__INIT_NORMAL, mtp, 2, d, c->intermediate_size, 0, "%smlp.down_proj.weight", p));
         return MOE_OK;
     }
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.gate, MOE__INIT_NORMAL, mtp, 2, E, d, 0, "%smlp.gate.weight", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.bias, MOE__INIT_BUFFER, mtp, 1, E, 0, 0, "%smlp.gate.e_score_correction_bias", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.w13, MOE__INIT_NORMAL, mtp, 3, E, 2 * I, d, "%smlp.experts.gate_up_proj", p));
-    MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.w2, MOE__INIT_NORMAL, mtp, 3, E, d, I, "%smlp.experts.down_proj", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->moe.gate, MOE__INIT_NORMAL, mtp, 2, E, d, 0, "%smlp.gate.weight", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->moe.bias, MOE__INIT_BUFFER, mtp, 1, E, 0, 0, "%smlp.gate.e_score_correction_bias", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->moe.w13, MOE__INIT_NORMAL, mtp, 3, E, 2 * I, d, "%smlp.experts.gate_up_proj", p));
+    MOE__TRY(moe__model_add(ctx, m, &b->moe.w2, MOE__INIT_NORMAL, mtp, 3, E, d, I, "%smlp.experts.down_proj", p));
     if (c->n_shared_experts > 0) {
         b->moe.shared.inter = c->n_shared_experts * I;
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.shared.w13, MOE__INIT_NORMAL, mtp, 2, 2 * b->moe.shared.inter, d, 0,
+        MOE__TRY(moe__model_add(ctx, m, &b->moe.shared.w13, MOE__INIT_NORMAL, mtp, 2, 2 * b->moe.shared.inter, d, 0,
                                 "%smlp.shared_experts.gate_up_proj.weight", p));
-        MOE__TRY(moe__model_add(ctx, m, seed, &b->moe.shared.w2, MOE__INIT_NORMAL, mtp, 2, d, b->moe.shared.inter, 0,
+        MOE__TRY(moe__model_add(ctx, m, &b->moe.shared.w2, MOE__INIT_NORMAL, mtp, 2, d, b->moe.shared.inter, 0,
                                 "%smlp.shared_experts.down_proj.weight", p));
     }
     b->moe.load = *loads;
@@ -5653,27 +7343,28 @@ MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t s
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
     }
     loads = m->loads;
-    st = moe__model_add(ctx, m, seed, &m->embed, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "model.embed_tokens.weight");
+    st = moe__model_add(ctx, m, &m->embed, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "model.embed_tokens.weight");
     for (L = 0; st == MOE_OK && L < c.num_hidden_layers; L++) {
         snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)L);
-        st = moe__block_init(ctx, m, seed, &m->layers[L], L >= c.first_k_dense_replace, 0, &loads, prefix);
+        st = moe__block_init(ctx, m, &m->layers[L], L >= c.first_k_dense_replace, 0, &loads, prefix);
     }
-    if (st == MOE_OK) st = moe__model_add(ctx, m, seed, &m->norm, MOE__INIT_ONES, 0, 1, c.hidden_size, 0, 0, "model.norm.weight");
+    if (st == MOE_OK) st = moe__model_add(ctx, m, &m->norm, MOE__INIT_ONES, 0, 1, c.hidden_size, 0, 0, "model.norm.weight");
     if (st == MOE_OK) {
         if (c.tie_word_embeddings) m->head = m->embed;
-        else st = moe__model_add(ctx, m, seed, &m->head, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "lm_head.weight");
+        else st = moe__model_add(ctx, m, &m->head, MOE__INIT_NORMAL, 0, 2, c.vocab_size, c.hidden_size, 0, "lm_head.weight");
     }
     for (k = 0; st == MOE_OK && k < c.num_nextn_predict_layers; k++) {
         moe__mtp *t = &m->mtp[k];
         snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)(c.num_hidden_layers + k));
-        st = moe__model_add(ctx, m, seed, &t->enorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%senorm.weight", prefix);
-        if (st == MOE_OK) st = moe__model_add(ctx, m, seed, &t->hnorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%shnorm.weight", prefix);
+        st = moe__model_add(ctx, m, &t->enorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%senorm.weight", prefix);
+        if (st == MOE_OK) st = moe__model_add(ctx, m, &t->hnorm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%shnorm.weight", prefix);
         if (st == MOE_OK)
-            st = moe__model_add(ctx, m, seed, &t->eh_proj, MOE__INIT_NORMAL, 1, 2, c.hidden_size, 2 * c.hidden_size, 0, "%seh_proj.weight", prefix);
-        if (st == MOE_OK) st = moe__block_init(ctx, m, seed, &t->block, 1, 1, &loads, prefix);
+            st = moe__model_add(ctx, m, &t->eh_proj, MOE__INIT_NORMAL, 1, 2, c.hidden_size, 2 * c.hidden_size, 0, "%seh_proj.weight", prefix);
+        if (st == MOE_OK) st = moe__block_init(ctx, m, &t->block, 1, 1, &loads, prefix);
         if (st == MOE_OK)
-            st = moe__model_add(ctx, m, seed, &t->head_norm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%sshared_head.norm.weight", prefix);
+            st = moe__model_add(ctx, m, &t->head_norm, MOE__INIT_ONES, 1, 1, c.hidden_size, 0, 0, "%sshared_head.norm.weight", prefix);
     }
+    if (st == MOE_OK) st = moe__model_place(ctx, m, seed);
     if (st == MOE_OK) st = moe_rope_table_init(ctx, &m->rope, c.qk_rope_head_dim, c.max_position_embeddings, c.rope_theta,
                                                c.rope_scaling.factor > 1 ? &c.rope_scaling : NULL);
     if (st != MOE_OK) {
@@ -5696,6 +7387,10 @@ MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
     int64_t i;
     if (!m) return;
     for (i = 0; i < m->n_entries; i++) moe_tensor_free(ctx, m->entries[i].t);
+    moe_tensor_free(ctx, m->params);
+    moe_tensor_free(ctx, m->grads);
+    moe_tensor_free(ctx, m->buffers);
+    if (m->be) m->be->free(ctx, m->bias_step);
     moe_rope_table_free(&m->rope);
     MOE_FREE(m->entries);
     MOE_FREE(m->layers);
@@ -5705,9 +7400,7 @@ MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
 }
 
 MOE_API void moe_model_zero_grad(moe_model *m) {
-    int64_t i;
-    if (!m) return;
-    for (i = 0; i < m->n_entries; i++) moe_tensor_zero_grad(m->entries[i].t);
+    if (m && m->grads) m->be->memset(NULL, m->grads->data, 0, (size_t)m->grads->numel * sizeof(moe_real));
 }
 
 MOE_API void moe_model_param_counts(const moe_model *m, int64_t *total, int64_t *active, int64_t *mtp) {
@@ -5742,15 +7435,21 @@ static moe__mla_dims moe__model_mla_dims(const moe_model *m, int64_t B, int64_t 
     return d;
 }
 
-/* x + Attn(norm(x)), then + FFN(norm(·)). *aux gets the MoE layer's balance loss (or NULL). */
-static moe_status moe__block_forward(moe_ctx *ctx, moe_model *m, moe__block *b, moe_tensor *x, int64_t B, int64_t T,
-                                     float alpha, moe_tensor **out, moe_tensor **aux) {
-    moe__mla_dims dims = moe__model_mla_dims(m, B, T, 0);
+/* x + Attn(norm(x)), then + FFN(norm(·)), for x [B, T, d] at positions pos0..; cache: the
+   block's latent cache when decoding (NULL in training; with write_only, *out is NULL). *aux
+   gets the MoE layer's balance loss (or NULL). */
+static moe_status moe__block_forward(moe_ctx *ctx, moe_model *m, moe__block *b, moe_tensor *x, int64_t B, int64_t T, int64_t pos0,
+                                     const moe__kv_cache *cache, float alpha, moe_tensor **out, moe_tensor **aux) {
+    moe__mla_dims dims = moe__model_mla_dims(m, B, T, pos0);
     moe_tensor *h, *a, *x1, *h2, *f = NULL;
     float eps = (float)m->cfg.rms_norm_eps;
     *aux = NULL;
     MOE__TRY(moe_rmsnorm(ctx, x, b->attn_norm, eps, &h));
-    MOE__TRY(moe__mla_forward(ctx, &b->attn, &dims, &m->rope, h, &a));
+    MOE__TRY(moe__mla_forward(ctx, &b->attn, &dims, &m->rope, cache, h, &a));
+    if (!a) { /* the cache rows were all that was wanted */
+        *out = NULL;
+        return MOE_OK;
+    }
     MOE__TRY(moe_add(ctx, x, a, &x1));
     MOE__TRY(moe_rmsnorm(ctx, x1, b->ffn_norm, eps, &h2));
     if (b->is_moe) MOE__TRY(moe__moe_forward(ctx, &b->moe, &m->cfg, B, T, alpha, h2, &f, aux));
@@ -5758,31 +7457,49 @@ static moe_status moe__block_forward(moe_ctx *ctx, moe_model *m, moe__block *b, 
     return moe_add(ctx, x1, f, out);
 }
 
-/* tokens[b·stride + off + t] for t < T into an i32 tensor [B, T]. */
+/* tokens[b·stride + off + t] for t < T (host) into an i32 tensor [B, T]. */
 static moe_status moe__ids(moe_ctx *ctx, const int32_t *tokens, int64_t B, int64_t T, int64_t stride, int64_t off,
                            moe_tensor **out) {
     int64_t shape[2], b;
     shape[0] = B;
     shape[1] = T;
     MOE__TRY(moe_tensor_temp(ctx, MOE_I32, 2, shape, out));
-    for (b = 0; b < B; b++) memcpy(MOE__I32(*out) + b * T, tokens + b * stride + off, (size_t)T * sizeof(int32_t));
+    for (b = 0; b < B; b++)
+        MOE__TRY(MOE__BE(ctx)->copy(ctx, MOE__I32(*out) + b * T, tokens + b * stride + off, (size_t)T * sizeof(int32_t), MOE__H2D));
     return MOE_OK;
 }
 
-/* The main model's final normed hidden states [B, T, d]; balance losses summed into *aux. */
-static moe_status moe__model_trunk(moe_ctx *ctx, moe_model *m, moe_tensor *ids, int64_t B, int64_t T, float alpha,
-                                   moe_tensor **h, moe_tensor **aux) {
+/* The main model's final normed hidden states [B, T, d]; balance losses summed into *aux.
+   caches: one per layer when decoding (tokens at positions pos0..), else NULL. */
+static moe_status moe__model_trunk(moe_ctx *ctx, moe_model *m, moe_tensor *ids, int64_t B, int64_t T, int64_t pos0,
+                                   const moe__kv_cache *caches, float alpha, moe_tensor **h, moe_tensor **aux) {
     moe_tensor *x, *a;
     int64_t L;
     MOE__TRY(moe_embedding(ctx, m->embed, ids, &x));
     for (L = 0; L < m->cfg.num_hidden_layers; L++) {
-        MOE__TRY(moe__block_forward(ctx, m, &m->layers[L], x, B, T, alpha, &x, &a));
+        MOE__TRY(moe__block_forward(ctx, m, &m->layers[L], x, B, T, pos0, caches ? &caches[L] : NULL, alpha, &x, &a));
         if (a && alpha > 0) {
             if (*aux) MOE__TRY(moe_add(ctx, *aux, a, aux));
             else *aux = a;
         }
     }
     return moe_rmsnorm(ctx, x, m->norm, (float)m->cfg.rms_norm_eps, h);
+}
+
+/* MTP module k (0-based) over B × T positions (reference §4.1): depth k+1 at position i reads
+   h^k_i (hin [B, T, d]) and the embedding of token t_{i+k+1} (eids [B, T]), embedding first
+   as in the released eh_proj, through the module's block; *hk gets h^{k+1}. */
+static moe_status moe__mtp_forward(moe_ctx *ctx, moe_model *m, int64_t k, moe_tensor *hin, moe_tensor *eids, int64_t B, int64_t T,
+                                   int64_t pos0, const moe__kv_cache *cache, float alpha, moe_tensor **hk, moe_tensor **aux) {
+    moe__mtp *t = &m->mtp[k];
+    moe_tensor *e, *en, *hn, *cat, *hp;
+    float eps = (float)m->cfg.rms_norm_eps;
+    MOE__TRY(moe_embedding(ctx, m->embed, eids, &e));
+    MOE__TRY(moe_rmsnorm(ctx, e, t->enorm, eps, &en));
+    MOE__TRY(moe_rmsnorm(ctx, hin, t->hnorm, eps, &hn));
+    MOE__TRY(moe_concat(ctx, en, hn, hin->ndim - 1, &cat));
+    MOE__TRY(moe_matmul(ctx, cat, t->eh_proj, &hp));
+    return moe__block_forward(ctx, m, &t->block, hp, B, T, pos0, cache, alpha, hk, aux);
 }
 
 static moe_status moe__check_tokens(moe_ctx *ctx, const char *fn, const moe_model *m, const int32_t *tokens, int64_t B,
@@ -5811,30 +7528,23 @@ static moe_status moe__model_add_mtp(moe_ctx *ctx, moe_model *m, const int32_t *
     const moe_config *c = &m->cfg;
     moe_tensor *mtp_sum = NULL, *hprev;
     int64_t k, D;
-    /* MTP (reference §4): depth k predicts token i+k+1 from h^{k-1}_i and Emb(t_{i+k}) */
     D = o->mtp_lambda > 0 ? c->num_nextn_predict_layers : 0;
     hprev = h;
     for (k = 1; k <= D && T - k >= 1; k++) {
-        moe__mtp *t = &m->mtp[k - 1];
         int64_t Tk = T - k;
-        moe_tensor *hin = hprev, *rest, *eids, *e, *en, *hn, *cat, *hp, *hk, *a, *kn, *lg, *ktg, *cek;
+        moe_tensor *hin = hprev, *rest, *eids, *hk, *a, *kn, *lg, *ktg, *cek;
         if (hprev->shape[1] > Tk) MOE__TRY(moe_split(ctx, hprev, 1, Tk, &hin, &rest));
         MOE__TRY(moe__ids(ctx, tokens, B, Tk, T + 1, k, &eids));
-        MOE__TRY(moe_embedding(ctx, m->embed, eids, &e));
-        MOE__TRY(moe_rmsnorm(ctx, e, t->enorm, (float)c->rms_norm_eps, &en));
-        MOE__TRY(moe_rmsnorm(ctx, hin, t->hnorm, (float)c->rms_norm_eps, &hn));
-        MOE__TRY(moe_concat(ctx, en, hn, 2, &cat)); /* embedding first, as the released weights */
-        MOE__TRY(moe_matmul(ctx, cat, t->eh_proj, &hp));
-        MOE__TRY(moe__block_forward(ctx, m, &t->block, hp, B, Tk, o->balance_alpha, &hk, &a));
+        MOE__TRY(moe__mtp_forward(ctx, m, k - 1, hin, eids, B, Tk, 0, NULL, o->balance_alpha, &hk, &a));
         if (a && o->balance_alpha > 0) {
             if (aux) MOE__TRY(moe_add(ctx, aux, a, &aux));
             else aux = a;
         }
-        MOE__TRY(moe_rmsnorm(ctx, hk, t->head_norm, (float)c->rms_norm_eps, &kn));
+        MOE__TRY(moe_rmsnorm(ctx, hk, m->mtp[k - 1].head_norm, (float)c->rms_norm_eps, &kn));
         MOE__TRY(moe_matmul(ctx, kn, m->head, &lg));
         MOE__TRY(moe__ids(ctx, tokens, B, Tk, T + 1, k + 1, &ktg));
         MOE__TRY(moe_cross_entropy(ctx, lg, ktg, -1, &cek));
-        if (mtp_parts) mtp_parts[k - 1] = moe_tensor_get(cek, 0);
+        if (mtp_parts) mtp_parts[k - 1] = (double)moe__tensor_at(ctx, cek, 0);
         /* the paper normalises L_k by T, not by the T-k predictions it has */
         MOE__TRY(moe_scale(ctx, cek, (float)Tk / (float)T, &cek));
         if (mtp_sum) MOE__TRY(moe_add(ctx, mtp_sum, cek, &mtp_sum));
@@ -5846,7 +7556,7 @@ static moe_status moe__model_add_mtp(moe_ctx *ctx, moe_model *m, const int32_t *
         MOE__TRY(moe_add(ctx, *loss, mtp_sum, loss));
     }
     if (aux) {
-        if (balance) *balance = moe_tensor_get(aux, 0);
+        if (balance) *balance = (double)moe__tensor_at(ctx, aux, 0);
         MOE__TRY(moe_add(ctx, *loss, aux, loss));
     }
     return MOE_OK;
@@ -5865,13 +7575,13 @@ MOE_API moe_status moe_model_loss(moe_ctx *ctx, moe_model *m, const int32_t *tok
     if (parts) memset(parts, 0, sizeof *parts);
     MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 0, &ids));
     MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 1, &tgt));
-    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, o.balance_alpha, &h, &aux));
+    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0, NULL, o.balance_alpha, &h, &aux));
     MOE__TRY(moe_matmul(ctx, h, m->head, &logits));
     MOE__TRY(moe_cross_entropy(ctx, logits, tgt, -1, &ce));
     *loss = ce;
-    if (parts) parts->main = moe_tensor_get(ce, 0);
+    if (parts) parts->main = (double)moe__tensor_at(ctx, ce, 0);
     MOE__TRY(moe__model_add_mtp(ctx, m, tokens, B, T, &o, h, aux, loss, parts ? parts->mtp : NULL, parts ? &parts->balance : NULL));
-    if (parts) parts->total = moe_tensor_get(*loss, 0);
+    if (parts) parts->total = (double)moe__tensor_at(ctx, *loss, 0);
     return MOE_OK;
 }
 
@@ -5882,7 +7592,7 @@ MOE_API moe_status moe_model_logits(moe_ctx *ctx, moe_model *m, const int32_t *t
     MOE__TRY(moe__check_out(ctx, fn, logits));
     MOE__TRY(moe__check_tokens(ctx, fn, m, tokens, B, T, B * T));
     MOE__TRY(moe__ids(ctx, tokens, B, T, T, 0, &ids));
-    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0.0f, &h, &aux));
+    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0, NULL, 0.0f, &h, &aux));
     return moe_matmul(ctx, h, m->head, logits);
 }
 
@@ -5909,12 +7619,17 @@ MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *m, floa
         int64_t total = 0;
         if (!L) continue;
         for (e = 0; e < E; e++) total += L->load[e];
-        if (total > 0 && gamma > 0)
+        if (total > 0 && gamma > 0) {
+            /* each bias's step, on the host from the host's counts, then added on the device */
+            moe_real step[MOE__MAX_EXPERTS];
             for (e = 0; e < E; e++) {
                 /* mean − load_i compared in integers: total/E − load_i has the sign of total − E·load_i */
                 int64_t diff = total - E * L->load[e];
-                MOE__F32(L->bias)[e] += (moe_real)(gamma * (float)((diff > 0) - (diff < 0)));
+                step[e] = (moe_real)(gamma * (float)((diff > 0) - (diff < 0)));
             }
+            MOE__TRY(MOE__BE(ctx)->copy(ctx, m->bias_step, step, (size_t)E * sizeof(moe_real), MOE__H2D));
+            MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, m->bias_step, E, MOE__F32(L->bias)));
+        }
         for (e = 0; e < E; e++) L->load[e] = 0;
     }
     return MOE_OK;
@@ -5948,92 +7663,28 @@ MOE_API void moe_model_reset_loads(moe_model *m) {
 }
 
 /* ============================================================================================
-   8. train
-   ============================================================================================ */
-
-/* The optimizer's unit of work: a slice of one parameter. Slices have a fixed size, so the
-   gradient norm (a sum of per-slice sums, in slice order) is the same for any thread count. */
-#define MOE__ADAMW_SLICE 32768
-typedef struct moe__adamw_slice {
-    int64_t entry, start, len;
-} moe__adamw_slice;
+   10. train — AdamW over the slabs, schedules                                          >>train
+   ============================================================================================
+   AdamW over the model's parameter slab (its two moments are slabs of the same layout), the
+   global gradient norm and clipping, learning-rate schedules. */
 
 struct moe_adamw {
     moe_model *model;
     moe_adamw_config cfg;
     int64_t step;
-    void **m, **v; /* per model entry (NULL for buffers): moments in cfg.moment_dtype */
-    moe__adamw_slice *slices;
-    double *slice_sumsq;
-    int64_t n_slices;
+    void *m, *v;                   /* the moments: slabs parallel to the parameters, in cfg.moment_dtype */
+    moe__adamw_segment *segments;  /* one per parameter tensor (host); decay set at each step */
+    int64_t n_segments;
 };
-
-/* Σ x² in double: four interleaved partial sums, then (0+1)+(2+3). */
-static double moe__sumsq(const moe_real *x, int64_t n) {
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int64_t i;
-    for (i = 0; i + 4 <= n; i += 4) {
-        a0 += (double)x[i] * (double)x[i];
-        a1 += (double)x[i + 1] * (double)x[i + 1];
-        a2 += (double)x[i + 2] * (double)x[i + 2];
-        a3 += (double)x[i + 3] * (double)x[i + 3];
-    }
-    for (; i < n; i++) a0 += (double)x[i] * (double)x[i];
-    return (a0 + a1) + (a2 + a3);
-}
-
-/* The per-element constants of one AdamW step for one parameter. */
-typedef struct moe__adamw_k {
-    float gs, b1, b2, eps, step, inv_bc2, decay;
-} moe__adamw_k;
-
-/* In float: g ← g·gs; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
-   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p); then the gradient is zeroed. The AVX2
-   lanes do the same operations in the same order (no FMA), so every value is the same. */
-static void moe__adamw_update_f32(moe_real *p, moe_real *g, float *mm, float *vv, int64_t n, const moe__adamw_k *k) {
-    int64_t j = 0;
-#ifdef MOE__SIMD_AVX2
-    const __m256 gs = _mm256_set1_ps(k->gs), b1 = _mm256_set1_ps(k->b1), c1 = _mm256_set1_ps(1 - k->b1),
-                 b2 = _mm256_set1_ps(k->b2), c2 = _mm256_set1_ps(1 - k->b2), eps = _mm256_set1_ps(k->eps),
-                 step = _mm256_set1_ps(k->step), ib = _mm256_set1_ps(k->inv_bc2), decay = _mm256_set1_ps(k->decay);
-    for (; j + 8 <= n; j += 8) {
-        __m256 gj = _mm256_mul_ps(_mm256_loadu_ps(g + j), gs), pj = _mm256_loadu_ps(p + j);
-        __m256 mj = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(mm + j)), _mm256_mul_ps(c1, gj));
-        __m256 vj = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(vv + j)), _mm256_mul_ps(_mm256_mul_ps(c2, gj), gj));
-        __m256 u = _mm256_div_ps(_mm256_mul_ps(step, mj), _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vj, ib)), eps));
-        _mm256_storeu_ps(mm + j, mj);
-        _mm256_storeu_ps(vv + j, vj);
-        _mm256_storeu_ps(p + j, _mm256_sub_ps(pj, _mm256_add_ps(u, _mm256_mul_ps(decay, pj))));
-        _mm256_storeu_ps(g + j, _mm256_setzero_ps());
-    }
-#endif
-    for (; j < n; j++) {
-        float gj = (float)g[j] * k->gs, mj = k->b1 * mm[j] + (1 - k->b1) * gj, vj = k->b2 * vv[j] + (1 - k->b2) * gj * gj;
-        mm[j] = mj;
-        vv[j] = vj;
-        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
-        g[j] = 0;
-    }
-}
-static void moe__adamw_update_bf16(moe_real *p, moe_real *g, uint16_t *mm, uint16_t *vv, int64_t n, const moe__adamw_k *k) {
-    int64_t j;
-    for (j = 0; j < n; j++) {
-        float gj = (float)g[j] * k->gs, mj = k->b1 * moe_bf16_to_f32(mm[j]) + (1 - k->b1) * gj;
-        float vj = k->b2 * moe_bf16_to_f32(vv[j]) + (1 - k->b2) * gj * gj;
-        mm[j] = moe_f32_to_bf16(mj);
-        vv[j] = moe_f32_to_bf16(vj);
-        p[j] -= (moe_real)(k->step * mj / (sqrtf(vj * k->inv_bc2) + k->eps) + k->decay * (float)p[j]);
-        g[j] = 0;
-    }
-}
 
 MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw_config *cfg, moe_adamw **out) {
     moe_adamw *o;
-    int64_t i, n;
+    int64_t i;
     size_t es;
     MOE__CHECK_CTX(ctx);
     if (!model || !out) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: NULL model or out");
     *out = NULL;
+    if (model->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: the model lives on another device");
     o = (moe_adamw *)moe__heap_calloc(ctx, sizeof *o);
     if (!o) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
     if (cfg) o->cfg = *cfg;
@@ -6052,53 +7703,28 @@ MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw
     }
     o->model = model;
     es = o->cfg.moment_dtype == MOE_BF16 ? 2 : sizeof(float);
-    o->m = (void **)moe__heap_calloc(ctx, sizeof(void *) * (size_t)model->n_entries);
-    o->v = (void **)moe__heap_calloc(ctx, sizeof(void *) * (size_t)model->n_entries);
-    if (!o->m || !o->v) {
+    o->segments = (moe__adamw_segment *)moe__heap_calloc(ctx, sizeof(moe__adamw_segment) * (size_t)(model->n_entries + 1));
+    if (!o->segments || MOE__BE(ctx)->alloc(ctx, es * (size_t)model->params->numel, &o->m) != MOE_OK ||
+        MOE__BE(ctx)->alloc(ctx, es * (size_t)model->params->numel, &o->v) != MOE_OK) {
         moe_adamw_free(ctx, o);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory for the moments");
     }
     for (i = 0; i < model->n_entries; i++) {
-        if (!model->entries[i].is_param) continue;
-        o->m[i] = moe__heap_calloc(ctx, es * (size_t)model->entries[i].t->numel);
-        o->v[i] = moe__heap_calloc(ctx, es * (size_t)model->entries[i].t->numel);
-        if (!o->m[i] || !o->v[i]) {
-            moe_adamw_free(ctx, o);
-            return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory for moments");
-        }
-        o->n_slices += (model->entries[i].t->numel + MOE__ADAMW_SLICE - 1) / MOE__ADAMW_SLICE;
-    }
-    o->slices = (moe__adamw_slice *)moe__heap_calloc(ctx, sizeof(moe__adamw_slice) * (size_t)(o->n_slices + 1));
-    o->slice_sumsq = (double *)moe__heap_calloc(ctx, sizeof(double) * (size_t)(o->n_slices + 1));
-    if (!o->slices || !o->slice_sumsq) {
-        moe_adamw_free(ctx, o);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory");
-    }
-    for (i = 0, n = 0; i < model->n_entries; i++) {
-        int64_t start;
-        if (!model->entries[i].is_param) continue;
-        for (start = 0; start < model->entries[i].t->numel; start += MOE__ADAMW_SLICE, n++) {
-            o->slices[n].entry = i;
-            o->slices[n].start = start;
-            o->slices[n].len = model->entries[i].t->numel - start < MOE__ADAMW_SLICE ? model->entries[i].t->numel - start : MOE__ADAMW_SLICE;
-        }
+        const moe__entry *e = &model->entries[i];
+        if (!e->is_param) continue;
+        o->segments[o->n_segments].start = e->offset;
+        o->segments[o->n_segments].len = e->t->numel;
+        o->n_segments++;
     }
     *out = o;
     return MOE_OK;
 }
 
 MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
-    int64_t i;
-    (void)ctx;
     if (!o) return;
-    for (i = 0; o->m && i < o->model->n_entries; i++) {
-        MOE_FREE(o->m[i]);
-        MOE_FREE(o->v[i]);
-    }
-    MOE_FREE(o->m);
-    MOE_FREE(o->v);
-    MOE_FREE(o->slices);
-    MOE_FREE(o->slice_sumsq);
+    o->model->be->free(ctx, o->m);
+    o->model->be->free(ctx, o->v);
+    MOE_FREE(o->segments);
     MOE_FREE(o);
 }
 
@@ -6107,22 +7733,16 @@ MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
     moe_model *m;
     double sumsq = 0, norm, coef, bc1, bc2;
-    int64_t s;
-    int bf16;
-    moe__adamw_k k;
+    moe__adamw_op op;
+    int64_t s, i;
     MOE__CHECK_CTX(ctx);
     if (!o) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: optimizer is NULL");
     if (!(lr >= 0) || !isfinite(lr) || !(grad_scale > 0) || !isfinite(grad_scale) || !(clip >= 0))
         return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
                          (double)lr, (double)grad_scale, (double)clip);
     m = o->model;
-    /* global norm: per-slice sums in parallel, added in slice order */
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1))
-    for (s = 0; s < o->n_slices; s++) {
-        const moe_tensor *t = m->entries[o->slices[s].entry].t;
-        o->slice_sumsq[s] = t->grad ? moe__sumsq((const moe_real *)t->grad->data + o->slices[s].start, o->slices[s].len) : 0;
-    }
-    for (s = 0; s < o->n_slices; s++) sumsq += o->slice_sumsq[s];
+    /* the global norm over the gradient slab, in fixed chunks added in order */
+    MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
     norm = sqrt(sumsq) * grad_scale;
     if (grad_norm) *grad_norm = (float)norm;
     if (!isfinite(norm)) {
@@ -6133,25 +7753,23 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     o->step++;
     bc1 = 1.0 - pow(o->cfg.beta1, (double)o->step);
     bc2 = 1.0 - pow(o->cfg.beta2, (double)o->step);
-    bf16 = o->cfg.moment_dtype == MOE_BF16;
-    k.gs = (float)coef;
-    k.b1 = o->cfg.beta1;
-    k.b2 = o->cfg.beta2;
-    k.eps = o->cfg.eps;
-    k.step = lr / (float)bc1;
-    k.inv_bc2 = 1.0f / (float)bc2;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1) firstprivate(k))
-    for (s = 0; s < o->n_slices; s++) {
-        const moe__adamw_slice *sl = &o->slices[s];
-        moe_tensor *t = m->entries[sl->entry].t;
-        moe_real *p = MOE__F32(t) + sl->start, *g;
-        if (!t->grad) continue;
-        g = (moe_real *)t->grad->data + sl->start;
-        k.decay = lr * (m->entries[sl->entry].decay ? o->cfg.weight_decay : 0.0f);
-        if (bf16) moe__adamw_update_bf16(p, g, (uint16_t *)o->m[sl->entry] + sl->start, (uint16_t *)o->v[sl->entry] + sl->start, sl->len, &k);
-        else moe__adamw_update_f32(p, g, (float *)o->m[sl->entry] + sl->start, (float *)o->v[sl->entry] + sl->start, sl->len, &k);
-    }
-    return MOE_OK;
+    for (s = 0, i = 0; i < m->n_entries; i++)
+        if (m->entries[i].is_param) o->segments[s++].decay = lr * (m->entries[i].decay ? o->cfg.weight_decay : 0.0f);
+    memset(&op, 0, sizeof op);
+    op.p = MOE__F32(m->params);
+    op.g = MOE__F32(m->grads);
+    op.m = o->m;
+    op.v = o->v;
+    op.moment_dtype = o->cfg.moment_dtype;
+    op.host_segments = o->segments;
+    op.n_segments = o->n_segments;
+    op.grad_scale = (float)coef;
+    op.beta1 = o->cfg.beta1;
+    op.beta2 = o->cfg.beta2;
+    op.eps = o->cfg.eps;
+    op.step = lr / (float)bc1;
+    op.inv_bc2 = 1.0f / (float)bc2;
+    return MOE__BE(ctx)->adamw(ctx, &op);
 }
 
 MOE_API float moe_lr_at(const moe_lr_schedule *s, int64_t step) {
@@ -6167,7 +7785,7 @@ MOE_API float moe_lr_at(const moe_lr_schedule *s, int64_t step) {
 }
 
 /* ============================================================================================
-   8b. distillation
+   11. distill — distillation losses and the teacher cache                            >>distill
    ============================================================================================
    Notation for one row (position): a = z_s/T the student's tempered logits, q = softmax(a);
    p the teacher's distribution at T. With per-row loss ℓ = α·CE + (1−α)·T²·KL and
@@ -6188,8 +7806,6 @@ MOE_API float moe_lr_at(const moe_lr_schedule *s, int64_t step) {
                          q_j (log q_R − log p_R − KL) (j ∉ S).
    In the reverse direction p_R is floored at MOE__DISTILL_TAIL_FLOOR so that a teacher whose
    tail underflowed to 0 gives a large but finite loss. With k = V there is no tail bucket. */
-
-#define MOE__DISTILL_TAIL_FLOOR 1e-30
 
 MOE_API moe_distill_opts moe_distill_defaults(void) {
     moe_distill_opts o;
@@ -6213,210 +7829,47 @@ static moe_status moe__distill_opts(moe_ctx *ctx, const char *fn, const moe_dist
     return MOE_OK;
 }
 
-/* Log-sum-exp of s·x[j] over j < n, skipping ids marked in `skip` (NULL: none); −inf when
-   every id is skipped. */
-static moe_real moe__distill_lse(const moe_real *x, int64_t n, moe_real s, const unsigned char *skip) {
-    moe_real m = -(moe_real)INFINITY, sum = 0;
-    int64_t j;
-    for (j = 0; j < n; j++)
-        if (!(skip && skip[j]) && s * x[j] > m) m = s * x[j];
-    if (m == -(moe_real)INFINITY) return m;
-    for (j = 0; j < n; j++)
-        if (!(skip && skip[j])) sum += moe__exp(s * x[j] - m);
-    return m + moe__ln(sum);
-}
-
-/* Everything a distillation node needs: the options, the teacher (full logits, or top-k
-   arrays), the labels and what the forward saved per row. Lives in the step arena; the
-   teacher's and the labels' tensors must live until the backward, like any op input. */
+/* Everything a distillation node needs: the options, the kernels' description of the rows
+   (teacher, labels, what the forward keeps per row) and the rows that counted. Lives in the
+   step arena; the teacher's and the labels' tensors must live until the backward, like any
+   op input. */
 typedef struct moe__distill {
     moe_distill_opts o;
-    int64_t V, rows, k, count; /* k = 0: online (full teacher logits) */
-    const moe_real *zt;        /* online: teacher logits [rows, V] */
-    const int32_t *ids;        /* top-k: ids [rows, k], logp [rows, k], tail [rows] */
-    const moe_real *logp, *tail;
-    const int32_t *labels;     /* NULL: every row counts, no CE */
-    moe_real *lse1;            /* student log-sum-exp at T = 1 (CE) */
-    moe_real *lseT;            /* student log-sum-exp of a = z/T */
-    moe_real *lseX;            /* online: the teacher's lse of z_t/T; top-k: the student's tail lse */
-    moe_real *kl;              /* per-row KL (the reverse gradient needs it) */
-    unsigned char *mark;       /* top-k: one V-byte marker per row chunk, all zero between rows */
-    int64_t nchunks;
+    moe__distill_op op;
+    int64_t count;
 } moe__distill;
-
-static int moe__distill_counts(const moe__distill *D, int64_t r) {
-    return !D->labels || D->labels[r] != D->o.ignore_index;
-}
-
-/* Forward of rows [r0, r1): per-row CE (at T = 1) into ce[r], KL (at T) into D->kl[r]. */
-static void moe__distill_rows_fwd(const moe__distill *D, const moe_real *zs, int64_t r0, int64_t r1, unsigned char *mark,
-                                  moe_real *ce) {
-    const int64_t V = D->V, k = D->k;
-    const moe_real invT = (moe_real)1 / (moe_real)D->o.temperature;
-    const int fwd = D->o.direction == MOE_KL_FORWARD;
-    int64_t r, j, i;
-    for (r = r0; r < r1; r++) {
-        const moe_real *x = zs + r * V;
-        moe_real lseT, kr = 0;
-        ce[r] = 0;
-        D->kl[r] = 0;
-        if (!moe__distill_counts(D, r)) continue;
-        if (D->labels) {
-            D->lse1[r] = moe__distill_lse(x, V, 1, NULL);
-            ce[r] = D->lse1[r] - x[D->labels[r]];
-        }
-        lseT = D->lseT[r] = moe__distill_lse(x, V, invT, NULL);
-        if (!k) {
-            const moe_real *y = D->zt + r * V;
-            moe_real lset = D->lseX[r] = moe__distill_lse(y, V, invT, NULL);
-            for (j = 0; j < V; j++) {
-                moe_real lp = invT * y[j] - lset, lq = invT * x[j] - lseT;
-                kr += fwd ? moe__exp(lp) * (lp - lq) : moe__exp(lq) * (lq - lp);
-            }
-        } else {
-            const int32_t *ids = D->ids + r * k;
-            const moe_real *lp = D->logp + r * k, pR = D->tail[r];
-            moe_real lseR, lqR;
-            for (i = 0; i < k; i++) mark[ids[i]] = 1;
-            lseR = D->lseX[r] = k < V ? moe__distill_lse(x, V, invT, mark) : -(moe_real)INFINITY;
-            for (i = 0; i < k; i++) mark[ids[i]] = 0;
-            lqR = lseR - lseT;
-            for (i = 0; i < k; i++) {
-                moe_real lq = invT * x[ids[i]] - lseT;
-                kr += fwd ? moe__exp(lp[i]) * (lp[i] - lq) : moe__exp(lq) * (lq - lp[i]);
-            }
-            if (k < V) {
-                if (fwd) {
-                    if (pR > 0) kr += pR * (moe__ln(pR) - lqR);
-                } else {
-                    moe_real lpR = moe__ln(pR > (moe_real)MOE__DISTILL_TAIL_FLOOR ? pR : (moe_real)MOE__DISTILL_TAIL_FLOOR);
-                    kr += moe__exp(lqR) * (lqR - lpR);
-                }
-            }
-        }
-        D->kl[r] = kr;
-    }
-}
-
-/* Backward of rows [r0, r1): dz += scale·(α·(softmax(z) − onehot) + (1−α)·T·dKL/da). */
-static void moe__distill_rows_bwd(const moe__distill *D, const moe_real *zs, int64_t r0, int64_t r1, unsigned char *mark,
-                                  moe_real scale, moe_real *dz) {
-    const int64_t V = D->V, k = D->k;
-    const moe_real T = (moe_real)D->o.temperature, invT = (moe_real)1 / T, alpha = (moe_real)D->o.alpha;
-    const moe_real ks = scale * (1 - alpha) * T;
-    const int fwd = D->o.direction == MOE_KL_FORWARD;
-    int64_t r, j, i;
-    for (r = r0; r < r1; r++) {
-        const moe_real *x = zs + r * V;
-        moe_real *d = dz + r * V, lseT = D->lseT[r], klr = D->kl[r];
-        if (!moe__distill_counts(D, r)) continue;
-        if (D->labels && alpha > 0) {
-            moe_real cs = scale * alpha, l1 = D->lse1[r];
-            for (j = 0; j < V; j++) d[j] += cs * moe__exp(x[j] - l1);
-            d[D->labels[r]] -= cs;
-        }
-        if (ks == 0) continue;
-        if (!k) {
-            const moe_real *y = D->zt + r * V;
-            moe_real lset = D->lseX[r];
-            for (j = 0; j < V; j++) {
-                moe_real lp = invT * y[j] - lset, lq = invT * x[j] - lseT, q = moe__exp(lq);
-                d[j] += ks * (fwd ? q - moe__exp(lp) : q * (lq - lp - klr));
-            }
-        } else {
-            const int32_t *ids = D->ids + r * k;
-            const moe_real *lp = D->logp + r * k, pR = D->tail[r], lseR = D->lseX[r], lqR = lseR - lseT;
-            const moe_real lpR = moe__ln(pR > (moe_real)MOE__DISTILL_TAIL_FLOOR ? pR : (moe_real)MOE__DISTILL_TAIL_FLOOR);
-            moe_real P = pR;
-            for (i = 0; i < k; i++) {
-                P += moe__exp(lp[i]);
-                mark[ids[i]] = 1;
-            }
-            if (k < V) /* the tail bucket: ids outside S */
-                for (j = 0; j < V; j++) {
-                    moe_real q;
-                    if (mark[j]) continue;
-                    q = moe__exp(invT * x[j] - lseT);
-                    /* q_j/q_R = exp(a_j − lse_tail): no division by a tail that may underflow */
-                    d[j] += ks * (fwd ? P * q - pR * moe__exp(invT * x[j] - lseR) : q * (lqR - lpR - klr));
-                }
-            for (i = 0; i < k; i++) {
-                int32_t id = ids[i];
-                moe_real lq = invT * x[id] - lseT, q = moe__exp(lq);
-                mark[id] = 0;
-                d[id] += ks * (fwd ? P * q - moe__exp(lp[i]) : q * (lq - lp[i] - klr));
-            }
-        }
-    }
-}
-
-/* Rows are cut into nchunks contiguous chunks (at most one per thread), each with its own
-   marker; a row's values depend on that row alone, so the split changes nothing. */
-static void moe__distill_chunk(const moe__distill *D, int64_t c, int64_t *r0, int64_t *r1) {
-    *r0 = D->rows * c / D->nchunks;
-    *r1 = D->rows * (c + 1) / D->nchunks;
-}
 
 static moe_status moe__distill_bwd_node(moe_ctx *ctx, moe__node *n) {
     moe_tensor *zs = n->in[0];
     const moe__distill *D = (const moe__distill *)n->saved;
-    moe_real *dz, scale;
-    int64_t c;
+    moe_real *dz;
     MOE__GRAD_OR_FAIL(dz, ctx, zs);
     if (D->count == 0) return MOE_OK; /* no row counted: the loss is constant 0 */
-    scale = MOE__F32(n->out->grad)[0] / (moe_real)D->count;
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (D->rows * D->V > 16384))
-    for (c = 0; c < D->nchunks; c++) {
-        int64_t r0, r1;
-        moe__distill_chunk(D, c, &r0, &r1);
-        moe__distill_rows_bwd(D, MOE__F32(zs), r0, r1, D->mark ? D->mark + c * D->V : NULL, scale, dz);
-    }
-    return MOE_OK;
+    return MOE__BE(ctx)->distill_bwd(ctx, &D->op, MOE__F32(zs), moe__tensor_at(ctx, n->out->grad, 0) / (moe_real)D->count, dz);
 }
 
 /* The shared body of both loss ops once D holds the teacher. */
 static moe_status moe__distill_run(moe_ctx *ctx, const char *fn, moe__distill *D, moe_tensor *zs, moe_tensor **loss,
                                    moe_distill_parts *parts) {
-    moe_real *ce, T2 = (moe_real)D->o.temperature * (moe_real)D->o.temperature, a = (moe_real)D->o.alpha;
+    moe_real T2 = (moe_real)D->o.temperature * (moe_real)D->o.temperature, a = (moe_real)D->o.alpha;
     double ce_sum = 0, kl_sum = 0, total;
-    int64_t r, c, one = 1;
+    int64_t one = 1, rows = D->op.rows;
     moe__node *n;
-    D->nchunks = D->rows < ctx->n_threads ? D->rows : ctx->n_threads;
-    if (D->nchunks < 1) D->nchunks = 1;
-    ce = (moe_real *)moe__arena_alloc(ctx, (size_t)D->rows, sizeof(moe_real), fn);
-    D->lse1 = (moe_real *)moe__arena_alloc(ctx, (size_t)D->rows, sizeof(moe_real), fn);
-    D->lseT = (moe_real *)moe__arena_alloc(ctx, (size_t)D->rows, sizeof(moe_real), fn);
-    D->lseX = (moe_real *)moe__arena_alloc(ctx, (size_t)D->rows, sizeof(moe_real), fn);
-    D->kl = (moe_real *)moe__arena_alloc(ctx, (size_t)D->rows, sizeof(moe_real), fn);
-    if (!ce || !D->lse1 || !D->lseT || !D->lseX || !D->kl) return MOE_ERR_MEMORY;
-    if (D->k) {
-        size_t nm;
-        if (moe__mul_overflows((size_t)D->nchunks, (size_t)D->V, &nm)) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: size overflows", fn);
-        D->mark = (unsigned char *)moe__arena_alloc(ctx, nm, 1, fn);
-        if (!D->mark) return MOE_ERR_MEMORY;
-    }
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (D->rows * D->V > 16384))
-    for (c = 0; c < D->nchunks; c++) {
-        int64_t r0, r1;
-        moe__distill_chunk(D, c, &r0, &r1);
-        moe__distill_rows_fwd(D, MOE__F32(zs), r0, r1, D->mark ? D->mark + c * D->V : NULL, ce);
-    }
-    D->count = 0;
-    for (r = 0; r < D->rows; r++) { /* fixed order: the same sum for any thread count */
-        if (!moe__distill_counts(D, r)) continue;
-        ce_sum += (double)ce[r];
-        kl_sum += (double)D->kl[r];
-        D->count++;
-    }
+    D->op.lse1 = moe__dev_real(ctx, rows, fn);
+    D->op.lseT = moe__dev_real(ctx, rows, fn);
+    D->op.lseX = moe__dev_real(ctx, rows, fn);
+    D->op.kl = moe__dev_real(ctx, rows, fn);
+    if (!D->op.lse1 || !D->op.lseT || !D->op.lseX || !D->op.kl) return MOE_ERR_MEMORY;
+    MOE__TRY(MOE__BE(ctx)->distill_fwd(ctx, &D->op, MOE__F32(zs), &ce_sum, &kl_sum, &D->count));
     if (!isfinite(ce_sum) || !isfinite(kl_sum))
         return moe__fail(ctx, MOE_ERR_NUMERIC, "%s: the loss is not finite (CE %g, KL %g): non-finite logits?", fn, ce_sum, kl_sum);
     total = D->count ? (double)a * ce_sum / (double)D->count + (double)((1 - a) * T2) * kl_sum / (double)D->count : 0.0;
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, loss));
-    MOE__F32(*loss)[0] = (moe_real)total;
+    MOE__TRY(MOE__BE(ctx)->fill(ctx, (moe_real)total, 1, MOE__F32(*loss)));
     if (parts) {
         memset(parts, 0, sizeof *parts);
         parts->total = total;
-        parts->ce = D->labels && D->count ? ce_sum / (double)D->count : 0;
+        parts->ce = D->op.labels && D->count ? ce_sum / (double)D->count : 0;
         parts->kl = D->count ? kl_sum / (double)D->count : 0;
         parts->rows = D->count;
     }
@@ -6443,9 +7896,13 @@ static moe_status moe__distill_begin(moe_ctx *ctx, const char *fn, moe_tensor *z
     D = (moe__distill *)moe__arena_alloc(ctx, 1, sizeof *D, fn);
     if (!D) return MOE_ERR_MEMORY;
     D->o = o;
-    D->V = MOE__LAST(zs);
-    D->rows = zs->numel / D->V;
-    D->labels = labels ? MOE__I32(labels) : NULL;
+    D->op.V = MOE__LAST(zs);
+    D->op.rows = zs->numel / D->op.V;
+    D->op.labels = labels ? MOE__I32(labels) : NULL;
+    D->op.ignore_index = o.ignore_index;
+    D->op.alpha = (moe_real)o.alpha;
+    D->op.temperature = (moe_real)o.temperature;
+    D->op.reverse = o.direction == MOE_KL_REVERSE;
     *out = D;
     return MOE_OK;
 }
@@ -6458,13 +7915,13 @@ MOE_API moe_status moe_distill_loss(moe_ctx *ctx, moe_tensor *student_logits, mo
     int d;
     MOE__TRY(moe__distill_begin(ctx, fn, student_logits, labels, opts, loss, &D));
     MOE__TRY(moe__check_f32(ctx, fn, teacher_logits, "teacher_logits"));
-    if (MOE__LAST(teacher_logits) != D->V)
+    if (MOE__LAST(teacher_logits) != D->op.V)
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: the teacher's vocabulary (%lld) differs from the student's (%lld): "
-                         "distillation needs the same vocabulary", fn, (long long)MOE__LAST(teacher_logits), (long long)D->V);
+                         "distillation needs the same vocabulary", fn, (long long)MOE__LAST(teacher_logits), (long long)D->op.V);
     if (teacher_logits->ndim != student_logits->ndim) return moe__shape_mismatch(ctx, fn, student_logits, teacher_logits);
     for (d = 0; d < teacher_logits->ndim; d++)
         if (teacher_logits->shape[d] != student_logits->shape[d]) return moe__shape_mismatch(ctx, fn, student_logits, teacher_logits);
-    D->zt = MOE__F32(teacher_logits);
+    D->op.zt = MOE__F32(teacher_logits);
     return moe__distill_run(ctx, fn, D, student_logits, loss, parts);
 }
 
@@ -6510,19 +7967,24 @@ MOE_API moe_status moe_distill_loss_topk(moe_ctx *ctx, moe_tensor *student_logit
     MOE__TRY(moe__check_f32(ctx, fn, top_logp, "top_logp"));
     MOE__TRY(moe__check_f32(ctx, fn, tail, "tail"));
     k = MOE__LAST(top_ids);
-    if (tail->numel != D->rows) return moe__shape_mismatch(ctx, fn, student_logits, tail);
-    if (k < 1 || k > D->V || top_ids->numel != D->rows * k)
+    if (tail->numel != D->op.rows) return moe__shape_mismatch(ctx, fn, student_logits, tail);
+    if (k < 1 || k > D->op.V || top_ids->numel != D->op.rows * k)
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: top_ids must be [rows = %lld, k] with 1 <= k <= vocab (%lld), got %lld elements "
-                         "with last dim %lld", fn, (long long)D->rows, (long long)D->V, (long long)top_ids->numel, (long long)k);
+                         "with last dim %lld", fn, (long long)D->op.rows, (long long)D->op.V, (long long)top_ids->numel, (long long)k);
     if (top_logp->numel != top_ids->numel || MOE__LAST(top_logp) != k) return moe__shape_mismatch(ctx, fn, top_ids, top_logp);
-    mark = (unsigned char *)moe__arena_alloc(ctx, (size_t)D->V, 1, fn);
+    mark = (unsigned char *)moe__arena_alloc(ctx, (size_t)D->op.V, 1, fn);
     if (!mark) return MOE_ERR_MEMORY;
-    MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_ARG, 0, MOE__I32(top_ids), MOE__F32(top_logp), MOE__F32(tail), D->rows, k,
-                                     D->V, mark));
-    D->k = k;
-    D->ids = MOE__I32(top_ids);
-    D->logp = MOE__F32(top_logp);
-    D->tail = MOE__F32(tail);
+    {
+        const int32_t *h_ids = (const int32_t *)moe__host_data(ctx, top_ids->data, (size_t)top_ids->numel * sizeof(int32_t));
+        const moe_real *h_logp = (const moe_real *)moe__host_data(ctx, top_logp->data, (size_t)top_logp->numel * sizeof(moe_real));
+        const moe_real *h_tail = (const moe_real *)moe__host_data(ctx, tail->data, (size_t)tail->numel * sizeof(moe_real));
+        if (!h_ids || !h_logp || !h_tail) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_ARG, 0, h_ids, h_logp, h_tail, D->op.rows, k, D->op.V, mark));
+    }
+    D->op.k = k;
+    D->op.ids = MOE__I32(top_ids);
+    D->op.logp = MOE__F32(top_logp);
+    D->op.tail = MOE__F32(tail);
     return moe__distill_run(ctx, fn, D, student_logits, loss, parts);
 }
 
@@ -6541,7 +8003,7 @@ static moe_status moe__distill_teacher_logits(moe_ctx *ctx, moe_model *teacher, 
     moe_tensor *tl, *ids, *h = NULL, *lg = NULL, *aux = NULL;
     moe__arena_block *b0;
     size_t used0, all0;
-    int grad0 = ctx->grad_enabled;
+    int grad0 = ctx->conf.grad_enabled;
     moe_status s;
     shape[0] = B; shape[1] = T; shape[2] = c->vocab_size;
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 3, shape, &tl));
@@ -6551,12 +8013,12 @@ static moe_status moe__distill_teacher_logits(moe_ctx *ctx, moe_model *teacher, 
     b0 = ctx->arena;
     used0 = b0 ? b0->used : 0;
     all0 = ctx->arena_used;
-    ctx->grad_enabled = 0; /* inference mode: nothing goes on the tape */
+    ctx->conf.grad_enabled = 0; /* inference mode: nothing goes on the tape */
     s = moe__ids(ctx, tokens, B, T, T + 1, 0, &ids);
-    if (s == MOE_OK) s = moe__model_trunk(ctx, teacher, ids, B, T, 0.0f, &h, &aux);
+    if (s == MOE_OK) s = moe__model_trunk(ctx, teacher, ids, B, T, 0, NULL, 0.0f, &h, &aux);
     if (s == MOE_OK) s = moe_matmul(ctx, h, teacher->head, &lg);
-    if (s == MOE_OK) memcpy(tl->data, lg->data, (size_t)tl->numel * sizeof(moe_real));
-    ctx->grad_enabled = grad0;
+    if (s == MOE_OK) s = MOE__BE(ctx)->copy(ctx, tl->data, lg->data, (size_t)tl->numel * sizeof(moe_real), MOE__D2D);
+    ctx->conf.grad_enabled = grad0;
     if (nl > 0) memcpy(teacher->loads, loads0, (size_t)nl * sizeof(int64_t));
     if (b0 && ctx->arena == b0) {
         b0->used = used0;
@@ -6582,7 +8044,7 @@ static moe_status moe__model_distill_student(moe_ctx *ctx, const char *fn, moe_m
     if (!(o.mtp_lambda >= 0) || !(o.balance_alpha >= 0)) return moe__fail(ctx, MOE_ERR_ARG, "%s: mtp_lambda and balance_alpha must be >= 0", fn);
     MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 0, &ids));
     MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 1, &tgt));
-    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, o.balance_alpha, &h, &aux));
+    MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0, NULL, o.balance_alpha, &h, &aux));
     MOE__TRY(moe_matmul(ctx, h, m->head, &logits));
     if (tl) MOE__TRY(moe_distill_loss(ctx, logits, tl, tgt, dopts, &dl, &dp));
     else MOE__TRY(moe_distill_loss_topk(ctx, logits, tids, tlogp, ttail, tgt, dopts, &dl, &dp));
@@ -6646,9 +8108,6 @@ struct moe_distill_writer {
     moe_distill_info info;
     uint64_t hash;       /* FNV-1a of the records written so far */
     unsigned char *rec;  /* one encoded record */
-    unsigned char *mark; /* V bytes: the current row's top-k ids */
-    double *lp;          /* V log-probabilities of the current row */
-    int64_t *top;        /* k ids of the current row, most likely first */
     int failed, done;
 };
 
@@ -6657,9 +8116,9 @@ MOE_API moe_status moe_distill_writer_new(moe_ctx *ctx, const char *path, int64_
     static const char *fn = "moe_distill_writer_new";
     moe_distill_writer *w;
     unsigned char hdr[MOE__DISTILL_HDR];
+    if (out) *out = NULL;
     MOE__CHECK_CTX(ctx);
     if (!out) return moe__fail(ctx, MOE_ERR_ARG, "%s: out is NULL", fn);
-    *out = NULL;
     if (vocab < 1 || vocab > 0x7FFFFFFF) return moe__fail(ctx, MOE_ERR_ARG, "%s: vocab must be in [1, 2^31), got %lld", fn, (long long)vocab);
     if (k < 1 || k > vocab || k > 0x0FFFFFFF)
         return moe__fail(ctx, MOE_ERR_ARG, "%s: k must be in [1, vocab = %lld], got %lld", fn, (long long)vocab, (long long)k);
@@ -6673,10 +8132,7 @@ MOE_API moe_status moe_distill_writer_new(moe_ctx *ctx, const char *path, int64_
     w->info.tag = tag;
     w->hash = MOE__FNV_SEED;
     w->rec = (unsigned char *)moe__heap_alloc(ctx, (size_t)(8 * k + 4));
-    w->mark = (unsigned char *)moe__heap_calloc(ctx, (size_t)vocab);
-    w->lp = (double *)moe__heap_alloc(ctx, sizeof(double) * (size_t)vocab);
-    w->top = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)k);
-    if (!w->rec || !w->mark || !w->lp || !w->top) {
+    if (!w->rec) {
         moe_distill_writer_free(w);
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for vocab %lld, k %lld", fn, (long long)vocab, (long long)k);
     }
@@ -6699,8 +8155,12 @@ MOE_API moe_status moe_distill_writer_new(moe_ctx *ctx, const char *path, int64_
 
 MOE_API moe_status moe_distill_writer_add(moe_ctx *ctx, moe_distill_writer *w, const moe_tensor *teacher_logits) {
     static const char *fn = "moe_distill_writer_add";
-    int64_t V, k, rows, r, j, i;
-    double invT;
+    int64_t V, k, rows, r, i;
+    int32_t *ids;
+    moe_real *logp, *tail;
+    const int32_t *h_ids;
+    const moe_real *h_logp, *h_tail;
+    moe_status st;
     MOE__CHECK_CTX(ctx);
     if (!w) return moe__fail(ctx, MOE_ERR_ARG, "%s: writer is NULL", fn);
     if (w->done || w->failed) return moe__fail(ctx, MOE_ERR_STATE, "%s: the writer is %s", fn, w->done ? "finished" : "failed");
@@ -6711,47 +8171,28 @@ MOE_API moe_status moe_distill_writer_add(moe_ctx *ctx, moe_distill_writer *w, c
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: the logits' vocabulary is %lld, the cache's %lld", fn,
                          (long long)MOE__LAST(teacher_logits), (long long)V);
     rows = teacher_logits->numel / V;
-    invT = 1.0 / (double)w->info.temperature;
-    for (r = 0; r < rows; r++) {
-        const moe_real *z = MOE__F32(teacher_logits) + r * V;
-        double mx = -INFINITY, sum = 0, lse, tail = 0;
-        int64_t n = 0;
-        for (j = 0; j < V; j++) {
-            if (!isfinite((double)z[j]))
-                return moe__fail(ctx, MOE_ERR_NUMERIC, "%s: teacher logit %lld of row %lld is %g", fn, (long long)j, (long long)r, (double)z[j]);
-            if ((double)z[j] > mx) mx = (double)z[j];
-        }
-        for (j = 0; j < V; j++) sum += exp(((double)z[j] - mx) * invT);
-        lse = log(sum);
-        /* top-k by insertion into a descending list; an equal value stays behind the lower id */
-        for (j = 0; j < V; j++) {
-            double v = w->lp[j] = ((double)z[j] - mx) * invT - lse;
-            int64_t pos;
-            if (n == k && v <= w->lp[w->top[k - 1]]) continue;
-            pos = n < k ? n++ : k - 1;
-            while (pos > 0 && v > w->lp[w->top[pos - 1]]) {
-                w->top[pos] = w->top[pos - 1];
-                pos--;
-            }
-            w->top[pos] = j;
-        }
-        for (i = 0; i < k; i++) w->mark[w->top[i]] = 1;
-        for (j = 0; j < V; j++)
-            if (!w->mark[j]) tail += exp(w->lp[j]);
+    ids = (int32_t *)moe__dev_scratch(ctx, rows * k, sizeof(int32_t), fn);
+    logp = moe__dev_real(ctx, rows * k, fn);
+    tail = moe__dev_real(ctx, rows, fn);
+    if (!ids || !logp || !tail) return MOE_ERR_MEMORY;
+    st = MOE__BE(ctx)->teacher_topk(ctx, MOE__F32(teacher_logits), rows, V, k, (moe_real)w->info.temperature, ids, logp, tail);
+    if (st != MOE_OK) return moe__fail(ctx, st, "%s: %s", fn, moe_ctx_error(ctx));
+    h_ids = (const int32_t *)moe__host_data(ctx, ids, (size_t)(rows * k) * sizeof(int32_t));
+    h_logp = (const moe_real *)moe__host_data(ctx, logp, (size_t)(rows * k) * sizeof(moe_real));
+    h_tail = (const moe_real *)moe__host_data(ctx, tail, (size_t)rows * sizeof(moe_real));
+    if (!h_ids || !h_logp || !h_tail) return MOE_ERR_MEMORY;
+    for (r = 0; r < rows; r++) { /* encode the records: k ids, k log-probabilities, the tail (f32) */
+        uint32_t u;
+        float f;
         for (i = 0; i < k; i++) {
-            float f = (float)w->lp[w->top[i]];
-            uint32_t u;
-            w->mark[w->top[i]] = 0;
+            f = (float)h_logp[r * k + i];
             memcpy(&u, &f, 4);
-            moe__le_put32(w->rec + 4 * i, (uint32_t)w->top[i]);
+            moe__le_put32(w->rec + 4 * i, (uint32_t)h_ids[r * k + i]);
             moe__le_put32(w->rec + 4 * (k + i), u);
         }
-        {
-            float f = (float)tail;
-            uint32_t u;
-            memcpy(&u, &f, 4);
-            moe__le_put32(w->rec + 8 * k, u);
-        }
+        f = (float)h_tail[r];
+        memcpy(&u, &f, 4);
+        moe__le_put32(w->rec + 8 * k, u);
         w->hash = moe__fnv1a(w->hash, w->rec, (size_t)(8 * k + 4));
         if (fwrite(w->rec, 1, (size_t)(8 * k + 4), w->out.f) != (size_t)(8 * k + 4)) {
             w->failed = 1;
@@ -6790,9 +8231,6 @@ MOE_API void moe_distill_writer_free(moe_distill_writer *w) {
     if (!w) return;
     moe__out_abort(&w->out); /* nothing left to remove once finished */
     MOE_FREE(w->rec);
-    MOE_FREE(w->mark);
-    MOE_FREE(w->lp);
-    MOE_FREE(w->top);
     MOE_FREE(w);
 }
 
@@ -6906,6 +8344,8 @@ MOE_API moe_status moe_distill_cache_read(moe_ctx *ctx, moe_distill_cache *c, in
     unsigned char *raw;
     size_t bytes;
     uint64_t off;
+    int32_t *h_ids;
+    moe_real *h_logp, *h_tail;
     MOE__CHECK_CTX(ctx);
     if (!c || !ids || !logp || !tail) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL cache or output", fn);
     *ids = *logp = *tail = NULL;
@@ -6922,28 +8362,34 @@ MOE_API moe_status moe_distill_cache_read(moe_ctx *ctx, moe_distill_cache *c, in
     if (fseek(c->f, (long)off, SEEK_SET) != 0 || fread(raw, 1, bytes, c->f) != bytes)
         return moe__fail(ctx, MOE_ERR_IO, "%s: reading records %lld.. of '%s' failed (file changed since it was opened?)", fn,
                          (long long)first, c->path);
-    shape[0] = rows;
-    shape[1] = k;
-    MOE__TRY(moe_tensor_temp(ctx, MOE_I32, 2, shape, ids));
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 2, shape, logp));
-    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, shape, tail));
+    h_ids = (int32_t *)moe__arena_alloc(ctx, (size_t)(rows * k), sizeof(int32_t), fn);
+    h_logp = (moe_real *)moe__arena_alloc(ctx, (size_t)(rows * k), sizeof(moe_real), fn);
+    h_tail = (moe_real *)moe__arena_alloc(ctx, (size_t)rows, sizeof(moe_real), fn);
+    if (!h_ids || !h_logp || !h_tail) return MOE_ERR_MEMORY;
     for (r = 0; r < rows; r++) {
         const unsigned char *p = raw + (size_t)r * c->rec_bytes;
         float f;
         uint32_t u;
         for (i = 0; i < k; i++) {
-            MOE__I32(*ids)[r * k + i] = (int32_t)moe__le_get32(p + 4 * i);
+            h_ids[r * k + i] = (int32_t)moe__le_get32(p + 4 * i);
             u = moe__le_get32(p + 4 * (k + i));
             memcpy(&f, &u, 4);
-            MOE__F32(*logp)[r * k + i] = (moe_real)f;
+            h_logp[r * k + i] = (moe_real)f;
         }
         u = moe__le_get32(p + 8 * k);
         memcpy(&f, &u, 4);
-        MOE__F32(*tail)[r] = (moe_real)f;
+        h_tail[r] = (moe_real)f;
     }
     /* the checksum catches damage, not a hostile writer: check what the loss relies on */
-    return moe__distill_check_topk(ctx, fn, MOE_ERR_FORMAT, first, MOE__I32(*ids), MOE__F32(*logp), MOE__F32(*tail), rows, k,
-                                   c->info.vocab, c->mark);
+    MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_FORMAT, first, h_ids, h_logp, h_tail, rows, k, c->info.vocab, c->mark));
+    shape[0] = rows;
+    shape[1] = k;
+    MOE__TRY(moe_tensor_temp(ctx, MOE_I32, 2, shape, ids));
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 2, shape, logp));
+    MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, shape, tail));
+    MOE__TRY(MOE__BE(ctx)->copy(ctx, (*ids)->data, h_ids, (size_t)(rows * k) * sizeof(int32_t), MOE__H2D));
+    MOE__TRY(MOE__BE(ctx)->copy(ctx, (*logp)->data, h_logp, (size_t)(rows * k) * sizeof(moe_real), MOE__H2D));
+    return MOE__BE(ctx)->copy(ctx, (*tail)->data, h_tail, (size_t)rows * sizeof(moe_real), MOE__H2D);
 }
 
 MOE_API moe_status moe_model_distill_loss_cached(moe_ctx *ctx, moe_model *student, moe_distill_cache *cache,
@@ -6969,8 +8415,11 @@ MOE_API moe_status moe_model_distill_loss_cached(moe_ctx *ctx, moe_model *studen
 }
 
 /* ============================================================================================
-   9. io
-   ============================================================================================ */
+   12. io — config.json, token data, checkpoints, safetensors, Hugging Face                >>io
+   ============================================================================================
+   config.json, token data, checkpoints, safetensors and Hugging Face directories: files on the
+   host, read and written through the atomic writer and the strict parsers below. The model's
+   slabs must be host memory here (a model on a GPU is copied to the host first). */
 
 /* ---- a strict JSON reader: a flat array of tokens, each knowing where its subtree ends ---- */
 
@@ -7423,6 +8872,18 @@ MOE_API moe_status moe_data_batch(moe_ctx *ctx, const moe_dataset *d, int val, u
     return MOE_OK;
 }
 
+/* io reads and writes the model's slabs in place. */
+static moe_status moe__model_on_host(moe_ctx *ctx, const char *fn, const moe_model *m) {
+    if (m->be->device != MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: the model lives on a GPU; files are read and written from host memory", fn);
+    return MOE_OK;
+}
+
+/* Entry i's AdamW moment in a moment slab (f32 or bf16). */
+static void *moe__adamw_moment(const moe_adamw *o, void *slab, int64_t i) {
+    return (unsigned char *)slab + (size_t)o->model->entries[i].offset * (o->cfg.moment_dtype == MOE_BF16 ? 2 : 4);
+}
+
 /* ---- checkpoints ----
    "MOECKPT1", u32 version, u32 0, u64 payload bytes, payload, u64 FNV-1a of the payload.
    Payload: u32 + config.json text; state (i64 step, u64 seed, i64 data index, f64 tokens,
@@ -7470,8 +8931,9 @@ static void moe__buf_f64(moe__buf *b, double v) {
     moe__buf_u64(b, u);
 }
 
-/* One tensor record; values are stored as f32 (or the bf16 of the moments). */
-static void moe__ckpt_put_tensor(moe__buf *b, const char *name, int kind, const moe_tensor *t, const void *bf16) {
+/* One tensor record with t's name and shape: t's values as f32, or (moments) `raw`, the bytes
+   of numel f32 or bf16 values. */
+static void moe__ckpt_put_tensor(moe__buf *b, const char *name, int kind, const moe_tensor *t, const void *raw, int bf16) {
     unsigned char hdr[3];
     int64_t i;
     int d;
@@ -7483,8 +8945,8 @@ static void moe__ckpt_put_tensor(moe__buf *b, const char *name, int kind, const 
     hdr[2] = (unsigned char)t->ndim;
     moe__buf_put(b, hdr, 3);
     for (d = 0; d < t->ndim; d++) moe__buf_u64(b, (uint64_t)t->shape[d]);
-    if (bf16) {
-        moe__buf_put(b, bf16, (size_t)t->numel * 2);
+    if (raw) {
+        moe__buf_put(b, raw, (size_t)t->numel * (bf16 ? 2 : 4));
     } else {
         for (i = 0; i < t->numel; i++) {
             float f = (float)MOE__F32(t)[i];
@@ -7505,6 +8967,7 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
     moe_status r;
     MOE__CHECK_CTX(ctx);
     if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
+    MOE__TRY(moe__model_on_host(ctx, fn, m));
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
     memset(&b, 0, sizeof b);
     moe__buf_put(&b, MOE__CKPT_MAGIC, 8);
@@ -7524,31 +8987,11 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
     moe__buf_u32(&b, (uint32_t)n);
     for (i = 0; i < m->n_entries; i++) {
         const moe__entry *e = &m->entries[i];
-        moe__ckpt_put_tensor(&b, e->name, 0, e->t, NULL);
+        moe__ckpt_put_tensor(&b, e->name, 0, e->t, NULL, 0);
         if (o && e->is_param) {
-            if (o->cfg.moment_dtype == MOE_BF16) {
-                moe__ckpt_put_tensor(&b, e->name, 1, e->t, o->m[i]);
-                moe__ckpt_put_tensor(&b, e->name, 2, e->t, o->v[i]);
-            } else {
-                /* f32 moments: view them as tensors of the parameter's shape */
-                moe_tensor tm = *e->t;
-                tm.data = o->m[i];
-                {
-                    int64_t k;
-                    unsigned char hdr[3];
-                    uint16_t nl = (uint16_t)strlen(e->name);
-                    int kind;
-                    for (kind = 1; kind <= 2; kind++) {
-                        const float *src = (const float *)(kind == 1 ? o->m[i] : o->v[i]);
-                        moe__buf_put(&b, &nl, 2);
-                        moe__buf_put(&b, e->name, nl);
-                        hdr[0] = (unsigned char)kind; hdr[1] = 0; hdr[2] = (unsigned char)tm.ndim;
-                        moe__buf_put(&b, hdr, 3);
-                        for (k = 0; k < tm.ndim; k++) moe__buf_u64(&b, (uint64_t)tm.shape[k]);
-                        moe__buf_put(&b, src, (size_t)tm.numel * 4);
-                    }
-                }
-            }
+            int bf16 = o->cfg.moment_dtype == MOE_BF16;
+            moe__ckpt_put_tensor(&b, e->name, 1, e->t, moe__adamw_moment(o, o->m, i), bf16);
+            moe__ckpt_put_tensor(&b, e->name, 2, e->t, moe__adamw_moment(o, o->v, i), bf16);
         }
     }
     if (b.oom) {
@@ -7654,6 +9097,7 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
     MOE__CHECK_CTX(ctx);
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
+    MOE__TRY(moe__model_on_host(ctx, fn, m));
     MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd));
     cl = moe__rd_u32(&rd);
     p = moe__rd_take(&rd, cl);
@@ -7732,7 +9176,7 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
                     MOE__F32(t)[i] = (moe_real)f;
                 }
             } else if (o && m->entries[idx].is_param) {
-                memcpy(hdr[0] == 1 ? o->m[idx] : o->v[idx], data, (size_t)numel * (hdr[1] ? 2 : 4));
+                memcpy(moe__adamw_moment(o, hdr[0] == 1 ? o->m : o->v, idx), data, (size_t)numel * (hdr[1] ? 2 : 4));
             }
         }
         if (rd.bad || rd.at != rd.len || (pass == 0 && seen_values != (uint32_t)m->n_entries)) {
@@ -8305,6 +9749,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
         }
     }
     if (!st) st = moe_model_new(ctx, &cfg, 0, &m);
+    if (!st) st = moe__model_on_host(ctx, fn, m);
     if (!st) {
         L.used = (unsigned char **)moe__heap_calloc(ctx, sizeof(unsigned char *) * (size_t)(L.n_files + 1));
         for (f = 0; L.used && f < L.n_files; f++) L.used[f] = (unsigned char *)moe__heap_calloc(ctx, (size_t)L.files[f]->n + 1);
@@ -8379,6 +9824,7 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const cha
     moe_status st;
     MOE__CHECK_CTX(ctx);
     if (!m || !dir) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL model or dir", fn);
+    MOE__TRY(moe__model_on_host(ctx, fn, m));
     memset(&o, 0, sizeof o);
     if (opts) o = *opts;
     if (o.fp8_block <= 0) o.fp8_block = 128;
@@ -8413,11 +9859,28 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const cha
 
 
 /* ============================================================================================
-   10. infer
-   ============================================================================================ */
+   13. infer — the latent KV cache, sampling, speculative decoding                      >>infer
+   ============================================================================================
+   Generation runs the model of section 9 — the same trunk, blocks and MTP modules as
+   training — with a latent KV cache per MLA layer (reference §2.4) that every pass writes
+   its tokens' rows into and attends over, absorbed (the decode-attention entry) or expanded.
+   This section keeps the cache, sampling and MTP self-speculative decoding (reference §4.3),
+   and decides how a pass runs:
+   - rows one by one (a few tokens of an absorbed FP32 pass: decoding). Each row goes through
+     the whole model alone, so every GEMM sees one row and gives the same bits whatever the
+     pass: a verification pass over 1 + k tokens reproduces k + 1 single-token steps bit for
+     bit, and speculative greedy decoding is exactly plain greedy decoding. With several
+     threads the rows of a pass run side by side, one per thread, each thread with a context
+     of its own (the caller's settings, an arena of its own): a row publishes each cache row
+     it writes and waits only until the rows before it have written theirs (no barriers).
+   - all rows together (prompts, the expanded attention, BF16 and FP8), as in training.
+   Sessions run on contexts of their own, so they never reset the caller's arena; errors are
+   reported on the caller's context. A session reads the model's weights at every call:
+   changing them invalidates what is cached (call moe_gen_reset). */
 
 #define MOE__GEN_MAX_DRAFT 4 /* = the most MTP modules a config may have */
-#define MOE__GEN_LINE 8      /* int64_t per cache line: counters that threads share sit on lines of their own */
+#define MOE__GEN_TEAM (MOE__GEN_MAX_DRAFT + 1) /* threads a pass can use: one per row */
+#define MOE__GEN_ROWS 8 /* a pass runs its rows one by one up to this many (MOE__GEMM_SMALL) */
 
 /* The counters through which thread 0 and the crew of a speculative generation talk (see
    "the crew of a speculative generation"), each on a cache line of its own. */
@@ -8425,28 +9888,35 @@ enum { MOE__GEN_POSTED = 0, MOE__GEN_FINISHED = 1, MOE__GEN_STOP = 2 };
 
 struct moe_gen {
     moe_model *m;
-    moe_ctx *w;            /* private context: its arena is reset after every call */
-    int64_t cap, len, R;   /* capacity, main cache length, values per cached token (kvr + dr) */
+    moe_ctx *w[MOE__GEN_TEAM]; /* per thread of a pass: the caller's settings, an arena of its own */
+    int64_t cap, len, R;       /* capacity, main cache length, values per cached token (kvr + dr) */
     int64_t n_mtp, mtp_len[MOE__GEN_MAX_DRAFT];
-    moe_real *cache;       /* [(layers + n_mtp)][cap][R] */
-    int64_t ring_n;        /* hidden states of the last ring_n positions, per depth */
-    moe_real *ring;        /* [n_mtp + 1][ring_n][d]: main h^0 (after model.norm), MTP h^k */
-    int64_t *loads_saved;  /* the model's expert-load counters, restored after each call */
+    moe_real *cache;           /* [(layers + n_mtp)][cap][R] on the model's device */
+    int64_t ring_n;            /* hidden states of the last ring_n positions, per depth */
+    moe_real *ring;            /* [n_mtp + 1][ring_n][d]: main h^0 (after model.norm), MTP h^k */
+    moe_real *rows;            /* a row pass's outputs: h [ROWS][d], MTP h [ROWS][d], logits [ROWS][V] */
+    int64_t *loads_saved;      /* the model's expert-load counters, restored after each call */
     int64_t n_loads;
     moe_gen_attn attn;
-    float *pbuf;           /* [(MAX_DRAFT + 1) · 2][V] distributions during speculation */
-    float *logits;         /* [MAX_DRAFT + 1][V] logits of a step's rows */
-    int32_t *idx;          /* [2V] sort scratch: indices, merge buffer */
-    int32_t *toks;         /* [cap + 1] tokens of the current generation */
-    double t_par, t_ser;   /* seconds per token and block of multi-token passes, in parallel / serially */
-    int64_t n_small;       /* multi-token passes so far */
+    float *pbuf;               /* [(MAX_DRAFT + 1) · 2][V] distributions during speculation */
+    float *logits;             /* [MAX_DRAFT + 1][V] logits of a step's rows */
+    int32_t *idx;              /* [2V] sort scratch: indices, merge buffer */
+    int32_t *toks;             /* [cap + 1] tokens of the current generation */
+    double t_par, t_ser;       /* seconds per token and block of multi-token passes, in parallel / serially */
+    int64_t n_small;           /* multi-token passes so far */
     int64_t probe_at, probe_every; /* when to time the other way again, and how often */
-    const struct moe__gen_pass *pass; /* the pass posted to the crew */
-    int64_t sync[3][MOE__GEN_LINE];   /* [MOE__GEN_POSTED / _FINISHED / _STOP][0]: passes posted, crew parts finished, stop */
-    int64_t posts;         /* passes posted in this generation (thread 0's count) */
-    int crew;              /* crew threads serving (0: a pass opens a region of its own) */
-    int in_region;         /* the generation runs inside its crew's region (no nested regions) */
+    struct moe__gen_pass *pass;       /* the pass posted to the crew */
+    int64_t sync[3][MOE__LINE];       /* [MOE__GEN_POSTED / _FINISHED / _STOP][0]: passes posted, crew parts finished, stop */
+    int64_t progress[MOE__GEN_ROWS][MOE__LINE]; /* per row of a pass: cache rows written (moe__pass_sync) */
+    int64_t posts;             /* passes posted in this generation (thread 0's count) */
+    int crew;                  /* crew threads serving (0: a pass opens a region of its own) */
+    int in_region;             /* the generation runs inside its crew's region (no nested regions) */
 };
+
+static moe_real *moe__gen_layer_cache(moe_gen *g, int64_t layer) { return g->cache + layer * g->cap * g->R; }
+static moe_real *moe__gen_ring(moe_gen *g, int64_t depth, int64_t pos) {
+    return g->ring + (depth * g->ring_n + pos % g->ring_n) * g->m->cfg.hidden_size;
+}
 
 MOE_API void moe_gen_cache_bytes(const moe_model *m, int64_t *latent, int64_t *mha) {
     const moe_config *c;
@@ -8461,10 +9931,12 @@ MOE_API void moe_gen_cache_bytes(const moe_model *m, int64_t *latent, int64_t *m
 }
 
 MOE_API void moe_gen_free(moe_gen *g) {
+    int i;
     if (!g) return;
-    moe_ctx_free(g->w);
-    MOE_FREE(g->cache);
-    MOE_FREE(g->ring);
+    g->m->be->free(g->w[0], g->cache);
+    g->m->be->free(g->w[0], g->ring);
+    g->m->be->free(g->w[0], g->rows);
+    for (i = 0; i < MOE__GEN_TEAM; i++) moe_ctx_free(g->w[i]);
     MOE_FREE(g->loads_saved);
     MOE_FREE(g->pbuf);
     MOE_FREE(g->logits);
@@ -8478,10 +9950,12 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
     const moe_config *c;
     moe_gen *g;
     size_t n_cache, n_ring, n_p, bytes;
+    int i, ok = 1;
     MOE__CHECK_CTX(ctx);
     if (!out) return moe__fail(ctx, MOE_ERR_ARG, "%s: out is NULL", fn);
     *out = NULL;
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
+    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
     c = &m->cfg;
     if (max_len < 0 || max_len > c->max_position_embeddings)
         return moe__fail(ctx, MOE_ERR_ARG, "%s: max_len %lld is outside 0..max_position_embeddings (%lld)", fn,
@@ -8496,25 +9970,24 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
        lags by k: 4·(n_mtp + 1) positions cover every hidden state a later step reads */
     g->ring_n = 4 * (g->n_mtp + 1);
     g->n_loads = (c->num_hidden_layers - c->first_k_dense_replace + c->num_nextn_predict_layers) * c->n_routed_experts;
-    if (moe_ctx_new(&g->w) != MOE_OK) {
-        moe_gen_free(g);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
-    }
-    if (moe__mul_overflows((size_t)(c->num_hidden_layers + g->n_mtp) * (size_t)g->cap, (size_t)g->R, &n_cache) ||
+    for (i = 0; i < MOE__GEN_TEAM; i++) ok = ok && moe__ctx_child(ctx, &g->w[i]) == MOE_OK;
+    if (!ok || moe__mul_overflows((size_t)(c->num_hidden_layers + g->n_mtp) * (size_t)g->cap, (size_t)g->R, &n_cache) ||
         moe__mul_overflows(n_cache, sizeof(moe_real), &bytes)) {
         moe_gen_free(g);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: cache size overflows", fn);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory, or the cache size overflows", fn);
     }
     n_ring = (size_t)((g->n_mtp + 1) * g->ring_n * c->hidden_size);
     n_p = (size_t)(2 * (MOE__GEN_MAX_DRAFT + 1)) * (size_t)c->vocab_size;
-    g->cache = (moe_real *)moe__heap_calloc(ctx, bytes);
-    g->ring = (moe_real *)moe__heap_calloc(ctx, n_ring * sizeof(moe_real));
     g->loads_saved = (int64_t *)moe__heap_calloc(ctx, (size_t)(g->n_loads + 1) * sizeof(int64_t));
     g->pbuf = (float *)moe__heap_calloc(ctx, n_p * sizeof(float));
     g->logits = (float *)moe__heap_calloc(ctx, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)c->vocab_size * sizeof(float));
     g->idx = (int32_t *)moe__heap_calloc(ctx, (size_t)(2 * c->vocab_size) * sizeof(int32_t));
     g->toks = (int32_t *)moe__heap_calloc(ctx, (size_t)(g->cap + 1) * sizeof(int32_t));
-    if (!g->cache || !g->ring || !g->loads_saved || !g->pbuf || !g->logits || !g->idx || !g->toks) {
+    if (MOE__BE(ctx)->alloc(ctx, bytes, (void **)&g->cache) != MOE_OK ||
+        MOE__BE(ctx)->alloc(ctx, n_ring * sizeof(moe_real), (void **)&g->ring) != MOE_OK ||
+        MOE__BE(ctx)->alloc(ctx, (size_t)(MOE__GEN_ROWS * (2 * c->hidden_size + c->vocab_size)) * sizeof(moe_real),
+                            (void **)&g->rows) != MOE_OK ||
+        !g->loads_saved || !g->pbuf || !g->logits || !g->idx || !g->toks) {
         moe_gen_free(g);
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for a cache of %lld tokens (%zu bytes)", fn,
                          (long long)g->cap, bytes);
@@ -8554,595 +10027,143 @@ MOE_API moe_status moe_gen_truncate(moe_ctx *ctx, moe_gen *g, int64_t len) {
     return MOE_OK;
 }
 
-/* The private context follows the caller's settings; the model's load counters are kept. */
+/* The session's contexts take the caller's settings, whole, for this call; decoding records
+   no tape, and the crew threads (see below) compute on one thread each. The model's expert
+   load counters are kept aside. */
 static void moe__gen_begin(moe_ctx *ctx, moe_gen *g) {
-    g->w->n_threads = ctx->n_threads;
-    g->w->simd = ctx->simd;
-    g->w->gemm_compute = ctx->gemm_compute;
-    g->w->grad_enabled = 0; /* nothing is recorded: no tape, no saved activations needed */
-    g->w->arena_limit = ctx->arena_limit;
-    g->w->error[0] = 0;
+    int i;
+    for (i = 0; i < MOE__GEN_TEAM; i++) {
+        g->w[i]->conf = ctx->conf;
+        g->w[i]->conf.grad_enabled = 0;
+        if (i > 0) g->w[i]->conf.n_threads = 1;
+        g->w[i]->error[0] = 0;
+    }
     if (g->n_loads) memcpy(g->loads_saved, g->m->loads, (size_t)g->n_loads * sizeof(int64_t));
 }
-/* Reset the private arena, restore the load counters, and pass an error on to ctx. */
+/* Reset the session's arenas, restore the load counters, and pass an error on to ctx. */
 static moe_status moe__gen_end(moe_ctx *ctx, moe_gen *g, moe_status st) {
+    int i;
     if (g->n_loads) memcpy(g->m->loads, g->loads_saved, (size_t)g->n_loads * sizeof(int64_t));
-    moe_ctx_reset(g->w);
+    for (i = 0; i < MOE__GEN_TEAM; i++) moe_ctx_reset(g->w[i]);
     if (st != MOE_OK) {
-        if (g->w->error[0]) snprintf(ctx->error, sizeof ctx->error, "%s", g->w->error);
+        for (i = 0; i < MOE__GEN_TEAM && !g->w[i]->error[0]; i++) {
+        }
+        if (i < MOE__GEN_TEAM) snprintf(ctx->error, sizeof ctx->error, "%s", g->w[i]->error);
         else if (!ctx->error[0]) moe__fail(ctx, st, "moe_gen: %s", moe_status_name(st));
     }
     return st;
 }
 
-/* ---- small-batch kernels for decoding ----
-   A decode step runs a handful of rows (1 + drafts). The packed GEMM pays for packing the
-   weights at every call, which is most of a step at these sizes, so rows ≤ MOE__GEN_SMALL use
-   dot-product loops instead. Every output is one fixed-order sum that does not depend on how
-   many rows run together, so a verification pass over 1 + k tokens yields bit for bit the
-   logits that k + 1 single-token steps would: speculative greedy decoding then reproduces
-   plain greedy decoding exactly. */
-#define MOE__GEN_SMALL 8
-
-/* Σ a[i]·b[i] as every decode kernel sums it: 8 interleaved partial sums p_l (i ≡ l mod 8),
-   added pairwise ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), then the tail past the
-   last multiple of 8 in order. moe__gen_dot8 makes the same sums for 8 rows of b at once. */
-static moe_real moe__gen_dot(const moe_real *MOE_RESTRICT a, const moe_real *MOE_RESTRICT b, int64_t n) {
-    moe_real p[8], s;
-    int64_t i, l;
-    for (l = 0; l < 8; l++) p[l] = 0;
-    for (i = 0; i + 8 <= n; i += 8)
-        for (l = 0; l < 8; l++) p[l] += a[i + l] * b[i + l];
-    s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+static int moe__gen_naive(const moe_gen *g, int64_t n, int64_t pos0) {
+    return g->attn == MOE_GEN_ATTN_NAIVE || (g->attn == MOE_GEN_ATTN_AUTO && pos0 == 0 && n > 1);
+}
+/* Whether a pass of n tokens at pos0 runs its rows one by one: absorbed attention, FP32, few
+   tokens (the GEMMs' dot-product path, which gives every row the same bits in any pass). */
+static int moe__gen_by_rows(const moe_gen *g, int64_t n, int64_t pos0) {
+    return !moe__gen_naive(g, n, pos0) && n <= MOE__GEN_ROWS && g->w[0]->conf.gemm_compute == MOE_F32;
 }
 
-#if defined(MOE__SIMD_AVX2) && !defined(MOE_REAL_F64) /* moe__exp8 and the row helpers of section 4 */
-#define MOE__GEN_AVX2 1
-/* y[r] = moe__gen_dot(x, W + r·in, in) for r < 8, bit for bit: one 8-lane accumulator per
-   row, and two rounds of horizontal adds plus one add of the halves form the pairwise sums
-   of all 8 rows together. Several times faster than 8 separate reductions. */
-static void moe__gen_dot8(const float *x, const float *W, int64_t in, float *y) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, u0, u1;
-    int64_t i, r;
-    for (i = 0; i + 8 <= in; i += 8) {
-        __m256 xv = _mm256_loadu_ps(x + i);
-        const float *w = W + i;
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(xv, _mm256_loadu_ps(w)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(xv, _mm256_loadu_ps(w + in)));
-        a2 = _mm256_add_ps(a2, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 2 * in)));
-        a3 = _mm256_add_ps(a3, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 3 * in)));
-        a4 = _mm256_add_ps(a4, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 4 * in)));
-        a5 = _mm256_add_ps(a5, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 5 * in)));
-        a6 = _mm256_add_ps(a6, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 6 * in)));
-        a7 = _mm256_add_ps(a7, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 7 * in)));
+/* The caches of a pass: one per main layer, then the MTP modules'. */
+static moe__kv_cache *moe__gen_caches(moe_gen *g, moe_ctx *w, int absorb, const moe__pass_sync *sync) {
+    int64_t l, nl = g->m->cfg.num_hidden_layers + g->n_mtp;
+    moe__kv_cache *c = (moe__kv_cache *)moe__arena_alloc(w, (size_t)nl, sizeof *c, "moe_gen");
+    for (l = 0; c && l < nl; l++) {
+        c[l].rows = moe__gen_layer_cache(g, l);
+        c[l].absorb = absorb;
+        c[l].sync = sync;
     }
-    /* lanes of u0: (p0 + p1) + (p2 + p3) of rows 0-3, then (p4 + p5) + (p6 + p7) of rows 0-3 */
-    u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-    for (; i < in; i++)
-        for (r = 0; r < 8; r++) y[r] += x[i] * W[r * in + i];
-}
-#endif
-
-/* x[j] = e^(x[j] − shift) for j < n, moe__exp's values. */
-static void moe__gen_exp(moe_real *x, int64_t n, moe_real shift) {
-    int64_t j = 0;
-#ifdef MOE__GEN_AVX2
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(x + j, moe__exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(shift))));
-#endif
-    for (; j < n; j++) x[j] = moe__exp(x[j] - shift);
+    return c;
 }
 
-/* h[j] = silu(h[j])·h[I + j] for j < I, with moe_silu_scalar's values. */
-static void moe__gen_swiglu(moe_real *h, int64_t I) {
-    int64_t j = 0;
-#ifdef MOE__GEN_AVX2
-    for (; j + 8 <= I; j += 8) {
-        __m256 g = _mm256_loadu_ps(h + j), one = _mm256_set1_ps(1.0f);
-        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, moe__exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-        _mm256_storeu_ps(h + j, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(h + I + j)));
-    }
-#endif
-    for (; j < I; j++) h[j] = moe_silu_scalar(h[j]) * h[I + j];
-}
-
-/* Y[t, o] = X[t, :]·W[o, :] for W [out, in]; each block of weight rows is read once for all
-   rows of X. Only big products open a parallel region: even a one-thread region costs about a
-   microsecond, which a decode step would pay a hundred times. */
-static void moe__gen_gemv_rows(const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t o0, int64_t o1, int64_t out,
-                               moe_real *Y) {
-    int64_t o = o0, t;
-#ifdef MOE__GEN_AVX2
-    for (; o + 8 <= o1; o += 8)
-        for (t = 0; t < n; t++) moe__gen_dot8(X + t * in, W + o * in, in, Y + t * out + o);
-#endif
-    for (; o < o1; o++)
-        for (t = 0; t < n; t++) Y[t * out + o] = moe__gen_dot(X + t * in, W + o * in, in);
-}
-static void moe__gen_gemv(int nt, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out, moe_real *Y) {
-    if (nt > 1 && out * in * n >= ((int64_t)1 << 18)) {
-        int64_t c;
-        /* fixed chunks of outputs: every output is still one thread's whole dot product */
-        MOE__OMP(omp parallel for num_threads(nt) schedule(static))
-        for (c = 0; c < nt; c++) moe__gen_gemv_rows(X, n, in, W, out * c / nt, out * (c + 1) / nt, out, Y);
-        return;
-    }
-    moe__gen_gemv_rows(X, n, in, W, 0, out, out, Y);
-}
-
-/* y = w ⊙ x / sqrt(mean(x²) + eps) for one row: moe__rmsnorm_fwd's arithmetic without its
-   parallel region. */
-static void moe__gen_rmsnorm(const moe_real *x, const moe_real *w, moe_real *y, int64_t d, moe_real eps) {
-    moe_real ss = 0, rs;
-    int64_t i;
-    for (i = 0; i < d; i++) ss += x[i] * x[i];
-    rs = (moe_real)1 / moe__sqrt(ss / (moe_real)d + eps);
-    for (i = 0; i < d; i++) y[i] = w[i] * (x[i] * rs);
-}
-
-/* A linear layer of the decode path: small batches by moe__gen_gemv (FP32 only: the BF16
-   mode rounds operands inside the packed GEMM, so it keeps that). */
-static moe_status moe__gen_linear(moe_ctx *w, const moe_real *X, int64_t n, int64_t in, const moe_real *W, int64_t out,
-                                  moe_real *Y) {
-    int bf16 = w->gemm_compute == MOE_BF16;
-    if (n <= MOE__GEN_SMALL && !bf16) {
-        moe__gen_gemv(w->n_threads, X, n, in, W, out, Y);
-        return MOE_OK;
-    }
-    return moe__linear(w, X, n, in, W, out, Y, w->gemm_compute);
-}
-
-/* y = W2 (silu(W1 x) ⊙ W3 x) for one row; w13 [2I, d], w2 [d, I]; h13: [2I] scratch. */
-static void moe__gen_mlp_row(const moe_real *x, int64_t d, int64_t I, const moe_real *w13, const moe_real *w2, moe_real *h13,
-                             moe_real *y) {
-    moe__gen_gemv(1, x, 1, d, w13, 2 * I, h13);
-    moe__gen_swiglu(h13, I);
-    moe__gen_gemv(1, h13, 1, I, w2, d, y);
-}
-
-/* Scratch of one token's FFN: h13 [2·max(I, I_shared)], e [d], z [2E], chosen [K]. */
-static int64_t moe__gen_ffn_ws(const moe_config *c, const moe__block *b) {
-    int64_t I = c->moe_intermediate_size, Is = b->is_moe ? b->moe.shared.inter : b->dense.inter;
-    return 2 * (I > Is ? I : Is) + c->hidden_size + 2 * c->n_routed_experts + c->num_experts_per_tok + 4;
-}
-
-/* DeepSeekMoE (or the dense FFN) for one token: the router, moe__route and the gates as
-   moe__moe_forward makes them, then the shared experts plus Σ_k g_k·Expert_k in slot
-   order. Loads are not counted (inference). ws: moe__gen_ffn_ws values. */
-static void moe__gen_ffn_row(int nt, const moe_config *c, const moe__block *b, const moe_real *x, moe_real *y, moe_real *ws) {
-    int64_t d = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
-    const moe__moe *L = &b->moe;
-    int64_t Is = b->is_moe ? L->shared.inter : b->dense.inter, hmax = 2 * (I > Is ? I : Is), k, j;
-    moe_real *h13 = ws, *e = ws + hmax, *z = e + d, *s = z + E, sum = 0;
-    int32_t chosen[MOE__MAX_EXPERTS];
-    (void)nt;
-    if (!b->is_moe) {
-        moe__gen_mlp_row(x, d, Is, MOE__F32(b->dense.w13), MOE__F32(b->dense.w2), h13, y);
-        return;
-    }
-    moe__gen_gemv(nt, x, 1, d, MOE__F32(L->gate), E, z); /* the router stays FP32, as in training */
-    if (c->scoring_func == MOE_SCORING_SOFTMAX) {
-        moe_real mx = z[0], tot = 0;
-        for (j = 1; j < E; j++) mx = z[j] > mx ? z[j] : mx;
-        for (j = 0; j < E; j++) tot += (s[j] = moe__exp(z[j] - mx));
-        for (j = 0; j < E; j++) s[j] /= tot;
-    } else {
-        /* moe_sigmoid_scalar: 1 / (1 + e^−z) */
-        for (j = 0; j < E; j++) s[j] = -z[j];
-        moe__gen_exp(s, E, 0);
-        for (j = 0; j < E; j++) s[j] = (moe_real)1 / ((moe_real)1 + s[j]);
-    }
-    moe__route(s, MOE__F32(L->bias), c, chosen);
-    for (k = 0; k < K; k++) sum += s[chosen[k]];
-    if (L->shared.w13) moe__gen_mlp_row(x, d, Is, MOE__F32(L->shared.w13), MOE__F32(L->shared.w2), h13, y);
-    else for (j = 0; j < d; j++) y[j] = 0;
-    for (k = 0; k < K; k++) {
-        int64_t ex = chosen[k];
-        moe_real g = (moe_real)c->routed_scaling_factor * (c->norm_topk_prob ? s[ex] / sum : s[ex]);
-        moe__gen_mlp_row(x, d, I, MOE__F32(L->w13) + ex * 2 * I * d, MOE__F32(L->w2) + ex * d * I, h13, e);
-        for (j = 0; j < d; j++) y[j] += g * e[j];
-    }
-}
-
-/* One MLA layer over n new tokens (rows of X, already normed) at positions pos0..pos0+n-1.
-   Writes their c_KV (normed) and k_pe (rotated) to `cache` rows pos0.., then attends from
-   token t over cache rows 0..pos0+t. naive: expand k and v of every cached row through kv_b
-   (the training computation); else absorbed: score_j = (W_UKᵀq_nope · c_j + q_pe · kpe_j)·scale,
-   o = W_UV Σ_j p_j c_j. */
-static moe_status moe__gen_mla(moe_ctx *w, const moe_model *m, const moe__mla *A, moe_real *cache, const moe_real *X,
-                               int64_t n, int64_t pos0, int naive, moe_real *out) {
-    const moe_config *c = &m->cfg;
-    int64_t d = c->hidden_size, H = c->num_attention_heads, qr = c->q_lora_rank, kvr = c->kv_lora_rank;
-    int64_t dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dqk = dn + dr, dv = c->v_head_dim, R = kvr + dr;
-    int64_t Lk = pos0 + n, t, h, pair, npairs = n * H;
-    int bf16 = w->gemm_compute == MOE_BF16, nt = w->n_threads;
-    moe__mla_dims md = moe__model_mla_dims(m, 1, n, pos0); /* the training forward's eps and scale */
-    moe_real eps = md.eps, scale = md.scale;
-    const moe_real *kvb_w = MOE__F32(A->kv_b);
-    moe_real *q = moe__scratch_real(w, n * H * dqk, "moe_gen attention");
-    moe_real *kv = moe__scratch_real(w, n * R, "moe_gen attention");
-    moe_real *o = moe__scratch_real(w, n * H * dv, "moe_gen attention");
-    moe_real *sc = moe__scratch_real(w, (int64_t)nt * Lk, "moe_gen attention");
-    if (!q || !kv || !o || !sc) return MOE_ERR_MEMORY;
-    /* queries, RoPE'd at their positions */
-    if (qr > 0) {
-        moe_real *cq = moe__scratch_real(w, n * qr, "moe_gen attention");
-        if (!cq) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__gen_linear(w, X, n, d, MOE__F32(A->q_a), qr, cq));
-        moe__rmsnorm_fwd(nt, cq, MOE__F32(A->q_a_norm), cq, NULL, n, qr, eps);
-        MOE__TRY(moe__gen_linear(w, cq, n, qr, MOE__F32(A->q_b), H * dqk, q));
-    } else {
-        MOE__TRY(moe__gen_linear(w, X, n, d, MOE__F32(A->q_proj), H * dqk, q));
-    }
-    moe__mla_rope(q, n, n, H, dqk, dn, dr, m->rope.cos_sin, pos0, 1);
-    /* the new cache rows: RMSNorm(c_KV) and RoPE(k_pe); kv_a's rows are [c_KV ; k_pe] */
-    MOE__TRY(moe__gen_linear(w, X, n, d, MOE__F32(A->kv_a), R, kv));
-    for (t = 0; t < n; t++) {
-        moe_real *row = cache + (pos0 + t) * R;
-        moe__gen_rmsnorm(kv + t * R, MOE__F32(A->kv_a_norm), row, kvr, eps);
-        memcpy(row + kvr, kv + t * R + kvr, (size_t)dr * sizeof(moe_real));
-    }
-    moe__mla_rope(cache + pos0 * R, n, n, 1, R, kvr, dr, m->rope.cos_sin, pos0, 1);
-    if (naive) {
-        /* k_nope | v of every cached token, as the training forward makes them */
-        moe_real *kvb = moe__scratch_real(w, Lk * H * (dn + dv), "moe_gen attention");
-        if (!kvb) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__gemm(w, 0, 1, Lk, H * (dn + dv), kvr, 1, cache, R, kvb_w, kvr, 0, kvb, H * (dn + dv), bf16));
-        MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (npairs * Lk * (dqk + dv) > 32768))
-        for (pair = 0; pair < npairs; pair++) {
-            int64_t tt = pair / H, hh = pair % H, nk = pos0 + tt + 1, j, i;
-            const moe_real *qh = q + (tt * H + hh) * dqk;
-            moe_real *s = sc;
-            moe_real mx = -INFINITY, sum = 0, *oh = o + (tt * H + hh) * dv;
-#ifdef _OPENMP
-            s = sc + (int64_t)omp_get_thread_num() * Lk;
-#endif
-            for (j = 0; j < nk; j++) {
-                const moe_real *kn = kvb + (j * H + hh) * (dn + dv), *kp = cache + j * R + kvr;
-                moe_real acc = 0;
-                for (i = 0; i < dn; i++) acc += qh[i] * kn[i];
-                for (i = 0; i < dr; i++) acc += qh[dn + i] * kp[i];
-                s[j] = acc * scale;
-                mx = s[j] > mx ? s[j] : mx;
-            }
-            for (j = 0; j < nk; j++) sum += (s[j] = moe__exp(s[j] - mx));
-            for (i = 0; i < dv; i++) oh[i] = 0;
-            for (j = 0; j < nk; j++) {
-                const moe_real *vj = kvb + (j * H + hh) * (dn + dv) + dn;
-                moe_real p = s[j] / sum;
-                for (i = 0; i < dv; i++) oh[i] += p * vj[i];
-            }
-        }
-    } else {
-        /* qc[t, h] = [W_UK_hᵀ q_nope ; q_pe]: one R-vector that dots a cache row directly */
-        moe_real *qc = moe__scratch_real(w, n * H * R, "moe_gen attention");
-        moe_real *ob = moe__scratch_real(w, n * H * kvr, "moe_gen attention");
-        if (!qc || !ob) return MOE_ERR_MEMORY;
-        if (n <= MOE__GEN_SMALL && !bf16) {
-            /* q̃ = Σ_i q_nope[i]·W_UK[i, :], rows of kv_b added in a fixed order */
-            for (pair = 0; pair < npairs; pair++) {
-                const moe_real *qn = q + pair * dqk, *wk = kvb_w + (pair % H) * (dn + dv) * kvr;
-                moe_real *dst = qc + pair * R;
-                int64_t i, j;
-                for (j = 0; j < kvr; j++) dst[j] = 0;
-                for (i = 0; i < dn; i++)
-                    for (j = 0; j < kvr; j++) dst[j] += qn[i] * wk[i * kvr + j];
-            }
-        } else {
-            for (h = 0; h < H; h++)
-                MOE__TRY(moe__gemm(w, 0, 0, n, kvr, dn, 1, q + h * dqk, H * dqk, kvb_w + h * (dn + dv) * kvr, kvr, 0, qc + h * R,
-                                   H * R, bf16));
-        }
-        for (pair = 0; pair < npairs; pair++) memcpy(qc + pair * R + kvr, q + pair * dqk + dn, (size_t)dr * sizeof(moe_real));
-        MOE__OMP(omp parallel for num_threads(nt) schedule(static) if (npairs * Lk * R > 32768))
-        for (pair = 0; pair < npairs; pair++) {
-            int64_t tt = pair / H, nk = pos0 + tt + 1, j, i;
-            const moe_real *qh = qc + pair * R;
-            moe_real *s = sc;
-            moe_real mx = -INFINITY, sum = 0, *oh = ob + pair * kvr;
-#ifdef _OPENMP
-            s = sc + (int64_t)omp_get_thread_num() * Lk;
-#endif
-            for (j = 0; j < nk; j++) {
-                s[j] = moe__gen_dot(qh, cache + j * R, R) * scale;
-                mx = s[j] > mx ? s[j] : mx;
-            }
-            for (j = 0; j < nk; j++) sum += (s[j] = moe__exp(s[j] - mx));
-            for (i = 0; i < kvr; i++) oh[i] = 0;
-            for (j = 0; j < nk; j++) {
-                const moe_real *cj = cache + j * R;
-                moe_real p = s[j] / sum;
-                for (i = 0; i < kvr; i++) oh[i] += p * cj[i];
-            }
-        }
-        /* o_h = W_UV_h ō_h */
-        if (n <= MOE__GEN_SMALL && !bf16) {
-            for (pair = 0; pair < npairs; pair++) {
-                const moe_real *wv = kvb_w + ((pair % H) * (dn + dv) + dn) * kvr;
-                int64_t j;
-                for (j = 0; j < dv; j++) o[pair * dv + j] = moe__gen_dot(ob + pair * kvr, wv + j * kvr, kvr);
-            }
-        } else {
-            for (h = 0; h < H; h++)
-                MOE__TRY(moe__gemm(w, 0, 1, n, dv, kvr, 1, ob + h * kvr, H * kvr, kvb_w + (h * (dn + dv) + dn) * kvr, kvr, 0,
-                                   o + h * dv, H * dv, bf16));
-        }
-    }
-    return moe__gen_linear(w, o, n, H * dv, MOE__F32(A->o), d, out);
-}
-
-/* One transformer block over n tokens; x [n, d] is updated in place. */
-static moe_status moe__gen_block(moe_ctx *w, moe_model *m, moe__block *b, moe_real *cache, moe_real *x, int64_t n,
-                                 int64_t pos0, int naive) {
-    const moe_config *c = &m->cfg;
-    int64_t d = c->hidden_size, i, shape[2];
-    moe_real eps = (moe_real)c->rms_norm_eps;
-    moe_real *h = moe__scratch_real(w, n * d, "moe_gen block"), *a = moe__scratch_real(w, n * d, "moe_gen block");
-    moe_tensor *h2, *f, *aux = NULL;
-    if (!h || !a) return MOE_ERR_MEMORY;
-    moe__rmsnorm_fwd(w->n_threads, x, MOE__F32(b->attn_norm), h, NULL, n, d, eps);
-    MOE__TRY(moe__gen_mla(w, m, &b->attn, cache, h, n, pos0, naive, a));
-    for (i = 0; i < n * d; i++) x[i] += a[i];
-    shape[0] = n;
-    shape[1] = d;
-    MOE__TRY(moe__tensor_out(w, 2, shape, &h2));
-    moe__rmsnorm_fwd(w->n_threads, x, MOE__F32(b->ffn_norm), MOE__F32(h2), NULL, n, d, eps);
-    if (n <= MOE__GEN_SMALL && w->gemm_compute != MOE_BF16) {
-        int64_t nws = moe__gen_ffn_ws(c, b);
-        moe_real *ws = moe__scratch_real(w, nws, "moe_gen ffn");
-        if (!ws) return MOE_ERR_MEMORY;
-        for (i = 0; i < n; i++) moe__gen_ffn_row(w->n_threads, c, b, MOE__F32(h2) + i * d, a + i * d, ws);
-        for (i = 0; i < n * d; i++) x[i] += a[i];
-        return MOE_OK;
-    }
-    /* longer runs (prompts): the training layers, forward only */
-    if (b->is_moe) MOE__TRY(moe__moe_forward(w, &b->moe, c, 1, n, 0.0f, h2, &f, &aux));
-    else MOE__TRY(moe__ffn_forward(w, &b->dense, h2, &f));
-    for (i = 0; i < n * d; i++) x[i] += MOE__F32(f)[i];
+/* The index of the largest of n logits as float (the type the caller's logits have), ties to
+   the lower; the logits are read where the host can see them. */
+static moe_status moe__gen_argmax_dev(moe_ctx *w, const moe_tensor *lg, int64_t n, int32_t *out) {
+    const moe_real *x = (const moe_real *)moe__host_data(w, lg->data, (size_t)n * sizeof(moe_real));
+    int64_t i, best = 0;
+    if (!x) return MOE_ERR_MEMORY;
+    for (i = 1; i < n; i++)
+        if ((float)x[i] > (float)x[best]) best = i;
+    *out = (int32_t)best;
     return MOE_OK;
 }
 
-static moe_real *moe__gen_layer_cache(moe_gen *g, int64_t layer) { return g->cache + layer * g->cap * g->R; }
+/* ---- a pass of rows one by one ---- */
 
-/* ---- the decode pass: absorbed attention, a few tokens, one token per thread ----
-   Within a layer the tokens of a step depend on each other only through the cache: every
-   token first writes its cache row (phase A), then attends over the rows up to its own
-   position (phase B). With 1 + k tokens on 2 or more threads the tokens run side by side, so
-   a verification pass over a draft costs little more wall time than a single-token step.
-   The dependency runs one way (a token waits for the cache rows of the tokens before it),
-   so there are no barriers: each token publishes how many of its cache rows are written,
-   and a token spins only until the earlier tokens have written the row it is about to read,
-   which they usually have. */
-
-typedef struct moe__gen_tws {
-    moe_real *h, *cq, *q, *kv, *qc, *sc, *ob, *o, *a, *ffn;
-} moe__gen_tws;
-
-static int64_t moe__gen_tws_size(const moe_config *c, int64_t Lk, int64_t ffn_ws) {
-    int64_t H = c->num_attention_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, R = c->kv_lora_rank + c->qk_rope_head_dim;
-    return 2 * c->hidden_size + c->q_lora_rank + H * dqk + R + H * R + Lk + H * c->kv_lora_rank + H * c->v_head_dim + ffn_ws;
-}
-static moe__gen_tws moe__gen_tws_at(const moe_config *c, moe_real *p, int64_t Lk) {
-    int64_t H = c->num_attention_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, R = c->kv_lora_rank + c->qk_rope_head_dim;
-    moe__gen_tws t;
-    t.h = p; p += c->hidden_size;
-    t.a = p; p += c->hidden_size;
-    t.cq = p; p += c->q_lora_rank;
-    t.q = p; p += H * dqk;
-    t.kv = p; p += R;
-    t.qc = p; p += H * R;
-    t.sc = p; p += Lk;
-    t.ob = p; p += H * c->kv_lora_rank;
-    t.o = p; p += H * c->v_head_dim;
-    t.ffn = p;
-    return t;
-}
-
-/* Phase A of token at `pos`: its query (W_UK folded in) and its cache row. */
-static void moe__gen_tok_a(int nt, const moe_model *m, const moe__block *b, moe_real *cache, const moe_real *x, int64_t pos,
-                           const moe__gen_tws *ws) {
-    const moe_config *c = &m->cfg;
-    const moe__mla *A = &b->attn;
-    int64_t d = c->hidden_size, H = c->num_attention_heads, qr = c->q_lora_rank, kvr = c->kv_lora_rank;
-    int64_t dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dqk = dn + dr, dv = c->v_head_dim, R = kvr + dr, h, i, j;
-    moe__mla_dims md = moe__model_mla_dims(m, 1, 1, pos);
-    const moe_real *kvb = MOE__F32(A->kv_b);
-    moe_real *row = cache + pos * R;
-    moe__gen_rmsnorm(x, MOE__F32(b->attn_norm), ws->h, d, (moe_real)c->rms_norm_eps);
-    if (qr > 0) {
-        moe__gen_gemv(nt, ws->h, 1, d, MOE__F32(A->q_a), qr, ws->cq);
-        moe__gen_rmsnorm(ws->cq, MOE__F32(A->q_a_norm), ws->cq, qr, md.eps);
-        moe__gen_gemv(nt, ws->cq, 1, qr, MOE__F32(A->q_b), H * dqk, ws->q);
-    } else {
-        moe__gen_gemv(nt, ws->h, 1, d, MOE__F32(A->q_proj), H * dqk, ws->q);
-    }
-    moe__mla_rope(ws->q, 1, 1, H, dqk, dn, dr, m->rope.cos_sin, pos, 1);
-    moe__gen_gemv(nt, ws->h, 1, d, MOE__F32(A->kv_a), R, ws->kv);
-    moe__gen_rmsnorm(ws->kv, MOE__F32(A->kv_a_norm), row, kvr, md.eps);
-    memcpy(row + kvr, ws->kv + kvr, (size_t)dr * sizeof(moe_real));
-    moe__mla_rope(row, 1, 1, 1, R, kvr, dr, m->rope.cos_sin, pos, 1);
-    for (h = 0; h < H; h++) {
-        const moe_real *qn = ws->q + h * dqk, *wk = kvb + h * (dn + dv) * kvr;
-        moe_real *dst = ws->qc + h * R;
-        for (j = 0; j < kvr; j++) dst[j] = 0;
-        for (i = 0; i < dn; i++)
-            for (j = 0; j < kvr; j++) dst[j] += qn[i] * wk[i * kvr + j];
-        memcpy(dst + kvr, qn + dn, (size_t)dr * sizeof(moe_real));
-    }
-}
-
-/* Phase B of token at `pos`: attention over cache rows 0..pos, o_proj, the FFN; x updated. */
-static void moe__gen_tok_b(int nt, const moe_model *m, const moe__block *b, const moe_real *cache, moe_real *x, int64_t pos,
-                           const moe__gen_tws *ws) {
-    const moe_config *c = &m->cfg;
-    const moe__mla *A = &b->attn;
-    int64_t d = c->hidden_size, H = c->num_attention_heads, kvr = c->kv_lora_rank;
-    int64_t dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, R = kvr + dr, h, i, j;
-    moe_real scale = moe__model_mla_dims(m, 1, 1, pos).scale;
-    const moe_real *kvb = MOE__F32(A->kv_b);
-    for (h = 0; h < H; h++) {
-        const moe_real *qh = ws->qc + h * R, *wv = kvb + (h * (dn + dv) + dn) * kvr;
-        moe_real *sc = ws->sc, *oh = ws->ob + h * kvr, mx = -INFINITY, sum = 0;
-        moe__gen_gemv_rows(qh, 1, R, cache, 0, pos + 1, pos + 1, sc); /* the scores: cache rows · q̃ */
-        for (j = 0; j <= pos; j++) {
-            sc[j] *= scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-        }
-        moe__gen_exp(sc, pos + 1, mx);
-        for (j = 0; j <= pos; j++) sum += sc[j];
-        for (i = 0; i < kvr; i++) oh[i] = 0;
-        for (j = 0; j <= pos; j++) {
-            const moe_real *cj = cache + j * R;
-            moe_real p = sc[j] / sum;
-            for (i = 0; i < kvr; i++) oh[i] += p * cj[i];
-        }
-        moe__gen_gemv_rows(oh, 1, kvr, wv, 0, dv, dv, ws->o + h * dv);
-    }
-    moe__gen_gemv(nt, ws->o, 1, H * dv, MOE__F32(A->o), d, ws->a);
-    for (i = 0; i < d; i++) x[i] += ws->a[i];
-    moe__gen_rmsnorm(x, MOE__F32(b->ffn_norm), ws->h, d, (moe_real)c->rms_norm_eps);
-    moe__gen_ffn_row(nt, c, b, ws->h, ws->a, ws->ffn);
-    for (i = 0; i < d; i++) x[i] += ws->a[i];
-}
-
-/* After the blocks: h = RMSNorm(x) with `norm` for every row, and logits = head·h for rows
-   from..n-1 (head NULL: none). */
-typedef struct moe__gen_tail {
-    const moe_real *norm, *head;
-    moe_real *h, *logits;
-    int64_t from;
-    /* optional, main pass only: MTP module 1's entry for rows < mtp_rows, made by the row's
-       thread right after the row's final hidden state. Its next token is mtp_tok[t] (a draft:
-       the entry is kept only if the draft is), or with mtp_tok NULL the row's own greedy
-       token; then the module's head also drafts from the entry, into mtp_draft[t], for the
-       rows where the accepted drafts may end (the last row, and rows whose greedy token is
-       not the next row's token; −1 elsewhere): the draft for the next step is then ready when
-       the pass ends, made in parallel with the other rows' work. An entry's cache row is all
-       a later draft needs from it unless mtp_chain (its output feeds MTP module 2): the rest
-       of the module runs only for the rows that draft, or with mtp_chain. */
-    const moe__mtp *mtp;
-    moe_real *mtp_cache, *mtp_cat, *mtp_out, *mtp_logits;
-    const int32_t *mtp_tok, *tokens;
-    int32_t *mtp_draft;
-    int64_t mtp_rows;
-    int mtp_chain;
-} moe__gen_tail;
-
-static void moe__gen_tail_row(int nt, const moe_model *m, const moe__gen_tail *tl, const moe_real *x, int64_t t) {
-    const moe_config *c = &m->cfg;
-    int64_t d = c->hidden_size;
-    moe__gen_rmsnorm(x, tl->norm, tl->h + t * d, d, (moe_real)c->rms_norm_eps);
-    if (tl->head && t >= tl->from) moe__gen_gemv(nt, tl->h + t * d, 1, d, tl->head, c->vocab_size, tl->logits + (t - tl->from) * c->vocab_size);
-}
-
-/* Index of the largest value as float (the type the caller's logits have), ties to the lower. */
-static int32_t moe__gen_argmax_real(const moe_real *x, int64_t n) {
-    int64_t i, best = 0;
-    for (i = 1; i < n; i++)
-        if ((float)x[i] > (float)x[best]) best = i;
-    return (int32_t)best;
-}
-
-/* MTP module 1's entry for row t (see moe__gen_tail) with next token `tok`: its input, then
-   phase A. */
-static void moe__gen_tok_mtp_a(int inner, const moe_model *m, const moe__gen_tail *tl, int64_t t, int32_t tok, int64_t pos,
-                               const moe__gen_tws *ws) {
-    const moe_config *c = &m->cfg;
-    const moe__mtp *M = tl->mtp;
-    int64_t d = c->hidden_size;
-    moe_real *cat = tl->mtp_cat + t * 2 * d, *xm = tl->mtp_out + t * d, eps = (moe_real)c->rms_norm_eps;
-    moe__gen_rmsnorm(MOE__F32(m->embed) + (int64_t)tok * d, MOE__F32(M->enorm), cat, d, eps);
-    moe__gen_rmsnorm(tl->h + t * d, MOE__F32(M->hnorm), cat + d, d, eps);
-    moe__gen_gemv(inner, cat, 1, 2 * d, MOE__F32(M->eh_proj), d, xm);
-    moe__gen_tok_a(inner, m, &M->block, tl->mtp_cache, xm, pos, ws);
-}
-
-/* Counters shared between threads: one thread counts (after a flush, so that what it wrote
-   before is seen by whoever reads the new count), others read it or wait for a value (then
-   flush, so that they see those writes). */
-static void moe__gen_count(int64_t *counter) {
-#ifdef _OPENMP
-#pragma omp flush
-#pragma omp atomic update
-#endif
-    (*counter)++;
-}
-static int64_t moe__gen_read(int64_t *counter) {
-    int64_t v;
-#ifdef _OPENMP
-#pragma omp atomic read
-#endif
-    v = *counter;
-    return v;
-}
-static void moe__gen_await(int64_t *counter, int64_t v) {
-    while (moe__gen_read(counter) < v) {
-    }
-#ifdef _OPENMP
-#pragma omp flush
-#endif
-}
-
-/* A decode pass as every thread of it sees it (moe__gen_layers_body). progress[t ·
-   MOE__GEN_LINE]: how many of row t's cache rows (its blocks', then its MTP entry's) are
-   written. */
+/* What a pass of n tokens at positions pos0.. computes besides their cache rows: the logits
+   of rows ≥ from (when want_logits), and (mtp_rows > 0) MTP module 1's entries for the first
+   mtp_rows rows. An entry's next token is mtp_tok[t] (a draft: the entry is kept only if the
+   draft is), or with mtp_tok NULL the row's own greedy token; then the module's head also
+   drafts from the entry, into mtp_draft[t], for the rows where the accepted drafts may end
+   (the last row, and rows whose greedy token is not the next row's token; −1 elsewhere): the
+   draft for the next step is ready when the pass ends, made in parallel with the other rows'
+   work. */
 typedef struct moe__gen_pass {
-    const moe_model *m;
-    moe__block *const *blocks; /* [nb] */
-    moe_real *const *caches;   /* [nb] */
-    const moe__gen_tail *tl;
-    moe_real *x, *buf;         /* rows [n, d]; per-row scratch [n, S] */
-    int64_t *progress;
-    int64_t nb, n, pos0, S, Lk;
-    int team;                  /* threads on the pass */
+    moe_gen *g;
+    const int32_t *tokens;
+    int64_t n, pos0, from;
+    int want_logits;
+    int64_t mtp_rows;
+    const int32_t *mtp_tok;
+    int32_t *mtp_draft;
+    int team;                      /* threads on the pass */
+    moe_status st[MOE__GEN_ROWS];  /* per row */
 } moe__gen_pass;
 
-/* The work of a decode pass for thread `tid` of p->team (1: all of it): rows tid, tid + team,
-   … in order, each through every block, the tail and its MTP entry. Row t waits before each
-   phase B until rows < t have written that block's cache row; a row never waits for a later
-   one, so the lowest unfinished row always runs. Row 0, which waits for nothing, belongs to
-   the thread that starts the pass (tid 0): the threads that join later wait on it rather
-   than it on them. */
-static void moe__gen_layers_body(const moe__gen_pass *p, int tid, int inner) {
-    const moe_model *m = p->m;
+/* Row t of pass p on context w: the main model, its logits, and its MTP entry. */
+static moe_status moe__gen_row(const moe__gen_pass *p, moe_ctx *w, int64_t t) {
+    moe_gen *g = p->g;
+    moe_model *m = g->m;
     const moe_config *c = &m->cfg;
-    const moe__gen_tail *tl = p->tl;
-    int64_t li, t, j, d = c->hidden_size, V = c->vocab_size, n = p->n, pos0 = p->pos0;
-    int64_t mrows = tl && tl->mtp ? tl->mtp_rows : 0;
-    for (t = tid; t < n; t += p->team) {
-        moe__gen_tws ws = moe__gen_tws_at(c, p->buf + t * p->S, p->Lk);
-        moe_real *x = p->x + t * d;
-        for (li = 0; li < p->nb; li++) {
-            moe__gen_tok_a(inner, m, p->blocks[li], p->caches[li], x, pos0 + t, &ws);
-            moe__gen_count(p->progress + t * MOE__GEN_LINE);
-            for (j = 0; j < t; j++) moe__gen_await(p->progress + j * MOE__GEN_LINE, li + 1);
-            moe__gen_tok_b(inner, m, p->blocks[li], p->caches[li], x, pos0 + t, &ws);
+    const int64_t d = c->hidden_size, V = c->vocab_size, pos = p->pos0 + t;
+    moe_real *rows_h = g->rows, *rows_mtp = g->rows + MOE__GEN_ROWS * d, *rows_lg = g->rows + 2 * MOE__GEN_ROWS * d;
+    moe__pass_sync sync;
+    moe__kv_cache *caches;
+    moe_tensor *ids, *h, *lg = NULL, *aux = NULL;
+    sync.progress = &g->progress[0][0];
+    sync.row = t;
+    caches = moe__gen_caches(g, w, 1, p->team > 1 ? &sync : NULL);
+    if (!caches) return MOE_ERR_MEMORY;
+    MOE__TRY(moe__ids(w, p->tokens + t, 1, 1, 1, 0, &ids));
+    MOE__TRY(moe__model_trunk(w, m, ids, 1, 1, pos, caches, 0.0f, &h, &aux));
+    MOE__TRY(MOE__BE(w)->copy(w, rows_h + t * d, h->data, (size_t)d * sizeof(moe_real), MOE__D2D));
+    if (p->want_logits && t >= p->from) {
+        MOE__TRY(moe_matmul(w, h, m->head, &lg));
+        MOE__TRY(MOE__BE(w)->copy(w, rows_lg + (t - p->from) * V, lg->data, (size_t)V * sizeof(moe_real), MOE__D2D));
+    }
+    if (t < p->mtp_rows) {
+        moe_tensor *eids, *hk, *kn, *lgk;
+        int32_t tok;
+        int drafts;
+        if (p->mtp_tok) tok = p->mtp_tok[t];
+        else MOE__TRY(moe__gen_argmax_dev(w, lg, V, &tok));
+        /* the accepted drafts may end at this row unless its token is the next row's draft */
+        drafts = p->mtp_draft && (t + 1 == p->n || tok != p->tokens[t + 1]);
+        MOE__TRY(moe__ids(w, &tok, 1, 1, 1, 0, &eids));
+        /* a later step reads only the entry's cache row unless the row drafts now or the entry
+           feeds MTP module 2 */
+        caches[c->num_hidden_layers].write_only = !drafts && g->n_mtp == 1;
+        MOE__TRY(moe__mtp_forward(w, m, 0, h, eids, 1, 1, pos, &caches[c->num_hidden_layers], 0.0f, &hk, &aux));
+        if (g->n_mtp > 1) MOE__TRY(MOE__BE(w)->copy(w, rows_mtp + t * d, hk->data, (size_t)d * sizeof(moe_real), MOE__D2D));
+        if (p->mtp_draft) p->mtp_draft[t] = -1;
+        if (drafts) {
+            MOE__TRY(moe_rmsnorm(w, hk, m->mtp[0].head_norm, (float)c->rms_norm_eps, &kn));
+            MOE__TRY(moe_matmul(w, kn, m->head, &lgk));
+            MOE__TRY(moe__gen_argmax_dev(w, lgk, V, &p->mtp_draft[t]));
         }
-        if (!tl) continue;
-        moe__gen_tail_row(inner, m, tl, x, t);
-        if (t < mrows) {
-            const moe__mtp *M = tl->mtp;
-            moe_real *xm = tl->mtp_out + t * d;
-            int32_t tok = tl->mtp_tok ? tl->mtp_tok[t] : moe__gen_argmax_real(tl->logits + (t - tl->from) * V, V);
-            /* the accepted drafts may end at this row unless its token is the next row's draft */
-            int drafts = tl->mtp_draft && (t + 1 == n || tok != tl->tokens[t + 1]);
-            moe__gen_tok_mtp_a(inner, m, tl, t, tok, pos0 + t, &ws);
-            moe__gen_count(p->progress + t * MOE__GEN_LINE);
-            if (tl->mtp_draft) tl->mtp_draft[t] = -1;
-            if (!drafts && !tl->mtp_chain) continue;
-            for (j = 0; j < t; j++) moe__gen_await(p->progress + j * MOE__GEN_LINE, p->nb + 1);
-            moe__gen_tok_b(inner, m, &M->block, tl->mtp_cache, xm, pos0 + t, &ws);
-            if (drafts) {
-                moe_real *lg = tl->mtp_logits + t * V;
-                moe__gen_rmsnorm(xm, MOE__F32(M->head_norm), ws.h, d, (moe_real)c->rms_norm_eps);
-                moe__gen_gemv(inner, ws.h, 1, d, tl->head, V, lg);
-                tl->mtp_draft[t] = moe__gen_argmax_real(lg, V);
-            }
-        }
+    }
+    moe_ctx_reset(w);
+    return MOE_OK;
+}
+
+/* The rows tid, tid + team, … of pass p, in order, on the thread's own context. A row never
+   waits for a later one, so the lowest unfinished row always runs; a row that fails marks
+   all its cache rows written, so that the rows after it finish too (the pass then reports
+   the failure). */
+static void moe__gen_rows_body(moe__gen_pass *p, int tid, int team) {
+    int64_t t;
+    for (t = tid; t < p->n; t += team) {
+        p->st[t] = moe__gen_row(p, p->g->w[tid], t);
+        if (p->st[t] != MOE_OK) moe__count_add(&p->g->progress[t][0], INT64_MAX / 2);
     }
 }
 
@@ -9159,28 +10180,26 @@ static void moe__gen_layers_body(const moe__gen_pass *p, int tid, int inner) {
 static void moe__gen_crew_serve(moe_gen *g, int tid) {
     int64_t served = 0;
     for (;;) {
-        while (moe__gen_read(&g->sync[MOE__GEN_POSTED][0]) == served)
-            if (moe__gen_read(&g->sync[MOE__GEN_STOP][0])) return;
-#ifdef _OPENMP
-#pragma omp flush
-#endif
+        while (moe__count_read(&g->sync[MOE__GEN_POSTED][0]) == served)
+            if (moe__count_read(&g->sync[MOE__GEN_STOP][0])) return;
+        moe__count_await(&g->sync[MOE__GEN_POSTED][0], served + 1);
         served++;
-        moe__gen_layers_body(g->pass, tid, 1);
-        moe__gen_count(&g->sync[MOE__GEN_FINISHED][0]);
+        if (tid < g->pass->team) moe__gen_rows_body(g->pass, tid, g->pass->team);
+        moe__count(&g->sync[MOE__GEN_FINISHED][0]);
     }
 }
 
-/* Thread 0: run pass p with the crew (p->team = crew + 1) and wait for its parts. */
-static void moe__gen_crew_pass(moe_gen *g, const moe__gen_pass *p) {
+/* Thread 0: run pass p with the crew and wait for its parts. */
+static void moe__gen_crew_pass(moe_gen *g, moe__gen_pass *p) {
     g->pass = p;
-    moe__gen_count(&g->sync[MOE__GEN_POSTED][0]);
+    moe__count(&g->sync[MOE__GEN_POSTED][0]);
     g->posts++;
-    moe__gen_layers_body(p, 0, 1);
-    moe__gen_await(&g->sync[MOE__GEN_FINISHED][0], g->posts * g->crew);
+    moe__gen_rows_body(p, 0, p->team);
+    moe__count_await(&g->sync[MOE__GEN_FINISHED][0], g->posts * g->crew);
 }
 
 static void moe__gen_crew_dismiss(moe_gen *g) {
-    if (g->crew) moe__gen_count(&g->sync[MOE__GEN_STOP][0]);
+    if (g->crew) moe__count(&g->sync[MOE__GEN_STOP][0]);
     g->crew = 0;
 }
 
@@ -9188,117 +10207,61 @@ static void moe__gen_crew_dismiss(moe_gen *g) {
    been clearly faster (by a quarter, per token and block). */
 static int moe__gen_par_preferred(const moe_gen *g) { return g->t_par == 0 || g->t_ser == 0 || g->t_par <= 1.25 * g->t_ser; }
 
-/* Blocks blocks[0..nb) (with their caches) over x [n, d] at positions pos0.., n ≤ MOE__GEN_SMALL,
-   then the tail: with the crew, in a parallel region of its own, or alone. */
-static moe_status moe__gen_layers_small(moe_gen *g, moe__block *const *blocks, moe_real *const *caches, int64_t nb,
-                                        moe_real *x, int64_t n, int64_t pos0, const moe__gen_tail *tl) {
-    moe_ctx *w = g->w;
-    const moe_config *c = &g->m->cfg;
-    int64_t l, ffn_ws = 0;
-    int nt = w->n_threads, par, pref;
-    moe__gen_pass p;
+static void moe__gen_team_body(void *arg, int tid, int team) { moe__gen_rows_body((moe__gen_pass *)arg, tid, team); }
+
+/* Run pass p (rows one by one): one row on all the caller's threads, or several rows side by
+   side — with the crew, in a region of their own, or serially, as timing says. */
+static moe_status moe__gen_rows(moe_gen *g, moe__gen_pass *p) {
+    int nt = g->w[0]->conf.n_threads, par, pref;
+    int64_t t, blocks = g->m->cfg.num_hidden_layers;
     double t0;
-    for (l = 0; l < nb; l++) {
-        int64_t f = moe__gen_ffn_ws(c, blocks[l]);
-        ffn_ws = f > ffn_ws ? f : ffn_ws;
-    }
-    if (tl && tl->mtp) {
-        int64_t f = moe__gen_ffn_ws(c, &tl->mtp->block);
-        ffn_ws = f > ffn_ws ? f : ffn_ws;
-    }
-    p.m = g->m;
-    p.blocks = blocks;
-    p.caches = caches;
-    p.tl = tl;
-    p.x = x;
-    p.nb = nb;
-    p.n = n;
-    p.pos0 = pos0;
-    p.Lk = pos0 + n;
-    p.S = (moe__gen_tws_size(c, p.Lk, ffn_ws) + 15) & ~(int64_t)15;
-    p.team = 1;
-    p.buf = moe__scratch_real(w, n * p.S, "moe_gen decode");
-    p.progress = (int64_t *)moe__arena_alloc(w, (size_t)(n * MOE__GEN_LINE), sizeof(int64_t), "moe_gen decode");
-    if (!p.buf || !p.progress) return MOE_ERR_MEMORY;
-    if (n == 1 || nt == 1) {
-        /* one token: the threads (if any) go into its big GEMVs */
-        moe__gen_layers_body(&p, 0, g->in_region ? 1 : nt);
-        return MOE_OK;
-    }
-    /* Tokens side by side pay off only while the cores are really ours: on a machine busy
-       with other work a waiting thread can lose its core for a whole time slice. So both
-       ways are timed (per token and block) and the faster is used, trying the other again
-       every 16, 32, … passes. Side by side is only given up for a clear loss (per-pass times
-       are noisy: a pass that happens to lose the core to a daemon must not decide it), and
-       each speculative generation gives it a fresh chance with its crew (moe__gen_run): the
-       first crew pass of a generation, which pays for waking the crew, is not timed. The
-       results are the same bits either way. */
-    pref = par = moe__gen_par_preferred(g);
-    if (g->t_ser == 0 && g->t_par > 0 && g->n_small >= 4) par = 0; /* one early look at serial */
-    if (g->n_small >= g->probe_at) {
-        /* look at the other way again, less often each time it loses */
-        par = !pref;
-        g->probe_every = g->probe_every ? 2 * g->probe_every : 16;
-        if (g->probe_every > 4096) g->probe_every = 4096;
-        g->probe_at = g->n_small + g->probe_every;
-    }
-    if (g->in_region && !g->crew) par = 0; /* a region cannot open inside the crew's */
-    g->n_small++;
-    t0 = moe_time_s();
-    if (par && g->crew) {
-        p.team = g->crew + 1;
-        moe__gen_crew_pass(g, &p);
-    } else if (par) {
-        MOE__OMP(omp parallel num_threads(nt < n ? nt : (int)n))
-        {
-            moe__gen_pass q = p;
-            int tid = 0;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-            q.team = omp_get_num_threads();
-#endif
-            moe__gen_layers_body(&q, tid, 1);
-        }
+    memset(g->progress, 0, sizeof g->progress);
+    p->team = 1;
+    if (p->n == 1 || nt == 1) {
+        /* one token: the threads (if any) go into its big products */
+        moe__gen_rows_body(p, 0, 1);
     } else {
-        moe__gen_layers_body(&p, 0, 1);
+        /* Tokens side by side pay off only while the cores are really ours: on a machine busy
+           with other work a waiting thread can lose its core for a whole time slice. So both
+           ways are timed (per token and block) and the faster is used, trying the other again
+           every 16, 32, … passes. Side by side is only given up for a clear loss (per-pass
+           times are noisy: a pass that happens to lose the core to a daemon must not decide
+           it), and each speculative generation gives it a fresh chance with its crew
+           (moe__gen_run): the first crew pass of a generation, which pays for waking the crew,
+           is not timed. The results are the same bits either way. */
+        pref = par = moe__gen_par_preferred(g);
+        if (g->t_ser == 0 && g->t_par > 0 && g->n_small >= 4) par = 0; /* one early look at serial */
+        if (g->n_small >= g->probe_at) {
+            /* look at the other way again, less often each time it loses */
+            par = !pref;
+            g->probe_every = g->probe_every ? 2 * g->probe_every : 16;
+            if (g->probe_every > 4096) g->probe_every = 4096;
+            g->probe_at = g->n_small + g->probe_every;
+        }
+        if (g->in_region && !g->crew) par = 0; /* a region cannot open inside the crew's */
+        g->n_small++;
+        t0 = moe_time_s();
+        if (par && g->crew) {
+            p->team = g->crew + 1 < (int)p->n ? g->crew + 1 : (int)p->n;
+            moe__gen_crew_pass(g, p);
+        } else if (par) {
+            p->team = nt < (int)p->n ? nt : (int)p->n;
+            moe__team_run(p->team, moe__gen_team_body, p);
+        } else {
+            moe__gen_rows_body(p, 0, 1);
+        }
+        t0 = (moe_time_s() - t0) / (double)(p->n * blocks);
+        if (!(par && g->crew && g->posts == 1)) {
+            int was = g->t_par > 0 && g->t_ser > 0 ? moe__gen_par_preferred(g) : -1;
+            if (par) g->t_par = g->t_par == 0 ? t0 : 0.8 * g->t_par + 0.2 * t0;
+            else g->t_ser = g->t_ser == 0 ? t0 : 0.8 * g->t_ser + 0.2 * t0;
+            if (was >= 0 && was != moe__gen_par_preferred(g)) g->probe_every = 0; /* the winner changed */
+        }
+        if (!moe__gen_par_preferred(g)) moe__gen_crew_dismiss(g); /* serial for the rest of this generation */
     }
-    t0 = (moe_time_s() - t0) / (double)(n * nb);
-    if (!(par && g->crew && g->posts == 1)) {
-        int was = g->t_par > 0 && g->t_ser > 0 ? moe__gen_par_preferred(g) : -1;
-        if (par) g->t_par = g->t_par == 0 ? t0 : 0.8 * g->t_par + 0.2 * t0;
-        else g->t_ser = g->t_ser == 0 ? t0 : 0.8 * g->t_ser + 0.2 * t0;
-        if (was >= 0 && was != moe__gen_par_preferred(g)) g->probe_every = 0; /* the winner changed */
-    }
-    if (!moe__gen_par_preferred(g)) moe__gen_crew_dismiss(g); /* serial for the rest of this generation */
+    for (t = 0; t < p->n; t++)
+        if (p->st[t] != MOE_OK) return p->st[t];
     return MOE_OK;
-}
-
-static int moe__gen_naive(const moe_gen *g, int64_t n, int64_t pos0) {
-    return g->attn == MOE_GEN_ATTN_NAIVE || (g->attn == MOE_GEN_ATTN_AUTO && pos0 == 0 && n > 1);
-}
-/* Whether n tokens at pos0 take the decode pass (absorbed attention, FP32, few tokens). */
-static int moe__gen_small(const moe_gen *g, int64_t n, int64_t pos0) {
-    return !moe__gen_naive(g, n, pos0) && n <= MOE__GEN_SMALL && g->w->gemm_compute != MOE_BF16;
-}
-
-/* The decode pass when it applies, else block by block (the tail's fused MTP entries are then
-   not made: callers ask for them only when moe__gen_small holds). */
-static moe_status moe__gen_layers(moe_gen *g, moe__block *const *blocks, moe_real *const *caches, int64_t nb, moe_real *x,
-                                  int64_t n, int64_t pos0, const moe__gen_tail *tl) {
-    int naive = moe__gen_naive(g, n, pos0);
-    int64_t l, d = g->m->cfg.hidden_size;
-    if (moe__gen_small(g, n, pos0)) return moe__gen_layers_small(g, blocks, caches, nb, x, n, pos0, tl);
-    for (l = 0; l < nb; l++) MOE__TRY(moe__gen_block(g->w, g->m, blocks[l], caches[l], x, n, pos0, naive));
-    if (tl) {
-        moe__rmsnorm_fwd(g->w->n_threads, x, tl->norm, tl->h, NULL, n, d, (moe_real)g->m->cfg.rms_norm_eps);
-        if (tl->head && tl->from < n)
-            MOE__TRY(moe__gen_linear(g->w, tl->h + tl->from * d, n - tl->from, d, tl->head, g->m->cfg.vocab_size, tl->logits));
-    }
-    return MOE_OK;
-}
-
-static moe_real *moe__gen_ring(moe_gen *g, int64_t depth, int64_t pos) {
-    return g->ring + (depth * g->ring_n + pos % g->ring_n) * g->m->cfg.hidden_size;
 }
 
 static moe_status moe__gen_check_tokens(moe_ctx *w, const char *fn, const moe_model *m, const int32_t *tokens, int64_t n) {
@@ -9311,57 +10274,64 @@ static moe_status moe__gen_check_tokens(moe_ctx *w, const char *fn, const moe_mo
 }
 
 /* The main model over n tokens at g->len..: caches them, keeps their final normed hidden
-   states in *hout (arena) and in the ring, writes the logits of the last logit_rows rows.
-   With mtp_rows > 0 the pass also makes MTP module 1's entries for its first mtp_rows rows
-   (moe__gen_tail): with the drafts tokens[t + 1] as next tokens, or, with mtp_draft given
-   (then mtp_rows = logit_rows = n), with each row's greedy token, drafting into mtp_draft. */
+   states in *hout (device rows, valid until the next pass) and in the ring, writes the logits
+   of the last logit_rows rows to `logits` (host floats). With mtp_rows > 0 the pass also makes
+   MTP module 1's entries for its first mtp_rows rows (moe__gen_pass): with the drafts
+   tokens[t + 1] as next tokens, or, with mtp_draft given (then mtp_rows = logit_rows = n),
+   with each row's greedy token, drafting into mtp_draft. */
 static moe_status moe__gen_main(moe_gen *g, const int32_t *tokens, int64_t n, int64_t logit_rows, float *logits,
-                                moe_real **hout, int64_t mtp_rows, int32_t *mtp_draft) {
-    moe_ctx *w = g->w;
+                                const moe_real **hout, int64_t mtp_rows, int32_t *mtp_draft) {
+    moe_ctx *w = g->w[0];
     moe_model *m = g->m;
     const moe_config *c = &m->cfg;
-    int64_t d = c->hidden_size, t, L, pos0 = g->len, V = c->vocab_size;
-    moe__gen_tail tl;
-    moe_real *x = moe__scratch_real(w, n * d, "moe_gen"), *h = moe__scratch_real(w, n * d, "moe_gen");
-    moe_real *lg = moe__scratch_real(w, logit_rows * V + 1, "moe_gen");
-    moe__block **blocks = (moe__block **)moe__arena_alloc(w, (size_t)c->num_hidden_layers, sizeof(moe__block *), "moe_gen");
-    moe_real **caches = (moe_real **)moe__arena_alloc(w, (size_t)c->num_hidden_layers, sizeof(moe_real *), "moe_gen");
-    if (!x || !h || !lg || !blocks || !caches) return MOE_ERR_MEMORY;
-    for (t = 0; t < n; t++) memcpy(x + t * d, MOE__F32(m->embed) + (int64_t)tokens[t] * d, (size_t)d * sizeof(moe_real));
-    for (L = 0; L < c->num_hidden_layers; L++) {
-        blocks[L] = &m->layers[L];
-        caches[L] = moe__gen_layer_cache(g, L);
+    int64_t d = c->hidden_size, t, pos0 = g->len, V = c->vocab_size;
+    const moe_real *h, *lg;
+    if (moe__gen_by_rows(g, n, pos0)) {
+        moe__gen_pass p;
+        memset(&p, 0, sizeof p);
+        p.g = g;
+        p.tokens = tokens;
+        p.n = n;
+        p.pos0 = pos0;
+        p.from = n - logit_rows;
+        p.want_logits = logits && logit_rows > 0;
+        if (mtp_rows > 0) {
+            /* MTP module 1 at positions pos0..pos0+mtp_rows-1 */
+            MOE_ASSERT(g->n_mtp > 0 && g->mtp_len[0] == pos0);
+            MOE_ASSERT(mtp_draft ? mtp_rows == n && logit_rows == n : mtp_rows < n);
+            p.mtp_rows = mtp_rows;
+            p.mtp_tok = mtp_draft ? NULL : tokens + 1;
+            p.mtp_draft = mtp_draft;
+        }
+        MOE__TRY(moe__gen_rows(g, &p));
+        h = g->rows;
+        lg = g->rows + 2 * MOE__GEN_ROWS * d;
+        for (t = 0; g->n_mtp > 1 && t < mtp_rows; t++)
+            MOE__TRY(MOE__BE(w)->copy(w, moe__gen_ring(g, 1, pos0 + t), g->rows + (MOE__GEN_ROWS + t) * d,
+                                      (size_t)d * sizeof(moe_real), MOE__D2D));
+        if (mtp_rows > 0) g->mtp_len[0] = pos0 + mtp_rows;
+    } else {
+        /* all rows together: the pass's tensors stay in the first context's arena until the
+           caller resets it */
+        moe__kv_cache *caches = moe__gen_caches(g, w, !moe__gen_naive(g, n, pos0), NULL);
+        moe_tensor *ids, *ht, *last, *lt = NULL, *aux = NULL;
+        int64_t shape[2];
+        MOE_ASSERT(mtp_rows == 0);
+        if (!caches) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__ids(w, tokens, 1, n, n, 0, &ids));
+        MOE__TRY(moe__model_trunk(w, m, ids, 1, n, pos0, caches, 0.0f, &ht, &aux));
+        if (logits && logit_rows > 0) {
+            shape[0] = logit_rows;
+            shape[1] = d;
+            MOE__TRY(moe_tensor_view(w, ht, 2, shape, (n - logit_rows) * d, &last));
+            MOE__TRY(moe_matmul(w, last, m->head, &lt));
+        }
+        h = MOE__F32(ht);
+        lg = lt ? MOE__F32(lt) : NULL;
     }
-    memset(&tl, 0, sizeof tl);
-    tl.norm = MOE__F32(m->norm);
-    tl.head = logits && logit_rows > 0 ? MOE__F32(m->head) : NULL;
-    tl.h = h;
-    tl.logits = lg;
-    tl.from = n - logit_rows;
-    if (mtp_rows > 0) {
-        /* MTP module 1 at positions pos0..pos0+mtp_rows-1 */
-        MOE_ASSERT(g->n_mtp > 0 && g->mtp_len[0] == pos0 && moe__gen_small(g, n, pos0));
-        MOE_ASSERT(mtp_draft ? mtp_rows == n && logit_rows == n : mtp_rows < n);
-        tl.mtp = &m->mtp[0];
-        tl.mtp_cache = moe__gen_layer_cache(g, c->num_hidden_layers);
-        tl.mtp_tok = mtp_draft ? NULL : tokens + 1;
-        tl.tokens = tokens;
-        tl.mtp_draft = mtp_draft;
-        tl.mtp_rows = mtp_rows;
-        tl.mtp_chain = g->n_mtp > 1;
-        tl.mtp_cat = moe__scratch_real(w, mtp_rows * 2 * d, "moe_gen");
-        tl.mtp_out = moe__scratch_real(w, mtp_rows * d, "moe_gen");
-        tl.mtp_logits = mtp_draft ? moe__scratch_real(w, mtp_rows * V, "moe_gen") : NULL;
-        if (!tl.mtp_cat || !tl.mtp_out || (mtp_draft && !tl.mtp_logits)) return MOE_ERR_MEMORY;
-    }
-    MOE__TRY(moe__gen_layers(g, blocks, caches, c->num_hidden_layers, x, n, pos0, &tl));
     for (t = n > g->ring_n ? n - g->ring_n : 0; t < n; t++)
-        memcpy(moe__gen_ring(g, 0, pos0 + t), h + t * d, (size_t)d * sizeof(moe_real));
-    for (t = 0; tl.mtp_chain && t < mtp_rows; t++)
-        memcpy(moe__gen_ring(g, 1, pos0 + t), tl.mtp_out + t * d, (size_t)d * sizeof(moe_real));
-    if (mtp_rows > 0) g->mtp_len[0] = pos0 + mtp_rows;
-    if (tl.head)
-        for (t = 0; t < logit_rows * V; t++) logits[t] = (float)lg[t];
+        MOE__TRY(MOE__BE(w)->copy(w, moe__gen_ring(g, 0, pos0 + t), h + t * d, (size_t)d * sizeof(moe_real), MOE__D2D));
+    if (logits && logit_rows > 0) MOE__TRY(moe__download_floats(w, logits, lg, logit_rows * V));
     g->len += n;
     if (hout) *hout = h;
     return MOE_OK;
@@ -9381,6 +10351,7 @@ MOE_API moe_status moe_gen_forward(moe_ctx *ctx, moe_gen *g, const int32_t *toke
         return moe__fail(ctx, MOE_ERR_SHAPE,
                          "%s: %lld cached + %lld new tokens exceed the cache capacity of %lld tokens (max_position_embeddings %lld)",
                          fn, (long long)g->len, (long long)n, (long long)g->cap, (long long)g->m->cfg.max_position_embeddings);
+    if (g->m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
     MOE__TRY(moe__gen_check_tokens(ctx, fn, g->m, tokens, n));
     moe__gen_begin(ctx, g);
     st = moe__gen_main(g, tokens, n, logit_rows, logits, NULL, 0, NULL);
@@ -9535,49 +10506,45 @@ static int32_t moe__gen_tok(const moe_gen *g, int64_t L, const int32_t *drafts, 
 /* Bring MTP module k (0-based) up to the committed length L and draft from its last position
    (L-1): depth k+1 at position i reads Emb(t_{i+k+1}) and h^k_i (reference §4.1). Hidden
    inputs come from `hin` (rows for positions hin0..) when given, else from the ring; the
-   module's outputs for its new positions go to *hout (rows for positions *hout0..). */
+   module's outputs for its new positions go to *hout (rows for positions *hout0.., in the
+   first context's arena until the step ends). */
 static moe_status moe__gen_mtp(moe_gen *g, int64_t k, int64_t L, const int32_t *drafts, const moe_real *hin, int64_t hin0,
-                               float *logits, moe_real **hout, int64_t *hout0) {
-    moe_ctx *w = g->w;
+                               float *logits, const moe_real **hout, int64_t *hout0) {
+    moe_ctx *w = g->w[0];
     moe_model *m = g->m;
     const moe_config *c = &m->cfg;
-    moe__mtp *M = &m->mtp[k];
-    int64_t d = c->hidden_size, i0 = g->mtp_len[k], n = L - i0, t;
-    moe_real eps = (moe_real)c->rms_norm_eps;
-    moe_real *cat, *x, *hn, *lg;
-    moe__gen_tail tl;
+    int64_t d = c->hidden_size, i0 = g->mtp_len[k], n = L - i0, t, shape[3];
+    int32_t *toks = (int32_t *)moe__arena_alloc(w, (size_t)n, sizeof(int32_t), "moe_gen mtp");
+    moe_tensor *h, *eids, *hk, *last, *kn, *lg, *aux = NULL;
+    moe__kv_cache cache;
     MOE_ASSERT(n >= 1);
-    cat = moe__scratch_real(w, n * 2 * d, "moe_gen mtp");
-    x = moe__scratch_real(w, n * d, "moe_gen mtp");
-    hn = moe__scratch_real(w, n * d, "moe_gen mtp");
-    lg = moe__scratch_real(w, c->vocab_size, "moe_gen mtp");
-    if (!cat || !x || !hn || !lg) return MOE_ERR_MEMORY;
+    if (!toks) return MOE_ERR_MEMORY;
+    shape[0] = 1;
+    shape[1] = n;
+    shape[2] = d;
+    MOE__TRY(moe__tensor_out(w, 3, shape, &h));
     for (t = 0; t < n; t++) {
         int64_t pos = i0 + t;
-        const moe_real *e = MOE__F32(m->embed) + (int64_t)moe__gen_tok(g, L, drafts, pos + k + 1) * d;
         const moe_real *hp = hin && pos >= hin0 ? hin + (pos - hin0) * d : moe__gen_ring(g, k, pos);
-        /* embedding first, then the hidden state: the column order of the released eh_proj */
-        moe__gen_rmsnorm(e, MOE__F32(M->enorm), cat + t * 2 * d, d, eps);
-        moe__gen_rmsnorm(hp, MOE__F32(M->hnorm), cat + t * 2 * d + d, d, eps);
+        MOE__TRY(MOE__BE(w)->copy(w, MOE__F32(h) + t * d, hp, (size_t)d * sizeof(moe_real), MOE__D2D));
+        toks[t] = moe__gen_tok(g, L, drafts, pos + k + 1);
     }
-    MOE__TRY(moe__gen_linear(w, cat, n, 2 * d, MOE__F32(M->eh_proj), d, x));
-    {
-        /* the draft's logits: the shared head after this module's shared_head.norm */
-        moe__block *blk = &M->block;
-        moe_real *cache = moe__gen_layer_cache(g, c->num_hidden_layers + k);
-        memset(&tl, 0, sizeof tl);
-        tl.norm = MOE__F32(M->head_norm);
-        tl.head = MOE__F32(m->head);
-        tl.h = hn;
-        tl.logits = lg;
-        tl.from = n - 1;
-        MOE__TRY(moe__gen_layers(g, &blk, &cache, 1, x, n, i0, &tl));
-    }
+    MOE__TRY(moe__ids(w, toks, 1, n, n, 0, &eids));
+    memset(&cache, 0, sizeof cache);
+    cache.rows = moe__gen_layer_cache(g, c->num_hidden_layers + k);
+    cache.absorb = !moe__gen_naive(g, n, i0);
+    MOE__TRY(moe__mtp_forward(w, m, k, h, eids, 1, n, i0, &cache, 0.0f, &hk, &aux));
+    /* the draft's logits: the shared head after this module's shared_head.norm */
+    shape[1] = 1;
+    MOE__TRY(moe_tensor_view(w, hk, 3, shape, (n - 1) * d, &last));
+    MOE__TRY(moe_rmsnorm(w, last, m->mtp[k].head_norm, (float)c->rms_norm_eps, &kn));
+    MOE__TRY(moe_matmul(w, kn, m->head, &lg));
+    MOE__TRY(moe__download_floats(w, logits, MOE__F32(lg), c->vocab_size));
     for (t = n > g->ring_n ? n - g->ring_n : 0; t < n; t++)
-        memcpy(moe__gen_ring(g, k + 1, i0 + t), x + t * d, (size_t)d * sizeof(moe_real));
-    for (t = 0; t < c->vocab_size; t++) logits[t] = (float)lg[t];
+        MOE__TRY(MOE__BE(w)->copy(w, moe__gen_ring(g, k + 1, i0 + t), MOE__F32(hk) + t * d, (size_t)d * sizeof(moe_real),
+                                  MOE__D2D));
     g->mtp_len[k] = L;
-    *hout = x;
+    *hout = MOE__F32(hk);
     *hout0 = i0;
     return MOE_OK;
 }
@@ -9589,7 +10556,7 @@ static moe_status moe__gen_draft(moe_gen *g, int64_t L, int64_t k0, int64_t nd, 
     const moe_real *hin = h0;
     int64_t k, hin0 = h00, V = g->m->cfg.vocab_size;
     for (k = k0; k < nd; k++) {
-        moe_real *hk;
+        const moe_real *hk;
         int64_t hk0;
         MOE__TRY(moe__gen_mtp(g, k, L, drafts, hin, hin0, lg, &hk, &hk0));
         if (s->temperature > 0) {
@@ -9643,7 +10610,7 @@ typedef struct moe__gen_state {
 
 /* The decoding steps after the prompt, until a stop condition. */
 static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E, moe_gen_stats *S) {
-    moe_ctx *w = g->w;
+    moe_ctx *w = g->w[0];
     int64_t V = g->m->cfg.vocab_size, L = R->L, nd = R->nd, k;
     const moe_sampling *s = &R->s;
     moe_rng *rng = &R->rng;
@@ -9670,7 +10637,7 @@ static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E
            token, drafting the next step's first draft on the way; else for the pending token
            and all drafts but the last, assuming the drafts are right. Entries past a rejection
            are dropped below. */
-        fused = nv > 0 && g->mtp_len[0] == L && moe__gen_small(g, nv + 1, L);
+        fused = nv > 0 && g->mtp_len[0] == L && moe__gen_by_rows(g, nv + 1, L);
         MOE__TRY(moe__gen_main(g, in, nv + 1, nv + 1, lg, NULL, fused ? (greedy ? nv + 1 : nv) : 0,
                                fused && greedy ? next_draft : NULL));
         S->main_passes++;
@@ -9726,15 +10693,34 @@ static moe_status moe__gen_decode(moe_gen *g, moe__gen_state *R, moe__gen_out *E
     return MOE_OK;
 }
 
+/* A speculative generation inside its crew's region: thread 0 decodes, the others serve. */
+typedef struct moe__gen_crew_job {
+    moe_gen *g;
+    moe__gen_state *R;
+    moe__gen_out *E;
+    moe_gen_stats *S;
+    moe_status st;
+} moe__gen_crew_job;
+static void moe__gen_crew_body(void *arg, int tid, int team) {
+    moe__gen_crew_job *J = (moe__gen_crew_job *)arg;
+    if (tid == 0) {
+        J->g->crew = team - 1;
+        J->st = moe__gen_decode(J->g, J->R, J->E, J->S);
+        moe__gen_crew_dismiss(J->g);
+    } else {
+        moe__gen_crew_serve(J->g, tid);
+    }
+}
+
 static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, const moe_gen_opts *o, moe__gen_out *E,
                                moe_gen_stats *S) {
-    moe_ctx *w = g->w;
+    moe_ctx *w = g->w[0];
     const moe_config *c = &g->m->cfg;
     int64_t V = c->vocab_size, L = np, k;
     moe__gen_state R;
     float *lg = g->logits;
     int32_t *tmp = g->idx + V;
-    moe_real *h0;
+    const moe_real *h0;
     double t0 = moe_time_s(), t1;
     moe_status st = MOE_OK;
     int team;
@@ -9769,26 +10755,16 @@ static moe_status moe__gen_run(moe_gen *g, const int32_t *prompt, int64_t np, co
     S->prefill_s = t1 - t0;
     moe_ctx_reset(w); /* the prompt's activations are not needed any more */
     /* speculative steps verify 1 + nd tokens: with a crew when they run side by side */
-    team = w->n_threads < R.nd + 1 ? w->n_threads : (int)R.nd + 1;
-    if (team > 1 && moe__gen_small(g, R.nd + 1, L)) {
+    team = w->conf.n_threads < R.nd + 1 ? w->conf.n_threads : (int)R.nd + 1;
+    if (team > 1 && moe__gen_by_rows(g, R.nd + 1, L)) {
+        moe__gen_crew_job J;
         if (!moe__gen_par_preferred(g)) g->t_par = 0; /* side by side lost last time: time it afresh */
         memset(g->sync, 0, sizeof g->sync);
         g->posts = 0;
         g->in_region = 1;
-        MOE__OMP(omp parallel num_threads(team))
-        {
-            int tid = 0;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-            if (tid == 0) g->crew = omp_get_num_threads() - 1;
-#endif
-            if (tid == 0) {
-                st = moe__gen_decode(g, &R, E, S);
-                moe__gen_crew_dismiss(g);
-            } else {
-                moe__gen_crew_serve(g, tid);
-            }
-        }
+        J.g = g; J.R = &R; J.E = E; J.S = S; J.st = MOE_OK;
+        moe__team_run(team, moe__gen_crew_body, &J);
+        st = J.st;
         g->in_region = 0;
     } else {
         st = moe__gen_decode(g, &R, E, S);
@@ -9822,6 +10798,7 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
                          "%s: prompt %lld + max_tokens %lld need %lld cache positions, the cache holds %lld (max_position_embeddings %lld)",
                          fn, (long long)np, (long long)opts->max_tokens, (long long)(np + opts->max_tokens - 1), (long long)g->cap,
                          (long long)g->m->cfg.max_position_embeddings);
+    if (g->m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
     MOE__TRY(moe__gen_check_tokens(ctx, fn, g->m, prompt, np));
     memset(&E, 0, sizeof E);
     E.out = out;

@@ -17,6 +17,13 @@
 
 static moe_ctx *g_ctx;
 
+/* The one FP8 quantiser, through the CPU backend's entry (split over the context's threads). */
+static void quantize(const moe_real *x, int64_t rows, int64_t cols, int64_t gr, int64_t gc, int pow2, uint8_t *q, float *sc,
+                     moe_real *out) {
+    moe_status st = moe__cpu_backend()->fp8_quantize(g_ctx, x, rows, cols, gr, gc, pow2, q, sc, out);
+    if (st != MOE_OK) fprintf(stderr, "fp8_quantize: %s\n", moe_ctx_error(g_ctx));
+}
+
 static void fill_normal(float *x, int64_t n, uint64_t stream, float std) {
     moe_rng r = moe_rng_new(17, stream);
     int64_t i;
@@ -100,7 +107,7 @@ static void test_encode_loop_matches(void) {
     T_CHECK(bad == 0, "%lld values encode or decode differently", (long long)bad);
 }
 
-/* The training quantiser (moe__fp8_quantize: SIMD where the CPU has it) against a plain
+/* The training quantiser (moe__fp8_quantize_groups: SIMD where the CPU has it) against a plain
    loop over the reference encoder, bit for bit: codes, scales and dequantised values, for
    every grouping (1×B, B×1, B×B, one per tensor), amax and power-of-two scales, on values
    spread over 2^-40..2^12 (subnormal codes, flushed values, ties) with NaN and ±inf lanes
@@ -125,7 +132,7 @@ static void test_quantiser_matches_reference(void) {
     for (sh = 0; sh < 4; sh++)
         for (pow2 = 0; pow2 < 2; pow2++) {
             int64_t gr = shapes[sh][0], gc = shapes[sh][1], ngc = (C + gc - 1) / gc;
-            moe__fp8_quantize(x, R, C, gr, gc, pow2, q, sc, out, 2);
+            quantize(x, R, C, gr, gc, pow2, q, sc, out);
             for (i = 0; i < R * C; i++) amax[i] = 0.0f;
             for (i = 0; i < R * C; i++) { /* each group's max-abs, NaN never winning */
                 int64_t g = (i / C / gr) * ngc + (i % C) / gc;
@@ -194,7 +201,7 @@ static void test_blocks_and_column_tiles_bound(void) {
         if (r > worst) worst = r;
     }
     for (i = 0; i < R * C; i++) xr[i] = x[i];
-    moe__fp8_quantize(xr, R, C, BLK, 1, 0, q, scc, yr, 2); /* B×1: 32 rows of one column share a scale */
+    quantize(xr, R, C, BLK, 1, 0, q, scc, yr); /* B×1: 32 rows of one column share a scale */
     for (i = 0; i < R * C; i++) {
         double r = fabs((double)xr[i] - yr[i]) / e4m3_bound(xr[i], scc[(i / C / BLK) * C + i % C]);
         if (r > worst_col) worst_col = r;
@@ -217,8 +224,8 @@ static void test_requantisation_exact_with_pow2_scales(void) {
     fill_normal(f, R * C, 9, 1.0f);
     for (i = 0; i < R * C; i++) x[i] = f[i] * (1.0f + 30.0f * (float)((i / C) % 7 == 0)); /* louder tokens */
     for (pow2 = 1; pow2 >= 0; pow2--) {
-        moe__fp8_quantize(x, R, C, 1, BLK, pow2, NULL, s1, a, 2);
-        moe__fp8_quantize(a, R, C, BLK, 1, pow2, NULL, s2, b, 2);
+        quantize(x, R, C, 1, BLK, pow2, NULL, s1, a);
+        quantize(a, R, C, BLK, 1, pow2, NULL, s2, b);
         for (i = 0; i < R * C; i++) {
             changed[pow2] += a[i] != b[i];
             if (pow2 && a[i] != b[i]) underflow += fabs(a[i]) < s2[(i / C / BLK) * C + i % C] * (1.0 / 64);
@@ -237,7 +244,7 @@ static void test_requantisation_exact_with_pow2_scales(void) {
    exact product of the unquantised operands: Σ_p |x|e_w + e_x|w| + e_x e_w (e_· the
    per-element E4M3 bounds) plus (a)'s bound. Both scale kinds: amax/448 (operands from the
    public quantise/dequantise API; the FP32 kernel) and powers of two (the default; operands
-   from moe__fp8_quantize, checked bit for bit against the reference encoder above; the BF16
+   from moe__fp8_quantize_groups, checked bit for bit against the reference encoder above; the BF16
    kernel). */
 static void fprop_against_double(int amax_scales, double *worst_a, double *worst_b) {
     enum { N = 37, IN = 256, OUT = 160, BLK = 128 };
@@ -262,8 +269,8 @@ static void fprop_against_double(int amax_scales, double *worst_a, double *worst
         moe_fp8_dequantize_tiles(g_ctx, qx, sx, N, IN, BLK, xd);
         moe_fp8_dequantize_blocks(g_ctx, qw, sw, OUT, IN, BLK, wd);
     } else {
-        moe__fp8_quantize(X, N, IN, 1, BLK, 1, NULL, sx, Xd, 1);
-        moe__fp8_quantize(W, OUT, IN, BLK, BLK, 1, NULL, sw, Wd, 1);
+        quantize(X, N, IN, 1, BLK, 1, NULL, sx, Xd);
+        quantize(W, OUT, IN, BLK, BLK, 1, NULL, sw, Wd);
         for (i = 0; i < N * IN; i++) xd[i] = (float)Xd[i];
         for (i = 0; i < OUT * IN; i++) wd[i] = (float)Wd[i];
     }
@@ -538,9 +545,18 @@ static void test_limited_accumulation(void) {
             for (p = 0; p < K; p++) s += (double)A[i * K + p] * Bm[j * K + p];
             ref[i * N + j] = s;
         }
-    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[0], N, 14, -1);
-    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[1], N, 14, 128);
-    moe__gemm_limited_acc(0, 1, M, N, K, A, K, Bm, K, 0, C[2], N, 24, -1);
+    {
+        moe__gemm_desc d; /* C = A·Bᵀ */
+        memset(&d, 0, sizeof d);
+        d.m = M; d.n = N; d.k = K;
+        d.a = A; d.lda = K; d.b = Bm; d.ldb = K; d.b_trans = 1; d.ldc = N;
+        d.c = C[0];
+        moe__gemm_limited_acc(&d, 14, -1);
+        d.c = C[1];
+        moe__gemm_limited_acc(&d, 14, 128);
+        d.c = C[2];
+        moe__gemm_limited_acc(&d, 24, -1);
+    }
     for (v = 0; v < 3; v++)
         for (i = 0; i < M * N; i++) {
             double e = fabs(C[v][i] - ref[i]) / ref[i];
@@ -566,7 +582,7 @@ static void test_bad_settings_refused(void) {
     T_CHECK(moe_ctx_set_fp8(g_ctx, NULL) == MOE_ERR_ARG, "NULL options");
     T_CHECK(moe_ctx_set_gemm_precision(g_ctx, MOE_FP8_E5M2) == MOE_ERR_DTYPE, "E5M2 GEMMs are not a mode");
     memset(&o, 0, sizeof o);
-    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_OK && g_ctx->fp8.block == 128 && g_ctx->fp8.acc_interval == 128, "zero fields take the defaults");
+    T_CHECK(moe_ctx_set_fp8(g_ctx, &o) == MOE_OK && g_ctx->conf.fp8.block == 128 && g_ctx->conf.fp8.acc_interval == 128, "zero fields take the defaults");
 }
 
 /* ---- training ---- */

@@ -326,7 +326,7 @@ static moe_status f_mla(moe_ctx *c, moe_tensor **in, moe_tensor **y, const void 
     const layer_aux *la = (const layer_aux *)a;
     moe__mla_dims d = moe__model_mla_dims(la->m, la->B, la->T, 0);
     (void)in;
-    return moe__mla_forward(c, &la->m->layers[0].attn, &d, &la->m->rope, la->x, y);
+    return moe__mla_forward(c, &la->m->layers[0].attn, &d, &la->m->rope, NULL, la->x, y);
 }
 /* MoE output plus its balance loss, so both gradients are checked together. */
 static moe_status f_moe(moe_ctx *c, moe_tensor **in, moe_tensor **y, const void *a) {
