@@ -131,7 +131,7 @@ suite_parity() {
     run_suite parity bash tests/parity/run.sh
 }
 
-UNIT_SUITES="numerics ops gradcheck determinism model fp8 distill infer badinput"
+UNIT_SUITES="numerics ops backend gradcheck determinism model fp8 distill infer badinput"
 ALL_SUITES="$UNIT_SUITES compile sanitize parity"
 
 cmd_test() {

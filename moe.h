@@ -1041,6 +1041,13 @@ typedef struct moe__conf {
     const moe_backend *be; /* the device's kernels */
 } moe__conf;
 
+/* Memory of `slot` bytes for each of `count` threads, at base + tid·slot. */
+typedef struct moe__thread_slots {
+    void *base;
+    size_t slot;
+    int count;
+} moe__thread_slots;
+
 struct moe_ctx {
     moe__conf conf;
     char error[512];
@@ -1059,10 +1066,7 @@ struct moe_ctx {
        the GEMM's contention back-off {until, length, started} */
     void *gemm_ws;
     size_t gemm_ws_size;
-    void *gemm_tws;
-    size_t gemm_tws_slot;
-    void *fp8_tws;
-    size_t fp8_tws_slot;
+    moe__thread_slots gemm_tws, fp8_tws;
     double gemm_backoff[3];
 };
 
@@ -1275,8 +1279,8 @@ MOE_API void moe_ctx_free(moe_ctx *ctx) {
     moe__arena_free_blocks(ctx->arena);
     MOE_FREE(ctx->tape);
     MOE_FREE(ctx->gemm_ws);
-    MOE_FREE(ctx->gemm_tws);
-    MOE_FREE(ctx->fp8_tws);
+    MOE_FREE(ctx->gemm_tws.base);
+    MOE_FREE(ctx->fp8_tws.base);
     MOE_FREE(ctx);
 }
 
@@ -1975,7 +1979,10 @@ MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, con
    - reads and writes moe_real values (MOE_F32), int32 indices, FP8 codes as bytes with float
      scales; outputs marked "+=" accumulate, the others are overwritten;
    - gives results that do not depend on the thread count or on how a device schedules its
-     work: every sum runs in a fixed order.
+     work: every sum runs in a fixed order;
+   - rounds each product and each sum on its own (no fused multiply-add where the contract
+     writes a·b + c: the CPU builds with -ffp-contract=off, a CUDA one with -fmad=false or
+     __fmul_rn/__fadd_rn), so that bit-exact entries are bit-exact on every backend.
    tests/test_backend.c walks the whole table against plain references, each entry in its
    exactness class: bit-exact (copies, gathers, conversions, quantisation, routing),
    ULP-bounded (element- and row-wise math) or order-dependent (GEMMs, attention, sums:
@@ -2004,8 +2011,9 @@ typedef struct moe__gemm_op {
 /* The optimizer's update of a slab of n parameters p with gradients g and moments m, v (f32
    or bf16), cut into segments with their weight decay; per element, in float:
    g ← g·grad_scale; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
-   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p); then g ← 0. Segments are in slab
-   order and do not overlap. */
+   p ← p − (step·m/(sqrt(v·inv_bc2) + eps) + decay·p) with the float m and v, which are
+   then stored (rounded to bf16 for bf16 moments); then g ← 0. (1−β2)·g² is ((1−β2)·g)·g.
+   Segments are in slab order and do not overlap. */
 typedef struct moe__adamw_segment {
     int64_t start, len;
     float decay; /* lr·weight_decay, or 0 */
@@ -2052,8 +2060,9 @@ struct moe_backend {
     moe_status (*gemm)(moe_ctx *ctx, const moe__gemm_op *op);
     /* The same product for `groups` groups of tokens (the experts of a MoE layer): group e
        takes the token rows [host_offsets[e], host_offsets[e+1]); the token dimension is m (A and
-       C rows), or k with group_k (A and B rows: a weight gradient per group); B (C with
-       group_k) of group e starts at e·stride_b (e·stride_c). batch must be 1. */
+       C rows, A not transposed), or k with group_k (A and B rows: a weight gradient per group,
+       trans_a and not trans_b; a group without tokens gets dC_e = 0 unless accumulate); B (C
+       with group_k) of group e starts at e·stride_b (e·stride_c). batch must be 1. */
     moe_status (*gemm_grouped)(moe_ctx *ctx, const moe__gemm_op *op, int64_t groups, const int64_t *host_offsets,
                                int group_k);
 
@@ -2114,22 +2123,27 @@ struct moe_backend {
        [k_nope ; v] and the shared RoPE key kpe [n, dr] (row stride ld_kpe). */
     moe_status (*mla_split_kv)(moe_ctx *ctx, const moe_real *kvb, const moe_real *kpe, int64_t ld_kpe, int64_t n, int64_t H,
                                int64_t dn, int64_t dr, int64_t dv, moe_real *k, moe_real *v);
-    /* Its backward: dkvb = [dk_nope ; dv], dkpe += Σ_h dk_pe (heads in order). */
+    /* Its backward: dkvb = [dk_nope ; dv], dkpe += dk_pe of head 0, then of head 1, … */
     moe_status (*mla_merge_kv)(moe_ctx *ctx, const moe_real *dk, const moe_real *dv, int64_t n, int64_t H, int64_t dn,
                                int64_t dr, int64_t dv_dim, moe_real *dkvb, moe_real *dkpe);
     /* The router of n tokens: scores s = sigmoid(z) or softmax(z) [n, E]; chosen [n, K] the
-       experts with the largest s + bias (noaux_tc; plain s otherwise) within the kept groups,
-       best first; gates [n, K] = routed_scaling_factor · (s of the chosen, normalised by
-       sel_sum [n] = their sum when norm_topk_prob). */
+       experts with the largest s + bias (noaux_tc, the sum taken in double; plain s
+       otherwise) within the topk_group kept groups, best first, ties to the lower index;
+       groups are ranked by the sum of their top two (noaux_tc) or their max (group-limited
+       greedy), ties to the lower group; gates [n, K] = routed_scaling_factor · (s of the
+       chosen, normalised by sel_sum [n] = their sum when norm_topk_prob). */
     moe_status (*router_fwd)(moe_ctx *ctx, const moe_config *cfg, const moe_real *z, const moe_real *bias, int64_t n,
                              moe_real *s, int32_t *chosen, moe_real *gates, moe_real *sel_sum);
     /* dz [n, E] from dgates [n, K], plus the sequence balance loss's gradient when
-       balance_scale != 0 (f [n/T, E] from balance_loss, T tokens per sequence). */
+       balance_scale != 0: balance_scale·f_bi per unit of token t's normalised score
+       s_ti / Σ_j s_tj (f [n/T, E] from balance_loss, T tokens per sequence; the caller folds
+       the loss weight and the means' 1/(B·T) into balance_scale). */
     moe_status (*router_bwd)(moe_ctx *ctx, const moe_config *cfg, const moe_real *s, const int32_t *chosen,
                              const moe_real *sel_sum, const moe_real *dgates, const moe_real *f, moe_real balance_scale,
                              int64_t n, int64_t T, moe_real *dz);
     /* The sequence-wise balance loss of B sequences of T tokens before its α/B: host_loss =
-       Σ_b Σ_i f_bi·P_bi with f_bi = E/(K·T)·(slots that chose i) (written to f [B, E]) and
+       Σ_b Σ_i f_bi·P_bi with f_bi = E/(K·T) added once per slot that chose i (written to
+       f [B, E]) and
        P_bi = mean over the sequence of s_i normalised over the experts. */
     moe_status (*balance_loss)(moe_ctx *ctx, const moe_config *cfg, const moe_real *s, const int32_t *chosen, int64_t B,
                                int64_t T, moe_real *f, moe_real *host_loss);
@@ -2177,7 +2191,8 @@ struct moe_backend {
     /* y += alpha·x */
     moe_status (*axpy)(moe_ctx *ctx, moe_real alpha, const moe_real *x, int64_t n, moe_real *y);
     moe_status (*fill)(moe_ctx *ctx, moe_real value, int64_t n, moe_real *x);
-    /* x[i] = mean + std·N_i, N_i the Box–Muller normal of counters (counter + 2i, +1) of key. */
+    /* x[i] = mean + std·N_i, N_i the Box–Muller normal of counters (counter + 2i, +1) of key
+       (moe_rng_normal's mapping of the two hashes). */
     moe_status (*fill_normal)(moe_ctx *ctx, uint64_t key, uint64_t counter, moe_real mean, moe_real std, int64_t n,
                               moe_real *x);
 
@@ -3169,19 +3184,25 @@ static void *moe__gemm_workspace(moe_ctx *ctx, size_t bytes) {
 }
 
 /* Make sure *base holds a slot of at least `bytes` for each of the context's threads. */
-static moe_status moe__reserve_thread_slots(moe_ctx *ctx, void **base, size_t *slot, size_t bytes, const char *what) {
+/* At least `bytes` for each of the context's threads (the slots only grow). */
+static moe_status moe__reserve_thread_slots(moe_ctx *ctx, moe__thread_slots *s, size_t bytes, const char *what) {
     size_t total;
     void *p;
-    if (bytes <= *slot) return MOE_OK;
-    bytes = (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN;
+    if (bytes <= s->slot && ctx->conf.n_threads <= s->count) return MOE_OK;
+    bytes = bytes > s->slot ? (bytes + MOE__ALIGN - 1) / MOE__ALIGN * MOE__ALIGN : s->slot;
     if (moe__mul_overflows(bytes, (size_t)ctx->conf.n_threads, &total))
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: per-thread memory size overflows", what);
     p = moe__heap_alloc(ctx, total);
     if (!p) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for per-thread slots", what);
-    MOE_FREE(*base);
-    *base = p;
-    *slot = bytes;
+    MOE_FREE(s->base);
+    s->base = p;
+    s->slot = bytes;
+    s->count = ctx->conf.n_threads;
     return MOE_OK;
+}
+/* Thread tid's slot if it holds `bytes` (NULL: the loop's owner did not reserve it). */
+static void *moe__thread_slot(const moe__thread_slots *s, int tid, size_t bytes) {
+    return tid < s->count && bytes <= s->slot ? (char *)s->base + (size_t)tid * s->slot : NULL;
 }
 
 /* One product on the engine: at the top level with the context's threads (tid < 0), or on
@@ -3200,8 +3221,8 @@ static moe_status moe__gemm_engine(moe_ctx *ctx, const moe__gemm_desc *d, int ti
 #endif
     if (isa != MOE__GEMM_SCALAR) {
         if (tid >= 0) {
-            if (moe__gemm_workspace_bytes(d, 1) > ctx->gemm_tws_slot) return MOE_ERR_STATE; /* the loop's owner reports it */
-            ws = (char *)ctx->gemm_tws + (size_t)tid * ctx->gemm_tws_slot;
+            ws = moe__thread_slot(&ctx->gemm_tws, tid, moe__gemm_workspace_bytes(d, 1));
+            if (!ws) return MOE_ERR_STATE; /* the loop's owner reports it */
         } else {
             ws = moe__gemm_workspace(ctx, moe__gemm_workspace_bytes(d, ctx->conf.n_threads));
             if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for the packing workspace");
@@ -3446,8 +3467,8 @@ static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, moe__g
         size_t bytes = moe__fp8_operand_bytes(ra, ca) + moe__fp8_operand_bytes(rb, cb);
         char *mem;
         if (tid >= 0) {
-            if (bytes > ctx->fp8_tws_slot) return MOE_ERR_STATE; /* the loop's owner reports it */
-            mem = (char *)ctx->fp8_tws + (size_t)tid * ctx->fp8_tws_slot;
+            mem = (char *)moe__thread_slot(&ctx->fp8_tws, tid, bytes);
+            if (!mem) return MOE_ERR_STATE; /* the loop's owner reports it */
         } else {
             mem = (char *)moe__dev_scratch(ctx, (int64_t)bytes, 1, "fp8 operands");
             if (!mem) return MOE_ERR_MEMORY;
@@ -3516,7 +3537,8 @@ static void moe__gemm_group_range(void *arg, int64_t e0, int64_t e1, int tid) {
     const moe__gemm_groups *G = (const moe__gemm_groups *)arg;
     int64_t e;
     for (e = e0; e < e1; e++)
-        if (G->off[e + 1] > G->off[e]) G->st[e] = moe__gemm_product(G->ctx, G->op, moe__gemm_group_desc(G, e), tid);
+        if (G->off[e + 1] > G->off[e] || (G->group_k && !G->op->accumulate)) /* no tokens: dC_e = 0 */
+            G->st[e] = moe__gemm_product(G->ctx, G->op, moe__gemm_group_desc(G, e), tid);
 }
 
 static moe_status moe__cpu_gemm_grouped(moe_ctx *ctx, const moe__gemm_op *op, int64_t groups, const int64_t *host_offsets,
@@ -3548,8 +3570,8 @@ static moe_status moe__cpu_gemm_grouped(moe_ctx *ctx, const moe__gemm_op *op, in
             d.bf16_compute = 1;
             ws = moe__gemm_workspace_bytes(&d, 1);
         }
-        MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->gemm_tws, &ctx->gemm_tws_slot, ws, "gemm_grouped"));
-        if (fp8) MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->fp8_tws, &ctx->fp8_tws_slot, fp8, "gemm_grouped"));
+        MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->gemm_tws, ws, "gemm_grouped"));
+        if (fp8) MOE__TRY(moe__reserve_thread_slots(ctx, &ctx->fp8_tws, fp8, "gemm_grouped"));
     }
     moe__parallel_for(ctx, groups, flops / (double)groups / 64.0, 1, moe__gemm_group_range, &G);
     for (e = 0; e < groups; e++)
