@@ -2,12 +2,13 @@
 
    moe.h includes this file from its implementation section when MOE_CUDA is defined and
    the compiler is nvcc; do not include it yourself. It defines the moe_cuda_* functions
-   that moe.h declares. Kernels are `static`, launched on the context's stream, and call
+   that moe.h declares (its section 14). Kernels are `static`, launched on the context's stream, and call
    the same MOE_HD element math as the CPU loops (conversions, scales), so the CPU tests
    cover the GPU arithmetic. All state lives in a moe_gpu; nothing here is global.
 
    Status: the skeleton — device setup, error translation, and the FP8 tile quantiser as
-   the first kernel. GEMMs (cuBLASLt with 1×128 / 128×128 FP8 scales), attention, MoE
+   the first kernel. The plan is to fill moe.h's kernel interface (struct moe_backend,
+   section 3) entry by entry and run tests/test_backend.c against the CPU table. GEMMs (cuBLASLt with 1×128 / 128×128 FP8 scales), attention, MoE
    routing and NCCL collectives follow the plan in the GPU reference. */
 #ifndef MOE_CUDA_CUH
 #define MOE_CUDA_CUH
@@ -91,7 +92,9 @@ MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu) {
 #define MOE__QUANT_THREADS 128
 
 /* One block per 1×B tile: a shared-memory max-abs reduction, then the same scale and
-   E4M3 rounding as moe_fp8_quantize_tiles on the CPU. */
+   E4M3 rounding (code = e4m3(x / scale)) as moe.h's one quantiser, moe__fp8_quantize_groups,
+   in the grouping that moe_fp8_quantize_tiles asks of it (1×B, amax/448 scales). The CUDA
+   backend's fp8_quantize entry will generalise it to every grouping and power-of-two scales. */
 static __global__ void __launch_bounds__(MOE__QUANT_THREADS)
 moe__quantize_tiles_kernel(const float *x, int64_t cols, int64_t block, int64_t nb, uint8_t *q, float *scales) {
     __shared__ float red[MOE__QUANT_THREADS];
