@@ -496,7 +496,8 @@ typedef struct moe_yarn {
 /* Precomputed cos/sin for positions [0, max_pos) of a rotary dim `dim` (even). */
 typedef struct moe_rope_table {
     int64_t dim, max_pos;
-    float *cos_sin; /* [max_pos][dim/2][2] */
+    float *cos_sin;    /* [max_pos][dim/2][2], in the memory of `device` */
+    moe_device device; /* the device of the context that made it */
 } moe_rope_table;
 MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int64_t dim,
                                        int64_t max_pos, double theta, const moe_yarn *yarn);
@@ -846,8 +847,9 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *model, const
    A moe_gen session holds, per layer and cached token, only what MLA needs (reference §2.4):
    the normalised latent c_KV (kv_lora_rank values) and the RoPE'd shared key k_pe
    (qk_rope_head_dim values). Decoding folds W_UK into the query and W_UV into the output, so
-   keys and values are never expanded. The MTP modules get caches of their own and draft
-   tokens that the main model verifies in one pass (reference §4.3). A session works in a
+   keys and values are not expanded (except a prompt into an empty cache, which by default
+   attends the naive way: see moe_gen_set_attn). The MTP modules get caches of their own and
+   draft tokens that the main model verifies in one pass (reference §4.3). A session works in a
    private step arena, so it never resets the caller's context; errors are reported on the
    caller's context. It reads the model's weights at every call: changing them invalidates
    what is cached (call moe_gen_reset). */
@@ -1297,17 +1299,25 @@ MOE_API moe_status moe_ctx_set_threads(moe_ctx *ctx, int n_threads) {
 }
 MOE_API int moe_ctx_threads(const moe_ctx *ctx) { return ctx ? ctx->conf.n_threads : 1; }
 
+/* The kernel table of a device kind (NULL: not in this build). */
+static const moe_backend *moe__backend_for(moe_device device) { return device == MOE_DEVICE_CPU ? moe__cpu_backend() : NULL; }
+
 MOE_API moe_status moe_ctx_set_device(moe_ctx *ctx, moe_device device, int index) {
     MOE__CHECK_CTX(ctx);
-    if (device == MOE_DEVICE_CPU) {
-        if (index != 0) return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: the CPU is device 0, got %d", index);
-        ctx->conf.be = moe__cpu_backend();
-        return MOE_OK;
-    }
-    if (device == MOE_DEVICE_CUDA)
+    if (device != MOE_DEVICE_CPU && device != MOE_DEVICE_CUDA)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: unknown device %d", (int)device);
+    if (!moe__backend_for(device))
+#ifdef MOE_CUDA
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_ctx_set_device: the CUDA backend's kernel table is not written yet "
+                                                   "(moe_cuda.cuh has its first kernel only)");
+#else
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_ctx_set_device: this build has no CUDA backend (compile the "
                                                    "implementation with nvcc and MOE_CUDA defined)");
-    return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: unknown device %d", (int)device);
+#endif
+    if (device == MOE_DEVICE_CPU && index != 0)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: the CPU is device 0, got %d", index);
+    ctx->conf.be = moe__backend_for(device);
+    return MOE_OK;
 }
 
 MOE_API moe_status moe_ctx_set_simd(moe_ctx *ctx, int enabled) {
@@ -1967,15 +1977,21 @@ MOE_API moe_status moe_fp8_dequantize_blocks(moe_ctx *ctx, const uint8_t *q, con
    ============================================================================================
    Everything that reads or writes activations, weights, gradients or optimizer moments goes
    through one table of entry points, the context's backend (ctx->conf.be). Sections 4 and 5
-   fill it for the CPU (SIMD + OpenMP); moe_cuda.cuh fills it for a GPU. Sections 6–13 are
-   orchestration written once for every backend: they decide shapes, order and what to keep
-   for backward, get device memory from the table, and call its entries; they hold no
-   parallel region, no SIMD and no loop over activation values.
+   fill it for the CPU (SIMD + OpenMP); a GPU backend in moe_cuda.cuh is to fill it next.
+   Sections 6–13 are orchestration written once for every backend: they decide shapes, order
+   and what to keep for backward, get device memory from the table, and call its entries;
+   they hold no OpenMP pragma, no SIMD and no loop over activation values. What they still do
+   on the host, by design: serialisation (io converts weights to and from file bytes, on host
+   models only), checks of what the caller hands in (token ids, teacher top-k records),
+   sampling from a downloaded row of logits (section 13, as moe_gen_probs takes them), and
+   decoding's thread crew (section 13, over the base's team and counters: one row of a pass
+   per CPU thread).
 
    Every entry
    - takes the context first and returns moe_status (a message in the context on failure);
    - takes device pointers, except those named host_* (index bookkeeping the host needs, and
-     scalar results such as a loss sum); arrays are row-major, `ld` is a row stride in elements;
+     scalar results such as a loss sum) and the op descriptors and config (host structs);
+     arrays are row-major, `ld` is a row stride in elements;
    - reads and writes moe_real values (MOE_F32), int32 indices, FP8 codes as bytes with float
      scales; outputs marked "+=" accumulate, the others are overwritten;
    - gives results that do not depend on the thread count or on how a device schedules its
@@ -2047,7 +2063,9 @@ struct moe_backend {
     const char *name;
     moe_device device;
 
-    /* ---- memory ---- */
+    /* ---- memory ----
+       free and memset also take a NULL context, from calls that have none
+       (moe_rope_table_free, moe_model_zero_grad): the device's default stream, no message. */
     /* Device memory of `bytes` (zeroed, MOE__ALIGN-aligned) until free. */
     moe_status (*alloc)(moe_ctx *ctx, size_t bytes, void **out);
     void (*free)(moe_ctx *ctx, void *p);
@@ -2093,7 +2111,7 @@ struct moe_backend {
                              int64_t rows, int64_t cols, moe_real *dgate, moe_real *dup, int64_t ld_d, int accumulate);
     /* RoPE in place on the `dim` values at `offset` of each of `heads` vectors (stride
        head_stride) of `tokens` tokens; token t sits at position pos0 + t % T. cos_sin: the
-       table [positions][dim/2][2]; inverse rotates back (the backward). */
+       table [positions][dim/2][2] (device memory, moe_rope_table); inverse rotates back (the backward). */
     moe_status (*rope)(moe_ctx *ctx, moe_real *x, int64_t tokens, int64_t T, int64_t heads, int64_t head_stride,
                        int64_t offset, int64_t dim, const float *cos_sin, int64_t pos0, moe_rope_layout layout, int inverse);
     /* The k largest of each row of x [rows, n], descending, ties to the lower index, NaN last. */
@@ -3437,7 +3455,7 @@ static void moe__gemm_limited_acc(const moe__gemm_desc *d, int bits, int interva
                 }
             }
             acc += part;
-            d->c[i * d->ldc + j] = (moe_real)acc + (d->beta != 0 ? d->beta * d->c[i * d->ldc + j] : 0);
+            d->c[i * d->ldc + j] = d->alpha * (moe_real)acc + (d->beta != 0 ? d->beta * d->c[i * d->ldc + j] : 0);
         }
 }
 
@@ -3693,22 +3711,7 @@ static moe_status moe__cpu_scratch(moe_ctx *ctx, size_t bytes, void **out) {
     return *out ? MOE_OK : MOE_ERR_MEMORY;
 }
 
-/* ---- row helpers: dot, max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) - */
-
-/* Σ a[i]·b[i] in 8 interleaved partial sums, then the tail: a fixed order for a given n. */
-static moe_real moe__row_dot(const moe_real *a, const moe_real *b, int64_t n) {
-    moe_real s = 0;
-    int64_t i = 0;
-#ifdef MOE__SIMD_AVX2
-    if (n >= 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-        s = moe__hsum8(acc);
-    }
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+/* ---- row helpers: max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) ------ */
 
 /* max of x[0..n), n ≥ 1 (with a NaN in x it is unspecified: the exp-sums that follow carry the NaN). */
 static moe_real moe__row_max(const moe_real *x, int64_t n) {
@@ -3791,7 +3794,7 @@ static void moe__rmsnorm_fwd_rows(void *arg, int64_t r0, int64_t r1, int tid) {
     (void)tid;
     for (r = r0; r < r1; r++) {
         const moe_real *xr = j->x + r * j->ldx;
-        moe_real *yr = j->y + r * j->ldy, rs = (moe_real)1 / moe__sqrt(moe__row_dot(xr, xr, j->d) / (moe_real)j->d + j->eps);
+        moe_real *yr = j->y + r * j->ldy, rs = (moe_real)1 / moe__sqrt(moe__dot8x(xr, xr, j->d) / (moe_real)j->d + j->eps);
         if (j->rstd) j->rstd[r] = rs;
         for (i = 0; i < j->d; i++) yr[i] = j->w[i] * (xr[i] * rs);
     }
@@ -3820,7 +3823,7 @@ static void moe__rmsnorm_bwd_chunks(void *arg, int64_t c0, int64_t c1, int tid) 
             moe_real rs = j->rstd_in[r], dot = 0;
             i = 0;
 #ifdef MOE__SIMD_AVX2
-            if (d >= 8) { /* Σ (dy⊙w)·(x·rs) in 8 interleaved partial sums, as moe__row_dot */
+            if (d >= 8) { /* Σ (dy⊙w)·(x·rs) in 8 interleaved partial sums */
                 const __m256 vrs = _mm256_set1_ps(rs);
                 __m256 acc = _mm256_setzero_ps();
                 for (; i + 8 <= d; i += 8)
@@ -4331,7 +4334,7 @@ static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int ti
                 moe__att_pack_rows(q, H, Dk, h, b * T + i0, nq, Qn);
                 moe__att_pack_rows(dout, H, Dv, h, b * T + i0, nq, DOn);
                 for (i = 0; i < nq; i++) /* delta_i = dO_i · O_i */
-                    delta[i] = moe__row_dot(DO + i * Dv, o + ((b * T + i0 + i) * H + h) * Dv, Dv);
+                    delta[i] = moe__dot8x(DO + i * Dv, o + ((b * T + i0 + i) * H + h) * Dv, Dv);
                 /* query groups: P, dS, and dQ = dS·K */
                 for (r0 = 0; r0 < nq; r0 += 6) {
                     int64_t kmax = it == jt && r0 + 6 < nk ? r0 + 6 : nk;
@@ -4633,27 +4636,23 @@ static moe_status moe__cpu_router_bwd(moe_ctx *ctx, const moe_config *cfg, const
 static moe_status moe__cpu_balance_loss(moe_ctx *ctx, const moe_config *c, const moe_real *s, const int32_t *chosen, int64_t B,
                                         int64_t T, moe_real *f, moe_real *host_loss) {
     const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok;
-    moe_real balance = 0;
+    moe_real balance = 0, P[MOE__MAX_EXPERTS];
     int64_t b, t, e, k, j;
     (void)ctx;
     memset(f, 0, (size_t)(B * E) * sizeof(moe_real));
     for (b = 0; b < B; b++) {
-        moe_real *fb = f + b * E, P;
+        moe_real *fb = f + b * E;
         for (t = b * T; t < (b + 1) * T; t++)
             for (k = 0; k < K; k++) fb[chosen[t * K + k]] += (moe_real)E / (moe_real)(K * T);
-        for (e = 0; e < E; e++) {
-            P = 0;
-            for (t = b * T; t < (b + 1) * T; t++) {
-                moe_real tot = 0;
-                if (c->scoring_func == MOE_SCORING_SIGMOID) {
-                    for (j = 0; j < E; j++) tot += s[t * E + j];
-                    P += s[t * E + e] / tot;
-                } else {
-                    P += s[t * E + e];
-                }
-            }
-            balance += fb[e] * P / (moe_real)T;
+        /* P_e = Σ_t s_te / Σ_j s_tj (sigmoid scores; softmax ones sum to 1), t in order */
+        for (e = 0; e < E; e++) P[e] = 0;
+        for (t = b * T; t < (b + 1) * T; t++) {
+            moe_real tot = 0;
+            if (c->scoring_func == MOE_SCORING_SIGMOID)
+                for (j = 0; j < E; j++) tot += s[t * E + j];
+            for (e = 0; e < E; e++) P[e] += c->scoring_func == MOE_SCORING_SIGMOID ? s[t * E + e] / tot : s[t * E + e];
         }
+        for (e = 0; e < E; e++) balance += fb[e] * P[e] / (moe_real)T;
     }
     *host_loss = balance;
     return MOE_OK;
@@ -4750,9 +4749,8 @@ static moe_status moe__cpu_expert_gate_bwd(moe_ctx *ctx, const moe_real *gate, i
     int64_t r, j;
     (void)ctx;
     for (r = 0; r < rows; r++) {
-        moe_real acc = 0, *da = dact + r * cols, *a = act + r * cols;
-        for (j = 0; j < cols; j++) acc += da[j] * a[j];
-        dgate[r] = acc;
+        moe_real *da = dact + r * cols, *a = act + r * cols;
+        dgate[r] = moe__dot8x(da, a, cols);
         for (j = 0; j < cols; j++) {
             da[j] *= gate[r];
             a[j] *= gate[r]; /* dw2 += dYᵀ·(gate ⊙ act) */
@@ -5399,7 +5397,7 @@ static moe_status moe__tensor_meta(moe_ctx *ctx, const char *fn, moe_tensor *t, 
 /* The kernels that own memory of `device`: the context's, or the CPU's for host memory. */
 static const moe_backend *moe__backend_of(const moe_ctx *ctx, moe_device device) {
     if (ctx && MOE__BE(ctx)->device == device) return MOE__BE(ctx);
-    return device == MOE_DEVICE_CPU ? moe__cpu_backend() : NULL;
+    return moe__backend_for(device);
 }
 
 MOE_API moe_status moe_tensor_new(moe_ctx *ctx, moe_dtype dtype, int ndim, const int64_t *shape, moe_tensor **out) {
@@ -5775,7 +5773,7 @@ static moe_status moe__shape_mismatch(moe_ctx *ctx, const char *fn, const moe_te
 #define MOE__LAST(t) ((t)->shape[(t)->ndim - 1])
 
 
-/* ---- view (only its gradient routing lives here) ---- */
+/* ---- views ---- */
 
 static moe_status moe__view_bwd(moe_ctx *ctx, moe__node *n) {
     moe_real *dx;
@@ -6104,23 +6102,34 @@ MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int6
         return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: YaRN needs original_max_pos, beta_fast, beta_slow > 0");
     if (moe__mul_overflows((size_t)max_pos, (size_t)dim * sizeof(float), &n))
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: table too large");
-    table->cos_sin = (float *)moe__heap_alloc(ctx, n);
-    if (!table->cos_sin) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: out of memory");
-    table->dim = dim;
-    table->max_pos = max_pos;
-    for (j = 0; j < dim / 2; j++) {
-        double f = moe__yarn_freq(pow(theta, -2.0 * (double)j / (double)dim), j, dim, theta, yarn);
-        for (p = 0; p < max_pos; p++) {
-            double a = (double)p * f;
-            table->cos_sin[(p * (dim / 2) + j) * 2] = (float)cos(a);
-            table->cos_sin[(p * (dim / 2) + j) * 2 + 1] = (float)sin(a);
+    {
+        float *host = (float *)moe__heap_alloc(ctx, n);
+        moe_status st;
+        if (!host) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: out of memory");
+        for (j = 0; j < dim / 2; j++) {
+            double f = moe__yarn_freq(pow(theta, -2.0 * (double)j / (double)dim), j, dim, theta, yarn);
+            for (p = 0; p < max_pos; p++) {
+                double a = (double)p * f;
+                host[(p * (dim / 2) + j) * 2] = (float)cos(a);
+                host[(p * (dim / 2) + j) * 2 + 1] = (float)sin(a);
+            }
+        }
+        table->device = MOE__BE(ctx)->device;
+        st = MOE__BE(ctx)->alloc(ctx, n, (void **)&table->cos_sin);
+        if (st == MOE_OK) st = MOE__BE(ctx)->copy(ctx, table->cos_sin, host, n, MOE__H2D);
+        MOE_FREE(host);
+        if (st != MOE_OK) {
+            moe_rope_table_free(table);
+            return st;
         }
     }
+    table->dim = dim;
+    table->max_pos = max_pos;
     return MOE_OK;
 }
 MOE_API void moe_rope_table_free(moe_rope_table *table) {
     if (!table) return;
-    MOE_FREE(table->cos_sin);
+    if (table->cos_sin) moe__backend_for(table->device)->free(NULL, table->cos_sin);
     memset(table, 0, sizeof *table);
 }
 
@@ -6145,6 +6154,8 @@ MOE_API moe_status moe_rope(moe_ctx *ctx, moe_tensor *x, const moe_rope_table *t
     MOE__TRY(moe__check_out(ctx, fn, y));
     MOE__TRY(moe__check_f32(ctx, fn, x, "x"));
     if (!table || !table->cos_sin) return moe__fail(ctx, MOE_ERR_ARG, "%s: RoPE table is NULL or not initialised", fn);
+    if (table->device != MOE__BE(ctx)->device)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: the RoPE table is on another device", fn);
     MOE__TRY(moe__bthd(ctx, fn, x, &B, &T, &H, &D));
     if (D != table->dim) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: head dim %lld but the table is for %lld", fn, (long long)D, (long long)table->dim);
     if (layout != MOE_ROPE_PAIRS && layout != MOE_ROPE_HALVES) return moe__fail(ctx, MOE_ERR_ARG, "%s: unknown layout %d", fn, (int)layout);
@@ -6905,7 +6916,7 @@ typedef struct moe__moe {
 typedef struct moe__moe_saved {
     const moe__moe *L;
     const moe_config *cfg;
-    int64_t B, T, N, d, E, K, I, Is;
+    int64_t B, T, N, d, E, K, Is;
     moe_real *s;        /* [N, E] affinity scores */
     int32_t *chosen;    /* [N, K] */
     moe_real *gates;    /* [N, K] */
@@ -6989,7 +7000,7 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     moe__mlp experts;
     moe__node *n;
     if (!S) return MOE_ERR_MEMORY;
-    S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K; S->I = I;
+    S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K;
     S->Is = L->shared.inter;
     S->alpha = alpha;
     S->prec = ctx->conf.gemm_compute;
@@ -7524,20 +7535,24 @@ static moe_status moe__mtp_forward(moe_ctx *ctx, moe_model *m, int64_t k, moe_te
     return moe__block_forward(ctx, m, &t->block, hp, B, T, pos0, cache, alpha, hk, aux);
 }
 
+/* Every one of the n tokens inside the vocabulary. */
+static moe_status moe__check_vocab(moe_ctx *ctx, const char *fn, const moe_model *m, const int32_t *tokens, int64_t n) {
+    int64_t i;
+    for (i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return moe__fail(ctx, MOE_ERR_ARG, "%s: token %d at %lld is outside the vocabulary [0, %lld)", fn, (int)tokens[i],
+                             (long long)i, (long long)m->cfg.vocab_size);
+    return MOE_OK;
+}
 static moe_status moe__check_tokens(moe_ctx *ctx, const char *fn, const moe_model *m, const int32_t *tokens, int64_t B,
                                     int64_t T, int64_t n) {
-    int64_t i;
     MOE__CHECK_CTX(ctx);
     if (!m || !tokens) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL model or tokens", fn);
     if (B < 1 || T < 1) return moe__fail(ctx, MOE_ERR_SHAPE, "%s: batch and seq must be positive, got %lld x %lld", fn, (long long)B, (long long)T);
     if (T > m->cfg.max_position_embeddings)
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: seq %lld exceeds max_position_embeddings %lld", fn, (long long)T,
                          (long long)m->cfg.max_position_embeddings);
-    for (i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
-            return moe__fail(ctx, MOE_ERR_ARG, "%s: token %d at %lld is outside the vocabulary [0, %lld)", fn, (int)tokens[i],
-                             (long long)i, (long long)m->cfg.vocab_size);
-    return MOE_OK;
+    return moe__check_vocab(ctx, fn, m, tokens, n);
 }
 
 /* Add to *loss the MTP terms (λ/D)·Σ_k (T−k)/T·CE_k (reference §4: depth k predicts token
@@ -7619,13 +7634,9 @@ MOE_API moe_status moe_model_logits(moe_ctx *ctx, moe_model *m, const int32_t *t
 }
 
 /* MoE layer i of the model (main layers first, then MTP modules), or NULL for a dense one. */
-static moe__moe *moe__model_moe_layer(moe_model *m, int64_t i, int *is_mtp) {
+static moe__moe *moe__model_moe_layer(moe_model *m, int64_t i) {
     int64_t n_main = m->cfg.num_hidden_layers;
-    if (i < n_main) {
-        *is_mtp = 0;
-        return m->layers[i].is_moe ? &m->layers[i].moe : NULL;
-    }
-    *is_mtp = 1;
+    if (i < n_main) return m->layers[i].is_moe ? &m->layers[i].moe : NULL;
     return i - n_main < m->cfg.num_nextn_predict_layers ? &m->mtp[i - n_main].block.moe : NULL;
 }
 
@@ -7636,8 +7647,7 @@ MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *m, floa
     if (!(gamma >= 0) || !isfinite(gamma)) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: gamma must be >= 0");
     E = m->cfg.n_routed_experts;
     for (i = 0; i < m->cfg.num_hidden_layers + m->cfg.num_nextn_predict_layers; i++) {
-        int is_mtp;
-        moe__moe *L = moe__model_moe_layer(m, i, &is_mtp);
+        moe__moe *L = moe__model_moe_layer(m, i);
         int64_t total = 0;
         if (!L) continue;
         for (e = 0; e < E; e++) total += L->load[e];
@@ -7763,6 +7773,7 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
         return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
                          (double)lr, (double)grad_scale, (double)clip);
     m = o->model;
+    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: the model lives on another device");
     /* the global norm over the gradient slab, in fixed chunks added in order */
     MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
     norm = sqrt(sumsq) * grad_scale;
@@ -8072,7 +8083,7 @@ static moe_status moe__model_distill_student(moe_ctx *ctx, const char *fn, moe_m
     else MOE__TRY(moe_distill_loss_topk(ctx, logits, tids, tlogp, ttail, tgt, dopts, &dl, &dp));
     *loss = dl;
     MOE__TRY(moe__model_add_mtp(ctx, m, tokens, B, T, &o, h, aux, loss, dp.mtp, &dp.balance));
-    dp.total = moe_tensor_get(*loss, 0);
+    dp.total = moe__tensor_at(ctx, *loss, 0);
     if (parts) *parts = dp;
     return MOE_OK;
 }
@@ -9902,7 +9913,7 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const cha
 
 #define MOE__GEN_MAX_DRAFT 4 /* = the most MTP modules a config may have */
 #define MOE__GEN_TEAM (MOE__GEN_MAX_DRAFT + 1) /* threads a pass can use: one per row */
-#define MOE__GEN_ROWS 8 /* a pass runs its rows one by one up to this many (MOE__GEMM_SMALL) */
+#define MOE__GEN_ROWS 8 /* the most rows a pass runs one by one (longer passes run batched) */
 
 /* The counters through which thread 0 and the crew of a speculative generation talk (see
    "the crew of a speculative generation"), each on a cache line of its own. */
@@ -10268,6 +10279,7 @@ static moe_status moe__gen_rows(moe_gen *g, moe__gen_pass *p) {
             moe__gen_crew_pass(g, p);
         } else if (par) {
             p->team = nt < (int)p->n ? nt : (int)p->n;
+            if (p->team > MOE__GEN_TEAM) p->team = MOE__GEN_TEAM; /* one worker context each */
             moe__team_run(p->team, moe__gen_team_body, p);
         } else {
             moe__gen_rows_body(p, 0, 1);
@@ -10283,15 +10295,6 @@ static moe_status moe__gen_rows(moe_gen *g, moe__gen_pass *p) {
     }
     for (t = 0; t < p->n; t++)
         if (p->st[t] != MOE_OK) return p->st[t];
-    return MOE_OK;
-}
-
-static moe_status moe__gen_check_tokens(moe_ctx *w, const char *fn, const moe_model *m, const int32_t *tokens, int64_t n) {
-    int64_t i;
-    for (i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
-            return moe__fail(w, MOE_ERR_ARG, "%s: token %d at %lld is outside the vocabulary [0, %lld)", fn, (int)tokens[i],
-                             (long long)i, (long long)m->cfg.vocab_size);
     return MOE_OK;
 }
 
@@ -10374,7 +10377,7 @@ MOE_API moe_status moe_gen_forward(moe_ctx *ctx, moe_gen *g, const int32_t *toke
                          "%s: %lld cached + %lld new tokens exceed the cache capacity of %lld tokens (max_position_embeddings %lld)",
                          fn, (long long)g->len, (long long)n, (long long)g->cap, (long long)g->m->cfg.max_position_embeddings);
     if (g->m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
-    MOE__TRY(moe__gen_check_tokens(ctx, fn, g->m, tokens, n));
+    MOE__TRY(moe__check_vocab(ctx, fn, g->m, tokens, n));
     moe__gen_begin(ctx, g);
     st = moe__gen_main(g, tokens, n, logit_rows, logits, NULL, 0, NULL);
     return moe__gen_end(ctx, g, st);
@@ -10821,7 +10824,7 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
                          fn, (long long)np, (long long)opts->max_tokens, (long long)(np + opts->max_tokens - 1), (long long)g->cap,
                          (long long)g->m->cfg.max_position_embeddings);
     if (g->m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
-    MOE__TRY(moe__gen_check_tokens(ctx, fn, g->m, prompt, np));
+    MOE__TRY(moe__check_vocab(ctx, fn, g->m, prompt, np));
     memset(&E, 0, sizeof E);
     E.out = out;
     E.cap = cap;
@@ -10850,6 +10853,9 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
     return st;
 }
 
+/* ============================================================================================
+   14. gpu — the CUDA backend (moe_cuda.cuh, nvcc with MOE_CUDA)                          >>gpu
+   ============================================================================================ */
 #if defined(MOE_CUDA) && defined(__CUDACC__)
 #include "moe_cuda.cuh"
 #endif

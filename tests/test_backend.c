@@ -2456,7 +2456,7 @@ static void distill_setup(const distill_case *dc, distill_data *D) {
             D->tail[r] = 0;
             {
                 double tail = 0;
-                memset(mark, 0, (size_t)V);
+                for (j = 0; j < V; j++) mark[j] = 0;
                 for (i = 0; i < k; i++) {
                     mark[D->ids[r * k + i]] = 1;
                     D->logp[r * k + i] = (moe_real)(ltz[D->ids[r * k + i]] - tl);
@@ -2498,7 +2498,7 @@ static void distill_setup(const distill_case *dc, distill_data *D) {
                 klm += w * (fabs(a[j]) + fabs(lseT) + (double)(V + 8)) * (1 + fabs(lq[j] - lp));
             }
         } else { /* buckets S ∪ {R} */
-            memset(mark, 0, (size_t)V);
+            for (j = 0; j < V; j++) mark[j] = 0;
             for (i = 0; i < k; i++) mark[D->ids[r * k + i]] = 1;
             for (i = 0; i < k; i++) {
                 double lp = (double)D->logp[r * k + i], l = lq[D->ids[r * k + i]], w = dc->reverse ? exp(l) : exp(lp);
@@ -2657,7 +2657,7 @@ static void t_teacher_topk(void) {
             l = lse_d(lp, V, NULL);
             for (j = 0; j < V; j++) lp[j] -= l;
             ref_topk(z + r * V, V, k, ri + r * k); /* z/T is monotone in z: the same order and ties */
-            memset(mark, 0, (size_t)V);
+            for (j = 0; j < V; j++) mark[j] = 0;
             for (i = 0; i < k; i++) {
                 mark[ri[r * k + i]] = 1;
                 rl[r * k + i] = lp[ri[r * k + i]];

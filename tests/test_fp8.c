@@ -550,6 +550,7 @@ static void test_limited_accumulation(void) {
         memset(&d, 0, sizeof d);
         d.m = M; d.n = N; d.k = K;
         d.a = A; d.lda = K; d.b = Bm; d.ldb = K; d.b_trans = 1; d.ldc = N;
+        d.alpha = 1;
         d.c = C[0];
         moe__gemm_limited_acc(&d, 14, -1);
         d.c = C[1];

@@ -1,4 +1,4 @@
-/* tests/test_infer.c — section 10: the latent KV cache, sampling and speculative decoding.
+/* tests/test_infer.c — section 13: the latent KV cache, sampling and speculative decoding.
 
    The cache must reproduce the training forward exactly up to float rounding (prefill plus
    step-by-step decode, naive and absorbed attention), speculative greedy decoding must give
@@ -86,6 +86,37 @@ static void test_cached_decode_equals_forward(void) {
     moe_model_free(ctx, m);
     moe_ctx_free(ctx);
     free(ref_f);
+    free(got);
+}
+
+/* Passes of several rows on more threads than a pass has worker contexts (8 threads, 8-row
+   passes, repeated so that the side-by-side path is taken after its first timing) give the
+   logits of one thread bit for bit. */
+static void test_thread_counts_agree(void) {
+    static const int threads[4] = {1, 2, 3, 8};
+    moe_config c = test_config(1);
+    int32_t tok[36];
+    int64_t V = c.vocab_size, T = 36, t;
+    float *ref = (float *)malloc(sizeof(float) * (size_t)(T * V)), *got = (float *)malloc(sizeof(float) * (size_t)(T * V));
+    int i;
+    T_ASSERT(ref && got, "setup");
+    make_tokens(tok, T, 5, V);
+    for (i = 0; i < 4; i++) {
+        moe_ctx *ctx = new_ctx();
+        moe_model *m = NULL;
+        moe_gen *g = NULL;
+        T_ASSERT(ctx && moe_ctx_set_threads(ctx, threads[i]) == MOE_OK, "setup");
+        T_ASSERT(moe_model_new(ctx, &c, 11, &m) == MOE_OK && moe_gen_new(ctx, m, 0, &g) == MOE_OK, "%s", moe_ctx_error(ctx));
+        T_ASSERT(moe_gen_forward(ctx, g, tok, 4, 4, i ? got : ref) == MOE_OK, "%s", moe_ctx_error(ctx));
+        for (t = 4; t < T; t += 8)
+            T_ASSERT(moe_gen_forward(ctx, g, tok + t, 8, 8, (i ? got : ref) + t * V) == MOE_OK, "%d threads: %s", threads[i],
+                     moe_ctx_error(ctx));
+        if (i) T_CHECK(memcmp(ref, got, sizeof(float) * (size_t)(T * V)) == 0, "%d threads differ from 1", threads[i]);
+        moe_gen_free(g);
+        moe_model_free(ctx, m);
+        moe_ctx_free(ctx);
+    }
+    free(ref);
     free(got);
 }
 
@@ -447,6 +478,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_cache_bytes);
     T_RUN_FILTERED(test_cached_decode_equals_forward);
     T_RUN_FILTERED(test_naive_and_absorbed_agree);
+    T_RUN_FILTERED(test_thread_counts_agree);
     T_RUN_FILTERED(test_sampling_options);
     T_RUN_FILTERED(test_rejection_sampling_chi_square);
     T_RUN_FILTERED(test_speculative_greedy_identical);
