@@ -1,9 +1,9 @@
 /* bench/train_step.c — time of one training step (forward + backward + AdamW) and model FLOP
    utilisation, against a PyTorch twin of the same model timed in the same run.
 
-   For each (config, precision, threads) row, a fresh child process builds the model, runs two
-   warm-up steps and then times steps for about `--seconds` seconds; it reports the median
-   ms/step, tokens/s, the peak resident memory of that process, and MFU = model FLOP/s over
+   For each (config, precision, threads) row and round, a fresh child process builds the model,
+   runs two warm-up steps and then times steps for about `--seconds`/R seconds (R rounds, see
+   below); it reports the median ms/step, tokens/s, the peak resident memory of that process, and MFU = model FLOP/s over
    the FP32 FMA peak of the same thread count, which this program measures first with a
    register-resident FMA loop. Model FLOPs are the matmul FLOPs of the active path (every
    linear layer a token runs through: attention projections, router, shared and top-k routed
@@ -21,8 +21,11 @@
    within TWIN_LOSS_TOL (relative), which the table reports. Right after each moe.h row the
    twin is timed on the same weights, tokens, precision (BF16: torch.autocast, router and
    attention in FP32 as moe.h does) and torch.set_num_threads(threads), two warm-up steps
-   excluded, median of the steps of about `--seconds` seconds. ratio_vs_pytorch = moe.h
-   tokens/s over PyTorch tokens/s. Without the venv (or with --no-torch) those fields are null.
+   excluded, median of the steps of about `--seconds`/R seconds. A row is R rounds (--rounds,
+   default 2) of (moe.h, twin), and each side's best round counts: on a shared machine the
+   least disturbed round is the closest to the code's speed, and alternating exposes both to the
+   same load; each round's ms/step is in the JSON. ratio_vs_pytorch = moe.h tokens/s over
+   PyTorch tokens/s. Without the venv (or with --no-torch) those fields are null.
    The python is $MOE_BENCH_PYTHON, or what tests/parity/setup_venv.sh prints (it makes the
    venv once: ~2 min); the script is looked up relative to the working directory (the
    repository root, as ./build.sh bench runs it).
@@ -30,6 +33,7 @@
      train_step                        the tiny and small configs, fp32 and bf16, 1 and 2 threads
      train_step --config F --batch B --seq T --precision P --threads N    one row
      train_step --no-torch             without the PyTorch twin
+     train_step --rounds R             rounds per row (default 2)
 
    Last line: {"bench":"train_step","cpu":…,"cpu_id":…,"fma_peak_gflops":{…},"pytorch":{…}|null,
    "rows":[{"config":…,"precision":…,"threads":…,"tokens_per_s":…,"mfu":…,"peak_rss_mb":…,
@@ -428,7 +432,7 @@ static const char *json_num(int valid, double x, const char *fmt, char *buf, siz
 
 int main(int argc, char **argv) {
     const char *config = NULL, *precision = NULL, *python = NULL;
-    int threads = 0, i, quick = 0, no_torch = 0;
+    int threads = 0, i, quick = 0, no_torch = 0, rounds = 2;
     int64_t B = 0, T = 0;
     double seconds = 4.0, peak[3] = {0, 0, 0};
     static char json[65536], twin_json[8192];
@@ -448,9 +452,10 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--seconds") == 0 && i + 1 < argc) seconds = atof(argv[++i]);
         else if (strcmp(argv[i], "--quick") == 0) quick = 1;
         else if (strcmp(argv[i], "--no-torch") == 0) no_torch = 1;
+        else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc && atoi(argv[i + 1]) >= 1 && atoi(argv[i + 1]) <= 16) rounds = atoi(argv[++i]);
         else {
             fprintf(stderr, "usage: train_step [--config tiny|small|FILE] [--batch B] [--seq T] [--precision fp32|bf16] [--threads N] "
-                            "[--seconds S] [--quick] [--no-torch]\n");
+                            "[--seconds S] [--rounds R] [--quick] [--no-torch]\n");
             return 2;
         }
     }
@@ -463,6 +468,8 @@ int main(int argc, char **argv) {
     peak[1] = fma_peak_gflops(1);
     peak[2] = fma_peak_gflops(2);
     printf("FP32 FMA peak (measured): %.1f GFLOP/s on 1 thread, %.1f on 2\n", peak[1], peak[2]);
+    printf("each row: %d round%s of (moe.h for %.3g s, then the twin for %.3g s), each side's best round (lowest median)\n", rounds,
+           rounds > 1 ? "s" : "", seconds / rounds, seconds / rounds);
     used = (size_t)snprintf(json, sizeof json, "{\"bench\":\"train_step\",%s,\"fma_peak_gflops\":{\"1\":%.1f,\"2\":%.1f},\"rows\":[",
                             bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), peak[1], peak[2]);
     {
@@ -516,26 +523,36 @@ int main(int argc, char **argv) {
             for (pi = 0; pi < np; pi++)
                 for (ti = 0; ti < nt; ti++) {
                     const char *prec = precs[pi];
-                    int th = ths[ti];
-                    char cmd[1024], bt[32], n1[32], n2[32], texp[32] = "";
-                    double ms, tps, fl, rss, gf, mfu, tms = -1, ttps = -1;
-                    FILE *p;
-                    snprintf(cmd, sizeof cmd, "'%s' --row '%s' %s %d %lld %lld %g", argv[0], cfg, prec, th, (long long)b, (long long)t, seconds);
-                    fflush(stdout);
-                    p = popen(cmd, "r");
-                    if (!p || !fgets(line, sizeof line, p) || sscanf(line, "ROW %lf %lf %lf %lf", &ms, &tps, &fl, &rss) != 4) {
-                        fprintf(stderr, "row %s %s %d failed\n", cfg, prec, th);
-                        if (p) pclose(p);
-                        return 1;
-                    }
-                    pclose(p);
-                    /* the twin right after, on the same weights and tokens */
-                    if (twin_ok) {
-                        snprintf(args, sizeof args, "--dir '%s' --precision %s --threads %d --seconds %g", dir, prec, th, seconds);
-                        if (run_twin(python, args, "ROW ", line, sizeof line) != 0 || sscanf(line, "ROW %lf %lf %31s", &tms, &ttps, texp) != 3) {
-                            printf("  PyTorch twin: the %s row at %d threads did not run\n", prec, th);
-                            tms = ttps = -1;
+                    int th = ths[ti], r;
+                    char cmd[1024], bt[32], n1[32], n2[32], texp[32] = "", rounds_json[256] = "", trounds_json[256] = "";
+                    double ms = 1e300, tps = 0, fl = 0, rss = 0, gf, mfu, tms = -1, ttps = -1;
+                    size_t rj = 0, trj = 0;
+                    /* rounds of (moe.h row, twin row); each side's best round counts */
+                    for (r = 0; r < rounds; r++) {
+                        double ms_r, tps_r, fl_r, rss_r, tms_r, ttps_r;
+                        char texp_r[32];
+                        FILE *p;
+                        snprintf(cmd, sizeof cmd, "'%s' --row '%s' %s %d %lld %lld %g", argv[0], cfg, prec, th, (long long)b, (long long)t,
+                                 seconds / rounds);
+                        fflush(stdout);
+                        p = popen(cmd, "r");
+                        if (!p || !fgets(line, sizeof line, p) || sscanf(line, "ROW %lf %lf %lf %lf", &ms_r, &tps_r, &fl_r, &rss_r) != 4) {
+                            fprintf(stderr, "row %s %s %d failed\n", cfg, prec, th);
+                            if (p) pclose(p);
+                            return 1;
                         }
+                        pclose(p);
+                        rj += (size_t)snprintf(rounds_json + rj, sizeof rounds_json - rj, "%s%.2f", r ? "," : "", ms_r);
+                        if (ms_r < ms) { ms = ms_r; tps = tps_r; fl = fl_r; rss = rss_r; }
+                        /* the twin right after, on the same weights and tokens */
+                        if (!twin_ok) continue;
+                        snprintf(args, sizeof args, "--dir '%s' --precision %s --threads %d --seconds %g", dir, prec, th, seconds / rounds);
+                        if (run_twin(python, args, "ROW ", line, sizeof line) != 0 || sscanf(line, "ROW %lf %lf %31s", &tms_r, &ttps_r, texp_r) != 3) {
+                            printf("  PyTorch twin: the %s row at %d threads did not run\n", prec, th);
+                            continue;
+                        }
+                        trj += (size_t)snprintf(trounds_json + trj, sizeof trounds_json - trj, "%s%.2f", trj ? "," : "", tms_r);
+                        if (tms < 0 || tms_r < tms) { tms = tms_r; ttps = ttps_r; snprintf(texp, sizeof texp, "%s", texp_r); }
                     }
                     gf = fl / (ms / 1e3) / 1e9;
                     mfu = gf / peak[th >= 2 ? 2 : 1];
@@ -546,11 +563,12 @@ int main(int argc, char **argv) {
                     used += (size_t)snprintf(json + used, sizeof json - used,
                                              "%s{\"config\":\"%s\",\"precision\":\"%s\",\"threads\":%d,\"batch\":%lld,\"seq\":%lld,"
                                              "\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,"
-                                             "\"pytorch_tokens_per_s\":%s,\"ratio_vs_pytorch\":%s,\"pytorch_experts\":%s%s%s}",
+                                             "\"pytorch_tokens_per_s\":%s,\"ratio_vs_pytorch\":%s,\"pytorch_experts\":%s%s%s,"
+                                             "\"ms_per_step_rounds\":[%s],\"pytorch_ms_per_step_rounds\":[%s]}",
                                              json[used - 1] == '}' ? "," : "", bench_json_escape(cfg, esc, sizeof esc), prec, th, (long long)b,
                                              (long long)t, ms, tps, gf, mfu, rss, json_num(ttps > 0, ttps, "%.1f", n1, sizeof n1),
                                              json_num(ttps > 0, ttps > 0 ? tps / ttps : 0, "%.4f", n2, sizeof n2), ttps > 0 ? "\"" : "",
-                                             ttps > 0 ? texp : "null", ttps > 0 ? "\"" : "");
+                                             ttps > 0 ? texp : "null", ttps > 0 ? "\"" : "", rounds_json, trounds_json);
                     fflush(stdout);
                 }
             if (twin_dir) remove_twin_dir(dir);
