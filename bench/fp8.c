@@ -45,6 +45,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "bench_cpu.h"
+
 #define CHECK(call)                                                                               \
     do {                                                                                          \
         moe_status s_ = (call);                                                                   \
@@ -252,7 +254,8 @@ int main(int argc, char **argv) {
     double *loss[RUNS], *tail[RUNS], ms[RUNS], mean[RUNS], diff[RUNS], diff_se[RUNS], gf[3];
     double diff_tiles, diff_tiles_se;
     int tiles_lower = 0;
-    char se[3][32];
+    char se[3][32], cpu_json[512];
+    bench_cpu cpu;
     moe_fp8_stats stats;
     size_t act[3];
     int64_t total = 0, active = 0, mtp = 0;
@@ -291,6 +294,8 @@ int main(int argc, char **argv) {
         moe_model_param_counts(m, &total, &active, &mtp);
         moe_model_free(ctx, m);
     }
+    bench_cpu_read(&cpu);
+    printf("CPU: %s (%s)\n", cpu.model, cpu.id);
     printf("config: hidden %lld, 2 layers (1 dense of width %lld + 1 MoE: 16 experts top-8 + 1 shared, width %lld), MLA latents %lld;\n"
            "        %lld parameters (+%lld MTP); %d x %d tokens a step; %ld steps per run; seeds %llu..%llu; %d threads\n",
            (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.moe_intermediate_size, (long long)c.q_lora_rank,
@@ -395,11 +400,11 @@ int main(int argc, char **argv) {
            (double)(total + mtp) * 16 / 1e6, (double)(total + mtp) * 12 / 1e6);
     printf("linear layer forward 2048x512->1536, GFLOP/s: fp32 %.1f  bf16 %.1f  fp8 %.1f (quantise + the BF16 GEMM, exact on E4M3 values)\n",
            gf[0], gf[1], gf[2]);
-    printf("{\"bench\":\"fp8\",\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
+    printf("{\"bench\":\"fp8\",%s,\"rel_loss_err_fp8\":%.6f,\"rel_loss_err_pertensor\":%.6f,\"act_bytes_bf16\":%zu,"
            "\"act_bytes_fp8\":%zu,\"act_bytes_fp32\":%zu,\"rel_loss_err_fp32\":%.6f,\"gflops_fp32\":%.1f,\"gflops_bf16\":%.1f,"
            "\"gflops_fp8\":%.1f,\"seeds\":%d,\"diff_fp8\":%.6f,\"diff_fp8_se\":%s,\"diff_pertensor\":%.6f,"
            "\"diff_pertensor_se\":%s,\"diff_fp8_vs_pertensor\":%.6f,\"diff_fp8_vs_pertensor_se\":%s}\n",
-           fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0],
+           bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), fabs(mean[1] - mean[0]) / mean[0], fabs(mean[2] - mean[0]) / mean[0], act[1], act[2], act[0],
            fabs(mean[3] - mean[0]) / mean[0], gf[0], gf[1], gf[2], seeds, diff[1], json_number(se[0], diff_se[1]), diff[2],
            json_number(se[1], diff_se[2]), diff_tiles, json_number(se[2], diff_tiles_se));
     for (run = 0; run < RUNS; run++) {

@@ -5,6 +5,14 @@
    times one batch each of moe FP32, moe BF16 and OpenBLAS (batches of about 40 ms, 12 ms
    with --quick, so ≥ 0.24 s per library and cell). The reported GFLOP/s is the BEST batch
    (the machine is shared and noisy; the best batch is the least disturbed one).
+   OpenBLAS's kernel: OpenBLAS (a DYNAMIC_ARCH build, as Debian's) picks a "core" from cpuid
+   when it loads, and 0.3.21 does not know every CPU: it calls the project's Intel Xeon (family
+   6 model 207, AVX-512) "Prescott" and runs SSE3 kernels there. So the bench compares the
+   core OpenBLAS chose with what the CPU's flags support, and where OpenBLAS chose a core of
+   a lower instruction set it sets OPENBLAS_CORETYPE and runs itself again (OpenBLAS reads the
+   variable only when it loads). See best_core(). OPENBLAS_CORETYPE set by the caller is kept.
+   The CPU (model name, vendor/family/model) and the core OpenBLAS ran are printed in the table
+   and are the "cpu", "cpu_id", "openblas_core" fields of the JSON line.
    The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
    OpenBLAS at 2 threads over all shapes; bf16_over_fp32 is the geometric mean of moe BF16
    over moe FP32 at 2 threads over the shapes with M·N·K ≥ 2^24. */
@@ -12,12 +20,16 @@
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include <cblas.h>
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#include "bench_cpu.h"
 
 typedef struct { int64_t m, n, k; int ta, tb; const char *role; int quick; } bench_shape;
 
@@ -143,6 +155,65 @@ static double rel_err(const float *x, const float *ref, size_t n) {
     return den > 0 ? num / den : num;
 }
 
+/* The widest instruction set of an OpenBLAS 0.3.21 core's GEMM kernels: 3 AVX-512, 2 AVX2 +
+   FMA, 1 AVX, 0 older (Prescott, Core2, Nehalem, ...: SSE). Zen runs the Haswell kernels. */
+static int core_isa(const char *core) {
+    static const char *const avx512[] = {"SkylakeX", "Cooperlake", "SapphireRapids"};
+    static const char *const avx2[] = {"Haswell", "Zen", "Excavator", "Steamroller"};
+    static const char *const avx[] = {"Sandybridge", "Bulldozer", "Piledriver"};
+    size_t i;
+    for (i = 0; i < sizeof avx512 / sizeof avx512[0]; i++) if (strcmp(core, avx512[i]) == 0) return 3;
+    for (i = 0; i < sizeof avx2 / sizeof avx2[0]; i++) if (strcmp(core, avx2[i]) == 0) return 2;
+    for (i = 0; i < sizeof avx / sizeof avx[0]; i++) if (strcmp(core, avx[i]) == 0) return 1;
+    return 0;
+}
+
+/* The core to force, or NULL to keep OpenBLAS's choice `chosen`: OpenBLAS's choice stands
+   unless its kernels use a narrower instruction set than the CPU has. Then: AVX-512 (F, BW, DQ,
+   VL, what the SkylakeX kernels use) → Cooperlake where AVX512_BF16 is present, else SkylakeX
+   (0.3.21's Cooperlake is SkylakeX plus BF16 kernels: the same SGEMM); AVX2 + FMA → Zen on AMD,
+   Haswell elsewhere; AVX → Sandybridge. Measured on the AMD EPYC (Zen 4) here: OpenBLAS picks
+   Cooperlake by itself, and the forced Zen (AVX2) core runs SGEMM within noise of it (1 thread,
+   1024x512x256 to 1024^3: 99-104 GFLOP/s both), so the choice is kept there. */
+static const char *best_core(const bench_cpu *c, const char *chosen) {
+    int amd = strcmp(c->vendor, "AuthenticAMD") == 0, isa = 0;
+    if (bench_cpu_has(c, "avx512f") && bench_cpu_has(c, "avx512bw") && bench_cpu_has(c, "avx512dq") && bench_cpu_has(c, "avx512vl")) isa = 3;
+    else if (bench_cpu_has(c, "avx2") && bench_cpu_has(c, "fma")) isa = 2;
+    else if (bench_cpu_has(c, "avx")) isa = 1;
+    if (core_isa(chosen) >= isa) return NULL;
+    switch (isa) {
+    case 3: return bench_cpu_has(c, "avx512_bf16") ? "Cooperlake" : "SkylakeX";
+    case 2: return amd ? "Zen" : "Haswell";
+    default: return "Sandybridge";
+    }
+}
+
+/* Give OpenBLAS its best kernel: if best_core() wants another core than the one OpenBLAS chose
+   when it loaded, set OPENBLAS_CORETYPE and run this program again (OpenBLAS reads the variable
+   only at load time). Returns how the core was chosen: "openblas" (its own choice), "bench"
+   (forced here; *default_core = what OpenBLAS chose by itself) or "caller" (the variable was
+   already set). */
+static const char *choose_core(const bench_cpu *cpu, char **argv, char *default_core, size_t n) {
+    const char *forced_from = getenv("MOE_BENCH_OPENBLAS_DEFAULT"), *want;
+    if (forced_from) { /* the second run, started below */
+        snprintf(default_core, n, "%s", forced_from);
+        return "bench";
+    }
+    snprintf(default_core, n, "%s", openblas_get_corename());
+    if (getenv("OPENBLAS_CORETYPE")) return "caller";
+    want = best_core(cpu, default_core);
+    if (!want) return "openblas";
+    fprintf(stderr, "bench_gemm: OpenBLAS chose core %s on this CPU (%s); running again with OPENBLAS_CORETYPE=%s\n",
+            default_core, cpu->model, want);
+    fflush(stderr);
+    if (setenv("OPENBLAS_CORETYPE", want, 1) == 0 && setenv("MOE_BENCH_OPENBLAS_DEFAULT", default_core, 1) == 0) {
+        execv("/proc/self/exe", argv);
+        execvp(argv[0], argv);
+    }
+    fprintf(stderr, "bench_gemm: could not run again (%s): OpenBLAS keeps core %s\n", strerror(errno), default_core);
+    return "openblas";
+}
+
 typedef struct { double f32, blas, bf16; } bench_row;
 
 int main(int argc, char **argv) {
@@ -154,9 +225,22 @@ int main(int argc, char **argv) {
     double ratio_min = 1e30, ratio_logsum = 0, bf_logsum = 0;
     int ratio_n = 0, bf_n = 0, first = 1;
     uint64_t rng = 0x9E3779B97F4A7C15ull;
+    bench_cpu cpu;
+    char default_core[64], cpu_json[512], core_esc[128], def_esc[128], cfg_esc[256];
+    const char *core, *core_by;
 
+    bench_cpu_read(&cpu);
+    core_by = choose_core(&cpu, argv, default_core, sizeof default_core);
+    core = openblas_get_corename();
+    if (strcmp(core_by, "bench") == 0 && strcmp(core, getenv("OPENBLAS_CORETYPE")) != 0)
+        fprintf(stderr, "bench_gemm: OpenBLAS did not take OPENBLAS_CORETYPE=%s (runs %s)\n", getenv("OPENBLAS_CORETYPE"), core);
     if (moe_ctx_new(&ctx) != MOE_OK) { fprintf(stderr, "moe_ctx_new failed\n"); return 1; }
     printf("moe_gemm vs OpenBLAS cblas_sgemm%s — GFLOP/s, best of %d batches\n", quick ? " (quick)" : "", quick ? 3 : 6);
+    printf("CPU: %s (%s)\n", cpu.model, cpu.id);
+    printf("OpenBLAS: %s; core %s (%s)\n", openblas_get_config(), core,
+           strcmp(core_by, "bench") == 0 ? "set by this bench through OPENBLAS_CORETYPE: OpenBLAS alone chose a narrower core"
+           : strcmp(core_by, "caller") == 0 ? "OPENBLAS_CORETYPE set by the caller" : "OpenBLAS's own choice, kept: no wider core fits this CPU");
+    if (strcmp(core_by, "bench") == 0) printf("          OpenBLAS's own choice on this CPU was %s\n", default_core);
     printf("%-16s %-30s %3s %9s %9s %6s %9s %7s  %s\n", "shape MxNxK", "role", "thr", "moe_fp32", "openblas",
            "ratio", "moe_bf16", "bf/fp", "check (max rel err vs OpenBLAS: fp32, bf16)");
     for (si = 0; si < N_SHAPES; si++) {
@@ -209,10 +293,15 @@ int main(int argc, char **argv) {
         }
         free(a); free(b); free(c); free(cref);
     }
-    printf("2 threads: fp32 ratio min %.3f geomean %.3f; bf16/fp32 geomean (M*N*K >= 2^24) %.3f\n", ratio_min,
+    printf("CPU %s, OpenBLAS core %s. 2 threads: fp32 ratio min %.3f geomean %.3f; bf16/fp32 geomean (M*N*K >= 2^24) %.3f\n", cpu.model, core, ratio_min,
            exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
-    printf("{\"bench\":\"gemm\",\"fp32_ratio_min\":%.4f,\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"rows\":[",
-           ratio_min, exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
+    printf("{\"bench\":\"gemm\",%s,\"openblas_core\":\"%s\",\"openblas_core_set_by\":\"%s\",\"openblas_default_core\":",
+           bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), bench_json_escape(core, core_esc, sizeof core_esc), core_by);
+    if (strcmp(core_by, "caller") == 0) printf("null"); /* not probed: the caller's variable applied at load */
+    else printf("\"%s\"", bench_json_escape(default_core, def_esc, sizeof def_esc));
+    printf(",\"openblas_config\":\"%s\",\"fp32_ratio_min\":%.4f,\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"rows\":[",
+           bench_json_escape(openblas_get_config(), cfg_esc, sizeof cfg_esc), ratio_min, exp(ratio_logsum / (ratio_n ? ratio_n : 1)),
+           bf_n ? exp(bf_logsum / bf_n) : 0.0);
     for (si = 0; si < N_SHAPES; si++) {
         if (!done[si]) continue;
         for (ti = 0; ti < 2; ti++) {

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_cpu.h"
+
 #define CHECK(call)                                                                                        \
     do {                                                                                                   \
         moe_status s_ = (call);                                                                            \
@@ -53,6 +55,8 @@ int main(int argc, char **argv) {
     moe_gen_opts o;
     char *text = NULL;
     long text_n;
+    bench_cpu cpu;
+    char cpu_json[512];
     int32_t prompt[256], *out_plain, *out_spec;
     double tok_plain = 0, s_plain = 0, tok_spec = 0, s_spec = 0, t_pl, t_sp, best_pl[64], best_sp[64], bs_pl = 0, bs_sp = 0;
     int64_t drafted = 0, accepted = 0, passes_plain = 0, passes_spec = 0, lat = 0, mha = 0;
@@ -95,6 +99,8 @@ int main(int argc, char **argv) {
     out_plain = (int32_t *)malloc(sizeof(int32_t) * (size_t)n_tok);
     out_spec = (int32_t *)malloc(sizeof(int32_t) * (size_t)n_tok);
     moe_gen_cache_bytes(m, &lat, &mha);
+    bench_cpu_read(&cpu);
+    printf("CPU: %s (%s)\n", cpu.model, cpu.id);
     printf("model %s: %lld layers + %lld MTP, d=%lld, %lld experts (top-%lld), %d threads; %ld tokens x %ld prompts x %ld rounds, %s\n",
            ckpt, (long long)cfg.num_hidden_layers, (long long)cfg.num_nextn_predict_layers, (long long)cfg.hidden_size,
            (long long)cfg.n_routed_experts, (long long)cfg.num_experts_per_tok, moe_ctx_threads(ctx), n_tok, n_prompts, rounds,
@@ -147,9 +153,9 @@ int main(int argc, char **argv) {
            (long long)lat, (long long)cfg.num_hidden_layers, (long long)mha, lat ? (double)mha / (double)lat : 0);
     if (temperature <= 0)
         printf("greedy outputs identical plain vs speculative: %s\n", mismatches ? "NO" : "yes");
-    printf("{\"bench\":\"generate\",\"tok_s_plain\":%.1f,\"tok_s_spec\":%.1f,\"speedup\":%.3f,\"acceptance\":%.4f,"
+    printf("{\"bench\":\"generate\",%s,\"tok_s_plain\":%.1f,\"tok_s_spec\":%.1f,\"speedup\":%.3f,\"acceptance\":%.4f,"
            "\"cache_bytes_per_token\":%lld,\"mha_cache_bytes_per_token\":%lld}\n",
-           t_pl, t_sp, t_pl > 0 ? t_sp / t_pl : 0, drafted ? (double)accepted / (double)drafted : 0, (long long)lat, (long long)mha);
+           bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), t_pl, t_sp, t_pl > 0 ? t_sp / t_pl : 0, drafted ? (double)accepted / (double)drafted : 0, (long long)lat, (long long)mha);
     free(out_plain);
     free(out_spec);
     free(text);

@@ -3,13 +3,15 @@
    and hidden size (256) fixed. A sparse layer should cost what its active parameters cost:
    the ratio t64/t8 stays near 1 while total parameters grow 8×.
 
-   Last line: {"bench":"moe_scaling","t8_ms":…,"t64_ms":…,"ratio_64_over_8":…} */
+   Last line: {"bench":"moe_scaling","cpu":…,"cpu_id":…,"t8_ms":…,"t64_ms":…,"ratio_64_over_8":…} */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bench_cpu.h"
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -56,7 +58,11 @@ int main(int argc, char **argv) {
     static const int64_t experts[4] = {8, 16, 32, 64};
     double ms[4];
     int i, reps = argc > 1 && strcmp(argv[1], "--quick") == 0 ? 3 : 9;
+    bench_cpu cpu;
+    char cpu_json[512];
+    bench_cpu_read(&cpu);
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
+    printf("CPU: %s (%s)\n", cpu.model, cpu.id);
     printf("MoE layer forward+backward, 4096 tokens, hidden 256, expert width 128, top-4, %d threads (median of %d)\n",
            moe_ctx_threads(ctx), reps);
     printf("%8s %12s %14s %10s\n", "experts", "ms", "total params", "vs 8");
@@ -64,7 +70,8 @@ int main(int argc, char **argv) {
         ms[i] = time_layer(ctx, experts[i], reps);
         printf("%8lld %12.1f %14lld %10.2f\n", (long long)experts[i], ms[i], (long long)(experts[i] * 3 * 256 * 128), ms[i] / ms[0]);
     }
-    printf("{\"bench\":\"moe_scaling\",\"t8_ms\":%.2f,\"t64_ms\":%.2f,\"ratio_64_over_8\":%.3f}\n", ms[0], ms[3], ms[3] / ms[0]);
+    printf("{\"bench\":\"moe_scaling\",%s,\"t8_ms\":%.2f,\"t64_ms\":%.2f,\"ratio_64_over_8\":%.3f}\n",
+           bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), ms[0], ms[3], ms[3] / ms[0]);
     moe_ctx_free(ctx);
     return 0;
 }
