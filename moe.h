@@ -7641,16 +7641,29 @@ MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *c
     return st;
 }
 
+/* "[a, b, c]" into buf. */
+static const char *moe__ckpt_shape_str(char *buf, size_t cap, int ndim, const uint64_t *dims) {
+    size_t at = 0;
+    int d;
+    buf[0] = 0;
+    for (d = 0; d < ndim && at < cap; d++)
+        at += (size_t)snprintf(buf + at, cap - at, "%s%llu", d ? ", " : "[", (unsigned long long)dims[d]);
+    if (at < cap) snprintf(buf + at, cap - at, ndim ? "]" : "[]");
+    return buf;
+}
+
 MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
     static const char *fn = "moe_ckpt_load";
-    unsigned char *buf;
+    static const char *const kinds[3] = {"value", "first moment", "second moment"};
+    unsigned char *buf, *seen = NULL;
     moe__rd rd;
     uint32_t cl, n, pass, k, mdt;
     const unsigned char *p;
     char want[8192];
     moe_train_state s;
-    int64_t opt_steps;
+    int64_t opt_steps, i;
     size_t tensors_at;
+    moe_status r = MOE_OK;
     MOE__CHECK_CTX(ctx);
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
@@ -7672,75 +7685,116 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
     opt_steps = (int64_t)moe__rd_u64(&rd);
     mdt = moe__rd_u32(&rd);
     n = moe__rd_u32(&rd);
-    if (rd.bad) {
-        MOE_FREE(buf);
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': state truncated", fn, path);
-    }
-    if (o && mdt != (uint32_t)(o->cfg.moment_dtype == MOE_BF16)) {
-        MOE_FREE(buf);
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has %s optimizer moments, this optimizer wants %s", fn, path,
-                         mdt == 0xFFFFFFFFu ? "no" : mdt ? "bf16" : "f32", moe_dtype_name(o->cfg.moment_dtype));
-    }
+    /* every field is checked before anything is copied: nothing changes unless all is valid */
+    if (rd.bad) r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': state truncated", fn, path);
+    else if (s.step < 0 || s.data_index < 0 || opt_steps < 0)
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': negative step (%lld), data index (%lld) or optimizer steps (%lld)", fn,
+                      path, (long long)s.step, (long long)s.data_index, (long long)opt_steps);
+    else if (!(s.tokens_seen >= 0) || !isfinite(s.tokens_seen))
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tokens seen is %g", fn, path, s.tokens_seen);
+    else if (mdt > 1 && mdt != 0xFFFFFFFFu)
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unknown moment dtype code %u (0 f32, 1 bf16, 0xFFFFFFFF none)", fn, path, mdt);
+    else if (o && mdt != (uint32_t)(o->cfg.moment_dtype == MOE_BF16))
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has %s optimizer moments, this optimizer wants %s", fn, path,
+                      mdt == 0xFFFFFFFFu ? "no" : mdt ? "bf16" : "f32", moe_dtype_name(o->cfg.moment_dtype));
+    if (r == MOE_OK && !(seen = (unsigned char *)moe__heap_calloc(ctx, (size_t)m->n_entries * 3)))
+        r = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     tensors_at = rd.at;
-    /* pass 0 checks every record against the model; pass 1 copies. Nothing changes unless
-       the whole file is valid. */
-    for (pass = 0; pass < 2; pass++) {
-        uint32_t seen_values = 0;
+    /* pass 0 checks every record against the model and the header; pass 1 copies */
+    for (pass = 0; pass < 2 && r == MOE_OK; pass++) {
         rd.at = tensors_at;
-        for (k = 0; k < n; k++) {
-            char name[MOE__NAME_MAX + 1];
-            const unsigned char *hdr, *nm, *data;
+        for (k = 0; k < n && r == MOE_OK; k++) {
+            char name[MOE__NAME_MAX + 1], got[96], has[96];
+            const unsigned char *hdr, *nm, *data, *nlp;
+            uint64_t dims[MOE_MAX_DIMS];
             uint16_t nl;
-            int64_t i, idx = -1, numel = 1;
-            int d;
+            int64_t idx = -1, numel;
+            int d, kind, dtype, ndim, match;
             moe_tensor *t;
-            const unsigned char *nlp = moe__rd_take(&rd, 2);
-            if (!nlp) break;
-            nl = (uint16_t)(nlp[0] | (nlp[1] << 8));
+            nlp = moe__rd_take(&rd, 2);
+            nl = nlp ? (uint16_t)(nlp[0] | (nlp[1] << 8)) : 0;
             nm = moe__rd_take(&rd, nl);
             hdr = moe__rd_take(&rd, 3);
             if (!nm || !hdr || nl > MOE__NAME_MAX) { rd.bad = 1; break; }
             memcpy(name, nm, nl);
             name[nl] = 0;
+            kind = hdr[0];
+            dtype = hdr[1];
+            ndim = hdr[2];
             for (i = 0; i < m->n_entries; i++)
                 if (strcmp(m->entries[i].name, name) == 0) { idx = i; break; }
-            if (idx < 0 || hdr[0] > 2 || hdr[1] > 1 || (hdr[0] == 0 && hdr[1] != 0) || hdr[2] < 1 || hdr[2] > MOE_MAX_DIMS) {
-                MOE_FREE(buf);
-                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unexpected tensor record '%s'", fn, path, name);
-            }
+            if (idx < 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unexpected tensor record '%s'", fn, path, name); break; }
             t = m->entries[idx].t;
-            if (hdr[2] != t->ndim) { rd.bad = 1; }
-            for (d = 0; d < hdr[2]; d++) {
-                uint64_t dim = moe__rd_u64(&rd);
-                if (d < t->ndim && dim != (uint64_t)t->shape[d]) rd.bad = 1;
-                numel *= d < t->ndim ? t->shape[d] : 1;
+            if (kind > 2) { r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': a record of '%s' has unknown kind %d", fn, path, name, kind); break; }
+            if (kind == 0 && dtype != 0) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the value of '%s' has dtype code %d; values are f32 (0)", fn, path, name, dtype);
+                break;
             }
-            if (rd.bad) {
-                MOE_FREE(buf);
-                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has the wrong shape or is truncated", fn, path, name);
+            if (kind > 0 && mdt == 0xFFFFFFFFu) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' announces no optimizer state but holds the %s of '%s'", fn, path, kinds[kind], name);
+                break;
             }
-            data = moe__rd_take(&rd, (size_t)numel * (hdr[1] ? 2 : 4));
+            if (kind > 0 && !m->entries[idx].is_param) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' holds the %s of '%s', which is not a trained parameter", fn, path, kinds[kind], name);
+                break;
+            }
+            if (kind > 0 && (uint32_t)dtype != mdt) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' is labelled %s (dtype code %d) but the header says %s moments",
+                              fn, path, kinds[kind], name, dtype == 0 ? "f32" : dtype == 1 ? "bf16" : "unknown", dtype, mdt ? "bf16" : "f32");
+                break;
+            }
+            if (ndim > MOE_MAX_DIMS) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' has a shape of %d dims in the file, at most %d allowed", fn,
+                              path, kinds[kind], name, ndim, MOE_MAX_DIMS);
+                break;
+            }
+            for (d = 0; d < ndim; d++) dims[d] = moe__rd_u64(&rd);
+            if (rd.bad) break;
+            match = ndim == t->ndim;
+            for (d = 0; d < t->ndim; d++) match = match && dims[d] == (uint64_t)t->shape[d];
+            if (!match) {
+                uint64_t mine[MOE_MAX_DIMS];
+                for (d = 0; d < t->ndim; d++) mine[d] = (uint64_t)t->shape[d];
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' has shape %s in the file, the model's is %s", fn, path,
+                              kinds[kind], name, moe__ckpt_shape_str(got, sizeof got, ndim, dims),
+                              moe__ckpt_shape_str(has, sizeof has, t->ndim, mine));
+                break;
+            }
+            numel = t->numel;
+            data = moe__rd_take(&rd, (size_t)numel * (dtype ? 2 : 4));
             if (!data) break;
-            if (hdr[0] == 0) seen_values++;
-            if (pass == 0) continue;
-            if (hdr[0] == 0) {
-                for (i = 0; i < numel; i++) {
-                    float f;
-                    uint32_t u = (uint32_t)data[4 * i] | ((uint32_t)data[4 * i + 1] << 8) | ((uint32_t)data[4 * i + 2] << 16) |
-                                 ((uint32_t)data[4 * i + 3] << 24);
-                    memcpy(&f, &u, 4);
-                    MOE__F32(t)[i] = (moe_real)f;
+            if (pass == 0) {
+                if (seen[idx * 3 + kind]++) {
+                    r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' stores the %s of '%s' twice", fn, path, kinds[kind], name);
+                    break;
                 }
-            } else if (o && m->entries[idx].is_param) {
-                memcpy(hdr[0] == 1 ? o->m[idx] : o->v[idx], data, (size_t)numel * (hdr[1] ? 2 : 4));
+                continue;
+            }
+            if (kind == 0) {
+                for (i = 0; i < numel; i++) MOE__F32(t)[i] = (moe_real)moe__bits_f32(moe__le_get32(data + 4 * i));
+            } else if (o) {
+                /* the dtype was checked against the header and the header against o: sizes agree */
+                memcpy(kind == 1 ? o->m[idx] : o->v[idx], data, (size_t)numel * (dtype ? 2 : 4));
             }
         }
-        if (rd.bad || rd.at != rd.len || (pass == 0 && seen_values != (uint32_t)m->n_entries)) {
-            MOE_FREE(buf);
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor records are truncated, missing or in excess", fn, path);
+        if (r != MOE_OK) break;
+        if (rd.bad || k < n) {
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor records are truncated (%u of %u read)", fn, path, k, n);
+        } else if (rd.at != rd.len) {
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': %zu bytes after the last of %u tensor records", fn, path, rd.len - rd.at, n);
+        } else if (pass == 0) {
+            for (i = 0; i < m->n_entries && r == MOE_OK; i++) {
+                int kind, kinds_wanted = mdt != 0xFFFFFFFFu && m->entries[i].is_param ? 3 : 1;
+                for (kind = 0; kind < kinds_wanted && r == MOE_OK; kind++)
+                    if (!seen[i * 3 + kind])
+                        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' misses the %s of '%s'%s", fn, path, kinds[kind], m->entries[i].name,
+                                      kind ? (mdt ? " (it announces bf16 moments)" : " (it announces f32 moments)") : "");
+            }
         }
     }
+    MOE_FREE(seen);
     MOE_FREE(buf);
+    if (r != MOE_OK) return r;
     if (o) o->step = opt_steps;
     if (st) *st = s;
     moe_model_reset_loads(m);
