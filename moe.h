@@ -652,6 +652,9 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *opt);
    1/accumulation steps), then clipped to global norm `clip` (0 = no clipping). Writes the
    pre-clip global norm to *grad_norm when given. Gradients are zeroed afterwards. */
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr, float grad_scale, float clip, float *grad_norm);
+/* The pre-clip global gradient norm that moe_adamw_step would report for this grad_scale (the
+   same arithmetic, bit for bit), changing nothing: lets a trainer skip a step before it. */
+MOE_API moe_status moe_adamw_grad_norm(moe_ctx *ctx, moe_adamw *opt, float grad_scale, float *grad_norm);
 MOE_API int64_t moe_adamw_steps(const moe_adamw *opt);
 
 typedef enum moe_lr_shape { MOE_LR_COSINE = 0, MOE_LR_WSD = 1 } moe_lr_shape;
@@ -6104,9 +6107,32 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
 
 MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 
+/* The global gradient norm times grad_scale: per-slice sums in parallel, added in slice order. */
+static double moe__adamw_norm(moe_ctx *ctx, moe_adamw *o, float grad_scale) {
+    const moe_model *m = o->model;
+    double sumsq = 0;
+    int64_t s;
+    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1))
+    for (s = 0; s < o->n_slices; s++) {
+        const moe_tensor *t = m->entries[o->slices[s].entry].t;
+        o->slice_sumsq[s] = t->grad ? moe__sumsq((const moe_real *)t->grad->data + o->slices[s].start, o->slices[s].len) : 0;
+    }
+    for (s = 0; s < o->n_slices; s++) sumsq += o->slice_sumsq[s];
+    return sqrt(sumsq) * grad_scale;
+}
+
+MOE_API moe_status moe_adamw_grad_norm(moe_ctx *ctx, moe_adamw *o, float grad_scale, float *grad_norm) {
+    MOE__CHECK_CTX(ctx);
+    if (!o || !grad_norm) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_grad_norm: NULL optimizer or grad_norm");
+    if (!(grad_scale > 0) || !isfinite(grad_scale))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_grad_norm: need grad_scale > 0, got %g", (double)grad_scale);
+    *grad_norm = (float)moe__adamw_norm(ctx, o, grad_scale);
+    return MOE_OK;
+}
+
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
     moe_model *m;
-    double sumsq = 0, norm, coef, bc1, bc2;
+    double norm, coef, bc1, bc2;
     int64_t s;
     int bf16;
     moe__adamw_k k;
@@ -6116,14 +6142,7 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
         return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
                          (double)lr, (double)grad_scale, (double)clip);
     m = o->model;
-    /* global norm: per-slice sums in parallel, added in slice order */
-    MOE__OMP(omp parallel for num_threads(ctx->n_threads) schedule(static) if (o->n_slices > 1))
-    for (s = 0; s < o->n_slices; s++) {
-        const moe_tensor *t = m->entries[o->slices[s].entry].t;
-        o->slice_sumsq[s] = t->grad ? moe__sumsq((const moe_real *)t->grad->data + o->slices[s].start, o->slices[s].len) : 0;
-    }
-    for (s = 0; s < o->n_slices; s++) sumsq += o->slice_sumsq[s];
-    norm = sqrt(sumsq) * grad_scale;
+    norm = moe__adamw_norm(ctx, o, grad_scale);
     if (grad_norm) *grad_norm = (float)norm;
     if (!isfinite(norm)) {
         moe_model_zero_grad(m);
