@@ -1885,6 +1885,55 @@ CASE(ckpt_step_negative) { return ck_state_field(ctx, 0, (uint64_t)-5, MOE_I32);
 CASE(ckpt_data_index_negative) { return ck_state_field(ctx, 16, (uint64_t)-1, MOE_I32); }
 CASE(ckpt_tokens_seen_nan) { return ck_state_field(ctx, 24, 0x7FF8000000000000ull, MOE_I32); }
 CASE(ckpt_optimizer_steps_negative) { return ck_state_field(ctx, 32, (uint64_t)-3, MOE_F32); }
+CASE(ckpt_total_steps_negative) { return ck_state_field(ctx, 44, (uint64_t)-1, MOE_I32); }
+CASE(ckpt_skipped_negative) { return ck_state_field(ctx, 52, (uint64_t)-2, MOE_I32); }
+CASE(ckpt_user_values_over_max) { return ck_state_field(ctx, 60, MOE_TRAIN_USER_MAX + 1, MOE_I32); }
+CASE(ckpt_version_3) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    if (out.len > 12) out.p[8] = 3;
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_save_user_values_over_max) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_train_state *st = (moe_train_state *)calloc(1, sizeof *st);
+    moe_status s = MOE_ERR_MEMORY;
+    if (st) need(ctx, moe_model_new(ctx, &cfg, 1, &m), "moe_model_new");
+    if (m) {
+        st->n_user = MOE_TRAIN_USER_MAX + 1;
+        s = moe_ckpt_save(ctx, ck_path(), m, NULL, st);
+    }
+    remove(ck_path());
+    moe_model_free(ctx, m);
+    free(st);
+    return s;
+}
+static moe_status ck_save_step(moe_ctx *ctx, const char *dir, const char *prefix, int keep) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_train_state st;
+    moe_status s = MOE_ERR_MEMORY;
+    memset(&st, 0, sizeof st);
+    need(ctx, moe_model_new(ctx, &cfg, 1, &m), "moe_model_new");
+    if (m) s = moe_ckpt_save_step(ctx, dir, prefix, keep, m, NULL, &st, NULL, 0);
+    moe_model_free(ctx, m);
+    return s;
+}
+CASE(ckpt_save_step_null_dir) { return ck_save_step(ctx, NULL, "ckpt", 1); }
+CASE(ckpt_save_step_empty_prefix) { return ck_save_step(ctx, "build", "", 1); }
+CASE(ckpt_save_step_prefix_with_slash) { return ck_save_step(ctx, "build", "a/b", 1); }
+CASE(ckpt_save_step_negative_keep) { return ck_save_step(ctx, "build", "bi_ckpt", -1); }
+CASE(ckpt_save_step_missing_dir) { return ck_save_step(ctx, "build/bi_no_such_dir", "ckpt", 1); }
+CASE(ckpt_latest_missing_dir) {
+    char path[256];
+    return moe_ckpt_latest(ctx, "build/bi_no_such_dir", "ckpt", path, sizeof path);
+}
+CASE(ckpt_latest_null_path) { return moe_ckpt_latest(ctx, "build", "ckpt", NULL, 0); }
+CASE(ckpt_clean_missing_dir) { return moe_ckpt_clean(ctx, "build/bi_no_such_dir", "ckpt", -1, NULL); }
 
 /* ============================================================================================
    The table
@@ -2104,6 +2153,19 @@ static const bi_case g_cases[] = {
     E2(ckpt_data_index_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "data index"),
     E2(ckpt_tokens_seen_nan, MOE_ERR_FORMAT, "moe_ckpt_load", "tokens"),
     E2(ckpt_optimizer_steps_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "optimizer steps"),
+    E2(ckpt_total_steps_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "total steps (-1)"),
+    E2(ckpt_skipped_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "skipped steps (-2)"),
+    E2(ckpt_user_values_over_max, MOE_ERR_FORMAT, "moe_ckpt_load", "user state values"),
+    E2(ckpt_version_3, MOE_ERR_FORMAT, "moe_ckpt_load", "version 3"),
+    E2(ckpt_save_user_values_over_max, MOE_ERR_ARG, "moe_ckpt_save", "n_user"),
+    E(ckpt_save_step_null_dir, MOE_ERR_ARG, "moe_ckpt_save_step"),
+    E(ckpt_save_step_empty_prefix, MOE_ERR_ARG, "moe_ckpt_save_step"),
+    E2(ckpt_save_step_prefix_with_slash, MOE_ERR_ARG, "moe_ckpt_save_step", "'/'"),
+    E2(ckpt_save_step_negative_keep, MOE_ERR_ARG, "moe_ckpt_save_step", "keep"),
+    E2(ckpt_save_step_missing_dir, MOE_ERR_IO, "moe_ckpt_save", "bi_no_such_dir"),
+    E2(ckpt_latest_missing_dir, MOE_ERR_IO, "moe_ckpt_latest", "bi_no_such_dir"),
+    E(ckpt_latest_null_path, MOE_ERR_ARG, "moe_ckpt_latest"),
+    E2(ckpt_clean_missing_dir, MOE_ERR_IO, "moe_ckpt_clean", "bi_no_such_dir"),
 
     E2(st_mem_empty, MOE_ERR_FORMAT, "moe_st_open", "too short"),
     E2(st_mem_7_bytes, MOE_ERR_FORMAT, "moe_st_open", "too short"),
