@@ -143,7 +143,7 @@ suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c driv
 }
 
 UNIT_SUITES="numerics ops gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES compile sanitize kill parity"
+ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill parity"
 
 cmd_test() {
     local only=${1:-}
@@ -154,7 +154,7 @@ cmd_test() {
             compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
             sanitize) suite_sanitize ;;
             parity) suite_parity ;;
-            kill) suite_trainer_prog kill ;;
+            trainer|kill) suite_trainer_prog "$s" ;;
             *)
                 if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
                 else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;

@@ -373,10 +373,12 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
             total = p.total;
         } else {
             moe_distill_parts p;
-            if (kind == RUN_ONLINE) CHECK(moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p));
-            else CHECK(moe_model_distill_loss_cached(ctx, m, cache, index * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p));
-            main_loss = p.ce;
-            total = p.total;
+            moe_status ls;
+            if (kind == RUN_ONLINE) ls = moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+            else ls = moe_model_distill_loss_cached(ctx, m, cache, index * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+            if (ls != MOE_ERR_NUMERIC) CHECK(ls); /* a non-finite loss is refused there: skipped below */
+            main_loss = ls == MOE_OK ? p.ce : NAN;
+            total = ls == MOE_OK ? p.total : NAN;
         }
         if (emb) moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, keep);
         if (isfinite(total)) CHECK(moe_backward(ctx, loss));
