@@ -143,7 +143,7 @@ suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c driv
 }
 
 UNIT_SUITES="numerics ops gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill parity"
+ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill valgrind parity"
 
 cmd_test() {
     local only=${1:-}
@@ -155,6 +155,8 @@ cmd_test() {
             sanitize) suite_sanitize ;;
             parity) suite_parity ;;
             trainer|kill) suite_trainer_prog "$s" ;;
+            valgrind) # a portable build (valgrind cannot decode AVX-512): train, save, resume, generate
+                need_pkg valgrind valgrind; bash data/prepare.sh >&2; run_suite valgrind bash tests/valgrind.sh "$CC" ;;
             *)
                 if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
                 else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;
