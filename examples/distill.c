@@ -47,7 +47,7 @@ typedef struct options {
     const char *data, *out, *teacher, *teacher_config, *student_config;
     long steps, teacher_steps, batch, seq, threads, topk, val_batches, warmup;
     long save_every, keep, window, max_skips;
-    double lr, teacher_lr, alpha, temperature, lambda, gamma, balance, clip, save_seconds, skip_z;
+    double lr, teacher_lr, alpha, temperature, lambda, gamma, balance, clip, save_seconds, skip_z, skip_grad_z;
     unsigned long long seed;
     int offline, reverse, resume;
     int n_inject;
@@ -87,8 +87,9 @@ static void usage(FILE *f) {
             "  --keep K               keep the newest K checkpoints of each training (default 3; 0 = all)\n"
             "  --resume auto          continue each training from its newest valid checkpoint in OUT (the same flags\n"
             "                         as the interrupted run); without it OUT's checkpoints are removed\n"
-            "  --skip-z Z             skip a step whose loss or gradient norm is Z standard deviations above the mean\n"
-            "                         of the last --skip-window steps (default 8; 0 = skip only non-finite ones)\n"
+            "  --skip-loss-z Z        skip a step whose loss is Z standard deviations above the mean of the last\n"
+            "                         --skip-window steps' losses (default 8; 0 = off: only a non-finite loss is skipped)\n"
+            "  --skip-grad-z Z        the same for the gradient norm (default 50; 0 = off)\n"
             "  --skip-window N        steps in that window (default 64, at most 200)\n"
             "  --max-skips M          stop (exit status 3) after M skipped steps in a row (default 20)\n"
             "  --inject K@A[-B]       testing aid: K = nan-grad (a NaN gradient) or nan-loss at attempts A..B of\n"
@@ -104,7 +105,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->steps = 1000; o->teacher_steps = 1500; o->batch = 16; o->seq = 64; o->topk = 32; o->val_batches = 48; o->warmup = 30;
     o->lr = 3e-3; o->teacher_lr = 2e-3; o->alpha = 0.5; o->temperature = 2.0; o->lambda = 0.3; o->gamma = 1e-3;
     o->balance = 1e-4; o->clip = 1.0; o->seed = 1;
-    o->save_every = 250; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->window = 64; o->max_skips = 20;
+    o->save_every = 250; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -126,7 +127,8 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--warmup", warmup, LNG, 0) NUM("--lr", lr, DBL, 0) NUM("--teacher-lr", teacher_lr, DBL, 0) NUM("--alpha", alpha, DBL, 0)
         NUM("--temperature", temperature, DBL, 1e-3) NUM("--lambda", lambda, DBL, 0) NUM("--gamma", gamma, DBL, 0)
         NUM("--balance", balance, DBL, 0) NUM("--clip", clip, DBL, 0) NUM("--save-every", save_every, LNG, 0)
-        NUM("--save-every-seconds", save_seconds, DBL, 0) NUM("--keep", keep, LNG, 0) NUM("--skip-z", skip_z, DBL, 0)
+        NUM("--save-every-seconds", save_seconds, DBL, 0) NUM("--keep", keep, LNG, 0) NUM("--skip-loss-z", skip_z, DBL, 0)
+        NUM("--skip-grad-z", skip_grad_z, DBL, 0)
         NUM("--skip-window", window, LNG, 2) NUM("--max-skips", max_skips, LNG, 1)
         if (strcmp(a, "--resume") == 0) {
             if (strcmp(v, "auto") != 0) { fprintf(stderr, "distill: --resume takes 'auto' (use --teacher CKPT for a teacher file)\n"); return 0; }
@@ -257,14 +259,14 @@ typedef enum { RUN_PLAIN, RUN_ONLINE, RUN_OFFLINE } run_kind;
    then the spike guard: skipped steps in a row, values in the window, the next slot, the
    window of losses and the window of gradient norms. */
 enum { U_LAYOUT, U_FLAGS_LO, U_FLAGS_HI, U_IN_A_ROW, U_COUNT, U_NEXT, U_WIN };
-#define LAYOUT 20261207.0
+#define LAYOUT 20261209.0
 
 static uint64_t flags_fingerprint(const options *o, const char *label, long steps, double lr, run_kind kind) {
     char text[2048];
     uint64_t h = 0xCBF29CE484222325ull;
     size_t i, n;
-    n = (size_t)snprintf(text, sizeof text, "%s %ld %.17g %llu %ld %ld %ld %.17g %.17g %.17g %.17g %.17g %ld %ld %s %s", label, steps, lr,
-                         o->seed, o->batch, o->seq, o->warmup, o->lambda, o->gamma, o->balance, o->clip, o->skip_z, o->window,
+    n = (size_t)snprintf(text, sizeof text, "%s %ld %.17g %llu %ld %ld %ld %.17g %.17g %.17g %.17g %.17g %.17g %ld %ld %s %s", label, steps, lr,
+                         o->seed, o->batch, o->seq, o->warmup, o->lambda, o->gamma, o->balance, o->clip, o->skip_z, o->skip_grad_z, o->window,
                          o->max_skips, o->data, kind == RUN_PLAIN && !strcmp(label, "teacher") ? (o->teacher_config ? o->teacher_config : "")
                                                                                                   : (o->student_config ? o->student_config : ""));
     if (kind != RUN_PLAIN && n < sizeof text) /* the distillation settings and the teacher */
@@ -398,7 +400,7 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
             zg = zscore(st->user + U_WIN + o->window, o->window, (long)st->user[U_COUNT], gn);
             if (!isfinite(gn)) why = "the gradient norm is not finite";
             else if (o->skip_z > 0 && zl > o->skip_z) why = "the loss spikes";
-            else if (o->skip_z > 0 && zg > o->skip_z) why = "the gradient norm spikes";
+            else if (o->skip_grad_z > 0 && zg > o->skip_grad_z) why = "the gradient norm spikes";
         }
         if (why) { /* nothing changes but the data position and the counts */
             moe_model_zero_grad(m);

@@ -14,8 +14,9 @@
    DeepseekV3 directory; OUT/hf links to it), and ends with a text sample, a summary
    (validation bits per byte next to xz's on the same text) and one JSON line.
 
-   Faults. A step whose loss or gradient norm is not finite, or more than --skip-z standard
-   deviations above the mean of the last --skip-window steps, is skipped: no weight, moment,
+   Faults. A step whose loss or gradient norm is not finite, or more than --skip-loss-z
+   (--skip-grad-z) standard deviations above the mean of the last --skip-window steps' losses
+   (gradient norms), is skipped: no weight, moment,
    expert bias or step count changes (its batch is consumed). --max-skips skipped steps in a
    row stop the run. SIGINT / SIGTERM finish the step, save and exit. A resumed run (--resume)
    continues bit-identically: the checkpoint holds the weights, AdamW moments, expert biases,
@@ -42,7 +43,7 @@
 enum {
     G_STEPS = 1 << 0, G_BATCH = 1 << 1, G_SEQ = 1 << 2, G_ACCUM = 1 << 3, G_LR = 1 << 4, G_WARMUP = 1 << 5, G_GAMMA = 1 << 6,
     G_ALPHA = 1 << 7, G_LAMBDA = 1 << 8, G_CLIP = 1 << 9, G_PRECISION = 1 << 10, G_FP8_BLOCK = 1 << 11, G_MOMENTS = 1 << 12,
-    G_SEED = 1 << 13, G_SKIP_Z = 1 << 14, G_WINDOW = 1 << 15, G_MAX_SKIPS = 1 << 16
+    G_SEED = 1 << 13, G_SKIP_Z = 1 << 14, G_WINDOW = 1 << 15, G_MAX_SKIPS = 1 << 16, G_SKIP_GRAD_Z = 1 << 17
 };
 
 #define MAX_INJECT 16
@@ -51,7 +52,7 @@ typedef struct options {
     long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block, warmup;
     long save_every, keep, window, max_skips;
     long precision, moments; /* indices into the names below */
-    double lr, gamma, alpha, lambda, clip, seconds, save_seconds, skip_z;
+    double lr, gamma, alpha, lambda, clip, seconds, save_seconds, skip_z, skip_grad_z; /* skip_z: the loss's */
     unsigned long long seed;
     unsigned given; /* G_* of the flags on the command line */
     int n_inject;
@@ -93,8 +94,9 @@ static void usage(FILE *f) {
             "  --resume auto|FILE continue from the newest valid checkpoint in OUT (auto: a fresh start when\n"
             "                     there is none) or from FILE; the settings that decide the weights come from the\n"
             "                     checkpoint unless given again. Without --resume, OUT's checkpoints are removed\n"
-            "  --skip-z Z         skip a step whose loss or gradient norm is Z standard deviations above the mean\n"
-            "                     of the last --skip-window steps (default 8; 0 = skip only non-finite ones)\n"
+            "  --skip-loss-z Z    skip a step whose loss is Z standard deviations above the mean of the last\n"
+            "                     --skip-window steps' losses (default 8; 0 = off: only a non-finite loss is skipped)\n"
+            "  --skip-grad-z Z    the same for the gradient norm (default 50; 0 = off)\n"
             "  --skip-window N    steps in that window (default 64, at most 200)\n"
             "  --max-skips M      stop (exit status 3) after M skipped steps in a row (default 20)\n"
             "  --inject K@A[-B]   testing aid: a fault at attempts A..B (1-based, skipped ones count), K one of\n"
@@ -131,7 +133,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->steps = 4500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
     o->seed = 1; o->threads = 0; o->gamma = 1e-3; o->alpha = 1e-4; o->lambda = 0.3; o->clip = 1.0;
     o->val_every = 100; o->val_batches = 8; o->sample_tokens = 300;
-    o->save_every = 500; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->window = 64; o->max_skips = 20;
+    o->save_every = 500; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -153,7 +155,7 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--alpha", alpha, DBL, 0, G_ALPHA) NUM("--lambda", lambda, DBL, 0, G_LAMBDA) NUM("--clip", clip, DBL, 0, G_CLIP)
         NUM("--seconds", seconds, DBL, 0, 0) NUM("--warmup", warmup, LNG, 0, G_WARMUP) NUM("--fp8-block", fp8_block, LNG, 1, G_FP8_BLOCK)
         NUM("--save-every", save_every, LNG, 0, 0) NUM("--save-every-seconds", save_seconds, DBL, 0, 0) NUM("--keep", keep, LNG, 0, 0)
-        NUM("--skip-z", skip_z, DBL, 0, G_SKIP_Z) NUM("--skip-window", window, LNG, 2, G_WINDOW) NUM("--max-skips", max_skips, LNG, 1, G_MAX_SKIPS)
+        NUM("--skip-loss-z", skip_z, DBL, 0, G_SKIP_Z) NUM("--skip-grad-z", skip_grad_z, DBL, 0, G_SKIP_GRAD_Z) NUM("--skip-window", window, LNG, 2, G_WINDOW) NUM("--max-skips", max_skips, LNG, 1, G_MAX_SKIPS)
         if (strcmp(a, "--seed") == 0) {
             o->seed = strtoull(v, &end, 10);
             if (!end || *end || *v == '-') { fprintf(stderr, "train_tiny: --seed wants a non-negative integer, got '%s'\n", v); return 0; }
@@ -215,9 +217,9 @@ static void make_dirs(const char *dir) {
    gradient norms. */
 enum {
     U_LAYOUT, U_BATCH, U_SEQ, U_ACCUM, U_LR, U_WARMUP, U_GAMMA, U_ALPHA, U_LAMBDA, U_CLIP, U_PRECISION, U_FP8_BLOCK, U_MOMENTS,
-    U_DATA_TOKENS, U_SKIP_Z, U_WINDOW, U_MAX_SKIPS, U_IN_A_ROW, U_COUNT, U_NEXT, U_WIN
+    U_DATA_TOKENS, U_SKIP_Z, U_SKIP_GRAD_Z, U_WINDOW, U_MAX_SKIPS, U_IN_A_ROW, U_COUNT, U_NEXT, U_WIN
 };
-#define LAYOUT 20261206.0 /* the layout's date: a checkpoint of another program or version has another */
+#define LAYOUT 20261208.0 /* the layout's date: a checkpoint of another program or version has another */
 
 static void settings_store(const options *o, double data_tokens, moe_train_state *st) {
     st->user[U_LAYOUT] = LAYOUT;
@@ -225,7 +227,7 @@ static void settings_store(const options *o, double data_tokens, moe_train_state
     st->user[U_LR] = o->lr; st->user[U_WARMUP] = (double)o->warmup; st->user[U_GAMMA] = o->gamma; st->user[U_ALPHA] = o->alpha;
     st->user[U_LAMBDA] = o->lambda; st->user[U_CLIP] = o->clip; st->user[U_PRECISION] = (double)o->precision;
     st->user[U_FP8_BLOCK] = (double)o->fp8_block; st->user[U_MOMENTS] = (double)o->moments; st->user[U_DATA_TOKENS] = data_tokens;
-    st->user[U_SKIP_Z] = o->skip_z; st->user[U_WINDOW] = (double)o->window; st->user[U_MAX_SKIPS] = (double)o->max_skips;
+    st->user[U_SKIP_Z] = o->skip_z; st->user[U_SKIP_GRAD_Z] = o->skip_grad_z; st->user[U_WINDOW] = (double)o->window; st->user[U_MAX_SKIPS] = (double)o->max_skips;
     st->n_user = U_WIN + 2 * o->window;
 }
 
@@ -249,7 +251,7 @@ static int settings_restore(options *o, const moe_train_state *st) {
     RESTORE(U_WARMUP, G_WARMUP, "--warmup", warmup, long) RESTORE(U_GAMMA, G_GAMMA, "--gamma", gamma, double)
     RESTORE(U_ALPHA, G_ALPHA, "--alpha", alpha, double) RESTORE(U_LAMBDA, G_LAMBDA, "--lambda", lambda, double)
     RESTORE(U_CLIP, G_CLIP, "--clip", clip, double) RESTORE(U_FP8_BLOCK, G_FP8_BLOCK, "--fp8-block", fp8_block, long)
-    RESTORE(U_SKIP_Z, G_SKIP_Z, "--skip-z", skip_z, double) RESTORE(U_MAX_SKIPS, G_MAX_SKIPS, "--max-skips", max_skips, long)
+    RESTORE(U_SKIP_Z, G_SKIP_Z, "--skip-loss-z", skip_z, double) RESTORE(U_SKIP_GRAD_Z, G_SKIP_GRAD_Z, "--skip-grad-z", skip_grad_z, double) RESTORE(U_MAX_SKIPS, G_MAX_SKIPS, "--max-skips", max_skips, long)
     if (!(st->user[U_PRECISION] >= 0 && st->user[U_PRECISION] <= 3) || !(st->user[U_MOMENTS] >= 0 && st->user[U_MOMENTS] <= 1) ||
         !(st->user[U_WINDOW] >= 2 && st->user[U_WINDOW] <= 200) || st->n_user != U_WIN + 2 * (long)st->user[U_WINDOW]) {
         fprintf(stderr, "train_tiny: the checkpoint's settings are out of range\n");
@@ -629,7 +631,7 @@ int main(int argc, char **argv) {
             } else if (o.skip_z > 0 && zl > o.skip_z) {
                 skip = 1;
                 snprintf(reason, sizeof reason, "loss %.4f is %.1f standard deviations above the last %ld steps' mean", loss, zl, o.window);
-            } else if (o.skip_z > 0 && zg > o.skip_z) {
+            } else if (o.skip_grad_z > 0 && zg > o.skip_grad_z) {
                 skip = 1;
                 snprintf(reason, sizeof reason, "gradient norm %.4g is %.1f standard deviations above the last %ld steps' mean", (double)gn, zg,
                          o.window);
@@ -681,7 +683,7 @@ int main(int argc, char **argv) {
         if (skip && st->user[U_IN_A_ROW] >= (double)o.max_skips) {
             CHECK(save(&r));
             fprintf(stderr, "%strain_tiny: %ld steps in a row skipped (the last: %s): stopping. The last good state is in %s "
-                            "(step %lld); lower --lr, raise --skip-z or check the data, then --resume auto\n",
+                            "(step %lld); lower --lr, raise --skip-loss-z / --skip-grad-z or check the data, then --resume auto\n",
                     tty ? "\n" : "", o.max_skips, reason, r.path, (long long)st->step);
             fclose(csv);
             return 3;

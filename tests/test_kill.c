@@ -31,7 +31,7 @@
 
 static long g_kills = 6, g_steps = 60;
 static int g_json;
-static unsigned long long g_seed;
+static unsigned long long g_seed, g_seed0; /* the xorshift state, and the seed it began with */
 static const char *g_trainer = "build/train_tiny";
 static char g_dir[256], g_data[300], g_ref[300], g_run[300];
 
@@ -161,7 +161,7 @@ static void kill9_resume_identical(void) {
     T_ASSERT(pid > 0 && wait_ok(pid, &st), "the reference run failed (status %d): see %s", st, log);
     t_ref = now_s() - t_ref;
     g_ref_seconds = t_ref;
-    T_NOTE("reference: %ld steps in %.1f s (1 thread); seed of the kill points %llu", g_steps, t_ref, g_seed);
+    T_NOTE("reference: %ld steps in %.1f s (1 thread); seed of the kill points %llu", g_steps, t_ref, g_seed0);
     /* the same command with --resume auto, killed again and again. A kill waits for k more
        checkpoints (k random, so that the kills spread over the steps left), then either a
        random share of the time between two checkpoints, or the next checkpoint's temporary
@@ -291,6 +291,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--json") == 0) g_json = 1;
         else { fprintf(stderr, "usage: test_kill [--kills K] [--steps N] [--seed S] [--trainer PATH] [--json]\n"); return 2; }
     }
+    g_seed0 = g_seed;
     if (g_kills < 1 || g_steps < 10 || !g_seed) { fprintf(stderr, "test_kill: need --kills >= 1, --steps >= 10, --seed > 0\n"); return 2; }
     snprintf(g_dir, sizeof g_dir, "build/kill_%ld", (long)getpid());
     snprintf(g_data, sizeof g_data, "%s/corpus.txt", g_dir);
@@ -305,7 +306,7 @@ int main(int argc, char **argv) {
     while (total < 65536 && (n = fread(buf, 1, sizeof buf, src)) > 0) total += fwrite(buf, 1, n, dst);
     fclose(src);
     fclose(dst);
-    printf("kill test: %ld kills over %ld steps in %s (seed %llu)\n", g_kills, g_steps, g_dir, g_seed);
+    printf("kill test: %ld kills over %ld steps in %s (seed %llu)\n", g_kills, g_steps, g_dir, g_seed0);
     T_RUN(kill9_resume_identical);
     T_RUN(no_stale_temporaries);
     T_RUN(log_rows_exactly_once);
@@ -317,6 +318,6 @@ int main(int argc, char **argv) {
     if (g_json)
         printf("{\"job\":\"torture\",\"kills\":%d,\"resumed\":%d,\"identical\":%s,\"seconds\":%.1f,\"mid_write_kills\":%d,"
                "\"resumed_from_checkpoint\":%d,\"steps\":%ld,\"reference_seconds\":%.1f,\"seed\":%llu}\n",
-               g_killed, g_resumed, g_identical ? "true" : "false", g_seconds, g_mid_write, g_from_ckpt, g_steps, g_ref_seconds, g_seed);
+               g_killed, g_resumed, g_identical ? "true" : "false", g_seconds, g_mid_write, g_from_ckpt, g_steps, g_ref_seconds, g_seed0);
     return i;
 }

@@ -86,7 +86,8 @@ static int run(const char *log, const char *prog, ...) {
 #define TINY "build/train_tiny"
 #define DISTILL "build/distill"
 /* the flags every train_tiny run here shares */
-#define SMALL "--data", g_data, "--sample", "0", "--seconds", "0", "--val-every", "1000", "--save-every-seconds", "0"
+#define SMALL "--data", g_data, "--batch", "4", "--seq", "32", "--sample", "0", "--seconds", "0", "--val-every", "1000", \
+              "--save-every-seconds", "0"
 
 static char *slurp(const char *path, long *len) {
     FILE *f = fopen(path, "rb");
@@ -223,13 +224,13 @@ static void guard_skip(const char *kind) {
     snprintf(fault, sizeof fault, "%s@12", kind);
     dir(d, kind);
     pth(log, d, "out.log");
-    /* no z-score skips before the fault (--skip-z 0), so that attempt 12 is step 12 */
-    rc = run(log, TINY, SMALL, "--out", d, "--steps", "11", "--skip-window", "4", "--skip-z", "0", NULL);
+    /* no z-score skips before the fault, so that attempt 12 is step 12 */
+    rc = run(log, TINY, SMALL, "--out", d, "--steps", "11", "--skip-window", "4", "--skip-loss-z", "0", "--skip-grad-z", "0", NULL);
     T_ASSERT(rc == 0, "the first 11 steps: status %d (see %s)", rc, log);
     pth(p, d, "ckpt-00000011.bin");
     pth(saved, d, "before.bin");
     T_ASSERT(rename(p, saved) == 0 && link(saved, p) == 0, "keeping a copy of %s", p);
-    rc = run(log, TINY, SMALL, "--out", d, "--resume", "auto", "--steps", "12", "--max-skips", "1", "--skip-z", "8", "--inject", fault, NULL);
+    rc = run(log, TINY, SMALL, "--out", d, "--resume", "auto", "--steps", "12", "--max-skips", "1", "--skip-grad-z", "25", "--inject", fault, NULL);
     T_CHECK(rc == 3, "%s: status %d, want 3 (the guard gives up)", kind, rc);
     T_CHECK(has(log, "step 12 skipped") && has(log, "1 steps in a row skipped"), "%s: no skip message in %s", kind, log);
     T_ASSERT(ck_read(saved, &a) && ck_read(pth(q, d, "ckpt-00000011.bin"), &b), "%s: reading the checkpoints", kind);
@@ -401,11 +402,11 @@ static void short_validation_text_gives_null(void) {
 static void distill_resume_identical_and_guard(void) {
     char ref[512], d[512], g[512], log[512], p[512], q[512];
     static const char *const files[] = {"teacher-00000012.bin", "scratch-00000012.bin", "distilled-00000012.bin", "teacher.ckpt"};
-    const char *marks[2] = {"teacher-00000003.bin", "scratch-00000006.bin"};
+    const char *marks[2] = {"teacher-00000004.bin", "scratch-00000008.bin"};
     int rc, k, kills = 0;
     size_t i;
 #define DSMALL "--data", g_data, "--teacher-steps", "12", "--steps", "12", "--batch", "4", "--seq", "32", "--val-batches", "1", \
-               "--save-every", "3", "--save-every-seconds", "0"
+               "--save-every", "4", "--save-every-seconds", "0"
     dir(ref, "distill_ref");
     dir(d, "distill");
     dir(g, "distill_guard");
