@@ -112,8 +112,13 @@ static int has(const char *path, const char *needle) {
     return yes;
 }
 static int exists(const char *path) { return access(path, F_OK) == 0; }
+/* a/b into buf (512 bytes; the paths here are short) */
 static const char *pth(char *buf, const char *a, const char *b) {
-    snprintf(buf, 512, "%s/%s", a, b);
+    size_t la = strlen(a), lb = strlen(b);
+    if (la + lb + 2 > 512) la = lb = 0;
+    memcpy(buf, a, la);
+    buf[la] = '/';
+    memcpy(buf + la + 1, b, lb + 1);
     return buf;
 }
 /* A fresh directory under build/trainer_<pid>/. */
