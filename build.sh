@@ -8,6 +8,7 @@
 #   ./build.sh bench [NAME]     run bench/NAME.c (all benches without NAME)
 #   ./build.sh example NAME [ARGS]   build and run examples/NAME.c
 #   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c)
+#   ./build.sh torture          kill -9 a training run 20 times; the resumed result must be identical
 #
 # Environment: CC (default gcc), NATIVE=0 to build without -march=native.
 set -euo pipefail
@@ -131,8 +132,18 @@ suite_parity() {
     run_suite parity bash tests/parity/run.sh
 }
 
+suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c drives the example trainers
+    local name=$1; shift
+    bash data/prepare.sh >&2
+    if ! compile "$BUILD/train_tiny" examples/train_tiny.c || { [ "$name" != kill ] && ! compile "$BUILD/distill" examples/distill.c; } ||
+        ! compile "$BUILD/test_$name" "tests/test_$name.c"; then
+        log "suite $name does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
+    fi
+    run_suite "$name" "$BUILD/test_$name" "$@"
+}
+
 UNIT_SUITES="numerics ops backend gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES compile sanitize parity"
+ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill valgrind parity"
 
 cmd_test() {
     local only=${1:-}
@@ -143,6 +154,9 @@ cmd_test() {
             compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
             sanitize) suite_sanitize ;;
             parity) suite_parity ;;
+            trainer|kill) suite_trainer_prog "$s" ;;
+            valgrind) # a portable build (valgrind cannot decode AVX-512): train, save, resume, generate
+                need_pkg valgrind valgrind; bash data/prepare.sh >&2; run_suite valgrind bash tests/valgrind.sh "$CC" ;;
             *)
                 if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
                 else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;
@@ -186,6 +200,10 @@ case ${1:-build} in
     bench) shift; cmd_bench "$@" ;;
     example) shift; cmd_example "$@" ;;
     run) shift; cmd_example train_tiny "$@" ;;
-    -h|--help|help) sed -n '2,14p' "$0" ;;
+    torture) # 20 kills of a 200-step run, niced: the machine is shared
+        shift; bash data/prepare.sh >&2
+        compile "$BUILD/train_tiny" examples/train_tiny.c && compile "$BUILD/test_kill" tests/test_kill.c
+        nice -n 19 "$BUILD/test_kill" --kills 20 --steps 200 --json "$@" ;;
+    -h|--help|help) sed -n '2,15p' "$0" ;;
     *) log "unknown command '$1' (try ./build.sh help)"; exit 2 ;;
 esac

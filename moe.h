@@ -646,6 +646,9 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *opt);
    1/accumulation steps), then clipped to global norm `clip` (0 = no clipping). Writes the
    pre-clip global norm to *grad_norm when given. Gradients are zeroed afterwards. */
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr, float grad_scale, float clip, float *grad_norm);
+/* The pre-clip global gradient norm that moe_adamw_step would report for this grad_scale (the
+   same arithmetic, bit for bit), changing nothing: lets a trainer skip a step before it. */
+MOE_API moe_status moe_adamw_grad_norm(moe_ctx *ctx, moe_adamw *opt, float grad_scale, float *grad_norm);
 MOE_API int64_t moe_adamw_steps(const moe_adamw *opt);
 
 typedef enum moe_lr_shape { MOE_LR_COSINE = 0, MOE_LR_WSD = 1 } moe_lr_shape;
@@ -774,11 +777,17 @@ MOE_API moe_status moe_data_batch(moe_ctx *ctx, const moe_dataset *data, int val
                                   int64_t T, int32_t *out);
 
 /* What a checkpoint holds besides the model and optimizer tensors. */
+#define MOE_TRAIN_USER_MAX 512
 typedef struct moe_train_state {
     int64_t step;          /* optimizer steps done */
     uint64_t seed;         /* data and initialisation seed */
     int64_t data_index;    /* next training batch index */
     double tokens_seen;
+    int64_t total_steps;   /* the LR schedule's length, so that a resumed run keeps it (0: not recorded) */
+    int64_t skipped;       /* steps a loss-spike guard skipped so far (not counted in step) */
+    int64_t n_user;        /* values in use in user[], 0..MOE_TRAIN_USER_MAX */
+    double user[MOE_TRAIN_USER_MAX]; /* the trainer's own numbers, stored verbatim (its settings, a
+                                        spike detector's window): whatever an exact resume needs */
 } moe_train_state;
 
 /* Write model, optimizer moments, expert biases and state to `path` atomically (temporary
@@ -790,6 +799,21 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
 MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *model, moe_adamw *opt, moe_train_state *state);
 /* Read just the config stored in a checkpoint (to build the model before moe_ckpt_load). */
 MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *cfg);
+
+/* A run's checkpoints in one directory: DIR/PREFIX-<step, at least 8 digits>.bin (POSIX only).
+   Save as DIR/PREFIX-<state->step>.bin, then delete the older files of PREFIX beyond the newest
+   `keep` (0 keeps all; files of a later step are left alone). The path goes to `written`
+   (cap bytes) when not NULL. */
+MOE_API moe_status moe_ckpt_save_step(moe_ctx *ctx, const char *dir, const char *prefix, int keep, const moe_model *model,
+                                      const moe_adamw *opt, const moe_train_state *state, char *written, size_t cap);
+/* The newest DIR/PREFIX-<step>.bin whose header, length and checksum verify, into path (cap
+   bytes); a newer file that fails is skipped with a warning (log hook) naming why. path is ""
+   when there is none: still MOE_OK. */
+MOE_API moe_status moe_ckpt_latest(moe_ctx *ctx, const char *dir, const char *prefix, char *path, size_t cap);
+/* Remove the temporary files (NAME.tmp<pid>) that processes no longer running left in DIR (a
+   kill during an atomic write) and, when prefix is not NULL, the checkpoints DIR/PREFIX-<step>.bin
+   of a step above after_step (after_step < 0: all of them). *removed gets the count. */
+MOE_API moe_status moe_ckpt_clean(moe_ctx *ctx, const char *dir, const char *prefix, int64_t after_step, int *removed);
 
 /* ---- safetensors ----
    A strict reader: the 8-byte header length must fit the file (and 100 MB), the header must
@@ -981,6 +1005,8 @@ MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const flo
 #include <immintrin.h>
 #endif
 #if defined(__unix__) || defined(__APPLE__)
+#include <dirent.h>
+#include <signal.h>
 #include <unistd.h>
 #endif
 #ifdef MOE_CBLAS
@@ -7762,9 +7788,32 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
 
 MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 
+/* The global gradient norm times grad_scale: Σ g² over the gradient slab, in fixed chunks
+   added in order. */
+static moe_status moe__adamw_norm(moe_ctx *ctx, const char *fn, moe_adamw *o, float grad_scale, double *norm) {
+    const moe_model *m = o->model;
+    double sumsq = 0;
+    *norm = NAN;
+    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
+    MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
+    *norm = sqrt(sumsq) * grad_scale;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_adamw_grad_norm(moe_ctx *ctx, moe_adamw *o, float grad_scale, float *grad_norm) {
+    double norm;
+    MOE__CHECK_CTX(ctx);
+    if (!o || !grad_norm) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_grad_norm: NULL optimizer or grad_norm");
+    if (!(grad_scale > 0) || !isfinite(grad_scale))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_grad_norm: need grad_scale > 0, got %g", (double)grad_scale);
+    MOE__TRY(moe__adamw_norm(ctx, "moe_adamw_grad_norm", o, grad_scale, &norm));
+    *grad_norm = (float)norm;
+    return MOE_OK;
+}
+
 MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, float clip, float *grad_norm) {
     moe_model *m;
-    double sumsq = 0, norm, coef, bc1, bc2;
+    double norm, coef, bc1, bc2;
     moe__adamw_op op;
     int64_t s, i;
     MOE__CHECK_CTX(ctx);
@@ -7773,10 +7822,7 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
         return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: need lr >= 0, grad_scale > 0, clip >= 0 (got %g, %g, %g)",
                          (double)lr, (double)grad_scale, (double)clip);
     m = o->model;
-    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: the model lives on another device");
-    /* the global norm over the gradient slab, in fixed chunks added in order */
-    MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
-    norm = sqrt(sumsq) * grad_scale;
+    MOE__TRY(moe__adamw_norm(ctx, "moe_adamw_step", o, grad_scale, &norm));
     if (grad_norm) *grad_norm = (float)norm;
     if (!isfinite(norm)) {
         moe_model_zero_grad(m);
@@ -8920,12 +8966,13 @@ static void *moe__adamw_moment(const moe_adamw *o, void *slab, int64_t i) {
 /* ---- checkpoints ----
    "MOECKPT1", u32 version, u32 0, u64 payload bytes, payload, u64 FNV-1a of the payload.
    Payload: u32 + config.json text; state (i64 step, u64 seed, i64 data index, f64 tokens,
-   i64 optimizer steps, i32 moment dtype or -1 without optimizer); u32 tensor count; per
-   tensor: u16 + name, u8 kind (0 value, 1 first moment, 2 second moment), u8 dtype (0 f32,
-   1 bf16), u8 ndim, i64 dims, little-endian data. */
+   i64 optimizer steps, i32 moment dtype or -1 without optimizer; version 2 adds i64 total
+   steps, i64 skipped steps, u32 n + n f64 user values); u32 tensor count; per tensor: u16 +
+   name, u8 kind (0 value, 1 first moment, 2 second moment), u8 dtype (0 f32, 1 bf16), u8 ndim,
+   i64 dims, little-endian data. Version 1 files still load (the version 2 fields read as 0). */
 
 #define MOE__CKPT_MAGIC "MOECKPT1"
-#define MOE__CKPT_VERSION 1u
+#define MOE__CKPT_VERSION 2u
 
 typedef struct moe__buf {
     unsigned char *p;
@@ -9002,6 +9049,11 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
     if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
     MOE__TRY(moe__model_on_host(ctx, fn, m));
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
+    if (st->n_user < 0 || st->n_user > MOE_TRAIN_USER_MAX || st->step < 0 || st->data_index < 0 || st->total_steps < 0 ||
+        st->skipped < 0)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: state out of range (step %lld, data index %lld, total steps %lld, skipped %lld, "
+                         "n_user %lld of at most %d)", fn, (long long)st->step, (long long)st->data_index, (long long)st->total_steps,
+                         (long long)st->skipped, (long long)st->n_user, MOE_TRAIN_USER_MAX);
     memset(&b, 0, sizeof b);
     moe__buf_put(&b, MOE__CKPT_MAGIC, 8);
     moe__buf_u32(&b, MOE__CKPT_VERSION);
@@ -9016,6 +9068,10 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
     moe__buf_f64(&b, st->tokens_seen);
     moe__buf_u64(&b, (uint64_t)(o ? o->step : 0));
     moe__buf_u32(&b, o ? (uint32_t)(o->cfg.moment_dtype == MOE_BF16) : 0xFFFFFFFFu);
+    moe__buf_u64(&b, (uint64_t)st->total_steps);
+    moe__buf_u64(&b, (uint64_t)st->skipped);
+    moe__buf_u32(&b, (uint32_t)st->n_user);
+    for (i = 0; i < st->n_user; i++) moe__buf_f64(&b, st->user[i]);
     for (i = 0; i < m->n_entries; i++) n += 1 + (o && m->entries[i].is_param ? 2 : 0);
     moe__buf_u32(&b, (uint32_t)n);
     for (i = 0; i < m->n_entries; i++) {
@@ -9066,9 +9122,11 @@ static uint32_t moe__rd_u32(moe__rd *r) {
 
 /* Open and verify a checkpoint file: magic, version, length, checksum. On success *rd
    spans the payload and *buf must be freed by the caller. */
-static moe_status moe__ckpt_open(moe_ctx *ctx, const char *fn, const char *path, unsigned char **buf, moe__rd *rd) {
+static moe_status moe__ckpt_open(moe_ctx *ctx, const char *fn, const char *path, unsigned char **buf, moe__rd *rd,
+                                 uint32_t *version) {
     size_t len;
     uint64_t payload, sum;
+    uint32_t v;
     MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 36, buf, &len));
     if (len < 32 || memcmp(*buf, MOE__CKPT_MAGIC, 8) != 0) {
         MOE_FREE(*buf);
@@ -9078,10 +9136,13 @@ static moe_status moe__ckpt_open(moe_ctx *ctx, const char *fn, const char *path,
     rd->p = *buf;
     rd->len = len;
     rd->at = 8;
-    if (moe__rd_u32(rd) != MOE__CKPT_VERSION) {
+    v = moe__rd_u32(rd);
+    if (v < 1 || v > MOE__CKPT_VERSION) {
         MOE_FREE(*buf);
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has an unsupported checkpoint version", fn, path);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has checkpoint version %u; this moe.h reads 1 to %u", fn, path, v,
+                         MOE__CKPT_VERSION);
     }
+    if (version) *version = v;
     moe__rd_u32(rd);
     payload = moe__rd_u64(rd);
     if (payload != len - 32) {
@@ -9109,7 +9170,7 @@ MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *c
     moe_status st;
     MOE__CHECK_CTX(ctx);
     if (!cfg) return moe__fail(ctx, MOE_ERR_ARG, "%s: config is NULL", fn);
-    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd));
+    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd, NULL));
     cl = moe__rd_u32(&rd);
     p = moe__rd_take(&rd, cl);
     st = p ? moe_config_parse(ctx, (const char *)p, cl, cfg) : moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': config truncated", fn, path);
@@ -9117,111 +9178,357 @@ MOE_API moe_status moe_ckpt_config(moe_ctx *ctx, const char *path, moe_config *c
     return st;
 }
 
+/* "[a, b, c]" into buf. */
+static const char *moe__ckpt_shape_str(char *buf, size_t cap, int ndim, const uint64_t *dims) {
+    size_t at = 0;
+    int d;
+    buf[0] = 0;
+    for (d = 0; d < ndim && at < cap; d++)
+        at += (size_t)snprintf(buf + at, cap - at, "%s%llu", d ? ", " : "[", (unsigned long long)dims[d]);
+    if (at < cap) snprintf(buf + at, cap - at, ndim ? "]" : "[]");
+    return buf;
+}
+
 MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
     static const char *fn = "moe_ckpt_load";
-    unsigned char *buf;
+    static const char *const kinds[3] = {"value", "first moment", "second moment"};
+    unsigned char *buf, *seen = NULL;
     moe__rd rd;
-    uint32_t cl, n, pass, k, mdt;
+    uint32_t cl, n, pass, k, mdt, version = 1, n_user = 0;
     const unsigned char *p;
     char want[8192];
-    moe_train_state s;
-    int64_t opt_steps;
+    moe_train_state *s = NULL;
+    int64_t opt_steps, i;
     size_t tensors_at;
+    moe_status r = MOE_OK;
     MOE__CHECK_CTX(ctx);
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
     MOE__TRY(moe__model_on_host(ctx, fn, m));
-    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd));
+    MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd, &version));
+    s = (moe_train_state *)moe__heap_calloc(ctx, sizeof *s);
+    if (!s) {
+        MOE_FREE(buf);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    }
     cl = moe__rd_u32(&rd);
     p = moe__rd_take(&rd, cl);
     moe__config_json(&m->cfg, want, sizeof want);
     if (!p || cl != strlen(want) || memcmp(p, want, cl) != 0) {
         MOE_FREE(buf);
+        MOE_FREE(s);
         return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' was written for a different model config", fn, path);
     }
-    s.step = (int64_t)moe__rd_u64(&rd);
-    s.seed = moe__rd_u64(&rd);
-    s.data_index = (int64_t)moe__rd_u64(&rd);
+    s->step = (int64_t)moe__rd_u64(&rd);
+    s->seed = moe__rd_u64(&rd);
+    s->data_index = (int64_t)moe__rd_u64(&rd);
     {
         uint64_t u = moe__rd_u64(&rd);
-        memcpy(&s.tokens_seen, &u, 8);
+        memcpy(&s->tokens_seen, &u, 8);
     }
     opt_steps = (int64_t)moe__rd_u64(&rd);
     mdt = moe__rd_u32(&rd);
+    if (version >= 2) {
+        s->total_steps = (int64_t)moe__rd_u64(&rd);
+        s->skipped = (int64_t)moe__rd_u64(&rd);
+        n_user = moe__rd_u32(&rd);
+        for (k = 0; k < n_user && k < MOE_TRAIN_USER_MAX && !rd.bad; k++) {
+            uint64_t u = moe__rd_u64(&rd);
+            memcpy(&s->user[k], &u, 8);
+        }
+        s->n_user = n_user;
+    }
     n = moe__rd_u32(&rd);
-    if (rd.bad) {
-        MOE_FREE(buf);
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': state truncated", fn, path);
-    }
-    if (o && mdt != (uint32_t)(o->cfg.moment_dtype == MOE_BF16)) {
-        MOE_FREE(buf);
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has %s optimizer moments, this optimizer wants %s", fn, path,
-                         mdt == 0xFFFFFFFFu ? "no" : mdt ? "bf16" : "f32", moe_dtype_name(o->cfg.moment_dtype));
-    }
+    /* every field is checked before anything is copied: nothing changes unless all is valid */
+    if (n_user > MOE_TRAIN_USER_MAX)
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': %u user state values, at most %d", fn, path, n_user, MOE_TRAIN_USER_MAX);
+    else if (rd.bad) r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': state truncated", fn, path);
+    else if (s->step < 0 || s->data_index < 0 || opt_steps < 0 || s->total_steps < 0 || s->skipped < 0)
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': negative step (%lld), data index (%lld), optimizer steps (%lld), total steps "
+                      "(%lld) or skipped steps (%lld)", fn, path, (long long)s->step, (long long)s->data_index, (long long)opt_steps,
+                      (long long)s->total_steps, (long long)s->skipped);
+    else if (!(s->tokens_seen >= 0) || !isfinite(s->tokens_seen))
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tokens seen is %g", fn, path, s->tokens_seen);
+    else if (mdt > 1 && mdt != 0xFFFFFFFFu)
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unknown moment dtype code %u (0 f32, 1 bf16, 0xFFFFFFFF none)", fn, path, mdt);
+    else if (o && mdt != (uint32_t)(o->cfg.moment_dtype == MOE_BF16))
+        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' has %s optimizer moments, this optimizer wants %s", fn, path,
+                      mdt == 0xFFFFFFFFu ? "no" : mdt ? "bf16" : "f32", moe_dtype_name(o->cfg.moment_dtype));
+    if (r == MOE_OK && !(seen = (unsigned char *)moe__heap_calloc(ctx, (size_t)m->n_entries * 3)))
+        r = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     tensors_at = rd.at;
-    /* pass 0 checks every record against the model; pass 1 copies. Nothing changes unless
-       the whole file is valid. */
-    for (pass = 0; pass < 2; pass++) {
-        uint32_t seen_values = 0;
+    /* pass 0 checks every record against the model and the header; pass 1 copies */
+    for (pass = 0; pass < 2 && r == MOE_OK; pass++) {
         rd.at = tensors_at;
-        for (k = 0; k < n; k++) {
-            char name[MOE__NAME_MAX + 1];
-            const unsigned char *hdr, *nm, *data;
+        for (k = 0; k < n && r == MOE_OK; k++) {
+            char name[MOE__NAME_MAX + 1], got[96], has[96];
+            const unsigned char *hdr, *nm, *data, *nlp;
+            uint64_t dims[MOE_MAX_DIMS];
             uint16_t nl;
-            int64_t i, idx = -1, numel = 1;
-            int d;
+            int64_t idx = -1, numel;
+            int d, kind, dtype, ndim, match;
             moe_tensor *t;
-            const unsigned char *nlp = moe__rd_take(&rd, 2);
-            if (!nlp) break;
-            nl = (uint16_t)(nlp[0] | (nlp[1] << 8));
+            nlp = moe__rd_take(&rd, 2);
+            nl = nlp ? (uint16_t)(nlp[0] | (nlp[1] << 8)) : 0;
             nm = moe__rd_take(&rd, nl);
             hdr = moe__rd_take(&rd, 3);
             if (!nm || !hdr || nl > MOE__NAME_MAX) { rd.bad = 1; break; }
             memcpy(name, nm, nl);
             name[nl] = 0;
+            kind = hdr[0];
+            dtype = hdr[1];
+            ndim = hdr[2];
             for (i = 0; i < m->n_entries; i++)
                 if (strcmp(m->entries[i].name, name) == 0) { idx = i; break; }
-            if (idx < 0 || hdr[0] > 2 || hdr[1] > 1 || (hdr[0] == 0 && hdr[1] != 0) || hdr[2] < 1 || hdr[2] > MOE_MAX_DIMS) {
-                MOE_FREE(buf);
-                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unexpected tensor record '%s'", fn, path, name);
-            }
+            if (idx < 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': unexpected tensor record '%s'", fn, path, name); break; }
             t = m->entries[idx].t;
-            if (hdr[2] != t->ndim) { rd.bad = 1; }
-            for (d = 0; d < hdr[2]; d++) {
-                uint64_t dim = moe__rd_u64(&rd);
-                if (d < t->ndim && dim != (uint64_t)t->shape[d]) rd.bad = 1;
-                numel *= d < t->ndim ? t->shape[d] : 1;
+            if (kind > 2) { r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': a record of '%s' has unknown kind %d", fn, path, name, kind); break; }
+            if (kind == 0 && dtype != 0) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the value of '%s' has dtype code %d; values are f32 (0)", fn, path, name, dtype);
+                break;
             }
-            if (rd.bad) {
-                MOE_FREE(buf);
-                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' has the wrong shape or is truncated", fn, path, name);
+            if (kind > 0 && mdt == 0xFFFFFFFFu) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' announces no optimizer state but holds the %s of '%s'", fn, path, kinds[kind], name);
+                break;
             }
-            data = moe__rd_take(&rd, (size_t)numel * (hdr[1] ? 2 : 4));
+            if (kind > 0 && !m->entries[idx].is_param) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' holds the %s of '%s', which is not a trained parameter", fn, path, kinds[kind], name);
+                break;
+            }
+            if (kind > 0 && (uint32_t)dtype != mdt) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' is labelled %s (dtype code %d) but the header says %s moments",
+                              fn, path, kinds[kind], name, dtype == 0 ? "f32" : dtype == 1 ? "bf16" : "unknown", dtype, mdt ? "bf16" : "f32");
+                break;
+            }
+            if (ndim > MOE_MAX_DIMS) {
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' has a shape of %d dims in the file, at most %d allowed", fn,
+                              path, kinds[kind], name, ndim, MOE_MAX_DIMS);
+                break;
+            }
+            for (d = 0; d < ndim; d++) dims[d] = moe__rd_u64(&rd);
+            if (rd.bad) break;
+            match = ndim == t->ndim;
+            for (d = 0; d < t->ndim; d++) match = match && dims[d] == (uint64_t)t->shape[d];
+            if (!match) {
+                uint64_t mine[MOE_MAX_DIMS];
+                for (d = 0; d < t->ndim; d++) mine[d] = (uint64_t)t->shape[d];
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': the %s of '%s' has shape %s in the file, the model's is %s", fn, path,
+                              kinds[kind], name, moe__ckpt_shape_str(got, sizeof got, ndim, dims),
+                              moe__ckpt_shape_str(has, sizeof has, t->ndim, mine));
+                break;
+            }
+            numel = t->numel;
+            data = moe__rd_take(&rd, (size_t)numel * (dtype ? 2 : 4));
             if (!data) break;
-            if (hdr[0] == 0) seen_values++;
-            if (pass == 0) continue;
-            if (hdr[0] == 0) {
-                for (i = 0; i < numel; i++) {
-                    float f;
-                    uint32_t u = (uint32_t)data[4 * i] | ((uint32_t)data[4 * i + 1] << 8) | ((uint32_t)data[4 * i + 2] << 16) |
-                                 ((uint32_t)data[4 * i + 3] << 24);
-                    memcpy(&f, &u, 4);
-                    MOE__F32(t)[i] = (moe_real)f;
+            if (pass == 0) {
+                if (seen[idx * 3 + kind]++) {
+                    r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' stores the %s of '%s' twice", fn, path, kinds[kind], name);
+                    break;
                 }
-            } else if (o && m->entries[idx].is_param) {
-                memcpy(moe__adamw_moment(o, hdr[0] == 1 ? o->m : o->v, idx), data, (size_t)numel * (hdr[1] ? 2 : 4));
+                continue;
+            }
+            if (kind == 0) {
+                for (i = 0; i < numel; i++) MOE__F32(t)[i] = (moe_real)moe__bits_f32(moe__le_get32(data + 4 * i));
+            } else if (o) {
+                /* the dtype was checked against the header and the header against o: sizes agree */
+                memcpy(moe__adamw_moment(o, kind == 1 ? o->m : o->v, idx), data, (size_t)numel * (dtype ? 2 : 4));
             }
         }
-        if (rd.bad || rd.at != rd.len || (pass == 0 && seen_values != (uint32_t)m->n_entries)) {
-            MOE_FREE(buf);
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor records are truncated, missing or in excess", fn, path);
+        if (r != MOE_OK) break;
+        if (rd.bad || k < n) {
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor records are truncated (%u of %u read)", fn, path, k, n);
+        } else if (rd.at != rd.len) {
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': %zu bytes after the last of %u tensor records", fn, path, rd.len - rd.at, n);
+        } else if (pass == 0) {
+            for (i = 0; i < m->n_entries && r == MOE_OK; i++) {
+                int kind, kinds_wanted = mdt != 0xFFFFFFFFu && m->entries[i].is_param ? 3 : 1;
+                for (kind = 0; kind < kinds_wanted && r == MOE_OK; kind++)
+                    if (!seen[i * 3 + kind])
+                        r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' misses the %s of '%s'%s", fn, path, kinds[kind], m->entries[i].name,
+                                      kind ? (mdt ? " (it announces bf16 moments)" : " (it announces f32 moments)") : "");
+            }
         }
     }
+    MOE_FREE(seen);
     MOE_FREE(buf);
-    if (o) o->step = opt_steps;
-    if (st) *st = s;
-    moe_model_reset_loads(m);
+    if (r == MOE_OK) {
+        if (o) o->step = opt_steps;
+        if (st) *st = *s;
+        moe_model_reset_loads(m);
+    }
+    MOE_FREE(s);
+    return r;
+}
+
+/* ---- a run's checkpoints in a directory ---- */
+
+/* The step of DIR entry `name` when it is PREFIX-<digits>.bin, else -1. */
+static int64_t moe__ckpt_step_of(const char *name, const char *prefix) {
+    size_t pl = strlen(prefix);
+    const char *q;
+    int64_t step = 0;
+    if (strncmp(name, prefix, pl) != 0 || name[pl] != '-' || !name[pl + 1]) return -1;
+    for (q = name + pl + 1; *q >= '0' && *q <= '9'; q++) {
+        if (step > (INT64_MAX - 9) / 10) return -1;
+        step = step * 10 + (*q - '0');
+    }
+    return q > name + pl + 1 && strcmp(q, ".bin") == 0 ? step : -1;
+}
+
+static moe_status moe__ckpt_dir_args(moe_ctx *ctx, const char *fn, const char *dir, const char *prefix, int need_prefix) {
+    if (!dir || !*dir || (need_prefix && (!prefix || !*prefix)))
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL or empty directory or prefix", fn);
+    if (prefix && strchr(prefix, '/')) return moe__fail(ctx, MOE_ERR_ARG, "%s: prefix '%s' contains '/'", fn, prefix);
+    if (strlen(dir) + (prefix ? strlen(prefix) : 0) + 64 > 4096) return moe__fail(ctx, MOE_ERR_ARG, "%s: path too long", fn);
     return MOE_OK;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+/* The steps of DIR's checkpoints of PREFIX, ascending, in a heap array (*steps, *count). */
+static moe_status moe__ckpt_steps(moe_ctx *ctx, const char *fn, const char *dir, const char *prefix, int64_t **steps, int64_t *count) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int64_t n = 0, cap = 0, i, j;
+    *steps = NULL;
+    *count = 0;
+    if (!d) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot read directory '%s': %s", fn, dir, strerror(errno));
+    while ((e = readdir(d)) != NULL) {
+        int64_t st = moe__ckpt_step_of(e->d_name, prefix);
+        if (st < 0) continue;
+        if (n == cap) {
+            int64_t *q;
+            cap = cap ? 2 * cap : 64;
+            q = (int64_t *)MOE_REALLOC(*steps, sizeof(int64_t) * (size_t)cap);
+            if (!q) {
+                closedir(d);
+                MOE_FREE(*steps);
+                *steps = NULL;
+                return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory listing '%s'", fn, dir);
+            }
+            *steps = q;
+        }
+        (*steps)[n++] = st;
+    }
+    closedir(d);
+    for (i = 1; i < n; i++) /* insertion sort: a run keeps a handful */
+        for (j = i; j > 0 && (*steps)[j - 1] > (*steps)[j]; j--) {
+            int64_t t = (*steps)[j];
+            (*steps)[j] = (*steps)[j - 1];
+            (*steps)[j - 1] = t;
+        }
+    *count = n;
+    return MOE_OK;
+}
+#endif
+
+static void moe__ckpt_step_path(char *buf, size_t cap, const char *dir, const char *prefix, int64_t step) {
+    snprintf(buf, cap, "%s/%s-%08lld.bin", dir, prefix, (long long)step);
+}
+
+MOE_API moe_status moe_ckpt_save_step(moe_ctx *ctx, const char *dir, const char *prefix, int keep, const moe_model *model,
+                                      const moe_adamw *opt, const moe_train_state *state, char *written, size_t cap) {
+    static const char *fn = "moe_ckpt_save_step";
+    char path[4200];
+    MOE__CHECK_CTX(ctx);
+    MOE__TRY(moe__ckpt_dir_args(ctx, fn, dir, prefix, 1));
+    if (!state || keep < 0) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL state or negative keep", fn);
+    moe__ckpt_step_path(path, sizeof path, dir, prefix, state->step);
+    if (written && cap) {
+        if (strlen(path) >= cap) return moe__fail(ctx, MOE_ERR_ARG, "%s: %zu bytes are too few for the path", fn, cap);
+        snprintf(written, cap, "%s", path);
+    }
+    MOE__TRY(moe_ckpt_save(ctx, path, model, opt, state));
+#if defined(__unix__) || defined(__APPLE__)
+    if (keep > 0) {
+        int64_t *steps, n, i, kept = 0;
+        MOE__TRY(moe__ckpt_steps(ctx, fn, dir, prefix, &steps, &n));
+        for (i = n - 1; i >= 0; i--) {
+            if (steps[i] > state->step) continue;
+            if (++kept <= keep) continue;
+            moe__ckpt_step_path(path, sizeof path, dir, prefix, steps[i]);
+            if (remove(path) != 0) moe__log(ctx, 1, "%s: cannot remove the old checkpoint '%s': %s", fn, path, strerror(errno));
+        }
+        MOE_FREE(steps);
+    }
+#endif
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_ckpt_latest(moe_ctx *ctx, const char *dir, const char *prefix, char *path, size_t cap) {
+    static const char *fn = "moe_ckpt_latest";
+    MOE__CHECK_CTX(ctx);
+    MOE__TRY(moe__ckpt_dir_args(ctx, fn, dir, prefix, 1));
+    if (!path || cap < 1) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path", fn);
+    path[0] = 0;
+#if defined(__unix__) || defined(__APPLE__)
+    {
+        int64_t *steps, n, i;
+        char p[4200];
+        MOE__TRY(moe__ckpt_steps(ctx, fn, dir, prefix, &steps, &n));
+        for (i = n - 1; i >= 0; i--) {
+            unsigned char *buf;
+            moe__rd rd;
+            moe__ckpt_step_path(p, sizeof p, dir, prefix, steps[i]);
+            if (moe__ckpt_open(ctx, fn, p, &buf, &rd, NULL) != MOE_OK) {
+                moe__log(ctx, 1, "%s; skipping it", ctx->error);
+                continue;
+            }
+            MOE_FREE(buf);
+            if (strlen(p) >= cap) {
+                MOE_FREE(steps);
+                return moe__fail(ctx, MOE_ERR_ARG, "%s: %zu bytes are too few for the path", fn, cap);
+            }
+            snprintf(path, cap, "%s", p);
+            break;
+        }
+        MOE_FREE(steps);
+    }
+    return MOE_OK;
+#else
+    return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: needs a POSIX system", fn);
+#endif
+}
+
+MOE_API moe_status moe_ckpt_clean(moe_ctx *ctx, const char *dir, const char *prefix, int64_t after_step, int *removed) {
+    static const char *fn = "moe_ckpt_clean";
+    MOE__CHECK_CTX(ctx);
+    MOE__TRY(moe__ckpt_dir_args(ctx, fn, dir, prefix, 0));
+    if (removed) *removed = 0;
+#if defined(__unix__) || defined(__APPLE__)
+    {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        char p[4200];
+        if (!d) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot read directory '%s': %s", fn, dir, strerror(errno));
+        while ((e = readdir(d)) != NULL) {
+            const char *t = strstr(e->d_name, ".tmp"), *q;
+            int gone = 0;
+            while (t && strstr(t + 1, ".tmp")) t = strstr(t + 1, ".tmp"); /* the last ".tmp" */
+            if (t && t[4]) {
+                long pid = 0;
+                for (q = t + 4; *q >= '0' && *q <= '9' && pid < 100000000L; q++) pid = pid * 10 + (*q - '0');
+                /* a temporary of a process that is gone (kill answers ESRCH) */
+                gone = !*q && pid > 0 && pid != (long)getpid() && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+            }
+            if (!gone && prefix) {
+                int64_t st = moe__ckpt_step_of(e->d_name, prefix);
+                gone = st >= 0 && (after_step < 0 || st > after_step);
+            }
+            if (!gone) continue;
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            if (remove(p) == 0) {
+                if (removed) (*removed)++;
+            } else {
+                moe__log(ctx, 1, "%s: cannot remove '%s': %s", fn, p, strerror(errno));
+            }
+        }
+        closedir(d);
+    }
+    return MOE_OK;
+#else
+    (void)after_step;
+    return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: needs a POSIX system", fn);
+#endif
 }
 
 /* ---- safetensors ---- */

@@ -17,27 +17,41 @@
        ./build.sh example distill                 # the defaults, online
        ./build.sh example distill --offline       # through the top-k cache
        ./build.sh example distill --teacher out/distill/teacher.ckpt   # reuse the teacher
+       ./build.sh example distill --resume auto   # after a kill or Ctrl-C: continue where it stopped
+
+   Each of the three trainings checkpoints itself while it runs (OUT/teacher-<step>.bin,
+   OUT/scratch-<step>.bin, OUT/distilled-<step>.bin or distill-kc-<step>.bin for --offline) and
+   skips steps whose loss or gradient norm is not finite or spikes, as examples/train_tiny.c
+   does (the same flags); --resume auto takes each training up from its newest valid checkpoint,
+   bit-identically, and needs the flags of the interrupted run. Exit status: 0 done, 1 error,
+   2 bad flags, 3 too many skipped steps in a row, 75 interrupted by SIGINT or SIGTERM (saved).
 
    Measured with the defaults (teacher 1500 steps, students 1000 steps of 16 x 64 bytes):
    2 cores of a shared, loaded machine, OMP_WAIT_POLICY=passive: 529 s in all; validation
    bits per byte teacher 2.072, scratch student 2.510, distilled student 2.308. On a loaded
    machine set OMP_WAIT_POLICY=passive: spinning OpenMP threads made 2-thread steps ~9x slower. */
+#define _XOPEN_SOURCE 700 /* sigaction's SA_RESTART */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#define MAX_INJECT 16
 typedef struct options {
     const char *data, *out, *teacher, *teacher_config, *student_config;
     long steps, teacher_steps, batch, seq, threads, topk, val_batches, warmup;
-    double lr, teacher_lr, alpha, temperature, lambda, gamma, balance, clip;
+    long save_every, keep, window, max_skips;
+    double lr, teacher_lr, alpha, temperature, lambda, gamma, balance, clip, save_seconds, skip_z, skip_grad_z;
     unsigned long long seed;
-    int offline, reverse;
+    int offline, reverse, resume;
+    int n_inject;
+    struct { int nan_grad; long from, to; } inject[MAX_INJECT]; /* testing aid: faults at these attempts */
 } options;
 
 static void usage(FILE *f) {
@@ -67,8 +81,21 @@ static void usage(FILE *f) {
             "  --seed N               seed of initialisation and data order (default 1)\n"
             "  --threads N            worker threads (default: all cores)\n"
             "  --data FILE            training text (default data/austen.txt)\n"
-            "  --out DIR              teacher checkpoint and cache go here (default out/distill)\n"
-            "  --help                 this text\n");
+            "  --out DIR              checkpoints and the cache go here (default out/distill)\n"
+            "  --save-every N         checkpoint every N steps of each training (default 250; 0 = only at its end)\n"
+            "  --save-every-seconds S and at least every S seconds (default 120; 0 = off)\n"
+            "  --keep K               keep the newest K checkpoints of each training (default 3; 0 = all)\n"
+            "  --resume auto          continue each training from its newest valid checkpoint in OUT (the same flags\n"
+            "                         as the interrupted run); without it OUT's checkpoints are removed\n"
+            "  --skip-loss-z Z        skip a step whose loss is Z standard deviations above the mean of the last\n"
+            "                         --skip-window steps' losses (default 8; 0 = off: only a non-finite loss is skipped)\n"
+            "  --skip-grad-z Z        the same for the gradient norm (default 50; 0 = off)\n"
+            "  --skip-window N        steps in that window (default 64, at most 200)\n"
+            "  --max-skips M          stop (exit status 3) after M skipped steps in a row (default 20)\n"
+            "  --inject K@A[-B]       testing aid: K = nan-grad (a NaN gradient) or nan-loss at attempts A..B of\n"
+            "                         every training (1-based; comma-separated list)\n"
+            "  --help                 this text\n"
+            "exit status: 0 done, 1 error, 2 bad flags, 3 too many skipped steps in a row, 75 interrupted (saved)\n");
 }
 
 static int parse_args(int argc, char **argv, options *o) {
@@ -78,6 +105,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->steps = 1000; o->teacher_steps = 1500; o->batch = 16; o->seq = 64; o->topk = 32; o->val_batches = 48; o->warmup = 30;
     o->lr = 3e-3; o->teacher_lr = 2e-3; o->alpha = 0.5; o->temperature = 2.0; o->lambda = 0.3; o->gamma = 1e-3;
     o->balance = 1e-4; o->clip = 1.0; o->seed = 1;
+    o->save_every = 250; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -98,7 +126,30 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--seq", seq, LNG, 2) NUM("--threads", threads, LNG, 1) NUM("--topk", topk, LNG, 1) NUM("--val-batches", val_batches, LNG, 0)
         NUM("--warmup", warmup, LNG, 0) NUM("--lr", lr, DBL, 0) NUM("--teacher-lr", teacher_lr, DBL, 0) NUM("--alpha", alpha, DBL, 0)
         NUM("--temperature", temperature, DBL, 1e-3) NUM("--lambda", lambda, DBL, 0) NUM("--gamma", gamma, DBL, 0)
-        NUM("--balance", balance, DBL, 0) NUM("--clip", clip, DBL, 0)
+        NUM("--balance", balance, DBL, 0) NUM("--clip", clip, DBL, 0) NUM("--save-every", save_every, LNG, 0)
+        NUM("--save-every-seconds", save_seconds, DBL, 0) NUM("--keep", keep, LNG, 0) NUM("--skip-loss-z", skip_z, DBL, 0)
+        NUM("--skip-grad-z", skip_grad_z, DBL, 0)
+        NUM("--skip-window", window, LNG, 2) NUM("--max-skips", max_skips, LNG, 1)
+        if (strcmp(a, "--resume") == 0) {
+            if (strcmp(v, "auto") != 0) { fprintf(stderr, "distill: --resume takes 'auto' (use --teacher CKPT for a teacher file)\n"); return 0; }
+            o->resume = 1;
+            continue;
+        }
+        if (strcmp(a, "--inject") == 0) {
+            char buf[512], *tok, *save = NULL;
+            snprintf(buf, sizeof buf, "%s", v);
+            for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                int grad = strncmp(tok, "nan-grad@", 9) == 0;
+                if ((!grad && strncmp(tok, "nan-loss@", 9) != 0) || o->n_inject == MAX_INJECT) break;
+                o->inject[o->n_inject].nan_grad = grad;
+                o->inject[o->n_inject].from = o->inject[o->n_inject].to = strtol(tok + 9, &end, 10);
+                if (end && *end == '-') o->inject[o->n_inject].to = strtol(end + 1, &end, 10);
+                if (!end || *end || o->inject[o->n_inject].from < 1 || o->inject[o->n_inject].to < o->inject[o->n_inject].from) break;
+                o->n_inject++;
+            }
+            if (tok) { fprintf(stderr, "distill: --inject wants nan-grad@A[-B] or nan-loss@A[-B], comma-separated, got '%s'\n", v); return 0; }
+            continue;
+        }
         if (strcmp(a, "--seed") == 0) {
             o->seed = strtoull(v, &end, 10);
             if (!end || *end || *v == '-') { fprintf(stderr, "distill: --seed wants a non-negative integer, got '%s'\n", v); return 0; }
@@ -113,6 +164,7 @@ static int parse_args(int argc, char **argv, options *o) {
         return 0;
     }
     if (o->alpha > 1) { fprintf(stderr, "distill: --alpha must be in [0, 1]\n"); return 0; }
+    if (o->window > 200) { fprintf(stderr, "distill: --skip-window is at most 200\n"); return 0; }
     return 1;
 }
 
@@ -172,37 +224,100 @@ static void progress(const char *label, long i, long n, double loss, double elap
     if (tty && i == n) fprintf(stderr, "\n");
 }
 
-/* Mean next-token loss (nats) over validation batches [0, batches). */
+/* Mean next-token loss (nats) over validation batches [0, batches); NAN (with a message) when
+   it cannot be measured, e.g. on a validation text shorter than one sequence. */
 static double val_loss(moe_ctx *ctx, moe_model *m, const moe_dataset *d, long batches, long B, long T, int32_t *buf) {
     double sum = 0;
     long i;
+    moe_status s = MOE_OK;
     moe_ctx_set_grad_enabled(ctx, 0);
-    for (i = 0; i < batches; i++) {
+    for (i = 0; i < batches && s == MOE_OK; i++) {
         moe_tensor *loss;
         moe_loss_parts parts;
-        CHECK(moe_data_batch(ctx, d, 1, 0, i, B, T, buf));
-        CHECK(moe_model_loss(ctx, m, buf, B, T, NULL, &loss, &parts));
-        sum += parts.main;
+        s = moe_data_batch(ctx, d, 1, 0, i, B, T, buf);
+        if (s == MOE_OK) s = moe_model_loss(ctx, m, buf, B, T, NULL, &loss, &parts);
+        if (s == MOE_OK) sum += parts.main;
         moe_ctx_reset(ctx);
     }
     moe_ctx_set_grad_enabled(ctx, 1);
     moe_model_reset_loads(m);
-    return sum / (double)batches;
+    if (s != MOE_OK) fprintf(stderr, "distill: no validation: %s\n", moe_ctx_error(ctx));
+    return s == MOE_OK ? sum / (double)batches : NAN;
+}
+
+/* A number for the JSON line, or null when it is not finite. */
+static const char *json_num(char *buf, size_t cap, double v) {
+    if (isfinite(v)) snprintf(buf, cap, "%.4f", v);
+    else snprintf(buf, cap, "null");
+    return buf;
 }
 
 typedef enum { RUN_PLAIN, RUN_ONLINE, RUN_OFFLINE } run_kind;
 
-/* Train m for `steps` steps on training batches 0..steps-1 of `seed`; returns seconds. */
+/* ---- what a checkpoint of one training keeps (moe_train_state.user) ----
+   A fingerprint of the flags that decide the weights (a resume with other flags is refused),
+   then the spike guard: skipped steps in a row, values in the window, the next slot, the
+   window of losses and the window of gradient norms. */
+enum { U_LAYOUT, U_FLAGS_LO, U_FLAGS_HI, U_IN_A_ROW, U_COUNT, U_NEXT, U_WIN };
+#define LAYOUT 20261209.0
+
+static uint64_t flags_fingerprint(const options *o, const char *label, long steps, double lr, run_kind kind) {
+    char text[2048];
+    uint64_t h = 0xCBF29CE484222325ull;
+    size_t i, n;
+    n = (size_t)snprintf(text, sizeof text, "%s %ld %.17g %llu %ld %ld %ld %.17g %.17g %.17g %.17g %.17g %.17g %ld %ld %s %s", label, steps, lr,
+                         o->seed, o->batch, o->seq, o->warmup, o->lambda, o->gamma, o->balance, o->clip, o->skip_z, o->skip_grad_z, o->window,
+                         o->max_skips, o->data, kind == RUN_PLAIN && !strcmp(label, "teacher") ? (o->teacher_config ? o->teacher_config : "")
+                                                                                                  : (o->student_config ? o->student_config : ""));
+    if (kind != RUN_PLAIN && n < sizeof text) /* the distillation settings and the teacher */
+        snprintf(text + n, sizeof text - n, " %.17g %.17g %d %ld %s %s %ld %.17g", o->alpha, o->temperature, o->reverse, o->topk,
+                 o->teacher ? o->teacher : "", o->teacher_config ? o->teacher_config : "", o->teacher_steps, o->teacher_lr);
+    for (i = 0; text[i]; i++) h = (h ^ (unsigned char)text[i]) * 0x100000001B3ull;
+    return h;
+}
+
+static double zscore(const double *w, long n, long count, double x) {
+    double mean = 0, var = 0;
+    long i;
+    if (count < n) return NAN;
+    for (i = 0; i < n; i++) mean += w[i];
+    mean /= (double)n;
+    for (i = 0; i < n; i++) var += (w[i] - mean) * (w[i] - mean);
+    var /= (double)n;
+    return var > 0 ? (x - mean) / sqrt(var) : 0;
+}
+
+static int injected(const options *o, int nan_grad, long attempt) {
+    int i;
+    for (i = 0; i < o->n_inject; i++)
+        if (o->inject[i].nan_grad == nan_grad && attempt >= o->inject[i].from && attempt <= o->inject[i].to) return 1;
+    return 0;
+}
+
+static volatile sig_atomic_t g_signal;
+static void on_signal(int sig) { g_signal = sig; }
+
+static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m, moe_adamw *opt, moe_train_state *st, char *path) {
+    CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
+}
+
+/* Train m for `steps` steps on training batches from index 0 of `seed`, checkpointing as it
+   goes (OUT/<label>-<step>.bin) and, with --resume auto, starting from the newest of those;
+   returns this run's seconds and adds the steps skipped so far to *skipped. */
 static double train(moe_ctx *ctx, const options *o, const char *label, moe_model *m, long steps, double lr_max,
-                    const moe_dataset *d, run_kind kind, moe_model *teacher, moe_distill_cache *cache, int32_t *buf) {
+                    const moe_dataset *d, run_kind kind, moe_model *teacher, moe_distill_cache *cache, int32_t *buf, long *skipped) {
     moe_adamw *opt;
     moe_adamw_config ac;
     moe_lr_schedule sched;
     moe_loss_opts lo;
     moe_distill_opts dopt = moe_distill_defaults();
-    double t0 = moe_time_s(), ema = 0;
-    long step;
-    int tty = isatty(2);
+    moe_train_state *st = (moe_train_state *)calloc(1, sizeof *st);
+    double t0 = moe_time_s(), ema = 0, saved_at = t0;
+    uint64_t fp = flags_fingerprint(o, label, steps, lr_max, kind);
+    long saved_attempts = -1, run_steps = 0;
+    char path[1100] = "", found[1100] = "";
+    int tty = isatty(2), removed = 0;
+    if (!st) exit(1);
     memset(&ac, 0, sizeof ac);
     CHECK(moe_adamw_new(ctx, m, &ac, &opt));
     memset(&sched, 0, sizeof sched);
@@ -213,30 +328,132 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
     dopt.alpha = (float)o->alpha;
     dopt.temperature = (float)o->temperature;
     dopt.direction = o->reverse ? MOE_KL_REVERSE : MOE_KL_FORWARD;
-    for (step = 0; step < steps; step++) {
+    st->seed = o->seed;
+    st->total_steps = steps;
+    st->n_user = U_WIN + 2 * o->window;
+    st->user[U_LAYOUT] = LAYOUT;
+    st->user[U_FLAGS_LO] = (double)(fp & 0xFFFFFFFFu);
+    st->user[U_FLAGS_HI] = (double)(fp >> 32);
+    if (o->resume) CHECK(moe_ckpt_latest(ctx, o->out, label, found, sizeof found));
+    if (found[0]) {
+        CHECK(moe_ckpt_load(ctx, found, m, opt, st));
+        if (st->n_user != U_WIN + 2 * o->window || st->user[U_LAYOUT] != LAYOUT || st->user[U_FLAGS_LO] != (double)(fp & 0xFFFFFFFFu) ||
+            st->user[U_FLAGS_HI] != (double)(fp >> 32) || st->total_steps != steps) {
+            fprintf(stderr, "distill: %s was written with other flags: resume with the flags of the interrupted run, or start "
+                            "afresh without --resume\n", found);
+            exit(2);
+        }
+        snprintf(path, sizeof path, "%s", found);
+        saved_attempts = (long)(st->step + st->skipped);
+        if (st->step < steps) fprintf(stderr, "%s: resumed from %s at step %lld of %ld\n", label, found, (long long)st->step, steps);
+    }
+    CHECK(moe_ckpt_clean(ctx, o->out, label, found[0] ? st->step : -1, &removed)); /* later (or, afresh, all) checkpoints */
+    if (removed && !found[0]) fprintf(stderr, "%s: removed %d checkpoint%s of an earlier run from %s\n", label, removed, removed > 1 ? "s" : "", o->out);
+    while (st->step < steps) {
         moe_tensor *loss;
-        double main_loss;
-        CHECK(moe_data_batch(ctx, d, 0, o->seed, step, o->batch, o->seq, buf));
+        long attempt = (long)(st->step + st->skipped) + 1, index = (long)st->data_index++;
+        double main_loss = NAN, total = NAN, zl, zg;
+        float gn = NAN;
+        const char *why = NULL;
+        moe_tensor *emb = NULL;
+        float keep = 0;
+        if (kind == RUN_OFFLINE && (index + 1) * o->batch * o->seq > moe_distill_cache_info(cache).count) {
+            fprintf(stderr, "\ndistill: the teacher cache covers %lld positions; the skipped steps used them up (rerun with fewer "
+                            "skips, or online)\n", (long long)moe_distill_cache_info(cache).count);
+            exit(1);
+        }
+        CHECK(moe_data_batch(ctx, d, 0, st->seed, index, o->batch, o->seq, buf));
+        if (injected(o, 0, attempt)) { /* a NaN in one embedding during this forward only */
+            emb = moe_model_find(m, "model.embed_tokens.weight");
+            keep = (float)moe_tensor_get(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size);
+            moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, NAN);
+        }
         if (kind == RUN_PLAIN) {
             moe_loss_parts p;
             CHECK(moe_model_loss(ctx, m, buf, o->batch, o->seq, &lo, &loss, &p));
             main_loss = p.main;
+            total = p.total;
         } else {
             moe_distill_parts p;
-            if (kind == RUN_ONLINE) CHECK(moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p));
-            else CHECK(moe_model_distill_loss_cached(ctx, m, cache, step * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p));
-            main_loss = p.ce;
+            moe_status ls;
+            if (kind == RUN_ONLINE) ls = moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+            else ls = moe_model_distill_loss_cached(ctx, m, cache, index * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+            if (ls != MOE_ERR_NUMERIC) CHECK(ls); /* a non-finite loss is refused there: skipped below */
+            main_loss = ls == MOE_OK ? p.ce : NAN;
+            total = ls == MOE_OK ? p.total : NAN;
         }
-        CHECK(moe_backward(ctx, loss));
+        if (emb) moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, keep);
+        if (isfinite(total)) CHECK(moe_backward(ctx, loss));
+        else why = "the loss is not finite";
         moe_ctx_reset(ctx);
-        CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, step), 1.0f, (float)o->clip, NULL));
-        CHECK(moe_model_update_expert_bias(ctx, m, (float)o->gamma));
-        ema = step == 0 ? main_loss : 0.95 * ema + 0.05 * main_loss;
-        progress(label, step + 1, steps, ema, moe_time_s() - t0, tty, 50);
+        if (!why) {
+            if (injected(o, 1, attempt)) {
+                int64_t i;
+                for (i = 0; i < moe_model_tensor_count(m); i++) {
+                    int is_param = 0;
+                    moe_tensor *t = moe_model_tensor(m, i, NULL, &is_param);
+                    if (is_param && t->grad) { moe_tensor_set(t->grad, 0, NAN); break; }
+                }
+            }
+            CHECK(moe_adamw_grad_norm(ctx, opt, 1.0f, &gn));
+            zl = zscore(st->user + U_WIN, o->window, (long)st->user[U_COUNT], total);
+            zg = zscore(st->user + U_WIN + o->window, o->window, (long)st->user[U_COUNT], gn);
+            if (!isfinite(gn)) why = "the gradient norm is not finite";
+            else if (o->skip_z > 0 && zl > o->skip_z) why = "the loss spikes";
+            else if (o->skip_grad_z > 0 && zg > o->skip_grad_z) why = "the gradient norm spikes";
+        }
+        if (why) { /* nothing changes but the data position and the counts */
+            moe_model_zero_grad(m);
+            moe_model_reset_loads(m);
+            st->skipped++;
+            st->user[U_IN_A_ROW] += 1;
+            fprintf(stderr, "%s%s: step %lld skipped: %s (%.0f in a row)\n", tty ? "\n" : "", label, (long long)st->step + 1, why,
+                    st->user[U_IN_A_ROW]);
+            if (st->user[U_IN_A_ROW] >= (double)o->max_skips) {
+                save(ctx, o, label, m, opt, st, path);
+                fprintf(stderr, "distill: %ld steps in a row skipped: stopping; the last good state is in %s (then --resume auto)\n",
+                        o->max_skips, path);
+                exit(3);
+            }
+        } else {
+            long next = (long)st->user[U_NEXT];
+            CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, st->step), 1.0f, (float)o->clip, NULL));
+            CHECK(moe_model_update_expert_bias(ctx, m, (float)o->gamma));
+            st->user[U_WIN + next] = total;
+            st->user[U_WIN + o->window + next] = gn;
+            st->user[U_NEXT] = (double)((next + 1) % o->window);
+            if (st->user[U_COUNT] < (double)o->window) st->user[U_COUNT] += 1;
+            st->user[U_IN_A_ROW] = 0;
+            st->step++;
+            st->tokens_seen += (double)(o->batch * o->seq);
+            run_steps++;
+            ema = ema == 0 ? main_loss : 0.95 * ema + 0.05 * main_loss;
+            progress(label, (long)st->step, steps, ema, moe_time_s() - t0, tty, 50);
+        }
+        if (st->step < steps && ((!why && o->save_every > 0 && st->step % o->save_every == 0) ||
+                                 (o->save_seconds > 0 && moe_time_s() - saved_at >= o->save_seconds))) {
+            save(ctx, o, label, m, opt, st, path);
+            saved_attempts = (long)(st->step + st->skipped);
+            saved_at = moe_time_s();
+        }
+        if (g_signal) {
+            save(ctx, o, label, m, opt, st, path);
+            fprintf(stderr, "%sinterrupted by %s in %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n",
+                    tty ? "\n" : "", g_signal == SIGINT ? "SIGINT" : "SIGTERM", label, (long long)st->step, path);
+            exit(75);
+        }
     }
+    if (saved_attempts != (long)(st->step + st->skipped)) save(ctx, o, label, m, opt, st, path); /* the finished training */
+    *skipped += (long)st->skipped;
     moe_adamw_free(ctx, opt);
+    free(st);
+    (void)run_steps;
     return moe_time_s() - t0;
 }
+
+/* Training batches the cache covers: the steps, and room for a few skipped ones (a skipped step
+   consumes its batch). */
+static long cache_batches(const options *o) { return o->steps + o->steps / 50 + 10; }
 
 /* Write the teacher's top-k for the inputs of training batches 0..steps-1 (the order the
    distilled student reads them), unless a cache with the same settings is there. */
@@ -252,7 +469,7 @@ static void write_cache(moe_ctx *ctx, const options *o, const char *path, uint64
         moe_distill_info info = moe_distill_cache_info(c);
         moe_distill_cache_close(c);
         if (info.tag == tag && info.k == o->topk && info.temperature == (float)o->temperature &&
-            info.count == o->steps * o->batch * o->seq) {
+            info.count == cache_batches(o) * o->batch * o->seq) {
             fprintf(stderr, "cache: reusing %s (%lld records, k = %lld)\n", path, (long long)info.count, (long long)info.k);
             free(in);
             return;
@@ -260,14 +477,14 @@ static void write_cache(moe_ctx *ctx, const options *o, const char *path, uint64
     }
     CHECK(moe_distill_writer_new(ctx, path, moe_model_config(teacher)->vocab_size, o->topk, (float)o->temperature, tag, &w));
     moe_ctx_set_grad_enabled(ctx, 0);
-    for (step = 0; step < o->steps; step++) {
+    for (step = 0; step < cache_batches(o); step++) {
         moe_tensor *logits;
         CHECK(moe_data_batch(ctx, d, 0, o->seed, step, o->batch, o->seq, buf));
         for (b = 0; b < o->batch; b++) memcpy(in + b * o->seq, buf + b * (o->seq + 1), sizeof(int32_t) * (size_t)o->seq);
         CHECK(moe_model_logits(ctx, teacher, in, o->batch, o->seq, &logits));
         CHECK(moe_distill_writer_add(ctx, w, logits));
         moe_ctx_reset(ctx);
-        progress("cache", step + 1, o->steps, 0, moe_time_s() - t0, tty, 100);
+        progress("cache", step + 1, cache_batches(o), 0, moe_time_s() - t0, tty, 100);
     }
     moe_ctx_set_grad_enabled(ctx, 1);
     moe_model_reset_loads(teacher);
@@ -283,16 +500,19 @@ int main(int argc, char **argv) {
     moe_model *teacher = NULL, *scratch = NULL, *distilled = NULL;
     moe_dataset *data = NULL;
     moe_distill_cache *cache = NULL;
-    moe_train_state st;
+    moe_train_state *st = (moe_train_state *)calloc(1, sizeof *st);
+    struct sigaction sa;
     int32_t *batch;
-    char path[1024], cache_path[1024];
+    char path[1024], cache_path[1024], num[3][32];
+    long skipped = 0;
+    int removed = 0;
     double t_start = moe_time_s(), t_teacher = 0, t_cache = 0, t_scratch, t_distill, vb, bpb_t, bpb_s, bpb_d;
     int64_t tot, act, mtp;
     long nval;
     const char *mode;
 
     if (!parse_args(argc, argv, &o)) return 2;
-    if (moe_ctx_new(&ctx) != MOE_OK) return 1;
+    if (!st || moe_ctx_new(&ctx) != MOE_OK) return 1;
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
     if (o.teacher_config) CHECK(moe_config_load(ctx, o.teacher_config, &tc));
     if (o.teacher) CHECK(moe_ckpt_config(ctx, o.teacher, &tc));
@@ -313,6 +533,15 @@ int main(int argc, char **argv) {
         return 2;
     }
     make_dirs(o.out);
+    /* temporaries of a process killed while writing (a checkpoint, the cache) */
+    CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
+    if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART | SA_RESETHAND; /* a second signal ends the process at once */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     batch = (int32_t *)malloc(sizeof(int32_t) * (size_t)(o.batch * (o.seq + 1)));
     nval = o.val_batches ? o.val_batches : (long)((data->n_tokens - data->n_train - 1) / o.seq) / o.batch;
     if (nval < 1) nval = 1;
@@ -325,19 +554,19 @@ int main(int argc, char **argv) {
             (long long)tot, (long long)act, (long long)mtp, (long long)tc.hidden_size, (long long)tc.num_hidden_layers,
             (long long)tc.n_routed_experts);
     if (o.teacher) {
-        CHECK(moe_ckpt_load(ctx, o.teacher, teacher, NULL, &st));
-        fprintf(stderr, "teacher: loaded %s (trained %lld steps)\n", o.teacher, (long long)st.step);
+        CHECK(moe_ckpt_load(ctx, o.teacher, teacher, NULL, st));
+        fprintf(stderr, "teacher: loaded %s (trained %lld steps)\n", o.teacher, (long long)st->step);
     } else {
         options to = o;
         to.seed = o.seed + 1000; /* its own data order: the students' batches are new to it too */
-        t_teacher = train(ctx, &to, "teacher", teacher, o.teacher_steps, o.teacher_lr, data, RUN_PLAIN, NULL, NULL, batch);
-        memset(&st, 0, sizeof st);
-        st.step = o.teacher_steps;
-        st.seed = to.seed;
-        st.data_index = o.teacher_steps;
-        st.tokens_seen = (double)(o.teacher_steps * o.batch * o.seq);
+        t_teacher = train(ctx, &to, "teacher", teacher, o.teacher_steps, o.teacher_lr, data, RUN_PLAIN, NULL, NULL, batch, &skipped);
+        memset(st, 0, sizeof *st);
+        st->step = o.teacher_steps;
+        st->seed = to.seed;
+        st->data_index = o.teacher_steps;
+        st->tokens_seen = (double)(o.teacher_steps * o.batch * o.seq);
         snprintf(path, sizeof path, "%s/teacher.ckpt", o.out);
-        CHECK(moe_ckpt_save(ctx, path, teacher, NULL, &st));
+        CHECK(moe_ckpt_save(ctx, path, teacher, NULL, st));
         fprintf(stderr, "teacher: %ld steps in %.0f s, saved to %s (reuse it with --teacher)\n", o.teacher_steps, t_teacher, path);
     }
     vb = val_loss(ctx, teacher, data, nval, o.batch, o.seq, batch);
@@ -366,11 +595,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "students: %lld parameters (%lld active per token, +%lld MTP), hidden %lld, %lld layers, %lld routed experts; "
             "%ld steps of %ld x %ld bytes\n", (long long)tot, (long long)act, (long long)mtp, (long long)sc.hidden_size,
             (long long)sc.num_hidden_layers, (long long)sc.n_routed_experts, o.steps, o.batch, o.seq);
-    t_scratch = train(ctx, &o, "scratch", scratch, o.steps, o.lr, data, RUN_PLAIN, NULL, NULL, batch);
+    t_scratch = train(ctx, &o, "scratch", scratch, o.steps, o.lr, data, RUN_PLAIN, NULL, NULL, batch, &skipped);
     bpb_s = val_loss(ctx, scratch, data, nval, o.batch, o.seq, batch) / log(2.0);
     fprintf(stderr, "scratch student: validation %.4f bits per byte (%.0f s)\n", bpb_s, t_scratch);
     t_distill = train(ctx, &o, o.offline ? "distill-kc" : "distilled", distilled, o.steps, o.lr, data,
-                      o.offline ? RUN_OFFLINE : RUN_ONLINE, teacher, cache, batch);
+                      o.offline ? RUN_OFFLINE : RUN_ONLINE, teacher, cache, batch, &skipped);
     bpb_d = val_loss(ctx, distilled, data, nval, o.batch, o.seq, batch) / log(2.0);
     fprintf(stderr, "distilled student: validation %.4f bits per byte (%.0f s)\n", bpb_d, t_distill);
 
@@ -382,11 +611,13 @@ int main(int argc, char **argv) {
     if (bpb_d < bpb_s) printf("distillation improves the student by %.4f bits per byte at equal steps", bpb_s - bpb_d);
     else printf("distillation does not beat training from scratch here (%.4f bits per byte worse)", bpb_d - bpb_s);
     printf("; total %.0f s\n", moe_time_s() - t_start);
-    printf("{\"job\":\"distill\",\"val_bpb_teacher\":%.4f,\"val_bpb_scratch\":%.4f,\"val_bpb_distilled\":%.4f,\"mode\":\"%s\",\"steps\":%ld,"
-           "\"teacher_steps\":%ld,\"seconds\":%.1f}\n", bpb_t, bpb_s, bpb_d, mode, o.steps, o.teacher ? 0L : o.teacher_steps,
-           moe_time_s() - t_start);
+    printf("{\"job\":\"distill\",\"val_bpb_teacher\":%s,\"val_bpb_scratch\":%s,\"val_bpb_distilled\":%s,\"mode\":\"%s\",\"steps\":%ld,"
+           "\"teacher_steps\":%ld,\"skipped\":%ld,\"seconds\":%.1f}\n", json_num(num[0], sizeof num[0], bpb_t),
+           json_num(num[1], sizeof num[1], bpb_s), json_num(num[2], sizeof num[2], bpb_d), mode, o.steps, o.teacher ? 0L : o.teacher_steps,
+           skipped, moe_time_s() - t_start);
     (void)t_cache;
     moe_distill_cache_close(cache);
+    free(st);
     free(batch);
     moe_model_free(ctx, teacher);
     moe_model_free(ctx, scratch);

@@ -6,35 +6,71 @@
    and one MTP module. Byte-level tokens; the data is data/austen.txt unless --data says.
 
        ./build.sh run                       # the defaults below, about four minutes on 2 cores
+       ./build.sh run --resume auto         # continue the run in OUT after a kill or Ctrl-C
        ./build.sh example train_tiny --help
 
-   It prints a progress line, writes OUT/log.csv, OUT/ckpt.bin (for --resume) and OUT/hf/ (a
-   Hugging Face DeepseekV3 directory), and ends with a text sample, a summary (validation bits
-   per byte next to xz's on the same text) and one JSON line. */
+   It prints a progress line, writes OUT/log.csv, checkpoints OUT/ckpt-<step>.bin while it
+   trains (the newest also as OUT/ckpt.bin) and at the end OUT/hf-<step>/ (a Hugging Face
+   DeepseekV3 directory; OUT/hf links to it), and ends with a text sample, a summary
+   (validation bits per byte next to xz's on the same text) and one JSON line.
+
+   Faults. A step whose loss or gradient norm is not finite, or more than --skip-loss-z
+   (--skip-grad-z) standard deviations above the mean of the last --skip-window steps' losses
+   (gradient norms), is skipped: no weight, moment,
+   expert bias or step count changes (its batch is consumed). --max-skips skipped steps in a
+   row stop the run. SIGINT / SIGTERM finish the step, save and exit. A resumed run (--resume)
+   continues bit-identically: the checkpoint holds the weights, AdamW moments, expert biases,
+   step, data position, the schedule's length, the settings below that decide the weights and
+   the spike guard's window.
+
+   Exit status: 0 done (all steps, or --seconds reached), 1 error, 2 bad flags, 3 stopped by
+   the spike guard (--max-skips skipped steps in a row; the last good state is saved),
+   75 interrupted by SIGINT or SIGTERM (a checkpoint of the finished steps is saved). */
+#define _XOPEN_SOURCE 700 /* sigaction's SA_RESTART, link, symlink */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* The flags a resume takes from the checkpoint unless they are given again. */
+enum {
+    G_STEPS = 1 << 0, G_BATCH = 1 << 1, G_SEQ = 1 << 2, G_ACCUM = 1 << 3, G_LR = 1 << 4, G_WARMUP = 1 << 5, G_GAMMA = 1 << 6,
+    G_ALPHA = 1 << 7, G_LAMBDA = 1 << 8, G_CLIP = 1 << 9, G_PRECISION = 1 << 10, G_FP8_BLOCK = 1 << 11, G_MOMENTS = 1 << 12,
+    G_SEED = 1 << 13, G_SKIP_Z = 1 << 14, G_WINDOW = 1 << 15, G_MAX_SKIPS = 1 << 16, G_SKIP_GRAD_Z = 1 << 17
+};
+
+#define MAX_INJECT 16
 typedef struct options {
-    const char *config, *data, *out, *precision, *moments, *resume;
-    long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block;
-    double lr, lr_min, gamma, alpha, lambda, clip, seconds;
+    const char *config, *data, *out, *resume;
+    long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block, warmup;
+    long save_every, keep, window, max_skips;
+    long precision, moments; /* indices into the names below */
+    double lr, gamma, alpha, lambda, clip, seconds, save_seconds, skip_z, skip_grad_z; /* skip_z: the loss's */
     unsigned long long seed;
-    int warmup;
+    unsigned given; /* G_* of the flags on the command line */
+    int n_inject;
+    struct { int kind; long from, to; } inject[MAX_INJECT]; /* testing aid: faults at these attempts */
 } options;
+
+static const char *const precisions[] = {"fp32", "bf16", "fp8", "fp8-tensor"};
+static const char *const moment_types[] = {"fp32", "bf16"};
+enum { INJECT_NAN_LOSS, INJECT_NAN_GRAD, INJECT_SPIKE };
+static const char *const inject_kinds[] = {"nan-loss", "nan-grad", "spike"};
 
 static void usage(FILE *f) {
     fprintf(f,
             "usage: train_tiny [flags]\n"
             "  --config FILE      Hugging Face style config.json (default: the tiny config of reference 12.1)\n"
             "  --data FILE        text file (one token per byte) or llm.c .bin shard (default data/austen.txt)\n"
-            "  --steps N          optimizer steps (default 4500)\n"
-            "  --seconds S        stop early after S seconds of training (default 200; 0 = no limit)\n"
+            "  --steps N          optimizer steps: the cosine schedule spans them (default 4500)\n"
+            "  --seconds S        stop after S seconds of training in this run (default 200; 0 = no limit)\n"
             "  --batch B          sequences per micro-batch (default 16)\n"
             "  --seq T            tokens per sequence (default 64, at most max_position_embeddings)\n"
             "  --accum N          micro-batches per step (default 1)\n"
@@ -51,63 +87,104 @@ static void usage(FILE *f) {
             "  --lambda X         MTP loss weight (default 0.3)\n"
             "  --clip X           global gradient-norm clip (default 1.0)\n"
             "  --val-every N      steps between validation estimates (default 100)\n"
-            "  --out DIR          where log.csv and ckpt.bin go (default out/train_tiny)\n"
-            "  --resume FILE      continue from a checkpoint written by this program\n"
+            "  --out DIR          where log.csv, the checkpoints and the HF export go (default out/train_tiny)\n"
+            "  --save-every N     checkpoint every N steps (default 500; 0 = only at the end)\n"
+            "  --save-every-seconds S  and at least every S seconds (default 120; 0 = off)\n"
+            "  --keep K           keep the newest K checkpoints OUT/ckpt-<step>.bin (default 3; 0 = all)\n"
+            "  --resume auto|FILE continue from the newest valid checkpoint in OUT (auto: a fresh start when\n"
+            "                     there is none) or from FILE; the settings that decide the weights come from the\n"
+            "                     checkpoint unless given again. Without --resume, OUT's checkpoints are removed\n"
+            "  --skip-loss-z Z    skip a step whose loss is Z standard deviations above the mean of the last\n"
+            "                     --skip-window steps' losses (default 8; 0 = off: only a non-finite loss is skipped)\n"
+            "  --skip-grad-z Z    the same for the gradient norm (default 50; 0 = off)\n"
+            "  --skip-window N    steps in that window (default 64, at most 200)\n"
+            "  --max-skips M      stop (exit status 3) after M skipped steps in a row (default 20)\n"
+            "  --inject K@A[-B]   testing aid: a fault at attempts A..B (1-based, skipped ones count), K one of\n"
+            "                     nan-loss, nan-grad, spike (gradients x1000); comma-separated list\n"
             "  --sample N         bytes to generate at the end (default 300)\n"
-            "  --help             this text\n");
+            "  --help             this text\n"
+            "exit status: 0 done, 1 error, 2 bad flags, 3 too many skipped steps in a row, 75 interrupted (saved)\n");
+}
+
+static int parse_inject(const char *v, options *o) {
+    char buf[512], *tok, *save = NULL;
+    snprintf(buf, sizeof buf, "%s", v);
+    for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *at = strchr(tok, '@'), *end = NULL;
+        int k, kind = -1;
+        if (!at || o->n_inject == MAX_INJECT) return 0;
+        *at = 0;
+        for (k = 0; k < 3; k++)
+            if (strcmp(tok, inject_kinds[k]) == 0) kind = k;
+        if (kind < 0) return 0;
+        o->inject[o->n_inject].kind = kind;
+        o->inject[o->n_inject].from = o->inject[o->n_inject].to = strtol(at + 1, &end, 10);
+        if (end && *end == '-') o->inject[o->n_inject].to = strtol(end + 1, &end, 10);
+        if (!end || *end || o->inject[o->n_inject].from < 1 || o->inject[o->n_inject].to < o->inject[o->n_inject].from) return 0;
+        o->n_inject++;
+    }
+    return 1;
 }
 
 static int parse_args(int argc, char **argv, options *o) {
     int i;
     memset(o, 0, sizeof *o);
-    o->data = "data/austen.txt"; o->out = "out/train_tiny"; o->precision = "fp32"; o->moments = "fp32"; o->fp8_block = 128;
+    o->data = "data/austen.txt"; o->out = "out/train_tiny"; o->fp8_block = 128;
     o->steps = 4500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
     o->seed = 1; o->threads = 0; o->gamma = 1e-3; o->alpha = 1e-4; o->lambda = 0.3; o->clip = 1.0;
     o->val_every = 100; o->val_batches = 8; o->sample_tokens = 300;
+    o->save_every = 500; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(stdout); exit(0); }
         if (!v) { fprintf(stderr, "train_tiny: %s needs a value (see --help)\n", a); return 0; }
         i++;
-#define NUM(flag, field, conv, lo)                                                                            \
+#define NUM(flag, field, conv, lo, bit)                                                                       \
     if (strcmp(a, flag) == 0) {                                                                                \
         o->field = conv(v, &end);                                                                              \
-        if (!end || *end || o->field < lo) { fprintf(stderr, "train_tiny: %s wants a number >= %g, got '%s'\n", flag, (double)(lo), v); return 0; } \
+        if (!end || *end || !(o->field >= lo)) { fprintf(stderr, "train_tiny: %s wants a number >= %g, got '%s'\n", flag, (double)(lo), v); return 0; } \
+        o->given |= bit;                                                                                       \
         continue;                                                                                              \
     }
 #define LNG(s, e) strtol(s, e, 10)
 #define DBL(s, e) strtod(s, e)
-        NUM("--steps", steps, LNG, 1) NUM("--batch", batch, LNG, 1) NUM("--seq", seq, LNG, 2) NUM("--threads", threads, LNG, 1)
-        NUM("--accum", accum, LNG, 1) NUM("--val-every", val_every, LNG, 1) NUM("--sample", sample_tokens, LNG, 0)
-        NUM("--lr", lr, DBL, 0) NUM("--gamma", gamma, DBL, 0) NUM("--alpha", alpha, DBL, 0) NUM("--lambda", lambda, DBL, 0)
-        NUM("--clip", clip, DBL, 0) NUM("--seconds", seconds, DBL, 0) NUM("--warmup", warmup, LNG, 0)
-        NUM("--fp8-block", fp8_block, LNG, 1)
+        NUM("--steps", steps, LNG, 1, G_STEPS) NUM("--batch", batch, LNG, 1, G_BATCH) NUM("--seq", seq, LNG, 2, G_SEQ)
+        NUM("--threads", threads, LNG, 1, 0) NUM("--accum", accum, LNG, 1, G_ACCUM) NUM("--val-every", val_every, LNG, 1, 0)
+        NUM("--sample", sample_tokens, LNG, 0, 0) NUM("--lr", lr, DBL, 0, G_LR) NUM("--gamma", gamma, DBL, 0, G_GAMMA)
+        NUM("--alpha", alpha, DBL, 0, G_ALPHA) NUM("--lambda", lambda, DBL, 0, G_LAMBDA) NUM("--clip", clip, DBL, 0, G_CLIP)
+        NUM("--seconds", seconds, DBL, 0, 0) NUM("--warmup", warmup, LNG, 0, G_WARMUP) NUM("--fp8-block", fp8_block, LNG, 1, G_FP8_BLOCK)
+        NUM("--save-every", save_every, LNG, 0, 0) NUM("--save-every-seconds", save_seconds, DBL, 0, 0) NUM("--keep", keep, LNG, 0, 0)
+        NUM("--skip-loss-z", skip_z, DBL, 0, G_SKIP_Z) NUM("--skip-grad-z", skip_grad_z, DBL, 0, G_SKIP_GRAD_Z) NUM("--skip-window", window, LNG, 2, G_WINDOW) NUM("--max-skips", max_skips, LNG, 1, G_MAX_SKIPS)
         if (strcmp(a, "--seed") == 0) {
             o->seed = strtoull(v, &end, 10);
             if (!end || *end || *v == '-') { fprintf(stderr, "train_tiny: --seed wants a non-negative integer, got '%s'\n", v); return 0; }
+            o->given |= G_SEED;
             continue;
         }
         if (strcmp(a, "--config") == 0) { o->config = v; continue; }
         if (strcmp(a, "--data") == 0) { o->data = v; continue; }
         if (strcmp(a, "--out") == 0) { o->out = v; continue; }
         if (strcmp(a, "--resume") == 0) { o->resume = v; continue; }
-        if (strcmp(a, "--precision") == 0) {
-            if (strcmp(v, "fp32") && strcmp(v, "bf16") && strcmp(v, "fp8") && strcmp(v, "fp8-tensor")) {
-                fprintf(stderr, "train_tiny: --precision is fp32, bf16, fp8 or fp8-tensor, got '%s'\n", v);
-                return 0;
-            }
-            o->precision = v;
+        if (strcmp(a, "--inject") == 0) {
+            if (!parse_inject(v, o)) { fprintf(stderr, "train_tiny: --inject wants KIND@A[-B],... (nan-loss, nan-grad, spike), got '%s'\n", v); return 0; }
             continue;
         }
-        if (strcmp(a, "--moments") == 0) {
-            if (strcmp(v, "fp32") && strcmp(v, "bf16")) { fprintf(stderr, "train_tiny: --moments is fp32 or bf16, got '%s'\n", v); return 0; }
-            o->moments = v;
+        if (strcmp(a, "--precision") == 0 || strcmp(a, "--moments") == 0) {
+            int moments = a[2] == 'm', k, n = moments ? 2 : 4;
+            for (k = 0; k < n && strcmp(v, moments ? moment_types[k] : precisions[k]) != 0; k++) {}
+            if (k == n) {
+                fprintf(stderr, "train_tiny: %s is %s, got '%s'\n", a, moments ? "fp32 or bf16" : "fp32, bf16, fp8 or fp8-tensor", v);
+                return 0;
+            }
+            if (moments) { o->moments = k; o->given |= G_MOMENTS; }
+            else { o->precision = k; o->given |= G_PRECISION; }
             continue;
         }
         fprintf(stderr, "train_tiny: unknown flag '%s' (see --help)\n", a);
         return 0;
     }
+    if (o->window > 200) { fprintf(stderr, "train_tiny: --skip-window is at most 200\n"); return 0; }
     return 1;
 }
 
@@ -133,6 +210,166 @@ static void make_dirs(const char *dir) {
             return 1;                                                                                 \
         }                                                                                             \
     } while (0)
+
+/* ---- what the checkpoint keeps for this program (moe_train_state.user) ----
+   The settings that decide the weights, then the spike guard: skipped steps in a row, how many
+   values the window holds, where the next one goes, the window of losses, the window of
+   gradient norms. */
+enum {
+    U_LAYOUT, U_BATCH, U_SEQ, U_ACCUM, U_LR, U_WARMUP, U_GAMMA, U_ALPHA, U_LAMBDA, U_CLIP, U_PRECISION, U_FP8_BLOCK, U_MOMENTS,
+    U_DATA_TOKENS, U_SKIP_Z, U_SKIP_GRAD_Z, U_WINDOW, U_MAX_SKIPS, U_IN_A_ROW, U_COUNT, U_NEXT, U_WIN
+};
+#define LAYOUT 20261208.0 /* the layout's date: a checkpoint of another program or version has another */
+
+static void settings_store(const options *o, double data_tokens, moe_train_state *st) {
+    st->user[U_LAYOUT] = LAYOUT;
+    st->user[U_BATCH] = (double)o->batch; st->user[U_SEQ] = (double)o->seq; st->user[U_ACCUM] = (double)o->accum;
+    st->user[U_LR] = o->lr; st->user[U_WARMUP] = (double)o->warmup; st->user[U_GAMMA] = o->gamma; st->user[U_ALPHA] = o->alpha;
+    st->user[U_LAMBDA] = o->lambda; st->user[U_CLIP] = o->clip; st->user[U_PRECISION] = (double)o->precision;
+    st->user[U_FP8_BLOCK] = (double)o->fp8_block; st->user[U_MOMENTS] = (double)o->moments; st->user[U_DATA_TOKENS] = data_tokens;
+    st->user[U_SKIP_Z] = o->skip_z; st->user[U_SKIP_GRAD_Z] = o->skip_grad_z; st->user[U_WINDOW] = (double)o->window; st->user[U_MAX_SKIPS] = (double)o->max_skips;
+    st->n_user = U_WIN + 2 * o->window;
+}
+
+/* Take the checkpoint's settings for the flags not given; name the given ones that differ. */
+static int settings_restore(options *o, const moe_train_state *st) {
+    int differ = 0;
+    if (st->n_user < U_WIN || st->user[U_LAYOUT] != LAYOUT) {
+        fprintf(stderr, "train_tiny: the checkpoint holds no train_tiny settings (written by another program or version?): "
+                        "the flags of this run apply\n");
+        return 0;
+    }
+#define RESTORE(slot, bit, flag, field, type)                                                                                    \
+    if (!(o->given & (bit))) o->field = (type)st->user[slot];                                                                    \
+    else if ((double)o->field != st->user[slot]) {                                                                               \
+        fprintf(stderr, "train_tiny: %s %g differs from the checkpoint's %g: the run will not match an uninterrupted one\n", flag, \
+                (double)o->field, st->user[slot]);                                                                               \
+        differ = 1;                                                                                                              \
+    }
+    RESTORE(U_BATCH, G_BATCH, "--batch", batch, long) RESTORE(U_SEQ, G_SEQ, "--seq", seq, long)
+    RESTORE(U_ACCUM, G_ACCUM, "--accum", accum, long) RESTORE(U_LR, G_LR, "--lr", lr, double)
+    RESTORE(U_WARMUP, G_WARMUP, "--warmup", warmup, long) RESTORE(U_GAMMA, G_GAMMA, "--gamma", gamma, double)
+    RESTORE(U_ALPHA, G_ALPHA, "--alpha", alpha, double) RESTORE(U_LAMBDA, G_LAMBDA, "--lambda", lambda, double)
+    RESTORE(U_CLIP, G_CLIP, "--clip", clip, double) RESTORE(U_FP8_BLOCK, G_FP8_BLOCK, "--fp8-block", fp8_block, long)
+    RESTORE(U_SKIP_Z, G_SKIP_Z, "--skip-loss-z", skip_z, double) RESTORE(U_SKIP_GRAD_Z, G_SKIP_GRAD_Z, "--skip-grad-z", skip_grad_z, double) RESTORE(U_MAX_SKIPS, G_MAX_SKIPS, "--max-skips", max_skips, long)
+    if (!(st->user[U_PRECISION] >= 0 && st->user[U_PRECISION] <= 3) || !(st->user[U_MOMENTS] >= 0 && st->user[U_MOMENTS] <= 1) ||
+        !(st->user[U_WINDOW] >= 2 && st->user[U_WINDOW] <= 200) || st->n_user != U_WIN + 2 * (long)st->user[U_WINDOW]) {
+        fprintf(stderr, "train_tiny: the checkpoint's settings are out of range\n");
+        return -1;
+    }
+    if (!(o->given & G_PRECISION)) o->precision = (long)st->user[U_PRECISION];
+    else if ((double)o->precision != st->user[U_PRECISION])
+        differ = fprintf(stderr, "train_tiny: --precision %s differs from the checkpoint's %s: the run will not match an uninterrupted one\n",
+                         precisions[o->precision], precisions[(int)st->user[U_PRECISION]]) > 0;
+    if ((o->given & G_MOMENTS) && (double)o->moments != st->user[U_MOMENTS])
+        fprintf(stderr, "train_tiny: --moments cannot change on a resume: keeping the checkpoint's %s\n", moment_types[(int)st->user[U_MOMENTS]]);
+    o->moments = (long)st->user[U_MOMENTS];
+    if ((o->given & G_WINDOW) && (double)o->window != st->user[U_WINDOW])
+        fprintf(stderr, "train_tiny: --skip-window cannot change on a resume: keeping the checkpoint's %g\n", st->user[U_WINDOW]);
+    o->window = (long)st->user[U_WINDOW];
+    return differ;
+}
+
+/* ---- the spike guard (llm.c's outlier detector, kept in the train state) ---- */
+
+/* How far x lies above the mean of the window, in its standard deviations (NAN until the
+   window is full, 0 when it has no spread). */
+static double zscore(const double *w, long n, long count, double x) {
+    double mean = 0, var = 0;
+    long i;
+    if (count < n) return NAN;
+    for (i = 0; i < n; i++) mean += w[i];
+    mean /= (double)n;
+    for (i = 0; i < n; i++) var += (w[i] - mean) * (w[i] - mean);
+    var /= (double)n;
+    return var > 0 ? (x - mean) / sqrt(var) : 0;
+}
+/* A step that was taken adds its loss and gradient norm to the windows (skipped ones do not:
+   an outlier must not widen the band that judges the next steps). */
+static void guard_push(moe_train_state *st, long window, double loss, double gn) {
+    long next = (long)st->user[U_NEXT];
+    st->user[U_WIN + next] = loss;
+    st->user[U_WIN + window + next] = gn;
+    st->user[U_NEXT] = (double)((next + 1) % window);
+    if (st->user[U_COUNT] < (double)window) st->user[U_COUNT] += 1;
+    st->user[U_IN_A_ROW] = 0;
+}
+
+static int injected(const options *o, int kind, long attempt) {
+    int i;
+    for (i = 0; i < o->n_inject; i++)
+        if (o->inject[i].kind == kind && attempt >= o->inject[i].from && attempt <= o->inject[i].to) return 1;
+    return 0;
+}
+
+/* ---- log.csv ---- */
+
+static const char *const log_header =
+    "step,lr,loss,main_loss,mtp_loss,val_loss,grad_norm,max_vio,tokens_per_s,skipped,z_loss,z_grad\n";
+
+/* Keep the header and the first `rows` complete rows (one per attempted step: as many as the
+   checkpoint has seen); later rows and a torn last line go. Written atomically. Returns the rows
+   kept, or -1 when there is no usable file. */
+static long log_truncate(const char *path, long rows) {
+    FILE *f = fopen(path, "rb");
+    char tmp[1200], *buf;
+    long len, i, lines = 0, end = 0;
+    if (!f) return -1;
+    if (fseek(f, 0, SEEK_END) != 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0 || !(buf = (char *)malloc((size_t)len + 1))) {
+        fclose(f);
+        return -1;
+    }
+    if (fread(buf, 1, (size_t)len, f) != (size_t)len) len = 0;
+    fclose(f);
+    for (i = 0; i < len && lines <= rows; i++)
+        if (buf[i] == '\n') { lines++; end = i + 1; }
+    snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid());
+    f = lines ? fopen(tmp, "wb") : NULL;
+    if (!f || fwrite(buf, 1, (size_t)end, f) != (size_t)end || fclose(f) != 0 || rename(tmp, path) != 0) {
+        if (f) remove(tmp);
+        free(buf);
+        return -1;
+    }
+    free(buf);
+    return lines - 1;
+}
+
+/* ---- checkpoints ---- */
+
+typedef struct run {
+    moe_ctx *ctx;
+    const options *o;
+    moe_model *m;
+    moe_adamw *opt;
+    moe_train_state *st;
+    FILE *csv;
+    long saved_attempts; /* st->step + st->skipped at the last save (-1: none) */
+    double saved_at;     /* moe_time_s() of the last save */
+    char path[1100];     /* the last checkpoint written */
+} run;
+
+/* OUT/ckpt-<step>.bin (the log first, so that it never has fewer rows than a checkpoint has
+   seen), the older ones beyond --keep removed, and OUT/ckpt.bin made a link to it. */
+static moe_status save(run *r) {
+    char link_tmp[1100], latest[1100];
+    moe_status s;
+    if (r->csv) fflush(r->csv);
+    s = moe_ckpt_save_step(r->ctx, r->o->out, "ckpt", (int)r->o->keep, r->m, r->opt, r->st, r->path, sizeof r->path);
+    if (s != MOE_OK) return s;
+    r->saved_attempts = (long)(r->st->step + r->st->skipped);
+    r->saved_at = moe_time_s();
+    snprintf(latest, sizeof latest, "%s/ckpt.bin", r->o->out);
+    snprintf(link_tmp, sizeof link_tmp, "%s/ckpt.bin.tmp%ld", r->o->out, (long)getpid());
+    remove(link_tmp);
+    if (link(r->path, link_tmp) != 0 || rename(link_tmp, latest) != 0) {
+        remove(link_tmp); /* no hard links here: a copy */
+        return moe_ckpt_save(r->ctx, latest, r->m, r->opt, r->st);
+    }
+    return MOE_OK;
+}
+
+static volatile sig_atomic_t g_signal;
+static void on_signal(int sig) { g_signal = sig; }
 
 /* Mean next-token loss (nats) over `batches` validation batches starting at batch `first`. */
 static moe_status val_loss(moe_ctx *ctx, moe_model *m, const moe_dataset *d, long first, long batches, long B, long T,
@@ -172,7 +409,7 @@ static double xz_bits_per_byte(const moe_dataset *d, const char *dir) {
     if (fscanf(f, "%ld", &bytes) != 1) bytes = -1;
     pclose(f);
     remove(path);
-    return bytes > 0 ? 8.0 * (double)bytes / (double)n : -1;
+    return bytes > 0 && n > 0 ? 8.0 * (double)bytes / (double)n : -1;
 }
 
 /* Greedy-ish sampling (temperature 0.8) from a prompt, full forward per token. */
@@ -206,6 +443,13 @@ static moe_status sample(moe_ctx *ctx, moe_model *m, const char *prompt, long n,
     return s;
 }
 
+/* A number for the JSON line, or null when it is not finite. */
+static const char *json_num(char *buf, size_t cap, double v) {
+    if (isfinite(v)) snprintf(buf, cap, "%.4f", v);
+    else snprintf(buf, cap, "null");
+    return buf;
+}
+
 int main(int argc, char **argv) {
     options o;
     moe_ctx *ctx = NULL;
@@ -216,54 +460,100 @@ int main(int argc, char **argv) {
     moe_adamw_config ac;
     moe_lr_schedule sched;
     moe_loss_opts lo;
-    moe_train_state st;
+    moe_train_state *st;
+    run r;
+    struct sigaction sa;
     int32_t *batch;
-    char path[1024], text[4096];
+    char path[1100], resume_path[1100], text[4096], reason[600] = "", num[3][32];
     FILE *csv;
-    double t0, vl = -1, last_vio = 0, train_s = 0, final_bpb, xz_bpb, ema = 0;
-    long step, stopped_at;
+    double t0 = moe_time_s(), vl = -1, last_vio = NAN, train_s = 0, final_bpb = NAN, xz_bpb, ema = 0;
+    long start_step, run_attempts = 0, logged;
     int64_t total = 0, active = 0, mtp = 0;
-    int tty = isatty(2);
+    int tty = isatty(2), removed = 0, val_warned = 0, status = 0;
 
     if (!parse_args(argc, argv, &o)) return 2;
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
+    st = (moe_train_state *)calloc(1, sizeof *st);
+    if (!st) return 1;
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
-    if (strncmp(o.precision, "fp8", 3) == 0) {
-        moe_fp8_options f8;
-        memset(&f8, 0, sizeof f8);
-        f8.block = o.fp8_block;
-        f8.per_tensor = strcmp(o.precision, "fp8-tensor") == 0;
-        CHECK(moe_ctx_set_fp8(ctx, &f8));
-        CHECK(moe_ctx_set_gemm_precision(ctx, MOE_FP8_E4M3));
-    } else {
-        CHECK(moe_ctx_set_gemm_precision(ctx, strcmp(o.precision, "bf16") == 0 ? MOE_BF16 : MOE_F32));
+    make_dirs(o.out);
+    /* temporaries of a process killed while writing (a checkpoint, the log) */
+    CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
+    if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
+    resume_path[0] = 0;
+    if (o.resume && strcmp(o.resume, "auto") == 0) {
+        CHECK(moe_ckpt_latest(ctx, o.out, "ckpt", resume_path, sizeof resume_path));
+        if (!resume_path[0]) fprintf(stderr, "--resume auto: no checkpoint in %s, starting at step 0\n", o.out);
+    } else if (o.resume) {
+        snprintf(resume_path, sizeof resume_path, "%s", o.resume);
     }
     if (o.config) CHECK(moe_config_load(ctx, o.config, &cfg));
-    if (o.resume) CHECK(moe_ckpt_config(ctx, o.resume, &cfg));
+    if (resume_path[0]) CHECK(moe_ckpt_config(ctx, resume_path, &cfg));
+    CHECK(moe_model_new(ctx, &cfg, o.seed, &m));
+    if (resume_path[0]) { /* weights and state first: the settings decide the optimizer's moments */
+        CHECK(moe_ckpt_load(ctx, resume_path, m, NULL, st));
+        if (settings_restore(&o, st) < 0) return 1;
+        if ((o.given & G_SEED) && o.seed != st->seed)
+            fprintf(stderr, "train_tiny: --seed %llu differs from the checkpoint's %llu: its data order is kept\n", o.seed,
+                    (unsigned long long)st->seed);
+        o.seed = st->seed;
+        if (!(o.given & G_STEPS) && st->total_steps > 0) o.steps = (long)st->total_steps;
+    }
     if (o.seq > cfg.max_position_embeddings) {
         fprintf(stderr, "train_tiny: --seq %ld exceeds max_position_embeddings %lld\n", o.seq, (long long)cfg.max_position_embeddings);
         return 2;
+    }
+    if (o.precision >= 2) {
+        moe_fp8_options f8;
+        memset(&f8, 0, sizeof f8);
+        f8.block = o.fp8_block;
+        f8.per_tensor = o.precision == 3;
+        CHECK(moe_ctx_set_fp8(ctx, &f8));
+        CHECK(moe_ctx_set_gemm_precision(ctx, MOE_FP8_E4M3));
+    } else {
+        CHECK(moe_ctx_set_gemm_precision(ctx, o.precision == 1 ? MOE_BF16 : MOE_F32));
     }
     CHECK(moe_data_load(ctx, o.data, 0.1, &data));
     if (data->vocab > cfg.vocab_size) {
         fprintf(stderr, "train_tiny: the data has tokens up to %lld but vocab_size is %lld\n", (long long)data->vocab - 1, (long long)cfg.vocab_size);
         return 2;
     }
-    CHECK(moe_model_new(ctx, &cfg, o.seed, &m));
     memset(&ac, 0, sizeof ac);
-    ac.moment_dtype = strcmp(o.moments, "bf16") == 0 ? MOE_BF16 : MOE_F32;
+    ac.moment_dtype = o.moments == 1 ? MOE_BF16 : MOE_F32;
     CHECK(moe_adamw_new(ctx, m, &ac, &opt));
-    memset(&st, 0, sizeof st);
-    st.seed = o.seed;
-    if (o.resume) {
-        CHECK(moe_ckpt_load(ctx, o.resume, m, opt, &st));
-        fprintf(stderr, "resumed from %s at step %lld\n", o.resume, (long long)st.step);
+    if (resume_path[0]) {
+        if (st->n_user >= U_WIN && st->user[U_LAYOUT] == LAYOUT && st->user[U_DATA_TOKENS] != (double)data->n_tokens)
+            fprintf(stderr, "train_tiny: %s has %lld tokens, the checkpoint's data had %.0f: the run will not match an uninterrupted one\n",
+                    o.data, (long long)data->n_tokens, st->user[U_DATA_TOKENS]);
+        CHECK(moe_ckpt_load(ctx, resume_path, m, opt, st));
+        if (st->n_user != U_WIN + 2 * o.window || st->user[U_LAYOUT] != LAYOUT) /* no settings of ours: a fresh guard */
+            memset(st->user, 0, sizeof st->user);
+        settings_store(&o, (double)data->n_tokens, st); /* the settings this run trains with, for the next resume */
+        fprintf(stderr, "resumed from %s at step %lld of %ld (%lld skipped so far)\n", resume_path, (long long)st->step, o.steps,
+                (long long)st->skipped);
+        /* checkpoints after this one (corrupt, or of a run continued from an older one) would mislead --resume auto */
+        CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", st->step, &removed));
+        if (removed) fprintf(stderr, "removed %d checkpoint%s after step %lld from %s\n", removed, removed > 1 ? "s" : "", (long long)st->step, o.out);
+    } else {
+        st->seed = o.seed;
+        settings_store(&o, (double)data->n_tokens, st);
+        CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", -1, &removed));
+        if (removed)
+            fprintf(stderr, "a fresh run: removed %d checkpoint%s of an earlier run from %s (--resume auto continues a run)\n", removed,
+                    removed > 1 ? "s" : "", o.out);
     }
-    make_dirs(o.out);
+    st->total_steps = o.steps;
+    start_step = (long)st->step;
+
+    /* the log: as many rows as the checkpoint has seen attempts, then this run's */
     snprintf(path, sizeof path, "%s/log.csv", o.out);
-    csv = fopen(path, st.step ? "a" : "w");
+    logged = resume_path[0] ? log_truncate(path, (long)(st->step + st->skipped)) : -1;
+    if (resume_path[0] && logged >= 0 && logged < (long)(st->step + st->skipped))
+        fprintf(stderr, "note: %s has %ld rows, the checkpoint has seen %lld steps\n", path, logged, (long long)(st->step + st->skipped));
+    csv = fopen(path, logged >= 0 ? "a" : "w");
     if (!csv) { fprintf(stderr, "train_tiny: cannot write %s\n", path); return 1; }
-    if (!st.step) fprintf(csv, "step,lr,loss,main_loss,mtp_loss,val_loss,grad_norm,max_vio,tokens_per_s\n");
+    if (logged < 0) fputs(log_header, csv);
+
     memset(&sched, 0, sizeof sched);
     sched.shape = MOE_LR_COSINE; sched.lr_max = (float)o.lr; sched.lr_min = (float)o.lr / 10;
     sched.warmup_steps = o.warmup; sched.total_steps = o.steps;
@@ -274,81 +564,214 @@ int main(int argc, char **argv) {
     fprintf(stderr, "model: %lld parameters (%lld active per token) + %lld in MTP; data: %s, %lld train / %lld validation tokens\n",
             (long long)total, (long long)active, (long long)mtp, o.data, (long long)data->n_train, (long long)(data->n_tokens - data->n_train));
     fprintf(stderr, "training: %ld steps of %ld x %ld x %ld tokens, %s, %d threads\n", o.steps, o.accum, o.batch, o.seq,
-            o.precision, moe_ctx_threads(ctx));
+            precisions[o.precision], moe_ctx_threads(ctx));
 
-    t0 = moe_time_s();
-    for (step = (long)st.step; step < o.steps; step++) {
-        double ts = moe_time_s(), loss_sum = 0, main_sum = 0, mtp_sum = 0, tps, eta;
-        float gn = 0, lr = moe_lr_at(&sched, step);
-        long a;
+    memset(&r, 0, sizeof r);
+    r.ctx = ctx; r.o = &o; r.m = m; r.opt = opt; r.st = st; r.csv = csv;
+    r.saved_attempts = resume_path[0] ? (long)(st->step + st->skipped) : -1;
+    snprintf(r.path, sizeof r.path, "%s", resume_path);
+    r.saved_at = moe_time_s();
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART | SA_RESETHAND; /* a second signal ends the process at once */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    while (st->step < o.steps) {
+        long attempt = (long)(st->step + st->skipped) + 1, a, first = (long)st->data_index;
+        double ts = moe_time_s(), loss_sum = 0, main_sum = 0, mtp_sum = 0, tps, eta, zl = NAN, zg = NAN, loss;
+        float gn = NAN, lr = moe_lr_at(&sched, st->step);
+        int skip = 0;
         for (a = 0; a < o.accum; a++) {
-            moe_tensor *loss;
+            moe_tensor *lt;
             moe_loss_parts parts;
-            CHECK(moe_data_batch(ctx, data, 0, st.seed, st.data_index++, o.batch, o.seq, batch));
-            CHECK(moe_model_loss(ctx, m, batch, o.batch, o.seq, &lo, &loss, &parts));
-            CHECK(moe_backward(ctx, loss));
+            moe_tensor *emb = NULL;
+            float keep = 0;
+            CHECK(moe_data_batch(ctx, data, 0, st->seed, first + a, o.batch, o.seq, batch));
+            if (a == 0 && injected(&o, INJECT_NAN_LOSS, attempt)) { /* a NaN in one embedding during this forward only */
+                emb = moe_model_find(m, "model.embed_tokens.weight");
+                keep = (float)moe_tensor_get(emb, (int64_t)batch[0] * cfg.hidden_size);
+                moe_tensor_set(emb, (int64_t)batch[0] * cfg.hidden_size, NAN);
+            }
+            CHECK(moe_model_loss(ctx, m, batch, o.batch, o.seq, &lo, &lt, &parts));
+            if (emb) moe_tensor_set(emb, (int64_t)batch[0] * cfg.hidden_size, keep);
+            if (!isfinite(parts.total)) { /* no backward through a non-finite loss */
+                moe_ctx_reset(ctx);
+                skip = 1;
+                snprintf(reason, sizeof reason, "loss is %g", parts.total);
+                loss_sum = main_sum = mtp_sum = parts.total * (double)o.accum; /* logged as it is */
+                break;
+            }
+            CHECK(moe_backward(ctx, lt));
             moe_ctx_reset(ctx);
             loss_sum += parts.total;
             main_sum += parts.main;
             mtp_sum += parts.mtp[0];
         }
-        CHECK(moe_adamw_step(ctx, opt, lr, 1.0f / (float)o.accum, (float)o.clip, &gn));
-        last_vio = moe_model_max_vio(m);
-        CHECK(moe_model_update_expert_bias(ctx, m, (float)o.gamma));
-        st.step = step + 1;
-        st.tokens_seen += (double)(o.accum * o.batch * o.seq);
+        st->data_index = first + o.accum; /* a skipped step's batches are consumed too */
+        loss = loss_sum / (double)o.accum;
+        if (!skip) {
+            if (injected(&o, INJECT_NAN_GRAD, attempt) || injected(&o, INJECT_SPIKE, attempt)) {
+                int64_t i, j;
+                for (i = 0; i < moe_model_tensor_count(m); i++) {
+                    int is_param = 0;
+                    moe_tensor *t = moe_model_tensor(m, i, NULL, &is_param);
+                    if (!is_param || !t->grad) continue;
+                    if (injected(&o, INJECT_NAN_GRAD, attempt)) { moe_tensor_set(t->grad, 0, NAN); break; }
+                    for (j = 0; j < t->grad->numel; j++) moe_tensor_set(t->grad, j, 1000.0 * moe_tensor_get(t->grad, j));
+                }
+            }
+            CHECK(moe_adamw_grad_norm(ctx, opt, 1.0f / (float)o.accum, &gn));
+            zl = zscore(st->user + U_WIN, o.window, (long)st->user[U_COUNT], loss);
+            zg = zscore(st->user + U_WIN + o.window, o.window, (long)st->user[U_COUNT], gn);
+            if (!isfinite(gn)) {
+                skip = 1;
+                snprintf(reason, sizeof reason, "gradient norm is %g", (double)gn);
+            } else if (o.skip_z > 0 && zl > o.skip_z) {
+                skip = 1;
+                snprintf(reason, sizeof reason, "loss %.4f is %.1f standard deviations above the last %ld steps' mean", loss, zl, o.window);
+            } else if (o.skip_grad_z > 0 && zg > o.skip_grad_z) {
+                skip = 1;
+                snprintf(reason, sizeof reason, "gradient norm %.4g is %.1f standard deviations above the last %ld steps' mean", (double)gn, zg,
+                         o.window);
+            }
+        }
+        if (skip) { /* nothing changes but the data position and the counts */
+            moe_model_zero_grad(m);
+            moe_model_reset_loads(m);
+            st->skipped++;
+            st->user[U_IN_A_ROW] += 1;
+            fprintf(stderr, "%sstep %lld skipped: %s (%.0f in a row, %lld in all)\n", tty ? "\n" : "", (long long)st->step + 1, reason,
+                    st->user[U_IN_A_ROW], (long long)st->skipped);
+        } else {
+            CHECK(moe_adamw_step(ctx, opt, lr, 1.0f / (float)o.accum, (float)o.clip, &gn));
+            last_vio = moe_model_max_vio(m);
+            CHECK(moe_model_update_expert_bias(ctx, m, (float)o.gamma));
+            guard_push(st, o.window, loss, gn);
+            st->step++;
+            st->tokens_seen += (double)(o.accum * o.batch * o.seq);
+            ema = ema == 0 ? main_sum / (double)o.accum : 0.95 * ema + 0.05 * main_sum / (double)o.accum;
+        }
         train_s += moe_time_s() - ts;
-        ema = step == (long)0 || ema == 0 ? main_sum / (double)o.accum : 0.95 * ema + 0.05 * main_sum / (double)o.accum;
-        if ((step + 1) % o.val_every == 0 || step + 1 == o.steps)
-            CHECK(val_loss(ctx, m, data, 0, o.val_batches, o.batch, o.seq, batch, &vl));
-        tps = (double)(o.accum * o.batch * o.seq) * (double)(step + 1 - (long)0) / (train_s > 0 ? train_s : 1);
-        eta = (double)(o.steps - step - 1) * train_s / (double)(step + 1);
+        run_attempts++;
+        if (!skip && (st->step % o.val_every == 0 || st->step == o.steps)) {
+            moe_status vs = val_loss(ctx, m, data, 0, o.val_batches, o.batch, o.seq, batch, &vl);
+            if (vs != MOE_OK) { /* e.g. a validation text shorter than one sequence: train on without */
+                if (!val_warned) fprintf(stderr, "%svalidation estimate skipped: %s\n", tty ? "\n" : "", moe_ctx_error(ctx));
+                val_warned = 1;
+                vl = NAN;
+            }
+        }
+        tps = (double)(o.accum * o.batch * o.seq) * (double)run_attempts / (train_s > 0 ? train_s : 1); /* this run's steps only */
+        eta = (double)(o.steps - st->step) * train_s / (double)run_attempts;
         if (o.seconds > 0 && eta > o.seconds - train_s) eta = o.seconds - train_s;
-        fprintf(csv, "%ld,%.6g,%.6f,%.6f,%.6f,%.6f,%.4f,%.4f,%.0f\n", step + 1, (double)lr, loss_sum / (double)o.accum,
-                main_sum / (double)o.accum, mtp_sum / (double)o.accum, vl, (double)gn, last_vio, tps);
-        if (tty || (step + 1) % o.val_every == 0 || step + 1 == o.steps) {
-            int bar = (int)(30 * (step + 1) / o.steps), i;
+        fprintf(csv, "%lld,%.6g,%.6f,%.6f,%.6f,%.6f,%.4f,%.4f,%.0f,%d,", (long long)st->step + skip, (double)lr, loss,
+                main_sum / (double)o.accum, mtp_sum / (double)o.accum, vl, (double)gn, last_vio, tps, skip);
+        if (isfinite(zl)) fprintf(csv, "%.3f", zl);
+        fputc(',', csv);
+        if (isfinite(zg)) fprintf(csv, "%.3f", zg);
+        fputc('\n', csv);
+        if (tty || (!skip && (st->step % o.val_every == 0 || st->step == o.steps))) {
+            int bar = (int)(30 * st->step / o.steps), i;
             char bars[31];
             for (i = 0; i < 30; i++) bars[i] = i < bar ? '#' : '.';
             bars[30] = 0;
-            fprintf(stderr, "%s[%s] step %5ld/%ld  loss %.3f  val %.3f  %6.0f tok/s  ETA %4.0fs  MaxVio %.2f%s", tty ? "\r" : "",
-                    bars, step + 1, o.steps, ema, vl, tps, eta > 0 ? eta : 0, last_vio, tty ? "  " : "\n");
+            fprintf(stderr, "%s[%s] step %5lld/%ld  loss %.3f  val %.3f  %6.0f tok/s  ETA %4.0fs  MaxVio %.2f%s", tty ? "\r" : "",
+                    bars, (long long)st->step, o.steps, ema, vl, tps, eta > 0 ? eta : 0, last_vio, tty ? "  " : "\n");
         }
-        if (o.seconds > 0 && train_s >= o.seconds) {
-            step++;
-            break;
+        if (skip && st->user[U_IN_A_ROW] >= (double)o.max_skips) {
+            CHECK(save(&r));
+            fprintf(stderr, "%strain_tiny: %ld steps in a row skipped (the last: %s): stopping. The last good state is in %s "
+                            "(step %lld); lower --lr, raise --skip-loss-z / --skip-grad-z or check the data, then --resume auto\n",
+                    tty ? "\n" : "", o.max_skips, reason, r.path, (long long)st->step);
+            fclose(csv);
+            return 3;
         }
+        if (st->step < o.steps && ((!skip && o.save_every > 0 && st->step % o.save_every == 0) ||
+                                   (o.save_seconds > 0 && moe_time_s() - r.saved_at >= o.save_seconds)))
+            CHECK(save(&r));
+        if (g_signal) {
+            CHECK(save(&r));
+            fprintf(stderr, "%sinterrupted by %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n", tty ? "\n" : "",
+                    g_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
+            fclose(csv);
+            return 75;
+        }
+        if (o.seconds > 0 && train_s >= o.seconds) break;
     }
-    stopped_at = (long)st.step;
     if (tty) fprintf(stderr, "\n");
+    if (r.saved_attempts != (long)(st->step + st->skipped)) CHECK(save(&r));
     fclose(csv);
-    snprintf(path, sizeof path, "%s/ckpt.bin", o.out);
-    CHECK(moe_ckpt_save(ctx, path, m, opt, &st));
-    {
-        char hf[1024];
-        snprintf(hf, sizeof hf, "%s/hf", o.out);
+    r.csv = NULL;
+    {   /* the Hugging Face export of the same step, OUT/hf-<step>/, and OUT/hf linked to it */
+        char hf[1100], name[64], link_tmp[1100], link_path[1100];
+        struct stat sb;
+        snprintf(name, sizeof name, "hf-%08lld", (long long)st->step);
+        snprintf(hf, sizeof hf, "%s/%s", o.out, name);
         make_dirs(hf);
+        CHECK(moe_ckpt_clean(ctx, hf, NULL, -1, NULL));
         CHECK(moe_model_save_hf(ctx, m, hf, NULL)); /* config.json + model.safetensors for transformers */
+        snprintf(link_path, sizeof link_path, "%s/hf", o.out);
+        snprintf(link_tmp, sizeof link_tmp, "%s/hf.tmp%ld", o.out, (long)getpid());
+        remove(link_tmp);
+        if (lstat(link_path, &sb) == 0 && !S_ISLNK(sb.st_mode))
+            fprintf(stderr, "note: %s is a directory of an earlier version, left as it is; the export is %s\n", link_path, hf);
+        else if (symlink(name, link_tmp) != 0 || rename(link_tmp, link_path) != 0)
+            remove(link_tmp);
+        snprintf(path, sizeof path, "%s", hf);
+    }
+    signal(SIGINT, SIG_DFL); /* everything is saved: the evaluation below may be cut short */
+    signal(SIGTERM, SIG_DFL);
+    if (g_signal) {
+        fprintf(stderr, "interrupted by %s after step %lld: saved %s and %s (exit status 75)\n", g_signal == SIGINT ? "SIGINT" : "SIGTERM",
+                (long long)st->step, r.path, path);
+        return 75;
     }
 
     /* the whole validation text, window by window */
     {
-        long windows = (long)((data->n_tokens - data->n_train - 1) / o.seq), B = o.batch, nb = windows / B;
-        CHECK(val_loss(ctx, m, data, 0, nb, B, o.seq, batch, &vl));
-        final_bpb = vl / log(2.0);
+        long windows = (long)((data->n_tokens - data->n_train - 1) / o.seq), B = windows < o.batch ? windows : o.batch;
+        moe_status vs = MOE_OK;
+        if (B < 1) {
+            snprintf(reason, sizeof reason, "the validation text (%lld tokens) is shorter than --seq + 1 = %ld",
+                     (long long)(data->n_tokens - data->n_train), o.seq + 1);
+        } else if ((vs = val_loss(ctx, m, data, 0, windows / B, B, o.seq, batch, &vl)) != MOE_OK) {
+            snprintf(reason, sizeof reason, "%s", moe_ctx_error(ctx));
+        } else if (!isfinite(vl)) {
+            snprintf(reason, sizeof reason, "the validation loss is %g", vl);
+        } else {
+            final_bpb = vl / log(2.0);
+            reason[0] = 0;
+        }
+        if (reason[0]) fprintf(stderr, "no final validation: %s\n", reason);
     }
     xz_bpb = xz_bits_per_byte(data, o.out);
-    CHECK(sample(ctx, m, "It is a truth universally acknowledged, ", o.sample_tokens, o.seed, text));
-    printf("\n--- sample ---\nIt is a truth universally acknowledged, %s\n--------------\n", text);
-    printf("trained %ld steps (%.0f tokens) in %.1f s; checkpoint %s\n", stopped_at, st.tokens_seen, moe_time_s() - t0, path);
-    printf("validation: %.4f bits per byte (model)  vs  %.4f (xz -9e) on the same %lld bytes; MaxVio %.3f\n", final_bpb,
-           xz_bpb, (long long)(data->n_tokens - data->n_train), last_vio);
-    printf("{\"job\":\"train_tiny\",\"steps\":%ld,\"seconds\":%.1f,\"val_bpb\":%.4f,\"xz_bpb\":%.4f,\"max_vio\":%.4f}\n",
-           stopped_at, moe_time_s() - t0, final_bpb, xz_bpb, last_vio);
+    if (o.sample_tokens > 0) {
+        if (sample(ctx, m, "It is a truth universally acknowledged, ", o.sample_tokens > 4000 ? 4000 : o.sample_tokens, o.seed, text) == MOE_OK)
+            printf("\n--- sample ---\nIt is a truth universally acknowledged, %s\n--------------\n", text);
+        else
+            fprintf(stderr, "no sample: %s\n", moe_ctx_error(ctx));
+    }
+    printf("trained %lld steps (%.0f tokens, %lld skipped%s) in %.1f s; checkpoint %s, Hugging Face export %s\n", (long long)st->step,
+           st->tokens_seen, (long long)st->skipped, start_step ? ", resumed" : "", moe_time_s() - t0, r.path, path);
+    printf("validation: %.4f bits per byte (model)  vs  %.4f (xz -9e) on the same %lld bytes; MaxVio %.3f\n", final_bpb, xz_bpb,
+           (long long)(data->n_tokens - data->n_train), last_vio);
+    printf("{\"job\":\"train_tiny\",\"steps\":%lld,\"seconds\":%.1f,\"val_bpb\":%s,", (long long)st->step, moe_time_s() - t0,
+           json_num(num[0], sizeof num[0], final_bpb));
+    if (!isfinite(final_bpb)) {
+        char *c;
+        for (c = reason; *c; c++)
+            if (*c == '"' || *c == '\\' || (unsigned char)*c < 32) *c = '\'';
+        printf("\"val_bpb_reason\":\"%s\",", reason);
+    }
+    printf("\"xz_bpb\":%s,\"max_vio\":%s,\"skipped\":%lld,\"resumed_from\":%ld}\n", json_num(num[1], sizeof num[1], xz_bpb > 0 ? xz_bpb : NAN),
+           json_num(num[2], sizeof num[2], last_vio), (long long)st->skipped, start_step);
     free(batch);
+    free(st);
     moe_adamw_free(ctx, opt);
     moe_model_free(ctx, m);
     moe_data_free(ctx, data);
     moe_ctx_free(ctx);
-    return 0;
+    return status;
 }

@@ -1429,6 +1429,512 @@ CASE(hf_save_missing_dir) {
 }
 #endif /* BI_POSIX */
 
+/* ---- checkpoints: a small model's checkpoint taken apart into its records, changed in one
+   place and put back together with a correct length and FNV-1a checksum (computed here), so
+   that only moe_ckpt_load's checks of the fields themselves can refuse it ---- */
+
+#define BI_CK_MAX_REC 256
+typedef struct bi_ck_rec {
+    const unsigned char *at; /* the whole record as written */
+    size_t len;
+    char name[128];
+    int kind, dtype, ndim;
+    uint64_t dims[8];
+    int64_t numel;
+} bi_ck_rec;
+typedef struct bi_ck {
+    unsigned char *file;
+    size_t len;
+    size_t state_at, state_len; /* the state block between the config and the record count */
+    uint32_t version;
+    bi_ck_rec rec[BI_CK_MAX_REC];
+    int n;
+    int first_moment, first_value_of_param, expert_bias; /* record indices (-1: none) */
+} bi_ck;
+typedef struct bi_bytes {
+    unsigned char *p;
+    size_t len, cap;
+} bi_bytes;
+
+static void bb_put(bi_bytes *b, const void *src, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 1 << 16;
+        unsigned char *q;
+        while (cap < b->len + n) cap *= 2;
+        q = (unsigned char *)realloc(b->p, cap);
+        if (!q) { bi_flag("out of memory building a checkpoint"); return; }
+        b->p = q;
+        b->cap = cap;
+    }
+    if (n) memcpy(b->p + b->len, src, n);
+    b->len += n;
+}
+static void bb_u64(bi_bytes *b, uint64_t v) {
+    unsigned char x[8];
+    put_u64le(x, v);
+    bb_put(b, x, 8);
+}
+static void bb_u32(bi_bytes *b, uint32_t v) {
+    unsigned char x[4];
+    int i;
+    for (i = 0; i < 4; i++) x[i] = (unsigned char)(v >> (8 * i));
+    bb_put(b, x, 4);
+}
+static uint64_t get_le(const unsigned char *p, int bytes) {
+    uint64_t v = 0;
+    int i;
+    for (i = bytes - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static char g_ckpath[256];
+static const char *ck_path(void) {
+    snprintf(g_ckpath, sizeof g_ckpath, "build/bi_ck_%ld.bin", bi_pid());
+    return g_ckpath;
+}
+
+/* Save the small model (with AdamW moments of `moments`: MOE_F32, MOE_BF16, or MOE_I32 for
+   none) after one training step, read the file back and split it into records. */
+static int ck_make(moe_ctx *ctx, moe_dtype moments, bi_ck *c) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_adamw_config ac;
+    moe_train_state st;
+    moe_tensor *loss = NULL;
+    int32_t toks[2 * 9];
+    size_t at, cl;
+    FILE *fp;
+    long size;
+    int i, k;
+    memset(c, 0, sizeof *c);
+    memset(&ac, 0, sizeof ac);
+    memset(&st, 0, sizeof st);
+    st.step = 1; st.seed = 3; st.data_index = 1; st.tokens_seen = 16;
+    c->first_moment = c->first_value_of_param = c->expert_bias = -1;
+    for (i = 0; i < 18; i++) toks[i] = (i * 7) % 32;
+    need(ctx, moe_model_new(ctx, &cfg, 5, &m), "moe_model_new");
+    if (m && moments != MOE_I32) {
+        ac.moment_dtype = moments;
+        need(ctx, moe_adamw_new(ctx, m, &ac, &o), "moe_adamw_new");
+        if (o) need(ctx, moe_model_loss(ctx, m, toks, 2, 8, NULL, &loss, NULL), "moe_model_loss");
+        if (loss) need(ctx, moe_backward(ctx, loss), "moe_backward");
+        if (loss) need(ctx, moe_adamw_step(ctx, o, 1e-2f, 1.0f, 1.0f, NULL), "moe_adamw_step");
+        moe_ctx_reset(ctx);
+    }
+    if (m && !g_setup_err[0]) need(ctx, moe_ckpt_save(ctx, ck_path(), m, o, &st), "moe_ckpt_save");
+    moe_adamw_free(ctx, o);
+    moe_model_free(ctx, m);
+    if (g_setup_err[0]) return 0;
+    fp = fopen(ck_path(), "rb");
+    if (!fp || fseek(fp, 0, SEEK_END) != 0 || (size = ftell(fp)) < 64 || fseek(fp, 0, SEEK_SET) != 0) {
+        if (fp) fclose(fp);
+        bi_flag("cannot read the checkpoint back");
+        return 0;
+    }
+    c->len = (size_t)size;
+    c->file = (unsigned char *)malloc(c->len);
+    if (!c->file || fread(c->file, 1, c->len, fp) != c->len) bi_flag("cannot read the checkpoint back");
+    fclose(fp);
+    remove(ck_path());
+    if (g_setup_err[0]) return 0;
+    /* "MOECKPT1", u32 version, u32 0, u64 payload; u32 + config; state; u32 count; records */
+    c->version = (uint32_t)get_le(c->file + 8, 4);
+    cl = (size_t)get_le(c->file + 24, 4);
+    c->state_at = 28 + cl;
+    c->state_len = 5 * 8 + 4;
+    if (c->version >= 2) {
+        size_t nu = (size_t)get_le(c->file + c->state_at + c->state_len + 16, 4);
+        c->state_len += 8 + 8 + 4 + 8 * nu;
+    }
+    at = c->state_at + c->state_len;
+    c->n = (int)get_le(c->file + at, 4);
+    at += 4;
+    if (c->n > BI_CK_MAX_REC) { bi_flag("the checkpoint has more records than the test can hold"); return 0; }
+    for (i = 0; i < c->n; i++) {
+        bi_ck_rec *r = &c->rec[i];
+        size_t nl = (size_t)get_le(c->file + at, 2);
+        r->at = c->file + at;
+        memcpy(r->name, c->file + at + 2, nl < sizeof r->name ? nl : sizeof r->name - 1);
+        r->name[nl < sizeof r->name ? nl : sizeof r->name - 1] = 0;
+        at += 2 + nl;
+        r->kind = c->file[at];
+        r->dtype = c->file[at + 1];
+        r->ndim = c->file[at + 2];
+        at += 3;
+        r->numel = 1;
+        for (k = 0; k < r->ndim && k < 8; k++) {
+            r->dims[k] = get_le(c->file + at, 8);
+            r->numel *= (int64_t)r->dims[k];
+            at += 8;
+        }
+        at += (size_t)r->numel * (r->dtype ? 2 : 4);
+        r->len = (size_t)(c->file + at - r->at);
+        if (at > c->len - 8) { bi_flag("the checkpoint did not parse"); return 0; }
+        if (r->kind && c->first_moment < 0) c->first_moment = i;
+        if (!r->kind && i + 1 < c->n && c->first_value_of_param < 0 && get_le(c->file + at, 2) == nl &&
+            memcmp(c->file + at + 2, r->name, nl) == 0)
+            c->first_value_of_param = i; /* the next record is its moment */
+        if (strstr(r->name, "e_score_correction_bias") && c->expert_bias < 0) c->expert_bias = i;
+    }
+    if (c->expert_bias < 0) bi_flag("the checkpoint holds no expert bias record");
+    return !g_setup_err[0];
+}
+
+/* The file up to the records: header, config and state (state_patch, when given, replaces
+   the state block and has the same length unless state_len says otherwise). */
+static void ck_begin(const bi_ck *c, bi_bytes *out, const unsigned char *state_patch, size_t state_len, uint32_t count) {
+    memset(out, 0, sizeof *out);
+    bb_put(out, c->file, c->state_at);
+    if (state_patch) bb_put(out, state_patch, state_len);
+    else bb_put(out, c->file + c->state_at, c->state_len);
+    bb_u32(out, count);
+}
+/* One record with the given header fields and `bytes` data bytes (1, 2, 3, ... when data is NULL). */
+static void ck_put_record(bi_bytes *out, const char *name, int kind, int dtype, int ndim, const uint64_t *dims,
+                          const unsigned char *data, size_t bytes) {
+    unsigned char h[3];
+    size_t nl = strlen(name), i;
+    int d;
+    h[0] = (unsigned char)(nl & 0xFF);
+    h[1] = (unsigned char)(nl >> 8);
+    bb_put(out, h, 2);
+    bb_put(out, name, nl);
+    h[0] = (unsigned char)kind; h[1] = (unsigned char)dtype; h[2] = (unsigned char)ndim;
+    bb_put(out, h, 3);
+    for (d = 0; d < ndim; d++) bb_u64(out, dims[d]);
+    if (data) bb_put(out, data, bytes);
+    else
+        for (i = 0; i < bytes; i++) { unsigned char x = (unsigned char)(i + 1); bb_put(out, &x, 1); }
+}
+/* The data bytes of a record. */
+static const unsigned char *ck_data(const bi_ck_rec *r) { return r->at + r->len - (size_t)r->numel * (r->dtype ? 2 : 4); }
+
+/* Patch the payload length, append the checksum, write the file and load it into a fresh
+   small model and (unless `moments` is MOE_I32) an AdamW of that moment dtype. */
+static moe_status ck_finish_load(moe_ctx *ctx, bi_ck *c, bi_bytes *out, moe_dtype moments) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_adamw *o = NULL;
+    moe_adamw_config ac;
+    moe_train_state st;
+    uint64_t h = 0xCBF29CE484222325ull;
+    size_t i;
+    moe_status s = MOE_ERR_IO;
+    FILE *fp;
+    if (out->len < 24) bi_flag("checkpoint image too short");
+    if (!g_setup_err[0]) {
+        put_u64le(out->p + 16, (uint64_t)(out->len - 24));
+        for (i = 24; i < out->len; i++) h = (h ^ out->p[i]) * 0x100000001B3ull; /* FNV-1a */
+        bb_u64(out, h);
+        fp = fopen(ck_path(), "wb");
+        if (!fp || fwrite(out->p, 1, out->len, fp) != out->len) bi_flag("cannot write the checkpoint under build/");
+        if (fp) fclose(fp);
+    }
+    memset(&ac, 0, sizeof ac);
+    ac.moment_dtype = moments;
+    if (!g_setup_err[0]) need(ctx, moe_model_new(ctx, &cfg, 6, &m), "moe_model_new");
+    if (m && moments != MOE_I32) need(ctx, moe_adamw_new(ctx, m, &ac, &o), "moe_adamw_new");
+    if (!g_setup_err[0]) s = moe_ckpt_load(ctx, ck_path(), m, o, &st);
+    moe_adamw_free(ctx, o);
+    moe_model_free(ctx, m);
+    remove(ck_path());
+    free(out->p);
+    free(c->file);
+    return s;
+}
+/* Copy every record, replacing record `at` by `with` (NULL: dropped) and appending `extra`. */
+static moe_status ck_replace(moe_ctx *ctx, bi_ck *c, int at, const bi_ck_rec *with, moe_dtype load_moments) {
+    bi_bytes out;
+    int i;
+    ck_begin(c, &out, NULL, 0, (uint32_t)(c->n - (with ? 0 : 1)));
+    for (i = 0; i < c->n; i++) {
+        const bi_ck_rec *r = i == at ? with : &c->rec[i];
+        if (r) bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, c, &out, load_moments);
+}
+#define CK_SETUP(moments)                    \
+    bi_ck ck_;                               \
+    if (!ck_make(ctx, moments, &ck_)) {      \
+        free(ck_.file);                      \
+        return MOE_ERR_IO;                   \
+    }
+
+/* The issue-17 heap overflow: bf16 moments announced, one moment record labelled f32 with
+   the bytes of an f32 tensor (twice what the bf16 moment buffer holds). */
+CASE(ckpt_moment_labelled_f32_in_bf16_file) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_BF16);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == ck_.first_moment) ck_put_record(&out, r->name, r->kind, 0, r->ndim, r->dims, NULL, (size_t)r->numel * 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_BF16);
+}
+/* The reverse: f32 moments announced, one record labelled bf16 (half the bytes). */
+CASE(ckpt_moment_labelled_bf16_in_f32_file) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_F32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == ck_.first_moment) ck_put_record(&out, r->name, r->kind, 1, r->ndim, r->dims, NULL, (size_t)r->numel * 2);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_F32);
+}
+CASE(ckpt_moment_labelled_f32_load_without_optimizer) { /* the file is refused even when the moments are not wanted */
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_BF16);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == ck_.first_moment) ck_put_record(&out, r->name, r->kind, 0, r->ndim, r->dims, NULL, (size_t)r->numel * 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_value_labelled_bf16) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == 0) ck_put_record(&out, r->name, 0, 1, r->ndim, r->dims, ck_data(r), (size_t)r->numel * 2);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_record_dtype_unknown) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_F32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == ck_.first_moment) ck_put_record(&out, r->name, r->kind, 7, r->ndim, r->dims, ck_data(r), (size_t)r->numel * 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_F32);
+}
+CASE(ckpt_record_kind_unknown) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_F32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == ck_.first_moment) ck_put_record(&out, r->name, 3, 0, r->ndim, r->dims, ck_data(r), (size_t)r->numel * 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_F32);
+}
+CASE(ckpt_record_shape_transposed) { /* same element count, other shape */
+    bi_bytes out;
+    int i, done = 0;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (!done && r->ndim == 2 && r->dims[0] != r->dims[1]) {
+            uint64_t d[2];
+            d[0] = r->dims[1]; d[1] = r->dims[0];
+            ck_put_record(&out, r->name, 0, 0, 2, d, ck_data(r), (size_t)r->numel * 4);
+            done = 1;
+        } else {
+            bb_put(&out, r->at, r->len);
+        }
+    }
+    if (!done) bi_flag("no non-square matrix in the checkpoint");
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_record_ndim_zero) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == 0) ck_put_record(&out, r->name, 0, 0, 0, r->dims, ck_data(r), 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_record_unknown_name) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        if (i == 0) ck_put_record(&out, "model.bogus.weight", 0, 0, r->ndim, r->dims, ck_data(r), (size_t)r->numel * 4);
+        else bb_put(&out, r->at, r->len);
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+/* One tensor stored twice, another missing: the count and the length are right. */
+CASE(ckpt_tensor_twice_other_missing) {
+    CK_SETUP(MOE_I32);
+    return ck_replace(ctx, &ck_, 1, &ck_.rec[0], MOE_I32);
+}
+CASE(ckpt_tensor_missing) {
+    CK_SETUP(MOE_I32);
+    return ck_replace(ctx, &ck_, ck_.n - 1, NULL, MOE_I32);
+}
+CASE(ckpt_expert_bias_missing) { /* a buffer, not a parameter: still required */
+    CK_SETUP(MOE_I32);
+    return ck_replace(ctx, &ck_, ck_.expert_bias, NULL, MOE_I32);
+}
+CASE(ckpt_moment_twice_other_missing) { /* the first moment of a tensor stored where its second belongs */
+    CK_SETUP(MOE_F32);
+    return ck_replace(ctx, &ck_, ck_.first_moment + 1, &ck_.rec[ck_.first_moment], MOE_F32);
+}
+CASE(ckpt_moment_missing) {
+    CK_SETUP(MOE_F32);
+    return ck_replace(ctx, &ck_, ck_.first_moment + 1, NULL, MOE_F32);
+}
+CASE(ckpt_moment_missing_load_without_optimizer) {
+    CK_SETUP(MOE_F32);
+    return ck_replace(ctx, &ck_, ck_.first_moment + 1, NULL, MOE_I32);
+}
+CASE(ckpt_moments_announced_none_held) { /* the state says f32 moments; only values follow */
+    bi_bytes out;
+    int i, n = 0;
+    CK_SETUP(MOE_F32);
+    for (i = 0; i < ck_.n; i++) n += ck_.rec[i].kind == 0;
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)n);
+    for (i = 0; i < ck_.n; i++)
+        if (ck_.rec[i].kind == 0) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    return ck_finish_load(ctx, &ck_, &out, MOE_F32);
+}
+CASE(ckpt_moments_held_none_announced) { /* the state says no optimizer, moment records follow */
+    bi_bytes out;
+    unsigned char state[64];
+    int i;
+    CK_SETUP(MOE_F32);
+    memcpy(state, ck_.file + ck_.state_at, ck_.state_len < sizeof state ? ck_.state_len : sizeof state);
+    state[40] = state[41] = state[42] = state[43] = 0xFF; /* moment dtype: none */
+    ck_begin(&ck_, &out, state, ck_.state_len, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_moment_of_a_buffer) { /* moments for the expert bias, which no optimizer updates */
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_F32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n + 2);
+    for (i = 0; i < ck_.n; i++) {
+        const bi_ck_rec *r = &ck_.rec[i];
+        bb_put(&out, r->at, r->len);
+        if (i == ck_.expert_bias) {
+            ck_put_record(&out, r->name, 1, 0, r->ndim, r->dims, NULL, (size_t)r->numel * 4);
+            ck_put_record(&out, r->name, 2, 0, r->ndim, r->dims, NULL, (size_t)r->numel * 4);
+        }
+    }
+    return ck_finish_load(ctx, &ck_, &out, MOE_F32);
+}
+CASE(ckpt_moment_dtype_code_unknown) {
+    bi_bytes out;
+    unsigned char state[64];
+    int i;
+    CK_SETUP(MOE_F32);
+    memcpy(state, ck_.file + ck_.state_at, ck_.state_len < sizeof state ? ck_.state_len : sizeof state);
+    state[40] = 7; /* neither 0 (f32), 1 (bf16) nor all ones (none) */
+    ck_begin(&ck_, &out, state, ck_.state_len, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_record_count_one_more) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n + 1);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_bytes_after_records) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    bb_u32(&out, 0);
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+/* State fields out of range: a negative step, data index or optimizer step count. */
+static moe_status ck_state_field(moe_ctx *ctx, size_t offset, uint64_t value, moe_dtype moments) {
+    bi_bytes out;
+    unsigned char state[4096];
+    int i;
+    CK_SETUP(moments);
+    if (ck_.state_len > sizeof state) { bi_flag("state block too long for the test"); free(ck_.file); return MOE_ERR_IO; }
+    memcpy(state, ck_.file + ck_.state_at, ck_.state_len);
+    put_u64le(state + offset, value);
+    ck_begin(&ck_, &out, state, ck_.state_len, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    return ck_finish_load(ctx, &ck_, &out, moments);
+}
+CASE(ckpt_step_negative) { return ck_state_field(ctx, 0, (uint64_t)-5, MOE_I32); }
+CASE(ckpt_data_index_negative) { return ck_state_field(ctx, 16, (uint64_t)-1, MOE_I32); }
+CASE(ckpt_tokens_seen_nan) { return ck_state_field(ctx, 24, 0x7FF8000000000000ull, MOE_I32); }
+CASE(ckpt_optimizer_steps_negative) { return ck_state_field(ctx, 32, (uint64_t)-3, MOE_F32); }
+CASE(ckpt_total_steps_negative) { return ck_state_field(ctx, 44, (uint64_t)-1, MOE_I32); }
+CASE(ckpt_skipped_negative) { return ck_state_field(ctx, 52, (uint64_t)-2, MOE_I32); }
+CASE(ckpt_user_values_over_max) { return ck_state_field(ctx, 60, MOE_TRAIN_USER_MAX + 1, MOE_I32); }
+CASE(ckpt_version_3) {
+    bi_bytes out;
+    int i;
+    CK_SETUP(MOE_I32);
+    ck_begin(&ck_, &out, NULL, 0, (uint32_t)ck_.n);
+    for (i = 0; i < ck_.n; i++) bb_put(&out, ck_.rec[i].at, ck_.rec[i].len);
+    if (out.len > 12) out.p[8] = 3;
+    return ck_finish_load(ctx, &ck_, &out, MOE_I32);
+}
+CASE(ckpt_save_user_values_over_max) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_train_state *st = (moe_train_state *)calloc(1, sizeof *st);
+    moe_status s = MOE_ERR_MEMORY;
+    if (st) need(ctx, moe_model_new(ctx, &cfg, 1, &m), "moe_model_new");
+    if (m) {
+        st->n_user = MOE_TRAIN_USER_MAX + 1;
+        s = moe_ckpt_save(ctx, ck_path(), m, NULL, st);
+    }
+    remove(ck_path());
+    moe_model_free(ctx, m);
+    free(st);
+    return s;
+}
+static moe_status ck_save_step(moe_ctx *ctx, const char *dir, const char *prefix, int keep) {
+    moe_config cfg = hf_small_config();
+    moe_model *m = NULL;
+    moe_train_state st;
+    moe_status s = MOE_ERR_MEMORY;
+    memset(&st, 0, sizeof st);
+    need(ctx, moe_model_new(ctx, &cfg, 1, &m), "moe_model_new");
+    if (m) s = moe_ckpt_save_step(ctx, dir, prefix, keep, m, NULL, &st, NULL, 0);
+    moe_model_free(ctx, m);
+    return s;
+}
+CASE(ckpt_save_step_null_dir) { return ck_save_step(ctx, NULL, "ckpt", 1); }
+CASE(ckpt_save_step_empty_prefix) { return ck_save_step(ctx, "build", "", 1); }
+CASE(ckpt_save_step_prefix_with_slash) { return ck_save_step(ctx, "build", "a/b", 1); }
+CASE(ckpt_save_step_negative_keep) { return ck_save_step(ctx, "build", "bi_ckpt", -1); }
+CASE(ckpt_save_step_missing_dir) { return ck_save_step(ctx, "build/bi_no_such_dir", "ckpt", 1); }
+CASE(ckpt_latest_missing_dir) {
+    char path[256];
+    return moe_ckpt_latest(ctx, "build/bi_no_such_dir", "ckpt", path, sizeof path);
+}
+CASE(ckpt_latest_null_path) { return moe_ckpt_latest(ctx, "build", "ckpt", NULL, 0); }
+CASE(ckpt_clean_missing_dir) { return moe_ckpt_clean(ctx, "build/bi_no_such_dir", "ckpt", -1, NULL); }
+
 /* ============================================================================================
    The table
    ============================================================================================ */
@@ -1621,6 +2127,45 @@ static const bi_case g_cases[] = {
     E(backward_recording_off, MOE_ERR_STATE, "moe_backward"),
     E(backward_null_loss, MOE_ERR_ARG, "moe_backward"),
     E(backward_arena_limit, MOE_ERR_MEMORY, "arena"),
+
+    E2(ckpt_moment_labelled_f32_in_bf16_file, MOE_ERR_FORMAT, "moe_ckpt_load", "labelled f32"),
+    E2(ckpt_moment_labelled_bf16_in_f32_file, MOE_ERR_FORMAT, "moe_ckpt_load", "labelled bf16"),
+    E2(ckpt_moment_labelled_f32_load_without_optimizer, MOE_ERR_FORMAT, "moe_ckpt_load", "labelled f32"),
+    E2(ckpt_value_labelled_bf16, MOE_ERR_FORMAT, "moe_ckpt_load", "dtype"),
+    E2(ckpt_record_dtype_unknown, MOE_ERR_FORMAT, "moe_ckpt_load", "dtype"),
+    E2(ckpt_record_kind_unknown, MOE_ERR_FORMAT, "moe_ckpt_load", "kind"),
+    E2(ckpt_record_shape_transposed, MOE_ERR_FORMAT, "moe_ckpt_load", "shape"),
+    E2(ckpt_record_ndim_zero, MOE_ERR_FORMAT, "moe_ckpt_load", "shape"),
+    E2(ckpt_record_unknown_name, MOE_ERR_FORMAT, "moe_ckpt_load", "'model.bogus.weight'"),
+    E2(ckpt_tensor_twice_other_missing, MOE_ERR_FORMAT, "moe_ckpt_load", "twice"),
+    E2(ckpt_tensor_missing, MOE_ERR_FORMAT, "moe_ckpt_load", "misses"),
+    E2(ckpt_expert_bias_missing, MOE_ERR_FORMAT, "moe_ckpt_load", "e_score_correction_bias"),
+    E2(ckpt_moment_twice_other_missing, MOE_ERR_FORMAT, "moe_ckpt_load", "twice"),
+    E2(ckpt_moment_missing, MOE_ERR_FORMAT, "moe_ckpt_load", "misses"),
+    E2(ckpt_moment_missing_load_without_optimizer, MOE_ERR_FORMAT, "moe_ckpt_load", "misses"),
+    E2(ckpt_moments_announced_none_held, MOE_ERR_FORMAT, "moe_ckpt_load", "misses"),
+    E2(ckpt_moments_held_none_announced, MOE_ERR_FORMAT, "moe_ckpt_load", "no optimizer"),
+    E2(ckpt_moment_of_a_buffer, MOE_ERR_FORMAT, "moe_ckpt_load", "not a trained parameter"),
+    E2(ckpt_moment_dtype_code_unknown, MOE_ERR_FORMAT, "moe_ckpt_load", "moment dtype"),
+    E2(ckpt_record_count_one_more, MOE_ERR_FORMAT, "moe_ckpt_load", "truncated"),
+    E2(ckpt_bytes_after_records, MOE_ERR_FORMAT, "moe_ckpt_load", "after the last"),
+    E2(ckpt_step_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "step"),
+    E2(ckpt_data_index_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "data index"),
+    E2(ckpt_tokens_seen_nan, MOE_ERR_FORMAT, "moe_ckpt_load", "tokens"),
+    E2(ckpt_optimizer_steps_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "optimizer steps"),
+    E2(ckpt_total_steps_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "total steps (-1)"),
+    E2(ckpt_skipped_negative, MOE_ERR_FORMAT, "moe_ckpt_load", "skipped steps (-2)"),
+    E2(ckpt_user_values_over_max, MOE_ERR_FORMAT, "moe_ckpt_load", "user state values"),
+    E2(ckpt_version_3, MOE_ERR_FORMAT, "moe_ckpt_load", "version 3"),
+    E2(ckpt_save_user_values_over_max, MOE_ERR_ARG, "moe_ckpt_save", "n_user"),
+    E(ckpt_save_step_null_dir, MOE_ERR_ARG, "moe_ckpt_save_step"),
+    E(ckpt_save_step_empty_prefix, MOE_ERR_ARG, "moe_ckpt_save_step"),
+    E2(ckpt_save_step_prefix_with_slash, MOE_ERR_ARG, "moe_ckpt_save_step", "'/'"),
+    E2(ckpt_save_step_negative_keep, MOE_ERR_ARG, "moe_ckpt_save_step", "keep"),
+    E2(ckpt_save_step_missing_dir, MOE_ERR_IO, "moe_ckpt_save", "bi_no_such_dir"),
+    E2(ckpt_latest_missing_dir, MOE_ERR_IO, "moe_ckpt_latest", "bi_no_such_dir"),
+    E(ckpt_latest_null_path, MOE_ERR_ARG, "moe_ckpt_latest"),
+    E2(ckpt_clean_missing_dir, MOE_ERR_IO, "moe_ckpt_clean", "bi_no_such_dir"),
 
     E2(st_mem_empty, MOE_ERR_FORMAT, "moe_st_open", "too short"),
     E2(st_mem_7_bytes, MOE_ERR_FORMAT, "moe_st_open", "too short"),
