@@ -1789,6 +1789,48 @@ CASE(distill_cache_directory) {
     if (!special_make(0)) return MOE_ERR_IO;
     return special_done(moe_distill_cache_open(ctx, g_special, &c));
 }
+/* Fuzzing regression: a teacher cache whose header claims a 2^31 - 1 token vocabulary (one
+   record of 76 bytes) made the reader allocate 2 GiB for its repeated-id check. It now sorts
+   each record's k ids instead; the record (a repeated id, written here with a valid checksum)
+   is refused without that allocation. */
+CASE(distill_cache_huge_vocab) {
+    char path[256];
+    moe_distill_writer *w = NULL;
+    moe_distill_cache *c = NULL;
+    moe_tensor *t = NULL, *ids, *logp, *tail;
+    int64_t shape[2] = {1, 16}, i;
+    unsigned char buf[256];
+    size_t n;
+    uint64_t h;
+    FILE *fp;
+    moe_status s;
+    snprintf(path, sizeof path, "build/bi_teacher_%ld.bin", bi_pid());
+    need(ctx, moe_tensor_new(ctx, MOE_F32, 2, shape, &t), "moe_tensor_new");
+    if (!t) return MOE_ERR_MEMORY;
+    for (i = 0; i < 16; i++) moe_tensor_set(t, i, 0.1 * (double)i);
+    need(ctx, moe_distill_writer_new(ctx, path, 16, 2, 1.0f, 0, &w), "moe_distill_writer_new");
+    if (w) need(ctx, moe_distill_writer_add(ctx, w, t), "moe_distill_writer_add");
+    if (w) need(ctx, moe_distill_writer_finish(ctx, w), "moe_distill_writer_finish");
+    moe_distill_writer_free(w);
+    moe_tensor_free(ctx, t);
+    fp = fopen(path, "rb");
+    n = fp ? fread(buf, 1, sizeof buf, fp) : 0;
+    if (fp) fclose(fp);
+    if (n != 64 + 2 * 8 + 4) { bi_flag("unexpected teacher cache size"); remove(path); return MOE_ERR_IO; }
+    moe__le_put64(buf + 16, 0x7FFFFFFFu);     /* vocab */
+    memcpy(buf + 64 + 4, buf + 64, 4);         /* id 1 = id 0 */
+    h = moe__fnv1a(MOE__FNV_SEED, buf + 64, n - 64);
+    moe__le_put64(buf + 56, moe__fnv1a(h, buf, 56));
+    fp = fopen(path, "wb");
+    if (!fp || fwrite(buf, 1, n, fp) != n) bi_flag("cannot rewrite the teacher cache");
+    if (fp) fclose(fp);
+    s = moe_distill_cache_open(ctx, path, &c);
+    need(ctx, s, "moe_distill_cache_open of the patched file");
+    if (s == MOE_OK) s = moe_distill_cache_read(ctx, c, 0, 1, &ids, &logp, &tail);
+    moe_distill_cache_close(c);
+    remove(path);
+    return s;
+}
 CASE(hf_null_dir) {
     moe_model *m = NULL;
     return moe_model_load_hf(ctx, NULL, &m);
@@ -2188,6 +2230,7 @@ static const bi_case g_cases[] = {
     E2(data_load_directory, MOE_ERR_IO, "moe_data_load", "a directory"),
     E2(distill_cache_fifo, MOE_ERR_IO, "moe_distill_cache_open", "FIFO"),
     E2(distill_cache_directory, MOE_ERR_IO, "moe_distill_cache_open", "a directory"),
+    E2(distill_cache_huge_vocab, MOE_ERR_FORMAT, "moe_distill_cache_read", "repeated token id"),
     E(hf_null_dir, MOE_ERR_ARG, "moe_model_load_hf"),
     E(hf_null_out, MOE_ERR_ARG, "moe_model_load_hf"),
     E2(hf_missing_dir, MOE_ERR_IO, "moe_model_load_hf", "bi_no_such_dir"),
