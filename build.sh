@@ -163,9 +163,23 @@ build_fuzz() {
             clang $fl -fsanitize=fuzzer,address,undefined "$src" "$FUZZ_DIR/moe_impl.o" -o "$FUZZ_DIR/bin/fuzz_$t" -lm
         fi
     done
-    compile "$FUZZ_DIR/gen_corpus" tests/fuzz/gen_corpus.c
-    rm -rf "$FUZZ_DIR/seeds"
-    "$FUZZ_DIR/gen_corpus" "$FUZZ_DIR" >&2
+    # the seeds: regenerated (into a fresh directory, then swapped in) only when the generator
+    # or moe.h changed, so that a campaign running in the background keeps reading whole sets
+    if [ ! -e "$FUZZ_DIR/gen_corpus" ] || [ moe.h -nt "$FUZZ_DIR/gen_corpus" ] || [ tests/fuzz/gen_corpus.c -nt "$FUZZ_DIR/gen_corpus" ] ||
+        [ tests/fuzz/fuzz_common.h -nt "$FUZZ_DIR/gen_corpus" ]; then
+        compile "$FUZZ_DIR/gen_corpus" tests/fuzz/gen_corpus.c
+    fi
+    if [ ! -e "$FUZZ_DIR/seeds.stamp" ] || [ "$FUZZ_DIR/gen_corpus" -nt "$FUZZ_DIR/seeds.stamp" ]; then
+        rm -rf "$FUZZ_DIR/new"
+        "$FUZZ_DIR/gen_corpus" "$FUZZ_DIR/new" >&2
+        rm -rf "$FUZZ_DIR/seeds.old" "$FUZZ_DIR/dict.old"
+        [ -d "$FUZZ_DIR/seeds" ] && mv "$FUZZ_DIR/seeds" "$FUZZ_DIR/seeds.old"
+        [ -d "$FUZZ_DIR/dict" ] && mv "$FUZZ_DIR/dict" "$FUZZ_DIR/dict.old"
+        mv "$FUZZ_DIR/new/seeds" "$FUZZ_DIR/seeds"
+        mv "$FUZZ_DIR/new/dict" "$FUZZ_DIR/dict"
+        rm -rf "$FUZZ_DIR/new" "$FUZZ_DIR/seeds.old" "$FUZZ_DIR/dict.old"
+        touch "$FUZZ_DIR/seeds.stamp"
+    fi
 }
 
 # fuzz_run TARGET SECONDS CORPUS [extra libFuzzer flags]: one libFuzzer session on CORPUS (new
