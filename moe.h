@@ -7252,8 +7252,9 @@ static int moe__json_str(const moe__json *j, int64_t i, char *buf, size_t size) 
     return 1;
 }
 
-/* The value token of `key` in object token obj, or -1. A key without escapes is compared in
-   place; only one with a backslash is decoded first. */
+/* The value token of `key` (no backslash in it) in object token obj, or -1. Keys are compared
+   in place; an escape always makes the raw text longer than what it decodes to, so only a
+   longer key holding a backslash is decoded first. */
 static int64_t moe__json_get(const moe__json *j, int64_t obj, const char *key) {
     int64_t i, k;
     size_t klen = strlen(key);
@@ -7262,8 +7263,8 @@ static int64_t moe__json_get(const moe__json *j, int64_t obj, const char *key) {
     for (i = obj + 1, k = 0; k < j->t[obj].count; k++) {
         const char *raw = j->s + j->t[i].start;
         size_t rlen = (size_t)(j->t[i].end - j->t[i].start);
-        if (memchr(raw, '\\', rlen) ? moe__json_str(j, i, buf, sizeof buf) && strcmp(buf, key) == 0
-                                    : rlen == klen && memcmp(raw, key, klen) == 0)
+        if (rlen == klen ? memcmp(raw, key, klen) == 0
+                         : rlen > klen && memchr(raw, '\\', rlen) && moe__json_str(j, i, buf, sizeof buf) && strcmp(buf, key) == 0)
             return i + 1;
         i = j->t[i + 1].next;
     }

@@ -2604,6 +2604,10 @@ static void run_hf_fused_accepted(void) {
         T_CHECK(s == MOE_OK && c.rope_scaling.factor == 0, "rope_scaling null: %s", moe_ctx_error(ctx));
         cfg_json(buf, sizeof buf, "num_mtp_layers", "1");
         T_CHECK(moe_config_parse(ctx, buf, strlen(buf), &c) == MOE_OK, "num_mtp_layers alias: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "hidden_size", NULL); /* a key spelled with an escape is the same key */
+        strcpy(buf + strlen(buf) - 1, ", \"hidden\\u005fsize\": 24}");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.hidden_size == 24, "escaped key: %s", moe_ctx_error(ctx));
     }
     moe_ctx_free(ctx);
 }
