@@ -2604,6 +2604,28 @@ static void run_hf_fused_accepted(void) {
         T_CHECK(s == MOE_OK && c.rope_scaling.factor == 0, "rope_scaling null: %s", moe_ctx_error(ctx));
         cfg_json(buf, sizeof buf, "num_mtp_layers", "1");
         T_CHECK(moe_config_parse(ctx, buf, strlen(buf), &c) == MOE_OK, "num_mtp_layers alias: %s", moe_ctx_error(ctx));
+        {   /* the keys of DeepSeek-V3's config.json on the hub (auto_map, ep_size, seq_aux, ...: ignored) */
+            static const char v3[] =
+                "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0,"
+                " \"auto_map\": {\"AutoConfig\": \"configuration_deepseek.DeepseekV3Config\"}, \"aux_loss_alpha\": 0.001,"
+                " \"bos_token_id\": 0, \"eos_token_id\": 1, \"ep_size\": 1, \"first_k_dense_replace\": 3, \"hidden_act\": \"silu\","
+                " \"hidden_size\": 7168, \"initializer_range\": 0.02, \"intermediate_size\": 18432, \"kv_lora_rank\": 512,"
+                " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v3\", \"moe_intermediate_size\": 2048,"
+                " \"moe_layer_freq\": 1, \"n_group\": 8, \"n_routed_experts\": 256, \"n_shared_experts\": 1, \"norm_topk_prob\": true,"
+                " \"num_attention_heads\": 128, \"num_experts_per_tok\": 8, \"num_hidden_layers\": 61, \"num_key_value_heads\": 128,"
+                " \"num_nextn_predict_layers\": 1, \"pretraining_tp\": 1, \"q_lora_rank\": 1536, \"qk_nope_head_dim\": 128,"
+                " \"qk_rope_head_dim\": 64, \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\","
+                " \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]}, \"rms_norm_eps\": 1e-06, \"rope_scaling\":"
+                " {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0,"
+                " \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"}, \"rope_theta\": 10000, \"routed_scaling_factor\": 2.5,"
+                " \"scoring_func\": \"sigmoid\", \"seq_aux\": true, \"tie_word_embeddings\": false, \"topk_group\": 4,"
+                " \"topk_method\": \"noaux_tc\", \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.33.1\","
+                " \"use_cache\": true, \"v_head_dim\": 128, \"vocab_size\": 129280}";
+            s = moe_config_parse(ctx, v3, sizeof v3 - 1, &c);
+            T_CHECK(s == MOE_OK && c.rope_scaling.factor == 40 && c.rope_scaling.original_max_pos == 4096 && c.n_routed_experts == 256 &&
+                        c.rope_layout == MOE_ROPE_PAIRS && c.num_nextn_predict_layers == 1,
+                    "DeepSeek-V3's config.json: %s", moe_ctx_error(ctx));
+        }
         cfg_json(buf, sizeof buf, "hidden_size", NULL); /* a key spelled with an escape is the same key */
         strcpy(buf + strlen(buf) - 1, ", \"hidden\\u005fsize\": 24}");
         s = moe_config_parse(ctx, buf, strlen(buf), &c);
