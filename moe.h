@@ -8415,24 +8415,50 @@ static moe_status moe__hf_each(moe_ctx *ctx, const moe_model *m, int with_copies
 
 /* ---- loading ---- */
 
+typedef struct moe__hf_name {
+    const char *name;
+    int64_t f, i; /* file, tensor in the file */
+} moe__hf_name;
+
 typedef struct moe__hf_loader {
     moe_st_file **files;
     int64_t n_files;
+    moe__hf_name *names;  /* every tensor of every file, sorted by name (DeepSeek-V3: ~90k) */
+    int64_t n_names;
     unsigned char **used; /* per file, per tensor: consumed */
     int64_t block;        /* FP8 weight block size */
     int pass;             /* 0: check, 1: copy */
 } moe__hf_loader;
 
-static const moe_st_tensor *moe__hf_lookup(moe__hf_loader *L, const char *name, int64_t *fi, int64_t *ti) {
-    int64_t f, i;
+static int moe__hf_cmp_name(const void *a, const void *b) {
+    return strcmp(((const moe__hf_name *)a)->name, ((const moe__hf_name *)b)->name);
+}
+/* The sorted name index of the files in L (0 without memory). */
+static int moe__hf_index_names(moe_ctx *ctx, moe__hf_loader *L) {
+    int64_t f, i, n = 0;
+    for (f = 0; f < L->n_files; f++) n += L->files[f]->n;
+    L->names = (moe__hf_name *)moe__heap_alloc(ctx, sizeof(moe__hf_name) * (size_t)(n + 1));
+    if (!L->names) return 0;
     for (f = 0; f < L->n_files; f++)
-        for (i = 0; i < L->files[f]->n; i++)
-            if (strcmp(L->files[f]->t[i].name, name) == 0) {
-                *fi = f;
-                *ti = i;
-                return &L->files[f]->t[i];
-            }
-    return NULL;
+        for (i = 0; i < L->files[f]->n; i++) {
+            L->names[L->n_names].name = L->files[f]->t[i].name;
+            L->names[L->n_names].f = f;
+            L->names[L->n_names++].i = i;
+        }
+    qsort(L->names, (size_t)L->n_names, sizeof *L->names, moe__hf_cmp_name);
+    return 1;
+}
+static const moe_st_tensor *moe__hf_lookup(moe__hf_loader *L, const char *name, int64_t *fi, int64_t *ti) {
+    int64_t lo = 0, hi = L->n_names;
+    while (lo < hi) { /* first entry >= name */
+        int64_t mid = lo + (hi - lo) / 2;
+        if (strcmp(L->names[mid].name, name) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == L->n_names || strcmp(L->names[lo].name, name) != 0) return NULL;
+    *fi = L->names[lo].f;
+    *ti = L->names[lo].i;
+    return &L->files[*fi]->t[*ti];
 }
 
 static int moe__hf_float_dtype(moe_st_dtype d) { return d == MOE_ST_F32 || d == MOE_ST_BF16 || d == MOE_ST_F16 || d == MOE_ST_F8_E4M3; }
@@ -8581,15 +8607,15 @@ static moe_status moe__hf_open_files(moe_ctx *ctx, const char *dir, moe__hf_load
             else n_held += L.files[L.n_files++]->n;
         }
         /* every entry is in its shard; no shard holds more than the entries */
+        if (st == MOE_OK && !moe__hf_index_names(ctx, &L)) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
         for (k = wm + 1, i = 0; st == MOE_OK && i < n_map; i++, k = j.t[k + 1].next) {
-            int64_t f = 0;
+            int64_t fi = -1, ti;
             if (!moe__json_str(&j, k, tname, sizeof tname)) {
                 st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: a tensor name in the index is too long or invalid", fn);
                 break;
             }
             moe__json_str(&j, k + 1, shard, sizeof shard);
-            while (f < L.n_files && strcmp(names[f], shard) != 0) f++;
-            if (f == L.n_files || !moe_st_find(L.files[f], tname))
+            if (!moe__hf_lookup(&L, tname, &fi, &ti) || strcmp(names[fi], shard) != 0)
                 st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: the index places '%s' in '%s', which does not hold it", fn, tname, shard);
         }
         if (st == MOE_OK && n_held != n_map)
@@ -8603,6 +8629,7 @@ static moe_status moe__hf_open_files(moe_ctx *ctx, const char *dir, moe__hf_load
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         st = L.files ? moe_st_open(ctx, path, &L.files[0]) : moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
         if (!st) L.n_files = 1;
+        if (!st && !moe__hf_index_names(ctx, &L)) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     }
     *Lp = L;
     return st;
@@ -8695,6 +8722,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
         if (L.used) MOE_FREE(L.used[f]);
     }
     MOE_FREE(L.files);
+    MOE_FREE(L.names);
     MOE_FREE(L.used);
     if (st) {
         moe_model_free(ctx, m);
