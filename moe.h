@@ -559,7 +559,8 @@ MOE_API moe_status moe_split(moe_ctx *ctx, moe_tensor *x, int dim, int64_t size0
    hyper-parameters left at zero take the defaults of the tiny config (reference §12.1); for
    the optional features q_lora_rank, n_shared_experts, first_k_dense_replace,
    num_nextn_predict_layers, norm_topk_prob and tie_word_embeddings zero means "off".
-   moe_config_load reads a config.json, where absent keys take Hugging Face's defaults. */
+   moe_config_load reads a config.json, where absent keys take Hugging Face's defaults and a
+   0 that is written out is refused where it would mean "default" (a file says what it means). */
 
 typedef enum moe_scoring { MOE_SCORING_SIGMOID = 0, MOE_SCORING_SOFTMAX = 1 } moe_scoring;
 /* noaux_tc: sigmoid + bias, groups ranked by the sum of their top-2; group_limited_greedy:
@@ -594,7 +595,9 @@ MOE_API moe_config moe_config_small(void);
 MOE_API void moe_config_resolve(const moe_config *cfg, moe_config *out);
 /* Check a (resolved) config; the message explains the first inconsistency. */
 MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *cfg);
-/* Read a Hugging Face config.json (text in memory, or a file). Unknown keys are ignored. */
+/* Read a Hugging Face config.json (text in memory, or a file). Keys that are present are
+   honoured or refused by name (out-of-range numbers, explicit zeros that would mean "default",
+   features moe.h lacks such as attention_bias); keys it does not know are ignored. */
 MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *json, size_t len, moe_config *cfg);
 MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *cfg);
 /* Write a config.json that transformers' DeepseekV3Config reads. */
@@ -846,7 +849,9 @@ MOE_API void moe_st_writer_free(moe_st_writer *w);
    A directory with config.json and model.safetensors (or shards listed in
    model.safetensors.index.json), tensor names as transformers' DeepseekV3ForCausalLM and the
    released weights use them (MTP module k as layer num_hidden_layers + k − 1). FP8 weights
-   with weight_scale_inv blocks are dequantised on load. */
+   with weight_scale_inv blocks are dequantised on load. Loading is strict: every tensor with
+   exactly its shape (fused expert stacks included), nothing extra, no NaN or Inf (refused with
+   the tensor's name), an exact shard index; files that are not regular files are refused. */
 typedef struct moe_hf_save_opts {
     int fp8;            /* write linear weights as F8_E4M3 + weight_scale_inv (B×B blocks) */
     int64_t fp8_block;  /* B, default 128 */
