@@ -7373,10 +7373,9 @@ static moe_status moe__cfg_int(const moe__cfg_reader *R, int64_t obj, const char
     }
     if (!moe__json_num(R->j, v, &x))
         return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s%s\" must be an integer%s", R->fn, prefix, key, null_ok ? " or null" : "");
-    if (!(x >= (double)lo && x <= (double)hi))
-        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" = %.17g is out of range [%lld, %lld]", R->fn, prefix, key, x,
-                         (long long)lo, (long long)hi);
-    if (x != floor(x)) return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s%s\" = %.17g must be an integer", R->fn, prefix, key, x);
+    if (!(x >= (double)lo && x <= (double)hi) || x != floor(x))
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" = %.17g is out of range (an integer in [%lld, %lld])", R->fn, prefix,
+                         key, x, (long long)lo, (long long)hi);
     *out = (int64_t)x;
     return MOE_OK;
 }

@@ -2148,7 +2148,7 @@ static const bi_case g_cases[] = {
     E2(cfg_kv_heads_differ, MOE_ERR_CONFIG, "moe_config_parse", "num_key_value_heads"),
     E2(cfg_vocab_negative, MOE_ERR_CONFIG, "\"vocab_size\" = -32", "out of range"),
     E2(cfg_vocab_2_pow_64, MOE_ERR_CONFIG, "\"vocab_size\"", "out of range"),
-    E2(cfg_layers_fraction, MOE_ERR_FORMAT, "\"num_hidden_layers\" = 2.5", "integer"),
+    E2(cfg_layers_fraction, MOE_ERR_CONFIG, "\"num_hidden_layers\" = 2.5", "out of range"),
     E2(cfg_layers_string, MOE_ERR_FORMAT, "\"num_hidden_layers\"", "integer"),
     E2(cfg_layers_null, MOE_ERR_FORMAT, "\"num_hidden_layers\"", "integer"),
     E2(cfg_norm_topk_prob_number, MOE_ERR_FORMAT, "\"norm_topk_prob\"", "true or false"),
