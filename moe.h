@@ -7080,6 +7080,9 @@ typedef struct moe__json {
 } moe__json;
 
 #define MOE__JSON_MAX_DEPTH 64
+/* At most 2^24 values (670 MB of tokens): DeepSeek-V3's shard index has ~2·10^5, a shard header
+   ~5·10^4. A hostile 100 MB header of "[0,0,0,...]" would otherwise ask for 5·10^7. */
+#define MOE__JSON_MAX_VALUES ((int64_t)1 << 24)
 
 static int64_t moe__json_ws(const moe__json *j, int64_t p) {
     while (p < j->len && (j->s[p] == ' ' || j->s[p] == '\t' || j->s[p] == '\n' || j->s[p] == '\r')) p++;
@@ -7096,6 +7099,7 @@ static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
     j->err_at = q;
     if (depth > MOE__JSON_MAX_DEPTH) return "nesting too deep";
     if (q >= j->len) return "unexpected end";
+    if (j->n >= MOE__JSON_MAX_VALUES) return "more than 2^24 values";
     if (j->n >= j->cap) {
         int64_t cap = j->cap ? 2 * j->cap : 64;
         moe__jtok *t = (uint64_t)cap > SIZE_MAX / sizeof(moe__jtok) ? NULL
