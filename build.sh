@@ -9,6 +9,10 @@
 #   ./build.sh example NAME [ARGS]   build and run examples/NAME.c
 #   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c)
 #   ./build.sh torture          kill -9 a training run 20 times; the resumed result must be identical
+#   ./build.sh fuzz [TARGET] [SECONDS]   libFuzzer on the file parsers (tests/fuzz/; all targets,
+#                               60 s each by default; SECONDS 0 = no limit; FUZZ_RUNS=N stops each
+#                               after N executions); corpus in build/fuzz/corpus, crashes in
+#                               build/fuzz/crashes
 #
 # Environment: CC (default gcc), NATIVE=0 to build without -march=native.
 set -euo pipefail
@@ -132,6 +136,116 @@ suite_parity() {
     run_suite parity bash tests/parity/run.sh
 }
 
+# ---- fuzzing (tests/fuzz) ------------------------------------------------------------------
+FUZZ_TARGETS="safetensors config ckpt data distill hf_index hf_weights"
+FUZZ_DIR="$BUILD/fuzz"
+
+# Build every fuzz target (clang, libFuzzer, ASan + UBSan) and the seed corpus. The
+# implementation is compiled once into moe_impl.o; everything is rebuilt only when older than
+# its sources. Installs clang and libclang-rt-14-dev when missing.
+build_fuzz() {
+    local fl t src
+    need_pkg clang clang
+    mkdir -p "$FUZZ_DIR/bin"
+    if ! echo 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }' |
+        clang -fsanitize=fuzzer -x c - -o "$FUZZ_DIR/.probe" >/dev/null 2>&1; then
+        need_pkg /nonexistent-libfuzzer-probe libclang-rt-14-dev
+    fi
+    fl="-std=c99 -O1 -g -ffp-contract=off $WARN -I$ROOT -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -fno-omit-frame-pointer
+        -fno-sanitize-recover=undefined"
+    if [ ! -e "$FUZZ_DIR/moe_impl.o" ] || [ moe.h -nt "$FUZZ_DIR/moe_impl.o" ] || [ tests/fuzz/moe_impl.c -nt "$FUZZ_DIR/moe_impl.o" ]; then
+        log "fuzz: compiling moe.h with ASan + UBSan + libFuzzer coverage"
+        clang $fl -fsanitize=fuzzer-no-link,address,undefined -c tests/fuzz/moe_impl.c -o "$FUZZ_DIR/moe_impl.o"
+    fi
+    for t in $FUZZ_TARGETS; do
+        src=tests/fuzz/fuzz_$t.c
+        if [ ! -e "$FUZZ_DIR/bin/fuzz_$t" ] || [ "$src" -nt "$FUZZ_DIR/bin/fuzz_$t" ] ||
+            [ tests/fuzz/fuzz_common.h -nt "$FUZZ_DIR/bin/fuzz_$t" ] || [ "$FUZZ_DIR/moe_impl.o" -nt "$FUZZ_DIR/bin/fuzz_$t" ]; then
+            clang $fl -fsanitize=fuzzer,address,undefined "$src" "$FUZZ_DIR/moe_impl.o" -o "$FUZZ_DIR/bin/fuzz_$t" -lm
+        fi
+    done
+    # the seeds: regenerated (into a fresh directory, then swapped in) only when the generator
+    # or moe.h changed, so that a campaign running in the background keeps reading whole sets
+    if [ ! -e "$FUZZ_DIR/gen_corpus" ] || [ moe.h -nt "$FUZZ_DIR/gen_corpus" ] || [ tests/fuzz/gen_corpus.c -nt "$FUZZ_DIR/gen_corpus" ] ||
+        [ tests/fuzz/fuzz_common.h -nt "$FUZZ_DIR/gen_corpus" ]; then
+        compile "$FUZZ_DIR/gen_corpus" tests/fuzz/gen_corpus.c
+    fi
+    if [ ! -e "$FUZZ_DIR/seeds.stamp" ] || [ "$FUZZ_DIR/gen_corpus" -nt "$FUZZ_DIR/seeds.stamp" ]; then
+        rm -rf "$FUZZ_DIR/new"
+        "$FUZZ_DIR/gen_corpus" "$FUZZ_DIR/new" >&2
+        rm -rf "$FUZZ_DIR/seeds.old" "$FUZZ_DIR/dict.old"
+        [ -d "$FUZZ_DIR/seeds" ] && mv "$FUZZ_DIR/seeds" "$FUZZ_DIR/seeds.old"
+        [ -d "$FUZZ_DIR/dict" ] && mv "$FUZZ_DIR/dict" "$FUZZ_DIR/dict.old"
+        mv "$FUZZ_DIR/new/seeds" "$FUZZ_DIR/seeds"
+        mv "$FUZZ_DIR/new/dict" "$FUZZ_DIR/dict"
+        rm -rf "$FUZZ_DIR/new" "$FUZZ_DIR/seeds.old" "$FUZZ_DIR/dict.old"
+        touch "$FUZZ_DIR/seeds.stamp"
+    fi
+}
+
+# fuzz_run TARGET SECONDS CORPUS [extra libFuzzer flags]: one libFuzzer session on CORPUS (new
+# inputs go there) plus the seeds; prints "<execs> <seconds> <crashes>" last.
+fuzz_run() {
+    local t=$1 secs=$2 corpus=$3; shift 3
+    local crashes="$FUZZ_DIR/crashes/$t" log t0 t1 rc=0 execs dict="$FUZZ_DIR/dict/$t.dict"
+    [ -f "$dict" ] || dict=""
+    local regress="$ROOT/tests/fuzz/regressions/$t" # inputs that once failed, replayed first
+    [ -d "$regress" ] || regress=""
+    mkdir -p "$corpus" "$crashes"
+    log="$FUZZ_DIR/logs/$t.$(date +%Y%m%d-%H%M%S).$$.log"
+    mkdir -p "$FUZZ_DIR/logs"
+    t0=$(date +%s.%N)
+    ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
+        "$FUZZ_DIR/bin/fuzz_$t" -max_total_time="$secs" -print_final_stats=1 -timeout=20 -rss_limit_mb=1024 \
+        -artifact_prefix="$crashes/" ${dict:+-dict=$dict} ${FUZZ_RUNS:+-runs=$FUZZ_RUNS} "$@" \
+        "$corpus" "$FUZZ_DIR/seeds/$t" $regress >"$log" 2>&1 || rc=$?
+    t1=$(date +%s.%N)
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    if [ "$rc" != 0 ]; then
+        log "fuzz $t: libFuzzer exited $rc; the end of $log:"
+        grep -E 'ERROR|SUMMARY|Test unit written|==[0-9]+==|runtime error|fuzz:' "$log" | head -n 20 >&2 || true
+    fi
+    echo "${execs:-0} $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') $rc"
+}
+
+cmd_fuzz() {
+    local only=${1:-} secs=${2:-60} t r execs el rc total_bad=0 json=""
+    build_fuzz
+    for t in $FUZZ_TARGETS; do
+        [ -n "$only" ] && [ "$only" != all ] && [ "$only" != "$t" ] && continue
+        r=$(fuzz_run "$t" "$secs" "$FUZZ_DIR/corpus/$t" | tail -n 1)
+        read -r execs el rc <<<"$r"
+        [ "$rc" = 0 ] || total_bad=$((total_bad + 1))
+        printf 'fuzz %-12s %12s execs in %8.1f s (%6.0f/s), corpus %5s files, %s\n' "$t" "$execs" "$el" \
+            "$(awk -v n="$execs" -v s="$el" 'BEGIN { printf "%.0f", n / (s + 0.001) }')" "$(ls "$FUZZ_DIR/corpus/$t" | wc -l)" \
+            "$([ "$rc" = 0 ] && echo "0 crashes" || echo "FAILED (exit $rc, see build/fuzz/crashes/$t)")"
+        json="$json${json:+, }\"$t\": {\"execs\": $execs, \"seconds\": $el, \"ok\": $([ "$rc" = 0 ] && echo true || echo false)}"
+    done
+    echo "{\"job\": \"fuzz\", \"cpu\": \"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)\", \"targets\": {$json}}"
+    [ "$total_bad" = 0 ]
+}
+
+# The test suite: each target ~FUZZ_SECONDS (20) on its seed corpus (a fresh scratch corpus,
+# so the result does not depend on earlier campaigns); one case per target.
+suite_fuzz_body() {
+    local t r execs el rc pass=0 fail=0 tmp
+    build_fuzz || { echo "FAIL fuzz build"; echo "SUITE: 0 passed, 1 failed"; return 1; }
+    tmp=$(mktemp -d)
+    for t in $FUZZ_TARGETS; do
+        r=$(fuzz_run "$t" "${FUZZ_SECONDS:-20}" "$tmp/$t" | tail -n 1)
+        read -r execs el rc <<<"$r"
+        if [ "$rc" = 0 ]; then
+            echo "ok   fuzz_$t"; pass=$((pass + 1))
+        else
+            echo "FAIL fuzz_$t"; fail=$((fail + 1))
+        fi
+        printf '     %s execs in %.1f s on the seeds, exit %s\n' "$execs" "$el" "$rc"
+    done
+    rm -rf "$tmp"
+    echo "SUITE: $pass passed, $fail failed"
+    [ "$fail" = 0 ]
+}
+
 suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c drives the example trainers
     local name=$1; shift
     bash data/prepare.sh >&2
@@ -143,7 +257,7 @@ suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c driv
 }
 
 UNIT_SUITES="numerics ops backend gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill valgrind parity"
+ALL_SUITES="$UNIT_SUITES compile sanitize trainer kill valgrind fuzz parity"
 
 cmd_test() {
     local only=${1:-}
@@ -157,6 +271,7 @@ cmd_test() {
             trainer|kill) suite_trainer_prog "$s" ;;
             valgrind) # a portable build (valgrind cannot decode AVX-512): train, save, resume, generate
                 need_pkg valgrind valgrind; bash data/prepare.sh >&2; run_suite valgrind bash tests/valgrind.sh "$CC" ;;
+            fuzz) run_suite fuzz suite_fuzz_body ;;
             *)
                 if [ -f "tests/test_$s.c" ]; then suite_unit "$s"
                 else log "unknown suite '$s' (have: $ALL_SUITES)"; FAILED=$((FAILED + 1)); fi ;;
@@ -204,6 +319,7 @@ case ${1:-build} in
         shift; bash data/prepare.sh >&2
         compile "$BUILD/train_tiny" examples/train_tiny.c && compile "$BUILD/test_kill" tests/test_kill.c
         nice -n 19 "$BUILD/test_kill" --kills 20 --steps 200 --json "$@" ;;
-    -h|--help|help) sed -n '2,15p' "$0" ;;
+    fuzz) shift; cmd_fuzz "$@" ;;
+    -h|--help|help) sed -n '2,18p' "$0" ;;
     *) log "unknown command '$1' (try ./build.sh help)"; exit 2 ;;
 esac

@@ -49,6 +49,9 @@
      MOE_REAL_F64       compute in double instead of float: the build that the
                         finite-difference gradient checks use (tensors of dtype MOE_F32
                         then hold doubles; FP8/BF16 paths still round through float)
+     FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION   (the libFuzzer convention; tests/fuzz sets it)
+                        file checksums are computed but not enforced, so a fuzzer reaches
+                        the checks behind them. Never define it in a real build.
 
    License: MIT or public domain, your choice — see the end of this file. */
 
@@ -486,12 +489,15 @@ MOE_API moe_status moe_rmsnorm(moe_ctx *ctx, moe_tensor *x, moe_tensor *w, float
    reference layout, the one the released weights use; MOE_ROPE_HALVES rotates
    (x[j], x[j+dim/2]) — Hugging Face's rotate_half layout. */
 typedef enum moe_rope_layout { MOE_ROPE_PAIRS = 0, MOE_ROPE_HALVES = 1 } moe_rope_layout;
-/* YaRN context extension (all zero = off). */
+/* YaRN context extension (all zero = off). As in transformers, cos/sin are multiplied by
+   m(s, mscale)/m(s, mscale_all_dim) when both are non-zero, else by m(s, 1), where
+   m(s, x) = 0.1·x·ln(s) + 1; the model's softmax scale gets m(s, mscale_all_dim)² when
+   mscale_all_dim is non-zero. */
 typedef struct moe_yarn {
     double factor;              /* s, e.g. 40 */
     int64_t original_max_pos;   /* L0, e.g. 4096 */
     double beta_fast, beta_slow; /* 32, 1 */
-    double mscale, mscale_all_dim;
+    double mscale, mscale_all_dim; /* 0: absent */
 } moe_yarn;
 /* Precomputed cos/sin for positions [0, max_pos) of a rotary dim `dim` (even). */
 typedef struct moe_rope_table {
@@ -544,7 +550,8 @@ MOE_API moe_status moe_split(moe_ctx *ctx, moe_tensor *x, int dim, int64_t size0
    hyper-parameters left at zero take the defaults of the tiny config (reference §12.1); for
    the optional features q_lora_rank, n_shared_experts, first_k_dense_replace,
    num_nextn_predict_layers, norm_topk_prob and tie_word_embeddings zero means "off".
-   moe_config_load reads a config.json, where absent keys take Hugging Face's defaults. */
+   moe_config_load reads a config.json, where absent keys take Hugging Face's defaults and a
+   0 that is written out is refused where it would mean "default" (a file says what it means). */
 
 typedef enum moe_scoring { MOE_SCORING_SIGMOID = 0, MOE_SCORING_SOFTMAX = 1 } moe_scoring;
 /* noaux_tc: sigmoid + bias, groups ranked by the sum of their top-2; group_limited_greedy:
@@ -568,6 +575,8 @@ typedef struct moe_config {
     int64_t max_position_embeddings;
     int tie_word_embeddings;
     double initializer_range; /* std of the N(0, std²) initialisation */
+    moe_rope_layout rope_layout; /* of q_pe and k_pe: PAIRS (config.json rope_interleave true, the
+                                    default) or HALVES (rope_interleave false, rotate_half) */
 } moe_config;
 
 /* The configs of reference §12: tiny (seconds on a CPU) and small (minutes). */
@@ -577,7 +586,9 @@ MOE_API moe_config moe_config_small(void);
 MOE_API void moe_config_resolve(const moe_config *cfg, moe_config *out);
 /* Check a (resolved) config; the message explains the first inconsistency. */
 MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *cfg);
-/* Read a Hugging Face config.json (text in memory, or a file). Unknown keys are ignored. */
+/* Read a Hugging Face config.json (text in memory, or a file). Keys that are present are
+   honoured or refused by name (out-of-range numbers, explicit zeros that would mean "default",
+   features moe.h lacks such as attention_bias); keys it does not know are ignored. */
 MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *json, size_t len, moe_config *cfg);
 MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *cfg);
 /* Write a config.json that transformers' DeepseekV3Config reads. */
@@ -856,7 +867,9 @@ MOE_API void moe_st_writer_free(moe_st_writer *w);
    A directory with config.json and model.safetensors (or shards listed in
    model.safetensors.index.json), tensor names as transformers' DeepseekV3ForCausalLM and the
    released weights use them (MTP module k as layer num_hidden_layers + k − 1). FP8 weights
-   with weight_scale_inv blocks are dequantised on load. */
+   with weight_scale_inv blocks are dequantised on load. Loading is strict: every tensor with
+   exactly its shape (fused expert stacks included), nothing extra, no NaN or Inf (refused with
+   the tensor's name), an exact shard index; files that are not regular files are refused. */
 typedef struct moe_hf_save_opts {
     int fp8;            /* write linear weights as F8_E4M3 + weight_scale_inv (B×B blocks) */
     int64_t fp8_block;  /* B, default 128 */
@@ -1007,6 +1020,7 @@ MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const flo
 #if defined(__unix__) || defined(__APPLE__)
 #include <dirent.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 #ifdef MOE_CBLAS
@@ -1492,6 +1506,15 @@ static uint64_t moe__fnv1a(uint64_t h, const unsigned char *p, size_t n) {
     for (i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ull;
     return h;
 }
+/* A stored checksum against the computed one (not enforced in fuzzing builds, see the top). */
+static int moe__checksum_ok(uint64_t stored, uint64_t computed) {
+#ifdef FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
+    (void)stored; (void)computed;
+    return 1;
+#else
+    return stored == computed;
+#endif
+}
 static void moe__le_put32(unsigned char *p, uint32_t v) {
     int i;
     for (i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -1505,7 +1528,35 @@ static uint32_t moe__le_get32(const unsigned char *p) {
 }
 static uint64_t moe__le_get64(const unsigned char *p) { return (uint64_t)moe__le_get32(p) | (uint64_t)moe__le_get32(p + 4) << 32; }
 
-/* Read a whole file (at most max_bytes) into a heap buffer with a terminating 0. */
+/* Refuse what is not a regular file before opening it: fopen on a FIFO blocks until a writer
+   comes, and a directory opens on Linux and then sizes as LONG_MAX. Without POSIX stat the
+   check is left to fopen. */
+static moe_status moe__check_regular(moe_ctx *ctx, const char *fn, const char *path) {
+#if defined(__unix__) || defined(__APPLE__)
+    struct stat sb;
+    if (stat(path, &sb) != 0) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
+    if (!S_ISREG(sb.st_mode))
+        return moe__fail(ctx, MOE_ERR_IO, "%s: '%s' is %s, not a regular file", fn, path,
+                         S_ISDIR(sb.st_mode) ? "a directory" : S_ISFIFO(sb.st_mode) ? "a FIFO (named pipe)" : "a device or socket");
+#else
+    (void)ctx; (void)fn; (void)path;
+#endif
+    return MOE_OK;
+}
+
+/* Whether anything (file, directory, FIFO ...) is at `path`, without opening it. */
+static int moe__path_exists(const char *path) {
+#if defined(__unix__) || defined(__APPLE__)
+    struct stat sb;
+    return stat(path, &sb) == 0;
+#else
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+#endif
+}
+
+/* Read a whole regular file (at most max_bytes) into a heap buffer with a terminating 0. */
 static moe_status moe__read_file(moe_ctx *ctx, const char *fn, const char *path, size_t max_bytes, unsigned char **buf,
                                  size_t *len) {
     FILE *f;
@@ -1514,6 +1565,7 @@ static moe_status moe__read_file(moe_ctx *ctx, const char *fn, const char *path,
     *buf = NULL;
     *len = 0;
     if (!path) return moe__fail(ctx, MOE_ERR_ARG, "%s: path is NULL", fn);
+    MOE__TRY(moe__check_regular(ctx, fn, path));
     f = fopen(path, "rb");
     if (!f) return moe__fail(ctx, MOE_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
     if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
@@ -5540,17 +5592,19 @@ static int moe__same_shape(const moe_tensor *a, const moe_tensor *b) {
     return 1;
 }
 
-/* "[2, 3, 4]" into buf. */
-static const char *moe__shape_str(const moe_tensor *t, char *buf, size_t size) {
+/* "[2, 3, 4]" into buf, from dims (also the safetensors and HF messages) or a tensor. */
+static const char *moe__dims_str(char *buf, size_t size, int ndim, const int64_t *shape) {
     int i;
     size_t used = 0;
     buf[0] = 0;
-    if (!t) return "(null)";
     used += (size_t)snprintf(buf, size, "[");
-    for (i = 0; i < t->ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+    for (i = 0; i < ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)shape[i]);
     if (used < size) snprintf(buf + used, size - used, "]");
     return buf;
+}
+static const char *moe__shape_str(const moe_tensor *t, char *buf, size_t size) {
+    return t ? moe__dims_str(buf, size, t->ndim, t->shape) : "(null)";
 }
 
 MOE_API moe_status moe_tensor_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
@@ -6112,10 +6166,22 @@ static double moe__yarn_freq(double f, int64_t j, int64_t dim, double theta, con
     return f / y->factor * ramp + f * (1.0 - ramp);
 }
 
+/* YaRN's magnitude correction 0.1·m·ln(s) + 1 (1 when s <= 1), as transformers' yarn_get_mscale. */
+static double moe__yarn_get_mscale(double s, double m) { return s <= 1.0 ? 1.0 : 0.1 * m * log(s) + 1.0; }
+/* The factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim) when both are given
+   (non-zero), else mscale(s, 1), as transformers' _compute_yarn_parameters. */
+static double moe__yarn_attention_factor(const moe_yarn *y) {
+    if (!y || y->factor <= 1.0) return 1.0;
+    if (y->mscale != 0 && y->mscale_all_dim != 0)
+        return moe__yarn_get_mscale(y->factor, y->mscale) / moe__yarn_get_mscale(y->factor, y->mscale_all_dim);
+    return moe__yarn_get_mscale(y->factor, 1.0);
+}
+
 MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int64_t dim, int64_t max_pos, double theta,
                                        const moe_yarn *yarn) {
     int64_t p, j;
     size_t n;
+    double af = moe__yarn_attention_factor(yarn);
     MOE__CHECK_CTX(ctx);
     if (!table) return moe__fail(ctx, MOE_ERR_ARG, "moe_rope_table_init: table is NULL");
     memset(table, 0, sizeof *table);
@@ -6124,8 +6190,9 @@ MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int6
     if (max_pos <= 0 || max_pos > ((int64_t)1 << 26))
         return moe__fail(ctx, MOE_ERR_SHAPE, "moe_rope_table_init: max_pos must be 1..2^26, got %lld", (long long)max_pos);
     if (!(theta > 1.0)) return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: theta must be > 1");
-    if (yarn && yarn->factor > 1.0 && (yarn->original_max_pos <= 0 || !(yarn->beta_fast > 0) || !(yarn->beta_slow > 0)))
-        return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: YaRN needs original_max_pos, beta_fast, beta_slow > 0");
+    if (yarn && yarn->factor > 1.0 && (yarn->original_max_pos <= 0 || !(yarn->beta_fast > 0) || !(yarn->beta_slow > 0) ||
+                                       !(yarn->mscale >= 0) || !(yarn->mscale_all_dim >= 0) || !isfinite(yarn->factor)))
+        return moe__fail(ctx, MOE_ERR_CONFIG, "moe_rope_table_init: YaRN needs original_max_pos, beta_fast, beta_slow > 0 and mscale, mscale_all_dim >= 0");
     if (moe__mul_overflows((size_t)max_pos, (size_t)dim * sizeof(float), &n))
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_rope_table_init: table too large");
     {
@@ -6136,8 +6203,8 @@ MOE_API moe_status moe_rope_table_init(moe_ctx *ctx, moe_rope_table *table, int6
             double f = moe__yarn_freq(pow(theta, -2.0 * (double)j / (double)dim), j, dim, theta, yarn);
             for (p = 0; p < max_pos; p++) {
                 double a = (double)p * f;
-                host[(p * (dim / 2) + j) * 2] = (float)cos(a);
-                host[(p * (dim / 2) + j) * 2 + 1] = (float)sin(a);
+                host[(p * (dim / 2) + j) * 2] = (float)(cos(a) * af);
+                host[(p * (dim / 2) + j) * 2 + 1] = (float)(sin(a) * af);
             }
         }
         table->device = MOE__BE(ctx)->device;
@@ -6723,6 +6790,7 @@ typedef struct moe__mla {
 typedef struct moe__mla_dims {
     int64_t B, T, N, d, H, qr, kvr, dn, dr, dqk, dv, pos0;
     moe_real eps, scale;
+    moe_rope_layout layout; /* of q_pe and k_pe (config.json rope_interleave) */
 } moe__mla_dims;
 
 /* Decoding with several threads, one row of a pass each (section 13): a row publishes that
@@ -6784,9 +6852,9 @@ static moe_status moe__mla_bwd(moe_ctx *ctx, moe__node *n) {
     MOE__TRY(moe__linear_bwd(ctx, o, dout, N, H * m.dv, MOE__F32(w->o), m.d, dO, moe__param_grad(w->o), S->prec));
     MOE__TRY(be->attention_bwd(ctx, q, k, v, o, lse, dO, m.B, m.T, H, m.dqk, m.dv, m.scale, dq, dk, dv));
     /* un-rotate: q per head; the shared k_pe collects the sum over heads first */
-    MOE__TRY(be->rope(ctx, dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, MOE_ROPE_PAIRS, 1));
+    MOE__TRY(be->rope(ctx, dq, N, m.T, H, m.dqk, m.dn, m.dr, S->cos_sin, m.pos0, m.layout, 1));
     MOE__TRY(be->mla_merge_kv(ctx, dk, dv, N, H, m.dn, m.dr, m.dv, dkvb, dkpe));
-    MOE__TRY(be->rope(ctx, dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, MOE_ROPE_PAIRS, 1));
+    MOE__TRY(be->rope(ctx, dkpe, N, m.T, 1, m.dr, 0, m.dr, S->cos_sin, m.pos0, m.layout, 1));
     /* kv path: kv_b, its norm, kv_a (rows 0..kvr-1 make c_KV, rows kvr.. the RoPE key) */
     MOE__TRY(moe__linear_bwd(ctx, ckvn, dkvb, N, m.kvr, MOE__F32(w->kv_b), H * (m.dn + m.dv), dckvn, moe__param_grad(w->kv_b), S->prec));
     MOE__TRY(be->rmsnorm_bwd(ctx, ckv, MOE__F32(w->kv_a_norm), S->rkv, dckvn, N, m.kvr, dckv, moe__param_grad(w->kv_a_norm)));
@@ -6861,7 +6929,7 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
     g.role_b = MOE_FP8_FPROP_W;
     MOE__TRY(be->gemm(ctx, &g));
     MOE__TRY(be->rmsnorm_fwd(ctx, ckv, m.kvr, MOE__F32(w->kv_a_norm), N, m.kvr, m.eps, ckvn, ld_lat, S->rkv));
-    MOE__TRY(be->rope(ctx, kpe, N, m.T, 1, ld_kpe, 0, m.dr, rope->cos_sin, m.pos0, MOE_ROPE_PAIRS, 0));
+    MOE__TRY(be->rope(ctx, kpe, N, m.T, 1, ld_kpe, 0, m.dr, rope->cos_sin, m.pos0, m.layout, 0));
     if (cache && cache->sync) moe__count(cache->sync->progress + cache->sync->row * MOE__LINE); /* our rows are written */
     if (cache && cache->write_only) {
         *out = NULL;
@@ -6879,7 +6947,7 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
     } else {
         MOE__TRY(moe__linear(ctx, X, N, m.d, MOE__F32(w->q_proj), H * m.dqk, q, prec));
     }
-    MOE__TRY(be->rope(ctx, q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, MOE_ROPE_PAIRS, 0));
+    MOE__TRY(be->rope(ctx, q, N, m.T, H, m.dqk, m.dn, m.dr, rope->cos_sin, m.pos0, m.layout, 0));
     if (cache && cache->sync) { /* the rows before ours, written by other threads, are read next */
         const moe__pass_sync *s = cache->sync;
         int64_t mine = moe__count_read(s->progress + s->row * MOE__LINE), j;
@@ -7139,9 +7207,13 @@ MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *c) {
     static const char *fn = "moe_config_validate";
     MOE__CHECK_CTX(ctx);
     if (!c) return moe__fail(ctx, MOE_ERR_ARG, "%s: config is NULL", fn);
-#define MOE__POS(f) if (c->f <= 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must be positive, got %lld", fn, (long long)c->f)
-#define MOE__NONNEG(f) if (c->f < 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must not be negative, got %lld", fn, (long long)c->f)
-    MOE__POS(vocab_size); MOE__POS(hidden_size); MOE__POS(num_hidden_layers); MOE__POS(num_attention_heads);
+    /* sizes are capped at 2^24 (layers 2^16) so that every product of three of them fits int64 */
+#define MOE__POS(f) if (c->f <= 0 || c->f > ((int64_t)1 << 24)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must be 1..2^24, got %lld", fn, (long long)c->f)
+#define MOE__NONNEG(f) if (c->f < 0 || c->f > ((int64_t)1 << 24)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: " #f " must be 0..2^24, got %lld", fn, (long long)c->f)
+    if (c->vocab_size <= 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: vocab_size must be positive, got %lld", fn, (long long)c->vocab_size);
+    if (c->num_hidden_layers > 65536) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_hidden_layers must be at most 65536", fn);
+    MOE__POS(hidden_size); MOE__POS(num_hidden_layers); MOE__POS(num_attention_heads); MOE__NONNEG(intermediate_size);
+    MOE__NONNEG(moe_intermediate_size);
     MOE__POS(kv_lora_rank); MOE__POS(qk_nope_head_dim); MOE__POS(qk_rope_head_dim); MOE__POS(v_head_dim);
     MOE__POS(max_position_embeddings); MOE__NONNEG(q_lora_rank); MOE__NONNEG(first_k_dense_replace);
     MOE__NONNEG(n_shared_experts); MOE__NONNEG(num_nextn_predict_layers);
@@ -7184,10 +7256,16 @@ MOE_API moe_status moe_config_validate(moe_ctx *ctx, const moe_config *c) {
     if (!(c->rms_norm_eps > 0) || c->rms_norm_eps > 1) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rms_norm_eps must be in (0, 1]", fn);
     if (!(c->initializer_range >= 0) || !isfinite(c->initializer_range)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: initializer_range must be >= 0", fn);
     if (c->rope_scaling.factor != 0) {
-        if (!(c->rope_scaling.factor >= 1) || c->rope_scaling.original_max_pos <= 0 || !(c->rope_scaling.beta_fast > 0) ||
-            !(c->rope_scaling.beta_slow > 0))
-            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rope_scaling (YaRN) needs factor >= 1, original_max_position_embeddings, beta_fast and beta_slow > 0", fn);
+        const moe_yarn *y = &c->rope_scaling;
+        if (!(y->factor >= 1 && y->factor <= 1e6) || y->original_max_pos <= 0 || y->original_max_pos > ((int64_t)1 << 26) ||
+            !(y->beta_fast > 0 && y->beta_fast <= 1e6) || !(y->beta_slow > 0 && y->beta_slow <= 1e6))
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rope_scaling (YaRN) needs factor in [1, 1e6], original_max_position_embeddings "
+                             "in 1..2^26, beta_fast and beta_slow in (0, 1e6]", fn);
+        if (!(y->mscale >= 0 && y->mscale <= 1e6) || !(y->mscale_all_dim >= 0 && y->mscale_all_dim <= 1e6))
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: rope_scaling (YaRN) mscale and mscale_all_dim must be in [0, 1e6] (0: absent)", fn);
     }
+    if (c->rope_layout != MOE_ROPE_PAIRS && c->rope_layout != MOE_ROPE_HALVES)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: unknown rope_layout %d", fn, (int)c->rope_layout);
     if (c->max_position_embeddings > ((int64_t)1 << 26)) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: max_position_embeddings too large", fn);
     return MOE_OK;
 }
@@ -7432,8 +7510,8 @@ MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t s
     }
     {
         double scale = 1.0 / sqrt((double)(c.qk_nope_head_dim + c.qk_rope_head_dim));
-        if (c.rope_scaling.factor > 1 && c.rope_scaling.mscale_all_dim > 0) {
-            double ms = 0.1 * c.rope_scaling.mscale_all_dim * log(c.rope_scaling.factor) + 1.0;
+        if (c.rope_scaling.factor > 1 && c.rope_scaling.mscale_all_dim != 0) { /* transformers' yarn_apply_mscale */
+            double ms = moe__yarn_get_mscale(c.rope_scaling.factor, c.rope_scaling.mscale_all_dim);
             scale *= ms * ms;
         }
         m->softmax_scale = (moe_real)scale;
@@ -7491,6 +7569,7 @@ static moe__mla_dims moe__model_mla_dims(const moe_model *m, int64_t B, int64_t 
     d.eps = (moe_real)1e-6; /* q_a_layernorm and kv_a_layernorm: 1e-6 whatever rms_norm_eps says, as the
                                official code and transformers construct them */
     d.scale = m->softmax_scale;
+    d.layout = c->rope_layout;
     return d;
 }
 
@@ -8006,9 +8085,16 @@ MOE_API moe_status moe_distill_loss(moe_ctx *ctx, moe_tensor *student_logits, mo
 
 /* Checks of a top-k teacher: ids in range and distinct within a row, log-probabilities
    finite and ≤ 0, tail in [0, 1], and the k + 1 masses summing to 1 within 1e-3. */
+static int moe__cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+/* Repeated ids are found with `mark` (V zeroed bytes, left zeroed) or, when mark is NULL, by
+   sorting a copy of each row in `sorted` (k ints): a cache file's vocabulary comes from its
+   header, and V bytes for a hostile 2^31 would be allocated for nothing. */
 static moe_status moe__distill_check_topk(moe_ctx *ctx, const char *fn, moe_status err, int64_t first, const int32_t *ids,
                                           const moe_real *logp, const moe_real *tail, int64_t rows, int64_t k, int64_t V,
-                                          unsigned char *mark) {
+                                          unsigned char *mark, int32_t *sorted) {
     int64_t r, i;
     for (r = 0; r < rows; r++) {
         const int32_t *id = ids + r * k;
@@ -8016,16 +8102,22 @@ static moe_status moe__distill_check_topk(moe_ctx *ctx, const char *fn, moe_stat
         double mass = (double)tail[r];
         const char *bad = NULL;
         if (!(tail[r] >= 0 && tail[r] <= 1)) bad = "a tail mass outside [0, 1]";
+        if (!mark && !bad) {
+            memcpy(sorted, id, (size_t)k * sizeof(int32_t));
+            qsort(sorted, (size_t)k, sizeof(int32_t), moe__cmp_i32);
+            for (i = 1; i < k && !bad; i++)
+                if (sorted[i] == sorted[i - 1]) bad = "a repeated token id";
+        }
         for (i = 0; i < k && !bad; i++) {
             if (id[i] < 0 || id[i] >= V) bad = "a token id outside the vocabulary";
-            else if (mark[id[i]]) bad = "a repeated token id";
+            else if (mark && mark[id[i]]) bad = "a repeated token id";
             else if (!(lp[i] <= 1e-6) || !isfinite(lp[i])) bad = "a log-probability that is not finite and <= 0";
             else {
-                mark[id[i]] = 1;
+                if (mark) mark[id[i]] = 1;
                 mass += exp((double)lp[i]);
             }
         }
-        for (i = 0; i < k; i++)
+        for (i = 0; mark && i < k; i++)
             if (id[i] >= 0 && id[i] < V) mark[id[i]] = 0;
         if (!bad && fabs(mass - 1.0) > 1e-3) bad = "top-k and tail masses that do not sum to 1";
         if (bad)
@@ -8058,7 +8150,7 @@ MOE_API moe_status moe_distill_loss_topk(moe_ctx *ctx, moe_tensor *student_logit
         const moe_real *h_logp = (const moe_real *)moe__host_data(ctx, top_logp->data, (size_t)top_logp->numel * sizeof(moe_real));
         const moe_real *h_tail = (const moe_real *)moe__host_data(ctx, tail->data, (size_t)tail->numel * sizeof(moe_real));
         if (!h_ids || !h_logp || !h_tail) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_ARG, 0, h_ids, h_logp, h_tail, D->op.rows, k, D->op.V, mark));
+        MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_ARG, 0, h_ids, h_logp, h_tail, D->op.rows, k, D->op.V, mark, NULL));
     }
     D->op.k = k;
     D->op.ids = MOE__I32(top_ids);
@@ -8317,14 +8409,12 @@ struct moe_distill_cache {
     FILE *f;
     moe_distill_info info;
     size_t rec_bytes;
-    unsigned char *mark; /* V bytes for the per-record checks */
-    char path[1024];     /* for messages (may be cut) */
+    char path[1024]; /* for messages (may be cut) */
 };
 
 MOE_API void moe_distill_cache_close(moe_distill_cache *c) {
     if (!c) return;
     if (c->f) fclose(c->f);
-    MOE_FREE(c->mark);
     MOE_FREE(c);
 }
 
@@ -8349,8 +8439,9 @@ MOE_API moe_status moe_distill_cache_open(moe_ctx *ctx, const char *path, moe_di
     c = (moe_distill_cache *)moe__heap_calloc(ctx, sizeof *c);
     if (!c) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     snprintf(c->path, sizeof c->path, "%s", path);
-    c->f = fopen(path, "rb");
-    if (!c->f) s = moe__fail(ctx, MOE_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
+    s = moe__check_regular(ctx, fn, path);
+    if (s != MOE_OK) {
+    } else if (!(c->f = fopen(path, "rb"))) s = moe__fail(ctx, MOE_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
     else if (fseek(c->f, 0, SEEK_END) != 0 || (size = ftell(c->f)) < 0 || fseek(c->f, 0, SEEK_SET) != 0)
         s = moe__fail(ctx, MOE_ERR_IO, "%s: cannot size '%s'", fn, path);
     else if (size < MOE__DISTILL_HDR || fread(hdr, 1, sizeof hdr, c->f) != sizeof hdr)
@@ -8397,12 +8488,8 @@ MOE_API moe_status moe_distill_cache_open(moe_ctx *ctx, const char *path, moe_di
             left -= n;
         }
         MOE_FREE(buf);
-        if (s == MOE_OK && moe__fnv1a(h, hdr, 56) != moe__le_get64(hdr + 56))
+        if (s == MOE_OK && !moe__checksum_ok(moe__le_get64(hdr + 56), moe__fnv1a(h, hdr, 56)))
             s = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' fails its checksum (corrupted)", fn, path);
-    }
-    if (s == MOE_OK) {
-        c->mark = (unsigned char *)moe__heap_calloc(ctx, (size_t)vocab);
-        if (!c->mark) s = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     }
     if (s != MOE_OK) {
         moe_distill_cache_close(c);
@@ -8421,6 +8508,7 @@ MOE_API moe_status moe_distill_cache_read(moe_ctx *ctx, moe_distill_cache *c, in
     static const char *fn = "moe_distill_cache_read";
     int64_t shape[2], k, r, i;
     unsigned char *raw;
+    int32_t *sorted;
     size_t bytes;
     uint64_t off;
     int32_t *h_ids;
@@ -8460,7 +8548,9 @@ MOE_API moe_status moe_distill_cache_read(moe_ctx *ctx, moe_distill_cache *c, in
         h_tail[r] = (moe_real)f;
     }
     /* the checksum catches damage, not a hostile writer: check what the loss relies on */
-    MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_FORMAT, first, h_ids, h_logp, h_tail, rows, k, c->info.vocab, c->mark));
+    sorted = (int32_t *)moe__arena_alloc(ctx, (size_t)k, sizeof(int32_t), fn);
+    if (!sorted) return MOE_ERR_MEMORY;
+    MOE__TRY(moe__distill_check_topk(ctx, fn, MOE_ERR_FORMAT, first, h_ids, h_logp, h_tail, rows, k, c->info.vocab, NULL, sorted));
     shape[0] = rows;
     shape[1] = k;
     MOE__TRY(moe_tensor_temp(ctx, MOE_I32, 2, shape, ids));
@@ -8512,11 +8602,15 @@ typedef struct moe__jtok {
 typedef struct moe__json {
     const char *s;
     int64_t len, n, cap;
-    moe__jtok *t; /* NULL in the counting pass */
+    moe__jtok *t; /* heap while parsing (grown by doubling), then a copy in the step arena */
     int64_t err_at;
+    int oom;
 } moe__json;
 
 #define MOE__JSON_MAX_DEPTH 64
+/* At most 2^24 values (670 MB of tokens): DeepSeek-V3's shard index has ~2·10^5, a shard header
+   ~5·10^4. A hostile 100 MB header of "[0,0,0,...]" would otherwise ask for 5·10^7. */
+#define MOE__JSON_MAX_VALUES ((int64_t)1 << 24)
 
 static int64_t moe__json_ws(const moe__json *j, int64_t p) {
     while (p < j->len && (j->s[p] == ' ' || j->s[p] == '\t' || j->s[p] == '\n' || j->s[p] == '\r')) p++;
@@ -8533,7 +8627,18 @@ static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
     j->err_at = q;
     if (depth > MOE__JSON_MAX_DEPTH) return "nesting too deep";
     if (q >= j->len) return "unexpected end";
-    if (j->t && j->n >= j->cap) return "too many values";
+    if (j->n >= MOE__JSON_MAX_VALUES) return "more than 2^24 values";
+    if (j->n >= j->cap) {
+        int64_t cap = j->cap ? 2 * j->cap : 64;
+        moe__jtok *t = (uint64_t)cap > SIZE_MAX / sizeof(moe__jtok) ? NULL
+                                                                      : (moe__jtok *)MOE_REALLOC(j->t, (size_t)cap * sizeof(moe__jtok));
+        if (!t) {
+            j->oom = 1;
+            return "out of memory";
+        }
+        j->t = t;
+        j->cap = cap;
+    }
     me = j->n++;
     tok.start = q;
     tok.count = 0;
@@ -8620,35 +8725,36 @@ static const char *moe__json_value(moe__json *j, int64_t *p, int depth) {
         return "unexpected character";
     }
     tok.next = j->n;
-    if (j->t) j->t[me] = tok;
+    j->t[me] = tok;
     *p = q;
     return NULL;
 }
 
-/* Parse a whole document: a counting pass, then the tokens into the step arena. */
+/* Parse a whole document in one pass; the tokens end up in the step arena. */
 static moe_status moe__json_parse(moe_ctx *ctx, const char *what, const char *s, int64_t len, moe__json *j) {
     int64_t p = 0;
     const char *err;
-    int pass;
+    moe__jtok *heap;
+    memset(j, 0, sizeof *j);
     j->s = s;
     j->len = len;
-    j->t = NULL;
-    for (pass = 0; pass < 2; pass++) {
-        j->n = 0;
-        p = 0;
-        err = moe__json_value(j, &p, 0);
-        if (!err && moe__json_ws(j, p) != len) {
-            j->err_at = moe__json_ws(j, p);
-            err = "text after the JSON value";
-        }
-        if (err) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %lld: %s", what, (long long)j->err_at, err);
-        if (pass == 0) {
-            j->cap = j->n;
-            j->t = (moe__jtok *)moe__arena_alloc(ctx, (size_t)j->cap, sizeof(moe__jtok), what);
-            if (!j->t) return MOE_ERR_MEMORY;
-        }
+    err = moe__json_value(j, &p, 0);
+    if (!err && moe__json_ws(j, p) != len) {
+        j->err_at = moe__json_ws(j, p);
+        err = "text after the JSON value";
     }
-    return MOE_OK;
+    heap = j->t;
+    if (err) {
+        MOE_FREE(heap);
+        j->t = NULL;
+        if (j->oom) return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory parsing JSON", what);
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %lld: %s", what, (long long)j->err_at, err);
+    }
+    j->t = (moe__jtok *)moe__arena_alloc(ctx, (size_t)j->n, sizeof(moe__jtok), what);
+    if (j->t) memcpy(j->t, heap, (size_t)j->n * sizeof(moe__jtok));
+    MOE_FREE(heap);
+    j->cap = j->n;
+    return j->t ? MOE_OK : MOE_ERR_MEMORY;
 }
 
 /* Decode string token i into buf (UTF-8, NUL-terminated); 0 if it does not fit. */
@@ -8683,16 +8789,60 @@ static int moe__json_str(const moe__json *j, int64_t i, char *buf, size_t size) 
     return 1;
 }
 
-/* The value token of `key` in object token obj, or -1. */
+/* The value token of `key` (no backslash in it) in object token obj, or -1. Keys are compared
+   in place; an escape always makes the raw text longer than what it decodes to, so only a
+   longer key holding a backslash is decoded first. */
 static int64_t moe__json_get(const moe__json *j, int64_t obj, const char *key) {
     int64_t i, k;
+    size_t klen = strlen(key);
     char buf[256];
     if (obj < 0 || j->t[obj].type != MOE__J_OBJ) return -1;
     for (i = obj + 1, k = 0; k < j->t[obj].count; k++) {
-        if (moe__json_str(j, i, buf, sizeof buf) && strcmp(buf, key) == 0) return i + 1;
+        const char *raw = j->s + j->t[i].start;
+        size_t rlen = (size_t)(j->t[i].end - j->t[i].start);
+        if (rlen == klen ? memcmp(raw, key, klen) == 0
+                         : rlen > klen && memchr(raw, '\\', rlen) && moe__json_str(j, i, buf, sizeof buf) && strcmp(buf, key) == 0)
+            return i + 1;
         i = j->t[i + 1].next;
     }
     return -1;
+}
+
+static int moe__json_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* 1 when two keys of object token obj decode to the same string (the key goes to dup), 0 when
+   none do, -1 without memory. Sorting keeps a hostile object of a million keys O(n log n). */
+static int moe__json_dup_key(const moe__json *j, int64_t obj, char *dup, size_t dup_size) {
+    int64_t n, i, k, raw = 0;
+    char **keys, *text, *at;
+    int found = 0;
+    if (obj < 0 || j->t[obj].type != MOE__J_OBJ || (n = j->t[obj].count) < 2) return 0;
+    for (i = obj + 1, k = 0; k < n; k++, i = j->t[i + 1].next) raw += j->t[i].end - j->t[i].start + 1;
+    keys = (char **)MOE_MALLOC(sizeof(char *) * (size_t)n);
+    text = (char *)MOE_MALLOC((size_t)raw);
+    if (!keys || !text) {
+        MOE_FREE(keys);
+        MOE_FREE(text);
+        return -1;
+    }
+    for (at = text, i = obj + 1, k = 0; k < n; k++, i = j->t[i + 1].next) {
+        size_t len = (size_t)(j->t[i].end - j->t[i].start); /* decoding never lengthens a string */
+        if (!moe__json_str(j, i, at, len + 1)) { /* a \u0000 inside: compare the raw text */
+            memcpy(at, j->s + j->t[i].start, len);
+            at[len] = 0;
+        }
+        keys[k] = at;
+        at += strlen(at) + 1;
+    }
+    qsort(keys, (size_t)n, sizeof *keys, moe__json_cmp_str);
+    for (k = 1; k < n && !found; k++)
+        if (strcmp(keys[k - 1], keys[k]) == 0) {
+            snprintf(dup, dup_size, "%s", keys[k]);
+            found = 1;
+        }
+    MOE_FREE(keys);
+    MOE_FREE(text);
+    return found;
 }
 
 static int moe__json_num(const moe__json *j, int64_t i, double *v) {
@@ -8721,49 +8871,199 @@ static moe_config moe__config_hf_defaults(void) {
     return c;
 }
 
-MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *text, size_t len, moe_config *cfg) {
-    static const char *fn = "moe_config_parse";
-    moe__json j;
-    moe_config c = moe__config_hf_defaults();
-    int64_t v;
+/* Fields of config.json are read strictly: a key that is present is honoured or refused by
+   name. Its value must have the right JSON type and lie in range (an explicit 0 where 0 means
+   nothing is refused: zero-means-default is a convention of the C struct only, not of files),
+   and a number is converted to an integer only when it is an integer that fits. */
+typedef struct moe__cfg_reader {
+    moe_ctx *ctx;
+    const moe__json *j;
+    const char *fn;
+} moe__cfg_reader;
+
+/* Refuse an object with a key given twice (Python's json keeps the last, a first-match lookup
+   the first: the two would build different models). */
+static moe_status moe__cfg_no_dup(const moe__cfg_reader *R, int64_t obj, const char *what) {
+    char dup[128];
+    int d = moe__json_dup_key(R->j, obj, dup, sizeof dup);
+    if (d < 0) return moe__fail(R->ctx, MOE_ERR_MEMORY, "%s: out of memory", R->fn);
+    if (d) return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: key \"%s\" appears twice in %s", R->fn, dup, what);
+    return MOE_OK;
+}
+
+/* Integer field `key` of object `obj` into *out when present: in [lo, hi] (hi <= 2^53, so the
+   double holds it exactly). `null_ok`: a JSON null leaves *out and sets *is_null. */
+static moe_status moe__cfg_int(const moe__cfg_reader *R, int64_t obj, const char *prefix, const char *key, int64_t lo, int64_t hi,
+                               int64_t *out, int null_ok, int *is_null) {
+    int64_t v = moe__json_get(R->j, obj, key);
     double x;
+    if (is_null) *is_null = 0;
+    if (v < 0) return MOE_OK;
+    if (R->j->t[v].type == MOE__J_NULL && null_ok) {
+        if (is_null) *is_null = 1;
+        return MOE_OK;
+    }
+    if (!moe__json_num(R->j, v, &x))
+        return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s%s\" must be an integer%s", R->fn, prefix, key, null_ok ? " or null" : "");
+    if (!(x >= (double)lo && x <= (double)hi) || x != floor(x))
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" = %.17g is out of range (an integer in [%lld, %lld])", R->fn, prefix,
+                         key, x, (long long)lo, (long long)hi);
+    *out = (int64_t)x;
+    return MOE_OK;
+}
+
+/* Real field: finite, and > lo (lo_open) or >= lo, and <= hi. null_ok as above. */
+static moe_status moe__cfg_real(const moe__cfg_reader *R, int64_t obj, const char *prefix, const char *key, double lo, int lo_open,
+                                double hi, double *out, int null_ok, int *present) {
+    int64_t v = moe__json_get(R->j, obj, key);
+    double x;
+    if (present) *present = 0;
+    if (v < 0 || (R->j->t[v].type == MOE__J_NULL && null_ok)) return MOE_OK;
+    if (!moe__json_num(R->j, v, &x))
+        return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s%s\" must be a number%s", R->fn, prefix, key, null_ok ? " or null" : "");
+    if (!isfinite(x) || (lo_open ? !(x > lo) : !(x >= lo)) || x > hi) {
+        char range[96];
+        if (lo == hi) snprintf(range, sizeof range, "%g", lo);
+        else if (hi < DBL_MAX) snprintf(range, sizeof range, "%s%g, %g]", lo_open ? "(" : "[", lo, hi);
+        else snprintf(range, sizeof range, "%s %g and finite", lo_open ? ">" : ">=", lo);
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" = %.17g is out of range (must be %s)", R->fn, prefix, key, x, range);
+    }
+    *out = x;
+    if (present) *present = 1;
+    return MOE_OK;
+}
+
+/* Boolean field: true or false (null refused: transformers would read it as false). */
+static moe_status moe__cfg_bool(const moe__cfg_reader *R, int64_t obj, const char *key, int *out) {
+    int64_t v = moe__json_get(R->j, obj, key);
+    if (v < 0) return MOE_OK;
+    if (R->j->t[v].type != MOE__J_TRUE && R->j->t[v].type != MOE__J_FALSE)
+        return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s\" must be true or false", R->fn, key);
+    *out = R->j->t[v].type == MOE__J_TRUE;
+    return MOE_OK;
+}
+
+/* The RoPE object (legacy "rope_scaling" or transformers 5's "rope_parameters"), read as
+   transformers reads it: rope_type "default" or "yarn"; YaRN needs factor (>= 1), takes
+   original_max_position_embeddings (default max_position_embeddings), beta_fast/beta_slow
+   (default 32/1), mscale/mscale_all_dim (absent, null and 0 are the same: transformers tests
+   them for truth). Keys it does not implement are refused by name. */
+static moe_status moe__cfg_rope(const moe__cfg_reader *R, int64_t v, const char *what, moe_config *c) {
+    static const char *known[] = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+                                  "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor"};
+    const moe__json *j = R->j;
+    char buf[64], prefix[40];
+    int64_t i, k, w, omax = c->max_position_embeddings;
+    double x;
+    int yarn, present;
+    if (j->t[v].type != MOE__J_OBJ) return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%s\" must be an object or null", R->fn, what);
+    MOE__TRY(moe__cfg_no_dup(R, v, what));
+    snprintf(prefix, sizeof prefix, "%s.", what);
+    for (i = v + 1, k = 0; k < j->t[v].count; k++, i = j->t[i + 1].next) {
+        size_t q;
+        int ok = 0;
+        if (!moe__json_str(j, i, buf, sizeof buf)) return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s\" has an unknown key", R->fn, what);
+        for (q = 0; q < sizeof known / sizeof known[0]; q++) ok |= strcmp(buf, known[q]) == 0;
+        if (!ok) return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" is not supported", R->fn, prefix, buf);
+    }
+    w = moe__json_get(j, v, "rope_type");
+    if (w < 0) w = moe__json_get(j, v, "type");
+    if (w < 0) return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s\" needs a rope_type (\"default\" or \"yarn\")", R->fn, what);
+    if (!moe__json_str(j, w, buf, sizeof buf)) return moe__fail(R->ctx, MOE_ERR_FORMAT, "%s: \"%srope_type\" must be a string", R->fn, prefix);
+    if (strcmp(buf, "yarn") != 0 && strcmp(buf, "default") != 0)
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: %s type \"%s\" is not supported (\"default\" or \"yarn\")", R->fn, what, buf);
+    yarn = strcmp(buf, "yarn") == 0;
+    MOE__TRY(moe__cfg_real(R, v, prefix, "rope_theta", 1.0, 1, DBL_MAX, &c->rope_theta, 0, NULL));
+    MOE__TRY(moe__cfg_real(R, v, prefix, "partial_rotary_factor", 1.0, 0, 1.0, &x, 0, NULL));
+    if ((w = moe__json_get(j, v, "truncate")) >= 0 && j->t[w].type != MOE__J_TRUE)
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%struncate\" must be true (an untruncated YaRN ramp is not supported)", R->fn, prefix);
+    if ((w = moe__json_get(j, v, "attention_factor")) >= 0 && j->t[w].type != MOE__J_NULL)
+        return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%sattention_factor\" is not supported (it is derived from factor, mscale and "
+                         "mscale_all_dim)", R->fn, prefix);
+    memset(&c->rope_scaling, 0, sizeof c->rope_scaling);
+    if (!yarn) {
+        static const char *yarn_only[] = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"};
+        size_t q;
+        for (q = 0; q < sizeof yarn_only / sizeof yarn_only[0]; q++)
+            if (moe__json_get(j, v, yarn_only[q]) >= 0)
+                return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: \"%s%s\" needs rope_type \"yarn\"", R->fn, prefix, yarn_only[q]);
+        return MOE_OK;
+    }
+    if (moe__json_get(j, v, "factor") < 0) return moe__fail(R->ctx, MOE_ERR_CONFIG, "%s: YaRN \"%s\" needs a factor", R->fn, what);
+    MOE__TRY(moe__cfg_real(R, v, prefix, "factor", 1.0, 0, 1e6, &c->rope_scaling.factor, 0, NULL));
+    MOE__TRY(moe__cfg_int(R, v, prefix, "original_max_position_embeddings", 1, (int64_t)1 << 26, &omax, 0, NULL));
+    c->rope_scaling.original_max_pos = omax;
+    c->rope_scaling.beta_fast = 32;
+    c->rope_scaling.beta_slow = 1;
+    MOE__TRY(moe__cfg_real(R, v, prefix, "beta_fast", 0.0, 1, 1e6, &c->rope_scaling.beta_fast, 1, &present));
+    MOE__TRY(moe__cfg_real(R, v, prefix, "beta_slow", 0.0, 1, 1e6, &c->rope_scaling.beta_slow, 1, &present));
+    MOE__TRY(moe__cfg_real(R, v, prefix, "mscale", 0.0, 0, 1e6, &c->rope_scaling.mscale, 1, &present));
+    MOE__TRY(moe__cfg_real(R, v, prefix, "mscale_all_dim", 0.0, 0, 1e6, &c->rope_scaling.mscale_all_dim, 1, &present));
+    return MOE_OK;
+}
+
+/* The config of a parsed config.json document. */
+static moe_status moe__config_from_json(moe_ctx *ctx, const moe__json *jp, moe_config *cfg) {
+    static const char *fn = "moe_config_parse";
+    const int64_t DIM = (int64_t)1 << 24, BIG = (int64_t)1 << 31; /* dims; vocabulary and positions */
+    const moe__json j = *jp;
+    moe__cfg_reader R;
+    moe_config c = moe__config_hf_defaults();
+    int64_t v, w, iv;
+    double x;
+    int b, is_null, interleave = 1;
     char buf[64];
-    MOE__CHECK_CTX(ctx);
-    if (!text || !cfg) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL text or config", fn);
-    MOE__TRY(moe__json_parse(ctx, fn, text, (int64_t)len, &j));
     if (j.t[0].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: config.json must be an object", fn);
-#define MOE__INT(f)                                                                                              \
-    if ((v = moe__json_get(&j, 0, #f)) >= 0) {                                                                     \
-        if (!moe__json_num(&j, v, &x) || x != floor(x) || fabs(x) > 9e15)                                         \
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be an integer", fn);                       \
-        c.f = (int64_t)x;                                                                                         \
-    }
-#define MOE__REAL(f)                                                                                             \
-    if ((v = moe__json_get(&j, 0, #f)) >= 0 && !moe__json_num(&j, v, &c.f))                                       \
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be a number", fn);
-#define MOE__BOOL(f)                                                                                             \
-    if ((v = moe__json_get(&j, 0, #f)) >= 0) {                                                                     \
-        if (j.t[v].type != MOE__J_TRUE && j.t[v].type != MOE__J_FALSE)                                            \
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"" #f "\" must be true or false", fn);                     \
-        c.f = j.t[v].type == MOE__J_TRUE;                                                                         \
-    }
-    MOE__INT(vocab_size) MOE__INT(hidden_size) MOE__INT(intermediate_size) MOE__INT(moe_intermediate_size)
-    MOE__INT(num_hidden_layers) MOE__INT(first_k_dense_replace) MOE__INT(num_attention_heads) MOE__INT(kv_lora_rank)
-    MOE__INT(qk_nope_head_dim) MOE__INT(qk_rope_head_dim) MOE__INT(v_head_dim) MOE__INT(n_routed_experts)
-    MOE__INT(n_shared_experts) MOE__INT(num_experts_per_tok) MOE__INT(n_group) MOE__INT(topk_group)
-    MOE__INT(num_nextn_predict_layers) MOE__INT(max_position_embeddings)
-    MOE__REAL(routed_scaling_factor) MOE__REAL(rope_theta) MOE__REAL(rms_norm_eps) MOE__REAL(initializer_range)
-    MOE__BOOL(norm_topk_prob) MOE__BOOL(tie_word_embeddings)
+    R.ctx = ctx;
+    R.j = &j;
+    R.fn = fn;
+    MOE__TRY(moe__cfg_no_dup(&R, 0, "config.json"));
+#define MOE__INT(f, lo, hi) MOE__TRY(moe__cfg_int(&R, 0, "", #f, lo, hi, &c.f, 0, NULL));
+    MOE__INT(vocab_size, 1, BIG - 1) MOE__INT(hidden_size, 1, DIM) MOE__INT(intermediate_size, 1, DIM)
+    MOE__INT(moe_intermediate_size, 1, DIM) MOE__INT(num_hidden_layers, 1, 65536) MOE__INT(first_k_dense_replace, 0, 65536)
+    MOE__INT(num_attention_heads, 1, DIM) MOE__INT(kv_lora_rank, 1, DIM) MOE__INT(qk_nope_head_dim, 1, DIM)
+    MOE__INT(qk_rope_head_dim, 2, DIM) MOE__INT(v_head_dim, 1, DIM) MOE__INT(n_routed_experts, 1, MOE__MAX_EXPERTS)
+    MOE__INT(n_shared_experts, 0, MOE__MAX_EXPERTS) MOE__INT(num_experts_per_tok, 1, MOE__MAX_EXPERTS)
+    MOE__INT(n_group, 1, MOE__MAX_EXPERTS) MOE__INT(topk_group, 1, MOE__MAX_EXPERTS) MOE__INT(num_nextn_predict_layers, 0, 4)
+    MOE__INT(max_position_embeddings, 1, DIM)
 #undef MOE__INT
-#undef MOE__REAL
-#undef MOE__BOOL
-    if ((v = moe__json_get(&j, 0, "num_key_value_heads")) >= 0 && moe__json_num(&j, v, &x) && (int64_t)x != c.num_attention_heads)
-        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_key_value_heads must equal num_attention_heads in MLA", fn);
-    if ((v = moe__json_get(&j, 0, "q_lora_rank")) >= 0) {
-        if (j.t[v].type == MOE__J_NULL) c.q_lora_rank = 0;
-        else if (!moe__json_num(&j, v, &x) || x != floor(x) || x < 0) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"q_lora_rank\" must be an integer or null", fn);
-        else c.q_lora_rank = (int64_t)x;
-    }
+    /* transformers 5 names num_nextn_predict_layers num_mtp_layers (an alias of the same field) */
+    iv = c.num_nextn_predict_layers;
+    MOE__TRY(moe__cfg_int(&R, 0, "", "num_mtp_layers", 0, 4, &iv, 0, NULL));
+    if (moe__json_get(&j, 0, "num_mtp_layers") >= 0 && moe__json_get(&j, 0, "num_nextn_predict_layers") >= 0 && iv != c.num_nextn_predict_layers)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_mtp_layers (%lld) and num_nextn_predict_layers (%lld) disagree", fn, (long long)iv,
+                         (long long)c.num_nextn_predict_layers);
+    c.num_nextn_predict_layers = iv;
+    MOE__TRY(moe__cfg_real(&R, 0, "", "routed_scaling_factor", 0.0, 1, 1e6, &c.routed_scaling_factor, 0, NULL));
+    MOE__TRY(moe__cfg_real(&R, 0, "", "rope_theta", 1.0, 1, DBL_MAX, &c.rope_theta, 0, NULL));
+    MOE__TRY(moe__cfg_real(&R, 0, "", "rms_norm_eps", 0.0, 1, 1.0, &c.rms_norm_eps, 0, NULL));
+    MOE__TRY(moe__cfg_real(&R, 0, "", "initializer_range", 0.0, 1, 1e6, &c.initializer_range, 0, NULL));
+    MOE__TRY(moe__cfg_bool(&R, 0, "norm_topk_prob", &c.norm_topk_prob));
+    MOE__TRY(moe__cfg_bool(&R, 0, "tie_word_embeddings", &c.tie_word_embeddings));
+    MOE__TRY(moe__cfg_bool(&R, 0, "rope_interleave", &interleave));
+    c.rope_layout = interleave ? MOE_ROPE_PAIRS : MOE_ROPE_HALVES;
+    b = 0;
+    MOE__TRY(moe__cfg_bool(&R, 0, "attention_bias", &b));
+    if (b) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: \"attention_bias\": true is not supported (MLA without biases)", fn);
+    b = 0;
+    MOE__TRY(moe__cfg_bool(&R, 0, "mlp_bias", &b));
+    if (b) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: \"mlp_bias\": true is not supported", fn);
+    x = 0;
+    MOE__TRY(moe__cfg_real(&R, 0, "", "attention_dropout", 0.0, 0, 1.0, &x, 1, NULL));
+    if (x != 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: \"attention_dropout\" = %g is not supported (no dropout in moe.h)", fn, x);
+    iv = 1;
+    MOE__TRY(moe__cfg_int(&R, 0, "", "moe_layer_freq", 1, 65536, &iv, 0, NULL));
+    if (iv != 1) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: \"moe_layer_freq\" = %lld is not supported (every layer from "
+                                  "first_k_dense_replace on is MoE)", fn, (long long)iv);
+    MOE__TRY(moe__cfg_real(&R, 0, "", "partial_rotary_factor", 1.0, 0, 1.0, &x, 0, NULL));
+    /* num_key_value_heads: MLA has one latent per token; transformers repeats keys when it differs */
+    iv = c.num_attention_heads;
+    MOE__TRY(moe__cfg_int(&R, 0, "", "num_key_value_heads", 1, DIM, &iv, 1, &is_null));
+    if (iv != c.num_attention_heads)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: num_key_value_heads (%lld) must equal num_attention_heads (%lld) in MLA", fn,
+                         (long long)iv, (long long)c.num_attention_heads);
+    MOE__TRY(moe__cfg_int(&R, 0, "", "q_lora_rank", 1, DIM, &c.q_lora_rank, 1, &is_null));
+    if (is_null) c.q_lora_rank = 0;
     if ((v = moe__json_get(&j, 0, "scoring_func")) >= 0) {
         if (!moe__json_str(&j, v, buf, sizeof buf)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"scoring_func\" must be a string", fn);
         if (strcmp(buf, "sigmoid") == 0) c.scoring_func = MOE_SCORING_SIGMOID;
@@ -8779,33 +9079,27 @@ MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *text, size_t len, 
     }
     if ((v = moe__json_get(&j, 0, "hidden_act")) >= 0 && (!moe__json_str(&j, v, buf, sizeof buf) || strcmp(buf, "silu") != 0))
         return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only hidden_act \"silu\" is supported", fn);
-    /* RoPE: the hub's "rope_theta" + "rope_scaling", or transformers 5's "rope_parameters"
-       (theta and the scaling fields in one object, rope_type "default" or "yarn") */
-    if ((v = moe__json_get(&j, 0, "rope_parameters")) >= 0 && j.t[v].type == MOE__J_OBJ) {
-        int64_t w = moe__json_get(&j, v, "rope_theta");
-        if (w >= 0 && !moe__json_num(&j, w, &c.rope_theta)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: rope_parameters.rope_theta must be a number", fn);
-        w = moe__json_get(&j, v, "rope_type");
-        if (w >= 0 && (!moe__json_str(&j, w, buf, sizeof buf) || strcmp(buf, "default") == 0)) v = -1; /* plain RoPE */
-    } else {
-        v = moe__json_get(&j, 0, "rope_scaling");
-    }
-    if (v >= 0 && j.t[v].type != MOE__J_NULL) {
-        int64_t w;
-        if (j.t[v].type != MOE__J_OBJ) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"rope_scaling\" must be an object or null", fn);
-        w = moe__json_get(&j, v, "type");
-        if (w < 0) w = moe__json_get(&j, v, "rope_type");
-        if (w < 0 || !moe__json_str(&j, w, buf, sizeof buf) || strcmp(buf, "yarn") != 0)
-            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: only YaRN rope scaling is supported", fn);
-        c.rope_scaling.beta_fast = 32; c.rope_scaling.beta_slow = 1; c.rope_scaling.mscale = 1; c.rope_scaling.mscale_all_dim = 0;
-        if ((w = moe__json_get(&j, v, "factor")) >= 0) moe__json_num(&j, w, &c.rope_scaling.factor);
-        if ((w = moe__json_get(&j, v, "original_max_position_embeddings")) >= 0 && moe__json_num(&j, w, &x)) c.rope_scaling.original_max_pos = (int64_t)x;
-        if ((w = moe__json_get(&j, v, "beta_fast")) >= 0) moe__json_num(&j, w, &c.rope_scaling.beta_fast);
-        if ((w = moe__json_get(&j, v, "beta_slow")) >= 0) moe__json_num(&j, w, &c.rope_scaling.beta_slow);
-        if ((w = moe__json_get(&j, v, "mscale")) >= 0) moe__json_num(&j, w, &c.rope_scaling.mscale);
-        if ((w = moe__json_get(&j, v, "mscale_all_dim")) >= 0) moe__json_num(&j, w, &c.rope_scaling.mscale_all_dim);
-    }
-    moe_config_resolve(&c, cfg);
-    return moe_config_validate(ctx, cfg);
+    /* head_dim and qk_head_dim are derived: transformers' DeepseekV3Config overwrites them with
+       qk_rope_head_dim and qk_nope_head_dim + qk_rope_head_dim whatever the file says. */
+    /* RoPE: the hub's "rope_theta" + "rope_scaling", or transformers 5's "rope_parameters" */
+    v = moe__json_get(&j, 0, "rope_parameters");
+    w = moe__json_get(&j, 0, "rope_scaling");
+    if (v >= 0 && j.t[v].type == MOE__J_NULL) v = -1;
+    if (w >= 0 && j.t[w].type == MOE__J_NULL) w = -1;
+    if (v >= 0 && w >= 0) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: both \"rope_parameters\" and \"rope_scaling\" are given", fn);
+    if (v >= 0) MOE__TRY(moe__cfg_rope(&R, v, "rope_parameters", &c));
+    if (w >= 0) MOE__TRY(moe__cfg_rope(&R, w, "rope_scaling", &c));
+    MOE__TRY(moe_config_validate(ctx, &c));
+    *cfg = c;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_config_parse(moe_ctx *ctx, const char *text, size_t len, moe_config *cfg) {
+    moe__json j;
+    MOE__CHECK_CTX(ctx);
+    if (!text || !cfg) return moe__fail(ctx, MOE_ERR_ARG, "moe_config_parse: NULL text or config");
+    MOE__TRY(moe__json_parse(ctx, "moe_config_parse", text, (int64_t)len, &j));
+    return moe__config_from_json(ctx, &j, cfg);
 }
 
 MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *cfg) {
@@ -8823,7 +9117,7 @@ MOE_API moe_status moe_config_load(moe_ctx *ctx, const char *path, moe_config *c
 static int moe__config_json(const moe_config *c, char *buf, size_t size) {
     static const char *topk[] = {"noaux_tc", "greedy", "group_limited_greedy"};
     char rope[512], qr[32];
-    if (c->rope_scaling.factor > 1)
+    if (c->rope_scaling.factor != 0) /* factor 1 is a no-op, but written as read */
         snprintf(rope, sizeof rope,
                  "{\"type\": \"yarn\", \"factor\": %.17g, \"original_max_position_embeddings\": %lld, \"beta_fast\": %.17g, "
                  "\"beta_slow\": %.17g, \"mscale\": %.17g, \"mscale_all_dim\": %.17g}",
@@ -8842,7 +9136,7 @@ static int moe__config_json(const moe_config *c, char *buf, size_t size) {
         "  \"n_routed_experts\": %lld,\n  \"n_shared_experts\": %lld,\n  \"num_experts_per_tok\": %lld,\n"
         "  \"n_group\": %lld,\n  \"topk_group\": %lld,\n  \"topk_method\": \"%s\",\n  \"scoring_func\": \"%s\",\n"
         "  \"norm_topk_prob\": %s,\n  \"routed_scaling_factor\": %.17g,\n  \"num_nextn_predict_layers\": %lld,\n"
-        "  \"max_position_embeddings\": %lld,\n  \"rope_theta\": %.17g,\n  \"rope_scaling\": %s,\n  \"rope_interleave\": true,\n"
+        "  \"max_position_embeddings\": %lld,\n  \"rope_theta\": %.17g,\n  \"rope_scaling\": %s,\n  \"rope_interleave\": %s,\n"
         "  \"rms_norm_eps\": %.17g,\n  \"hidden_act\": \"silu\",\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
         "  \"tie_word_embeddings\": %s,\n  \"initializer_range\": %.17g,\n  \"bos_token_id\": 0,\n  \"eos_token_id\": 1,\n"
         "  \"torch_dtype\": \"float32\"\n}\n",
@@ -8853,7 +9147,8 @@ static int moe__config_json(const moe_config *c, char *buf, size_t size) {
         (long long)c->num_experts_per_tok, (long long)c->n_group, (long long)c->topk_group, topk[c->topk_method],
         c->scoring_func == MOE_SCORING_SOFTMAX ? "softmax" : "sigmoid", c->norm_topk_prob ? "true" : "false",
         c->routed_scaling_factor, (long long)c->num_nextn_predict_layers, (long long)c->max_position_embeddings,
-        c->rope_theta, rope, c->rms_norm_eps, c->tie_word_embeddings ? "true" : "false", c->initializer_range);
+        c->rope_theta, rope, c->rope_layout == MOE_ROPE_HALVES ? "false" : "true", c->rms_norm_eps,
+        c->tie_word_embeddings ? "true" : "false", c->initializer_range);
 }
 
 MOE_API moe_status moe_config_save(moe_ctx *ctx, const moe_config *cfg, const char *path) {
@@ -9564,10 +9859,14 @@ MOE_API float moe_st_value(const moe_st_tensor *t, int64_t i) {
     }
 }
 
+static int moe__st_cmp_name(const void *a, const void *b) {
+    return strcmp(((const moe_st_tensor *)a)->name, ((const moe_st_tensor *)b)->name);
+}
 static int moe__st_cmp_offset(const void *a, const void *b) {
     const moe_st_tensor *x = (const moe_st_tensor *)a, *y = (const moe_st_tensor *)b;
     const unsigned char *p = (const unsigned char *)x->data, *q = (const unsigned char *)y->data;
-    return (p > q) - (p < q);
+    if (p != q) return (p > q) - (p < q);
+    return (x->bytes > y->bytes) - (x->bytes < y->bytes); /* an empty tensor first where another starts */
 }
 
 /* Parse a file image; on success the file owns `image`. */
@@ -9618,9 +9917,6 @@ static moe_status moe__st_parse(moe_ctx *ctx, const char *what, unsigned char *i
                 if (j.t[mi + 1].type != MOE__J_STR) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': __metadata__ values must be strings", fn, what); break; }
             continue;
         }
-        for (e = 0; e < f->n; e++)
-            if (strcmp(f->t[e].name, name) == 0) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' appears twice", fn, what, name); break; }
-        if (st) break;
         if (j.t[v].type != MOE__J_OBJ) { st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': entry '%s' is not an object", fn, what, name); break; }
         dtok = moe__json_get(&j, v, "dtype");
         stok = moe__json_get(&j, v, "shape");
@@ -9666,6 +9962,14 @@ static moe_status moe__st_parse(moe_ctx *ctx, const char *what, unsigned char *i
         moe_st_close(f);
         return st;
     }
+    /* names are unique: sorted by name, no two neighbours equal (O(n log n) for big headers) */
+    qsort(f->t, (size_t)f->n, sizeof *f->t, moe__st_cmp_name);
+    for (e = 1; e < f->n; e++)
+        if (strcmp(f->t[e - 1].name, f->t[e].name) == 0) {
+            moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s': tensor '%s' appears twice", fn, what, f->t[e].name);
+            moe_st_close(f);
+            return MOE_ERR_FORMAT;
+        }
     /* the tensors must tile the data area: sorted by offset, each starts where the last ended */
     qsort(f->t, (size_t)f->n, sizeof *f->t, moe__st_cmp_offset);
     expect = 0;
@@ -9903,69 +10207,125 @@ static moe_status moe__hf_each(moe_ctx *ctx, const moe_model *m, int with_copies
 
 /* ---- loading ---- */
 
+typedef struct moe__hf_name {
+    const char *name;
+    int64_t f, i; /* file, tensor in the file */
+} moe__hf_name;
+
 typedef struct moe__hf_loader {
     moe_st_file **files;
     int64_t n_files;
+    moe__hf_name *names;  /* every tensor of every file, sorted by name (DeepSeek-V3: ~90k) */
+    int64_t n_names;
     unsigned char **used; /* per file, per tensor: consumed */
     int64_t block;        /* FP8 weight block size */
     int pass;             /* 0: check, 1: copy */
 } moe__hf_loader;
 
-static const moe_st_tensor *moe__hf_lookup(moe__hf_loader *L, const char *name, int64_t *fi, int64_t *ti) {
-    int64_t f, i;
+static int moe__hf_cmp_name(const void *a, const void *b) {
+    return strcmp(((const moe__hf_name *)a)->name, ((const moe__hf_name *)b)->name);
+}
+/* The sorted name index of the files in L (0 without memory). */
+static int moe__hf_index_names(moe_ctx *ctx, moe__hf_loader *L) {
+    int64_t f, i, n = 0;
+    for (f = 0; f < L->n_files; f++) n += L->files[f]->n;
+    L->names = (moe__hf_name *)moe__heap_alloc(ctx, sizeof(moe__hf_name) * (size_t)(n + 1));
+    if (!L->names) return 0;
     for (f = 0; f < L->n_files; f++)
-        for (i = 0; i < L->files[f]->n; i++)
-            if (strcmp(L->files[f]->t[i].name, name) == 0) {
-                *fi = f;
-                *ti = i;
-                return &L->files[f]->t[i];
-            }
-    return NULL;
+        for (i = 0; i < L->files[f]->n; i++) {
+            L->names[L->n_names].name = L->files[f]->t[i].name;
+            L->names[L->n_names].f = f;
+            L->names[L->n_names++].i = i;
+        }
+    qsort(L->names, (size_t)L->n_names, sizeof *L->names, moe__hf_cmp_name);
+    return 1;
+}
+static const moe_st_tensor *moe__hf_lookup(moe__hf_loader *L, const char *name, int64_t *fi, int64_t *ti) {
+    int64_t lo = 0, hi = L->n_names;
+    while (lo < hi) { /* first entry >= name */
+        int64_t mid = lo + (hi - lo) / 2;
+        if (strcmp(L->names[mid].name, name) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == L->n_names || strcmp(L->names[lo].name, name) != 0) return NULL;
+    *fi = L->names[lo].f;
+    *ti = L->names[lo].i;
+    return &L->files[*fi]->t[*ti];
 }
 
 static int moe__hf_float_dtype(moe_st_dtype d) { return d == MOE_ST_F32 || d == MOE_ST_BF16 || d == MOE_ST_F16 || d == MOE_ST_F8_E4M3; }
+
+/* A weight that is NaN or infinite (after FP8 dequantisation) is refused with its name: the
+   model would load and then answer NaN with MOE_OK. */
+static moe_status moe__hf_nonfinite(moe_ctx *ctx, const char *name, int64_t i, float v) {
+    return moe__fail(ctx, MOE_ERR_NUMERIC, "moe_model_load_hf: tensor '%s' holds a non-finite value (%g at element %lld)", name,
+                     (double)v, (long long)i);
+}
 
 /* Copy (or check) one HF tensor into its slice, dequantising FP8 blocks. */
 static moe_status moe__hf_load_slice(moe_ctx *ctx, void *user, const moe__hf_slice *s) {
     static const char *fn = "moe_model_load_hf";
     moe__hf_loader *L = (moe__hf_loader *)user;
     const moe_st_tensor *t, *sc = NULL;
-    char scale_name[MOE__NAME_MAX + 64];
+    char scale_name[MOE__NAME_MAX + 64], have[160], want[160];
     int64_t fi, ti, sfi = 0, sti = 0, i, rows = s->shape[0], cols = s->ndim == 2 ? s->shape[1] : 1;
     t = moe__hf_lookup(L, s->name, &fi, &ti);
     if (!t && s->fused) {
         /* a fused expert stack ([E, 2I, d] or [E, d, I]) as newer transformers may write it */
         const moe_st_tensor *whole = moe__hf_lookup(L, s->fused, &fi, &ti);
         if (whole) {
-            if (whole->ndim != s->t->ndim || whole->numel != s->t->numel || !moe__hf_float_dtype(whole->dtype) || whole->dtype == MOE_ST_F8_E4M3)
-                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has the wrong shape or dtype", fn, s->fused);
+            int d, same = whole->ndim == s->t->ndim;
+            for (d = 0; same && d < whole->ndim; d++) same = whole->shape[d] == s->t->shape[d];
+            if (!same)
+                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has shape %s, want %s", fn, s->fused,
+                                 moe__dims_str(have, sizeof have, whole->ndim, whole->shape),
+                                 moe__dims_str(want, sizeof want, s->t->ndim, s->t->shape));
+            if (!moe__hf_float_dtype(whole->dtype) || whole->dtype == MOE_ST_F8_E4M3)
+                return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has dtype %s (F32, BF16 or F16 for a fused stack)", fn, s->fused,
+                                 moe__st_names[whole->dtype]);
             L->used[fi][ti] = 1;
             if (L->pass == 1)
-                for (i = 0; i < rows * cols; i++) MOE__F32(s->t)[s->offset + i] = (moe_real)moe_st_value(whole, s->offset + i);
+                for (i = 0; i < rows * cols; i++) {
+                    float v = moe_st_value(whole, s->offset + i);
+                    if (!isfinite(v)) return moe__hf_nonfinite(ctx, s->fused, s->offset + i, v);
+                    MOE__F32(s->t)[s->offset + i] = (moe_real)v;
+                }
             return MOE_OK;
         }
     }
     if (!t) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' is missing", fn, s->name);
     if (t->ndim != s->ndim || t->shape[0] != rows || (s->ndim == 2 && t->shape[1] != cols))
-        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has shape [%lld%s%lld], want [%lld%s%lld]", fn, s->name,
-                         (long long)t->shape[0], t->ndim > 1 ? ", " : "", (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)rows,
-                         s->ndim > 1 ? ", " : "", (long long)(s->ndim > 1 ? cols : 0));
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has shape %s, want %s", fn, s->name,
+                         moe__dims_str(have, sizeof have, t->ndim, t->shape), moe__dims_str(want, sizeof want, s->ndim, s->shape));
     if (!moe__hf_float_dtype(t->dtype)) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' has dtype %s", fn, s->name, moe__st_names[t->dtype]);
     L->used[fi][ti] = 1;
     if (t->dtype == MOE_ST_F8_E4M3) {
+        int64_t br = (rows + L->block - 1) / L->block, bc = (cols + L->block - 1) / L->block;
         snprintf(scale_name, sizeof scale_name, "%s_scale_inv", s->name);
         sc = moe__hf_lookup(L, scale_name, &sfi, &sti);
-        if (!sc || s->ndim != 2 || sc->dtype != MOE_ST_F32 || sc->ndim != 2 || sc->shape[0] != (rows + L->block - 1) / L->block ||
-            sc->shape[1] != (cols + L->block - 1) / L->block)
-            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: FP8 tensor '%s' needs a [%lld, %lld] F32 '%s'", fn, s->name,
-                             (long long)((rows + L->block - 1) / L->block), (long long)((cols + L->block - 1) / L->block), scale_name);
+        if (s->ndim != 2) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: tensor '%s' is F8_E4M3 but not a matrix", fn, s->name);
+        if (!sc) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: FP8 tensor '%s' needs its scales '%s'", fn, s->name, scale_name);
+        if (sc->dtype != MOE_ST_F32 || sc->ndim != 2 || sc->shape[0] != br || sc->shape[1] != bc) {
+            int64_t ws[2];
+            ws[0] = br;
+            ws[1] = bc;
+            return moe__fail(ctx, MOE_ERR_FORMAT, "%s: FP8 scales '%s' are %s %s, want F32 %s (blocks of %lld)", fn, scale_name,
+                             moe__st_names[sc->dtype], moe__dims_str(have, sizeof have, sc->ndim, sc->shape),
+                             moe__dims_str(want, sizeof want, 2, ws), (long long)L->block);
+        }
         L->used[sfi][sti] = 1;
     }
     if (L->pass == 0) return MOE_OK;
     for (i = 0; i < rows * cols; i++) {
         float v = moe_st_value(t, i);
-        /* weight_scale_inv multiplies (reference §8.3): W = W_fp8 · scale_inv[block] */
-        if (sc) v *= moe_st_value(sc, (i / cols / L->block) * sc->shape[1] + (i % cols) / L->block);
+        if (!isfinite(v)) return moe__hf_nonfinite(ctx, s->name, i, v);
+        if (sc) { /* weight_scale_inv multiplies (reference §8.3): W = W_fp8 · scale_inv[block] */
+            int64_t k = (i / cols / L->block) * sc->shape[1] + (i % cols) / L->block;
+            float f = moe_st_value(sc, k);
+            if (!isfinite(f)) return moe__hf_nonfinite(ctx, scale_name, k, f);
+            v *= f;
+            if (!isfinite(v)) return moe__hf_nonfinite(ctx, s->name, i, v);
+        }
         MOE__F32(s->t)[s->offset + i] = (moe_real)v;
     }
     return MOE_OK;
@@ -9988,62 +10348,111 @@ static int moe__hf_ignorable(const moe_model *m, const char *name) {
 }
 
 /* Open the safetensors files of an HF directory: the shards of model.safetensors.index.json,
-   or model.safetensors. On failure the files opened so far stay in L for the caller to close. */
+   or model.safetensors. The index must be exact: every weight_map entry names a tensor that is
+   in the shard it names, and every tensor of the shards is listed. On failure the files opened
+   so far stay in L for the caller to close. */
 static moe_status moe__hf_open_files(moe_ctx *ctx, const char *dir, moe__hf_loader *Lp) {
     static const char *fn = "moe_model_load_hf";
-    char path[4096], shard[1024];
+    char path[4096], shard[1024], tname[MOE__ST_MAX_NAME + 1];
     unsigned char *idx = NULL;
     size_t idx_len = 0;
-    moe_status st;
+    moe_status st = MOE_OK;
     int64_t i;
     moe__hf_loader L = *Lp;
     /* the files: an index of shards, or one model.safetensors */
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
-    {
-        FILE *probe = fopen(path, "rb");
-        if (probe) {
-            fclose(probe);
-            MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len));
-        }
-    }
+    if (moe__path_exists(path)) MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 28, &idx, &idx_len));
     if (idx) {
         moe__json j;
-        int64_t wm, k, kk;
+        int64_t wm = -1, k, kk, n_map = 0, n_held = 0;
+        char **names = NULL;
         st = moe__json_parse(ctx, fn, (const char *)idx, (int64_t)idx_len, &j);
-        if (!st && (wm = moe__json_get(&j, 0, "weight_map")) >= 0 && j.t[wm].type == MOE__J_OBJ) {
-            L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *) * (size_t)(j.t[wm].count + 1));
-            char **names = (char **)moe__heap_calloc(ctx, sizeof(char *) * (size_t)(j.t[wm].count + 1));
-            for (k = wm + 1, i = 0; st == MOE_OK && L.files && names && i < j.t[wm].count; i++, k = j.t[k + 1].next) {
-                int dup = 0;
-                if (!moe__json_str(&j, k + 1, shard, sizeof shard) || strchr(shard, '/') || strstr(shard, "..")) {
-                    st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: bad shard name in %s", fn, path);
-                    break;
-                }
-                for (kk = 0; kk < L.n_files; kk++) dup |= strcmp(names[kk], shard) == 0;
-                if (dup) continue;
-                names[L.n_files] = (char *)moe__heap_alloc(ctx, strlen(shard) + 1);
-                if (!names[L.n_files]) { st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn); break; }
-                strcpy(names[L.n_files], shard);
-                snprintf(path, sizeof path, "%s/%s", dir, shard);
-                st = moe_st_open(ctx, path, &L.files[L.n_files]);
-                if (st) MOE_FREE(names[L.n_files]);
-                else L.n_files++;
-            }
-            if (!L.files || !names) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
-            for (kk = 0; names && kk < L.n_files; kk++) MOE_FREE(names[kk]);
-            MOE_FREE(names);
-        } else if (!st) {
+        if (!st && ((wm = moe__json_get(&j, 0, "weight_map")) < 0 || j.t[wm].type != MOE__J_OBJ))
             st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: %s has no weight_map object", fn, path);
+        if (!st) {
+            int d = moe__json_dup_key(&j, wm, tname, sizeof tname);
+            if (d) st = d < 0 ? moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn)
+                              : moe__fail(ctx, MOE_ERR_FORMAT, "%s: '%s' appears twice in the weight_map of %s", fn, tname, path);
         }
+        if (!st) {
+            n_map = j.t[wm].count;
+            L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *) * (size_t)(n_map + 1));
+            names = (char **)moe__heap_calloc(ctx, sizeof(char *) * (size_t)(n_map + 1));
+            if (!L.files || !names) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+        }
+        /* open each shard once */
+        for (k = wm + 1, i = 0; st == MOE_OK && i < n_map; i++, k = j.t[k + 1].next) {
+            int dup = 0;
+            if (!moe__json_str(&j, k + 1, shard, sizeof shard) || !shard[0] || strchr(shard, '/') || strchr(shard, '\\') ||
+                strstr(shard, "..")) {
+                st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: bad shard name in %s (a file name in the directory)", fn, path);
+                break;
+            }
+            for (kk = 0; kk < L.n_files; kk++) dup |= strcmp(names[kk], shard) == 0;
+            if (dup) continue;
+            names[L.n_files] = (char *)moe__heap_alloc(ctx, strlen(shard) + 1);
+            if (!names[L.n_files]) { st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn); break; }
+            strcpy(names[L.n_files], shard);
+            snprintf(path, sizeof path, "%s/%s", dir, shard);
+            st = moe_st_open(ctx, path, &L.files[L.n_files]);
+            if (st) MOE_FREE(names[L.n_files]);
+            else n_held += L.files[L.n_files++]->n;
+        }
+        /* every entry is in its shard; no shard holds more than the entries */
+        if (st == MOE_OK && !moe__hf_index_names(ctx, &L)) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+        for (k = wm + 1, i = 0; st == MOE_OK && i < n_map; i++, k = j.t[k + 1].next) {
+            int64_t fi = -1, ti;
+            if (!moe__json_str(&j, k, tname, sizeof tname)) {
+                st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: a tensor name in the index is too long or invalid", fn);
+                break;
+            }
+            moe__json_str(&j, k + 1, shard, sizeof shard);
+            if (!moe__hf_lookup(&L, tname, &fi, &ti) || strcmp(names[fi], shard) != 0)
+                st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: the index places '%s' in '%s', which does not hold it", fn, tname, shard);
+        }
+        if (st == MOE_OK && n_held != n_map)
+            st = moe__fail(ctx, MOE_ERR_FORMAT, "%s: the shards hold %lld tensors, the index lists %lld (a name listed twice, or "
+                           "tensors not in the index)", fn, (long long)n_held, (long long)n_map);
+        for (kk = 0; names && kk < L.n_files; kk++) MOE_FREE(names[kk]);
+        MOE_FREE(names);
         MOE_FREE(idx);
     } else {
         L.files = (moe_st_file **)moe__heap_calloc(ctx, sizeof(moe_st_file *));
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         st = L.files ? moe_st_open(ctx, path, &L.files[0]) : moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
         if (!st) L.n_files = 1;
+        if (!st && !moe__hf_index_names(ctx, &L)) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
     }
     *Lp = L;
     return st;
+}
+
+/* An FP8 checkpoint's quantization_config: quant_method "fp8" with square weight blocks
+   (weight_block_size [B, B], 1 <= B <= 65536; 128 when absent). Anything else is refused. */
+static moe_status moe__hf_quant_block(moe_ctx *ctx, const moe__json *jp, int64_t *block) {
+    static const char *fn = "moe_model_load_hf";
+    const moe__json j = *jp;
+    int64_t q, b, k;
+    double v[2];
+    char buf[32];
+    *block = 128;
+    if ((q = moe__json_get(&j, 0, "quantization_config")) < 0 || j.t[q].type == MOE__J_NULL) return MOE_OK;
+    if (j.t[q].type != MOE__J_OBJ || moe__json_dup_key(&j, q, buf, sizeof buf) != 0)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: \"quantization_config\" must be an object with distinct keys", fn);
+    if ((k = moe__json_get(&j, q, "quant_method")) >= 0 && (!moe__json_str(&j, k, buf, sizeof buf) || strcmp(buf, "fp8") != 0))
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: quantization_config.quant_method must be \"fp8\" (block-scaled E4M3)", fn);
+    if ((b = moe__json_get(&j, q, "weight_block_size")) < 0) return MOE_OK;
+    if (j.t[b].type != MOE__J_ARR || j.t[b].count != 2 || !moe__json_num(&j, b + 1, &v[0]) || !moe__json_num(&j, j.t[b + 1].next, &v[1]))
+        return moe__fail(ctx, MOE_ERR_FORMAT, "%s: quantization_config.weight_block_size must be two integers", fn);
+    for (k = 0; k < 2; k++)
+        if (!(v[k] >= 1 && v[k] <= 65536) || v[k] != floor(v[k]))
+            return moe__fail(ctx, MOE_ERR_CONFIG, "%s: quantization_config.weight_block_size [%.17g, %.17g] is out of range (integers "
+                             "1..65536)", fn, v[0], v[1]);
+    if (v[0] != v[1])
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: quantization_config.weight_block_size [%g, %g]: only square blocks are supported",
+                         fn, v[0], v[1]);
+    *block = (int64_t)v[0];
+    return MOE_OK;
 }
 
 MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **out) {
@@ -10063,15 +10472,11 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
     L.block = 128;
     snprintf(path, sizeof path, "%s/config.json", dir);
     MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 24, &cfgtext, &cfg_len));
-    st = moe_config_parse(ctx, (const char *)cfgtext, cfg_len, &cfg);
-    if (st == MOE_OK) { /* FP8 checkpoints say their block size */
+    {
         moe__json j;
-        int64_t q, b;
-        double v;
-        if (moe__json_parse(ctx, fn, (const char *)cfgtext, (int64_t)cfg_len, &j) == MOE_OK &&
-            (q = moe__json_get(&j, 0, "quantization_config")) >= 0 && (b = moe__json_get(&j, q, "weight_block_size")) >= 0 &&
-            j.t[b].type == MOE__J_ARR && j.t[b].count == 2 && moe__json_num(&j, b + 1, &v) && v >= 1 && v <= 65536)
-            L.block = (int64_t)v;
+        st = moe__json_parse(ctx, "moe_config_parse", (const char *)cfgtext, (int64_t)cfg_len, &j);
+        if (st == MOE_OK) st = moe__config_from_json(ctx, &j, &cfg);
+        if (st == MOE_OK) st = moe__hf_quant_block(ctx, &j, &L.block);
     }
     MOE_FREE(cfgtext);
     if (st) return st;
@@ -10110,6 +10515,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
         if (L.used) MOE_FREE(L.used[f]);
     }
     MOE_FREE(L.files);
+    MOE_FREE(L.names);
     MOE_FREE(L.used);
     if (st) {
         moe_model_free(ctx, m);

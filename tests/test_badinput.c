@@ -1199,6 +1199,100 @@ CASE(st_writer_save_missing_dir) {
     return s;
 }
 
+/* ---- config.json: every field present is honoured or refused by name ----
+   The small config below as JSON, with one key replaced (or added, or removed), parsed from
+   memory. Explicit zeros and out-of-range numbers are refused, never replaced by defaults. */
+
+static const char *const g_cfg_base[][2] = {
+    {"vocab_size", "32"}, {"hidden_size", "16"}, {"intermediate_size", "32"}, {"moe_intermediate_size", "8"},
+    {"num_hidden_layers", "2"}, {"first_k_dense_replace", "1"}, {"num_attention_heads", "2"}, {"num_key_value_heads", "2"},
+    {"q_lora_rank", "8"}, {"kv_lora_rank", "8"}, {"qk_nope_head_dim", "4"}, {"qk_rope_head_dim", "4"}, {"v_head_dim", "4"},
+    {"n_routed_experts", "4"}, {"n_shared_experts", "1"}, {"num_experts_per_tok", "2"}, {"n_group", "2"}, {"topk_group", "1"},
+    {"norm_topk_prob", "true"}, {"routed_scaling_factor", "2.5"}, {"num_nextn_predict_layers", "1"},
+    {"max_position_embeddings", "16"}, {"rope_theta", "10000"}, {"rms_norm_eps", "1e-6"}, {"rope_interleave", "true"},
+    {"attention_bias", "false"}, {"hidden_act", "\"silu\""}, {"tie_word_embeddings", "false"},
+    {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 4, \"mscale\": 1, \"mscale_all_dim\": 0.5}"}};
+
+/* The base JSON with key = value (value NULL: key removed; a key not in the base is appended). */
+static void cfg_json(char *buf, size_t size, const char *key, const char *value) {
+    size_t i, o = 0;
+    int done = 0;
+    o += (size_t)snprintf(buf + o, size - o, "{");
+    for (i = 0; i < sizeof g_cfg_base / sizeof g_cfg_base[0]; i++) {
+        const char *v = g_cfg_base[i][1];
+        if (key && strcmp(key, g_cfg_base[i][0]) == 0) {
+            done = 1;
+            if (!value) continue;
+            v = value;
+        }
+        o += (size_t)snprintf(buf + o, size - o, "%s\"%s\": %s", o > 1 ? ", " : "", g_cfg_base[i][0], v);
+    }
+    if (key && !done && value) o += (size_t)snprintf(buf + o, size - o, ", \"%s\": %s", key, value);
+    snprintf(buf + o, size - o, "}");
+}
+static moe_status cfg_try(moe_ctx *ctx, const char *key, const char *value) {
+    char buf[4096];
+    moe_config c;
+    cfg_json(buf, sizeof buf, key, value);
+    return moe_config_parse(ctx, buf, strlen(buf), &c);
+}
+static moe_status cfg_try_text(moe_ctx *ctx, const char *text) {
+    moe_config c;
+    return moe_config_parse(ctx, text, strlen(text), &c);
+}
+#define YARN(fields) "{\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 4" fields "}"
+
+CASE(cfg_experts_per_tok_zero) { return cfg_try(ctx, "num_experts_per_tok", "0"); }
+CASE(cfg_rms_norm_eps_zero) { return cfg_try(ctx, "rms_norm_eps", "0"); }
+CASE(cfg_rms_norm_eps_negative) { return cfg_try(ctx, "rms_norm_eps", "-1e-6"); }
+CASE(cfg_rms_norm_eps_overflow) { return cfg_try(ctx, "rms_norm_eps", "1e400"); }
+CASE(cfg_n_group_zero) { return cfg_try(ctx, "n_group", "0"); }
+CASE(cfg_topk_group_zero) { return cfg_try(ctx, "topk_group", "0"); }
+CASE(cfg_hidden_size_zero) { return cfg_try(ctx, "hidden_size", "0"); }
+CASE(cfg_intermediate_size_zero) { return cfg_try(ctx, "intermediate_size", "0"); }
+CASE(cfg_routed_scaling_zero) { return cfg_try(ctx, "routed_scaling_factor", "0"); }
+CASE(cfg_initializer_range_zero) { return cfg_try(ctx, "initializer_range", "0"); }
+CASE(cfg_q_lora_rank_zero) { return cfg_try(ctx, "q_lora_rank", "0"); }
+CASE(cfg_q_lora_rank_1e300) { return cfg_try(ctx, "q_lora_rank", "1e300"); }
+CASE(cfg_kv_heads_1e300) { return cfg_try(ctx, "num_key_value_heads", "1e300"); }
+CASE(cfg_kv_heads_differ) { return cfg_try(ctx, "num_key_value_heads", "1"); }
+CASE(cfg_vocab_negative) { return cfg_try(ctx, "vocab_size", "-32"); }
+CASE(cfg_vocab_2_pow_64) { return cfg_try(ctx, "vocab_size", "18446744073709551616"); }
+CASE(cfg_layers_fraction) { return cfg_try(ctx, "num_hidden_layers", "2.5"); }
+CASE(cfg_layers_string) { return cfg_try(ctx, "num_hidden_layers", "\"2\""); }
+CASE(cfg_layers_null) { return cfg_try(ctx, "num_hidden_layers", "null"); }
+CASE(cfg_norm_topk_prob_number) { return cfg_try(ctx, "norm_topk_prob", "1"); }
+CASE(cfg_rope_interleave_null) { return cfg_try(ctx, "rope_interleave", "null"); }
+CASE(cfg_attention_bias_true) { return cfg_try(ctx, "attention_bias", "true"); }
+CASE(cfg_mlp_bias_true) { return cfg_try(ctx, "mlp_bias", "true"); }
+CASE(cfg_attention_dropout) { return cfg_try(ctx, "attention_dropout", "0.1"); }
+CASE(cfg_moe_layer_freq_2) { return cfg_try(ctx, "moe_layer_freq", "2"); }
+CASE(cfg_partial_rotary_factor) { return cfg_try(ctx, "partial_rotary_factor", "0.5"); }
+CASE(cfg_hidden_act_gelu) { return cfg_try(ctx, "hidden_act", "\"gelu\""); }
+CASE(cfg_mtp_alias_disagrees) { return cfg_try(ctx, "num_mtp_layers", "2"); }
+CASE(cfg_duplicate_key) { return cfg_try(ctx, "hidden_size", "16, \"hidden_size\": 32"); }
+CASE(cfg_duplicate_key_escaped) { return cfg_try(ctx, "hidden_size", "16, \"hidden\\u005fsize\": 32"); }
+CASE(cfg_yarn_original_1e300) { return cfg_try(ctx, "rope_scaling", "{\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 1e300}"); }
+CASE(cfg_yarn_factor_below_1) { return cfg_try(ctx, "rope_scaling", "{\"type\": \"yarn\", \"factor\": 0.5, \"original_max_position_embeddings\": 4}"); }
+CASE(cfg_yarn_no_factor) { return cfg_try(ctx, "rope_scaling", "{\"type\": \"yarn\", \"original_max_position_embeddings\": 4}"); }
+CASE(cfg_yarn_beta_fast_zero) { return cfg_try(ctx, "rope_scaling", YARN(", \"beta_fast\": 0")); }
+CASE(cfg_yarn_mscale_negative) { return cfg_try(ctx, "rope_scaling", YARN(", \"mscale\": -1, \"mscale_all_dim\": 1")); }
+CASE(cfg_yarn_attention_factor) { return cfg_try(ctx, "rope_scaling", YARN(", \"attention_factor\": 1.2")); }
+CASE(cfg_yarn_truncate_false) { return cfg_try(ctx, "rope_scaling", YARN(", \"truncate\": false")); }
+CASE(cfg_yarn_unknown_key) { return cfg_try(ctx, "rope_scaling", YARN(", \"low_freq_factor\": 1")); }
+CASE(cfg_yarn_duplicate_key) { return cfg_try(ctx, "rope_scaling", YARN(", \"factor\": 8")); }
+CASE(cfg_rope_type_llama3) { return cfg_try(ctx, "rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}"); }
+CASE(cfg_rope_default_with_factor) { return cfg_try(ctx, "rope_scaling", "{\"rope_type\": \"default\", \"factor\": 8}"); }
+CASE(cfg_rope_no_type) { return cfg_try(ctx, "rope_scaling", "{\"factor\": 4}"); }
+CASE(cfg_rope_not_object) { return cfg_try(ctx, "rope_scaling", "[4]"); }
+CASE(cfg_rope_both_forms) { return cfg_try(ctx, "rope_parameters", "{\"rope_type\": \"default\", \"rope_theta\": 10000}"); }
+CASE(cfg_rope_theta_one) { return cfg_try(ctx, "rope_theta", "1"); }
+CASE(cfg_not_object) { return cfg_try_text(ctx, "[1, 2]"); }
+CASE(cfg_null_text) {
+    moe_config c;
+    return moe_config_parse(ctx, NULL, 4, &c);
+}
+
 /* ---- Hugging Face directories: a small model saved with moe_model_save_hf, then tampered ---- */
 
 static moe_config hf_small_config(void) {
@@ -1218,9 +1312,8 @@ static const char *hf_file(const char *name) {
     return g_hfpath;
 }
 
-/* build/bi_hf_<pid>/ with config.json and model.safetensors of a fresh small model (seed 7). */
-static int hf_make(moe_ctx *ctx, const moe_hf_save_opts *opts) {
-    moe_config c = hf_small_config();
+/* build/bi_hf_<pid>/ with config.json and model.safetensors of a fresh model of config c (seed 7). */
+static int hf_make_cfg(moe_ctx *ctx, moe_config c, const moe_hf_save_opts *opts) {
     moe_model *m = NULL;
     moe_status s;
     snprintf(g_hfdir, sizeof g_hfdir, "build/bi_hf_%ld", bi_pid());
@@ -1235,13 +1328,20 @@ static int hf_make(moe_ctx *ctx, const moe_hf_save_opts *opts) {
     moe_model_free(ctx, m);
     return s == MOE_OK;
 }
+/* The same for the small config. */
+static int hf_make(moe_ctx *ctx, const moe_hf_save_opts *opts) { return hf_make_cfg(ctx, hf_small_config(), opts); }
 
 /* Remove everything hf_make and the cases may have put in the directory. */
 static void hf_clean(void) {
     static const char *const files[] = {"config.json", "model.safetensors", "model.safetensors.index.json",
                                         "model-00001-of-00002.safetensors"};
     size_t i;
-    for (i = 0; i < sizeof files / sizeof files[0]; i++) remove(hf_file(files[i]));
+    for (i = 0; i < sizeof files / sizeof files[0]; i++) {
+        remove(hf_file(files[i]));
+#if BI_POSIX
+        rmdir(g_hfpath); /* a case may have put a directory there */
+#endif
+    }
 #if BI_POSIX
     rmdir(g_hfdir);
 #endif
@@ -1404,6 +1504,332 @@ CASE(hf_index_missing_shard) {
     hf_write("model.safetensors.index.json",
              "{\"weight_map\": {\"model.norm.weight\": \"model-00001-of-00002.safetensors\"}}\n");
     return hf_load(ctx);
+}
+/* Rewrite model.safetensors through an edit callback: it sees each tensor (a writable copy of
+   its bytes) and returns 0 to drop it; `extra` may add tensors at the end. */
+typedef int (*hf_edit_fn)(const char *name, moe_st_dtype *dtype, int *ndim, int64_t *shape, unsigned char *data);
+typedef moe_status (*hf_extra_fn)(moe_ctx *ctx, moe_st_file *f, moe_st_writer *w);
+static int hf_edit(moe_ctx *ctx, hf_edit_fn edit, hf_extra_fn extra) {
+    moe_st_file *f = NULL;
+    moe_st_writer *w = NULL;
+    int64_t i;
+    moe_status s = moe_st_open(ctx, hf_file("model.safetensors"), &f);
+    need(ctx, s, "moe_st_open (model.safetensors)");
+    if (s) return 0;
+    s = moe_st_writer_new(ctx, &w);
+    for (i = 0; s == MOE_OK && i < moe_st_count(f); i++) {
+        const moe_st_tensor *t = moe_st_get(f, i);
+        int64_t shape[MOE_ST_MAX_DIMS];
+        moe_st_dtype dt = t->dtype;
+        int nd = t->ndim;
+        unsigned char *copy = (unsigned char *)malloc(t->bytes + 1);
+        if (!copy) { s = MOE_ERR_MEMORY; break; }
+        memcpy(shape, t->shape, sizeof shape);
+        if (t->bytes) memcpy(copy, t->data, t->bytes);
+        if (!edit || edit(t->name, &dt, &nd, shape, copy)) s = moe_st_writer_add(ctx, w, t->name, dt, nd, shape, copy);
+        free(copy);
+    }
+    if (s == MOE_OK && extra) s = extra(ctx, f, w);
+    if (s == MOE_OK) s = moe_st_writer_save(ctx, w, hf_file("model.safetensors"));
+    need(ctx, s, "rewriting model.safetensors");
+    moe_st_writer_free(w);
+    moe_st_close(f);
+    return s == MOE_OK;
+}
+#define HF_EDIT_LOAD(edit, extra)             \
+    do {                                      \
+        if (hf_edit(ctx, edit, extra)) return hf_load(ctx); \
+        hf_clean();                           \
+        return MOE_ERR_IO;                    \
+    } while (0)
+
+/* Element i of little-endian F32 bytes. */
+static void set_f32(unsigned char *data, int64_t i, float v) {
+    uint32_t u;
+    int b;
+    memcpy(&u, &v, 4);
+    for (b = 0; b < 4; b++) data[4 * i + b] = (unsigned char)(u >> (8 * b));
+}
+
+/* The experts of layer 1 as one fused stack, named as transformers 5 holds them in memory. */
+static int edit_drop_layer1_gate_up(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape; (void)data;
+    return !(strncmp(name, "model.layers.1.mlp.experts.", 27) == 0 && (strstr(name, "gate_proj") || strstr(name, "up_proj")));
+}
+static int g_fused_transposed;
+static moe_status extra_fused_gate_up(moe_ctx *ctx, moe_st_file *f, moe_st_writer *w) {
+    /* [E, 2I, H] = per expert the gate rows then the up rows; transposed: [E, H, 2I] (same numel) */
+    int64_t E = 4, I = 4, H = 16, e, r, c, shape[3];
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(E * 2 * I * H));
+    moe_status s;
+    if (!buf) return MOE_ERR_MEMORY;
+    for (e = 0; e < E; e++) {
+        char name[128];
+        int half;
+        for (half = 0; half < 2; half++) {
+            const moe_st_tensor *t;
+            snprintf(name, sizeof name, "model.layers.1.mlp.experts.%lld.%s_proj.weight", (long long)e, half ? "up" : "gate");
+            t = moe_st_find(f, name);
+            if (!t || t->numel != I * H) { free(buf); return MOE_ERR_IO; }
+            for (r = 0; r < I; r++)
+                for (c = 0; c < H; c++) {
+                    float v = moe_st_value(t, r * H + c);
+                    if (g_fused_transposed) buf[(e * H + c) * 2 * I + half * I + r] = v;
+                    else buf[(e * 2 * I + half * I + r) * H + c] = v;
+                }
+        }
+    }
+    shape[0] = E;
+    shape[1] = g_fused_transposed ? H : 2 * I;
+    shape[2] = g_fused_transposed ? 2 * I : H;
+    s = moe_st_writer_add(ctx, w, "model.layers.1.mlp.experts.gate_up_proj", MOE_ST_F32, 3, shape, buf);
+    free(buf);
+    return s;
+}
+static moe_config hf_fused_config(void) {
+    moe_config c = hf_small_config();
+    c.moe_intermediate_size = 4; /* 2I = 8 differs from H = 16, so [E, H, 2I] is not [E, 2I, H] */
+    return c;
+}
+CASE(hf_fused_gate_up_transposed) {
+    if (!hf_make_cfg(ctx, hf_fused_config(), NULL)) { hf_clean(); return MOE_ERR_IO; }
+    g_fused_transposed = 1;
+    HF_EDIT_LOAD(edit_drop_layer1_gate_up, extra_fused_gate_up);
+}
+static int edit_halve_norm(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)data;
+    if (strcmp(name, "model.norm.weight") == 0) shape[0] /= 2;
+    return 1;
+}
+CASE(hf_norm_wrong_shape_message) { /* "[8], want [16]", not "[80], want [160]" */
+    HF_SETUP();
+    HF_EDIT_LOAD(edit_halve_norm, NULL);
+}
+static int edit_nan_norm(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape;
+    if (strcmp(name, "model.norm.weight") == 0) set_f32(data, 5, NAN);
+    return 1;
+}
+CASE(hf_nan_weight) {
+    HF_SETUP();
+    HF_EDIT_LOAD(edit_nan_norm, NULL);
+}
+static int edit_inf_expert(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape;
+    if (strcmp(name, "model.layers.1.mlp.experts.3.down_proj.weight") == 0) set_f32(data, 0, -INFINITY);
+    return 1;
+}
+CASE(hf_inf_expert_weight) {
+    HF_SETUP();
+    HF_EDIT_LOAD(edit_inf_expert, NULL);
+}
+static int edit_nan_bias(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape;
+    if (strcmp(name, "model.layers.1.mlp.gate.e_score_correction_bias") == 0) set_f32(data, 1, NAN);
+    return 1;
+}
+CASE(hf_nan_expert_bias) {
+    HF_SETUP();
+    HF_EDIT_LOAD(edit_nan_bias, NULL);
+}
+static int edit_fp8_scale_inf(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape;
+    if (strcmp(name, "model.layers.0.self_attn.o_proj.weight_scale_inv") == 0) set_f32(data, 0, INFINITY);
+    return 1;
+}
+static int edit_fp8_nan_code(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)shape;
+    if (strcmp(name, "model.layers.0.self_attn.o_proj.weight") == 0) data[3] = 0x7F; /* E4M3 NaN */
+    return 1;
+}
+static moe_hf_save_opts fp8_opts(void) {
+    moe_hf_save_opts o;
+    memset(&o, 0, sizeof o);
+    o.fp8 = 1;
+    o.fp8_block = 8;
+    return o;
+}
+CASE(hf_fp8_scale_inf) {
+    moe_hf_save_opts o = fp8_opts();
+    if (!hf_make(ctx, &o)) { hf_clean(); return MOE_ERR_IO; }
+    HF_EDIT_LOAD(edit_fp8_scale_inf, NULL);
+}
+CASE(hf_fp8_nan_code) {
+    moe_hf_save_opts o = fp8_opts();
+    if (!hf_make(ctx, &o)) { hf_clean(); return MOE_ERR_IO; }
+    HF_EDIT_LOAD(edit_fp8_nan_code, NULL);
+}
+static int edit_fp8_scale_shape(const char *name, moe_st_dtype *dt, int *nd, int64_t *shape, unsigned char *data) {
+    (void)dt; (void)nd; (void)data;
+    if (strcmp(name, "model.layers.0.self_attn.o_proj.weight_scale_inv") == 0) { shape[1] = shape[0]; shape[0] = 1; }
+    return 1;
+}
+CASE(hf_fp8_scale_wrong_shape) {
+    moe_hf_save_opts o = fp8_opts();
+    if (!hf_make(ctx, &o)) { hf_clean(); return MOE_ERR_IO; }
+    HF_EDIT_LOAD(edit_fp8_scale_shape, NULL);
+}
+/* quantization_config of an FP8 directory, rewritten */
+static moe_status hf_fp8_quant(moe_ctx *ctx, const char *quant) {
+    moe_hf_save_opts o = fp8_opts();
+    char cfg[4096], *end;
+    FILE *fp;
+    size_t n;
+    if (!hf_make(ctx, &o)) { hf_clean(); return MOE_ERR_IO; }
+    fp = fopen(hf_file("config.json"), "rb");
+    n = fp ? fread(cfg, 1, sizeof cfg - 1, fp) : 0;
+    if (fp) fclose(fp);
+    cfg[n] = 0;
+    end = strstr(cfg, "\"quantization_config\"");
+    if (!end) { bi_flag("no quantization_config in the FP8 config.json"); hf_clean(); return MOE_ERR_IO; }
+    snprintf(end, sizeof cfg - (size_t)(end - cfg), "\"quantization_config\": %s\n}\n", quant);
+    hf_write("config.json", cfg);
+    return hf_load(ctx);
+}
+CASE(hf_quant_block_zero) { return hf_fp8_quant(ctx, "{\"quant_method\": \"fp8\", \"weight_block_size\": [0, 0]}"); }
+CASE(hf_quant_block_fraction) { return hf_fp8_quant(ctx, "{\"quant_method\": \"fp8\", \"weight_block_size\": [8.5, 8.5]}"); }
+CASE(hf_quant_block_nonsquare) { return hf_fp8_quant(ctx, "{\"quant_method\": \"fp8\", \"weight_block_size\": [8, 16]}"); }
+CASE(hf_quant_block_one_number) { return hf_fp8_quant(ctx, "{\"quant_method\": \"fp8\", \"weight_block_size\": 8}"); }
+CASE(hf_quant_method_other) { return hf_fp8_quant(ctx, "{\"quant_method\": \"awq\", \"weight_block_size\": [8, 8]}"); }
+CASE(hf_quant_block_wrong_size) { /* 16x16 blocks announced, 8x8 scales stored */
+    return hf_fp8_quant(ctx, "{\"quant_method\": \"fp8\", \"weight_block_size\": [16, 16]}");
+}
+CASE(hf_config_attention_bias) {
+    HF_SETUP();
+    hf_write("config.json", "{\"vocab_size\": 32, \"hidden_size\": 16, \"attention_bias\": true}\n");
+    return hf_load(ctx);
+}
+/* A two-shard index over the one model.safetensors (renamed): entries that lie */
+static moe_status hf_index(moe_ctx *ctx, const char *weight_map) {
+    char text[1024];
+    snprintf(text, sizeof text, "{\"metadata\": {}, \"weight_map\": {%s}}\n", weight_map);
+    hf_write("model.safetensors.index.json", text);
+    return hf_load(ctx);
+}
+CASE(hf_index_lists_too_few) { /* one shard, but the index names only one of its tensors */
+    HF_SETUP();
+    return hf_index(ctx, "\"model.norm.weight\": \"model.safetensors\"");
+}
+CASE(hf_index_names_absent_tensor) {
+    HF_SETUP();
+    return hf_index(ctx, "\"model.norm.weight\": \"model.safetensors\", \"model.bogus\": \"model.safetensors\"");
+}
+CASE(hf_index_duplicate_entry) {
+    HF_SETUP();
+    return hf_index(ctx, "\"model.norm.weight\": \"model.safetensors\", \"model.norm.weight\": \"model.safetensors\"");
+}
+CASE(hf_index_shard_not_string) {
+    HF_SETUP();
+    return hf_index(ctx, "\"model.norm.weight\": 3");
+}
+/* Not regular files where a file belongs: refused at once, never read (a FIFO would block) */
+static moe_status hf_replace_by(moe_ctx *ctx, const char *name, int fifo) {
+    HF_SETUP();
+    remove(hf_file(name));
+    if ((fifo ? mkfifo(hf_file(name), 0600) : mkdir(hf_file(name), 0700)) != 0) {
+        bi_flag(fifo ? "mkfifo failed" : "mkdir failed");
+        hf_clean();
+        return MOE_ERR_IO;
+    }
+    return hf_load(ctx);
+}
+CASE(hf_safetensors_fifo) { return hf_replace_by(ctx, "model.safetensors", 1); }
+CASE(hf_safetensors_directory) { return hf_replace_by(ctx, "model.safetensors", 0); }
+CASE(hf_config_fifo) { return hf_replace_by(ctx, "config.json", 1); }
+CASE(hf_config_directory) { return hf_replace_by(ctx, "config.json", 0); }
+CASE(hf_index_fifo) { return hf_replace_by(ctx, "model.safetensors.index.json", 1); }
+CASE(hf_index_directory) { return hf_replace_by(ctx, "model.safetensors.index.json", 0); }
+/* the same for the other loaders, on build/bi_special_<pid> */
+static char g_special[256];
+static int special_make(int fifo) {
+    snprintf(g_special, sizeof g_special, "build/bi_special_%ld", bi_pid());
+    remove(g_special);
+    rmdir(g_special);
+    if ((fifo ? mkfifo(g_special, 0600) : mkdir(g_special, 0700)) == 0) return 1;
+    bi_flag(fifo ? "mkfifo failed" : "mkdir failed");
+    return 0;
+}
+static moe_status special_done(moe_status s) {
+    remove(g_special);
+    rmdir(g_special);
+    return s;
+}
+CASE(st_open_fifo) {
+    moe_st_file *f = NULL;
+    if (!special_make(1)) return MOE_ERR_IO;
+    return special_done(moe_st_open(ctx, g_special, &f));
+}
+CASE(st_open_directory) { /* once printed as "9223372036854775807 bytes" */
+    moe_st_file *f = NULL;
+    if (!special_make(0)) return MOE_ERR_IO;
+    return special_done(moe_st_open(ctx, g_special, &f));
+}
+CASE(config_load_fifo) {
+    moe_config c;
+    if (!special_make(1)) return MOE_ERR_IO;
+    return special_done(moe_config_load(ctx, g_special, &c));
+}
+CASE(data_load_fifo) {
+    moe_dataset *d = NULL;
+    if (!special_make(1)) return MOE_ERR_IO;
+    return special_done(moe_data_load(ctx, g_special, 0.1, &d));
+}
+CASE(data_load_directory) {
+    moe_dataset *d = NULL;
+    if (!special_make(0)) return MOE_ERR_IO;
+    return special_done(moe_data_load(ctx, g_special, 0.1, &d));
+}
+CASE(distill_cache_fifo) {
+    moe_distill_cache *c = NULL;
+    if (!special_make(1)) return MOE_ERR_IO;
+    return special_done(moe_distill_cache_open(ctx, g_special, &c));
+}
+CASE(distill_cache_directory) {
+    moe_distill_cache *c = NULL;
+    if (!special_make(0)) return MOE_ERR_IO;
+    return special_done(moe_distill_cache_open(ctx, g_special, &c));
+}
+/* Fuzzing regression: a teacher cache whose header claims a 2^31 - 1 token vocabulary (one
+   record of 76 bytes) made the reader allocate 2 GiB for its repeated-id check. It now sorts
+   each record's k ids instead; the record (a repeated id, written here with a valid checksum)
+   is refused without that allocation. */
+CASE(distill_cache_huge_vocab) {
+    char path[256];
+    moe_distill_writer *w = NULL;
+    moe_distill_cache *c = NULL;
+    moe_tensor *t = NULL, *ids, *logp, *tail;
+    int64_t shape[2] = {1, 16}, i;
+    unsigned char buf[256];
+    size_t n;
+    uint64_t h;
+    FILE *fp;
+    moe_status s;
+    snprintf(path, sizeof path, "build/bi_teacher_%ld.bin", bi_pid());
+    need(ctx, moe_tensor_new(ctx, MOE_F32, 2, shape, &t), "moe_tensor_new");
+    if (!t) return MOE_ERR_MEMORY;
+    for (i = 0; i < 16; i++) moe_tensor_set(t, i, 0.1 * (double)i);
+    need(ctx, moe_distill_writer_new(ctx, path, 16, 2, 1.0f, 0, &w), "moe_distill_writer_new");
+    if (w) need(ctx, moe_distill_writer_add(ctx, w, t), "moe_distill_writer_add");
+    if (w) need(ctx, moe_distill_writer_finish(ctx, w), "moe_distill_writer_finish");
+    moe_distill_writer_free(w);
+    moe_tensor_free(ctx, t);
+    fp = fopen(path, "rb");
+    n = fp ? fread(buf, 1, sizeof buf, fp) : 0;
+    if (fp) fclose(fp);
+    if (n != 64 + 2 * 8 + 4) { bi_flag("unexpected teacher cache size"); remove(path); return MOE_ERR_IO; }
+    moe__le_put64(buf + 16, 0x7FFFFFFFu);     /* vocab */
+    memcpy(buf + 64 + 4, buf + 64, 4);         /* id 1 = id 0 */
+    h = moe__fnv1a(MOE__FNV_SEED, buf + 64, n - 64);
+    moe__le_put64(buf + 56, moe__fnv1a(h, buf, 56));
+    fp = fopen(path, "wb");
+    if (!fp || fwrite(buf, 1, n, fp) != n) bi_flag("cannot rewrite the teacher cache");
+    if (fp) fclose(fp);
+    s = moe_distill_cache_open(ctx, path, &c);
+    need(ctx, s, "moe_distill_cache_open of the patched file");
+    if (s == MOE_OK) s = moe_distill_cache_read(ctx, c, 0, 1, &ids, &logp, &tail);
+    moe_distill_cache_close(c);
+    remove(path);
+    return s;
 }
 CASE(hf_null_dir) {
     moe_model *m = NULL;
@@ -2251,6 +2677,54 @@ static const bi_case g_cases[] = {
     E(st_writer_save_null_writer, MOE_ERR_ARG, "moe_st_writer_save"),
     E(st_writer_save_missing_dir, MOE_ERR_IO, "moe_st_writer_save"),
 
+    E2(cfg_experts_per_tok_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"num_experts_per_tok\" = 0 is out of range"),
+    E2(cfg_rms_norm_eps_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"rms_norm_eps\" = 0 is out of range"),
+    E2(cfg_rms_norm_eps_negative, MOE_ERR_CONFIG, "moe_config_parse", "rms_norm_eps"),
+    E2(cfg_rms_norm_eps_overflow, MOE_ERR_CONFIG, "moe_config_parse", "rms_norm_eps"),
+    E2(cfg_n_group_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"n_group\" = 0"),
+    E2(cfg_topk_group_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"topk_group\" = 0"),
+    E2(cfg_hidden_size_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"hidden_size\" = 0"),
+    E2(cfg_intermediate_size_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"intermediate_size\" = 0"),
+    E2(cfg_routed_scaling_zero, MOE_ERR_CONFIG, "moe_config_parse", "routed_scaling_factor"),
+    E2(cfg_initializer_range_zero, MOE_ERR_CONFIG, "moe_config_parse", "initializer_range"),
+    E2(cfg_q_lora_rank_zero, MOE_ERR_CONFIG, "moe_config_parse", "\"q_lora_rank\" = 0"),
+    E2(cfg_q_lora_rank_1e300, MOE_ERR_CONFIG, "\"q_lora_rank\"", "out of range"),
+    E2(cfg_kv_heads_1e300, MOE_ERR_CONFIG, "\"num_key_value_heads\"", "out of range"),
+    E2(cfg_kv_heads_differ, MOE_ERR_CONFIG, "moe_config_parse", "num_key_value_heads"),
+    E2(cfg_vocab_negative, MOE_ERR_CONFIG, "\"vocab_size\" = -32", "out of range"),
+    E2(cfg_vocab_2_pow_64, MOE_ERR_CONFIG, "\"vocab_size\"", "out of range"),
+    E2(cfg_layers_fraction, MOE_ERR_CONFIG, "\"num_hidden_layers\" = 2.5", "out of range"),
+    E2(cfg_layers_string, MOE_ERR_FORMAT, "\"num_hidden_layers\"", "integer"),
+    E2(cfg_layers_null, MOE_ERR_FORMAT, "\"num_hidden_layers\"", "integer"),
+    E2(cfg_norm_topk_prob_number, MOE_ERR_FORMAT, "\"norm_topk_prob\"", "true or false"),
+    E2(cfg_rope_interleave_null, MOE_ERR_FORMAT, "\"rope_interleave\"", "true or false"),
+    E2(cfg_attention_bias_true, MOE_ERR_CONFIG, "moe_config_parse", "attention_bias"),
+    E2(cfg_mlp_bias_true, MOE_ERR_CONFIG, "moe_config_parse", "mlp_bias"),
+    E2(cfg_attention_dropout, MOE_ERR_CONFIG, "moe_config_parse", "attention_dropout"),
+    E2(cfg_moe_layer_freq_2, MOE_ERR_CONFIG, "moe_config_parse", "moe_layer_freq"),
+    E2(cfg_partial_rotary_factor, MOE_ERR_CONFIG, "moe_config_parse", "partial_rotary_factor"),
+    E2(cfg_hidden_act_gelu, MOE_ERR_CONFIG, "moe_config_parse", "hidden_act"),
+    E2(cfg_mtp_alias_disagrees, MOE_ERR_CONFIG, "num_mtp_layers", "num_nextn_predict_layers"),
+    E2(cfg_duplicate_key, MOE_ERR_FORMAT, "\"hidden_size\"", "twice"),
+    E2(cfg_duplicate_key_escaped, MOE_ERR_FORMAT, "\"hidden_size\"", "twice"),
+    E2(cfg_yarn_original_1e300, MOE_ERR_CONFIG, "rope_scaling.original_max_position_embeddings", "out of range"),
+    E2(cfg_yarn_factor_below_1, MOE_ERR_CONFIG, "rope_scaling.factor", "out of range"),
+    E2(cfg_yarn_no_factor, MOE_ERR_CONFIG, "moe_config_parse", "factor"),
+    E2(cfg_yarn_beta_fast_zero, MOE_ERR_CONFIG, "rope_scaling.beta_fast", "out of range"),
+    E2(cfg_yarn_mscale_negative, MOE_ERR_CONFIG, "rope_scaling.mscale", "out of range"),
+    E2(cfg_yarn_attention_factor, MOE_ERR_CONFIG, "rope_scaling.attention_factor", "not supported"),
+    E2(cfg_yarn_truncate_false, MOE_ERR_CONFIG, "rope_scaling.truncate", NULL),
+    E2(cfg_yarn_unknown_key, MOE_ERR_CONFIG, "rope_scaling.low_freq_factor", "not supported"),
+    E2(cfg_yarn_duplicate_key, MOE_ERR_FORMAT, "\"factor\"", "twice"),
+    E2(cfg_rope_type_llama3, MOE_ERR_CONFIG, "moe_config_parse", "llama3"),
+    E2(cfg_rope_default_with_factor, MOE_ERR_CONFIG, "rope_scaling.factor", "yarn"),
+    E2(cfg_rope_no_type, MOE_ERR_CONFIG, "moe_config_parse", "rope_type"),
+    E2(cfg_rope_not_object, MOE_ERR_FORMAT, "moe_config_parse", "rope_scaling"),
+    E2(cfg_rope_both_forms, MOE_ERR_CONFIG, "rope_parameters", "rope_scaling"),
+    E2(cfg_rope_theta_one, MOE_ERR_CONFIG, "\"rope_theta\" = 1", "out of range"),
+    E2(cfg_not_object, MOE_ERR_FORMAT, "moe_config_parse", "object"),
+    E(cfg_null_text, MOE_ERR_ARG, "moe_config_parse"),
+
 #if BI_POSIX
     E2(hf_missing_config, MOE_ERR_IO, "moe_model_load_hf", "config.json"),
     E2(hf_config_invalid_json, MOE_ERR_FORMAT, "moe_config_parse", "JSON"),
@@ -2269,6 +2743,39 @@ static const bi_case g_cases[] = {
     E2(hf_index_no_weight_map, MOE_ERR_FORMAT, "moe_model_load_hf", "weight_map"),
     E2(hf_index_invalid_json, MOE_ERR_FORMAT, "moe_model_load_hf", "JSON"),
     E2(hf_index_missing_shard, MOE_ERR_IO, "moe_st_open", "model-00001-of-00002.safetensors"),
+    E2(hf_fused_gate_up_transposed, MOE_ERR_FORMAT, "'model.layers.1.mlp.experts.gate_up_proj'", "shape [4, 16, 8], want [4, 8, 16]"),
+    E2(hf_norm_wrong_shape_message, MOE_ERR_FORMAT, "'model.norm.weight'", "has shape [8], want [16]"),
+    E2(hf_nan_weight, MOE_ERR_NUMERIC, "'model.norm.weight'", "non-finite"),
+    E2(hf_inf_expert_weight, MOE_ERR_NUMERIC, "'model.layers.1.mlp.experts.3.down_proj.weight'", "non-finite"),
+    E2(hf_nan_expert_bias, MOE_ERR_NUMERIC, "'model.layers.1.mlp.gate.e_score_correction_bias'", "non-finite"),
+    E2(hf_fp8_scale_inf, MOE_ERR_NUMERIC, "'model.layers.0.self_attn.o_proj.weight_scale_inv'", "non-finite"),
+    E2(hf_fp8_nan_code, MOE_ERR_NUMERIC, "'model.layers.0.self_attn.o_proj.weight'", "non-finite"),
+    E2(hf_fp8_scale_wrong_shape, MOE_ERR_FORMAT, "model.layers.0.self_attn.o_proj.weight_scale_inv", "want F32 [2, 1]"),
+    E2(hf_quant_block_zero, MOE_ERR_CONFIG, "weight_block_size", "out of range"),
+    E2(hf_quant_block_fraction, MOE_ERR_CONFIG, "weight_block_size", "out of range"),
+    E2(hf_quant_block_nonsquare, MOE_ERR_CONFIG, "weight_block_size", "square"),
+    E2(hf_quant_block_one_number, MOE_ERR_FORMAT, "weight_block_size", "two integers"),
+    E2(hf_quant_method_other, MOE_ERR_CONFIG, "quant_method", "fp8"),
+    E2(hf_quant_block_wrong_size, MOE_ERR_FORMAT, "weight_scale_inv", "blocks of 16"),
+    E2(hf_config_attention_bias, MOE_ERR_CONFIG, "moe_config_parse", "attention_bias"),
+    E2(hf_index_lists_too_few, MOE_ERR_FORMAT, "moe_model_load_hf", "the index lists 1"),
+    E2(hf_index_names_absent_tensor, MOE_ERR_FORMAT, "'model.bogus'", "does not hold it"),
+    E2(hf_index_duplicate_entry, MOE_ERR_FORMAT, "'model.norm.weight'", "twice"),
+    E2(hf_index_shard_not_string, MOE_ERR_FORMAT, "moe_model_load_hf", "shard"),
+    E2(hf_safetensors_fifo, MOE_ERR_IO, "model.safetensors", "FIFO"),
+    E2(hf_safetensors_directory, MOE_ERR_IO, "model.safetensors", "a directory"),
+    E2(hf_config_fifo, MOE_ERR_IO, "config.json", "FIFO"),
+    E2(hf_config_directory, MOE_ERR_IO, "config.json", "a directory"),
+    E2(hf_index_fifo, MOE_ERR_IO, "model.safetensors.index.json", "FIFO"),
+    E2(hf_index_directory, MOE_ERR_IO, "model.safetensors.index.json", "a directory"),
+    E2(st_open_fifo, MOE_ERR_IO, "moe_st_open", "FIFO"),
+    E2(st_open_directory, MOE_ERR_IO, "moe_st_open", "a directory, not a regular file"),
+    E2(config_load_fifo, MOE_ERR_IO, "moe_config_load", "FIFO"),
+    E2(data_load_fifo, MOE_ERR_IO, "moe_data_load", "FIFO"),
+    E2(data_load_directory, MOE_ERR_IO, "moe_data_load", "a directory"),
+    E2(distill_cache_fifo, MOE_ERR_IO, "moe_distill_cache_open", "FIFO"),
+    E2(distill_cache_directory, MOE_ERR_IO, "moe_distill_cache_open", "a directory"),
+    E2(distill_cache_huge_vocab, MOE_ERR_FORMAT, "moe_distill_cache_read", "repeated token id"),
     E(hf_null_dir, MOE_ERR_ARG, "moe_model_load_hf"),
     E(hf_null_out, MOE_ERR_ARG, "moe_model_load_hf"),
     E2(hf_missing_dir, MOE_ERR_IO, "moe_model_load_hf", "bi_no_such_dir"),
@@ -2595,6 +3102,84 @@ static void run_hf_roundtrip_accepted(void) {
 }
 #endif
 
+#if BI_POSIX
+/* A fused expert stack [E, 2I, H] (transformers 5's in-memory layout) loads as the per-expert
+   tensors it holds; and config.json forms transformers accepts are accepted with their meaning. */
+static void run_hf_fused_accepted(void) {
+    moe_ctx *ctx = NULL;
+    moe_model *a = NULL, *b = NULL;
+    moe_status s;
+    moe_config c;
+    int64_t i, k, bad = 0;
+    T_ASSERT(moe_ctx_new(&ctx) == MOE_OK, "moe_ctx_new failed");
+    g_setup_err[0] = 0;
+    T_ASSERT(hf_make_cfg(ctx, hf_fused_config(), NULL), "%s", g_setup_err);
+    s = moe_model_load_hf(ctx, g_hfdir, &a);
+    T_CHECK(s == MOE_OK, "per-expert load: %s", moe_ctx_error(ctx));
+    g_fused_transposed = 0;
+    T_CHECK(hf_edit(ctx, edit_drop_layer1_gate_up, extra_fused_gate_up), "rewrite: %s", g_setup_err);
+    s = moe_model_load_hf(ctx, g_hfdir, &b);
+    T_CHECK(s == MOE_OK, "fused load: %s", moe_ctx_error(ctx));
+    for (i = 0; a && b && i < moe_model_tensor_count(a); i++) {
+        moe_tensor *ta = moe_model_tensor(a, i, NULL, NULL), *tb = moe_model_tensor(b, i, NULL, NULL);
+        for (k = 0; k < ta->numel; k++)
+            if (moe_tensor_get(ta, k) != moe_tensor_get(tb, k)) { bad++; break; }
+    }
+    T_CHECK(a && b && bad == 0, "%lld tensors differ between the fused and the per-expert file", (long long)bad);
+    moe_model_free(ctx, a);
+    moe_model_free(ctx, b);
+    hf_clean();
+    {   /* absent mscale fields, null num_key_value_heads, rope_interleave false, explicit defaults */
+        char buf[4096];
+        cfg_json(buf, sizeof buf, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4}");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.rope_scaling.factor == 4 && c.rope_scaling.mscale == 0 && c.rope_scaling.mscale_all_dim == 0 &&
+                    c.rope_scaling.original_max_pos == 16 && c.rope_scaling.beta_fast == 32 && c.rope_scaling.beta_slow == 1,
+                "YaRN without mscale fields: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "num_key_value_heads", "null");
+        T_CHECK(moe_config_parse(ctx, buf, strlen(buf), &c) == MOE_OK, "num_key_value_heads null: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "rope_interleave", "false");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.rope_layout == MOE_ROPE_HALVES, "rope_interleave false: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "q_lora_rank", "null");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.q_lora_rank == 0, "q_lora_rank null: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "rope_scaling", "null");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.rope_scaling.factor == 0, "rope_scaling null: %s", moe_ctx_error(ctx));
+        cfg_json(buf, sizeof buf, "num_mtp_layers", "1");
+        T_CHECK(moe_config_parse(ctx, buf, strlen(buf), &c) == MOE_OK, "num_mtp_layers alias: %s", moe_ctx_error(ctx));
+        {   /* the keys of DeepSeek-V3's config.json on the hub (auto_map, ep_size, seq_aux, ...: ignored) */
+            static const char v3[] =
+                "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0,"
+                " \"auto_map\": {\"AutoConfig\": \"configuration_deepseek.DeepseekV3Config\"}, \"aux_loss_alpha\": 0.001,"
+                " \"bos_token_id\": 0, \"eos_token_id\": 1, \"ep_size\": 1, \"first_k_dense_replace\": 3, \"hidden_act\": \"silu\","
+                " \"hidden_size\": 7168, \"initializer_range\": 0.02, \"intermediate_size\": 18432, \"kv_lora_rank\": 512,"
+                " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v3\", \"moe_intermediate_size\": 2048,"
+                " \"moe_layer_freq\": 1, \"n_group\": 8, \"n_routed_experts\": 256, \"n_shared_experts\": 1, \"norm_topk_prob\": true,"
+                " \"num_attention_heads\": 128, \"num_experts_per_tok\": 8, \"num_hidden_layers\": 61, \"num_key_value_heads\": 128,"
+                " \"num_nextn_predict_layers\": 1, \"pretraining_tp\": 1, \"q_lora_rank\": 1536, \"qk_nope_head_dim\": 128,"
+                " \"qk_rope_head_dim\": 64, \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\","
+                " \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]}, \"rms_norm_eps\": 1e-06, \"rope_scaling\":"
+                " {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0,"
+                " \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"}, \"rope_theta\": 10000, \"routed_scaling_factor\": 2.5,"
+                " \"scoring_func\": \"sigmoid\", \"seq_aux\": true, \"tie_word_embeddings\": false, \"topk_group\": 4,"
+                " \"topk_method\": \"noaux_tc\", \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.33.1\","
+                " \"use_cache\": true, \"v_head_dim\": 128, \"vocab_size\": 129280}";
+            s = moe_config_parse(ctx, v3, sizeof v3 - 1, &c);
+            T_CHECK(s == MOE_OK && c.rope_scaling.factor == 40 && c.rope_scaling.original_max_pos == 4096 && c.n_routed_experts == 256 &&
+                        c.rope_layout == MOE_ROPE_PAIRS && c.num_nextn_predict_layers == 1,
+                    "DeepSeek-V3's config.json: %s", moe_ctx_error(ctx));
+        }
+        cfg_json(buf, sizeof buf, "hidden_size", NULL); /* a key spelled with an escape is the same key */
+        strcpy(buf + strlen(buf) - 1, ", \"hidden\\u005fsize\": 24}");
+        s = moe_config_parse(ctx, buf, strlen(buf), &c);
+        T_CHECK(s == MOE_OK && c.hidden_size == 24, "escaped key: %s", moe_ctx_error(ctx));
+    }
+    moe_ctx_free(ctx);
+}
+#endif
+
 /* ---- isolation: run a case in a child so a crash, hang, sanitizer report or leak fails only it ---- */
 
 #if BI_FORK
@@ -2662,6 +3247,7 @@ static void edges_accepted(void) { run_isolated(run_edges_accepted); }
 static void st_roundtrip_accepted(void) { run_isolated(run_st_roundtrip_accepted); }
 #if BI_POSIX
 static void hf_roundtrip_accepted(void) { run_isolated(run_hf_roundtrip_accepted); }
+static void hf_fused_accepted(void) { run_isolated(run_hf_fused_accepted); }
 #endif
 
 int main(int argc, char **argv) {
@@ -2681,6 +3267,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(st_roundtrip_accepted);
 #if BI_POSIX
     T_RUN_FILTERED(hf_roundtrip_accepted);
+    T_RUN_FILTERED(hf_fused_accepted);
 #endif
     return t_summary();
 }

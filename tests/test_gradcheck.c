@@ -411,6 +411,21 @@ static void test_mla_layer(void) {
     gradcheck("MLA with q_proj: x, q_proj", f_mla, in, 2, &a);
     moe_tensor_free(g_ctx, a.x);
     moe_model_free(g_ctx, m);
+    /* rope_interleave false (rotate_half over a 4-wide RoPE part: differs from pairs) and YaRN
+       with unequal mscale fields (cos/sin scaled): the backward must undo the same rotation */
+    c = micro_config();
+    c.qk_rope_head_dim = 4;
+    c.rope_layout = MOE_ROPE_HALVES;
+    c.rope_scaling.factor = 4; c.rope_scaling.original_max_pos = 4; c.rope_scaling.beta_fast = 32; c.rope_scaling.beta_slow = 1;
+    c.rope_scaling.mscale = 1; c.rope_scaling.mscale_all_dim = 0.5;
+    m = micro_model(c, 6);
+    T_ASSERT(m, "model: %s", moe_ctx_error(g_ctx));
+    w = &m->layers[0].attn;
+    a.m = m; a.x = mk(1, 3, 2, 5, 8, 0);
+    in[0] = a.x; in[1] = w->q_b; in[2] = w->kv_a;
+    gradcheck("MLA, halves + YaRN: x, q_b, kv_a", f_mla, in, 3, &a);
+    moe_tensor_free(g_ctx, a.x);
+    moe_model_free(g_ctx, m);
 }
 
 static void moe_layer_case(const char *label, moe_config c, float alpha) {

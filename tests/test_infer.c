@@ -55,9 +55,8 @@ static moe_status gen_logits(moe_ctx *ctx, moe_gen *g, const int32_t *tok, int64
     return MOE_OK;
 }
 
-static void test_cached_decode_equals_forward(void) {
+static void cached_decode_case(const char *label, moe_config c) {
     moe_ctx *ctx = new_ctx();
-    moe_config c = test_config(1);
     moe_model *m = NULL;
     moe_gen *g = NULL;
     moe_tensor *ref;
@@ -78,8 +77,8 @@ static void test_cached_decode_equals_forward(void) {
         double r;
         T_ASSERT(gen_logits(ctx, g, tok, T, np, got, V) == MOE_OK, "%s", moe_ctx_error(ctx));
         r = rel_diff(got, ref_f, T * V);
-        T_CHECK(r <= 1e-4, "prefill %lld + decode: max abs diff / max |logit| = %.3g", (long long)np, r);
-        T_NOTE("prefill %2lld + %lld decode steps: max|diff|/max|logit| = %.2e", (long long)np, (long long)(T - np), r);
+        T_CHECK(r <= 1e-4, "%s: prefill %lld + decode: max abs diff / max |logit| = %.3g", label, (long long)np, r);
+        T_NOTE("%s: prefill %2lld + %lld decode steps: max|diff|/max|logit| = %.2e", label, (long long)np, (long long)(T - np), r);
     }
     T_CHECK(moe_gen_len(g) == T, "cache length %lld, want %lld", (long long)moe_gen_len(g), (long long)T);
     moe_gen_free(g);
@@ -118,6 +117,21 @@ static void test_thread_counts_agree(void) {
     }
     free(ref);
     free(got);
+}
+
+static void test_cached_decode_equals_forward(void) {
+    moe_config c = test_config(1);
+    cached_decode_case("pairs", c);
+    /* rope_interleave false (rotate_half) and YaRN with unequal mscale fields: the cache rows
+       and queries must use the training forward's layout and cos/sin magnitude */
+    c.rope_layout = MOE_ROPE_HALVES;
+    c.rope_scaling.factor = 4;
+    c.rope_scaling.original_max_pos = 16;
+    c.rope_scaling.beta_fast = 32;
+    c.rope_scaling.beta_slow = 1;
+    c.rope_scaling.mscale = 1;
+    c.rope_scaling.mscale_all_dim = 0.5;
+    cached_decode_case("halves+yarn", c);
 }
 
 static void test_naive_and_absorbed_agree(void) {

@@ -351,6 +351,42 @@ static void test_yarn_frequencies(void) {
     moe_rope_table_free(&tab);
 }
 
+/* YaRN's cos/sin magnitude, as transformers computes it (modeling_rope_utils, DeepseekV3):
+   m(s, x) = 0.1·x·ln(s) + 1; both mscale fields non-zero: m(s, mscale)/m(s, mscale_all_dim),
+   otherwise m(s, 1). Written out here from those rules, checked on every table entry. */
+static void test_yarn_attention_factor(void) {
+    static const double cases[][3] = {{1.0, 1.0, 1.0}, {0.707, 0.707, 1.0}, {1.0, 0.0, 0.0}, {0.0, 1.0, 0.0}, {0.0, 0.0, 0.0},
+                                      {1.0, 0.5, 0.0}, {0.8, 0.3, 0.0}};
+    size_t c;
+    double ln40 = log(40.0);
+    for (c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        moe_yarn y = {40.0, 4096, 32.0, 1.0, 0.0, 0.0};
+        moe_rope_table tab;
+        double want, worst = 0;
+        int64_t i;
+        y.mscale = cases[c][0];
+        y.mscale_all_dim = cases[c][1];
+        if (y.mscale != 0 && y.mscale_all_dim != 0) want = (0.1 * y.mscale * ln40 + 1) / (0.1 * y.mscale_all_dim * ln40 + 1);
+        else want = 0.1 * ln40 + 1;
+        T_ASSERT(moe_rope_table_init(g_ctx, &tab, 8, 50, 10000.0, &y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        for (i = 0; i < 50 * 4; i++) {
+            double r = hypot(tab.cos_sin[2 * i], tab.cos_sin[2 * i + 1]);
+            worst = fabs(r - want) / want > worst ? fabs(r - want) / want : worst;
+        }
+        T_CHECK(worst < 1e-6, "mscale %g, mscale_all_dim %g: |(cos, sin)| off %.3g relative to %.6f", y.mscale, y.mscale_all_dim,
+                worst, want);
+        moe_rope_table_free(&tab);
+    }
+    {   /* factor 1: no correction at all */
+        moe_yarn y = {1.0, 4096, 32.0, 1.0, 1.0, 0.0};
+        moe_rope_table tab;
+        T_ASSERT(moe_rope_table_init(g_ctx, &tab, 8, 4, 10000.0, &y) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+        T_CHECK(fabs(hypot(tab.cos_sin[10], tab.cos_sin[11]) - 1.0) < 1e-6, "factor 1 scales cos/sin");
+        moe_rope_table_free(&tab);
+    }
+    T_NOTE("s = 40: m(s,1) = %.6f, m(s,1)/m(s,0.5) = %.6f", 0.1 * ln40 + 1, (0.1 * ln40 + 1) / (0.05 * ln40 + 1));
+}
+
 static void test_cross_entropy_forward(void) {
     moe_tensor *x = mk(2, 5, 13, 0, 0), *t = NULL, *loss;
     int32_t tg[5] = {3, -1, 12, 0, 3};
@@ -499,6 +535,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_attention_backward);
     T_RUN_FILTERED(test_rope_layouts);
     T_RUN_FILTERED(test_yarn_frequencies);
+    T_RUN_FILTERED(test_yarn_attention_factor);
     T_RUN_FILTERED(test_expf_accuracy);
     T_RUN_FILTERED(test_cross_entropy_forward);
     T_RUN_FILTERED(test_topk_ties);

@@ -12,6 +12,10 @@ Cases (each prints "ok   NAME" or "FAIL NAME", then indented measured-vs-toleran
   c  trained_checkpoint   a checkpoint written by the C trainer, loaded by transformers
   d  decode_* / encode_*  FP8 (e4m3fn, e5m2), BF16, F16 conversions vs ml_dtypes / numpy
   e  mtp_d1 / mtp_d2      multi-token-prediction loss and gradients vs the reference below
+  f  forward_yarn_* / forward_rope_halves / grads_rope_halves_yarn   YaRN with unequal and with
+     absent mscale fields, rope_interleave false (and both with gradients); each also reports
+     how far the reference logits move with the feature switched off, and fails if that is
+     not >100x the tolerance (a case that could not fail)
 The last line is "SUITE: N passed, M failed"; exit status 1 if any case failed.
 
 Tolerances (from the project's issue):
@@ -31,9 +35,10 @@ Where the official DeepSeek code and transformers differ, which case is covered:
     dropped groups instead (checked: with 0.0 masking the tiny logits move by ~0.7·max|logit|).
     Config 2 (n_group 1, nothing masked) gets a random positive bias, so selection (biased
     scores) and gate weights (unbiased scores) differ there too.
-  * RoPE layout: HF's rope_interleave=True (the default, used here) rotates adjacent pairs
+  * RoPE layout: HF's rope_interleave=True (the default) rotates adjacent pairs
     (x[2j], x[2j+1]) of the stored weights, as moe.h does; no permutation of q_b_proj /
-    kv_a_proj_with_mqa is applied or needed.
+    kv_a_proj_with_mqa is applied or needed. rope_interleave=False (case f) is rotate_half,
+    moe.h's MOE_ROPE_HALVES layout (moe_config.rope_layout).
   * Weights are re-initialised with unit-scale random values (not HF's std 0.02) so that
     attention, routing and norms are far from their degenerate uniform regime.
 """
@@ -317,6 +322,20 @@ CONFIG2 = dict(  # other dims; q_lora_rank null (q_proj), no renormalisation, on
     num_nextn_predict_layers=0, max_position_embeddings=64, rope_theta=5000.0, rope_scaling=None,
     rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
     bos_token_id=0, eos_token_id=1)
+
+
+# YaRN and RoPE-layout variants of the tiny config (issue 17). transformers' DeepseekV3 multiplies
+# cos/sin by yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) when both
+# are given, else by 0.1*ln(factor) + 1, and the softmax scale by yarn_get_mscale(factor,
+# mscale_all_dim)**2 when mscale_all_dim is given. original_max_position_embeddings 16 < T = 32,
+# so the frequency ramp matters too (with d_R = 8: pairs j >= 1 are interpolated).
+YARN_UNEQUAL = dict(TINY, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0})
+YARN_ABSENT = dict(TINY, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+HALVES = dict(TINY, rope_interleave=False)
+HALVES_YARN = dict(CONFIG2, rope_interleave=False, qk_rope_head_dim=6,
+                   rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "mscale": 1.0,
+                                 "mscale_all_dim": 0.5})
 
 
 def rms(x, w, eps):
@@ -634,6 +653,10 @@ def get_built(key):
             "tiny_asis": (TINY, 11, "mixed", 1),
             "cfg2": (CONFIG2, 22, "positive", 0),
             "tiny_d2": (TINY, 33, "mixed", 2),
+            "yarn_unequal": (YARN_UNEQUAL, 44, "mixed", 0),
+            "yarn_absent": (YARN_ABSENT, 55, "mixed", 0),
+            "halves": (HALVES, 66, "mixed", 0),
+            "halves_yarn": (HALVES_YARN, 77, "positive", 0),
         }[key]
         cfg, seed, bias, D = spec
         d = fresh_dir("models", key)
@@ -716,6 +739,83 @@ def _(ck):
 def _(ck):
     ref, (tp, tl, tg) = get_run("cfg2", 3, 20, 0.0)
     compare_grads(ck, ref[2], tg, "CE gradients")
+
+
+def sensitivity(ck, key, B, T, what, mutate, restore):
+    """How far the reference logits move when the feature under test is switched off in the
+    reference model itself: what a C side that ignored the feature would be off by. A case
+    whose sensitivity is far above LOGIT_REL_TOL can fail."""
+    b = get_built(key)
+    ids = torch.from_numpy(fixed_ids(b.cfg.vocab_size, B, T, seed=7).astype(np.int64))
+    with torch.no_grad():
+        base = b.model(input_ids=ids[:, :T]).logits
+        mutate(b.model)
+        try:
+            off = b.model(input_ids=ids[:, :T]).logits
+        finally:
+            restore(b.model)
+    rel = float((off - base).abs().max() / base.abs().max())
+    ck.info(f"sensitivity: {what} would move the logits by {rel:.3g} of max|logit|")
+    if not rel > 100 * LOGIT_REL_TOL:
+        ck.fail(f"the case cannot tell: {what} moves the logits by only {rel:.3g}")
+
+
+def set_attn(model, name, values):
+    for layer, v in zip(model.model.layers, values):
+        setattr(layer.self_attn, name, v)
+
+
+def yarn_case(ck, key, B, T, grads):
+    b = get_built(key)
+    rp = b.cfg.rope_parameters
+    ck.info(f"rope_parameters as transformers holds them: { {k: rp[k] for k in sorted(rp)} }; rope_interleave "
+            f"{b.cfg.rope_interleave}; cos/sin factor {b.model.model.rotary_emb.attention_scaling:.6f}, softmax scale "
+            f"{b.model.model.layers[0].self_attn.scaling:.6f} (plain {b.cfg.qk_head_dim ** -0.5:.6f})")
+    ref, (tp, tl, tg) = get_run(key, B, T, 0.0)
+    compare_logits(ck, ref[1], tl)
+    compare_losses(ck, ref[0], tp, ["main", "total"])
+    if grads:
+        compare_grads(ck, ref[2], tg, "CE gradients")
+    rot = b.model.model.rotary_emb
+    af = rot.attention_scaling
+    if abs(af - 1.0) > 1e-6:
+        sensitivity(ck, key, B, T, "cos/sin without the YaRN attention factor",
+                    lambda m: setattr(m.model.rotary_emb, "attention_scaling", 1.0),
+                    lambda m: setattr(m.model.rotary_emb, "attention_scaling", af))
+    sc = [layer.self_attn.scaling for layer in b.model.model.layers]
+    plain = b.cfg.qk_head_dim ** -0.5
+    if abs(sc[0] - plain) > 1e-9:
+        sensitivity(ck, key, B, T, "the plain softmax scale (no mscale_all_dim)",
+                    lambda m: set_attn(m, "scaling", [plain] * len(sc)), lambda m: set_attn(m, "scaling", sc))
+    if not b.cfg.rope_interleave:
+        sensitivity(ck, key, B, T, "adjacent-pair RoPE instead of rotate_half",
+                    lambda m: setattr(m.config, "rope_interleave", True), lambda m: setattr(m.config, "rope_interleave", False))
+    margin_info(ck, ref)
+
+
+@case("forward_yarn_unequal_mscale")
+def _(ck):
+    ck.info("tiny config with YaRN factor 4 over original_max_position_embeddings 16, mscale 0.707 != mscale_all_dim 1.0")
+    yarn_case(ck, "yarn_unequal", 2, 32, False)
+
+
+@case("forward_yarn_absent_mscale")
+def _(ck):
+    ck.info("tiny config with YaRN factor 4, no mscale, mscale_all_dim, beta_fast or beta_slow in the file")
+    yarn_case(ck, "yarn_absent", 2, 32, False)
+
+
+@case("forward_rope_halves")
+def _(ck):
+    ck.info("tiny config with rope_interleave false (rotate_half over q_pe and k_pe)")
+    yarn_case(ck, "halves", 2, 32, False)
+
+
+@case("grads_rope_halves_yarn")
+def _(ck):
+    ck.info("config 2 (q_proj, d_R = 6) with rope_interleave false and YaRN factor 8, mscale 1.0, mscale_all_dim 0.5: "
+            "logits, loss and every gradient")
+    yarn_case(ck, "halves_yarn", 3, 20, True)
 
 
 def mtp_case(ck, key, D):
