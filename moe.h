@@ -3381,39 +3381,42 @@ static void moe__dot8x8(const float *x, const float *W, int64_t ldw, int64_t n, 
 /* Output columns [j0, j1) of a small product (j0 a multiple of 8). */
 static void moe__gemm_small_cols(const moe__gemm_desc *d, int64_t j0, int64_t j1) {
     const moe_real *A = (const moe_real *)d->a, *B = (const moe_real *)d->b;
+    const int64_t m = d->m, k = d->k, lda = d->lda, ldb = d->ldb, ldc = d->ldc;
+    const moe_real alpha = d->alpha, beta = d->beta;
+    moe_real *C = d->c;
     int64_t t, j, p;
     if (d->b_trans) {
 #ifdef MOE__SIMD_AVX2
-        const int plain = d->alpha == 1 && d->beta == 0; /* C = A·Bᵀ: the sums go straight to C */
+        const int plain = alpha == 1 && beta == 0; /* C = A·Bᵀ: the sums go straight to C */
 #endif
-        for (t = 0; t < d->m; t++) {
-            const moe_real *a = A + t * d->lda;
-            moe_real *c = d->c + t * d->ldc;
+        for (t = 0; t < m; t++) {
+            const moe_real *a = A + t * lda;
+            moe_real *c = C + t * ldc;
             for (j = j0; j < j1; j++) {
                 moe_real y[8];
                 int l, nb = j1 - j < 8 ? (int)(j1 - j) : 8;
 #ifdef MOE__SIMD_AVX2
                 if (nb == 8 && plain) {
-                    moe__dot8x8(a, B + j * d->ldb, d->ldb, d->k, c + j);
+                    moe__dot8x8(a, B + j * ldb, ldb, k, c + j);
                     j += 7;
                     continue;
                 }
-                if (nb == 8) moe__dot8x8(a, B + j * d->ldb, d->ldb, d->k, y);
+                if (nb == 8) moe__dot8x8(a, B + j * ldb, ldb, k, y);
                 else
 #endif
-                    for (l = 0; l < nb; l++) y[l] = moe__dot8x(a, B + (j + l) * d->ldb, d->k);
-                for (l = 0; l < nb; l++) c[j + l] = d->beta == 0 ? d->alpha * y[l] : d->alpha * y[l] + c[j + l];
+                    for (l = 0; l < nb; l++) y[l] = moe__dot8x(a, B + (j + l) * ldb, k);
+                for (l = 0; l < nb; l++) c[j + l] = beta == 0 ? alpha * y[l] : alpha * y[l] + c[j + l];
                 j += nb - 1;
             }
         }
         return;
     }
-    for (t = 0; t < d->m; t++) {
-        moe_real *MOE_RESTRICT c = d->c + t * d->ldc;
-        if (d->beta == 0)
+    for (t = 0; t < m; t++) {
+        moe_real *MOE_RESTRICT c = C + t * ldc;
+        if (beta == 0)
             for (j = j0; j < j1; j++) c[j] = 0;
-        for (p = 0; p < d->k; p++) {
-            const moe_real a = d->alpha * A[t * d->lda + p], *MOE_RESTRICT b = B + p * d->ldb;
+        for (p = 0; p < k; p++) {
+            const moe_real a = alpha * A[t * lda + p], *MOE_RESTRICT b = B + p * ldb;
             for (j = j0; j < j1; j++) c[j] += a * b[j];
         }
     }
@@ -3556,9 +3559,10 @@ static moe__gemm_desc moe__gemm_desc_of(const moe_ctx *ctx, const moe__gemm_op *
 }
 
 /* One product in op's precision (tid as for moe__gemm_engine). */
-static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, moe__gemm_desc d, int tid) {
-    if (d.m == 0 || d.n == 0) return MOE_OK;
+static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, const moe__gemm_desc *dp, int tid) {
+    if (dp->m == 0 || dp->n == 0) return MOE_OK;
     if (op->precision == MOE_FP8_E4M3) {
+        moe__gemm_desc d = *dp;
         int64_t ra = d.a_trans ? d.k : d.m, ca = d.a_trans ? d.m : d.k, rb = d.b_trans ? d.n : d.k, cb = d.b_trans ? d.k : d.n;
         size_t bytes = moe__fp8_operand_bytes(ra, ca) + moe__fp8_operand_bytes(rb, cb);
         char *mem;
@@ -3580,14 +3584,14 @@ static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, moe__g
         d.bf16_compute = !ctx->conf.fp8.amax_scales;
         return moe__gemm_engine(ctx, &d, tid);
     }
-    if (ctx->conf.simd && !d.bf16_compute && d.m <= MOE__GEMM_SMALL && !d.a_trans) {
-        int64_t blocks = (d.n + 7) / 8;
-        if (tid >= 0) moe__gemm_small_cols(&d, 0, d.n);
+    if (ctx->conf.simd && !dp->bf16_compute && dp->m <= MOE__GEMM_SMALL && !dp->a_trans) {
+        int64_t blocks = (dp->n + 7) / 8;
         /* a parallel region pays off only from about 2^18 multiply-adds (measured on decode) */
-        else moe__parallel_for(ctx, blocks, (double)(8 * d.m * d.k) / 16.0, 0, moe__gemm_small_range, &d);
+        if (tid >= 0 || (double)(blocks * 8 * dp->m * dp->k) < 16.0 * MOE__PAR_WORK) moe__gemm_small_cols(dp, 0, dp->n);
+        else moe__parallel_for(ctx, blocks, (double)(8 * dp->m * dp->k) / 16.0, 0, moe__gemm_small_range, (void *)dp);
         return MOE_OK;
     }
-    return moe__gemm_engine(ctx, &d, tid);
+    return moe__gemm_engine(ctx, dp, tid);
 }
 
 static moe_status moe__gemm_check(moe_ctx *ctx, const char *fn, const moe__gemm_op *op) {
@@ -3602,13 +3606,15 @@ static moe_status moe__gemm_check(moe_ctx *ctx, const char *fn, const moe__gemm_
 }
 
 static moe_status moe__cpu_gemm(moe_ctx *ctx, const moe__gemm_op *op) {
+    moe__gemm_desc d = moe__gemm_desc_of(ctx, op, op->a, op->b, op->c, op->m, op->k);
     int64_t i;
     MOE__TRY(moe__gemm_check(ctx, "gemm", op));
-    for (i = 0; i < op->batch; i++)
-        MOE__TRY(moe__gemm_product(ctx, op,
-                                   moe__gemm_desc_of(ctx, op, op->a + i * op->stride_a, op->b + i * op->stride_b,
-                                                     op->c + i * op->stride_c, op->m, op->k),
-                                   -1));
+    for (i = 0; i < op->batch; i++) {
+        d.a = op->a + i * op->stride_a;
+        d.b = op->b + i * op->stride_b;
+        d.c = op->c + i * op->stride_c;
+        MOE__TRY(moe__gemm_product(ctx, op, &d, -1));
+    }
     return MOE_OK;
 }
 
@@ -3629,16 +3635,20 @@ static moe__gemm_desc moe__gemm_group_desc(const moe__gemm_groups *G, int64_t e)
         return moe__gemm_desc_of(G->ctx, op, op->a + r0 * op->lda, op->b + r0 * op->ldb, op->c + e * op->stride_c, op->m, rows);
     return moe__gemm_desc_of(G->ctx, op, op->a + r0 * op->lda, op->b + e * op->stride_b, op->c + r0 * op->ldc, rows, op->k);
 }
+#define MOE__GROUPS_ON_STACK 64 /* the statuses of up to this many groups need no step memory */
 static void moe__gemm_group_range(void *arg, int64_t e0, int64_t e1, int tid) {
     const moe__gemm_groups *G = (const moe__gemm_groups *)arg;
     int64_t e;
     for (e = e0; e < e1; e++)
-        if (G->off[e + 1] > G->off[e] || (G->group_k && !G->op->accumulate)) /* no tokens: dC_e = 0 */
-            G->st[e] = moe__gemm_product(G->ctx, G->op, moe__gemm_group_desc(G, e), tid);
+        if (G->off[e + 1] > G->off[e] || (G->group_k && !G->op->accumulate)) { /* no tokens: dC_e = 0 */
+            moe__gemm_desc d = moe__gemm_group_desc(G, e);
+            G->st[e] = moe__gemm_product(G->ctx, G->op, &d, tid);
+        }
 }
 
 static moe_status moe__cpu_gemm_grouped(moe_ctx *ctx, const moe__gemm_op *op, int64_t groups, const int64_t *host_offsets,
                                         int group_k) {
+    moe_status st_local[MOE__GROUPS_ON_STACK];
     moe__gemm_groups G;
     double flops;
     int64_t e, rows;
@@ -3649,9 +3659,14 @@ static moe_status moe__cpu_gemm_grouped(moe_ctx *ctx, const moe__gemm_op *op, in
     G.op = op;
     G.off = host_offsets;
     G.group_k = group_k;
-    if (groups == 1) return moe__gemm_product(ctx, op, moe__gemm_group_desc(&G, 0), -1);
-    G.st = (moe_status *)moe__arena_alloc(ctx, (size_t)groups, sizeof(moe_status), "gemm_grouped");
+    if (groups == 1) {
+        moe__gemm_desc d = moe__gemm_group_desc(&G, 0);
+        return moe__gemm_product(ctx, op, &d, -1);
+    }
+    G.st = groups <= MOE__GROUPS_ON_STACK ? st_local
+                                          : (moe_status *)moe__arena_alloc(ctx, (size_t)groups, sizeof(moe_status), "gemm_grouped");
     if (!G.st) return MOE_ERR_MEMORY;
+    if (G.st == st_local) memset(st_local, 0, (size_t)groups * sizeof(moe_status));
     rows = host_offsets[groups];
     flops = 2.0 * (double)rows * (double)op->n * (double)(group_k ? op->m : op->k);
     if (!(ctx->conf.simd && op->precision == MOE_F32 && !group_k && rows <= MOE__GEMM_SMALL)) {
