@@ -320,6 +320,6 @@ case ${1:-build} in
         compile "$BUILD/train_tiny" examples/train_tiny.c && compile "$BUILD/test_kill" tests/test_kill.c
         nice -n 19 "$BUILD/test_kill" --kills 20 --steps 200 --json "$@" ;;
     fuzz) shift; cmd_fuzz "$@" ;;
-    -h|--help|help) sed -n '2,18p' "$0" ;;
+    -h|--help|help) sed -n '2,17p' "$0" ;;
     *) log "unknown command '$1' (try ./build.sh help)"; exit 2 ;;
 esac

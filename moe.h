@@ -50,8 +50,9 @@
                         finite-difference gradient checks use (tensors of dtype MOE_F32
                         then hold doubles; FP8/BF16 paths still round through float)
      FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION   (the libFuzzer convention; tests/fuzz sets it)
-                        file checksums are computed but not enforced, so a fuzzer reaches
-                        the checks behind them. Never define it in a real build.
+                        the teacher cache's checksum is computed but not enforced, so a
+                        fuzzer reaches the record checks behind it (checkpoints still
+                        enforce theirs). Never define it in a real build.
 
    License: MIT or public domain, your choice — see the end of this file. */
 
