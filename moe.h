@@ -3588,7 +3588,7 @@ static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, const 
     if (ctx->conf.simd && !dp->bf16_compute && dp->m <= MOE__GEMM_SMALL && !dp->a_trans) {
         int64_t blocks = (dp->n + 7) / 8;
         /* a parallel region pays off only from about 2^18 multiply-adds (measured on decode) */
-        if (tid >= 0 || (double)(blocks * 8 * dp->m * dp->k) < 16.0 * MOE__PAR_WORK) moe__gemm_small_cols(dp, 0, dp->n);
+        if (tid >= 0) moe__gemm_small_cols(dp, 0, dp->n);
         else moe__parallel_for(ctx, blocks, (double)(8 * dp->m * dp->k) / 16.0, 0, moe__gemm_small_range, (void *)dp);
         return MOE_OK;
     }
