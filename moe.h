@@ -3379,46 +3379,71 @@ static void moe__dot8x8(const float *x, const float *W, int64_t ldw, int64_t n, 
 }
 #endif
 
+/* c[j] = Σ_p (alpha·a[p])·B[p·ldb + j] for j in [j0, j1), or c[j] + that sum when
+   `accumulate`: the rows of B added to the sums in order, 32 or 8 columns of sums held in
+   registers (every column's arithmetic is the same whichever block holds it). */
+static void moe__rows_sum(const moe_real *MOE_RESTRICT a, const moe_real *MOE_RESTRICT B, int64_t ldb, int64_t k,
+                          moe_real alpha, int accumulate, moe_real *MOE_RESTRICT c, int64_t j0, int64_t j1) {
+    int64_t j = j0, p;
+#ifdef MOE__SIMD_AVX2
+    for (; j + 32 <= j1; j += 32) {
+        __m256 c0 = accumulate ? _mm256_loadu_ps(c + j) : _mm256_setzero_ps();
+        __m256 c1 = accumulate ? _mm256_loadu_ps(c + j + 8) : _mm256_setzero_ps();
+        __m256 c2 = accumulate ? _mm256_loadu_ps(c + j + 16) : _mm256_setzero_ps();
+        __m256 c3 = accumulate ? _mm256_loadu_ps(c + j + 24) : _mm256_setzero_ps();
+        for (p = 0; p < k; p++) {
+            const __m256 av = _mm256_set1_ps(alpha * a[p]);
+            const float *b = B + p * ldb + j;
+            c0 = _mm256_add_ps(c0, _mm256_mul_ps(av, _mm256_loadu_ps(b)));
+            c1 = _mm256_add_ps(c1, _mm256_mul_ps(av, _mm256_loadu_ps(b + 8)));
+            c2 = _mm256_add_ps(c2, _mm256_mul_ps(av, _mm256_loadu_ps(b + 16)));
+            c3 = _mm256_add_ps(c3, _mm256_mul_ps(av, _mm256_loadu_ps(b + 24)));
+        }
+        _mm256_storeu_ps(c + j, c0);
+        _mm256_storeu_ps(c + j + 8, c1);
+        _mm256_storeu_ps(c + j + 16, c2);
+        _mm256_storeu_ps(c + j + 24, c3);
+    }
+    for (; j + 8 <= j1; j += 8) {
+        __m256 c0 = accumulate ? _mm256_loadu_ps(c + j) : _mm256_setzero_ps();
+        for (p = 0; p < k; p++) c0 = _mm256_add_ps(c0, _mm256_mul_ps(_mm256_set1_ps(alpha * a[p]), _mm256_loadu_ps(B + p * ldb + j)));
+        _mm256_storeu_ps(c + j, c0);
+    }
+#endif
+    for (; j < j1; j++) {
+        moe_real s = accumulate ? c[j] : 0;
+        for (p = 0; p < k; p++) s += (alpha * a[p]) * B[p * ldb + j];
+        c[j] = s;
+    }
+}
+
 /* Output columns [j0, j1) of a small product (j0 a multiple of 8). */
 static void moe__gemm_small_cols(const moe__gemm_desc *d, int64_t j0, int64_t j1) {
     const moe_real *A = (const moe_real *)d->a, *B = (const moe_real *)d->b;
-    const int64_t m = d->m, k = d->k, lda = d->lda, ldb = d->ldb, ldc = d->ldc;
+    const int64_t k = d->k, ldb = d->ldb;
     const moe_real alpha = d->alpha, beta = d->beta;
-    moe_real *C = d->c;
-    int64_t t, j, p;
-    if (d->b_trans) {
-#ifdef MOE__SIMD_AVX2
-        const int plain = alpha == 1 && beta == 0; /* C = A·Bᵀ: the sums go straight to C */
-#endif
-        for (t = 0; t < m; t++) {
-            const moe_real *a = A + t * lda;
-            moe_real *c = C + t * ldc;
-            for (j = j0; j < j1; j++) {
-                moe_real y[8];
-                int l, nb = j1 - j < 8 ? (int)(j1 - j) : 8;
-#ifdef MOE__SIMD_AVX2
-                if (nb == 8 && plain) {
-                    moe__dot8x8(a, B + j * ldb, ldb, k, c + j);
-                    j += 7;
-                    continue;
-                }
-                if (nb == 8) moe__dot8x8(a, B + j * ldb, ldb, k, y);
-                else
-#endif
-                    for (l = 0; l < nb; l++) y[l] = moe__dot8x(a, B + (j + l) * ldb, k);
-                for (l = 0; l < nb; l++) c[j + l] = beta == 0 ? alpha * y[l] : alpha * y[l] + c[j + l];
-                j += nb - 1;
-            }
+    int64_t t, j;
+    for (t = 0; t < d->m; t++) {
+        const moe_real *a = A + t * d->lda;
+        moe_real *c = d->c + t * d->ldc;
+        if (!d->b_trans) {
+            moe__rows_sum(a, B, ldb, k, alpha, beta != 0, c, j0, j1);
+            continue;
         }
-        return;
-    }
-    for (t = 0; t < m; t++) {
-        moe_real *MOE_RESTRICT c = C + t * ldc;
-        if (beta == 0)
-            for (j = j0; j < j1; j++) c[j] = 0;
-        for (p = 0; p < k; p++) {
-            const moe_real a = alpha * A[t * lda + p], *MOE_RESTRICT b = B + p * ldb;
-            for (j = j0; j < j1; j++) c[j] += a * b[j];
+        j = j0;
+#ifdef MOE__SIMD_AVX2
+        if (alpha == 1 && beta == 0) /* C = A·Bᵀ: the sums go straight to C */
+            for (; j + 8 <= j1; j += 8) moe__dot8x8(a, B + j * ldb, ldb, k, c + j);
+        for (; j + 8 <= j1; j += 8) {
+            moe_real y[8];
+            int l;
+            moe__dot8x8(a, B + j * ldb, ldb, k, y);
+            for (l = 0; l < 8; l++) c[j + l] = beta == 0 ? alpha * y[l] : alpha * y[l] + c[j + l];
+        }
+#endif
+        for (; j < j1; j++) {
+            moe_real y = moe__dot8x(a, B + j * ldb, k);
+            c[j] = beta == 0 ? alpha * y : alpha * y + c[j];
         }
     }
 }
@@ -4522,7 +4547,7 @@ typedef struct moe__decode_job {
 static void moe__attention_decode_pairs(void *arg, int64_t p0, int64_t p1, int tid) {
     const moe__decode_job *J = (const moe__decode_job *)arg;
     const int64_t R = J->R, W = J->width;
-    int64_t pair, j, i;
+    int64_t pair, j;
     for (pair = p0; pair < p1; pair++) {
         int64_t nk = J->pos0 + pair / J->H + 1;
         const moe_real *qh = J->qc + pair * R;
@@ -4537,11 +4562,8 @@ static void moe__attention_decode_pairs(void *arg, int64_t p0, int64_t p1, int t
             mx = sc[j] > mx ? sc[j] : mx;
         }
         sum = moe__row_exp_sum(sc, sc, nk, mx);
-        for (i = 0; i < W; i++) oh[i] = 0;
-        for (j = 0; j < nk; j++) {
-            const moe_real *cj = J->cache + j * R, p = sc[j] / sum;
-            for (i = 0; i < W; i++) oh[i] += p * cj[i];
-        }
+        for (j = 0; j < nk; j++) sc[j] /= sum;
+        moe__rows_sum(sc, J->cache, R, nk, 1, 0, oh, 0, W); /* oh = Σ_j p_j · c_j */
     }
 }
 static moe_status moe__cpu_attention_decode(moe_ctx *ctx, const moe_real *qc, const moe_real *cache, int64_t n, int64_t H,
