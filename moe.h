@@ -3584,32 +3584,36 @@ static moe__gemm_desc moe__gemm_desc_of(const moe_ctx *ctx, const moe__gemm_op *
     return d;
 }
 
+/* One FP8 product: both operands quantised as their roles say, then multiplied (tid as for
+   moe__gemm_engine). */
+static moe_status moe__gemm_product_fp8(moe_ctx *ctx, const moe__gemm_op *op, const moe__gemm_desc *dp, int tid) {
+    moe__gemm_desc d = *dp;
+    int64_t ra = d.a_trans ? d.k : d.m, ca = d.a_trans ? d.m : d.k, rb = d.b_trans ? d.n : d.k, cb = d.b_trans ? d.k : d.n;
+    size_t bytes = moe__fp8_operand_bytes(ra, ca) + moe__fp8_operand_bytes(rb, cb);
+    char *mem;
+    if (tid >= 0) {
+        mem = (char *)moe__thread_slot(&ctx->fp8_tws, tid, bytes);
+        if (!mem) return MOE_ERR_STATE; /* the loop's owner reports it */
+    } else {
+        mem = (char *)moe__dev_scratch(ctx, (int64_t)bytes, 1, "fp8 operands");
+        if (!mem) return MOE_ERR_MEMORY;
+    }
+    d.a = moe__fp8_operand(ctx, (const moe_real *)d.a, d.lda, ra, ca, op->role_a, &mem);
+    d.lda = ca;
+    d.b = moe__fp8_operand(ctx, (const moe_real *)d.b, d.ldb, rb, cb, op->role_b, &mem);
+    d.ldb = cb;
+    if (ctx->conf.fp8.acc_bits > 0) {
+        moe__gemm_limited_acc(&d, ctx->conf.fp8.acc_bits, ctx->conf.fp8.acc_interval);
+        return MOE_OK;
+    }
+    d.bf16_compute = !ctx->conf.fp8.amax_scales;
+    return moe__gemm_engine(ctx, &d, tid);
+}
+
 /* One product in op's precision (tid as for moe__gemm_engine). */
 static moe_status moe__gemm_product(moe_ctx *ctx, const moe__gemm_op *op, const moe__gemm_desc *dp, int tid) {
     if (dp->m == 0 || dp->n == 0) return MOE_OK;
-    if (op->precision == MOE_FP8_E4M3) {
-        moe__gemm_desc d = *dp;
-        int64_t ra = d.a_trans ? d.k : d.m, ca = d.a_trans ? d.m : d.k, rb = d.b_trans ? d.n : d.k, cb = d.b_trans ? d.k : d.n;
-        size_t bytes = moe__fp8_operand_bytes(ra, ca) + moe__fp8_operand_bytes(rb, cb);
-        char *mem;
-        if (tid >= 0) {
-            mem = (char *)moe__thread_slot(&ctx->fp8_tws, tid, bytes);
-            if (!mem) return MOE_ERR_STATE; /* the loop's owner reports it */
-        } else {
-            mem = (char *)moe__dev_scratch(ctx, (int64_t)bytes, 1, "fp8 operands");
-            if (!mem) return MOE_ERR_MEMORY;
-        }
-        d.a = moe__fp8_operand(ctx, (const moe_real *)d.a, d.lda, ra, ca, op->role_a, &mem);
-        d.lda = ca;
-        d.b = moe__fp8_operand(ctx, (const moe_real *)d.b, d.ldb, rb, cb, op->role_b, &mem);
-        d.ldb = cb;
-        if (ctx->conf.fp8.acc_bits > 0) {
-            moe__gemm_limited_acc(&d, ctx->conf.fp8.acc_bits, ctx->conf.fp8.acc_interval);
-            return MOE_OK;
-        }
-        d.bf16_compute = !ctx->conf.fp8.amax_scales;
-        return moe__gemm_engine(ctx, &d, tid);
-    }
+    if (op->precision == MOE_FP8_E4M3) return moe__gemm_product_fp8(ctx, op, dp, tid);
     if (ctx->conf.simd && !dp->bf16_compute && dp->m <= MOE__GEMM_SMALL && !dp->a_trans) {
         int64_t blocks = (dp->n + 7) / 8;
         /* a parallel region pays off only from about 2^18 multiply-adds (measured on decode) */
@@ -5596,8 +5600,10 @@ MOE_API moe_status moe_tensor_temp(moe_ctx *ctx, moe_dtype dtype, int ndim, cons
 static moe_status moe__tensor_out(moe_ctx *ctx, int ndim, const int64_t *shape, moe_tensor **out) {
     moe_tensor meta, *t;
     MOE__TRY(moe__tensor_meta(ctx, "op output", &meta, MOE_F32, ndim, shape));
-    t = (moe_tensor *)moe__arena_alloc(ctx, 1, sizeof *t, "op output");
-    if (!t) return MOE_ERR_MEMORY;
+    if (!(t = (moe_tensor *)moe__arena_alloc_raw(ctx, sizeof *t))) { /* all of it assigned below */
+        moe__fail(ctx, MOE_ERR_MEMORY, "op output: no step memory for a tensor header");
+        return MOE_ERR_MEMORY;
+    }
     *t = meta;
     t->in_arena = 1;
     t->data = moe__dev_real(ctx, meta.numel, "op output");
