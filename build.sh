@@ -257,7 +257,7 @@ suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c driv
 }
 
 UNIT_SUITES="numerics ops backend gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES plan compile sanitize trainer kill valgrind fuzz parity"
+ALL_SUITES="$UNIT_SUITES plan dist compile sanitize trainer kill valgrind fuzz parity"
 
 cmd_test() {
     local only=${1:-}
@@ -267,6 +267,7 @@ cmd_test() {
         case $s in
             compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
             plan) run_suite plan bash tests/test_plan.sh "$CC" ;;
+            dist) need_pkg mpicc openmpi-bin libopenmpi-dev; run_suite dist bash tests/test_dist.sh "$CC" ;;
             sanitize) suite_sanitize ;;
             parity) suite_parity ;;
             trainer|kill) suite_trainer_prog "$s" ;;

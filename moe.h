@@ -29,7 +29,9 @@
     11. distill   teacher → student losses (forward / reverse KL), top-k teacher cache files
     12. io        config.json, token data, checkpoints, safetensors, Hugging Face directories
     13. infer     latent KV cache, sampling, MTP self-speculative decoding
-    14. gpu       the CUDA entry points (moe_cuda.cuh); the communicator is planned (DESIGN.md)
+    14. gpu       the CUDA entry points (moe_cuda.cuh)
+    15. dist      moe_comm, the communicator: one process, or many over MPI (MOE_MPI); the
+                  collectives data- and expert-parallel training call, rank-ordered sums
 
    Conventions
      - Every fallible function returns moe_status (MOE_OK == 0) and leaves a one-line
@@ -46,6 +48,7 @@
      MOE_ASSERT(x)      our own invariants (default: assert)
      MOE_NO_SIMD        portable scalar kernels only
      MOE_CBLAS          route FP32 GEMMs to cblas_sgemm (link a CBLAS library)
+     MOE_MPI            compile the MPI communicator in (build with mpicc)
      MOE_REAL_F64       compute in double instead of float: the build that the
                         finite-difference gradient checks use (tensors of dtype MOE_F32
                         then hold doubles; FP8/BF16 paths still round through float)
@@ -121,7 +124,8 @@ typedef enum moe_status {
     MOE_ERR_CONFIG,      /* an inconsistent model or training configuration */
     MOE_ERR_NUMERIC,     /* NaN or infinity where a finite value is required */
     MOE_ERR_STATE,       /* calls in an order the API does not allow */
-    MOE_ERR_UNSUPPORTED  /* valid, but not built into this binary */
+    MOE_ERR_UNSUPPORTED, /* valid, but not built into this binary */
+    MOE_ERR_COMM         /* a collective failed: a peer is gone, or the ranks disagree */
 } moe_status;
 
 /* The name of a status code, e.g. "MOE_ERR_SHAPE". */
@@ -974,9 +978,7 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *gen, const int32_t *p
    ============================================================================================
    moe_cuda.cuh defines these when the implementation is compiled by nvcc with MOE_CUDA
    defined (the implementation then includes it); other builds do not declare them. A GPU
-   backend fills section 3's kernel table; what it runs today is the first of its kernels.
-   The communicator (moe_comm: one process, MPI, NCCL), a second table beside the kernel
-   one for data- and expert-parallel training, is planned in DESIGN.md. */
+   backend fills section 3's kernel table; what it runs today is the first of its kernels. */
 
 #ifdef MOE_CUDA
 typedef struct moe_gpu moe_gpu;
@@ -991,6 +993,59 @@ MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu);
 MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const float *x, int64_t rows, int64_t cols,
                                            int64_t block, uint8_t *q, float *scales);
 #endif
+
+/* ============================================================================================
+   15. dist — the communicator: one process, or many over MPI                          >>dist
+   ============================================================================================
+   moe_comm is the second table beside the kernel one: the collectives that data- and
+   expert-parallel training call at fixed points. SELF (one process) needs nothing; MPI is
+   compiled in with MOE_MPI (Open MPI, build with mpicc). Every collective blocks, works on
+   host memory and returns moe_status: an MPI error comes back as MOE_ERR_COMM with MPI's
+   message (the communicator then cannot be trusted: report it and end the job). Counts are
+   elements; any rank may contribute zero. The rank-ordered sums (moe_comm_allreduce_ordered,
+   moe_comm_reduce_scatter) give every rank ((x_0 + x_1) + x_2) + …, what one process adding
+   P micro-batches in order computes, so a P-rank run can be bit-identical to one process. */
+
+typedef struct moe_comm moe_comm;
+typedef enum moe_comm_kind { MOE_COMM_SELF = 0, MOE_COMM_MPI } moe_comm_kind;
+typedef enum moe_comm_type { MOE_COMM_F32 = 0, MOE_COMM_F64, MOE_COMM_I32, MOE_COMM_I64, MOE_COMM_BYTE } moe_comm_type;
+typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
+
+/* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
+   unless the program did it; then freeing this communicator finalises it). */
+MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);
+/* The ranks with the same color (≥ 0), ordered by key, then rank (a collective over comm). */
+MOE_API moe_status moe_comm_split(moe_ctx *ctx, moe_comm *comm, int color, int key, moe_comm **out);
+/* Free split communicators before the one they came from. */
+MOE_API void moe_comm_free(moe_comm *comm);
+MOE_API int moe_comm_rank(const moe_comm *comm);
+MOE_API int moe_comm_size(const moe_comm *comm);
+MOE_API moe_status moe_comm_barrier(moe_ctx *ctx, moe_comm *comm);
+/* buf (n elements) of rank root to every rank. */
+MOE_API moe_status moe_comm_bcast(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type, int root);
+/* buf = the sum or the max over ranks, in place, in MPI's order of addition (use the
+   ordered sum where floating-point bits must not depend on the number of ranks). */
+MOE_API moe_status moe_comm_allreduce(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type,
+                                      moe_comm_op op);
+/* buf = Σ over ranks in rank order, in place (n × size elements of heap memory meanwhile). */
+MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type);
+/* send holds size blocks, block r counts[r] elements; recv (counts[rank] elements) = the
+   rank-ordered sum of block `rank` of every rank's send (ZeRO-1's gradient shards). */
+MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
+                                           moe_comm_type type);
+/* recv = rank 0's send (counts[0] elements), then rank 1's, …; send holds counts[rank]. */
+MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
+                                      moe_comm_type type);
+/* Block r of send (n elements) goes to rank r; block r of recv comes from rank r. */
+MOE_API moe_status moe_comm_alltoall(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, int64_t n,
+                                     moe_comm_type type);
+/* send_rows[r] rows of `width` elements go to rank r and recv_rows[r] rows come from it, the
+   blocks contiguous in rank order (the expert-parallel dispatch and combine). */
+MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
+                                      const int64_t *recv_rows, int64_t width, moe_comm_type type);
+/* MOE_ERR_CONFIG on every rank when any rank's model config differs from rank 0's, naming
+   the first field that differs (a collective). */
+MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe_config *cfg);
 
 #ifdef __cplusplus
 }
@@ -1026,6 +1081,9 @@ MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const flo
 #endif
 #ifdef MOE_CBLAS
 #include <cblas.h>
+#endif
+#ifdef MOE_MPI
+#include <mpi.h>
 #endif
 
 #if defined(MOE_MALLOC) && defined(MOE_FREE) && defined(MOE_REALLOC)
@@ -1115,10 +1173,10 @@ struct moe_ctx {
 
 static const char *const moe__status_names[] = {
     "MOE_OK", "MOE_ERR_ARG", "MOE_ERR_SHAPE", "MOE_ERR_DTYPE", "MOE_ERR_MEMORY", "MOE_ERR_IO",
-    "MOE_ERR_FORMAT", "MOE_ERR_CONFIG", "MOE_ERR_NUMERIC", "MOE_ERR_STATE", "MOE_ERR_UNSUPPORTED"};
+    "MOE_ERR_FORMAT", "MOE_ERR_CONFIG", "MOE_ERR_NUMERIC", "MOE_ERR_STATE", "MOE_ERR_UNSUPPORTED", "MOE_ERR_COMM"};
 
 MOE_API const char *moe_status_name(moe_status status) {
-    if ((int)status < 0 || (int)status > (int)MOE_ERR_UNSUPPORTED) return "MOE_ERR_UNKNOWN";
+    if ((int)status < 0 || (int)status > (int)MOE_ERR_COMM) return "MOE_ERR_UNKNOWN";
     return moe__status_names[status];
 }
 
@@ -11639,6 +11697,473 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
 #if defined(MOE_CUDA) && defined(__CUDACC__)
 #include "moe_cuda.cuh"
 #endif
+
+/* ============================================================================================
+   15. dist — the communicator: SELF and MPI                                            >>dist
+   ============================================================================================
+   A backend fills moe__comm_ops with the primitives (barrier, broadcast, all-reduce,
+   all-gather and all-to-all with per-rank counts, split, release); the rank-ordered sums, the
+   uniform all-to-all, the row exchange and the config check are written once above them. */
+
+typedef struct moe__comm_ops moe__comm_ops;
+struct moe_comm {
+    const moe__comm_ops *ops;
+    int rank, size;
+    int owns_runtime; /* this communicator initialised MPI: freeing it finalises MPI */
+#ifdef MOE_MPI
+    MPI_Comm mpi;
+#endif
+};
+/* Counts and offsets are per rank, in elements. */
+struct moe__comm_ops {
+    moe_status (*barrier)(moe_ctx *ctx, moe_comm *c);
+    moe_status (*bcast)(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, int root);
+    moe_status (*allreduce)(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, moe_comm_op op);
+    moe_status (*allgatherv)(moe_ctx *ctx, moe_comm *c, const void *send, void *recv, const int64_t *counts,
+                             const int64_t *offsets, moe_comm_type t);
+    moe_status (*alltoallv)(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_offsets,
+                            void *recv, const int64_t *recv_counts, const int64_t *recv_offsets, moe_comm_type t);
+    moe_status (*split)(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out);
+    void (*release)(moe_comm *c);
+};
+
+static size_t moe__comm_type_size(moe_comm_type t) {
+    switch (t) {
+    case MOE_COMM_F32: case MOE_COMM_I32: return 4;
+    case MOE_COMM_F64: case MOE_COMM_I64: return 8;
+    case MOE_COMM_BYTE: return 1;
+    }
+    return 0;
+}
+
+/* out[i] = ((b_0[i] + b_1[i]) + b_2[i]) + … over nb blocks of n elements, block j at
+   blocks + j·n (out may not overlap them). */
+static void moe__comm_sum_blocks(const void *blocks, int nb, int64_t n, moe_comm_type t, void *out) {
+    int64_t i;
+    int j;
+#define MOE__SUM_BLOCKS(T)                                                                   \
+    {                                                                                        \
+        const T *b = (const T *)blocks;                                                      \
+        T *o = (T *)out;                                                                     \
+        for (i = 0; i < n; i++) o[i] = b[i];                                                 \
+        for (j = 1; j < nb; j++)                                                             \
+            for (i = 0; i < n; i++) o[i] += b[(int64_t)j * n + i];                           \
+    }
+    switch (t) {
+    case MOE_COMM_F32: MOE__SUM_BLOCKS(float) break;
+    case MOE_COMM_F64: MOE__SUM_BLOCKS(double) break;
+    case MOE_COMM_I32: MOE__SUM_BLOCKS(int32_t) break;
+    case MOE_COMM_I64: MOE__SUM_BLOCKS(int64_t) break;
+    case MOE_COMM_BYTE: break;
+    }
+#undef MOE__SUM_BLOCKS
+}
+
+/* ---- SELF: one process ---- */
+
+static moe_status moe__self_nothing(moe_ctx *ctx, moe_comm *c) {
+    (void)ctx; (void)c;
+    return MOE_OK;
+}
+static moe_status moe__self_bcast(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, int root) {
+    (void)ctx; (void)c; (void)buf; (void)n; (void)t; (void)root;
+    return MOE_OK;
+}
+static moe_status moe__self_allreduce(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, moe_comm_op op) {
+    (void)ctx; (void)c; (void)buf; (void)n; (void)t; (void)op;
+    return MOE_OK;
+}
+static moe_status moe__self_allgatherv(moe_ctx *ctx, moe_comm *c, const void *send, void *recv, const int64_t *counts,
+                                       const int64_t *offsets, moe_comm_type t) {
+    size_t es = moe__comm_type_size(t);
+    (void)ctx; (void)c;
+    if (counts[0] > 0) memmove((char *)recv + (size_t)offsets[0] * es, send, (size_t)counts[0] * es);
+    return MOE_OK;
+}
+static moe_status moe__self_alltoallv(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                      const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                      const int64_t *recv_offsets, moe_comm_type t) {
+    size_t es = moe__comm_type_size(t);
+    (void)c;
+    if (send_counts[0] != recv_counts[0])
+        return moe__fail(ctx, MOE_ERR_ARG, "comm: one process sends %lld elements to itself and receives %lld",
+                         (long long)send_counts[0], (long long)recv_counts[0]);
+    if (send_counts[0] > 0)
+        memmove((char *)recv + (size_t)recv_offsets[0] * es, (const char *)send + (size_t)send_offsets[0] * es,
+                (size_t)send_counts[0] * es);
+    return MOE_OK;
+}
+static moe_status moe__self_split(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out) {
+    (void)ctx; (void)c; (void)color; (void)key;
+    out->rank = 0;
+    out->size = 1;
+    return MOE_OK;
+}
+static void moe__self_release(moe_comm *c) { (void)c; }
+
+static const moe__comm_ops moe__comm_self = {moe__self_nothing, moe__self_bcast, moe__self_allreduce, moe__self_allgatherv,
+                                             moe__self_alltoallv, moe__self_split, moe__self_release};
+
+/* ---- MPI (MOE_MPI): host buffers, errors returned (MPI_ERRORS_RETURN) ---- */
+
+#ifdef MOE_MPI
+static moe_status moe__mpi_check(moe_ctx *ctx, int rc, const char *what) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (rc == MPI_SUCCESS) return MOE_OK;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "error %d", rc);
+    return moe__fail(ctx, MOE_ERR_COMM, "comm: %s failed: %s", what, msg);
+}
+static MPI_Datatype moe__mpi_type(moe_comm_type t) {
+    switch (t) {
+    case MOE_COMM_F32: return MPI_FLOAT;
+    case MOE_COMM_F64: return MPI_DOUBLE;
+    case MOE_COMM_I32: return MPI_INT32_T;
+    case MOE_COMM_I64: return MPI_INT64_T;
+    case MOE_COMM_BYTE: break;
+    }
+    return MPI_BYTE;
+}
+/* MPI counts are ints: values to int arrays, or an error naming the limit. */
+static moe_status moe__mpi_ints(moe_ctx *ctx, const int64_t *v, int n, int *out) {
+    int i;
+    for (i = 0; i < n; i++) {
+        if (v[i] > 2147483647)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "comm: a message of %lld elements (MPI counts stop at 2^31 - 1)",
+                             (long long)v[i]);
+        out[i] = (int)v[i];
+    }
+    return MOE_OK;
+}
+static moe_status moe__mpi_barrier(moe_ctx *ctx, moe_comm *c) { return moe__mpi_check(ctx, MPI_Barrier(c->mpi), "MPI_Barrier"); }
+static moe_status moe__mpi_bcast(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, int root) {
+    int cnt = 0;
+    MOE__TRY(moe__mpi_ints(ctx, &n, 1, &cnt));
+    return moe__mpi_check(ctx, MPI_Bcast(buf, cnt, moe__mpi_type(t), root, c->mpi), "MPI_Bcast");
+}
+static moe_status moe__mpi_allreduce(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, moe_comm_op op) {
+    int cnt = 0;
+    MOE__TRY(moe__mpi_ints(ctx, &n, 1, &cnt));
+    return moe__mpi_check(ctx, MPI_Allreduce(MPI_IN_PLACE, buf, cnt, moe__mpi_type(t), op == MOE_COMM_MAX ? MPI_MAX : MPI_SUM, c->mpi),
+                          "MPI_Allreduce");
+}
+static moe_status moe__mpi_allgatherv(moe_ctx *ctx, moe_comm *c, const void *send, void *recv, const int64_t *counts,
+                                      const int64_t *offsets, moe_comm_type t) {
+    int *ints = (int *)MOE_MALLOC((size_t)c->size * 2 * sizeof(int));
+    moe_status st;
+    if (!ints) return moe__fail(ctx, MOE_ERR_MEMORY, "comm: out of memory for %d ranks' counts", c->size);
+    st = moe__mpi_ints(ctx, counts, c->size, ints);
+    if (!st) st = moe__mpi_ints(ctx, offsets, c->size, ints + c->size);
+    if (!st)
+        st = moe__mpi_check(ctx, MPI_Allgatherv(send, ints[c->rank], moe__mpi_type(t), recv, ints, ints + c->size, moe__mpi_type(t), c->mpi),
+                            "MPI_Allgatherv");
+    MOE_FREE(ints);
+    return st;
+}
+static moe_status moe__mpi_alltoallv(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                     const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                     const int64_t *recv_offsets, moe_comm_type t) {
+    int P = c->size, *ints = (int *)MOE_MALLOC((size_t)P * 4 * sizeof(int));
+    moe_status st;
+    if (!ints) return moe__fail(ctx, MOE_ERR_MEMORY, "comm: out of memory for %d ranks' counts", P);
+    st = moe__mpi_ints(ctx, send_counts, P, ints);
+    if (!st) st = moe__mpi_ints(ctx, send_offsets, P, ints + P);
+    if (!st) st = moe__mpi_ints(ctx, recv_counts, P, ints + 2 * P);
+    if (!st) st = moe__mpi_ints(ctx, recv_offsets, P, ints + 3 * P);
+    if (!st)
+        st = moe__mpi_check(ctx, MPI_Alltoallv(send, ints, ints + P, moe__mpi_type(t), recv, ints + 2 * P, ints + 3 * P,
+                                               moe__mpi_type(t), c->mpi),
+                            "MPI_Alltoallv");
+    MOE_FREE(ints);
+    return st;
+}
+static moe_status moe__mpi_split(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out) {
+    MOE__TRY(moe__mpi_check(ctx, MPI_Comm_split(c->mpi, color, key, &out->mpi), "MPI_Comm_split"));
+    MPI_Comm_set_errhandler(out->mpi, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(out->mpi, &out->rank);
+    MPI_Comm_size(out->mpi, &out->size);
+    return MOE_OK;
+}
+static void moe__mpi_release(moe_comm *c) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&c->mpi);
+}
+static const moe__comm_ops moe__comm_mpi = {moe__mpi_barrier, moe__mpi_bcast, moe__mpi_allreduce, moe__mpi_allgatherv,
+                                            moe__mpi_alltoallv, moe__mpi_split, moe__mpi_release};
+#endif
+
+/* ---- the public collectives ---- */
+
+static moe_status moe__comm_args(moe_ctx *ctx, const moe_comm *c, const char *fn, moe_comm_type t) {
+    MOE__CHECK_CTX(ctx);
+    if (!c) return moe__fail(ctx, MOE_ERR_ARG, "%s: communicator is NULL", fn);
+    if (!moe__comm_type_size(t)) return moe__fail(ctx, MOE_ERR_ARG, "%s: element type %d", fn, (int)t);
+    return MOE_OK;
+}
+/* n elements at p: n ≥ 0, p set unless n is 0, the byte count fits. */
+static moe_status moe__comm_buf(moe_ctx *ctx, const char *fn, const void *p, int64_t n, moe_comm_type t) {
+    size_t bytes;
+    if (n < 0) return moe__fail(ctx, MOE_ERR_ARG, "%s: negative count %lld", fn, (long long)n);
+    if (n > 0 && !p) return moe__fail(ctx, MOE_ERR_ARG, "%s: buffer is NULL", fn);
+    if (moe__mul_overflows((size_t)n, moe__comm_type_size(t), &bytes))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: %lld elements overflow", fn, (long long)n);
+    return MOE_OK;
+}
+/* counts[0..size) (each ≥ 0, scaled by `width`) into scaled[] with their prefix sums in
+   offsets[] (heap: 2·size values at *mem, which the caller frees); *total the sum. */
+static moe_status moe__comm_layout(moe_ctx *ctx, const char *fn, const moe_comm *c, const int64_t *counts, int64_t width,
+                                   int64_t **mem, int64_t *total) {
+    int64_t *m, r, sum = 0;
+    *mem = NULL;
+    if (!counts) return moe__fail(ctx, MOE_ERR_ARG, "%s: counts are NULL", fn);
+    if (!(m = (int64_t *)MOE_MALLOC((size_t)c->size * 2 * sizeof(int64_t))))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %d ranks' counts", fn, c->size);
+    for (r = 0; r < c->size; r++) {
+        if (counts[r] < 0 || (width > 0 && counts[r] > ((int64_t)1 << 48) / width)) {
+            MOE_FREE(m);
+            return moe__fail(ctx, MOE_ERR_ARG, "%s: count %lld for rank %lld", fn, (long long)counts[r], (long long)r);
+        }
+        m[r] = counts[r] * width;
+        m[c->size + r] = sum;
+        sum += m[r];
+        if (sum > ((int64_t)1 << 48)) {
+            MOE_FREE(m);
+            return moe__fail(ctx, MOE_ERR_ARG, "%s: more than 2^48 elements in all", fn);
+        }
+    }
+    *mem = m;
+    *total = sum;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out) {
+    moe_comm *c;
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_init: out is NULL");
+    *out = NULL;
+    if (kind != MOE_COMM_SELF && kind != MOE_COMM_MPI) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_init: kind %d", (int)kind);
+#ifndef MOE_MPI
+    if (kind == MOE_COMM_MPI)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_comm_init: MPI is not built in (define MOE_MPI and build with mpicc)");
+#endif
+    if (!(c = (moe_comm *)MOE_MALLOC(sizeof *c))) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_init: out of memory");
+    memset(c, 0, sizeof *c);
+    c->ops = &moe__comm_self;
+    c->size = 1;
+#ifdef MOE_MPI
+    if (kind == MOE_COMM_MPI) {
+        int inited = 0, provided = 0, rc;
+        MPI_Initialized(&inited);
+        if (!inited) {
+            if ((rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided)) != MPI_SUCCESS) {
+                MOE_FREE(c);
+                return moe__mpi_check(ctx, rc, "MPI_Init_thread");
+            }
+            c->owns_runtime = 1;
+        }
+        if ((rc = MPI_Comm_dup(MPI_COMM_WORLD, &c->mpi)) != MPI_SUCCESS) {
+            if (c->owns_runtime) MPI_Finalize();
+            MOE_FREE(c);
+            return moe__mpi_check(ctx, rc, "MPI_Comm_dup");
+        }
+        MPI_Comm_set_errhandler(c->mpi, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(c->mpi, &c->rank);
+        MPI_Comm_size(c->mpi, &c->size);
+        c->ops = &moe__comm_mpi;
+    }
+#endif
+    *out = c;
+    return MOE_OK;
+}
+
+MOE_API moe_status moe_comm_split(moe_ctx *ctx, moe_comm *comm, int color, int key, moe_comm **out) {
+    moe_comm *c;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_split", MOE_COMM_BYTE));
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_split: out is NULL");
+    *out = NULL;
+    if (color < 0) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_split: color %d (want >= 0)", color);
+    if (!(c = (moe_comm *)MOE_MALLOC(sizeof *c))) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_split: out of memory");
+    memset(c, 0, sizeof *c);
+    c->ops = comm->ops;
+    if ((st = comm->ops->split(ctx, comm, color, key, c)) != MOE_OK) {
+        MOE_FREE(c);
+        return st;
+    }
+    *out = c;
+    return MOE_OK;
+}
+
+MOE_API void moe_comm_free(moe_comm *comm) {
+    if (!comm) return;
+    comm->ops->release(comm);
+#ifdef MOE_MPI
+    if (comm->owns_runtime) {
+        int finalized = 0;
+        MPI_Finalized(&finalized);
+        if (!finalized) MPI_Finalize();
+    }
+#endif
+    MOE_FREE(comm);
+}
+MOE_API int moe_comm_rank(const moe_comm *comm) { return comm ? comm->rank : 0; }
+MOE_API int moe_comm_size(const moe_comm *comm) { return comm ? comm->size : 1; }
+
+MOE_API moe_status moe_comm_barrier(moe_ctx *ctx, moe_comm *comm) {
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_barrier", MOE_COMM_BYTE));
+    return comm->ops->barrier(ctx, comm);
+}
+
+MOE_API moe_status moe_comm_bcast(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type, int root) {
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_bcast", type));
+    MOE__TRY(moe__comm_buf(ctx, "moe_comm_bcast", buf, n, type));
+    if (root < 0 || root >= comm->size)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_bcast: root %d of %d ranks", root, comm->size);
+    return n ? comm->ops->bcast(ctx, comm, buf, n, type, root) : MOE_OK;
+}
+
+MOE_API moe_status moe_comm_allreduce(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type, moe_comm_op op) {
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_allreduce", type));
+    MOE__TRY(moe__comm_buf(ctx, "moe_comm_allreduce", buf, n, type));
+    if (type == MOE_COMM_BYTE || (op != MOE_COMM_SUM && op != MOE_COMM_MAX))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_allreduce: want a sum or a max of numbers");
+    return n ? comm->ops->allreduce(ctx, comm, buf, n, type, op) : MOE_OK;
+}
+
+MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type) {
+    int64_t *lay = NULL, *counts, total, r;
+    void *all;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_allreduce_ordered", type));
+    MOE__TRY(moe__comm_buf(ctx, "moe_comm_allreduce_ordered", buf, n, type));
+    if (type == MOE_COMM_BYTE) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_allreduce_ordered: bytes have no sum");
+    if (comm->size == 1 || n == 0) return MOE_OK;
+    if (!(counts = (int64_t *)MOE_MALLOC((size_t)comm->size * sizeof(int64_t))))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_allreduce_ordered: out of memory");
+    for (r = 0; r < comm->size; r++) counts[r] = n;
+    st = moe__comm_layout(ctx, "moe_comm_allreduce_ordered", comm, counts, 1, &lay, &total);
+    MOE_FREE(counts);
+    if (st) return st;
+    if (!(all = MOE_MALLOC((size_t)total * moe__comm_type_size(type)))) {
+        MOE_FREE(lay);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_allreduce_ordered: out of memory for %lld elements", (long long)total);
+    }
+    st = comm->ops->allgatherv(ctx, comm, buf, all, lay, lay + comm->size, type);
+    if (!st) moe__comm_sum_blocks(all, comm->size, n, type, buf);
+    MOE_FREE(all);
+    MOE_FREE(lay);
+    return st;
+}
+
+MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
+                                           moe_comm_type type) {
+    int64_t *lay = NULL, *mine = NULL, total, scratch_total, r;
+    void *blocks = NULL;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_reduce_scatter", type));
+    if (type == MOE_COMM_BYTE) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_reduce_scatter: bytes have no sum");
+    MOE__TRY(moe__comm_layout(ctx, "moe_comm_reduce_scatter", comm, counts, 1, &lay, &total));
+    st = moe__comm_buf(ctx, "moe_comm_reduce_scatter", send, total, type);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_reduce_scatter", recv, counts[comm->rank], type);
+    if (!st && !(mine = (int64_t *)MOE_MALLOC((size_t)comm->size * 2 * sizeof(int64_t))))
+        st = moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_reduce_scatter: out of memory");
+    if (!st) { /* every rank's block `rank`, in rank order */
+        for (r = 0; r < comm->size; r++) {
+            mine[r] = counts[comm->rank];
+            mine[comm->size + r] = r * counts[comm->rank];
+        }
+        scratch_total = comm->size * counts[comm->rank];
+        if (scratch_total && !(blocks = MOE_MALLOC((size_t)scratch_total * moe__comm_type_size(type))))
+            st = moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_reduce_scatter: out of memory for %lld elements", (long long)scratch_total);
+    }
+    if (!st) st = comm->ops->alltoallv(ctx, comm, send, lay, lay + comm->size, blocks, mine, mine + comm->size, type);
+    if (!st && counts[comm->rank]) moe__comm_sum_blocks(blocks, comm->size, counts[comm->rank], type, recv);
+    MOE_FREE(blocks);
+    MOE_FREE(mine);
+    MOE_FREE(lay);
+    return st;
+}
+
+MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
+                                      moe_comm_type type) {
+    int64_t *lay = NULL, total;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_allgather", type));
+    MOE__TRY(moe__comm_layout(ctx, "moe_comm_allgather", comm, counts, 1, &lay, &total));
+    st = moe__comm_buf(ctx, "moe_comm_allgather", send, counts[comm->rank], type);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_allgather", recv, total, type);
+    if (!st && total) st = comm->ops->allgatherv(ctx, comm, send, recv, lay, lay + comm->size, type);
+    MOE_FREE(lay);
+    return st;
+}
+
+MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
+                                      const int64_t *recv_rows, int64_t width, moe_comm_type type) {
+    int64_t *s = NULL, *r = NULL, stotal, rtotal;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_alltoallv", type));
+    if (width < 1) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_alltoallv: row width %lld", (long long)width);
+    MOE__TRY(moe__comm_layout(ctx, "moe_comm_alltoallv", comm, send_rows, width, &s, &stotal));
+    st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, recv_rows, width, &r, &rtotal);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", send, stotal, type);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", recv, rtotal, type);
+    if (!st) st = comm->ops->alltoallv(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type);
+    MOE_FREE(s);
+    MOE_FREE(r);
+    return st;
+}
+
+MOE_API moe_status moe_comm_alltoall(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, int64_t n, moe_comm_type type) {
+    int64_t *rows, i;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_alltoall", type));
+    if (n < 0) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_alltoall: negative count %lld", (long long)n);
+    if (!(rows = (int64_t *)MOE_MALLOC((size_t)comm->size * sizeof(int64_t))))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_alltoall: out of memory");
+    for (i = 0; i < comm->size; i++) rows[i] = n;
+    st = moe_comm_alltoallv(ctx, comm, send, rows, recv, rows, 1, type);
+    MOE_FREE(rows);
+    return st;
+}
+
+/* Every field of moe_config, as doubles (the integers are far below 2^53). */
+#define MOE__CONFIG_FIELDS(X)                                                                                  \
+    X(vocab_size) X(hidden_size) X(intermediate_size) X(moe_intermediate_size) X(num_hidden_layers)            \
+    X(first_k_dense_replace) X(num_attention_heads) X(q_lora_rank) X(kv_lora_rank) X(qk_nope_head_dim)         \
+    X(qk_rope_head_dim) X(v_head_dim) X(n_routed_experts) X(n_shared_experts) X(num_experts_per_tok) X(n_group) \
+    X(topk_group) X(scoring_func) X(topk_method) X(norm_topk_prob) X(routed_scaling_factor)                    \
+    X(num_nextn_predict_layers) X(rope_theta) X(rope_scaling.factor) X(rope_scaling.original_max_pos)          \
+    X(rope_scaling.beta_fast) X(rope_scaling.beta_slow) X(rope_scaling.mscale) X(rope_scaling.mscale_all_dim)  \
+    X(rms_norm_eps) X(max_position_embeddings) X(tie_word_embeddings) X(initializer_range) X(rope_layout)
+
+MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe_config *cfg) {
+#define MOE__FIELD_NAME(f) #f,
+    static const char *const names[] = {MOE__CONFIG_FIELDS(MOE__FIELD_NAME) ""};
+#undef MOE__FIELD_NAME
+    enum { K = (int)(sizeof names / sizeof names[0]) - 1 };
+    double mine[K], root[K];
+    int64_t first = K, score;
+    int i = 0;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_check_config", MOE_COMM_F64));
+    if (!cfg) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_check_config: config is NULL");
+#define MOE__FIELD_VALUE(f) mine[i++] = (double)cfg->f;
+    MOE__CONFIG_FIELDS(MOE__FIELD_VALUE)
+#undef MOE__FIELD_VALUE
+    memcpy(root, mine, sizeof root);
+    MOE__TRY(moe_comm_bcast(ctx, comm, root, K, MOE_COMM_F64, 0));
+    for (i = 0; i < K && first == K; i++)
+        if (memcmp(&root[i], &mine[i], sizeof(double)) != 0) first = i;
+    score = K - first; /* the largest score is the lowest field index that differs anywhere */
+    MOE__TRY(moe_comm_allreduce(ctx, comm, &score, 1, MOE_COMM_I64, MOE_COMM_MAX));
+    if (score == 0) return MOE_OK;
+    first = K - score;
+    if (memcmp(&root[first], &mine[first], sizeof(double)) != 0)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "moe_comm_check_config: rank %d's %s is %.17g, rank 0's is %.17g", comm->rank,
+                         names[first], mine[first], root[first]);
+    return moe__fail(ctx, MOE_ERR_CONFIG, "moe_comm_check_config: another rank's %s differs from rank 0's (%.17g)", names[first],
+                     root[first]);
+}
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,307 @@
+/* tests/test_dist.c — the communicator (section 15): every collective against an expectation
+   each rank computes on its own from the same data formulas, on one process (SELF, built
+   without MOE_MPI) and under mpirun with 1–4 ranks (built with mpicc -DMOE_MPI): zero counts,
+   ranks that send nothing, sizes that P does not divide, the rank-ordered sums bit for bit,
+   split groups (expert-parallel and expert-data-parallel), the config check and bad
+   arguments. A case fails on every rank if it fails on any; rank 0 prints. With
+   MOE_TEST_DIE_RANK=r, rank r exits at once (tests/test_dist.sh: the job must end, not hang). */
+#define MOE_IMPLEMENTATION
+#include "moe.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test.h"
+
+static moe_ctx *ctx;
+static moe_comm *world;
+static int R, P; /* this rank, the number of ranks */
+
+/* Value i of rank r's data: integers below 2^20 (sums exact in every type), or floats whose
+   sum depends on the order of addition: rank 0 holds about 1, the others 0.6–0.76 of half a
+   unit in the last place of 1, which vanish one at a time but not together. */
+static int64_t ival(int r, int64_t i) { return (int64_t)((r + 1) * 1000 + (i * 7919) % 997); }
+static float fval(int r, int64_t i) {
+    if (r == 0) return 1.0f + (float)(i % 8) * 0.125f;
+    return 0.6f * 5.9604645e-8f * (1.0f + 0.01f * (float)((r * 31 + i) % 17)) * (1.0f + (float)(i % 8) * 0.125f);
+}
+
+/* ---- cases ---- */
+
+static void ranks(void) {
+    int64_t *all = (int64_t *)calloc((size_t)P, sizeof(int64_t)), *counts = (int64_t *)calloc((size_t)P, sizeof(int64_t));
+    int64_t mine = R, r;
+    for (r = 0; r < P; r++) counts[r] = 1;
+    T_CHECK(R >= 0 && R < P, "rank %d of %d", R, P);
+    T_ASSERT(moe_comm_allgather(ctx, world, &mine, all, counts, MOE_COMM_I64) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (r = 0; r < P; r++) T_CHECK(all[r] == r, "slot %lld holds rank %lld", (long long)r, (long long)all[r]);
+    T_CHECK(moe_comm_barrier(ctx, world) == MOE_OK, "%s", moe_ctx_error(ctx));
+    free(all);
+    free(counts);
+}
+
+static void bcast(void) {
+    static const moe_comm_type types[5] = {MOE_COMM_F32, MOE_COMM_F64, MOE_COMM_I32, MOE_COMM_I64, MOE_COMM_BYTE};
+    int root, t;
+    int64_t i, n = 37;
+    for (root = 0; root < P; root++)
+        for (t = 0; t < 5; t++) {
+            unsigned char buf[37 * 8], want[37 * 8];
+            for (i = 0; i < n * 8; i++) {
+                buf[i] = (unsigned char)(R * 13 + i);
+                want[i] = (unsigned char)(root * 13 + i);
+            }
+            T_ASSERT(moe_comm_bcast(ctx, world, buf, n, types[t], root) == MOE_OK, "%s", moe_ctx_error(ctx));
+            i = n * (types[t] == MOE_COMM_BYTE ? 1 : types[t] == MOE_COMM_F64 || types[t] == MOE_COMM_I64 ? 8 : 4);
+            T_CHECK(memcmp(buf, want, (size_t)i) == 0, "root %d, type %d: bytes differ", root, t);
+        }
+    T_CHECK(moe_comm_bcast(ctx, world, NULL, 0, MOE_COMM_F32, 0) == MOE_OK, "an empty broadcast: %s", moe_ctx_error(ctx));
+}
+
+static void allreduce(void) {
+    int64_t n = 1001, i, r, *s = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    double *d = (double *)malloc((size_t)n * sizeof(double));
+    float *m = (float *)malloc((size_t)n * sizeof(float));
+    int32_t *s32 = (int32_t *)malloc((size_t)n * sizeof(int32_t));
+    for (i = 0; i < n; i++) {
+        s[i] = ival(R, i);
+        s32[i] = (int32_t)ival(R, i);
+        d[i] = (double)ival(R, i) * 0.5;
+        m[i] = fval(R, i);
+    }
+    T_ASSERT(moe_comm_allreduce(ctx, world, s, n, MOE_COMM_I64, MOE_COMM_SUM) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_comm_allreduce(ctx, world, s32, n, MOE_COMM_I32, MOE_COMM_SUM) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_comm_allreduce(ctx, world, d, n, MOE_COMM_F64, MOE_COMM_SUM) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_comm_allreduce(ctx, world, m, n, MOE_COMM_F32, MOE_COMM_MAX) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (i = 0; i < n; i++) {
+        int64_t want = 0;
+        float mx = fval(0, i);
+        for (r = 0; r < P; r++) {
+            want += ival((int)r, i);
+            if (fval((int)r, i) > mx) mx = fval((int)r, i);
+        }
+        T_CHECK(s[i] == want && s32[i] == (int32_t)want, "i64/i32 sum [%lld]: %lld / %d, want %lld", (long long)i,
+                (long long)s[i], s32[i], (long long)want);
+        T_CHECK(d[i] == (double)want * 0.5, "f64 sum [%lld]: %.17g, want %.17g", (long long)i, d[i], (double)want * 0.5);
+        T_CHECK(m[i] == mx, "f32 max [%lld]: %g, want %g", (long long)i, (double)m[i], (double)mx);
+        if (t_case_failures > 4) break;
+    }
+    T_CHECK(moe_comm_allreduce(ctx, world, NULL, 0, MOE_COMM_F32, MOE_COMM_SUM) == MOE_OK, "an empty all-reduce");
+    free(s); free(s32); free(d); free(m);
+}
+
+/* The rank-ordered sum equals ((x_0 + x_1) + x_2) + … computed here, bit for bit, on every
+   rank; from 3 ranks on the data make another order give other bits. */
+static void allreduce_ordered(void) {
+    int64_t n = 513, i, r, differs = 0;
+    float *x = (float *)malloc((size_t)n * sizeof(float));
+    double *y = (double *)malloc((size_t)n * sizeof(double));
+    for (i = 0; i < n; i++) {
+        x[i] = fval(R, i);
+        y[i] = (double)fval(R, i) * 1e10;
+    }
+    T_ASSERT(moe_comm_allreduce_ordered(ctx, world, x, n, MOE_COMM_F32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_comm_allreduce_ordered(ctx, world, y, n, MOE_COMM_F64) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (i = 0; i < n; i++) {
+        float want = fval(0, i), right = fval(P - 1, i); /* right: x_0 + (x_1 + (x_2 + …)) */
+        double wantd = (double)fval(0, i) * 1e10;
+        for (r = 1; r < P; r++) {
+            want += fval((int)r, i);
+            wantd += (double)fval((int)r, i) * 1e10;
+        }
+        for (r = P - 2; r >= 0; r--) right = fval((int)r, i) + right;
+        differs += right != want;
+        T_CHECK(memcmp(&x[i], &want, sizeof want) == 0, "f32 [%lld]: %.9g, want %.9g", (long long)i, (double)x[i], (double)want);
+        T_CHECK(memcmp(&y[i], &wantd, sizeof wantd) == 0, "f64 [%lld]: %.17g, want %.17g", (long long)i, y[i], wantd);
+        if (t_case_failures > 4) break;
+    }
+    if (P >= 3) T_CHECK(differs > 0, "the data do not tell the orders apart (the check could not fail)");
+    T_NOTE("%lld of %lld sums differ when added from the right", (long long)differs, (long long)n);
+    free(x);
+    free(y);
+}
+
+/* Uneven shards (rank r owns r + 2 elements, rank 1 none when P > 1), summed in rank order. */
+static void reduce_scatter(void) {
+    int64_t *counts = (int64_t *)calloc((size_t)P, sizeof(int64_t)), total = 0, off = 0, i, r, q;
+    float *send, *recv;
+    for (r = 0; r < P; r++) {
+        counts[r] = r == 1 ? 0 : r + 2;
+        total += counts[r];
+    }
+    send = (float *)malloc((size_t)total * sizeof(float));
+    recv = (float *)malloc((size_t)(counts[R] + 1) * sizeof(float));
+    for (i = 0; i < total; i++) send[i] = fval(R, i);
+    for (r = 0; r < R; r++) off += counts[r];
+    T_ASSERT(moe_comm_reduce_scatter(ctx, world, send, recv, counts, MOE_COMM_F32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (i = 0; i < counts[R]; i++) {
+        float want = fval(0, off + i);
+        for (q = 1; q < P; q++) want += fval((int)q, off + i);
+        T_CHECK(memcmp(&recv[i], &want, sizeof want) == 0, "[%lld]: %.9g, want %.9g", (long long)i, (double)recv[i], (double)want);
+    }
+    free(counts); free(send); free(recv);
+}
+
+/* Rank r contributes (3r + 1) mod 4 values: some ranks nothing. */
+static void allgather(void) {
+    int64_t *counts = (int64_t *)calloc((size_t)P, sizeof(int64_t)), total = 0, i, r, k = 0;
+    int64_t *send, *recv;
+    for (r = 0; r < P; r++) total += counts[r] = (3 * r + 1) % 4;
+    send = (int64_t *)malloc((size_t)(counts[R] + 1) * sizeof(int64_t));
+    recv = (int64_t *)malloc((size_t)(total + 1) * sizeof(int64_t));
+    for (i = 0; i < counts[R]; i++) send[i] = ival(R, i);
+    T_ASSERT(moe_comm_allgather(ctx, world, send, recv, counts, MOE_COMM_I64) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (r = 0; r < P; r++)
+        for (i = 0; i < counts[r]; i++, k++)
+            T_CHECK(recv[k] == ival((int)r, i), "rank %lld's [%lld]", (long long)r, (long long)i);
+    free(counts); free(send); free(recv);
+}
+
+static void alltoall(void) {
+    int64_t n = 5, i, r;
+    int32_t *send = (int32_t *)malloc((size_t)(P * n) * sizeof(int32_t)), *recv = (int32_t *)malloc((size_t)(P * n) * sizeof(int32_t));
+    for (r = 0; r < P; r++)
+        for (i = 0; i < n; i++) send[r * n + i] = (int32_t)(R * 10000 + r * 100 + i); /* from R to r */
+    T_ASSERT(moe_comm_alltoall(ctx, world, send, recv, n, MOE_COMM_I32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (r = 0; r < P; r++)
+        for (i = 0; i < n; i++)
+            T_CHECK(recv[r * n + i] == (int32_t)(r * 10000 + R * 100 + i), "from rank %lld [%lld]", (long long)r, (long long)i);
+    free(send); free(recv);
+}
+
+/* Rows of width 3: rank s sends (s + d) mod 3 rows to rank d (zero for some pairs). */
+static void alltoallv(void) {
+    const int64_t W = 3;
+    int64_t *srows = (int64_t *)malloc((size_t)P * sizeof(int64_t)), *rrows = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    int64_t stot = 0, rtot = 0, r, j, c, k = 0;
+    double *send, *recv;
+    for (r = 0; r < P; r++) {
+        stot += srows[r] = (R + r) % 3;
+        rtot += rrows[r] = (r + R) % 3;
+    }
+    send = (double *)malloc((size_t)(stot * W + 1) * sizeof(double));
+    recv = (double *)malloc((size_t)(rtot * W + 1) * sizeof(double));
+    for (r = 0; r < P; r++)
+        for (j = 0; j < srows[r]; j++)
+            for (c = 0; c < W; c++) send[k++] = (double)(R * 1000000 + r * 1000 + j * 10 + c);
+    T_ASSERT(moe_comm_alltoallv(ctx, world, send, srows, recv, rrows, W, MOE_COMM_F64) == MOE_OK, "%s", moe_ctx_error(ctx));
+    k = 0;
+    for (r = 0; r < P; r++)
+        for (j = 0; j < rrows[r]; j++)
+            for (c = 0; c < W; c++, k++)
+                T_CHECK(recv[k] == (double)(r * 1000000 + R * 1000 + j * 10 + c), "from rank %lld row %lld col %lld: %g",
+                        (long long)r, (long long)j, (long long)c, recv[k]);
+    free(srows); free(rrows); free(send); free(recv);
+}
+
+/* Expert-parallel groups of 2 consecutive ranks and expert-data-parallel groups of equal
+   position (reference gpu.md §5.3); an all-reduce inside a group sums only its ranks. */
+static void split(void) {
+    moe_comm *ep = NULL, *edp = NULL, *none = NULL;
+    int64_t s = R, want = 0, r;
+    T_ASSERT(moe_comm_split(ctx, world, R / 2, R, &ep) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_comm_split(ctx, world, R % 2, R, &edp) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_CHECK(moe_comm_rank(ep) == R % 2 && moe_comm_size(ep) == ((R / 2) * 2 + 1 < P ? 2 : 1), "EP rank %d of %d",
+            moe_comm_rank(ep), moe_comm_size(ep));
+    T_CHECK(moe_comm_rank(edp) == R / 2 && moe_comm_size(edp) == (P - R % 2 + 1) / 2, "EDP rank %d of %d", moe_comm_rank(edp),
+            moe_comm_size(edp));
+    T_CHECK(moe_comm_allreduce(ctx, ep, &s, 1, MOE_COMM_I64, MOE_COMM_SUM) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (r = 0; r < P; r++) want += r / 2 == R / 2 ? r : 0;
+    T_CHECK(s == want, "EP group sum %lld, want %lld", (long long)s, (long long)want);
+    T_CHECK(moe_comm_split(ctx, world, -1, 0, &none) == MOE_ERR_ARG && !none, "a negative color is refused");
+    moe_comm_free(edp);
+    moe_comm_free(ep);
+}
+
+static void check_config(void) {
+    moe_config c = moe_config_tiny();
+    moe_status st;
+    T_CHECK(moe_comm_check_config(ctx, world, &c) == MOE_OK, "equal configs: %s", moe_ctx_error(ctx));
+    if (P == 1) return;
+    if (R == P - 1) c.rope_scaling.beta_fast = 33; /* one rank, a late field */
+    if (R == 1) c.moe_intermediate_size = 48;       /* another rank, an earlier one */
+    st = moe_comm_check_config(ctx, world, &c);
+    T_CHECK(st == MOE_ERR_CONFIG, "a differing config: %s", moe_status_name(st));
+    T_CHECK(strstr(moe_ctx_error(ctx), "moe_intermediate_size") != NULL, "every rank names the first field: %s",
+            moe_ctx_error(ctx));
+}
+
+static void bad_arguments(void) {
+    int64_t counts[64] = {0}, x = 1;
+    T_CHECK(moe_comm_bcast(ctx, world, &x, 1, MOE_COMM_I64, P) == MOE_ERR_ARG, "root out of range");
+    T_CHECK(moe_comm_allreduce(ctx, world, NULL, 4, MOE_COMM_F32, MOE_COMM_SUM) == MOE_ERR_ARG, "NULL buffer");
+    T_CHECK(moe_comm_allreduce(ctx, world, &x, -1, MOE_COMM_I64, MOE_COMM_SUM) == MOE_ERR_ARG, "negative count");
+    T_CHECK(moe_comm_allreduce(ctx, world, &x, 8, MOE_COMM_BYTE, MOE_COMM_SUM) == MOE_ERR_ARG, "a sum of bytes");
+    T_CHECK(moe_comm_allreduce(ctx, world, &x, 1, (moe_comm_type)9, MOE_COMM_SUM) == MOE_ERR_ARG, "an unknown type");
+    counts[0] = -2;
+    T_CHECK(moe_comm_allgather(ctx, world, &x, &x, counts, MOE_COMM_I64) == MOE_ERR_ARG, "a negative count");
+    T_CHECK(moe_comm_allgather(ctx, world, &x, &x, NULL, MOE_COMM_I64) == MOE_ERR_ARG, "NULL counts");
+    T_CHECK(moe_comm_alltoallv(ctx, world, &x, counts, &x, counts, 0, MOE_COMM_I64) == MOE_ERR_ARG, "width 0");
+    T_CHECK(moe_comm_barrier(ctx, NULL) == MOE_ERR_ARG, "NULL communicator");
+    T_CHECK(moe_comm_check_config(ctx, world, NULL) == MOE_ERR_ARG, "NULL config");
+#ifndef MOE_MPI
+    {
+        moe_comm *c = NULL;
+        T_CHECK(moe_comm_init(ctx, MOE_COMM_MPI, &c) == MOE_ERR_UNSUPPORTED && !c, "MPI without MOE_MPI: %s", moe_ctx_error(ctx));
+    }
+#endif
+}
+
+/* ---- a case on every rank; it fails if it fails anywhere ---- */
+
+static void dist_run(const char *name, void (*fn)(void)) {
+    int64_t failures;
+    t_notes[0] = 0;
+    t_case_failures = 0;
+    fn();
+    failures = t_case_failures;
+    if (moe_comm_allreduce(ctx, world, &failures, 1, MOE_COMM_I64, MOE_COMM_SUM) != MOE_OK) {
+        fprintf(stderr, "rank %d: the failure count could not be summed: %s\n", R, moe_ctx_error(ctx));
+        exit(3);
+    }
+    if (t_case_failures && R != 0) printf("rank %d, %s:\n%s", R, name, t_notes);
+    if (failures) t_failed++;
+    else t_passed++;
+    if (R == 0) printf("%s %s (%d rank%s)\n%s", failures ? "FAIL" : "ok  ", name, P, P > 1 ? "s" : "", t_notes);
+    fflush(stdout);
+}
+#define D_RUN(fn) dist_run(#fn, fn)
+
+int main(void) {
+    int rc;
+    (void)t__run; /* the cases run through dist_run */
+    if (moe_ctx_new(&ctx) != MOE_OK) return 2;
+    moe_ctx_set_threads(ctx, 1);
+#ifdef MOE_MPI
+    rc = moe_comm_init(ctx, MOE_COMM_MPI, &world);
+#else
+    rc = moe_comm_init(ctx, MOE_COMM_SELF, &world);
+#endif
+    if (rc != MOE_OK) {
+        printf("FAIL comm_init: %s\nSUITE: 0 passed, 1 failed\n", moe_ctx_error(ctx));
+        return 1;
+    }
+    R = moe_comm_rank(world);
+    P = moe_comm_size(world);
+    if (getenv("MOE_TEST_DIE_RANK") && atoi(getenv("MOE_TEST_DIE_RANK")) == R) {
+        fprintf(stderr, "rank %d: exiting on purpose before the first collective\n", R);
+        exit(7); /* the others are about to wait for it */
+    }
+    D_RUN(ranks);
+    D_RUN(bcast);
+    D_RUN(allreduce);
+    D_RUN(allreduce_ordered);
+    D_RUN(reduce_scatter);
+    D_RUN(allgather);
+    D_RUN(alltoall);
+    D_RUN(alltoallv);
+    D_RUN(split);
+    D_RUN(check_config);
+    D_RUN(bad_arguments);
+    if (R == 0) rc = t_summary();
+    else rc = t_failed ? 1 : 0;
+    moe_comm_free(world);
+    moe_ctx_free(ctx);
+    return rc;
+}
