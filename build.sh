@@ -7,7 +7,8 @@
 #                               "N passed, M failed" over all test cases; exit 0 only if M = 0
 #   ./build.sh bench [NAME]     run bench/NAME.c (all benches without NAME)
 #   ./build.sh example NAME [ARGS]   build and run examples/NAME.c
-#   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c)
+#   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c);
+#                               --np P first: P data-parallel ranks under mpirun
 #   ./build.sh torture          kill -9 a training run 20 times; the resumed result must be identical
 #   ./build.sh fuzz [TARGET] [SECONDS]   libFuzzer on the file parsers (tests/fuzz/; all targets,
 #                               60 s each by default; SECONDS 0 = no limit; FUZZ_RUNS=N stops each
@@ -311,12 +312,26 @@ cmd_example() {
     OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} "$BUILD/$name" "$@"
 }
 
+# ./build.sh run [--np P] [ARGS]: the main job; with --np, P data-parallel ranks under Open MPI
+# (train_tiny built with mpicc -DMOE_MPI; root allowed, more ranks than cores allowed, one
+# OpenMP thread per rank unless OMP_NUM_THREADS says otherwise).
+cmd_run() {
+    local np=""
+    if [ "${1:-}" = --np ]; then np=${2:?usage: ./build.sh run --np P [ARGS]}; shift 2; fi
+    if [ -z "$np" ]; then cmd_example train_tiny "$@"; return; fi
+    need_pkg mpicc openmpi-bin libopenmpi-dev
+    bash data/prepare.sh >&2
+    mpicc $BASE $OPT $OMP -DMOE_MPI examples/train_tiny.c -o "$BUILD/train_tiny_mpi" $LIBS
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
+        OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} mpirun -np "$np" --oversubscribe --bind-to none "$BUILD/train_tiny_mpi" "$@"
+}
+
 case ${1:-build} in
     build) bash data/prepare.sh >&2; build_all ;;
     test) shift; cmd_test "${1:-}" ;;
     bench) shift; cmd_bench "$@" ;;
     example) shift; cmd_example "$@" ;;
-    run) shift; cmd_example train_tiny "$@" ;;
+    run) shift; cmd_run "$@" ;;
     torture) # 20 kills of a 200-step run, niced: the machine is shared
         shift; bash data/prepare.sh >&2
         compile "$BUILD/train_tiny" examples/train_tiny.c && compile "$BUILD/test_kill" tests/test_kill.c

@@ -614,6 +614,12 @@ MOE_API moe_tensor *moe_model_find(const moe_model *model, const char *name);
    num_experts_per_tok times, embedding and head once); MTP modules counted separately. */
 MOE_API void moe_model_param_counts(const moe_model *model, int64_t *total, int64_t *active, int64_t *mtp);
 MOE_API void moe_model_zero_grad(moe_model *model);
+/* Gradient accumulation that "reduces fully, then adds": after each micro-batch's backward,
+   move its gradients into the model's running sum (the first call after a zero_grad or a
+   moe_model_reduce_grads starts it; later ones add, in call order) and zero them; section
+   15's moe_model_reduce_grads makes the sum the gradients again. One more gradient-sized
+   slab, made on first use. */
+MOE_API moe_status moe_model_accumulate_grads(moe_ctx *ctx, moe_model *model);
 
 /* Options of the training loss. */
 typedef struct moe_loss_opts {
@@ -1046,6 +1052,16 @@ MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *
 /* MOE_ERR_CONFIG on every rank when any rank's model config differs from rank 0's, naming
    the first field that differs (a collective). */
 MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe_config *cfg);
+
+/* Data parallelism, after this rank's backward(s) of a step: the accumulated sum (if any)
+   becomes the gradients, then the gradients are summed over comm's ranks in rank order (in
+   buckets of MOE_COMM_BUCKET values) and the expert-load counts summed, so every rank takes
+   the same optimizer step and bias update. With one micro-batch per rank, P ranks give the
+   bits of one process that accumulates the same P micro-batches. Host-memory models only. */
+MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_comm *comm);
+#ifndef MOE_COMM_BUCKET
+#define MOE_COMM_BUCKET ((int64_t)1 << 22)
+#endif
 
 #ifdef __cplusplus
 }
@@ -7434,6 +7450,9 @@ struct moe_model {
     moe_rope_table rope;
     moe_real softmax_scale;
     int64_t *loads; /* expert load counters of every MoE layer, main then MTP (host) */
+    int64_t n_loads;
+    moe_tensor *grad_sum;  /* moe_model_accumulate_grads' running sum (made on first use) */
+    int64_t n_accumulated; /* backwards in it */
 };
 
 MOE_API const moe_config *moe_model_config(const moe_model *m) { return m ? &m->cfg : NULL; }
@@ -7600,6 +7619,7 @@ MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t s
     m->layers = (moe__block *)moe__heap_calloc(ctx, sizeof(moe__block) * (size_t)c.num_hidden_layers);
     m->mtp = (moe__mtp *)moe__heap_calloc(ctx, sizeof(moe__mtp) * (size_t)(c.num_nextn_predict_layers + 1));
     m->loads = (int64_t *)moe__heap_calloc(ctx, sizeof(int64_t) * (size_t)(n_moe * c.n_routed_experts + 1));
+    m->n_loads = n_moe * c.n_routed_experts;
     if (!m->layers || !m->mtp || !m->loads) {
         moe_model_free(ctx, m);
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_model_new: out of memory");
@@ -7651,6 +7671,7 @@ MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
     for (i = 0; i < m->n_entries; i++) moe_tensor_free(ctx, m->entries[i].t);
     moe_tensor_free(ctx, m->params);
     moe_tensor_free(ctx, m->grads);
+    moe_tensor_free(ctx, m->grad_sum);
     moe_tensor_free(ctx, m->buffers);
     if (m->be) m->be->free(ctx, m->bias_step);
     moe_rope_table_free(&m->rope);
@@ -7663,6 +7684,24 @@ MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
 
 MOE_API void moe_model_zero_grad(moe_model *m) {
     if (m && m->grads) m->be->memset(NULL, m->grads->data, 0, (size_t)m->grads->numel * sizeof(moe_real));
+    if (m) m->n_accumulated = 0;
+}
+
+MOE_API moe_status moe_model_accumulate_grads(moe_ctx *ctx, moe_model *m) {
+    const moe_backend *be;
+    int64_t n;
+    MOE__CHECK_CTX(ctx);
+    if (!m || !m->grads) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_accumulate_grads: model is NULL");
+    be = m->be;
+    n = m->grads->numel;
+    if (!m->grad_sum) MOE__TRY(moe_tensor_new(ctx, MOE_F32, 1, &n, &m->grad_sum));
+    if (m->n_accumulated == 0)
+        MOE__TRY(be->copy(ctx, m->grad_sum->data, m->grads->data, (size_t)n * sizeof(moe_real), MOE__D2D));
+    else
+        MOE__TRY(be->axpy(ctx, 1, MOE__F32(m->grads), n, MOE__F32(m->grad_sum))); /* sum + 1·g: sum + g exactly */
+    MOE__TRY(be->memset(ctx, m->grads->data, 0, (size_t)n * sizeof(moe_real)));
+    m->n_accumulated++;
+    return MOE_OK;
 }
 
 MOE_API void moe_model_param_counts(const moe_model *m, int64_t *total, int64_t *active, int64_t *mtp) {
@@ -12163,6 +12202,27 @@ MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe
                          names[first], mine[first], root[first]);
     return moe__fail(ctx, MOE_ERR_CONFIG, "moe_comm_check_config: another rank's %s differs from rank 0's (%.17g)", names[first],
                      root[first]);
+}
+
+/* ---- data parallelism ---- */
+
+MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *m, moe_comm *comm) {
+    const moe_comm_type real = sizeof(moe_real) == sizeof(double) ? MOE_COMM_F64 : MOE_COMM_F32;
+    int64_t n, off;
+    MOE__TRY(moe__comm_args(ctx, comm, "moe_model_reduce_grads", real));
+    if (!m || !m->grads) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: model is NULL");
+    n = m->grads->numel;
+    if (m->n_accumulated) {
+        MOE__TRY(m->be->copy(ctx, m->grads->data, m->grad_sum->data, (size_t)n * sizeof(moe_real), MOE__D2D));
+        m->n_accumulated = 0;
+    }
+    if (comm->size == 1) return MOE_OK;
+    if (m->be->device != MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the communicator reduces host memory only");
+    for (off = 0; off < n; off += MOE_COMM_BUCKET)
+        MOE__TRY(moe_comm_allreduce_ordered(ctx, comm, MOE__F32(m->grads) + off, n - off < MOE_COMM_BUCKET ? n - off : MOE_COMM_BUCKET,
+                                            real));
+    return moe_comm_allreduce(ctx, comm, m->loads, m->n_loads, MOE_COMM_I64, MOE_COMM_SUM);
 }
 
 #ifdef __cplusplus

@@ -23,6 +23,14 @@
    step, data position, the schedule's length, the settings below that decide the weights and
    the spike guard's window.
 
+   Data parallelism. Built with mpicc -DMOE_MPI and started by mpirun (./build.sh run --np P),
+   each of the P ranks trains on its --accum / P of the step's micro-batches, the gradients
+   are summed over the ranks in rank order and the expert loads summed (moe_model_reduce_grads),
+   and every rank takes the same step; rank 0 writes the log and the checkpoints, rank r > 0
+   its messages to OUT/rank-r.log. With --accum P (one micro-batch per rank) the checkpoints
+   are byte-identical to one process with --accum P; a checkpoint resumes on any P dividing
+   --accum.
+
    Exit status: 0 done (all steps, or --seconds reached), 1 error, 2 bad flags, 3 stopped by
    the spike guard (--max-skips skipped steps in a row; the last good state is saved),
    75 interrupted by SIGINT or SIGTERM (a checkpoint of the finished steps is saved). */
@@ -343,6 +351,7 @@ typedef struct run {
     moe_adamw *opt;
     moe_train_state *st;
     FILE *csv;
+    int rank;            /* only rank 0 writes checkpoints */
     long saved_attempts; /* st->step + st->skipped at the last save (-1: none) */
     double saved_at;     /* moe_time_s() of the last save */
     char path[1100];     /* the last checkpoint written */
@@ -353,6 +362,7 @@ typedef struct run {
 static moe_status save(run *r) {
     char link_tmp[1100], latest[1100];
     moe_status s;
+    if (r->rank != 0) return MOE_OK;
     if (r->csv) fflush(r->csv);
     s = moe_ckpt_save_step(r->ctx, r->o->out, "ckpt", (int)r->o->keep, r->m, r->opt, r->st, r->path, sizeof r->path);
     if (s != MOE_OK) return s;
@@ -469,26 +479,44 @@ int main(int argc, char **argv) {
     double t0 = moe_time_s(), vl = -1, last_vio = NAN, train_s = 0, final_bpb = NAN, xz_bpb, ema = 0;
     long start_step, run_attempts = 0, logged;
     int64_t total = 0, active = 0, mtp = 0;
-    int tty = isatty(2), removed = 0, val_warned = 0, status = 0;
+    int tty = isatty(2), removed = 0, val_warned = 0, status = 0, rank, ranks;
+    long local, stop_now = 0;
+    moe_comm *comm = NULL;
 
     if (!parse_args(argc, argv, &o)) return 2;
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     st = (moe_train_state *)calloc(1, sizeof *st);
     if (!st) return 1;
+#ifdef MOE_MPI
+    CHECK(moe_comm_init(ctx, MOE_COMM_MPI, &comm));
+#else
+    CHECK(moe_comm_init(ctx, MOE_COMM_SELF, &comm));
+#endif
+    rank = moe_comm_rank(comm);
+    ranks = moe_comm_size(comm);
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
     make_dirs(o.out);
-    /* temporaries of a process killed while writing (a checkpoint, the log) */
-    CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
-    if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
-    resume_path[0] = 0;
-    if (o.resume && strcmp(o.resume, "auto") == 0) {
-        CHECK(moe_ckpt_latest(ctx, o.out, "ckpt", resume_path, sizeof resume_path));
-        if (!resume_path[0]) fprintf(stderr, "--resume auto: no checkpoint in %s, starting at step 0\n", o.out);
-    } else if (o.resume) {
-        snprintf(resume_path, sizeof resume_path, "%s", o.resume);
+    if (rank != 0) { /* one voice: the others' messages go to OUT/rank-<r>.log */
+        snprintf(path, sizeof path, "%s/rank-%d.log", o.out, rank);
+        if (!freopen(path, "w", stderr) || !freopen("/dev/null", "w", stdout)) return 1;
+        tty = 0;
     }
+    resume_path[0] = 0;
+    if (rank == 0) { /* the files are rank 0's: it cleans up and finds the checkpoint to resume */
+        /* temporaries of a process killed while writing (a checkpoint, the log) */
+        CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
+        if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
+        if (o.resume && strcmp(o.resume, "auto") == 0) {
+            CHECK(moe_ckpt_latest(ctx, o.out, "ckpt", resume_path, sizeof resume_path));
+            if (!resume_path[0]) fprintf(stderr, "--resume auto: no checkpoint in %s, starting at step 0\n", o.out);
+        } else if (o.resume) {
+            snprintf(resume_path, sizeof resume_path, "%s", o.resume);
+        }
+    }
+    CHECK(moe_comm_bcast(ctx, comm, resume_path, (int64_t)sizeof resume_path, MOE_COMM_BYTE, 0));
     if (o.config) CHECK(moe_config_load(ctx, o.config, &cfg));
     if (resume_path[0]) CHECK(moe_ckpt_config(ctx, resume_path, &cfg));
+    CHECK(moe_comm_check_config(ctx, comm, &cfg));
     CHECK(moe_model_new(ctx, &cfg, o.seed, &m));
     if (resume_path[0]) { /* weights and state first: the settings decide the optimizer's moments */
         CHECK(moe_ckpt_load(ctx, resume_path, m, NULL, st));
@@ -499,6 +527,11 @@ int main(int argc, char **argv) {
         o.seed = st->seed;
         if (!(o.given & G_STEPS) && st->total_steps > 0) o.steps = (long)st->total_steps;
     }
+    if (o.accum % ranks != 0) {
+        fprintf(stderr, "train_tiny: --accum %ld micro-batches do not split over %d ranks (make it a multiple)\n", o.accum, ranks);
+        return 2;
+    }
+    local = o.accum / ranks; /* this rank's micro-batches of a step: [rank·local, (rank + 1)·local) */
     if (o.seq > cfg.max_position_embeddings) {
         fprintf(stderr, "train_tiny: --seq %ld exceeds max_position_embeddings %lld\n", o.seq, (long long)cfg.max_position_embeddings);
         return 2;
@@ -532,12 +565,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "resumed from %s at step %lld of %ld (%lld skipped so far)\n", resume_path, (long long)st->step, o.steps,
                 (long long)st->skipped);
         /* checkpoints after this one (corrupt, or of a run continued from an older one) would mislead --resume auto */
-        CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", st->step, &removed));
+        if (rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", st->step, &removed));
         if (removed) fprintf(stderr, "removed %d checkpoint%s after step %lld from %s\n", removed, removed > 1 ? "s" : "", (long long)st->step, o.out);
     } else {
         st->seed = o.seed;
         settings_store(&o, (double)data->n_tokens, st);
-        CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", -1, &removed));
+        if (rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", -1, &removed));
         if (removed)
             fprintf(stderr, "a fresh run: removed %d checkpoint%s of an earlier run from %s (--resume auto continues a run)\n", removed,
                     removed > 1 ? "s" : "", o.out);
@@ -547,7 +580,8 @@ int main(int argc, char **argv) {
 
     /* the log: as many rows as the checkpoint has seen attempts, then this run's */
     snprintf(path, sizeof path, "%s/log.csv", o.out);
-    logged = resume_path[0] ? log_truncate(path, (long)(st->step + st->skipped)) : -1;
+    if (rank != 0) snprintf(path, sizeof path, "/dev/null");
+    logged = resume_path[0] && rank == 0 ? log_truncate(path, (long)(st->step + st->skipped)) : -1;
     if (resume_path[0] && logged >= 0 && logged < (long)(st->step + st->skipped))
         fprintf(stderr, "note: %s has %ld rows, the checkpoint has seen %lld steps\n", path, logged, (long long)(st->step + st->skipped));
     csv = fopen(path, logged >= 0 ? "a" : "w");
@@ -563,11 +597,12 @@ int main(int argc, char **argv) {
     moe_model_param_counts(m, &total, &active, &mtp);
     fprintf(stderr, "model: %lld parameters (%lld active per token) + %lld in MTP; data: %s, %lld train / %lld validation tokens\n",
             (long long)total, (long long)active, (long long)mtp, o.data, (long long)data->n_train, (long long)(data->n_tokens - data->n_train));
-    fprintf(stderr, "training: %ld steps of %ld x %ld x %ld tokens, %s, %d threads\n", o.steps, o.accum, o.batch, o.seq,
-            precisions[o.precision], moe_ctx_threads(ctx));
+    fprintf(stderr, "training: %ld steps of %ld x %ld x %ld tokens, %s, %d threads%s\n", o.steps, o.accum, o.batch, o.seq,
+            precisions[o.precision], moe_ctx_threads(ctx), ranks > 1 ? " per rank" : "");
+    if (ranks > 1) fprintf(stderr, "data parallel: %d ranks, %ld micro-batches each per step\n", ranks, local);
 
     memset(&r, 0, sizeof r);
-    r.ctx = ctx; r.o = &o; r.m = m; r.opt = opt; r.st = st; r.csv = csv;
+    r.ctx = ctx; r.o = &o; r.m = m; r.opt = opt; r.st = st; r.csv = csv; r.rank = rank;
     r.saved_attempts = resume_path[0] ? (long)(st->step + st->skipped) : -1;
     snprintf(r.path, sizeof r.path, "%s", resume_path);
     r.saved_at = moe_time_s();
@@ -583,12 +618,12 @@ int main(int argc, char **argv) {
         double ts = moe_time_s(), loss_sum = 0, main_sum = 0, mtp_sum = 0, tps, eta, zl = NAN, zg = NAN, loss;
         float gn = NAN, lr = moe_lr_at(&sched, st->step);
         int skip = 0;
-        for (a = 0; a < o.accum; a++) {
+        for (a = 0; a < local; a++) {
             moe_tensor *lt;
             moe_loss_parts parts;
             moe_tensor *emb = NULL;
             float keep = 0;
-            CHECK(moe_data_batch(ctx, data, 0, st->seed, first + a, o.batch, o.seq, batch));
+            CHECK(moe_data_batch(ctx, data, 0, st->seed, first + rank * local + a, o.batch, o.seq, batch));
             if (a == 0 && injected(&o, INJECT_NAN_LOSS, attempt)) { /* a NaN in one embedding during this forward only */
                 emb = moe_model_find(m, "model.embed_tokens.weight");
                 keep = (float)moe_tensor_get(emb, (int64_t)batch[0] * cfg.hidden_size);
@@ -605,10 +640,22 @@ int main(int argc, char **argv) {
             }
             CHECK(moe_backward(ctx, lt));
             moe_ctx_reset(ctx);
+            if (local > 1) CHECK(moe_model_accumulate_grads(ctx, m)); /* the micro-batch's gradient, then added */
             loss_sum += parts.total;
             main_sum += parts.main;
             mtp_sum += parts.mtp[0];
         }
+        {   /* every rank's losses in rank order, and one decision to skip */
+            double sums[3];
+            int64_t any_skip = skip;
+            sums[0] = loss_sum; sums[1] = main_sum; sums[2] = mtp_sum;
+            CHECK(moe_comm_allreduce_ordered(ctx, comm, sums, 3, MOE_COMM_F64));
+            CHECK(moe_comm_allreduce(ctx, comm, &any_skip, 1, MOE_COMM_I64, MOE_COMM_MAX));
+            loss_sum = sums[0]; main_sum = sums[1]; mtp_sum = sums[2];
+            if (any_skip && !skip) snprintf(reason, sizeof reason, "another rank's loss is not finite");
+            skip = (int)any_skip;
+        }
+        if (!skip) CHECK(moe_model_reduce_grads(ctx, m, comm)); /* the step's gradient: every micro-batch's, summed */
         st->data_index = first + o.accum; /* a skipped step's batches are consumed too */
         loss = loss_sum / (double)o.accum;
         if (!skip) {
@@ -686,24 +733,44 @@ int main(int argc, char **argv) {
                             "(step %lld); lower --lr, raise --skip-loss-z / --skip-grad-z or check the data, then --resume auto\n",
                     tty ? "\n" : "", o.max_skips, reason, r.path, (long long)st->step);
             fclose(csv);
+            moe_comm_free(comm);
             return 3;
         }
         if (st->step < o.steps && ((!skip && o.save_every > 0 && st->step % o.save_every == 0) ||
                                    (o.save_seconds > 0 && moe_time_s() - r.saved_at >= o.save_seconds)))
             CHECK(save(&r));
+        {   /* a signal or the time budget on any rank stops every rank after the same step */
+            int64_t stop[2];
+            stop[0] = g_signal;
+            stop[1] = o.seconds > 0 && train_s >= o.seconds;
+            CHECK(moe_comm_allreduce(ctx, comm, stop, 2, MOE_COMM_I64, MOE_COMM_MAX));
+            if (stop[0] && !g_signal) g_signal = (int)stop[0];
+            stop_now = stop[1];
+        }
         if (g_signal) {
             CHECK(save(&r));
             fprintf(stderr, "%sinterrupted by %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n", tty ? "\n" : "",
                     g_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
             fclose(csv);
+            moe_comm_free(comm);
             return 75;
         }
-        if (o.seconds > 0 && train_s >= o.seconds) break;
+        if (stop_now) break;
     }
     if (tty) fprintf(stderr, "\n");
     if (r.saved_attempts != (long)(st->step + st->skipped)) CHECK(save(&r));
     fclose(csv);
     r.csv = NULL;
+    moe_comm_free(comm); /* the rest is rank 0's alone */
+    if (rank != 0) {
+        free(batch);
+        free(st);
+        moe_adamw_free(ctx, opt);
+        moe_model_free(ctx, m);
+        moe_data_free(ctx, data);
+        moe_ctx_free(ctx);
+        return 0;
+    }
     {   /* the Hugging Face export of the same step, OUT/hf-<step>/, and OUT/hf linked to it */
         char hf[1100], name[64], link_tmp[1100], link_path[1100];
         struct stat sb;

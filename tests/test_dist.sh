@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tests/test_dist.sh CC — the communicator's suite (tests/test_dist.c) on one process (SELF,
 # built with CC) and under Open MPI with 1, 2, 3 and 4 ranks (mpicc -DMOE_MPI; more ranks
-# than cores, one OpenMP thread each, as environment.md measured). Each run is a SUITE of its
-# own; this adds them up. A run that hangs is stopped after 300 s and counts as failed.
+# than cores, one OpenMP thread each, as environment.md measured), then data-parallel
+# training (examples/train_tiny) against one process, checkpoint bytes compared. Each run is
+# a SUITE of its own; this adds them up. A run that hangs is stopped after 300 s and fails.
 set -u
 cd "$(dirname "$0")/.."
 CC=${1:-gcc}
@@ -48,6 +49,46 @@ if mpicc $W -DMOE_MPI tests/test_dist.c -o "$tmp/dist_mpi" -lm; then
     fi
 else
     echo "FAIL test_dist.c does not compile with mpicc -DMOE_MPI"; fail=$((fail + 1))
+fi
+
+# ---- data parallelism: examples/train_tiny under mpirun against one process ----
+# The same 6 steps (checkpoints at 3 and 6) of the tiny config, --accum P micro-batches of
+# 4 x 32 tokens: P ranks with one micro-batch each must write the bytes one process writes
+# accumulating the P micro-batches in order (cmp of the checkpoints), in FP32 and BF16; the
+# same MPI run twice gives the same bytes; a checkpoint resumes on another number of ranks.
+TT="--batch 4 --seq 32 --steps 6 --threads 1 --sample 0 --val-every 3 --warmup 2 --save-every 3 --keep 0 --seconds 0"
+run1() { "$tmp/tt_self" $TT "$@" >"$tmp/last.txt" 2>&1 || { echo "     train_tiny $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
+runp() { local np=$1; shift
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 300 \
+        mpirun -np "$np" --oversubscribe --bind-to none "$tmp/tt_mpi" $TT "$@" >"$tmp/last.txt" 2>&1 ||
+        { echo "     mpirun -np $np train_tiny $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
+same() { # same NAME FILE1 FILE2
+    if [ -f "$2" ] && [ -f "$3" ] && cmp -s "$2" "$3"; then echo "ok   $1"; echo "     cmp $2 $3: identical ($(wc -c <"$2") bytes)"; pass=$((pass + 1))
+    else echo "FAIL $1"; echo "     cmp $2 $3: $(cmp "$2" "$3" 2>&1 | head -n 1)"; fail=$((fail + 1)); fi; }
+if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp examples/train_tiny.c -o "$tmp/tt_self" -lm &&
+    mpicc $W -march=native -fopenmp -DMOE_MPI examples/train_tiny.c -o "$tmp/tt_mpi" -lm; then
+    d=$tmp/dp
+    echo "== data parallelism: train_tiny, one process against mpirun"
+    run1 --accum 2 --out "$d/p1a2";                 runp 2 --accum 2 --out "$d/p2a2"
+    same "DP 2 ranks = 1 process, fp32 (step 3)" "$d/p1a2/ckpt-00000003.bin" "$d/p2a2/ckpt-00000003.bin"
+    same "DP 2 ranks = 1 process, fp32 (step 6)" "$d/p1a2/ckpt-00000006.bin" "$d/p2a2/ckpt-00000006.bin"
+    runp 2 --accum 2 --out "$d/p2a2again"
+    same "the same 2-rank run twice" "$d/p2a2/ckpt-00000006.bin" "$d/p2a2again/ckpt-00000006.bin"
+    run1 --accum 4 --out "$d/p1a4";                 runp 4 --accum 4 --out "$d/p4a4"
+    same "DP 4 ranks = 1 process, fp32 (rank-ordered sums)" "$d/p1a4/ckpt-00000006.bin" "$d/p4a4/ckpt-00000006.bin"
+    run1 --accum 2 --precision bf16 --out "$d/b1";  runp 2 --accum 2 --precision bf16 --out "$d/b2"
+    same "DP 2 ranks = 1 process, bf16" "$d/b1/ckpt-00000006.bin" "$d/b2/ckpt-00000006.bin"
+    run1 --resume "$d/p2a2/ckpt-00000003.bin" --out "$d/r21"
+    same "a 2-rank checkpoint resumed on 1 process" "$d/p1a2/ckpt-00000006.bin" "$d/r21/ckpt-00000006.bin"
+    runp 2 --resume "$d/p1a2/ckpt-00000003.bin" --out "$d/r12"
+    same "a 1-process checkpoint resumed on 2 ranks" "$d/p1a2/ckpt-00000006.bin" "$d/r12/ckpt-00000006.bin"
+    run1 --resume "$d/p4a4/ckpt-00000003.bin" --out "$d/r41"
+    same "a 4-rank checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/r41/ckpt-00000006.bin"
+    runp 2 --accum 3 --out "$d/bad"
+    if grep -q "do not split over 2 ranks" "$tmp/last.txt"; then echo "ok   --accum 3 on 2 ranks is refused"; pass=$((pass + 1))
+    else echo "FAIL --accum 3 on 2 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
+else
+    echo "FAIL train_tiny does not build (plain and mpicc -DMOE_MPI)"; fail=$((fail + 1))
 fi
 echo "SUITE: $pass passed, $fail failed"
 [ "$fail" = 0 ]
