@@ -84,6 +84,26 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     same "a 1-process checkpoint resumed on 2 ranks" "$d/p1a2/ckpt-00000006.bin" "$d/r12/ckpt-00000006.bin"
     run1 --resume "$d/p4a4/ckpt-00000003.bin" --out "$d/r41"
     same "a 4-rank checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/r41/ckpt-00000006.bin"
+    # a rank killed mid-run: the job ends with an error (no hang), and --resume auto on the
+    # same ranks finishes with the bytes of an uninterrupted run
+    K="--accum 2 --steps 40 --save-every 5"
+    run1 $K --out "$d/k1"
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 120 \
+        mpirun -np 2 --oversubscribe --bind-to none "$tmp/tt_mpi" $TT $K --out "$d/k2" >"$tmp/kill.txt" 2>&1 &
+    mpid=$!
+    for i in $(seq 1 600); do [ -f "$d/k2/ckpt-00000010.bin" ] && break; sleep 0.05; done
+    victim=$(pgrep -f "tt_mpi .*--out $d/k2" | tail -n 1)
+    t0=$(date +%s)
+    [ -n "$victim" ] && kill -9 "$victim"
+    wait "$mpid"; rc=$?
+    if [ -n "$victim" ] && [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ ! -f "$d/k2/ckpt-00000040.bin" ]; then
+        echo "ok   a rank killed with SIGKILL after step 10: mpirun ends (exit $rc) $(($(date +%s) - t0)) s later"; pass=$((pass + 1))
+    else
+        echo "FAIL a rank killed mid-run: victim '${victim}', mpirun exit $rc (124: a hang), final checkpoint $(ls "$d/k2" | grep -c 00000040)"
+        fail=$((fail + 1))
+    fi
+    runp 2 --accum 2 --steps 40 --save-every 5 --resume auto --out "$d/k2"
+    same "after the kill, --resume auto on 2 ranks = the uninterrupted run" "$d/k1/ckpt-00000040.bin" "$d/k2/ckpt-00000040.bin"
     runp 2 --accum 3 --out "$d/bad"
     if grep -q "do not split over 2 ranks" "$tmp/last.txt"; then echo "ok   --accum 3 on 2 ranks is refused"; pass=$((pass + 1))
     else echo "FAIL --accum 3 on 2 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
