@@ -296,6 +296,15 @@ cmd_bench() {
         [ -n "$only" ] && [ "$only" != "$name" ] && continue
         libs=$LIBS
         case $name in gemm) libs="$LIBS -lopenblas" ;; esac
+        if [ "$name" = dist ]; then # data parallelism under Open MPI: 1, 2 and 4 ranks
+            need_pkg mpicc openmpi-bin libopenmpi-dev
+            mpicc $BASE $OPT $OMP -DMOE_MPI "$f" -o "$BUILD/bench_$name" $libs
+            for np in 1 2 4; do
+                OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+                    mpirun -np $np --oversubscribe --bind-to none "$BUILD/bench_$name" "$@"
+            done
+            continue
+        fi
         $CC $BASE $OPT $OMP -I/usr/include/x86_64-linux-gnu "$f" -o "$BUILD/bench_$name" $libs
         "$BUILD/bench_$name" "$@"
     done
