@@ -3427,10 +3427,19 @@ static moe_real moe__dot8x(const moe_real *MOE_RESTRICT a, const moe_real *MOE_R
 }
 
 #ifdef MOE__SIMD_AVX2
-/* y[r] = moe__dot8x(x, W + r·ldw, n) for r < 8, bit for bit: two rounds of horizontal adds and
-   one add of the halves make the pairwise sums of all 8 rows together. */
+/* y[r] = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)) of accumulator a_r's lanes, for
+   r < 8: two rounds of horizontal adds and one add of the halves do all 8 rows together. */
+static void moe__dot8x8_finish(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7,
+                               float *y) {
+    /* lanes of u0: (p0 + p1) + (p2 + p3) of rows 0-3, then (p4 + p5) + (p6 + p7) of rows 0-3 */
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+
+/* y[r] = moe__dot8x(x, W + r·ldw, n) for r < 8, bit for bit. */
 static void moe__dot8x8(const float *x, const float *W, int64_t ldw, int64_t n, float *y) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, u0, u1;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     int64_t i, r;
     for (i = 0; i + 8 <= n; i += 8) {
         __m256 xv = _mm256_loadu_ps(x + i);
@@ -3444,12 +3453,37 @@ static void moe__dot8x8(const float *x, const float *W, int64_t ldw, int64_t n, 
         a6 = _mm256_add_ps(a6, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 6 * ldw)));
         a7 = _mm256_add_ps(a7, _mm256_mul_ps(xv, _mm256_loadu_ps(w + 7 * ldw)));
     }
-    /* lanes of u0: (p0 + p1) + (p2 + p3) of rows 0-3, then (p4 + p5) + (p6 + p7) of rows 0-3 */
-    u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    moe__dot8x8_finish(a0, a1, a2, a3, a4, a5, a6, a7, y);
     for (; i < n; i++)
         for (r = 0; r < 8; r++) y[r] += x[i] * W[r * ldw + i];
+}
+
+/* moe__dot8x8 for two rows x and z at once (y and yz), each weight loaded once for both:
+   the same arithmetic per output, bit for bit (a verification pass over 1 + k tokens reads
+   the weights once per two tokens). */
+static void moe__dot8x8_rows2(const float *x, const float *z, const float *W, int64_t ldw, int64_t n, float *y, float *yz) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+    int64_t i, r;
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i), zv = _mm256_loadu_ps(z + i);
+        const float *w = W + i;
+        __m256 wv;
+#define MOE__ROWS2(k, ak, bk)                                  \
+        wv = _mm256_loadu_ps(w + (k) * ldw);                   \
+        ak = _mm256_add_ps(ak, _mm256_mul_ps(xv, wv));         \
+        bk = _mm256_add_ps(bk, _mm256_mul_ps(zv, wv));
+        MOE__ROWS2(0, a0, b0) MOE__ROWS2(1, a1, b1) MOE__ROWS2(2, a2, b2) MOE__ROWS2(3, a3, b3)
+        MOE__ROWS2(4, a4, b4) MOE__ROWS2(5, a5, b5) MOE__ROWS2(6, a6, b6) MOE__ROWS2(7, a7, b7)
+#undef MOE__ROWS2
+    }
+    moe__dot8x8_finish(a0, a1, a2, a3, a4, a5, a6, a7, y);
+    moe__dot8x8_finish(b0, b1, b2, b3, b4, b5, b6, b7, yz);
+    for (; i < n; i++)
+        for (r = 0; r < 8; r++) {
+            y[r] += x[i] * W[r * ldw + i];
+            yz[r] += z[i] * W[r * ldw + i];
+        }
 }
 #endif
 
@@ -3506,6 +3540,17 @@ static void moe__gemm_small_cols(const moe__gemm_desc *d, int64_t j0, int64_t j1
         }
         j = j0;
 #ifdef MOE__SIMD_AVX2
+        if (alpha == 1 && beta == 0 && t + 1 < d->m) { /* two rows at once, the sums straight to C */
+            const moe_real *a2 = a + d->lda;
+            moe_real *c2 = c + d->ldc;
+            for (; j + 8 <= j1; j += 8) moe__dot8x8_rows2(a, a2, B + j * ldb, ldb, k, c + j, c2 + j);
+            for (; j < j1; j++) {
+                c[j] = moe__dot8x(a, B + j * ldb, k);
+                c2[j] = moe__dot8x(a2, B + j * ldb, k);
+            }
+            t++;
+            continue;
+        }
         if (alpha == 1 && beta == 0) /* C = A·Bᵀ: the sums go straight to C */
             for (; j + 8 <= j1; j += 8) moe__dot8x8(a, B + j * ldb, ldb, k, c + j);
         for (; j + 8 <= j1; j += 8) {
@@ -10970,7 +11015,8 @@ static int moe__gen_naive(const moe_gen *g, int64_t n, int64_t pos0) {
 /* Whether a pass of n tokens at pos0 runs its rows one by one: absorbed attention, FP32, few
    tokens (the GEMMs' dot-product path, which gives every row the same bits in any pass). */
 static int moe__gen_by_rows(const moe_gen *g, int64_t n, int64_t pos0) {
-    return !moe__gen_naive(g, n, pos0) && n <= MOE__GEN_ROWS && g->w[0]->conf.gemm_compute == MOE_F32;
+    return !moe__gen_naive(g, n, pos0) && n <= MOE__GEN_ROWS && g->w[0]->conf.gemm_compute == MOE_F32 &&
+           (n == 1 || g->w[0]->conf.n_threads > 1);
 }
 
 /* The caches of a pass: one per main layer, then the MTP modules'. */
