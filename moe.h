@@ -1053,6 +1053,19 @@ MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *
    the first field that differs (a collective). */
 MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe_config *cfg);
 
+/* Without MPI (a launcher that only sets environment variables): this process's rank, the
+   number of processes and the rank on its node, from MOE_RANK / MOE_WORLD_SIZE /
+   MOE_LOCAL_RANK, Open MPI's OMPI_COMM_WORLD_*, Slurm's SLURM_PROCID / SLURM_NTASKS /
+   SLURM_LOCALID or torchrun's RANK / WORLD_SIZE / LOCAL_RANK (the first set found; none: one
+   process). */
+MOE_API moe_status moe_comm_env(moe_ctx *ctx, int *rank, int *size, int *local_rank);
+/* Rank 0's n bytes at buf to every process without MPI (a GPU library's unique id: NCCL's is
+   128 bytes). how = "tcp:HOST:PORT": rank 0 listens on PORT, the others connect to HOST:PORT
+   and retry until it does; or "file:PATH": rank 0 writes PATH atomically (name it per job,
+   e.g. with $SLURM_JOB_ID: a stale file of another job would be read), the others wait for
+   it. Every process calls it; waiting stops after timeout_s seconds with MOE_ERR_COMM. */
+MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int size, void *buf, size_t n, double timeout_s);
+
 /* Data parallelism, after this rank's backward(s) of a step: the accumulated sum (if any)
    becomes the gradients, then the gradients are summed over comm's ranks in rank order (in
    buckets of MOE_COMM_BUCKET values) and the expert-load counts summed, so every rank takes
@@ -1094,6 +1107,10 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_co
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #endif
 #ifdef MOE_CBLAS
 #include <cblas.h>
@@ -12264,6 +12281,202 @@ MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe
                          names[first], mine[first], root[first]);
     return moe__fail(ctx, MOE_ERR_CONFIG, "moe_comm_check_config: another rank's %s differs from rank 0's (%.17g)", names[first],
                      root[first]);
+}
+
+/* ---- bootstrap without MPI: ranks from the environment, bytes over TCP or a file ---- */
+
+/* Variable `name` as an int in [0, 2^31): 1, absent: 0, malformed: −1. */
+static int moe__env_int(const char *name, int *out) {
+    const char *v = getenv(name);
+    char *end;
+    long x;
+    if (!v || !*v) return 0;
+    errno = 0;
+    x = strtol(v, &end, 10);
+    if (*end || errno || x < 0 || x > 2147483647L) return -1;
+    *out = (int)x;
+    return 1;
+}
+
+MOE_API moe_status moe_comm_env(moe_ctx *ctx, int *rank, int *size, int *local_rank) {
+    static const char *const vars[4][3] = {{"MOE_RANK", "MOE_WORLD_SIZE", "MOE_LOCAL_RANK"},
+                                           {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
+                                           {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+                                           {"RANK", "WORLD_SIZE", "LOCAL_RANK"}};
+    int i, j, v[3];
+    MOE__CHECK_CTX(ctx);
+    if (!rank || !size || !local_rank) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_env: NULL output");
+    *rank = 0;
+    *size = 1;
+    *local_rank = 0;
+    for (i = 0; i < 4; i++) {
+        int got[3];
+        for (j = 0; j < 3; j++) {
+            v[j] = 0;
+            if ((got[j] = moe__env_int(vars[i][j], &v[j])) < 0)
+                return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_env: %s='%s' is not a rank or a count", vars[i][j], getenv(vars[i][j]));
+        }
+        if (!got[0] || !got[1]) continue;
+        if (v[1] < 1 || v[0] >= v[1])
+            return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_env: %s=%d of %s=%d", vars[i][0], v[0], vars[i][1], v[1]);
+        *rank = v[0];
+        *size = v[1];
+        *local_rank = v[2];
+        return MOE_OK;
+    }
+    return MOE_OK;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+/* A message: "MOEBOOT1", its length (8 bytes, little-endian), the bytes, their FNV-1a. */
+#define MOE__BOOT_MAGIC "MOEBOOT1"
+static size_t moe__boot_pack(unsigned char *out, const void *buf, size_t n) {
+    memcpy(out, MOE__BOOT_MAGIC, 8);
+    moe__le_put64(out + 8, (uint64_t)n);
+    memcpy(out + 16, buf, n);
+    moe__le_put64(out + 16 + n, moe__fnv1a(MOE__FNV_SEED, (const unsigned char *)buf, n));
+    return n + 24;
+}
+static int moe__boot_unpack(const unsigned char *msg, size_t len, void *buf, size_t n) {
+    if (len != n + 24 || memcmp(msg, MOE__BOOT_MAGIC, 8) != 0 || moe__le_get64(msg + 8) != (uint64_t)n ||
+        moe__le_get64(msg + 16 + n) != moe__fnv1a(MOE__FNV_SEED, msg + 16, n))
+        return 0;
+    memcpy(buf, msg + 16, n);
+    return 1;
+}
+static void moe__sleep_ms(int ms) {
+    struct timespec ts;
+    ts.tv_sec = ms / 1000;
+    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+    nanosleep(&ts, NULL);
+}
+
+static moe_status moe__share_file(moe_ctx *ctx, const char *path, int rank, unsigned char *msg, size_t len, void *buf, size_t n,
+                                  double timeout_s) {
+    double t0 = moe_time_s();
+    if (rank == 0) return moe__write_atomic(ctx, "moe_comm_share", path, msg, len);
+    for (;;) { /* the file appears whole (rename) or not at all */
+        FILE *f = fopen(path, "rb");
+        if (f) {
+            size_t got = fread(msg, 1, len + 1, f);
+            fclose(f);
+            if (moe__boot_unpack(msg, got, buf, n)) return MOE_OK;
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: '%s' is not rank 0's %zu bytes (another job's file?)", path, n);
+        }
+        if (moe_time_s() - t0 > timeout_s)
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: no '%s' from rank 0 after %g s", path, timeout_s);
+        moe__sleep_ms(10);
+    }
+}
+
+/* send or receive len bytes on socket s (0: done, −1: failed). */
+static int moe__sock_io(int s, unsigned char *p, size_t len, int sending) {
+    while (len > 0) {
+        ssize_t k = sending ? send(s, p, len, 0) : recv(s, p, len, 0);
+        if (k <= 0) {
+            if (k < 0 && errno == EINTR) continue;
+            return -1;
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+    return 0;
+}
+
+static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, int size, unsigned char *msg, size_t len,
+                                 void *buf, size_t n, double timeout_s) {
+    char host[256];
+    const char *colon = strrchr(hostport, ':');
+    struct addrinfo hints, *ai = NULL;
+    double t0 = moe_time_s();
+    int s = -1, rc, i, port;
+    char *end;
+    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: want tcp:HOST:PORT, got 'tcp:%s'", hostport);
+    port = (int)strtol(colon + 1, &end, 10);
+    if (*end || port < 1 || port > 65535) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: port '%s'", colon + 1);
+    memcpy(host, hostport, (size_t)(colon - hostport));
+    host[colon - hostport] = 0;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    if (rank == 0) { /* listen, hand the message to every other rank, close */
+        struct sockaddr_in a;
+        int one = 1;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_ANY);
+        a.sin_port = htons((uint16_t)port);
+        if ((s = socket(AF_INET, SOCK_STREAM, 0)) < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+            bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, size) != 0) {
+            int e = errno;
+            if (s >= 0) close(s);
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot listen on port %d: %s", port, strerror(e));
+        }
+        for (i = 1; i < size; i++) {
+            struct pollfd pf;
+            int c;
+            double left = timeout_s - (moe_time_s() - t0);
+            pf.fd = s;
+            pf.events = POLLIN;
+            pf.revents = 0;
+            if (left <= 0 || poll(&pf, 1, (int)(left * 1000) + 1) <= 0 || (c = accept(s, NULL, NULL)) < 0) {
+                close(s);
+                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: %d of %d ranks connected to port %d within %g s", i - 1,
+                                 size - 1, port, timeout_s);
+            }
+            rc = moe__sock_io(c, msg, len, 1);
+            close(c);
+            if (rc) {
+                close(s);
+                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: sending to a rank failed: %s", strerror(errno));
+            }
+        }
+        close(s);
+        return MOE_OK;
+    }
+    if ((rc = getaddrinfo(host, colon + 1, &hints, &ai)) != 0)
+        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host, gai_strerror(rc));
+    for (;;) { /* rank 0 may not listen yet: retry */
+        s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (s >= 0 && connect(s, ai->ai_addr, ai->ai_addrlen) == 0) break;
+        if (s >= 0) close(s);
+        s = -1;
+        if (moe_time_s() - t0 > timeout_s) {
+            freeaddrinfo(ai);
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: rank 0 did not answer at %s within %g s", hostport, timeout_s);
+        }
+        moe__sleep_ms(20);
+    }
+    freeaddrinfo(ai);
+    rc = moe__sock_io(s, msg, len, 0);
+    close(s);
+    if (rc || !moe__boot_unpack(msg, len, buf, n))
+        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: rank 0's %zu bytes did not arrive whole from %s", n, hostport);
+    return MOE_OK;
+}
+#endif
+
+MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int size, void *buf, size_t n, double timeout_s) {
+    unsigned char *msg;
+    moe_status st;
+    MOE__CHECK_CTX(ctx);
+    if (!how || !buf || n == 0 || n > ((size_t)1 << 20) || size < 1 || rank < 0 || rank >= size || !(timeout_s > 0))
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: want how, 1..2^20 bytes, 0 <= rank < size, timeout > 0");
+    if (strncmp(how, "tcp:", 4) != 0 && strncmp(how, "file:", 5) != 0)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: '%s' is neither tcp:HOST:PORT nor file:PATH", how);
+    if (size == 1) return MOE_OK;
+#if defined(__unix__) || defined(__APPLE__)
+    if (!(msg = (unsigned char *)moe__heap_alloc(ctx, n + 25))) return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_share: out of memory");
+    if (rank == 0) moe__boot_pack(msg, buf, n);
+    st = how[0] == 't' ? moe__share_tcp(ctx, how + 4, rank, size, msg, n + 24, buf, n, timeout_s)
+                       : moe__share_file(ctx, how + 5, rank, msg, n + 24, buf, n, timeout_s);
+    MOE_FREE(msg);
+    return st;
+#else
+    (void)msg; (void)st;
+    return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_comm_share: needs POSIX sockets and files");
+#endif
 }
 
 /* ---- data parallelism ---- */

@@ -51,6 +51,43 @@ else
     echo "FAIL test_dist.c does not compile with mpicc -DMOE_MPI"; fail=$((fail + 1))
 fi
 
+# ---- bootstrap without MPI: ranks from the environment, rank 0's 128 bytes to all ----
+# (what NCCL's unique id travels by when the launcher has no MPI: tests/test_share.c; with
+# NCCL's headers on this host, the bytes are a real ncclGetUniqueId, which needs no GPU)
+allsame() { # allsame NAME P FILES...: every file holds one "rank r of P: HASH" line, one HASH
+    local name=$1 np=$2; shift 2
+    local lines hashes
+    lines=$(cat "$@" 2>/dev/null | grep -c "^rank [0-9]* of $np: ")
+    hashes=$(cat "$@" 2>/dev/null | sed -n "s/^rank [0-9]* of $np: //p" | sort -u | wc -l)
+    if [ "$lines" = "$np" ] && [ "$hashes" = 1 ]; then echo "ok   $name: $np processes hold the same bytes"; pass=$((pass + 1))
+    else echo "FAIL $name: $lines of $np processes answered, $hashes distinct values"; cat "$@" | sed 's/^/     /'; fail=$((fail + 1)); fi; }
+share_flags=""; share_libs=""
+if [ -f /usr/local/cuda/include/nccl.h ] && [ -f /usr/local/cuda/lib64/libnccl.so ]; then
+    share_flags="-DMOE_TEST_NCCL -isystem /usr/local/cuda/include"; share_libs="-L/usr/local/cuda/lib64 -lnccl -Wl,-rpath,/usr/local/cuda/lib64"
+fi
+if $CC $W $share_flags tests/test_share.c -o "$tmp/share" $share_libs -lm; then
+    echo "== bootstrap without MPI ($([ -n "$share_flags" ] && echo "NCCL unique ids" || echo "random bytes"))"
+    port=$((20000 + RANDOM % 20000))
+    for r in 3 2 1 0; do MOE_RANK=$r MOE_WORLD_SIZE=4 "$tmp/share" "tcp:127.0.0.1:$port" >"$tmp/tcp$r.txt" 2>&1 & sleep 0.2; done; wait
+    allsame "tcp (rank 0 starts last: the others retry)" 4 "$tmp"/tcp?.txt
+    for r in 2 1 0; do SLURM_PROCID=$r SLURM_NTASKS=3 "$tmp/share" "file:$tmp/id.boot" >"$tmp/file$r.txt" 2>&1 & sleep 0.2; done; wait
+    allsame "file, ranks from Slurm's variables" 3 "$tmp"/file?.txt
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 120 mpirun -np 3 --oversubscribe --bind-to none \
+        "$tmp/share" "file:$tmp/id2.boot" >"$tmp/ompi.txt" 2>&1
+    allsame "file, ranks from Open MPI's variables" 3 "$tmp/ompi.txt"
+    MOE_RANK=1 MOE_WORLD_SIZE=2 "$tmp/share" "tcp:127.0.0.1:$((port + 1))" 0.5 >"$tmp/t1.txt" 2>&1; rc1=$?
+    MOE_RANK=1 MOE_WORLD_SIZE=2 "$tmp/share" "file:$tmp/never.boot" 0.5 >"$tmp/t2.txt" 2>&1; rc2=$?
+    MOE_RANK=2 MOE_WORLD_SIZE=2 "$tmp/share" "file:$tmp/x" >"$tmp/t3.txt" 2>&1; rc3=$?
+    if [ "$rc1" = 1 ] && grep -q "did not answer" "$tmp/t1.txt" && [ "$rc2" = 1 ] && grep -q "after 0.5 s" "$tmp/t2.txt" &&
+        [ "$rc3" = 1 ] && grep -q "MOE_RANK=2 of MOE_WORLD_SIZE=2" "$tmp/t3.txt"; then
+        echo "ok   no rank 0 (tcp, file) and a rank out of range end with an error"; pass=$((pass + 1))
+    else
+        echo "FAIL bootstrap errors: $(cat "$tmp"/t[123].txt)"; fail=$((fail + 1))
+    fi
+else
+    echo "FAIL tests/test_share.c does not compile"; fail=$((fail + 1))
+fi
+
 # ---- data parallelism: examples/train_tiny under mpirun against one process ----
 # The same 6 steps (checkpoints at 3 and 6) of the tiny config, --accum P micro-batches of
 # 4 x 32 tokens: P ranks with one micro-batch each must write the bytes one process writes
