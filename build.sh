@@ -268,7 +268,9 @@ cmd_test() {
         case $s in
             compile) run_suite compile bash tests/compile_matrix.sh "$CC" ;;
             plan) run_suite plan bash tests/test_plan.sh "$CC" ;;
-            dist) need_pkg mpicc openmpi-bin libopenmpi-dev; run_suite dist bash tests/test_dist.sh "$CC" ;;
+            dist) # needs Open MPI: without it (no network to install it) the suite is one failed case
+                if need_pkg mpicc openmpi-bin libopenmpi-dev; then run_suite dist bash tests/test_dist.sh "$CC"
+                else log "suite dist: Open MPI could not be installed: counted as one failed case"; FAILED=$((FAILED + 1)); fi ;;
             sanitize) suite_sanitize ;;
             parity) suite_parity ;;
             trainer|kill) suite_trainer_prog "$s" ;;

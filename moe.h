@@ -1033,7 +1033,9 @@ MOE_API moe_status moe_comm_bcast(moe_ctx *ctx, moe_comm *comm, void *buf, int64
    ordered sum where floating-point bits must not depend on the number of ranks). */
 MOE_API moe_status moe_comm_allreduce(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type,
                                       moe_comm_op op);
-/* buf = Σ over ranks in rank order, in place (n × size elements of heap memory meanwhile). */
+/* buf = Σ over ranks in rank order, in place (through a receive buffer of n × size elements
+   that the communicator keeps until it is freed). Send and receive buffers of every
+   collective must not overlap. */
 MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type);
 /* send holds size blocks, block r counts[r] elements; recv (counts[rank] elements) = the
    rank-ordered sum of block `rank` of every rank's send (ZeRO-1's gradient shards). */
@@ -1116,6 +1118,8 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_co
 #include <cblas.h>
 #endif
 #ifdef MOE_MPI
+#define OMPI_SKIP_MPICXX 1 /* the C API only, also from C++ */
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #endif
 
@@ -8100,6 +8104,9 @@ static moe_status moe__adamw_norm(moe_ctx *ctx, const char *fn, moe_adamw *o, fl
     double sumsq = 0;
     *norm = NAN;
     if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
+    if (m->n_accumulated)
+        return moe__fail(ctx, MOE_ERR_STATE, "%s: %lld accumulated gradients are not collected: call moe_model_reduce_grads first",
+                         fn, (long long)m->n_accumulated);
     MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
     *norm = sqrt(sumsq) * grad_scale;
     return MOE_OK;
@@ -11856,8 +11863,8 @@ static void moe__comm_sum_blocks(const void *blocks, int nb, int64_t n, moe_comm
     switch (t) {
     case MOE_COMM_F32: MOE__SUM_BLOCKS(float) break;
     case MOE_COMM_F64: MOE__SUM_BLOCKS(double) break;
-    case MOE_COMM_I32: MOE__SUM_BLOCKS(int32_t) break;
-    case MOE_COMM_I64: MOE__SUM_BLOCKS(int64_t) break;
+    case MOE_COMM_I32: MOE__SUM_BLOCKS(uint32_t) break; /* integers wrap around, as MPI's do */
+    case MOE_COMM_I64: MOE__SUM_BLOCKS(uint64_t) break;
     case MOE_COMM_BYTE: break;
     }
 #undef MOE__SUM_BLOCKS
@@ -12028,26 +12035,43 @@ static moe_status moe__comm_buf(moe_ctx *ctx, const char *fn, const void *p, int
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: %lld elements overflow", fn, (long long)n);
     return MOE_OK;
 }
+/* Whether every rank may go on into a collective: st here, and any rank's failure becomes a
+   failure on all (MOE_ERR_COMM where the arguments were fine), so that no rank waits in an
+   exchange the others left. */
+static moe_status moe__comm_agree(moe_ctx *ctx, moe_comm *c, const char *fn, moe_status st) {
+    int64_t bad = st != MOE_OK;
+    moe_status rc;
+    if (c->size == 1) return st;
+    if ((rc = c->ops->allreduce(ctx, c, &bad, 1, MOE_COMM_I64, MOE_COMM_MAX)) != MOE_OK) return rc;
+    if (st != MOE_OK) return st;
+    return bad ? moe__fail(ctx, MOE_ERR_COMM, "%s: another rank refused its arguments or ran out of memory; nothing was exchanged",
+                           fn)
+               : MOE_OK;
+}
+
 /* counts[0..size) (each ≥ 0, scaled by `width`) into scaled[] with their prefix sums in
-   offsets[] (heap: 2·size values at *mem, which the caller frees); *total the sum. */
+   offsets[] (heap: 2·size values at *mem, which the caller frees); *total the sum, within
+   what the backend counts (MPI: ints). */
 static moe_status moe__comm_layout(moe_ctx *ctx, const char *fn, const moe_comm *c, const int64_t *counts, int64_t width,
                                    int64_t **mem, int64_t *total) {
+    const int64_t limit = c->ops == &moe__comm_self ? (int64_t)1 << 48 : (int64_t)2147483647;
     int64_t *m, r, sum = 0;
     *mem = NULL;
     if (!counts) return moe__fail(ctx, MOE_ERR_ARG, "%s: counts are NULL", fn);
     if (!(m = (int64_t *)MOE_MALLOC((size_t)c->size * 2 * sizeof(int64_t))))
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %d ranks' counts", fn, c->size);
     for (r = 0; r < c->size; r++) {
-        if (counts[r] < 0 || (width > 0 && counts[r] > ((int64_t)1 << 48) / width)) {
+        if (counts[r] < 0 || (width > 0 && counts[r] > limit / width)) {
             MOE_FREE(m);
             return moe__fail(ctx, MOE_ERR_ARG, "%s: count %lld for rank %lld", fn, (long long)counts[r], (long long)r);
         }
         m[r] = counts[r] * width;
         m[c->size + r] = sum;
         sum += m[r];
-        if (sum > ((int64_t)1 << 48)) {
+        if (sum > limit) {
             MOE_FREE(m);
-            return moe__fail(ctx, MOE_ERR_ARG, "%s: more than 2^48 elements in all", fn);
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: %lld elements in all, more than this backend counts (%lld)", fn,
+                             (long long)sum, (long long)limit);
         }
     }
     *mem = m;
@@ -12079,6 +12103,11 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
                 return moe__mpi_check(ctx, rc, "MPI_Init_thread");
             }
             c->owns_runtime = 1;
+            if (provided < MPI_THREAD_FUNNELED) { /* OpenMP threads beside MPI: the main thread calls MPI */
+                MPI_Finalize();
+                MOE_FREE(c);
+                return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_comm_init: this MPI gives thread level %d, not FUNNELED", provided);
+            }
         }
         if ((rc = MPI_Comm_dup(MPI_COMM_WORLD, &c->mpi)) != MPI_SUCCESS) {
             if (c->owns_runtime) MPI_Finalize();
@@ -12151,51 +12180,51 @@ MOE_API moe_status moe_comm_allreduce(moe_ctx *ctx, moe_comm *comm, void *buf, i
 }
 
 MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type) {
-    int64_t *lay = NULL, *counts, total, r;
-    void *all;
+    int64_t *lay = NULL, *counts = NULL, total = 0, r;
+    void *all = NULL;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_allreduce_ordered", type));
-    MOE__TRY(moe__comm_buf(ctx, "moe_comm_allreduce_ordered", buf, n, type));
-    if (type == MOE_COMM_BYTE) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_allreduce_ordered: bytes have no sum");
-    if (comm->size == 1 || n == 0) return MOE_OK;
-    if (!(counts = (int64_t *)MOE_MALLOC((size_t)comm->size * sizeof(int64_t))))
-        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_allreduce_ordered: out of memory");
-    for (r = 0; r < comm->size; r++) counts[r] = n;
-    st = moe__comm_layout(ctx, "moe_comm_allreduce_ordered", comm, counts, 1, &lay, &total);
+    st = moe__comm_buf(ctx, "moe_comm_allreduce_ordered", buf, n, type);
+    if (!st && type == MOE_COMM_BYTE) st = moe__fail(ctx, MOE_ERR_ARG, "moe_comm_allreduce_ordered: bytes have no sum");
+    if (comm->size == 1) return st;
+    if (!st && !(counts = (int64_t *)MOE_MALLOC((size_t)comm->size * sizeof(int64_t))))
+        st = moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_allreduce_ordered: out of memory");
+    for (r = 0; !st && r < comm->size; r++) counts[r] = n;
+    if (!st) st = moe__comm_layout(ctx, "moe_comm_allreduce_ordered", comm, counts, 1, &lay, &total);
+    if (!st && total &&
+        !(all = moe__comm_scratch(ctx, comm, (size_t)total * moe__comm_type_size(type), "moe_comm_allreduce_ordered")))
+        st = MOE_ERR_MEMORY;
+    st = moe__comm_agree(ctx, comm, "moe_comm_allreduce_ordered", st);
+    if (!st && n) st = comm->ops->allgatherv(ctx, comm, buf, all, lay, lay + comm->size, type);
+    if (!st && n) moe__comm_sum_blocks(all, comm->size, n, type, buf);
     MOE_FREE(counts);
-    if (st) return st;
-    if (!(all = moe__comm_scratch(ctx, comm, (size_t)total * moe__comm_type_size(type), "moe_comm_allreduce_ordered"))) {
-        MOE_FREE(lay);
-        return MOE_ERR_MEMORY;
-    }
-    st = comm->ops->allgatherv(ctx, comm, buf, all, lay, lay + comm->size, type);
-    if (!st) moe__comm_sum_blocks(all, comm->size, n, type, buf);
     MOE_FREE(lay);
     return st;
 }
 
 MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
                                            moe_comm_type type) {
-    int64_t *lay = NULL, *mine = NULL, total, scratch_total, r;
+    int64_t *lay = NULL, *mine = NULL, total = 0, blocks_total, r;
     void *blocks = NULL;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_reduce_scatter", type));
-    if (type == MOE_COMM_BYTE) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_reduce_scatter: bytes have no sum");
-    MOE__TRY(moe__comm_layout(ctx, "moe_comm_reduce_scatter", comm, counts, 1, &lay, &total));
-    st = moe__comm_buf(ctx, "moe_comm_reduce_scatter", send, total, type);
+    st = type == MOE_COMM_BYTE ? moe__fail(ctx, MOE_ERR_ARG, "moe_comm_reduce_scatter: bytes have no sum") : MOE_OK;
+    if (!st) st = moe__comm_layout(ctx, "moe_comm_reduce_scatter", comm, counts, 1, &lay, &total);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_reduce_scatter", send, total, type);
     if (!st) st = moe__comm_buf(ctx, "moe_comm_reduce_scatter", recv, counts[comm->rank], type);
-    if (!st && !(mine = (int64_t *)MOE_MALLOC((size_t)comm->size * 2 * sizeof(int64_t))))
+    if (!st && !(mine = (int64_t *)MOE_MALLOC((size_t)comm->size * sizeof(int64_t))))
         st = moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_reduce_scatter: out of memory");
     if (!st) { /* every rank's block `rank`, in rank order */
-        for (r = 0; r < comm->size; r++) {
-            mine[r] = counts[comm->rank];
-            mine[comm->size + r] = r * counts[comm->rank];
-        }
-        scratch_total = comm->size * counts[comm->rank];
-        if (scratch_total &&
-            !(blocks = moe__comm_scratch(ctx, comm, (size_t)scratch_total * moe__comm_type_size(type), "moe_comm_reduce_scatter")))
+        int64_t *recv_lay = NULL;
+        for (r = 0; r < comm->size; r++) mine[r] = counts[comm->rank];
+        st = moe__comm_layout(ctx, "moe_comm_reduce_scatter", comm, mine, 1, &recv_lay, &blocks_total);
+        MOE_FREE(mine);
+        mine = recv_lay;
+        if (!st && blocks_total &&
+            !(blocks = moe__comm_scratch(ctx, comm, (size_t)blocks_total * moe__comm_type_size(type), "moe_comm_reduce_scatter")))
             st = MOE_ERR_MEMORY;
     }
+    st = moe__comm_agree(ctx, comm, "moe_comm_reduce_scatter", st);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, lay, lay + comm->size, blocks, mine, mine + comm->size, type);
     if (!st && counts[comm->rank]) moe__comm_sum_blocks(blocks, comm->size, counts[comm->rank], type, recv);
     MOE_FREE(mine);
@@ -12205,12 +12234,13 @@ MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const v
 
 MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, const int64_t *counts,
                                       moe_comm_type type) {
-    int64_t *lay = NULL, total;
+    int64_t *lay = NULL, total = 0;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_allgather", type));
-    MOE__TRY(moe__comm_layout(ctx, "moe_comm_allgather", comm, counts, 1, &lay, &total));
-    st = moe__comm_buf(ctx, "moe_comm_allgather", send, counts[comm->rank], type);
+    st = moe__comm_layout(ctx, "moe_comm_allgather", comm, counts, 1, &lay, &total);
+    if (!st) st = moe__comm_buf(ctx, "moe_comm_allgather", send, counts[comm->rank], type);
     if (!st) st = moe__comm_buf(ctx, "moe_comm_allgather", recv, total, type);
+    st = moe__comm_agree(ctx, comm, "moe_comm_allgather", st);
     if (!st && total) st = comm->ops->allgatherv(ctx, comm, send, recv, lay, lay + comm->size, type);
     MOE_FREE(lay);
     return st;
@@ -12218,14 +12248,15 @@ MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *
 
 MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
                                       const int64_t *recv_rows, int64_t width, moe_comm_type type) {
-    int64_t *s = NULL, *r = NULL, stotal, rtotal;
+    int64_t *s = NULL, *r = NULL, stotal = 0, rtotal = 0;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_alltoallv", type));
-    if (width < 1) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_alltoallv: row width %lld", (long long)width);
-    MOE__TRY(moe__comm_layout(ctx, "moe_comm_alltoallv", comm, send_rows, width, &s, &stotal));
-    st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, recv_rows, width, &r, &rtotal);
+    st = width < 1 ? moe__fail(ctx, MOE_ERR_ARG, "moe_comm_alltoallv: row width %lld", (long long)width) : MOE_OK;
+    if (!st) st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, send_rows, width, &s, &stotal);
+    if (!st) st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, recv_rows, width, &r, &rtotal);
     if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", send, stotal, type);
     if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", recv, rtotal, type);
+    st = moe__comm_agree(ctx, comm, "moe_comm_alltoallv", st);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type);
     MOE_FREE(s);
     MOE_FREE(r);

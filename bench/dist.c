@@ -131,7 +131,7 @@ int main(int argc, char **argv) {
     for (i = 0; i < moe_model_tensor_count(m); i++) {
         int is_param = 0;
         moe_tensor *t = moe_model_tensor(m, i, NULL, &is_param);
-        if (is_param) grad_bytes += (double)t->numel * sizeof(float);
+        if (is_param) grad_bytes += (double)t->numel * sizeof(moe_real);
     }
     cores = (double)sysconf(_SC_NPROCESSORS_ONLN);
     if (rank == 0) {

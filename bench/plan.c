@@ -65,6 +65,7 @@ typedef struct counts {
     double routed;       /* routed-expert weights, all of them */
     double mtp;          /* MTP modules' own parameters (embedding and head are shared) */
     double mtp_biases;   /* of which expert-bias buffers */
+    double mtp_routed;   /* of which routed-expert weights */
     double matmul;       /* active weights one token multiplies by, main model (no embedding) */
     double mtp_matmul;   /* the same for the MTP modules (head included) */
 } counts;
@@ -111,12 +112,13 @@ static counts count_params(const moe_config *c) {
         n.routed += routed;
         n.biases += bias;
     }
-    n.active = n.total - n.embedding - n.routed + (c->num_hidden_layers - c->first_k_dense_replace) * c->num_experts_per_tok * 3 * d *
+    n.active = n.total - (c->tie_word_embeddings ? 0 : n.embedding) - n.routed + (c->num_hidden_layers - c->first_k_dense_replace) * c->num_experts_per_tok * 3 * d *
                                         c->moe_intermediate_size;
     for (k = 0; k < c->num_nextn_predict_layers; k++) { /* enorm, hnorm, eh_proj, a block, the head's norm */
         block_params(c, c->num_hidden_layers + k >= c->first_k_dense_replace, &all, &mm, &routed, &bias);
         n.mtp += 3 * d + 2 * d * d + all;
         n.mtp_biases += bias;
+        n.mtp_routed += routed;
         n.mtp_matmul += 2 * d * d + mm + V * d;
     }
     return n;
@@ -217,7 +219,8 @@ typedef struct mem {
 } mem;
 static mem memory_per_gpu(const counts *n, const cluster *k, int moeh) {
     double gpus = k->nodes * k->gpn, dp = gpus / k->pp, edp = dp / k->ep;
-    double dense = (n->total + n->mtp - n->routed) / k->pp, expert = n->routed / k->pp / k->ep;
+    double routed = n->routed + n->mtp_routed; /* the MTP block's experts are split EP ways too */
+    double dense = (n->total + n->mtp - routed) / k->pp, expert = routed / k->pp / k->ep;
     mem m;
     if (edp < 1) edp = 1;
     m.weights = (moeh ? 4 : 2) * (dense + expert);
@@ -403,8 +406,8 @@ int main(int argc, char **argv) {
     line("training FLOPs (main model)", f_main, "FLOP", is_v3 ? PUB_V3_FLOPS : 0, "V3 hardware paper, Table 2: 250 GFLOPs");
     line("training FLOPs (with MTP)", f_all, "FLOP", 0, "");
     line("KV cache, BF16 (absorbed MLA)", kv, "B", is_v3 ? PUB_V3_KV : 0, "70.272 KB");
-    line("all-to-all over InfiniBand, one step", ib, "B", 0, "");
-    line("all-to-all over NVLink, one step", nvl, "B", 0, "");
+    line("all-to-all over InfiniBand (fwd + bwd)", ib, "B", 0, "");
+    line("all-to-all over NVLink (fwd + bwd)", nvl, "B", 0, "");
     line("  IB time at the stated bandwidth", ib / (k.ib * 1e9), "s", 0, "");
     line("  compute time at peak x MFU, one GPU", f_all / (k.peak * 1e12 * k.mfu), "s", 0, "");
     line("activations of a MoE layer (FP8 recipe)", act_tok, "B", 0, "");

@@ -481,6 +481,7 @@ int main(int argc, char **argv) {
     int64_t total = 0, active = 0, mtp = 0;
     int tty = isatty(2), removed = 0, val_warned = 0, status = 0, rank, ranks;
     long local, stop_now = 0;
+    int signal_now = 0;
     moe_comm *comm = NULL;
 
     if (!parse_args(argc, argv, &o)) return 2;
@@ -527,13 +528,15 @@ int main(int argc, char **argv) {
         o.seed = st->seed;
         if (!(o.given & G_STEPS) && st->total_steps > 0) o.steps = (long)st->total_steps;
     }
-    if (o.accum % ranks != 0) {
+    if (o.accum % ranks != 0) { /* every rank finds it: they end together */
         fprintf(stderr, "train_tiny: --accum %ld micro-batches do not split over %d ranks (make it a multiple)\n", o.accum, ranks);
+        moe_comm_free(comm);
         return 2;
     }
     local = o.accum / ranks; /* this rank's micro-batches of a step: [rank·local, (rank + 1)·local) */
     if (o.seq > cfg.max_position_embeddings) {
         fprintf(stderr, "train_tiny: --seq %ld exceeds max_position_embeddings %lld\n", o.seq, (long long)cfg.max_position_embeddings);
+        moe_comm_free(comm);
         return 2;
     }
     if (o.precision >= 2) {
@@ -549,6 +552,7 @@ int main(int argc, char **argv) {
     CHECK(moe_data_load(ctx, o.data, 0.1, &data));
     if (data->vocab > cfg.vocab_size) {
         fprintf(stderr, "train_tiny: the data has tokens up to %lld but vocab_size is %lld\n", (long long)data->vocab - 1, (long long)cfg.vocab_size);
+        moe_comm_free(comm);
         return 2;
     }
     memset(&ac, 0, sizeof ac);
@@ -739,18 +743,19 @@ int main(int argc, char **argv) {
         if (st->step < o.steps && ((!skip && o.save_every > 0 && st->step % o.save_every == 0) ||
                                    (o.save_seconds > 0 && moe_time_s() - r.saved_at >= o.save_seconds)))
             CHECK(save(&r));
-        {   /* a signal or the time budget on any rank stops every rank after the same step */
+        {   /* a signal or the time budget on any rank stops every rank after the same step (a
+               signal that arrives after this rank sent its flag counts at the next step) */
             int64_t stop[2];
             stop[0] = g_signal;
             stop[1] = o.seconds > 0 && train_s >= o.seconds;
             CHECK(moe_comm_allreduce(ctx, comm, stop, 2, MOE_COMM_I64, MOE_COMM_MAX));
-            if (stop[0] && !g_signal) g_signal = (int)stop[0];
+            signal_now = (int)stop[0];
             stop_now = stop[1];
         }
-        if (g_signal) {
+        if (signal_now) {
             CHECK(save(&r));
             fprintf(stderr, "%sinterrupted by %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n", tty ? "\n" : "",
-                    g_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
+                    signal_now == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
             fclose(csv);
             moe_comm_free(comm);
             return 75;

@@ -248,6 +248,46 @@ static void bad_arguments(void) {
 #endif
 }
 
+/* One rank's arguments refused: every rank returns an error (the others MOE_ERR_COMM) and
+   none waits in an exchange the refused rank never joins; the communicator works on. */
+static void one_rank_refused(void) {
+    int64_t rows[64], x[64] = {0}, ok_sum = R;
+    int r;
+    moe_status st;
+    for (r = 0; r < P; r++) rows[r] = 1;
+    if (R == P - 1) rows[0] = -1; /* the last rank's counts are bad */
+    st = moe_comm_alltoallv(ctx, world, x, rows, x + 32, rows, 1, MOE_COMM_I64);
+    if (R == P - 1) T_CHECK(st == MOE_ERR_ARG, "the refusing rank: %s", moe_status_name(st));
+    else T_CHECK(st == MOE_ERR_COMM && strstr(moe_ctx_error(ctx), "another rank"), "the others: %s (%s)", moe_status_name(st),
+                 moe_ctx_error(ctx));
+    T_CHECK(moe_comm_allreduce(ctx, world, &ok_sum, 1, MOE_COMM_I64, MOE_COMM_SUM) == MOE_OK && ok_sum == (int64_t)P * (P - 1) / 2,
+            "a collective after the refusal: %lld", (long long)ok_sum);
+}
+
+/* Gradients accumulated but not collected: the optimizer refuses to step on the zeros left in
+   their place (moe_model_reduce_grads collects them). */
+static void accumulated_not_collected(void) {
+    moe_config c = moe_config_tiny();
+    moe_model *m = NULL;
+    moe_adamw *opt = NULL;
+    moe_tensor *loss = NULL;
+    int32_t tok[2 * 9];
+    float gn = 0;
+    int i;
+    for (i = 0; i < 18; i++) tok[i] = (int32_t)((i * 37 + 1) % 256);
+    T_ASSERT(moe_model_new(ctx, &c, 5, &m) == MOE_OK && moe_adamw_new(ctx, m, NULL, &opt) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL) == MOE_OK && moe_backward(ctx, loss) == MOE_OK, "%s",
+             moe_ctx_error(ctx));
+    moe_ctx_reset(ctx);
+    T_CHECK(moe_model_accumulate_grads(ctx, m) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_CHECK(moe_adamw_step(ctx, opt, 1e-3f, 1.0f, 1.0f, &gn) == MOE_ERR_STATE, "a step before the sum is collected");
+    T_CHECK(moe_model_reduce_grads(ctx, m, world) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_CHECK(moe_adamw_step(ctx, opt, 1e-3f, 1.0f, 1.0f, &gn) == MOE_OK && gn > 0, "then the step: %s, norm %g", moe_ctx_error(ctx),
+            (double)gn);
+    moe_adamw_free(ctx, opt);
+    moe_model_free(ctx, m);
+}
+
 /* ---- a case on every rank; it fails if it fails anywhere ---- */
 
 static void dist_run(const char *name, void (*fn)(void)) {
@@ -299,6 +339,8 @@ int main(void) {
     D_RUN(split);
     D_RUN(check_config);
     D_RUN(bad_arguments);
+    D_RUN(one_rank_refused);
+    D_RUN(accumulated_not_collected);
     if (R == 0) rc = t_summary();
     else rc = t_failed ? 1 : 0;
     moe_comm_free(world);
