@@ -11819,8 +11819,8 @@ struct moe_comm {
     const moe__comm_ops *ops;
     int rank, size;
     int owns_runtime; /* this communicator initialised MPI: freeing it finalises MPI */
-    void *scratch;    /* the ordered sums' receive buffer, kept between calls (fresh memory */
-    size_t scratch_bytes; /* would be paid in page faults each time: 3-4x the all-gather) */
+    void *scratch;        /* the ordered sums' receive buffer, kept between calls (fresh */
+    size_t scratch_bytes; /* memory each time cost 3-4x the all-gather in page faults) */
 #ifdef MOE_MPI
     MPI_Comm mpi;
 #endif
