@@ -13,6 +13,9 @@
    variable only when it loads). See best_core(). OPENBLAS_CORETYPE set by the caller is kept.
    The CPU (model name, vendor/family/model) and the core OpenBLAS ran are printed in the table
    and are the "cpu", "cpu_id", "openblas_core" fields of the JSON line.
+   The FP32 FMA peak is measured first (the faster of 256- and 512-bit FMAs: Intel's two-port
+   cores double it with 512-bit, Zen 4 does not) and each moe FP32 cell is also a fraction of
+   it; fp32_of_peak_1024_rows averages that over the 1024-row shapes and both thread counts.
    The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
    OpenBLAS at 2 threads over all shapes; bf16_over_fp32 is the geometric mean of moe BF16
    over moe FP32 at 2 threads over the shapes with M·N·K ≥ 2^24. */
@@ -223,7 +226,8 @@ int main(int argc, char **argv) {
     moe_ctx *ctx = NULL;
     int si, ti;
     double ratio_min = 1e30, ratio_logsum = 0, bf_logsum = 0;
-    int ratio_n = 0, bf_n = 0, first = 1;
+    int ratio_n = 0, bf_n = 0, first = 1, peak_frac_n = 0;
+    double peak[3] = {0, 0, 0}, peak_frac_sum = 0;
     uint64_t rng = 0x9E3779B97F4A7C15ull;
     bench_cpu cpu;
     char default_core[64], cpu_json[512], core_esc[128], def_esc[128], cfg_esc[256];
@@ -235,13 +239,18 @@ int main(int argc, char **argv) {
     if (strcmp(core_by, "bench") == 0 && strcmp(core, getenv("OPENBLAS_CORETYPE")) != 0)
         fprintf(stderr, "bench_gemm: OpenBLAS did not take OPENBLAS_CORETYPE=%s (runs %s)\n", getenv("OPENBLAS_CORETYPE"), core);
     if (moe_ctx_new(&ctx) != MOE_OK) { fprintf(stderr, "moe_ctx_new failed\n"); return 1; }
+    for (ti = 1; ti <= 2; ti++) { /* the widest FMA at full rate: 512-bit doubles Intel's peak, not Zen 4's */
+        double p256 = bench_fma_peak_gflops(ti, 256), p512 = bench_fma_peak_gflops(ti, 512);
+        peak[ti] = p512 > p256 ? p512 : p256;
+    }
     printf("moe_gemm vs OpenBLAS cblas_sgemm%s — GFLOP/s, best of %d batches\n", quick ? " (quick)" : "", quick ? 3 : 6);
-    printf("CPU: %s (%s)\n", cpu.model, cpu.id);
+    printf("CPU: %s (%s); FP32 FMA peak (measured, the faster of 256- and 512-bit FMAs) %.1f GFLOP/s on 1 thread, %.1f on 2\n",
+           cpu.model, cpu.id, peak[1], peak[2]);
     printf("OpenBLAS: %s; core %s (%s)\n", openblas_get_config(), core,
            strcmp(core_by, "bench") == 0 ? "set by this bench through OPENBLAS_CORETYPE: OpenBLAS alone chose a narrower core"
            : strcmp(core_by, "caller") == 0 ? "OPENBLAS_CORETYPE set by the caller" : "OpenBLAS's own choice, kept: no wider core fits this CPU");
     if (strcmp(core_by, "bench") == 0) printf("          OpenBLAS's own choice on this CPU was %s\n", default_core);
-    printf("%-16s %-30s %3s %9s %9s %6s %9s %7s  %s\n", "shape MxNxK", "role", "thr", "moe_fp32", "openblas",
+    printf("%-16s %-30s %3s %9s %6s %9s %6s %9s %7s  %s\n", "shape MxNxK", "role", "thr", "moe_fp32", "%peak", "openblas",
            "ratio", "moe_bf16", "bf/fp", "check (max rel err vs OpenBLAS: fp32, bf16)");
     for (si = 0; si < N_SHAPES; si++) {
         const bench_shape *s = &SHAPES[si];
@@ -276,13 +285,18 @@ int main(int argc, char **argv) {
             cell.c = c;
             time_cells(&cell, quick, &r->f32, &r->bf16, &r->blas);
             snprintf(shp, sizeof shp, "%lldx%lldx%lld", (long long)s->m, (long long)s->n, (long long)s->k);
-            printf("%-16s %-30s %3d %9.1f %9.1f %6.2f %9.1f %7.2f", shp, s->role, nt, r->f32, r->blas, r->f32 / r->blas,
-                   r->bf16, r->bf16 / r->f32);
+            printf("%-16s %-30s %3d %9.1f %5.0f%% %9.1f %6.2f %9.1f %7.2f", shp, s->role, nt, r->f32, 100 * r->f32 / peak[nt], r->blas,
+                   r->f32 / r->blas, r->bf16, r->bf16 / r->f32);
             if (ti == 0) printf("  %.2e %.2e%s", e32, e16, (e32 > 1e-4 || e16 > 3e-2) ? "  MISMATCH" : "");
             printf("\n");
             fflush(stdout);
         }
         done[si] = 1;
+        if (s->m >= 1024) /* the yardstick: the 1024-row shapes, each thread count */
+            for (ti = 0; ti < 2; ti++) {
+                peak_frac_sum += rows[si][ti].f32 / peak[ti + 1];
+                peak_frac_n++;
+            }
         {
             double ratio = rows[si][1].f32 / rows[si][1].blas;
             if (ratio < ratio_min) ratio_min = ratio;
@@ -295,22 +309,26 @@ int main(int argc, char **argv) {
     }
     printf("CPU %s, OpenBLAS core %s. 2 threads: fp32 ratio min %.3f geomean %.3f; bf16/fp32 geomean (M*N*K >= 2^24) %.3f\n", cpu.model, core, ratio_min,
            exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
+    printf("moe FP32 on the 1024-row shapes: %.0f%% of the FMA peak on average (1 and 2 threads)\n",
+           100 * peak_frac_sum / (peak_frac_n ? peak_frac_n : 1));
     printf("{\"bench\":\"gemm\",%s,\"openblas_core\":\"%s\",\"openblas_core_set_by\":\"%s\",\"openblas_default_core\":",
            bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), bench_json_escape(core, core_esc, sizeof core_esc), core_by);
     if (strcmp(core_by, "caller") == 0) printf("null"); /* not probed: the caller's variable applied at load */
     else printf("\"%s\"", bench_json_escape(default_core, def_esc, sizeof def_esc));
-    printf(",\"openblas_config\":\"%s\",\"fp32_ratio_min\":%.4f,\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"rows\":[",
-           bench_json_escape(openblas_get_config(), cfg_esc, sizeof cfg_esc), ratio_min, exp(ratio_logsum / (ratio_n ? ratio_n : 1)),
-           bf_n ? exp(bf_logsum / bf_n) : 0.0);
+    printf(",\"openblas_config\":\"%s\",\"fma_peak_gflops\":{\"1\":%.1f,\"2\":%.1f},\"fp32_ratio_min\":%.4f,"
+           "\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"fp32_of_peak_1024_rows\":%.4f,\"rows\":[",
+           bench_json_escape(openblas_get_config(), cfg_esc, sizeof cfg_esc), peak[1], peak[2], ratio_min,
+           exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0,
+           peak_frac_sum / (peak_frac_n ? peak_frac_n : 1));
     for (si = 0; si < N_SHAPES; si++) {
         if (!done[si]) continue;
         for (ti = 0; ti < 2; ti++) {
             const bench_shape *s = &SHAPES[si];
             const bench_row *r = &rows[si][ti];
             printf("%s{\"shape\":\"%lldx%lldx%lld\",\"role\":\"%s\",\"threads\":%d,\"moe_fp32_gflops\":%.2f,\"blas_gflops\":%.2f,"
-                   "\"ratio\":%.4f,\"moe_bf16_gflops\":%.2f}",
+                   "\"ratio\":%.4f,\"moe_bf16_gflops\":%.2f,\"moe_fp32_of_peak\":%.4f}",
                    first ? "" : ",", (long long)s->m, (long long)s->n, (long long)s->k, s->role, ti + 1, r->f32, r->blas,
-                   r->f32 / r->blas, r->bf16);
+                   r->f32 / r->blas, r->bf16, r->f32 / peak[ti + 1]);
             first = 0;
         }
     }

@@ -53,81 +53,6 @@
 #include <unistd.h>
 
 #include "bench_cpu.h"
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-/* ---- FMA peak: 12 independent accumulator chains per thread, no memory traffic ---- */
-/* width 512: the same loop with 512-bit FMAs (0 where the build has no AVX-512F). */
-static double fma_peak_gflops(int threads, int width) {
-    const long iters = 40000000;
-    double best = 0;
-    int rep;
-    /* best of 5: a rep whose second thread started late or shared a core reads low (seen once
-       as a 2-thread "peak" equal to the 1-thread one) */
-    for (rep = 0; rep < 5; rep++) {
-        double t0 = moe_time_s(), sink = 0;
-        int th;
-#ifndef __AVX512F__
-        if (width == 512) return 0;
-#endif
-        MOE__OMP(omp parallel for num_threads(threads) reduction(+:sink))
-        for (th = 0; th < threads; th++) {
-#ifdef __AVX512F__
-            if (width == 512) {
-                __m512 a0 = _mm512_set1_ps(1.00f), a1 = _mm512_set1_ps(1.01f), a2 = _mm512_set1_ps(1.02f), a3 = _mm512_set1_ps(1.03f),
-                       a4 = _mm512_set1_ps(1.04f), a5 = _mm512_set1_ps(1.05f), a6 = _mm512_set1_ps(1.06f), a7 = _mm512_set1_ps(1.07f),
-                       a8 = _mm512_set1_ps(1.08f), a9 = _mm512_set1_ps(1.09f), a10 = _mm512_set1_ps(1.10f),
-                       a11 = _mm512_set1_ps(1.11f), m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-                long i;
-                for (i = 0; i < iters / 16; i++) { /* the same FLOPs as the 256-bit loop in half the iterations */
-                    a0 = _mm512_fmadd_ps(a0, m, c); a1 = _mm512_fmadd_ps(a1, m, c); a2 = _mm512_fmadd_ps(a2, m, c);
-                    a3 = _mm512_fmadd_ps(a3, m, c); a4 = _mm512_fmadd_ps(a4, m, c); a5 = _mm512_fmadd_ps(a5, m, c);
-                    a6 = _mm512_fmadd_ps(a6, m, c); a7 = _mm512_fmadd_ps(a7, m, c); a8 = _mm512_fmadd_ps(a8, m, c);
-                    a9 = _mm512_fmadd_ps(a9, m, c); a10 = _mm512_fmadd_ps(a10, m, c); a11 = _mm512_fmadd_ps(a11, m, c);
-                }
-                a0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                                   _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-                a0 = _mm512_add_ps(a0, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
-                sink += _mm512_reduce_add_ps(a0);
-                continue;
-            }
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-            /* distinct starting values: identical chains would be merged by the compiler */
-            __m256 a0 = _mm256_set1_ps(1.00f), a1 = _mm256_set1_ps(1.01f), a2 = _mm256_set1_ps(1.02f), a3 = _mm256_set1_ps(1.03f),
-                   a4 = _mm256_set1_ps(1.04f), a5 = _mm256_set1_ps(1.05f), a6 = _mm256_set1_ps(1.06f), a7 = _mm256_set1_ps(1.07f),
-                   a8 = _mm256_set1_ps(1.08f), a9 = _mm256_set1_ps(1.09f), a10 = _mm256_set1_ps(1.10f), a11 = _mm256_set1_ps(1.11f),
-                   m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-            long i;
-            float out[8];
-            for (i = 0; i < iters / 8; i++) {
-                a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c); a2 = _mm256_fmadd_ps(a2, m, c);
-                a3 = _mm256_fmadd_ps(a3, m, c); a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c);
-                a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c); a8 = _mm256_fmadd_ps(a8, m, c);
-                a9 = _mm256_fmadd_ps(a9, m, c); a10 = _mm256_fmadd_ps(a10, m, c); a11 = _mm256_fmadd_ps(a11, m, c);
-            }
-            a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-            a0 = _mm256_add_ps(a0, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
-            _mm256_storeu_ps(out, a0);
-            sink += out[0];
-#else
-            float a[12] = {1.00f, 1.01f, 1.02f, 1.03f, 1.04f, 1.05f, 1.06f, 1.07f, 1.08f, 1.09f, 1.10f, 1.11f};
-            long i;
-            int j;
-            for (i = 0; i < iters / 8; i++)
-                for (j = 0; j < 12; j++) a[j] = fmaf(a[j], 0.999999f, 1e-7f);
-            sink += a[0];
-#endif
-        }
-        {
-            double s = moe_time_s() - t0, gf = (double)threads * (double)(iters / 8) * 12 * 8 * 2 / s / 1e9;
-            if (gf > best) best = gf;
-            if (sink == 12345.0) printf(" ");
-        }
-    }
-    return best;
-}
 
 /* ---- model FLOPs per training step ---- */
 static double linear_flops(int64_t in, int64_t out) { return 2.0 * (double)in * (double)out; }
@@ -496,8 +421,8 @@ int main(int argc, char **argv) {
            cores, not on Zen 4 (it runs them as two 256-bit halves); MFU is against the faster */
         int t;
         for (t = 1; t <= 2; t++) {
-            peak256[t] = fma_peak_gflops(t, 256);
-            peak512[t] = fma_peak_gflops(t, 512);
+            peak256[t] = bench_fma_peak_gflops(t, 256);
+            peak512[t] = bench_fma_peak_gflops(t, 512);
             peak[t] = peak512[t] > peak256[t] ? peak512[t] : peak256[t];
         }
     }
