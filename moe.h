@@ -1017,6 +1017,13 @@ typedef enum moe_comm_kind { MOE_COMM_SELF = 0, MOE_COMM_MPI } moe_comm_kind;
 typedef enum moe_comm_type { MOE_COMM_F32 = 0, MOE_COMM_F64, MOE_COMM_I32, MOE_COMM_I64, MOE_COMM_BYTE } moe_comm_type;
 typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 
+/* This build's kind for a job: MPI when compiled with MOE_MPI, else one process. */
+#ifdef MOE_MPI
+#define MOE_COMM_DEFAULT MOE_COMM_MPI
+#else
+#define MOE_COMM_DEFAULT MOE_COMM_SELF
+#endif
+
 /* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
    unless the program did it; then freeing this communicator finalises it). */
 MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);

@@ -79,11 +79,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
-#ifdef MOE_MPI
-    FAIL_IF(moe_comm_init(ctx, MOE_COMM_MPI, &comm));
-#else
-    FAIL_IF(moe_comm_init(ctx, MOE_COMM_SELF, &comm));
-#endif
+    FAIL_IF(moe_comm_init(ctx, MOE_COMM_DEFAULT, &comm)); /* MPI when built with MOE_MPI */
     rank = moe_comm_rank(comm);
     P = moe_comm_size(comm);
     FAIL_IF(moe_ctx_set_threads(ctx, 1)); /* one thread per rank: ranks are the parallelism */

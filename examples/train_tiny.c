@@ -488,11 +488,7 @@ int main(int argc, char **argv) {
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     st = (moe_train_state *)calloc(1, sizeof *st);
     if (!st) return 1;
-#ifdef MOE_MPI
-    CHECK(moe_comm_init(ctx, MOE_COMM_MPI, &comm));
-#else
-    CHECK(moe_comm_init(ctx, MOE_COMM_SELF, &comm));
-#endif
+    CHECK(moe_comm_init(ctx, MOE_COMM_DEFAULT, &comm)); /* MPI when built with MOE_MPI */
     rank = moe_comm_rank(comm);
     ranks = moe_comm_size(comm);
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
@@ -767,15 +763,7 @@ int main(int argc, char **argv) {
     fclose(csv);
     r.csv = NULL;
     moe_comm_free(comm); /* the rest is rank 0's alone */
-    if (rank != 0) {
-        free(batch);
-        free(st);
-        moe_adamw_free(ctx, opt);
-        moe_model_free(ctx, m);
-        moe_data_free(ctx, data);
-        moe_ctx_free(ctx);
-        return 0;
-    }
+    if (rank != 0) goto done;
     {   /* the Hugging Face export of the same step, OUT/hf-<step>/, and OUT/hf linked to it */
         char hf[1100], name[64], link_tmp[1100], link_path[1100];
         struct stat sb;
@@ -839,6 +827,7 @@ int main(int argc, char **argv) {
     }
     printf("\"xz_bpb\":%s,\"max_vio\":%s,\"skipped\":%lld,\"resumed_from\":%ld}\n", json_num(num[1], sizeof num[1], xz_bpb > 0 ? xz_bpb : NAN),
            json_num(num[2], sizeof num[2], last_vio), (long long)st->skipped, start_step);
+done:
     free(batch);
     free(st);
     moe_adamw_free(ctx, opt);

@@ -313,11 +313,7 @@ int main(void) {
     (void)t__run; /* the cases run through dist_run */
     if (moe_ctx_new(&ctx) != MOE_OK) return 2;
     moe_ctx_set_threads(ctx, 1);
-#ifdef MOE_MPI
-    rc = moe_comm_init(ctx, MOE_COMM_MPI, &world);
-#else
-    rc = moe_comm_init(ctx, MOE_COMM_SELF, &world);
-#endif
+    rc = moe_comm_init(ctx, MOE_COMM_DEFAULT, &world);
     if (rc != MOE_OK) {
         printf("FAIL comm_init: %s\nSUITE: 0 passed, 1 failed\n", moe_ctx_error(ctx));
         return 1;
