@@ -2,7 +2,8 @@
 
    Every rank trains the same model on its own micro-batch of synthetic tokens: forward and
    backward (compute), moe_model_reduce_grads — the rank-ordered gradient sum and the expert
-   loads — plus the step's loss and skip reductions (communication), and AdamW (compute).
+   loads — plus the small reductions train_tiny makes each step (losses, skip and stop flags)
+   (communication), and AdamW (compute).
    Each part is timed per step on every rank; a step's time is the slowest rank's, and the
    table gives the median over the timed steps. The bytes each rank receives per step are the
    ordered sum's by construction (an all-gather of every rank's gradient, G bytes each, then
@@ -97,7 +98,8 @@ int main(int argc, char **argv) {
     for (s = 0; s < steps + 2; s++) { /* two warm-up steps, then the timed ones */
         moe_tensor *loss = NULL;
         moe_loss_parts parts;
-        double t0, t1, t2, t3, sums[2], times[2];
+        double t0, t1, t2, t3, sums[3], times[2];
+        int64_t flags[2];
         float gn;
         for (i = 0; i < B * (T + 1); i++) tokens[i] = (int32_t)(((s * P + rank) * 7919 + i * 104729) % c.vocab_size);
         t0 = moe_time_s();
@@ -105,10 +107,17 @@ int main(int argc, char **argv) {
         FAIL_IF(moe_backward(ctx, loss));
         moe_ctx_reset(ctx);
         t1 = moe_time_s();
+        /* what train_tiny reduces besides the gradients: the logged losses, the decision to skip,
+           and (after the step) the decision to stop */
         sums[0] = parts.total;
-        sums[1] = 0;
-        FAIL_IF(moe_comm_allreduce_ordered(ctx, comm, sums, 2, MOE_COMM_F64)); /* the logged loss, the skip flag */
+        sums[1] = parts.main;
+        sums[2] = parts.mtp[0];
+        flags[0] = 0;
+        FAIL_IF(moe_comm_allreduce_ordered(ctx, comm, sums, 3, MOE_COMM_F64));
+        FAIL_IF(moe_comm_allreduce(ctx, comm, flags, 1, MOE_COMM_I64, MOE_COMM_MAX));
         FAIL_IF(moe_model_reduce_grads(ctx, m, comm));
+        flags[0] = flags[1] = 0;
+        FAIL_IF(moe_comm_allreduce(ctx, comm, flags, 2, MOE_COMM_I64, MOE_COMM_MAX));
         t2 = moe_time_s();
         FAIL_IF(moe_adamw_step(ctx, opt, 1e-3f, 1.0f / (float)P, 1.0f, &gn));
         FAIL_IF(moe_model_update_expert_bias(ctx, m, 1e-3f));
