@@ -91,6 +91,12 @@ static inline const char *bench_cpu_json(const bench_cpu *c, char *out, size_t n
     return out;
 }
 
+/* qsort's order of doubles, for the medians the benches report. */
+static inline int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif

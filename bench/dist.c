@@ -30,11 +30,6 @@
 
 #include "bench_cpu.h"
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 #define FAIL_IF(cond)                                                                         \
     do {                                                                                      \
         if (cond) {                                                                           \

@@ -13,11 +13,6 @@
 
 #include "bench_cpu.h"
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* Median milliseconds of forward + backward of layer 0 (a MoE layer) at 4096 tokens. */
 static double time_layer(moe_ctx *ctx, int64_t experts, int reps) {
     moe_config c = moe_config_small();

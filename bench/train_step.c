@@ -86,11 +86,6 @@ static double step_flops(const moe_config *c, int64_t B, int64_t T, int mtp) {
     return 3.0 * total;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* ---- the training step (the twin reads these hyper-parameters from run.txt) ---- */
 #define STEP_LR 1e-4f
 #define STEP_CLIP 1.0f

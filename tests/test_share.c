@@ -17,8 +17,7 @@
 int main(int argc, char **argv) {
     moe_ctx *ctx = NULL;
     unsigned char id[128];
-    int rank, size, local, i;
-    uint64_t h = 0xCBF29CE484222325ull;
+    int rank, size, local;
     if (argc < 2 || moe_ctx_new(&ctx) != MOE_OK) return 2;
     if (moe_comm_env(ctx, &rank, &size, &local) != MOE_OK) {
         fprintf(stderr, "%s\n", moe_ctx_error(ctx));
@@ -36,6 +35,7 @@ int main(int argc, char **argv) {
         memcpy(id, &u, sizeof id < sizeof u ? sizeof id : sizeof u);
 #else
         moe_rng g = moe_rng_new((uint64_t)time(NULL), (uint64_t)clock());
+        int i;
         for (i = 0; i < 128; i++) id[i] = (unsigned char)(moe_rng_uniform(&g) * 256);
 #endif
     }
@@ -44,8 +44,7 @@ int main(int argc, char **argv) {
         moe_ctx_free(ctx);
         return 1;
     }
-    for (i = 0; i < 128; i++) h = (h ^ id[i]) * 0x100000001B3ull;
-    printf("rank %d of %d: %016llx\n", rank, size, (unsigned long long)h);
+    printf("rank %d of %d: %016llx\n", rank, size, (unsigned long long)moe__fnv1a(MOE__FNV_SEED, id, sizeof id));
     moe_ctx_free(ctx);
     return 0;
 }
