@@ -298,12 +298,13 @@ cmd_bench() {
         [ -n "$only" ] && [ "$only" != "$name" ] && continue
         libs=$LIBS
         case $name in gemm) libs="$LIBS -lopenblas" ;; esac
-        if [ "$name" = dist ]; then # data parallelism under Open MPI: 1, 2 and 4 ranks
+        if [ "$name" = dist ]; then # under Open MPI: data parallel on 1, 2 and 4 ranks, then expert parallel
             need_pkg mpicc openmpi-bin libopenmpi-dev
             mpicc $BASE $OPT $OMP -DMOE_MPI "$f" -o "$BUILD/bench_$name" $libs
-            for np in 1 2 4; do
+            for run in 1:1 2:1 4:1 2:2 4:4 4:2; do # np:ep
+                np=${run%:*}; ep=${run#*:}
                 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
-                    mpirun -np $np --oversubscribe --bind-to none "$BUILD/bench_$name" "$@"
+                    mpirun -np "$np" --oversubscribe --bind-to none "$BUILD/bench_$name" --ep "$ep" "$@"
             done
             continue
         fi

@@ -1001,7 +1001,7 @@ MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const flo
 #endif
 
 /* ============================================================================================
-   15. dist — the communicator: one process, or many over MPI                          >>dist
+   15. dist — the communicator, data and expert parallelism, ZeRO-1                     >>dist
    ============================================================================================
    moe_comm is the second table beside the kernel one: the collectives that data- and
    expert-parallel training call at fixed points. SELF (one process) needs nothing; MPI is
@@ -1010,7 +1010,9 @@ MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const flo
    message (the communicator then cannot be trusted: report it and end the job). Counts are
    elements; any rank may contribute zero. The rank-ordered sums (moe_comm_allreduce_ordered,
    moe_comm_reduce_scatter) give every rank ((x_0 + x_1) + x_2) + …, what one process adding
-   P micro-batches in order computes, so a P-rank run can be bit-identical to one process. */
+   P micro-batches in order computes, so a P-rank run can be bit-identical to one process:
+   data parallelism (moe_model_reduce_grads), ZeRO-1 (moe_adamw_shard) and expert parallelism
+   (moe_model_expert_parallel) keep to it, and their checkpoints are one process's. */
 
 typedef struct moe_comm moe_comm;
 typedef enum moe_comm_kind { MOE_COMM_SELF = 0, MOE_COMM_MPI } moe_comm_kind;
@@ -1058,6 +1060,10 @@ MOE_API moe_status moe_comm_alltoall(moe_ctx *ctx, moe_comm *comm, const void *s
    blocks contiguous in rank order (the expert-parallel dispatch and combine). */
 MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
                                       const int64_t *recv_rows, int64_t width, moe_comm_type type);
+/* Bytes this rank has received from the other ranks through comm's broadcasts, gathers,
+   all-to-alls and rank-ordered sums since it was made (MPI's own all-reduce, which carries a
+   few scalars per training step, is not counted: its traffic is MPI's choice). */
+MOE_API int64_t moe_comm_bytes_received(const moe_comm *comm);
 /* MOE_ERR_CONFIG on every rank when any rank's model config differs from rank 0's, naming
    the first field that differs (a collective). */
 MOE_API moe_status moe_comm_check_config(moe_ctx *ctx, moe_comm *comm, const moe_config *cfg);
@@ -1084,6 +1090,34 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_co
 #ifndef MOE_COMM_BUCKET
 #define MOE_COMM_BUCKET ((int64_t)1 << 22)
 #endif
+/* ZeRO-1: from here on opt keeps the AdamW moments of one shard of the parameter slab per
+   rank of comm (shards start at multiples of the gradient norm's chunk, so the norm keeps
+   its bits). moe_model_reduce_grads over comm then reduce-scatters the gradients to the
+   shards in rank order, moe_adamw_step updates this rank's shard and all-gathers the
+   parameters: a P-rank step has the bits of the unsharded one. Moments already held (a
+   checkpoint loaded before) are kept. A collective; comm must outlive opt. Checkpoints of a
+   sharded optimizer: moe_ckpt_save (and _save_step) become collectives that gather the
+   moments for rank 0 to write, the same file an unsharded run writes; moe_ckpt_load on every
+   rank keeps each rank's shard. */
+MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *opt, moe_comm *comm);
+/* Bytes of optimizer state (the two moments) this rank holds. */
+MOE_API size_t moe_adamw_state_bytes(const moe_adamw *opt);
+
+/* Expert parallelism: rank r of `ep` computes routed experts [r·E/P, (r+1)·E/P) of every MoE
+   layer for all of ep's ranks. In each MoE layer the counts go first (all-to-all), then the
+   packed rows (all-to-all-v) to their experts' ranks and the outputs back; backward sends
+   inputs, output gradients and gates the same way and brings input and gate gradients home.
+   Each expert's weight gradient is added over the source ranks in the job's rank order:
+   `edp` (NULL when every rank is in `ep`) joins the ranks that own the same experts in the
+   other EP groups. Take ep = the consecutive ranks [g·P, (g+1)·P) and edp = the ranks with the
+   same rank in ep (moe_comm_split(world, rank / P, rank, …) and (world, rank % P, rank, …)):
+   then moe_model_reduce_grads over the world, plain or ZeRO-1, gives the bits of one process
+   that trains the ranks' micro-batches in rank order. Weights, gradients and (unless ZeRO-1
+   shards them) optimizer state stay whole on every rank — expert parallelism here divides
+   the experts' compute, not their memory — so checkpoints are those of data parallelism and
+   resume on any number of ranks and any EP size. Every rank of ep must run the same forward
+   and backward passes (each MoE layer is a collective); ep = NULL turns it off. */
+MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *model, moe_comm *ep, moe_comm *edp);
 
 #ifdef __cplusplus
 }
@@ -2213,7 +2247,8 @@ typedef struct moe__gemm_op {
    Segments are in slab order and do not overlap. */
 typedef struct moe__adamw_segment {
     int64_t start, len;
-    float decay; /* lr·weight_decay, or 0 */
+    int64_t entry; /* the model entry it belongs to (host only) */
+    float decay;   /* lr·weight_decay, or 0 */
 } moe__adamw_segment;
 typedef struct moe__adamw_op {
     moe_real *p, *g;
@@ -2398,8 +2433,10 @@ struct moe_backend {
     /* ---- reductions ---- */
     /* host_sum = Σ x in order (moe_real). */
     moe_status (*sum)(moe_ctx *ctx, const moe_real *x, int64_t n, moe_real *host_sum);
-    /* host_sum = Σ x² in double, in chunks that depend on n alone, added in order. */
-    moe_status (*sumsq)(moe_ctx *ctx, const moe_real *x, int64_t n, double *host_sum);
+    /* host_parts[c] = Σ x² in double over chunk c of `chunk` values (the last one shorter):
+       the caller adds the parts in order, so a sum split over ranks at chunk boundaries has
+       the bits of the whole. */
+    moe_status (*sumsq)(moe_ctx *ctx, const moe_real *x, int64_t n, int64_t chunk, double *host_parts);
     /* out[j] += Σ_r x[r, j] (rows in fixed chunks, added in order). */
     moe_status (*colsum)(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *out);
 
@@ -5229,11 +5266,7 @@ static moe_status moe__cpu_sum(moe_ctx *ctx, const moe_real *x, int64_t n, moe_r
     return MOE_OK;
 }
 
-/* Σ x² in chunks of MOE__SUMSQ_CHUNK values (more for slabs of over 2^25: at most
-   MOE__SUMSQ_PARTS chunks), a function of n alone; each chunk in double as four interleaved
-   partial sums, then (0+1)+(2+3); the chunks added in order. */
-#define MOE__SUMSQ_CHUNK 32768
-#define MOE__SUMSQ_PARTS 1024
+/* Σ x² of each chunk in double as four interleaved partial sums, then (0+1)+(2+3). */
 typedef struct moe__sumsq_job {
     const moe_real *x;
     double *part;
@@ -5257,21 +5290,13 @@ static void moe__sumsq_chunks(void *arg, int64_t c0, int64_t c1, int tid) {
         J->part[c] = (a0 + a1) + (a2 + a3);
     }
 }
-static moe_status moe__cpu_sumsq(moe_ctx *ctx, const moe_real *x, int64_t n, double *host_sum) {
+static moe_status moe__cpu_sumsq(moe_ctx *ctx, const moe_real *x, int64_t n, int64_t chunk, double *host_parts) {
     moe__sumsq_job J;
-    double part[MOE__SUMSQ_PARTS], s = 0;
-    int64_t nc = (n + MOE__SUMSQ_CHUNK - 1) / MOE__SUMSQ_CHUNK, c;
     J.x = x;
     J.n = n;
-    J.part = part;
-    J.chunk = MOE__SUMSQ_CHUNK;
-    if (nc > MOE__SUMSQ_PARTS) {
-        J.chunk = (n + MOE__SUMSQ_PARTS - 1) / MOE__SUMSQ_PARTS;
-        nc = (n + J.chunk - 1) / J.chunk;
-    }
-    moe__parallel_for(ctx, nc, (double)J.chunk, 0, moe__sumsq_chunks, &J);
-    for (c = 0; c < nc; c++) s += part[c];
-    *host_sum = s;
+    J.part = host_parts;
+    J.chunk = chunk;
+    moe__parallel_for(ctx, (n + chunk - 1) / chunk, (double)chunk, 0, moe__sumsq_chunks, &J);
     return MOE_OK;
 }
 
@@ -7209,8 +7234,8 @@ static moe_status moe__mla_forward(moe_ctx *ctx, const moe__mla *w, const moe__m
 }
 
 /* ---- DeepSeekMoE: route → plan → gather → experts → combine (reference §3) ----
-   An expert-parallel exchange would go between the gather and the experts (dispatch) and
-   between the experts and the combine. */
+   With expert parallelism (section 15) the packed rows are dispatched between the gather and
+   the experts to the ranks that own their experts, and come back before the combine. */
 
 typedef struct moe__moe {
     moe_tensor *gate;   /* [E, d] router weights */
@@ -7219,7 +7244,31 @@ typedef struct moe__moe {
     moe_tensor *w2;     /* [E, d, I] down_proj */
     moe__ffn shared;    /* n_shared_experts·I wide; w13 NULL when there are none */
     int64_t *load;      /* [E] (token, slot) assignments counted since the last bias update (host) */
+    moe_comm *ep;       /* expert parallelism: the ranks the routed experts are spread over (NULL: all here) */
+    moe_comm *edp;      /* the ranks that own the same experts in the other EP groups (NULL: none) */
+    int64_t e_lo, e_n;  /* this rank computes experts [e_lo, e_lo + e_n) */
 } moe__moe;
+
+/* The expert-parallel exchange of one MoE layer (section 15 implements it): the plan is made
+   in forward from the packed rows' expert ranges and kept for backward. Received rows come
+   rank-major: source s's block, inside it by local expert, each segment in the source's
+   packed order. */
+typedef struct moe__ep_plan {
+    int64_t *send_rows, *recv_rows; /* [P] rows to and from each rank of the EP group (host) */
+    int64_t *recv_start;            /* [P + 1] where source s's block starts (host) */
+    int64_t *recv_off;              /* [P][e_n + 1] local expert j of source s: rows [off[j], off[j+1]) of s's block (host) */
+    int64_t rows;                   /* rows received in all */
+} moe__ep_plan;
+static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *plan);
+/* Rows of `width` reals: dispatch (back = 0: packed rows to their experts' ranks) or combine
+   (back = 1: received rows home again). */
+static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *plan, int back, const moe_real *send,
+                                   moe_real *recv, int64_t width);
+/* dw (n values: the local experts' weight gradients) = the sum over every source rank of the
+   job, in rank order, of its part (parts [np][n]: this rank's, one per source of its EP
+   group), on the last rank of the EDP group; zero on the others (so that a sum over the job
+   leaves it as it is). */
+static moe_status moe__ep_reduce_wgrad(moe_ctx *ctx, const moe__moe *L, const moe_real *parts, int64_t np, moe_real *dw, int64_t n);
 
 typedef struct moe__moe_saved {
     const moe__moe *L;
@@ -7239,6 +7288,7 @@ typedef struct moe__moe_saved {
     moe_tensor *aux;    /* the balance loss (one element) */
     float alpha;
     moe_dtype prec;
+    moe__ep_plan ep;    /* expert parallelism: the exchange (h13 then holds the received rows) */
 } moe__moe_saved;
 
 static moe__mlp moe__experts_mlp(const moe__moe *L, const moe_config *c, const int64_t *offset) {
@@ -7253,6 +7303,76 @@ static moe__mlp moe__experts_mlp(const moe__moe *L, const moe_config *c, const i
     M.groups = c->n_routed_experts;
     M.offsets = offset;
     return M;
+}
+
+/* Expert parallelism: this rank's experts over source s's received block (the GEMMs one
+   process runs on that source's micro-batch), their gradients into dw [e_n][2I·d + d·I]. */
+static moe__mlp moe__ep_mlp(const moe__moe *L, const moe_config *c, const moe__ep_plan *P, int64_t s, moe_real *dw) {
+    int64_t d = c->hidden_size, I = c->moe_intermediate_size;
+    moe__mlp M = moe__experts_mlp(L, c, P->recv_off + s * (L->e_n + 1));
+    M.w13 += L->e_lo * 2 * I * d;
+    M.w2 += L->e_lo * d * I;
+    M.dw13 = dw;
+    M.dw2 = dw ? dw + L->e_n * 2 * I * d : NULL;
+    M.groups = L->e_n;
+    return M;
+}
+
+/* Forward of the routed experts under expert parallelism: xp [R, d] dispatched, this rank's
+   experts on every source's rows (the SwiGLU inputs into *h13, kept for backward), the
+   outputs combined back into yp. */
+static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_config *c, moe__moe_saved *S, const moe_real *xp,
+                                  moe_real *yp, moe_real **h13) {
+    moe__ep_plan *P = &S->ep;
+    int64_t d = c->hidden_size, I = c->moe_intermediate_size, s;
+    moe_real *xr, *yr, *act;
+    MOE__TRY(moe__ep_plan_make(ctx, L, S->offset, P));
+    xr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
+    yr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
+    act = moe__dev_real(ctx, P->rows * I, "moe dispatch");
+    *h13 = moe__dev_real(ctx, P->rows * 2 * I, "moe dispatch");
+    if (!xr || !yr || !act || !*h13) return MOE_ERR_MEMORY;
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, xr, d));
+    for (s = 0; s < moe_comm_size(L->ep); s++) {
+        int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
+        moe__mlp M = moe__ep_mlp(L, c, P, s, NULL);
+        if (n) MOE__TRY(moe__mlp_fwd(ctx, &M, xr + r0 * d, n, yr + r0 * d, *h13 + r0 * 2 * I, act, S->prec));
+    }
+    return moe__ep_exchange(ctx, L, P, 1, yr, yp, d);
+}
+
+/* Its backward: packed inputs, output gradients and gates dispatched again; per source the
+   experts' backward, with each source's weight gradients kept apart to be added in the order
+   of the sources' ranks (one process adds its micro-batches so); input and gate gradients
+   combined back into dxp and dgp. */
+static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const moe_real *xp, const moe_real *dyp, const moe_real *gp,
+                                   const moe_real *h13, moe_real *dxp, moe_real *dgp) {
+    const moe__moe *L = S->L;
+    const moe__ep_plan *P = &S->ep;
+    int64_t d = S->d, I = S->cfg->moe_intermediate_size, nw = L->e_n * 3 * I * d, np = moe_comm_size(L->ep), s, rows = P->rows;
+    moe_real *xr = moe__dev_real(ctx, rows * d, "moe backward"), *dyr = moe__dev_real(ctx, rows * d, "moe backward");
+    moe_real *gr = moe__dev_real(ctx, rows, "moe backward"), *dxr = moe__dev_zeros(ctx, rows * d, "moe backward");
+    moe_real *dgr = moe__dev_real(ctx, rows, "moe backward"), *parts = NULL;
+    moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
+    if (!xr || !dyr || !gr || !dxr || !dgr) return MOE_ERR_MEMORY;
+    if (dw13 && dw2 && !(parts = moe__dev_zeros(ctx, np * nw, "moe backward"))) return MOE_ERR_MEMORY; /* [source][e_n][2I·d | d·I] */
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, xr, d));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, gp, gr, 1));
+    for (s = 0; s < np; s++) {
+        int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
+        moe__mlp M = moe__ep_mlp(L, S->cfg, P, s, parts ? parts + s * nw : NULL);
+        if (n) MOE__TRY(moe__mlp_bwd(ctx, &M, xr + r0 * d, dyr + r0 * d, n, h13 + r0 * 2 * I, gr + r0, dgr + r0, dxr + r0 * d, S->prec));
+    }
+    if (parts) { /* their ordered sum into the model's gradient slab, laid out [E][2I·d] and [E][d·I] */
+        moe_real *dw = moe__dev_real(ctx, nw, "moe backward");
+        if (!dw) return MOE_ERR_MEMORY;
+        MOE__TRY(moe__ep_reduce_wgrad(ctx, L, parts, np, dw, nw));
+        MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dw, L->e_n * 2 * I * d, dw13 + L->e_lo * 2 * I * d));
+        MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dw + L->e_n * 2 * I * d, L->e_n * d * I, dw2 + L->e_lo * d * I));
+    }
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 1, dxr, dxp, d));
+    return moe__ep_exchange(ctx, L, P, 1, dgr, dgp, 1);
 }
 
 static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
@@ -7286,7 +7406,8 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     MOE__TRY(be->gather_rows(ctx, dy, S->slot_of, (int32_t)K, R, d, dyp));
     MOE__TRY(be->gather_rows(ctx, S->gates, S->slot_of, 1, R, 1, gp));
     /* the experts, with their gates' gradients, then un-permute (a dispatch's backward is a combine) */
-    MOE__TRY(moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec));
+    if (L->ep) MOE__TRY(moe__ep_backward(ctx, S, xp, dyp, gp, h13, dxp, dgp));
+    else MOE__TRY(moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec));
     MOE__TRY(be->gather_rows(ctx, dgp, S->row_of, 1, R, 1, dg));
     MOE__TRY(be->combine(ctx, dxp, S->row_of, NULL, N, K, d, du));
     /* router: gates → scores (reference §10), plus the balance loss, → logits z; its GEMMs stay FP32 */
@@ -7337,7 +7458,8 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     /* gather, experts: one SwiGLU GEMM chain per expert over all its tokens */
     experts = moe__experts_mlp(L, c, S->offset);
     MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
-    MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
+    if (L->ep) MOE__TRY(moe__ep_forward(ctx, L, c, S, xp, yp, &h13)); /* h13: the received rows' */
+    else MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
     if (L->shared.w13) {
         moe__mlp M = moe__ffn_mlp(&L->shared, d);
@@ -7364,7 +7486,7 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         /* the router's input stays out of FP8; the routed experts' inputs are rows of it,
            dispatched again in backward */
         MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, moe__stash_format(S->prec, 0)));
-        MOE__TRY(moe__stash_put(ctx, &S->h13, h13, R, 2 * I, keep_fp8));
+        MOE__TRY(moe__stash_put(ctx, &S->h13, h13, L->ep ? S->ep.rows : R, 2 * I, keep_fp8));
         if (sh_h13) MOE__TRY(moe__stash_put(ctx, &S->sh_h13, sh_h13, N, 2 * S->Is, keep_fp8));
         /* router state: scores, gates, Σ, choices, permutation, load fractions */
         ctx->saved_bytes += (size_t)(N * E + R + N + B * E) * sizeof(moe_real) + (size_t)(3 * R) * sizeof(int32_t) +
@@ -7526,6 +7648,7 @@ struct moe_model {
     int64_t n_loads;
     moe_tensor *grad_sum;  /* moe_model_accumulate_grads' running sum (made on first use) */
     int64_t n_accumulated; /* backwards in it */
+    moe_adamw *zero;       /* the ZeRO-1 optimizer whose shards moe_model_reduce_grads scatters to */
 };
 
 MOE_API const moe_config *moe_model_config(const moe_model *m) { return m ? &m->cfg : NULL; }
@@ -8046,14 +8169,45 @@ struct moe_adamw {
     moe_model *model;
     moe_adamw_config cfg;
     int64_t step;
-    void *m, *v;                   /* the moments: slabs parallel to the parameters, in cfg.moment_dtype */
-    moe__adamw_segment *segments;  /* one per parameter tensor (host); decay set at each step */
+    void *m, *v;                   /* the moments of slab values [lo, hi), in cfg.moment_dtype */
+    moe__adamw_segment *segments;  /* the parameter tensors' parts in [lo, hi), from lo (host) */
     int64_t n_segments;
+    int64_t lo, hi;                /* this rank's share of the parameter slab: all of it, or a ZeRO-1 shard */
+    double *parts;                 /* [2 × norm chunks] the gradient norm's per-chunk sums (host) */
+    moe_comm *comm;                /* ZeRO-1: the ranks the shards are spread over (NULL: no sharding) */
+    int64_t *bounds;               /* ZeRO-1: rank r's shard is [bounds[r], bounds[r+1]) (host) */
+    int64_t *counts;               /* ZeRO-1: [2 × ranks] values, then norm chunks, of each shard (host) */
+    moe_real *shard;               /* ZeRO-1: [hi − lo] scratch of the gathers and the reduce-scatter (host) */
 };
+
+/* section 15's ZeRO-1 gathers */
+static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o);
+static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, void **m, void **v);
+
+/* The gradient norm's chunk: 32768 values, or n/1024 for slabs of over 2^25 (the parts of
+   section 3's sumsq); ZeRO-1 shards start at multiples of it. */
+static int64_t moe__norm_chunk(int64_t n) { return n > ((int64_t)1 << 25) ? (n + 1023) / 1024 : 32768; }
+
+/* The segments of the parameter tensors inside [lo, hi), offsets from lo. */
+static void moe__adamw_segments(moe_adamw *o, int64_t lo, int64_t hi) {
+    const moe_model *model = o->model;
+    int64_t i;
+    o->n_segments = 0;
+    for (i = 0; i < model->n_entries; i++) {
+        const moe__entry *e = &model->entries[i];
+        int64_t a = e->offset > lo ? e->offset : lo, b = e->offset + e->t->numel < hi ? e->offset + e->t->numel : hi;
+        if (!e->is_param || a >= b) continue;
+        o->segments[o->n_segments].start = a - lo;
+        o->segments[o->n_segments].len = b - a;
+        o->segments[o->n_segments].entry = i;
+        o->n_segments++;
+    }
+    o->lo = lo;
+    o->hi = hi;
+}
 
 MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw_config *cfg, moe_adamw **out) {
     moe_adamw *o;
-    int64_t i;
     size_t es;
     MOE__CHECK_CTX(ctx);
     if (!model || !out) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_new: NULL model or out");
@@ -8078,18 +8232,13 @@ MOE_API moe_status moe_adamw_new(moe_ctx *ctx, moe_model *model, const moe_adamw
     o->model = model;
     es = o->cfg.moment_dtype == MOE_BF16 ? 2 : sizeof(float);
     o->segments = (moe__adamw_segment *)moe__heap_calloc(ctx, sizeof(moe__adamw_segment) * (size_t)(model->n_entries + 1));
-    if (!o->segments || MOE__BE(ctx)->alloc(ctx, es * (size_t)model->params->numel, &o->m) != MOE_OK ||
+    o->parts = (double *)moe__heap_alloc(ctx, sizeof(double) * (size_t)(2 * ((model->params->numel + 32767) / 32768 + 1)));
+    if (!o->segments || !o->parts || MOE__BE(ctx)->alloc(ctx, es * (size_t)model->params->numel, &o->m) != MOE_OK ||
         MOE__BE(ctx)->alloc(ctx, es * (size_t)model->params->numel, &o->v) != MOE_OK) {
         moe_adamw_free(ctx, o);
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_adamw_new: out of memory for the moments");
     }
-    for (i = 0; i < model->n_entries; i++) {
-        const moe__entry *e = &model->entries[i];
-        if (!e->is_param) continue;
-        o->segments[o->n_segments].start = e->offset;
-        o->segments[o->n_segments].len = e->t->numel;
-        o->n_segments++;
-    }
+    moe__adamw_segments(o, 0, model->params->numel);
     *out = o;
     return MOE_OK;
 }
@@ -8098,23 +8247,33 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
     if (!o) return;
     o->model->be->free(ctx, o->m);
     o->model->be->free(ctx, o->v);
+    if (o->model->zero == o) o->model->zero = NULL;
     MOE_FREE(o->segments);
+    MOE_FREE(o->parts);
+    MOE_FREE(o->bounds);
+    MOE_FREE(o->counts);
+    MOE_FREE(o->shard);
     MOE_FREE(o);
 }
 
 MOE_API int64_t moe_adamw_steps(const moe_adamw *o) { return o ? o->step : 0; }
 
-/* The global gradient norm times grad_scale: Σ g² over the gradient slab, in fixed chunks
-   added in order. */
+/* The global gradient norm times grad_scale: Σ g² over the gradient slab in fixed chunks
+   (moe__norm_chunk), the chunks added in order; under ZeRO-1 each rank sums the chunks of its
+   shard and the parts are gathered, so the bits are those of one process. */
 static moe_status moe__adamw_norm(moe_ctx *ctx, const char *fn, moe_adamw *o, float grad_scale, double *norm) {
     const moe_model *m = o->model;
-    double sumsq = 0;
+    int64_t n = m->grads->numel, chunk = moe__norm_chunk(n), nc = (n + chunk - 1) / chunk, c;
+    double sumsq = 0, *mine = o->parts + nc + o->lo / chunk;
     *norm = NAN;
     if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on another device", fn);
     if (m->n_accumulated)
         return moe__fail(ctx, MOE_ERR_STATE, "%s: %lld accumulated gradients are not collected: call moe_model_reduce_grads first",
                          fn, (long long)m->n_accumulated);
-    MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads), m->grads->numel, &sumsq));
+    if (o->hi > o->lo) MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads) + o->lo, o->hi - o->lo, chunk, mine));
+    if (o->comm) MOE__TRY(moe_comm_allgather(ctx, o->comm, mine, o->parts, o->counts + moe_comm_size(o->comm), MOE_COMM_F64));
+    else memcpy(o->parts, mine, sizeof(double) * (size_t)nc);
+    for (c = 0; c < nc; c++) sumsq += o->parts[c];
     *norm = sqrt(sumsq) * grad_scale;
     return MOE_OK;
 }
@@ -8134,7 +8293,7 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     moe_model *m;
     double norm, coef, bc1, bc2;
     moe__adamw_op op;
-    int64_t s, i;
+    int64_t s;
     MOE__CHECK_CTX(ctx);
     if (!o) return moe__fail(ctx, MOE_ERR_ARG, "moe_adamw_step: optimizer is NULL");
     if (!(lr >= 0) || !isfinite(lr) || !(grad_scale > 0) || !isfinite(grad_scale) || !(clip >= 0))
@@ -8151,11 +8310,10 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     o->step++;
     bc1 = 1.0 - pow(o->cfg.beta1, (double)o->step);
     bc2 = 1.0 - pow(o->cfg.beta2, (double)o->step);
-    for (s = 0, i = 0; i < m->n_entries; i++)
-        if (m->entries[i].is_param) o->segments[s++].decay = lr * (m->entries[i].decay ? o->cfg.weight_decay : 0.0f);
+    for (s = 0; s < o->n_segments; s++) o->segments[s].decay = lr * (m->entries[o->segments[s].entry].decay ? o->cfg.weight_decay : 0.0f);
     memset(&op, 0, sizeof op);
-    op.p = MOE__F32(m->params);
-    op.g = MOE__F32(m->grads);
+    op.p = MOE__F32(m->params) + o->lo;
+    op.g = MOE__F32(m->grads) + o->lo;
     op.m = o->m;
     op.v = o->v;
     op.moment_dtype = o->cfg.moment_dtype;
@@ -8167,7 +8325,8 @@ MOE_API moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr, float gr
     op.eps = o->cfg.eps;
     op.step = lr / (float)bc1;
     op.inv_bc2 = 1.0f / (float)bc2;
-    return MOE__BE(ctx)->adamw(ctx, &op);
+    MOE__TRY(MOE__BE(ctx)->adamw(ctx, &op));
+    return o->comm ? moe__zero_gather_params(ctx, o) : MOE_OK; /* ZeRO-1: every rank's updated shard to all */
 }
 
 MOE_API float moe_lr_at(const moe_lr_schedule *s, int64_t step) {
@@ -9494,8 +9653,17 @@ static moe_status moe__model_on_host(moe_ctx *ctx, const char *fn, const moe_mod
 }
 
 /* Entry i's AdamW moment in a moment slab (f32 or bf16). */
+/* Entry i's moment in a whole moment slab. */
 static void *moe__adamw_moment(const moe_adamw *o, void *slab, int64_t i) {
     return (unsigned char *)slab + (size_t)o->model->entries[i].offset * (o->cfg.moment_dtype == MOE_BF16 ? 2 : 4);
+}
+/* Entry i's moment values `data` (as a checkpoint stores them) into the optimizer's slab
+   `held` of values [lo, hi): the part inside this rank's share. */
+static void moe__adamw_moment_put(const moe_adamw *o, void *held, int64_t i, const void *data) {
+    const moe__entry *e = &o->model->entries[i];
+    size_t es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4;
+    int64_t a = e->offset > o->lo ? e->offset : o->lo, b = e->offset + e->t->numel < o->hi ? e->offset + e->t->numel : o->hi;
+    if (a < b) memcpy((unsigned char *)held + es * (size_t)(a - o->lo), (const unsigned char *)data + es * (size_t)(a - e->offset), es * (size_t)(b - a));
 }
 
 /* ---- checkpoints ----
@@ -9572,23 +9740,15 @@ static void moe__ckpt_put_tensor(moe__buf *b, const char *name, int kind, const 
     }
 }
 
-MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model *m, const moe_adamw *o,
-                                 const moe_train_state *st) {
+/* The checkpoint of model, optimizer (moments in the whole slabs mm, vv) and state. */
+static moe_status moe__ckpt_write(moe_ctx *ctx, const char *path, const moe_model *m, const moe_adamw *o, const moe_train_state *st,
+                                  void *mm, void *vv) {
     static const char *fn = "moe_ckpt_save";
     moe__buf b;
     char cfg[8192];
     int64_t i, n = 0;
     uint32_t cl;
     moe_status r;
-    MOE__CHECK_CTX(ctx);
-    if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
-    MOE__TRY(moe__model_on_host(ctx, fn, m));
-    if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
-    if (st->n_user < 0 || st->n_user > MOE_TRAIN_USER_MAX || st->step < 0 || st->data_index < 0 || st->total_steps < 0 ||
-        st->skipped < 0)
-        return moe__fail(ctx, MOE_ERR_ARG, "%s: state out of range (step %lld, data index %lld, total steps %lld, skipped %lld, "
-                         "n_user %lld of at most %d)", fn, (long long)st->step, (long long)st->data_index, (long long)st->total_steps,
-                         (long long)st->skipped, (long long)st->n_user, MOE_TRAIN_USER_MAX);
     memset(&b, 0, sizeof b);
     moe__buf_put(&b, MOE__CKPT_MAGIC, 8);
     moe__buf_u32(&b, MOE__CKPT_VERSION);
@@ -9614,8 +9774,8 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
         moe__ckpt_put_tensor(&b, e->name, 0, e->t, NULL, 0);
         if (o && e->is_param) {
             int bf16 = o->cfg.moment_dtype == MOE_BF16;
-            moe__ckpt_put_tensor(&b, e->name, 1, e->t, moe__adamw_moment(o, o->m, i), bf16);
-            moe__ckpt_put_tensor(&b, e->name, 2, e->t, moe__adamw_moment(o, o->v, i), bf16);
+            moe__ckpt_put_tensor(&b, e->name, 1, e->t, moe__adamw_moment(o, mm, i), bf16);
+            moe__ckpt_put_tensor(&b, e->name, 2, e->t, moe__adamw_moment(o, vv, i), bf16);
         }
     }
     if (b.oom) {
@@ -9631,6 +9791,33 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
     r = b.oom ? moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn) : moe__write_atomic(ctx, fn, path, b.p, b.len);
     MOE_FREE(b.p);
     return r;
+}
+
+MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model *m, const moe_adamw *o,
+                                 const moe_train_state *st) {
+    static const char *fn = "moe_ckpt_save";
+    void *mm = o ? o->m : NULL, *vv = o ? o->v : NULL;
+    MOE__CHECK_CTX(ctx);
+    if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
+    MOE__TRY(moe__model_on_host(ctx, fn, m));
+    if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
+    if (st->n_user < 0 || st->n_user > MOE_TRAIN_USER_MAX || st->step < 0 || st->data_index < 0 || st->total_steps < 0 ||
+        st->skipped < 0)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: state out of range (step %lld, data index %lld, total steps %lld, skipped %lld, "
+                         "n_user %lld of at most %d)", fn, (long long)st->step, (long long)st->data_index, (long long)st->total_steps,
+                         (long long)st->skipped, (long long)st->n_user, MOE_TRAIN_USER_MAX);
+    if (o && o->comm) { /* ZeRO-1: every rank's moments to every rank, rank 0 writes, its status to all */
+        int64_t status;
+        MOE__TRY(moe__zero_gather_moments(ctx, o, &mm, &vv));
+        status = moe_comm_rank(o->comm) == 0 ? (int64_t)moe__ckpt_write(ctx, path, m, o, st, mm, vv) : 0;
+        MOE_FREE(mm);
+        MOE_FREE(vv);
+        MOE__TRY(moe_comm_bcast(ctx, o->comm, &status, 1, MOE_COMM_I64, 0));
+        if (status != MOE_OK && moe_comm_rank(o->comm) != 0)
+            return moe__fail(ctx, (moe_status)status, "%s: rank 0 could not write '%s'", fn, path);
+        return (moe_status)status;
+    }
+    return moe__ckpt_write(ctx, path, m, o, st, mm, vv);
 }
 
 /* A bounds-checked reader over a byte range. */
@@ -9866,7 +10053,7 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
                 for (i = 0; i < numel; i++) MOE__F32(t)[i] = (moe_real)moe__bits_f32(moe__le_get32(data + 4 * i));
             } else if (o) {
                 /* the dtype was checked against the header and the header against o: sizes agree */
-                memcpy(moe__adamw_moment(o, kind == 1 ? o->m : o->v, idx), data, (size_t)numel * (dtype ? 2 : 4));
+                moe__adamw_moment_put(o, kind == 1 ? o->m : o->v, idx, data);
             }
         }
         if (r != MOE_OK) break;
@@ -9973,6 +10160,7 @@ MOE_API moe_status moe_ckpt_save_step(moe_ctx *ctx, const char *dir, const char 
         snprintf(written, cap, "%s", path);
     }
     MOE__TRY(moe_ckpt_save(ctx, path, model, opt, state));
+    if (opt && opt->comm && moe_comm_rank(opt->comm) != 0) return MOE_OK; /* ZeRO-1: rank 0 wrote, it keeps the directory */
 #if defined(__unix__) || defined(__APPLE__)
     if (keep > 0) {
         int64_t *steps, n, i, kept = 0;
@@ -11815,7 +12003,7 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
 #endif
 
 /* ============================================================================================
-   15. dist — the communicator: SELF and MPI                                            >>dist
+   15. dist — the communicator (SELF, MPI), data and expert parallelism, ZeRO-1         >>dist
    ============================================================================================
    A backend fills moe__comm_ops with the primitives (barrier, broadcast, all-reduce,
    all-gather and all-to-all with per-rank counts, split, release); the rank-ordered sums, the
@@ -11828,6 +12016,7 @@ struct moe_comm {
     int owns_runtime; /* this communicator initialised MPI: freeing it finalises MPI */
     void *scratch;        /* the ordered sums' receive buffer, kept between calls (fresh */
     size_t scratch_bytes; /* memory each time cost 3-4x the all-gather in page faults) */
+    int64_t bytes_in;     /* received from the other ranks (moe_comm_bytes_received) */
 #ifdef MOE_MPI
     MPI_Comm mpi;
 #endif
@@ -12170,11 +12359,17 @@ MOE_API moe_status moe_comm_barrier(moe_ctx *ctx, moe_comm *comm) {
     return comm->ops->barrier(ctx, comm);
 }
 
+/* n elements received from the other ranks, into the communicator's count. */
+static void moe__comm_count(moe_comm *c, int64_t n, moe_comm_type t) { c->bytes_in += n * (int64_t)moe__comm_type_size(t); }
+
+MOE_API int64_t moe_comm_bytes_received(const moe_comm *comm) { return comm ? comm->bytes_in : 0; }
+
 MOE_API moe_status moe_comm_bcast(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type, int root) {
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_bcast", type));
     MOE__TRY(moe__comm_buf(ctx, "moe_comm_bcast", buf, n, type));
     if (root < 0 || root >= comm->size)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_bcast: root %d of %d ranks", root, comm->size);
+    if (root != comm->rank) moe__comm_count(comm, n, type);
     return n ? comm->ops->bcast(ctx, comm, buf, n, type, root) : MOE_OK;
 }
 
@@ -12204,6 +12399,7 @@ MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void
     st = moe__comm_agree(ctx, comm, "moe_comm_allreduce_ordered", st);
     if (!st && n) st = comm->ops->allgatherv(ctx, comm, buf, all, lay, lay + comm->size, type);
     if (!st && n) moe__comm_sum_blocks(all, comm->size, n, type, buf);
+    if (!st) moe__comm_count(comm, total - n, type);
     MOE_FREE(counts);
     MOE_FREE(lay);
     return st;
@@ -12234,6 +12430,7 @@ MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const v
     st = moe__comm_agree(ctx, comm, "moe_comm_reduce_scatter", st);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, lay, lay + comm->size, blocks, mine, mine + comm->size, type);
     if (!st && counts[comm->rank]) moe__comm_sum_blocks(blocks, comm->size, counts[comm->rank], type, recv);
+    if (!st) moe__comm_count(comm, blocks_total - counts[comm->rank], type);
     MOE_FREE(mine);
     MOE_FREE(lay);
     return st;
@@ -12249,6 +12446,7 @@ MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *
     if (!st) st = moe__comm_buf(ctx, "moe_comm_allgather", recv, total, type);
     st = moe__comm_agree(ctx, comm, "moe_comm_allgather", st);
     if (!st && total) st = comm->ops->allgatherv(ctx, comm, send, recv, lay, lay + comm->size, type);
+    if (!st) moe__comm_count(comm, total - counts[comm->rank], type);
     MOE_FREE(lay);
     return st;
 }
@@ -12265,6 +12463,7 @@ MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *
     if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", recv, rtotal, type);
     st = moe__comm_agree(ctx, comm, "moe_comm_alltoallv", st);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type);
+    if (!st) moe__comm_count(comm, rtotal - recv_rows[comm->rank] * width, type);
     MOE_FREE(s);
     MOE_FREE(r);
     return st;
@@ -12517,10 +12716,97 @@ MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int s
 #endif
 }
 
-/* ---- data parallelism ---- */
+/* ---- data parallelism, ZeRO-1 ---- */
+
+#define MOE__COMM_REAL (sizeof(moe_real) == sizeof(double) ? MOE_COMM_F64 : MOE_COMM_F32)
+
+static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o) {
+    moe_real *p = MOE__F32(o->model->params);
+    memcpy(o->shard, p + o->lo, sizeof(moe_real) * (size_t)(o->hi - o->lo));
+    return moe_comm_allgather(ctx, o->comm, o->shard, p, o->counts, MOE__COMM_REAL);
+}
+
+/* Every rank's moments gathered into whole slabs *m and *v (to be freed), for checkpoints. */
+static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, void **m, void **v) {
+    int64_t es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4, n = o->model->params->numel, r;
+    int64_t *counts = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)o->comm->size);
+    moe_status st;
+    for (r = 0; counts && r < o->comm->size; r++) counts[r] = o->counts[r] * es; /* bytes */
+    *m = moe__heap_alloc(ctx, (size_t)(n * es));
+    *v = moe__heap_alloc(ctx, (size_t)(n * es));
+    st = counts && *m && *v ? MOE_OK : moe__fail(ctx, MOE_ERR_MEMORY, "moe_ckpt_save: out of memory gathering the moments");
+    if (!st) st = moe_comm_allgather(ctx, o->comm, o->m, *m, counts, MOE_COMM_BYTE);
+    if (!st) st = moe_comm_allgather(ctx, o->comm, o->v, *v, counts, MOE_COMM_BYTE);
+    MOE_FREE(counts);
+    if (st) {
+        MOE_FREE(*m);
+        MOE_FREE(*v);
+        *m = *v = NULL;
+    }
+    return st;
+}
+
+MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
+    static const char *fn = "moe_adamw_shard";
+    int64_t n, chunk, nc, r, lo, hi, *bounds, *counts, agree[2];
+    size_t es;
+    void *mm = NULL, *vv = NULL;
+    moe_real *shard;
+    moe_status st;
+    MOE__TRY(moe__comm_args(ctx, comm, fn, MOE_COMM_I64));
+    if (!o) return moe__fail(ctx, MOE_ERR_ARG, "%s: optimizer is NULL", fn);
+    n = o->model->params->numel;
+    st = o->comm ? moe__fail(ctx, MOE_ERR_STATE, "%s: the optimizer is sharded already", fn)
+         : o->model->be->device != MOE_DEVICE_CPU ? moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: host-memory models only", fn)
+                                                  : MOE_OK;
+    MOE__TRY(moe__comm_agree(ctx, comm, fn, st));
+    agree[0] = n;
+    agree[1] = -n;
+    MOE__TRY(moe_comm_allreduce(ctx, comm, agree, 2, MOE_COMM_I64, MOE_COMM_MAX));
+    if (agree[0] != n || -agree[1] != n)
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: the ranks' parameter slabs differ in length (%lld here)", fn, (long long)n);
+    chunk = moe__norm_chunk(n);
+    nc = (n + chunk - 1) / chunk;
+    bounds = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(comm->size + 1));
+    counts = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(2 * comm->size));
+    for (r = 0; bounds && r <= comm->size; r++) bounds[r] = r * nc / comm->size * chunk < n ? r * nc / comm->size * chunk : n;
+    for (r = 0; bounds && counts && r < comm->size; r++) {
+        counts[r] = bounds[r + 1] - bounds[r];
+        counts[comm->size + r] = (bounds[r + 1] + chunk - 1) / chunk - bounds[r] / chunk;
+    }
+    lo = bounds ? bounds[comm->rank] : 0;
+    hi = bounds ? bounds[comm->rank + 1] : 0;
+    es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4;
+    shard = (moe_real *)moe__heap_alloc(ctx, sizeof(moe_real) * (size_t)(hi - lo));
+    if (!bounds || !counts || !shard || o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &mm) != MOE_OK ||
+        o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &vv) != MOE_OK) {
+        if (mm) o->model->be->free(ctx, mm);
+        MOE_FREE(bounds);
+        MOE_FREE(counts);
+        MOE_FREE(shard);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for the shard's moments", fn);
+    }
+    memcpy(mm, (unsigned char *)o->m + es * (size_t)lo, es * (size_t)(hi - lo));
+    memcpy(vv, (unsigned char *)o->v + es * (size_t)lo, es * (size_t)(hi - lo));
+    o->model->be->free(ctx, o->m);
+    o->model->be->free(ctx, o->v);
+    o->m = mm;
+    o->v = vv;
+    moe__adamw_segments(o, lo, hi);
+    o->comm = comm;
+    o->bounds = bounds;
+    o->counts = counts;
+    o->shard = shard;
+    o->model->zero = o;
+    return MOE_OK;
+}
+
+MOE_API size_t moe_adamw_state_bytes(const moe_adamw *o) {
+    return o ? 2 * (size_t)(o->hi - o->lo) * (o->cfg.moment_dtype == MOE_BF16 ? 2 : 4) : 0;
+}
 
 MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *m, moe_comm *comm) {
-    const moe_comm_type real = sizeof(moe_real) == sizeof(double) ? MOE_COMM_F64 : MOE_COMM_F32;
+    const moe_comm_type real = MOE__COMM_REAL;
     int64_t n, off;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_model_reduce_grads", real));
     if (!m || !m->grads) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: model is NULL");
@@ -12529,13 +12815,97 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *m, moe_comm *
         MOE__TRY(m->be->copy(ctx, m->grads->data, m->grad_sum->data, (size_t)n * sizeof(moe_real), MOE__D2D));
         m->n_accumulated = 0;
     }
+    if (m->zero && m->zero->comm != comm)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: the optimizer is sharded over another communicator");
     if (comm->size == 1) return MOE_OK;
     if (m->be->device != MOE_DEVICE_CPU)
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the communicator reduces host memory only");
-    for (off = 0; off < n; off += MOE_COMM_BUCKET)
-        MOE__TRY(moe_comm_allreduce_ordered(ctx, comm, MOE__F32(m->grads) + off, n - off < MOE_COMM_BUCKET ? n - off : MOE_COMM_BUCKET,
-                                            real));
+    if (m->zero) { /* ZeRO-1: this rank's shard of the sum; the rest of the slab zero */
+        const moe_adamw *o = m->zero;
+        moe_real *g = MOE__F32(m->grads);
+        MOE__TRY(moe_comm_reduce_scatter(ctx, comm, g, o->shard, o->counts, real));
+        memset(g, 0, sizeof(moe_real) * (size_t)n);
+        memcpy(g + o->lo, o->shard, sizeof(moe_real) * (size_t)(o->hi - o->lo));
+    } else {
+        for (off = 0; off < n; off += MOE_COMM_BUCKET)
+            MOE__TRY(moe_comm_allreduce_ordered(ctx, comm, MOE__F32(m->grads) + off,
+                                                n - off < MOE_COMM_BUCKET ? n - off : MOE_COMM_BUCKET, real));
+    }
     return moe_comm_allreduce(ctx, comm, m->loads, m->n_loads, MOE_COMM_I64, MOE_COMM_SUM);
+}
+
+/* ---- expert parallelism ---- */
+
+MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *m, moe_comm *ep, moe_comm *edp) {
+    static const char *fn = "moe_model_expert_parallel";
+    int64_t i, E, np;
+    moe_status st = MOE_OK;
+    MOE__CHECK_CTX(ctx);
+    if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
+    E = m->cfg.n_routed_experts;
+    np = ep ? ep->size : 1;
+    if (!ep && edp) return moe__fail(ctx, MOE_ERR_ARG, "%s: an EDP group without an EP group", fn);
+    if (E % np != 0)
+        st = moe__fail(ctx, MOE_ERR_CONFIG, "%s: %lld routed experts do not split over %lld ranks", fn, (long long)E, (long long)np);
+    else if (ep && m->be->device != MOE_DEVICE_CPU)
+        st = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: the communicator exchanges host memory only", fn);
+    if (ep) MOE__TRY(moe__comm_agree(ctx, ep, fn, st));
+    else MOE__TRY(st);
+    for (i = 0; i < m->cfg.num_hidden_layers + m->cfg.num_nextn_predict_layers; i++) {
+        moe__moe *L = moe__model_moe_layer(m, i);
+        if (!L) continue;
+        L->ep = np > 1 ? ep : NULL;
+        L->edp = np > 1 && edp && edp->size > 1 ? edp : NULL;
+        L->e_n = E / np;
+        L->e_lo = (ep ? ep->rank : 0) * L->e_n;
+    }
+    return MOE_OK;
+}
+
+static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *P) {
+    int64_t np = L->ep->size, en = L->e_n, s, j, *cnt, *rcnt;
+    cnt = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * en), sizeof(int64_t), "moe dispatch plan");
+    rcnt = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * en), sizeof(int64_t), "moe dispatch plan");
+    P->send_rows = (int64_t *)moe__arena_alloc(ctx, (size_t)np, sizeof(int64_t), "moe dispatch plan");
+    P->recv_rows = (int64_t *)moe__arena_alloc(ctx, (size_t)np, sizeof(int64_t), "moe dispatch plan");
+    P->recv_start = (int64_t *)moe__arena_alloc(ctx, (size_t)(np + 1), sizeof(int64_t), "moe dispatch plan");
+    P->recv_off = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * (en + 1)), sizeof(int64_t), "moe dispatch plan");
+    if (!cnt || !rcnt || !P->send_rows || !P->recv_rows || !P->recv_start || !P->recv_off) return MOE_ERR_MEMORY;
+    /* counts first: rank s learns how many of its rows go to each of my experts */
+    for (j = 0; j < np * en; j++) cnt[j] = offset[j + 1] - offset[j];
+    MOE__TRY(moe_comm_alltoall(ctx, L->ep, cnt, rcnt, en, MOE_COMM_I64));
+    P->recv_start[0] = 0;
+    for (s = 0; s < np; s++) {
+        int64_t *off = P->recv_off + s * (en + 1);
+        P->send_rows[s] = offset[(s + 1) * en] - offset[s * en];
+        off[0] = 0;
+        for (j = 0; j < en; j++) off[j + 1] = off[j] + rcnt[s * en + j];
+        P->recv_rows[s] = off[en];
+        P->recv_start[s + 1] = P->recv_start[s] + off[en];
+    }
+    P->rows = P->recv_start[np];
+    return MOE_OK;
+}
+
+static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *P, int back, const moe_real *send,
+                                   moe_real *recv, int64_t width) {
+    return moe_comm_alltoallv(ctx, L->ep, send, back ? P->recv_rows : P->send_rows, recv, back ? P->send_rows : P->recv_rows, width,
+                              MOE__COMM_REAL);
+}
+
+/* The owners of the same experts pass the running sum down the EDP group: replica k starts
+   from replica k−1's sum (a broadcast from it), adds the parts of its sources in order and
+   hands it on; the last one's is the sum over every source of the job in rank order. */
+static moe_status moe__ep_reduce_wgrad(moe_ctx *ctx, const moe__moe *L, const moe_real *parts, int64_t np, moe_real *dw, int64_t n) {
+    int64_t R = L->edp ? L->edp->size : 1, k = L->edp ? L->edp->rank : 0, t, s;
+    MOE__TRY(MOE__BE(ctx)->memset(ctx, dw, 0, (size_t)n * sizeof(moe_real)));
+    for (t = 0; t < R; t++) {
+        if (t == k)
+            for (s = 0; s < np; s++) MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, parts + s * n, n, dw)); /* dw + 1·part: exact */
+        if (t < R - 1) MOE__TRY(moe_comm_bcast(ctx, L->edp, dw, n, MOE__COMM_REAL, (int)t));
+    }
+    if (k != R - 1) MOE__TRY(MOE__BE(ctx)->memset(ctx, dw, 0, (size_t)n * sizeof(moe_real)));
+    return MOE_OK;
 }
 
 #ifdef __cplusplus

@@ -1,25 +1,37 @@
-/* bench/dist.c — one data-parallel training step split into compute and communication.
+/* bench/dist.c — one data- (and expert-) parallel training step split into compute and
+   communication.
 
    Every rank trains the same model on its own micro-batch of synthetic tokens: forward and
-   backward (compute), moe_model_reduce_grads — the rank-ordered gradient sum and the expert
-   loads — plus the small reductions train_tiny makes each step (losses, skip and stop flags)
-   (communication), and AdamW (compute).
-   Each part is timed per step on every rank; a step's time is the slowest rank's, and the
-   table gives the median over the timed steps. The bytes each rank receives per step are the
-   ordered sum's by construction (an all-gather of every rank's gradient, G bytes each, then
-   the sum in rank order: (P − 1)·G); beside them the cost model's ring all-reduce, the least
-   an all-reduce moves per rank, 2·(P − 1)/P·G: the price of bit-identical sums is P/2 times
-   that. Expert parallelism is not built yet: its bytes are 0.
+   backward (compute; with --ep N the MoE layers' exchanges happen inside it and are timed
+   there), moe_model_reduce_grads — the rank-ordered gradient sum and the expert loads — plus
+   the small reductions train_tiny makes each step (losses, skip and stop flags)
+   (communication), and AdamW (compute). Each part is timed per step on every rank; a step's
+   time is the slowest rank's, and the table gives the median over the timed steps.
+
+   Bytes are counted, not assumed: moe_comm_bytes_received of the world (data parallelism) and
+   of the EP and EDP groups (expert parallelism), per step, the mean over the timed steps and
+   over the ranks. Beside them the cost model's figures for the same config:
+   - DP: a ring all-reduce, the least an all-reduce moves per rank, 2·(P − 1)/P·G for G bytes
+     of gradients; the ordered sum moves (P − 1)·G (an all-gather, then the sum in rank order):
+     the price of bit-identical sums is P/2 times the ring.
+   - EP: each MoE layer sends a (token, expert) row to another rank with probability
+     (N − 1)/N under uniform routing (N = EP size), (6d + 2)·4 bytes in all per such row —
+     forward: the input and the output (d each); backward: input, output gradient and gate out
+     (2d + 1), input and gate gradients back (d + 1) — plus, with EDP groups of R > 1 ranks,
+     R − 1 broadcasts of the layer's local expert gradients (the rank-ordered chain), each
+     received by R − 1 ranks: (R − 1)²/R of them per rank. Real routing is not uniform (the
+     loads of an untrained router least of all), so the measured EP bytes fall below it.
 
    Built with mpicc -DMOE_MPI and started under mpirun (./build.sh bench dist runs np = 1, 2
-   and 4; on a 2-core machine 4 ranks oversubscribe the cores, and the table says so); built
-   without MOE_MPI it is the one-process row.
+   and 4, then EP = np on 2 and 4; on a 2-core machine 4 ranks oversubscribe the cores, and
+   the table says so); built without MOE_MPI it is the one-process row.
 
-     dist [--config tiny|small] [--batch B] [--seq T] [--steps N] [--precision fp32|bf16]
+     dist [--config tiny|small] [--batch B] [--seq T] [--steps N] [--precision fp32|bf16] [--ep N]
 
-   Last line (rank 0): {"bench":"dist","cpu":…,"cpu_id":…,"np":…,"cores":…,"oversubscribed":…,
+   Last line (rank 0): {"bench":"dist","cpu":…,"cpu_id":…,"np":…,"ep":…,"cores":…,"oversubscribed":…,
    "config":…,"tokens_per_step":…,"compute_ms":…,"comm_ms":…,"comm_share":…,
-   "dp_bytes_per_rank":…,"predicted_ring_bytes_per_rank":…,"ep_bytes_per_rank":0} */
+   "dp_bytes_per_rank":…,"predicted_ring_bytes_per_rank":…,"ep_bytes_per_rank":…,
+   "predicted_ep_bytes_per_rank":…} */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -40,17 +52,17 @@
 
 int main(int argc, char **argv) {
     moe_ctx *ctx = NULL;
-    moe_comm *comm = NULL;
+    moe_comm *comm = NULL, *ep_comm = NULL, *edp_comm = NULL;
     moe_model *m = NULL;
     moe_adamw *opt = NULL;
     moe_adamw_config ac;
     moe_loss_opts lo;
     moe_config c = moe_config_tiny();
     const char *config = "tiny", *precision = "fp32";
-    long B = 8, T = 64, steps = 12, s, i;
+    long B = 8, T = 64, steps = 12, ep = 1, s, i;
     int rank = 0, P = 1, a;
     int32_t *tokens;
-    double *compute, *commt, grad_bytes, cores;
+    double *compute, *commt, grad_bytes, cores, dp_bytes = 0, ep_bytes = 0;
     bench_cpu cpu;
     char cpu_json[512];
     for (a = 1; a < argc; a++) {
@@ -59,8 +71,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[a], "--seq") && a + 1 < argc) T = atol(argv[++a]);
         else if (!strcmp(argv[a], "--steps") && a + 1 < argc) steps = atol(argv[++a]);
         else if (!strcmp(argv[a], "--precision") && a + 1 < argc) precision = argv[++a];
+        else if (!strcmp(argv[a], "--ep") && a + 1 < argc) ep = atol(argv[++a]);
         else {
-            fprintf(stderr, "usage: dist [--config tiny|small] [--batch B] [--seq T] [--steps N] [--precision fp32|bf16]\n");
+            fprintf(stderr, "usage: dist [--config tiny|small] [--batch B] [--seq T] [--steps N] [--precision fp32|bf16] [--ep N]\n");
             return 2;
         }
     }
@@ -82,6 +95,15 @@ int main(int argc, char **argv) {
     FAIL_IF(moe_ctx_set_gemm_precision(ctx, strcmp(precision, "bf16") ? MOE_F32 : MOE_BF16));
     FAIL_IF(moe_comm_check_config(ctx, comm, &c));
     FAIL_IF(moe_model_new(ctx, &c, 1, &m));
+    if (ep < 1 || P % ep != 0) {
+        fprintf(stderr, "dist: --ep %ld does not divide the %d ranks\n", ep, P);
+        return 2;
+    }
+    if (ep > 1) { /* EP groups of consecutive ranks, EDP groups of the same place in each (as train_tiny) */
+        FAIL_IF(moe_comm_split(ctx, comm, rank / (int)ep, rank, &ep_comm));
+        FAIL_IF(moe_comm_split(ctx, comm, rank % (int)ep, rank, &edp_comm));
+        FAIL_IF(moe_model_expert_parallel(ctx, m, ep_comm, P > ep ? edp_comm : NULL));
+    }
     memset(&ac, 0, sizeof ac);
     FAIL_IF(moe_adamw_new(ctx, m, &ac, &opt));
     memset(&lo, 0, sizeof lo);
@@ -94,7 +116,7 @@ int main(int argc, char **argv) {
         moe_tensor *loss = NULL;
         moe_loss_parts parts;
         double t0, t1, t2, t3, sums[3], times[2];
-        int64_t flags[2];
+        int64_t flags[2], dp0 = moe_comm_bytes_received(comm), ep0 = moe_comm_bytes_received(ep_comm) + moe_comm_bytes_received(edp_comm);
         float gn;
         for (i = 0; i < B * (T + 1); i++) tokens[i] = (int32_t)(((s * P + rank) * 7919 + i * 104729) % c.vocab_size);
         t0 = moe_time_s();
@@ -123,7 +145,17 @@ int main(int argc, char **argv) {
         if (s >= 2) {
             compute[s - 2] = times[0];
             commt[s - 2] = times[1];
+            dp_bytes += (double)(moe_comm_bytes_received(comm) - dp0) / (double)steps;
+            ep_bytes += (double)(moe_comm_bytes_received(ep_comm) + moe_comm_bytes_received(edp_comm) - ep0) / (double)steps;
         }
+    }
+    {   /* the bytes: the mean over the ranks */
+        double b[2];
+        b[0] = dp_bytes;
+        b[1] = ep_bytes;
+        FAIL_IF(moe_comm_allreduce(ctx, comm, b, 2, MOE_COMM_F64, MOE_COMM_SUM));
+        dp_bytes = b[0] / P;
+        ep_bytes = b[1] / P;
     }
     qsort(compute, (size_t)steps, sizeof(double), cmp_double);
     qsort(commt, (size_t)steps, sizeof(double), cmp_double);
@@ -135,24 +167,31 @@ int main(int argc, char **argv) {
     }
     cores = (double)sysconf(_SC_NPROCESSORS_ONLN);
     if (rank == 0) {
-        double cm = compute[steps / 2] * 1e3, co = commt[steps / 2] * 1e3;
-        double got = P > 1 ? (double)(P - 1) * grad_bytes : 0, ring = 2.0 * (P - 1) / P * grad_bytes;
+        double cm = compute[steps / 2] * 1e3, co = commt[steps / 2] * 1e3, ring = 2.0 * (P - 1) / P * grad_bytes;
+        double moe_layers = (double)(c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers), d = (double)c.hidden_size;
+        double remote_rows = (double)(B * T) * (double)c.num_experts_per_tok * (double)(ep - 1) / (double)ep;
+        double local_wgrad = (double)c.n_routed_experts / (double)ep * 3.0 * (double)c.moe_intermediate_size * d * sizeof(moe_real);
+        double R = (double)(P / ep), ep_pred = ep > 1 ? moe_layers * (remote_rows * (6 * d + 2) * sizeof(moe_real) + (R - 1) * (R - 1) / R * local_wgrad) : 0;
         bench_cpu_read(&cpu);
         printf("CPU: %s (%s), %.0f cores; %d rank%s%s, 1 thread each; %s config, %s, %ld x %ld tokens per rank per step\n",
                cpu.model, cpu.id, cores, P, P > 1 ? "s" : "", P > cores ? " (oversubscribed: more ranks than cores)" : "", config,
                precision, B, T);
-        printf("np  compute ms  comm ms  comm share  DP bytes in/rank/step (ordered sum)  cost model: ring all-reduce  EP bytes\n");
-        printf("%2d  %10.2f  %7.2f  %9.1f%%  %35.0f  %27.0f  %8d\n", P, cm, co, 100 * co / (cm + co), got, ring, 0);
-        printf("{\"bench\":\"dist\",%s,\"np\":%d,\"cores\":%.0f,\"oversubscribed\":%s,\"config\":\"%s\",\"precision\":\"%s\","
+        printf("np  EP  compute ms  comm ms  comm share  DP bytes in/rank/step  cost model (ring)  EP bytes in/rank/step  cost model (EP)\n");
+        printf("%2d  %2ld  %10.2f  %7.2f  %9.1f%%  %21.0f  %17.0f  %21.0f  %15.0f\n", P, ep, cm, co, 100 * co / (cm + co), dp_bytes, ring,
+               ep_bytes, ep_pred);
+        printf("{\"bench\":\"dist\",%s,\"np\":%d,\"ep\":%ld,\"cores\":%.0f,\"oversubscribed\":%s,\"config\":\"%s\",\"precision\":\"%s\","
                "\"tokens_per_step\":%ld,\"compute_ms\":%.3f,\"comm_ms\":%.3f,\"comm_share\":%.4f,\"dp_bytes_per_rank\":%.0f,"
-               "\"predicted_ring_bytes_per_rank\":%.0f,\"ep_bytes_per_rank\":0}\n",
-               bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), P, cores, P > cores ? "true" : "false", config, precision,
-               B * T * P, cm, co, co / (cm + co), got, ring);
+               "\"predicted_ring_bytes_per_rank\":%.0f,\"ep_bytes_per_rank\":%.0f,\"predicted_ep_bytes_per_rank\":%.0f}\n",
+               bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), P, ep, cores, P > cores ? "true" : "false", config, precision,
+               B * T * P, cm, co, co / (cm + co), dp_bytes, ring, ep_bytes, ep_pred);
     }
     free(tokens);
     free(compute);
     moe_adamw_free(ctx, opt);
+    moe_model_expert_parallel(ctx, m, NULL, NULL);
     moe_model_free(ctx, m);
+    moe_comm_free(edp_comm);
+    moe_comm_free(ep_comm);
     moe_comm_free(comm);
     moe_ctx_free(ctx);
     return 0;

@@ -58,7 +58,7 @@ enum {
 typedef struct options {
     const char *config, *data, *out, *resume;
     long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block, warmup;
-    long save_every, keep, window, max_skips;
+    long save_every, keep, window, max_skips, zero, ep;
     long precision, moments; /* indices into the names below */
     double lr, gamma, alpha, lambda, clip, seconds, save_seconds, skip_z, skip_grad_z; /* skip_z: the loss's */
     unsigned long long seed;
@@ -90,6 +90,10 @@ static void usage(FILE *f) {
             "  --fp8-block N      FP8 tile / block size B (default 128)\n"
             "  --moments M        AdamW moments in fp32 or bf16 (default fp32)\n"
             "  --threads N        worker threads (default: all cores)\n"
+            "  --zero 1           under mpirun: ZeRO-1, each rank keeps the AdamW moments of its shard of the\n"
+            "                     parameters (default 0: every rank keeps all); the same bits either way\n"
+            "  --ep N             under mpirun: expert parallelism, each group of N consecutive ranks spreads the\n"
+            "                     routed experts' compute over its ranks (default 1: every rank runs all)\n"
             "  --gamma X          expert-bias update speed (default 1e-3; 0 turns balancing off)\n"
             "  --alpha X          sequence-wise balance loss weight (default 1e-4)\n"
             "  --lambda X         MTP loss weight (default 0.3)\n"
@@ -141,6 +145,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->steps = 4500; o->seconds = 200; o->batch = 16; o->seq = 64; o->accum = 1; o->lr = 3e-3; o->warmup = 50;
     o->seed = 1; o->threads = 0; o->gamma = 1e-3; o->alpha = 1e-4; o->lambda = 0.3; o->clip = 1.0;
     o->val_every = 100; o->val_batches = 8; o->sample_tokens = 300;
+    o->ep = 1;
     o->save_every = 500; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -162,7 +167,7 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--sample", sample_tokens, LNG, 0, 0) NUM("--lr", lr, DBL, 0, G_LR) NUM("--gamma", gamma, DBL, 0, G_GAMMA)
         NUM("--alpha", alpha, DBL, 0, G_ALPHA) NUM("--lambda", lambda, DBL, 0, G_LAMBDA) NUM("--clip", clip, DBL, 0, G_CLIP)
         NUM("--seconds", seconds, DBL, 0, 0) NUM("--warmup", warmup, LNG, 0, G_WARMUP) NUM("--fp8-block", fp8_block, LNG, 1, G_FP8_BLOCK)
-        NUM("--save-every", save_every, LNG, 0, 0) NUM("--save-every-seconds", save_seconds, DBL, 0, 0) NUM("--keep", keep, LNG, 0, 0)
+        NUM("--save-every", save_every, LNG, 0, 0) NUM("--save-every-seconds", save_seconds, DBL, 0, 0) NUM("--keep", keep, LNG, 0, 0) NUM("--zero", zero, LNG, 0, 0) NUM("--ep", ep, LNG, 1, 0)
         NUM("--skip-loss-z", skip_z, DBL, 0, G_SKIP_Z) NUM("--skip-grad-z", skip_grad_z, DBL, 0, G_SKIP_GRAD_Z) NUM("--skip-window", window, LNG, 2, G_WINDOW) NUM("--max-skips", max_skips, LNG, 1, G_MAX_SKIPS)
         if (strcmp(a, "--seed") == 0) {
             o->seed = strtoull(v, &end, 10);
@@ -351,7 +356,8 @@ typedef struct run {
     moe_adamw *opt;
     moe_train_state *st;
     FILE *csv;
-    int rank;            /* only rank 0 writes checkpoints */
+    moe_comm *comm;
+    int rank;            /* only rank 0 writes checkpoints (ZeRO-1: all take part, rank 0 writes) */
     long saved_attempts; /* st->step + st->skipped at the last save (-1: none) */
     double saved_at;     /* moe_time_s() of the last save */
     char path[1100];     /* the last checkpoint written */
@@ -362,20 +368,30 @@ typedef struct run {
 static moe_status save(run *r) {
     char link_tmp[1100], latest[1100];
     moe_status s;
-    if (r->rank != 0) return MOE_OK;
+    int64_t linked = 1;
+    if (r->rank != 0 && !r->o->zero) return MOE_OK;
     if (r->csv) fflush(r->csv);
     s = moe_ckpt_save_step(r->ctx, r->o->out, "ckpt", (int)r->o->keep, r->m, r->opt, r->st, r->path, sizeof r->path);
     if (s != MOE_OK) return s;
     r->saved_attempts = (long)(r->st->step + r->st->skipped);
     r->saved_at = moe_time_s();
     snprintf(latest, sizeof latest, "%s/ckpt.bin", r->o->out);
-    snprintf(link_tmp, sizeof link_tmp, "%s/ckpt.bin.tmp%ld", r->o->out, (long)getpid());
-    remove(link_tmp);
-    if (link(r->path, link_tmp) != 0 || rename(link_tmp, latest) != 0) {
-        remove(link_tmp); /* no hard links here: a copy */
-        return moe_ckpt_save(r->ctx, latest, r->m, r->opt, r->st);
+    if (r->rank == 0) {
+        snprintf(link_tmp, sizeof link_tmp, "%s/ckpt.bin.tmp%ld", r->o->out, (long)getpid());
+        remove(link_tmp);
+        linked = link(r->path, link_tmp) == 0 && rename(link_tmp, latest) == 0;
+        if (!linked) remove(link_tmp);
     }
-    return MOE_OK;
+    if (r->o->zero && (s = moe_comm_bcast(r->ctx, r->comm, &linked, 1, MOE_COMM_I64, 0)) != MOE_OK) return s;
+    return linked ? MOE_OK : moe_ckpt_save(r->ctx, latest, r->m, r->opt, r->st); /* no hard links here: a copy */
+}
+
+/* The end of the ranks' work together: the model runs alone again, the groups are freed. */
+static void end_parallel(moe_ctx *ctx, moe_model *m, moe_comm *ep, moe_comm *edp, moe_comm *world) {
+    if (ep) moe_model_expert_parallel(ctx, m, NULL, NULL);
+    moe_comm_free(edp);
+    moe_comm_free(ep);
+    moe_comm_free(world);
 }
 
 static volatile sig_atomic_t g_signal;
@@ -482,7 +498,7 @@ int main(int argc, char **argv) {
     int tty = isatty(2), removed = 0, val_warned = 0, status = 0, rank, ranks;
     long local, stop_now = 0;
     int signal_now = 0;
-    moe_comm *comm = NULL;
+    moe_comm *comm = NULL, *ep_comm = NULL, *edp_comm = NULL;
 
     if (!parse_args(argc, argv, &o)) return 2;
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
@@ -530,6 +546,16 @@ int main(int argc, char **argv) {
         return 2;
     }
     local = o.accum / ranks; /* this rank's micro-batches of a step: [rank·local, (rank + 1)·local) */
+    if (ranks % o.ep != 0) {
+        fprintf(stderr, "train_tiny: --ep %ld does not divide the %d ranks\n", o.ep, ranks);
+        moe_comm_free(comm);
+        return 2;
+    }
+    if (o.zero > 1) {
+        fprintf(stderr, "train_tiny: --zero %ld: only ZeRO stage 1 (sharded optimizer state) is implemented\n", o.zero);
+        moe_comm_free(comm);
+        return 2;
+    }
     if (o.seq > cfg.max_position_embeddings) {
         fprintf(stderr, "train_tiny: --seq %ld exceeds max_position_embeddings %lld\n", o.seq, (long long)cfg.max_position_embeddings);
         moe_comm_free(comm);
@@ -577,6 +603,19 @@ int main(int argc, char **argv) {
     }
     st->total_steps = o.steps;
     start_step = (long)st->step;
+    if (o.zero) { /* after the load: each rank keeps its shard of the moments it read */
+        size_t whole = moe_adamw_state_bytes(opt);
+        CHECK(moe_adamw_shard(ctx, opt, comm));
+        fprintf(stderr, "ZeRO-1: AdamW moments %.2f MiB on this rank (%.2f MiB unsharded), over %d ranks\n",
+                (double)moe_adamw_state_bytes(opt) / 1048576.0, (double)whole / 1048576.0, ranks);
+    }
+    if (o.ep > 1) { /* EP groups of consecutive ranks; EDP groups: the same place in each */
+        CHECK(moe_comm_split(ctx, comm, rank / (int)o.ep, rank, &ep_comm));
+        CHECK(moe_comm_split(ctx, comm, rank % (int)o.ep, rank, &edp_comm));
+        CHECK(moe_model_expert_parallel(ctx, m, ep_comm, ranks > o.ep ? edp_comm : NULL));
+        fprintf(stderr, "expert parallel: %d group%s of %ld ranks, %lld routed experts per rank\n", ranks / (int)o.ep,
+                ranks / (int)o.ep > 1 ? "s" : "", o.ep, (long long)(cfg.n_routed_experts / o.ep));
+    }
 
     /* the log: as many rows as the checkpoint has seen attempts, then this run's */
     snprintf(path, sizeof path, "%s/log.csv", o.out);
@@ -602,7 +641,7 @@ int main(int argc, char **argv) {
     if (ranks > 1) fprintf(stderr, "data parallel: %d ranks, %ld micro-batches each per step\n", ranks, local);
 
     memset(&r, 0, sizeof r);
-    r.ctx = ctx; r.o = &o; r.m = m; r.opt = opt; r.st = st; r.csv = csv; r.rank = rank;
+    r.ctx = ctx; r.o = &o; r.m = m; r.opt = opt; r.st = st; r.csv = csv; r.comm = comm; r.rank = rank;
     r.saved_attempts = resume_path[0] ? (long)(st->step + st->skipped) : -1;
     snprintf(r.path, sizeof r.path, "%s", resume_path);
     r.saved_at = moe_time_s();
@@ -733,27 +772,27 @@ int main(int argc, char **argv) {
                             "(step %lld); lower --lr, raise --skip-loss-z / --skip-grad-z or check the data, then --resume auto\n",
                     tty ? "\n" : "", o.max_skips, reason, r.path, (long long)st->step);
             fclose(csv);
-            moe_comm_free(comm);
+            end_parallel(ctx, m, ep_comm, edp_comm, comm);
             return 3;
         }
-        if (st->step < o.steps && ((!skip && o.save_every > 0 && st->step % o.save_every == 0) ||
-                                   (o.save_seconds > 0 && moe_time_s() - r.saved_at >= o.save_seconds)))
-            CHECK(save(&r));
-        {   /* a signal or the time budget on any rank stops every rank after the same step (a
-               signal that arrives after this rank sent its flag counts at the next step) */
-            int64_t stop[2];
+        {   /* a signal, the time budget or a save that is due on any rank: every rank acts
+               after the same step (a signal that arrives after this rank sent its flag counts
+               at the next step) */
+            int64_t stop[3];
             stop[0] = g_signal;
             stop[1] = o.seconds > 0 && train_s >= o.seconds;
-            CHECK(moe_comm_allreduce(ctx, comm, stop, 2, MOE_COMM_I64, MOE_COMM_MAX));
+            stop[2] = o.save_seconds > 0 && moe_time_s() - r.saved_at >= o.save_seconds;
+            CHECK(moe_comm_allreduce(ctx, comm, stop, 3, MOE_COMM_I64, MOE_COMM_MAX));
             signal_now = (int)stop[0];
             stop_now = stop[1];
+            if (st->step < o.steps && ((!skip && o.save_every > 0 && st->step % o.save_every == 0) || stop[2])) CHECK(save(&r));
         }
         if (signal_now) {
             CHECK(save(&r));
             fprintf(stderr, "%sinterrupted by %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n", tty ? "\n" : "",
                     signal_now == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
             fclose(csv);
-            moe_comm_free(comm);
+            end_parallel(ctx, m, ep_comm, edp_comm, comm);
             return 75;
         }
         if (stop_now) break;
@@ -762,7 +801,7 @@ int main(int argc, char **argv) {
     if (r.saved_attempts != (long)(st->step + st->skipped)) CHECK(save(&r));
     fclose(csv);
     r.csv = NULL;
-    moe_comm_free(comm); /* the rest is rank 0's alone */
+    end_parallel(ctx, m, ep_comm, edp_comm, comm); /* the rest is rank 0's alone */
     if (rank != 0) goto done;
     {   /* the Hugging Face export of the same step, OUT/hf-<step>/, and OUT/hf linked to it */
         char hf[1100], name[64], link_tmp[1100], link_path[1100];

@@ -2248,27 +2248,31 @@ static void t_sum(void) {
 }
 
 static void t_sumsq(void) {
-    static const int64_t ns[] = {1, 37, 70001}; /* 70001: three chunks of 32768 on the CPU */
-    int s, th;
-    for (s = 0; s < 3; s++) {
-        const int64_t n = ns[s];
-        moe_real *x = rndr(n, -3, 3), *d_x = UPR(x, n);
-        double o[2], ref;
-        long double acc = 0;
-        int64_t i;
-        SHAPE("n=%lld", (long long)n);
-        for (i = 0; i < n; i++) acc += (long double)x[i] * (long double)x[i];
-        ref = (double)acc;
-        FOR_THREADS(th) CALL(be->sumsq(ctx, d_x, n, &o[th - 1]));
-        {
-            /* a double sum of n positive terms (squares of floats are exact in double):
-               4·(n + 2)·2^-53 relative (chunking is the backend's: NORMREL) */
-            double e = fabs(o[0] - ref) / ref, tol = 4.0 * (double)(n + 2) * ldexp(1.0, -53);
-            note_err("host_sum", NORMREL, e, tol);
-            T_CHECK(e <= tol, "host_sum %s: relative error %.3g > %.3g", shape, e, tol);
+    static const int64_t ns[] = {1, 37, 70001}, chunks[] = {32768, 1000}; /* 70001: three chunks of 32768 */
+    int s, c, th;
+    for (s = 0; s < 3; s++)
+        for (c = 0; c < 2; c++) {
+            const int64_t n = ns[s], chunk = chunks[c], nc = (n + chunk - 1) / chunk;
+            moe_real *x = rndr(n, -3, 3), *d_x = UPR(x, n);
+            double *o = (double *)calloc((size_t)(2 * nc), sizeof(double)), worst = 0, tol = 0;
+            int64_t i, k;
+            SHAPE("n=%lld chunk=%lld", (long long)n, (long long)chunk);
+            FOR_THREADS(th) CALL(be->sumsq(ctx, d_x, n, chunk, o + (th - 1) * nc));
+            for (k = 0; k < nc; k++) {
+                /* each part a double sum of at most `chunk` positive terms (squares of floats
+                   are exact in double): 4·(len + 2)·2^-53 relative */
+                int64_t len = n - k * chunk < chunk ? n - k * chunk : chunk;
+                long double acc = 0;
+                double e, t = 4.0 * (double)(len + 2) * ldexp(1.0, -53);
+                for (i = k * chunk; i < k * chunk + len; i++) acc += (long double)x[i] * (long double)x[i];
+                e = fabs(o[k] - (double)acc) / (double)acc;
+                if (tol == 0 || e / t > worst / tol) { worst = e; tol = t; } /* the part nearest its bound */
+                T_CHECK(e <= t, "part %lld of %s: relative error %.3g > %.3g", (long long)k, shape, e, t);
+            }
+            note_err("host_parts", NORMREL, worst, tol);
+            same_bits("host_parts", o, o + nc, sizeof(double) * (size_t)nc);
+            free(o);
         }
-        same_bits("host_sum", &o[0], &o[1], sizeof(double));
-    }
 }
 
 static void t_colsum(void) {

@@ -288,6 +288,189 @@ static void accumulated_not_collected(void) {
     moe_model_free(ctx, m);
 }
 
+/* moe_comm_bytes_received counts what came from the other ranks: a broadcast's n elements
+   off the root, an all-gather's other blocks, an all-to-all-v's rows from other ranks. */
+static void bytes_counted(void) {
+    int64_t before, x[64], y[64 * 8], counts[64], rows[64], r, want;
+    for (r = 0; r < P; r++) { counts[r] = r + 1; rows[r] = 2; }
+    for (r = 0; r < 64; r++) x[r] = r;
+    before = moe_comm_bytes_received(world);
+    T_ASSERT(moe_comm_bcast(ctx, world, x, 10, MOE_COMM_F64, 0) == MOE_OK, "%s", moe_ctx_error(ctx));
+    want = R == 0 ? 0 : 80;
+    T_CHECK(moe_comm_bytes_received(world) - before == want, "broadcast: %lld bytes, want %lld",
+            (long long)(moe_comm_bytes_received(world) - before), (long long)want);
+    before = moe_comm_bytes_received(world);
+    T_ASSERT(moe_comm_allgather(ctx, world, x, y, counts, MOE_COMM_I32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    want = 4 * ((int64_t)P * (P + 1) / 2 - (R + 1));
+    T_CHECK(moe_comm_bytes_received(world) - before == want, "all-gather: %lld bytes, want %lld",
+            (long long)(moe_comm_bytes_received(world) - before), (long long)want);
+    before = moe_comm_bytes_received(world);
+    T_ASSERT(moe_comm_alltoallv(ctx, world, x, rows, y, rows, 3, MOE_COMM_F32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    want = 4 * 3 * 2 * (int64_t)(P - 1);
+    T_CHECK(moe_comm_bytes_received(world) - before == want, "all-to-all-v: %lld bytes, want %lld",
+            (long long)(moe_comm_bytes_received(world) - before), (long long)want);
+}
+
+/* Tokens of micro-batch s: [2, 9] of the tiny vocabulary. */
+static void micro_batch(int s, int32_t *tok) {
+    int i;
+    for (i = 0; i < 18; i++) tok[i] = (int32_t)((i * 37 + s * 101 + 1) % 256);
+}
+
+/* The oracle of the parallel cases: one process, micro-batches 0..P-1 in order, gradients
+   accumulated ("reduce fully, then add") and collected over SELF; losses[s] of each. */
+static void one_process(moe_model *m, double *losses) {
+    moe_comm *self = NULL;
+    int32_t tok[18];
+    int s;
+    T_ASSERT(moe_comm_init(ctx, MOE_COMM_SELF, &self) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (s = 0; s < P; s++) {
+        moe_tensor *loss = NULL;
+        micro_batch(s, tok);
+        T_ASSERT(moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL) == MOE_OK && moe_backward(ctx, loss) == MOE_OK, "%s",
+                 moe_ctx_error(ctx));
+        losses[s] = moe_tensor_get(loss, 0);
+        moe_ctx_reset(ctx);
+        T_ASSERT(moe_model_accumulate_grads(ctx, m) == MOE_OK, "%s", moe_ctx_error(ctx));
+    }
+    T_ASSERT(moe_model_reduce_grads(ctx, m, self) == MOE_OK, "%s", moe_ctx_error(ctx));
+    moe_comm_free(self);
+}
+
+/* Every gradient of a and b, bit for bit; the count of differing values. */
+static int64_t grads_differ(const moe_model *a, const moe_model *b) {
+    int64_t i, j, differ = 0;
+    for (i = 0; i < moe_model_tensor_count(a); i++) {
+        int is_param = 0;
+        moe_tensor *ta = moe_model_tensor(a, i, NULL, &is_param), *tb = moe_model_tensor(b, i, NULL, NULL);
+        if (!is_param) continue;
+        for (j = 0; j < ta->numel; j++) {
+            float x = (float)moe_tensor_get(ta->grad, j), y = (float)moe_tensor_get(tb->grad, j);
+            differ += memcmp(&x, &y, sizeof x) != 0;
+        }
+    }
+    return differ;
+}
+
+/* Expert parallelism at the layer: rank R runs micro-batch R with the routed experts spread
+   over EP groups of `ep` ranks (ep = P, and 2 x 2 on four ranks); its loss (the forward) and,
+   after moe_model_reduce_grads, every gradient (the backward: dispatch, experts, combine and
+   the experts' weight gradients added over the sources in rank order) equal one process's. */
+static void expert_parallel_layer(void) {
+    moe_config c = moe_config_tiny();
+    int eps[2], n_eps = 0, k;
+    eps[n_eps++] = P;
+    if (P == 4) eps[n_eps++] = 2;
+    for (k = 0; k < n_eps; k++) {
+        moe_model *ref = NULL, *m = NULL;
+        moe_comm *ep = NULL, *edp = NULL;
+        moe_tensor *loss = NULL;
+        double losses[8], mine;
+        int32_t tok[18];
+        int64_t differ;
+        if (c.n_routed_experts % eps[k] != 0) {
+            T_NOTE("16 experts do not split over %d ranks: nothing to compare (expert_parallel_refused checks the refusal)", eps[k]);
+            continue;
+        }
+        T_ASSERT(moe_model_new(ctx, &c, 5, &ref) == MOE_OK && moe_model_new(ctx, &c, 5, &m) == MOE_OK, "%s", moe_ctx_error(ctx));
+        one_process(ref, losses);
+        T_ASSERT(moe_comm_split(ctx, world, R / eps[k], R, &ep) == MOE_OK && moe_comm_split(ctx, world, R % eps[k], R, &edp) == MOE_OK,
+                 "%s", moe_ctx_error(ctx));
+        T_ASSERT(moe_model_expert_parallel(ctx, m, ep, P > eps[k] ? edp : NULL) == MOE_OK, "%s", moe_ctx_error(ctx));
+        micro_batch(R, tok);
+        T_ASSERT(moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL) == MOE_OK && moe_backward(ctx, loss) == MOE_OK, "%s",
+                 moe_ctx_error(ctx));
+        mine = moe_tensor_get(loss, 0);
+        moe_ctx_reset(ctx);
+        T_CHECK(memcmp(&mine, &losses[R], sizeof mine) == 0, "EP %d: the loss of micro-batch %d is %.9g, one process %.9g", eps[k], R,
+                mine, losses[R]);
+        T_ASSERT(moe_model_reduce_grads(ctx, m, world) == MOE_OK, "%s", moe_ctx_error(ctx));
+        differ = grads_differ(m, ref);
+        T_CHECK(differ == 0, "EP %d: %lld gradient values differ from one process's", eps[k], (long long)differ);
+        T_NOTE("EP %d%s: loss and every gradient value bit-identical to one process", eps[k], P > eps[k] ? " x DP 2" : "");
+        T_CHECK(moe_model_expert_parallel(ctx, m, NULL, NULL) == MOE_OK, "turning it off: %s", moe_ctx_error(ctx));
+        moe_comm_free(edp);
+        moe_comm_free(ep);
+        moe_model_free(ctx, ref);
+        moe_model_free(ctx, m);
+    }
+}
+
+/* Experts that do not split over the EP ranks are refused on every rank, by name. */
+static void expert_parallel_refused(void) {
+    moe_config c = moe_config_tiny();
+    moe_model *m = NULL;
+    moe_status st;
+    T_ASSERT(moe_model_new(ctx, &c, 5, &m) == MOE_OK, "%s", moe_ctx_error(ctx));
+    st = moe_model_expert_parallel(ctx, m, world, NULL);
+    if (c.n_routed_experts % P != 0)
+        T_CHECK(st == MOE_ERR_CONFIG && strstr(moe_ctx_error(ctx), "do not split"), "16 experts over %d ranks: %s (%s)", P,
+                moe_status_name(st), moe_ctx_error(ctx));
+    else
+        T_CHECK(st == MOE_OK, "16 experts over %d ranks: %s", P, moe_ctx_error(ctx));
+    T_CHECK(moe_model_expert_parallel(ctx, m, NULL, world) == MOE_ERR_ARG, "an EDP group without an EP group");
+    moe_model_expert_parallel(ctx, m, NULL, NULL);
+    moe_model_free(ctx, m);
+}
+
+/* ZeRO-1: the moments sharded, gradients reduce-scattered, parameters all-gathered after the
+   step: the parameters and the norm are those of the unsharded optimizer, bit for bit, and
+   each rank holds its share of the moments. */
+static void zero_shard(void) {
+    moe_config c = moe_config_tiny();
+    moe_model *a = NULL, *b = NULL;
+    moe_adamw *oa = NULL, *ob = NULL;
+    moe_comm *self = NULL;
+    int32_t tok[18];
+    float na = 0, nb = 0;
+    int64_t i, j, differ = 0;
+    int step;
+    T_ASSERT(moe_model_new(ctx, &c, 5, &a) == MOE_OK && moe_model_new(ctx, &c, 5, &b) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_adamw_new(ctx, a, NULL, &oa) == MOE_OK && moe_adamw_new(ctx, b, NULL, &ob) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_ASSERT(moe_adamw_shard(ctx, ob, world) == MOE_OK, "%s", moe_ctx_error(ctx));
+    T_CHECK(moe_adamw_shard(ctx, ob, world) == MOE_ERR_STATE, "sharding twice is refused");
+    /* a shard is whole chunks of the norm (32768 values, 8 bytes of moments each): at most one more than 1/P */
+    T_CHECK(moe_adamw_state_bytes(ob) <= moe_adamw_state_bytes(oa) / (size_t)P + 8 * 32768 &&
+                (P > 1 || moe_adamw_state_bytes(ob) == moe_adamw_state_bytes(oa)),
+            "moments held: %zu of %zu bytes on %d ranks", moe_adamw_state_bytes(ob), moe_adamw_state_bytes(oa), P);
+    for (step = 0; step < 2; step++) {
+        moe_model *ms[2];
+        int k;
+        ms[0] = a;
+        ms[1] = b;
+        micro_batch(R + step, tok);
+        for (k = 0; k < 2; k++) {
+            moe_tensor *loss = NULL;
+            T_ASSERT(moe_model_loss(ctx, ms[k], tok, 2, 8, NULL, &loss, NULL) == MOE_OK && moe_backward(ctx, loss) == MOE_OK, "%s",
+                     moe_ctx_error(ctx));
+            moe_ctx_reset(ctx);
+            T_ASSERT(moe_model_reduce_grads(ctx, ms[k], world) == MOE_OK, "%s", moe_ctx_error(ctx));
+        }
+        T_ASSERT(moe_adamw_step(ctx, oa, 1e-3f, 1.0f, 0.5f, &na) == MOE_OK && moe_adamw_step(ctx, ob, 1e-3f, 1.0f, 0.5f, &nb) == MOE_OK,
+                 "%s", moe_ctx_error(ctx));
+        T_CHECK(memcmp(&na, &nb, sizeof na) == 0, "step %d: norm %.9g sharded, %.9g whole", step, (double)nb, (double)na);
+    }
+    for (i = 0; i < moe_model_tensor_count(a); i++) {
+        moe_tensor *ta = moe_model_tensor(a, i, NULL, NULL), *tb = moe_model_tensor(b, i, NULL, NULL);
+        for (j = 0; j < ta->numel; j++) {
+            float x = (float)moe_tensor_get(ta, j), y = (float)moe_tensor_get(tb, j);
+            differ += memcmp(&x, &y, sizeof x) != 0;
+        }
+    }
+    T_CHECK(differ == 0, "%lld parameter values differ after 2 sharded steps", (long long)differ);
+    T_NOTE("2 steps, clipped: norms and parameters bit-identical; moments held %zu of %zu bytes", moe_adamw_state_bytes(ob),
+           moe_adamw_state_bytes(oa));
+    if (P > 1) {
+        T_ASSERT(moe_comm_init(ctx, MOE_COMM_SELF, &self) == MOE_OK, "%s", moe_ctx_error(ctx));
+        T_CHECK(moe_model_reduce_grads(ctx, b, self) == MOE_ERR_ARG, "a reduction over another communicator than the shards'");
+        moe_comm_free(self);
+    }
+    moe_adamw_free(ctx, oa);
+    moe_adamw_free(ctx, ob);
+    moe_model_free(ctx, a);
+    moe_model_free(ctx, b);
+}
+
 /* ---- a case on every rank; it fails if it fails anywhere ---- */
 
 static void dist_run(const char *name, void (*fn)(void)) {
@@ -337,6 +520,10 @@ int main(void) {
     D_RUN(bad_arguments);
     D_RUN(one_rank_refused);
     D_RUN(accumulated_not_collected);
+    D_RUN(bytes_counted);
+    D_RUN(expert_parallel_layer);
+    D_RUN(expert_parallel_refused);
+    D_RUN(zero_shard);
     if (R == 0) rc = t_summary();
     else rc = t_failed ? 1 : 0;
     moe_comm_free(world);

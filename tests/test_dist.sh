@@ -88,11 +88,13 @@ else
     echo "FAIL tests/test_share.c does not compile"; fail=$((fail + 1))
 fi
 
-# ---- data parallelism: examples/train_tiny under mpirun against one process ----
+# ---- data and expert parallelism: examples/train_tiny under mpirun against one process ----
 # The same 6 steps (checkpoints at 3 and 6) of the tiny config, --accum P micro-batches of
 # 4 x 32 tokens: P ranks with one micro-batch each must write the bytes one process writes
-# accumulating the P micro-batches in order (cmp of the checkpoints), in FP32 and BF16; the
-# same MPI run twice gives the same bytes; a checkpoint resumes on another number of ranks.
+# accumulating the P micro-batches in order (cmp of the checkpoints) — data parallel, with
+# ZeRO-1, expert parallel (EP = P, and EP = 2 x DP = 2) — in FP32 and BF16 (and FP8 for EP);
+# the same MPI run twice gives the same bytes; a checkpoint resumes on another number of
+# ranks, with or without ZeRO-1, and on another EP size.
 TT="--batch 4 --seq 32 --steps 6 --threads 1 --sample 0 --val-every 3 --warmup 2 --save-every 3 --keep 0 --seconds 0"
 run1() { "$tmp/tt_self" $TT "$@" >"$tmp/last.txt" 2>&1 || { echo "     train_tiny $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
 runp() { local np=$1; shift
@@ -124,6 +126,47 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     same "a 1-process checkpoint resumed on 2 ranks" "$d/p1a2/ckpt-00000006.bin" "$d/r12/ckpt-00000006.bin"
     run1 --resume "$d/p4a4/ckpt-00000003.bin" --out "$d/r41"
     same "a 4-rank checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/r41/ckpt-00000006.bin"
+    # ZeRO-1: the moments sharded over the ranks, the gradients reduce-scattered to the shards,
+    # the parameters all-gathered: the same bytes again, and checkpoints that move between
+    # sharded and unsharded runs
+    runp 2 --accum 2 --zero 1 --out "$d/z2"
+    same "DP+ZeRO-1 2 ranks = 1 process, fp32 (step 3)" "$d/p1a2/ckpt-00000003.bin" "$d/z2/ckpt-00000003.bin"
+    same "DP+ZeRO-1 2 ranks = 1 process, fp32 (step 6)" "$d/p1a2/ckpt-00000006.bin" "$d/z2/ckpt-00000006.bin"
+    runp 4 --accum 4 --zero 1 --out "$d/z4"
+    same "DP+ZeRO-1 4 ranks = 1 process, fp32" "$d/p1a4/ckpt-00000006.bin" "$d/z4/ckpt-00000006.bin"
+    run1 --accum 2 --precision bf16 --moments bf16 --out "$d/zb1"; runp 2 --accum 2 --precision bf16 --moments bf16 --zero 1 --out "$d/zb2"
+    same "DP+ZeRO-1 2 ranks = 1 process, bf16 (bf16 moments)" "$d/zb1/ckpt-00000006.bin" "$d/zb2/ckpt-00000006.bin"
+    run1 --resume "$d/z4/ckpt-00000003.bin" --accum 4 --out "$d/rz41"
+    same "a 4-rank ZeRO-1 checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/rz41/ckpt-00000006.bin"
+    runp 2 --resume "$d/p1a2/ckpt-00000003.bin" --zero 1 --out "$d/rz12"
+    same "a 1-process checkpoint resumed on 2 ranks with ZeRO-1" "$d/p1a2/ckpt-00000006.bin" "$d/rz12/ckpt-00000006.bin"
+    zline=$(grep -h "^ZeRO-1: AdamW moments" "$d/rz12/rank-1.log" 2>/dev/null)
+    if echo "$zline" | awk '{ if ($4 > 0 && $4 < 0.6 * substr($9, 2)) ok = 1 } END { exit !ok }'; then
+        echo "ok   ZeRO-1 holds about half the moments on each of 2 ranks: $zline"; pass=$((pass + 1))
+    else echo "FAIL ZeRO-1's memory per rank: '$zline'"; fail=$((fail + 1)); fi
+    # expert parallelism: each MoE layer's rows go to the ranks that own their experts and
+    # come back; the experts' weight gradients are added over the source ranks in rank order
+    runp 2 --accum 2 --ep 2 --out "$d/e2"
+    same "EP=2 on 2 ranks = 1 process, fp32" "$d/p1a2/ckpt-00000006.bin" "$d/e2/ckpt-00000006.bin"
+    runp 4 --accum 4 --ep 4 --out "$d/e4"
+    same "EP=4 on 4 ranks = 1 process, fp32" "$d/p1a4/ckpt-00000006.bin" "$d/e4/ckpt-00000006.bin"
+    runp 4 --accum 4 --ep 2 --out "$d/e22"
+    same "EP=2 x DP=2 on 4 ranks = 1 process, fp32" "$d/p1a4/ckpt-00000006.bin" "$d/e22/ckpt-00000006.bin"
+    runp 4 --accum 4 --ep 2 --zero 1 --out "$d/e22z"
+    same "EP=2 x DP=2 with ZeRO-1 = 1 process, fp32" "$d/p1a4/ckpt-00000006.bin" "$d/e22z/ckpt-00000006.bin"
+    runp 2 --accum 2 --ep 2 --precision bf16 --out "$d/eb2"
+    same "EP=2 = 1 process, bf16" "$d/b1/ckpt-00000006.bin" "$d/eb2/ckpt-00000006.bin"
+    run1 --accum 2 --precision fp8 --out "$d/f1"; runp 2 --accum 2 --ep 2 --precision fp8 --out "$d/ef2"
+    same "EP=2 = 1 process, fp8 (the V3 recipe)" "$d/f1/ckpt-00000006.bin" "$d/ef2/ckpt-00000006.bin"
+    runp 4 --resume "$d/e4/ckpt-00000003.bin" --ep 2 --out "$d/re42"
+    same "an EP=4 checkpoint resumed with EP=2 x DP=2" "$d/p1a4/ckpt-00000006.bin" "$d/re42/ckpt-00000006.bin"
+    run1 --resume "$d/e22/ckpt-00000003.bin" --accum 4 --out "$d/re21"
+    same "an EP=2 x DP=2 checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/re21/ckpt-00000006.bin"
+    runp 2 --resume "$d/p1a2/ckpt-00000003.bin" --ep 2 --out "$d/re12"
+    same "a 1-process checkpoint resumed with EP=2" "$d/p1a2/ckpt-00000006.bin" "$d/re12/ckpt-00000006.bin"
+    runp 4 --accum 4 --ep 3 --out "$d/bad"
+    if grep -q "does not divide the 4 ranks" "$tmp/last.txt"; then echo "ok   --ep 3 on 4 ranks is refused"; pass=$((pass + 1))
+    else echo "FAIL --ep 3 on 4 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
     # a rank killed mid-run: the job ends with an error (no hang), and --resume auto on the
     # same ranks finishes with the bytes of an uninterrupted run
     K="--accum 2 --steps 40 --save-every 5"
