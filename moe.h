@@ -1098,7 +1098,9 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_co
    checkpoint loaded before) are kept. A collective; comm must outlive opt. Checkpoints of a
    sharded optimizer: moe_ckpt_save (and _save_step) become collectives that gather the
    moments for rank 0 to write, the same file an unsharded run writes; moe_ckpt_load on every
-   rank keeps each rank's shard. */
+   rank keeps each rank's shard. moe_adamw_grad_norm and moe_adamw_step of a sharded optimizer
+   are collectives too (the norm's parts and the parameters are gathered): every rank calls
+   them. */
 MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *opt, moe_comm *comm);
 /* Bytes of optimizer state (the two moments) this rank holds. */
 MOE_API size_t moe_adamw_state_bytes(const moe_adamw *opt);
@@ -7264,11 +7266,8 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
    (back = 1: received rows home again). */
 static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *plan, int back, const moe_real *send,
                                    moe_real *recv, int64_t width);
-/* dw (n values: the local experts' weight gradients) = the sum over every source rank of the
-   job, in rank order, of its part (parts [np][n]: this rank's, one per source of its EP
-   group), on the last rank of the EDP group; zero on the others (so that a sum over the job
-   leaves it as it is). */
-static moe_status moe__ep_reduce_wgrad(moe_ctx *ctx, const moe__moe *L, const moe_real *parts, int64_t np, moe_real *dw, int64_t n);
+/* st on this rank → the EP group's verdict (a failure anywhere fails every rank). */
+static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st);
 
 typedef struct moe__moe_saved {
     const moe__moe *L;
@@ -7288,7 +7287,8 @@ typedef struct moe__moe_saved {
     moe_tensor *aux;    /* the balance loss (one element) */
     float alpha;
     moe_dtype prec;
-    moe__ep_plan ep;    /* expert parallelism: the exchange (h13 then holds the received rows) */
+    moe__ep_plan ep;    /* expert parallelism: the exchange (h13 then holds the received rows') */
+    moe_real *xr;       /* and the received rows (arena) */
 } moe__moe_saved;
 
 static moe__mlp moe__experts_mlp(const moe__moe *L, const moe_config *c, const int64_t *offset) {
@@ -7306,70 +7306,91 @@ static moe__mlp moe__experts_mlp(const moe__moe *L, const moe_config *c, const i
 }
 
 /* Expert parallelism: this rank's experts over source s's received block (the GEMMs one
-   process runs on that source's micro-batch), their gradients into dw [e_n][2I·d + d·I]. */
+   process runs on that source's micro-batch), their gradients into dw [e_n][2I·d | d·I]
+   (the parts whose weights take gradients). */
 static moe__mlp moe__ep_mlp(const moe__moe *L, const moe_config *c, const moe__ep_plan *P, int64_t s, moe_real *dw) {
     int64_t d = c->hidden_size, I = c->moe_intermediate_size;
     moe__mlp M = moe__experts_mlp(L, c, P->recv_off + s * (L->e_n + 1));
     M.w13 += L->e_lo * 2 * I * d;
     M.w2 += L->e_lo * d * I;
-    M.dw13 = dw;
-    M.dw2 = dw ? dw + L->e_n * 2 * I * d : NULL;
+    M.dw13 = dw && M.dw13 ? dw : NULL;
+    M.dw2 = dw && M.dw2 ? dw + L->e_n * 2 * I * d : NULL;
     M.groups = L->e_n;
     return M;
 }
 
-/* Forward of the routed experts under expert parallelism: xp [R, d] dispatched, this rank's
-   experts on every source's rows (the SwiGLU inputs into *h13, kept for backward), the
-   outputs combined back into yp. */
+/* Forward of the routed experts under expert parallelism: xp [R, d] dispatched (the received
+   rows kept for backward in S->xr), this rank's experts on every source's rows (the SwiGLU
+   inputs into *h13, kept for backward), the outputs combined back into yp. */
 static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_config *c, moe__moe_saved *S, const moe_real *xp,
                                   moe_real *yp, moe_real **h13) {
     moe__ep_plan *P = &S->ep;
     int64_t d = c->hidden_size, I = c->moe_intermediate_size, s;
-    moe_real *xr, *yr, *act;
+    moe_real *yr, *act;
+    moe_status st;
     MOE__TRY(moe__ep_plan_make(ctx, L, S->offset, P));
-    xr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
+    S->xr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
     yr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
     act = moe__dev_real(ctx, P->rows * I, "moe dispatch");
     *h13 = moe__dev_real(ctx, P->rows * 2 * I, "moe dispatch");
-    if (!xr || !yr || !act || !*h13) return MOE_ERR_MEMORY;
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, xr, d));
+    st = S->xr && yr && act && *h13 ? MOE_OK : MOE_ERR_MEMORY; /* the owner of popular experts may run out alone */
+    MOE__TRY(moe__ep_agree(ctx, L, st));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, S->xr, d));
     for (s = 0; s < moe_comm_size(L->ep); s++) {
         int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
         moe__mlp M = moe__ep_mlp(L, c, P, s, NULL);
-        if (n) MOE__TRY(moe__mlp_fwd(ctx, &M, xr + r0 * d, n, yr + r0 * d, *h13 + r0 * 2 * I, act, S->prec));
+        if (n) MOE__TRY(moe__mlp_fwd(ctx, &M, S->xr + r0 * d, n, yr + r0 * d, *h13 + r0 * 2 * I, act, S->prec));
     }
     return moe__ep_exchange(ctx, L, P, 1, yr, yp, d);
 }
 
-/* Its backward: packed inputs, output gradients and gates dispatched again; per source the
-   experts' backward, with each source's weight gradients kept apart to be added in the order
-   of the sources' ranks (one process adds its micro-batches so); input and gate gradients
-   combined back into dxp and dgp. */
-static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const moe_real *xp, const moe_real *dyp, const moe_real *gp,
-                                   const moe_real *h13, moe_real *dxp, moe_real *dgp) {
+/* Its backward. The owner still holds the rows it received (rounded as one process's saved
+   layer input is); output gradients and gates come the same way. Per source the experts'
+   backward, each source's weight gradients into a part added to the running sum in the job's
+   rank order: an EDP group's ranks take turns, rank k starting from rank k−1's sum (a
+   broadcast) and handing its own on; the last one keeps the sum, the others zero it, so that
+   moe_model_reduce_grads over the job leaves it as it is. Input and gate gradients go home. */
+static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const moe_real *dyp, const moe_real *gp, const moe_real *h13,
+                                   moe_real *dxp, moe_real *dgp) {
     const moe__moe *L = S->L;
     const moe__ep_plan *P = &S->ep;
-    int64_t d = S->d, I = S->cfg->moe_intermediate_size, nw = L->e_n * 3 * I * d, np = moe_comm_size(L->ep), s, rows = P->rows;
+    const moe_backend *be = MOE__BE(ctx);
+    int64_t d = S->d, I = S->cfg->moe_intermediate_size, nw = L->e_n * 3 * I * d, rows = P->rows, s, t;
+    int64_t R = L->edp ? moe_comm_size(L->edp) : 1, k = L->edp ? moe_comm_rank(L->edp) : 0;
     moe_real *xr = moe__dev_real(ctx, rows * d, "moe backward"), *dyr = moe__dev_real(ctx, rows * d, "moe backward");
     moe_real *gr = moe__dev_real(ctx, rows, "moe backward"), *dxr = moe__dev_zeros(ctx, rows * d, "moe backward");
-    moe_real *dgr = moe__dev_real(ctx, rows, "moe backward"), *parts = NULL;
+    moe_real *dgr = moe__dev_real(ctx, rows, "moe backward"), *part = NULL, *sum = NULL, *u16 = NULL;
     moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
-    if (!xr || !dyr || !gr || !dxr || !dgr) return MOE_ERR_MEMORY;
-    if (dw13 && dw2 && !(parts = moe__dev_zeros(ctx, np * nw, "moe backward"))) return MOE_ERR_MEMORY; /* [source][e_n][2I·d | d·I] */
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, xr, d));
+    moe_dtype keep = moe__stash_format(S->prec, 0);
+    moe_status st;
+    if ((dw13 || dw2) && (!(part = moe__dev_real(ctx, nw, "moe backward")) || !(sum = moe__dev_zeros(ctx, nw, "moe backward"))))
+        part = NULL;
+    if (keep != MOE_F32) u16 = (moe_real *)moe__dev_scratch(ctx, rows * d + 1, sizeof(uint16_t), "moe backward");
+    st = xr && dyr && gr && dxr && dgr && (part || !(dw13 || dw2)) && (u16 || keep == MOE_F32) ? MOE_OK : MOE_ERR_MEMORY;
+    MOE__TRY(moe__ep_agree(ctx, L, st));
+    if (keep == MOE_F32) { /* the received inputs as one process's saved input gives them back */
+        MOE__TRY(be->copy(ctx, xr, S->xr, (size_t)(rows * d) * sizeof(moe_real), MOE__D2D));
+    } else {
+        MOE__TRY(be->convert(ctx, S->xr, MOE_F32, rows * d, u16, keep));
+        MOE__TRY(be->convert(ctx, u16, keep, rows * d, xr, MOE_F32));
+    }
     MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d));
     MOE__TRY(moe__ep_exchange(ctx, L, P, 0, gp, gr, 1));
-    for (s = 0; s < np; s++) {
-        int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
-        moe__mlp M = moe__ep_mlp(L, S->cfg, P, s, parts ? parts + s * nw : NULL);
-        if (n) MOE__TRY(moe__mlp_bwd(ctx, &M, xr + r0 * d, dyr + r0 * d, n, h13 + r0 * 2 * I, gr + r0, dgr + r0, dxr + r0 * d, S->prec));
+    for (t = 0; t < R; t++) {
+        if (t == k)
+            for (s = 0; s < moe_comm_size(L->ep); s++) {
+                int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
+                moe__mlp M = moe__ep_mlp(L, S->cfg, P, s, part);
+                if (!n) continue;
+                if (part) MOE__TRY(be->memset(ctx, part, 0, (size_t)nw * sizeof(moe_real)));
+                MOE__TRY(moe__mlp_bwd(ctx, &M, xr + r0 * d, dyr + r0 * d, n, h13 + r0 * 2 * I, gr + r0, dgr + r0, dxr + r0 * d, S->prec));
+                if (part) MOE__TRY(be->axpy(ctx, 1, part, nw, sum)); /* sum + 1·part: exactly sum + part */
+            }
+        if (part && t < R - 1) MOE__TRY(moe_comm_bcast(ctx, L->edp, sum, nw, sizeof(moe_real) == 4 ? MOE_COMM_F32 : MOE_COMM_F64, (int)t));
     }
-    if (parts) { /* their ordered sum into the model's gradient slab, laid out [E][2I·d] and [E][d·I] */
-        moe_real *dw = moe__dev_real(ctx, nw, "moe backward");
-        if (!dw) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__ep_reduce_wgrad(ctx, L, parts, np, dw, nw));
-        MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dw, L->e_n * 2 * I * d, dw13 + L->e_lo * 2 * I * d));
-        MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, dw + L->e_n * 2 * I * d, L->e_n * d * I, dw2 + L->e_lo * d * I));
+    if (part && k == R - 1) { /* into the model's gradient slab, laid out [E][2I·d] and [E][d·I] */
+        if (dw13) MOE__TRY(be->axpy(ctx, 1, sum, L->e_n * 2 * I * d, dw13 + L->e_lo * 2 * I * d));
+        if (dw2) MOE__TRY(be->axpy(ctx, 1, sum + L->e_n * 2 * I * d, L->e_n * d * I, dw2 + L->e_lo * d * I));
     }
     MOE__TRY(moe__ep_exchange(ctx, L, P, 1, dxr, dxp, d));
     return moe__ep_exchange(ctx, L, P, 1, dgr, dgp, 1);
@@ -7383,30 +7404,31 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *h13 = moe__stash_get(ctx, &S->h13);
     const moe_real *sh_h13 = NULL;
     moe__mlp experts = moe__experts_mlp(L, S->cfg, S->offset);
-    moe_real *du, *xp, *dyp, *dxp, *gp, *dgp, *dg, *dz, aux_g = 0;
-    if (!u || !h13) return MOE_ERR_MEMORY;
-    if (L->shared.w13 && !(sh_h13 = moe__stash_get(ctx, &S->sh_h13))) return MOE_ERR_MEMORY;
-    MOE__GRAD_OR_FAIL(du, ctx, n->in[0]);
+    moe_real *du = moe__grad(ctx, n->in[0]), *xp = NULL, *dyp, *dxp, *gp, *dgp, *dg, *dz, aux_g = 0;
+    moe_status st;
+    if (L->shared.w13) sh_h13 = moe__stash_get(ctx, &S->sh_h13);
     if (S->aux && S->aux->grad) aux_g = moe__tensor_at(ctx, S->aux->grad, 0);
-    xp = moe__dev_real(ctx, R * d, "moe backward");
+    if (!S->xr) xp = moe__dev_real(ctx, R * d, "moe backward"); /* expert parallel: the owners kept the rows */
     dyp = moe__dev_real(ctx, R * d, "moe backward");
     dxp = moe__dev_zeros(ctx, R * d, "moe backward");
     gp = moe__dev_real(ctx, R, "moe backward");
     dgp = moe__dev_real(ctx, R, "moe backward");
     dg = moe__dev_real(ctx, R, "moe backward");
     dz = moe__dev_real(ctx, N * E, "moe backward");
-    if (!xp || !dyp || !dxp || !gp || !dgp || !dg || !dz) return MOE_ERR_MEMORY;
+    st = u && h13 && (sh_h13 || !L->shared.w13) && (du || !n->in[0]->requires_grad) && (xp || S->xr) && dyp && dxp && gp && dgp &&
+         dg && dz ? MOE_OK : MOE_ERR_MEMORY;
+    MOE__TRY(S->xr ? moe__ep_agree(ctx, L, st) : st); /* expert parallel: no rank leaves the others waiting */
     /* shared experts */
     if (L->shared.w13) {
         moe__mlp M = moe__ffn_mlp(&L->shared, d);
         MOE__TRY(moe__mlp_bwd(ctx, &M, u, dy, N, sh_h13, NULL, NULL, du, S->prec));
     }
     /* dispatch again: packed inputs, output gradients and gates */
-    MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
+    if (xp) MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
     MOE__TRY(be->gather_rows(ctx, dy, S->slot_of, (int32_t)K, R, d, dyp));
     MOE__TRY(be->gather_rows(ctx, S->gates, S->slot_of, 1, R, 1, gp));
     /* the experts, with their gates' gradients, then un-permute (a dispatch's backward is a combine) */
-    if (L->ep) MOE__TRY(moe__ep_backward(ctx, S, xp, dyp, gp, h13, dxp, dgp));
+    if (S->xr) MOE__TRY(moe__ep_backward(ctx, S, dyp, gp, h13, dxp, dgp));
     else MOE__TRY(moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec));
     MOE__TRY(be->gather_rows(ctx, dgp, S->row_of, 1, R, 1, dg));
     MOE__TRY(be->combine(ctx, dxp, S->row_of, NULL, N, K, d, du));
@@ -7458,8 +7480,14 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     /* gather, experts: one SwiGLU GEMM chain per expert over all its tokens */
     experts = moe__experts_mlp(L, c, S->offset);
     MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
-    if (L->ep) MOE__TRY(moe__ep_forward(ctx, L, c, S, xp, yp, &h13)); /* h13: the received rows' */
-    else MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
+    if (L->ep && ctx->conf.grad_enabled) { /* without a backward to come every rank runs all its experts: the same bits */
+        if (S->prec == MOE_FP8_E4M3 && ctx->conf.fp8.per_tensor)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "expert parallelism with per-tensor FP8 scales: a scale over every "
+                             "source's rows is not one process's (use tile scales)");
+        MOE__TRY(moe__ep_forward(ctx, L, c, S, xp, yp, &h13)); /* h13: the received rows' */
+    } else {
+        MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
+    }
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
     if (L->shared.w13) {
         moe__mlp M = moe__ffn_mlp(&L->shared, d);
@@ -7486,7 +7514,7 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         /* the router's input stays out of FP8; the routed experts' inputs are rows of it,
            dispatched again in backward */
         MOE__TRY(moe__stash_put(ctx, &S->u, u, N, d, moe__stash_format(S->prec, 0)));
-        MOE__TRY(moe__stash_put(ctx, &S->h13, h13, L->ep ? S->ep.rows : R, 2 * I, keep_fp8));
+        MOE__TRY(moe__stash_put(ctx, &S->h13, h13, S->xr ? S->ep.rows : R, 2 * I, keep_fp8));
         if (sh_h13) MOE__TRY(moe__stash_put(ctx, &S->sh_h13, sh_h13, N, 2 * S->Is, keep_fp8));
         /* router state: scores, gates, Σ, choices, permutation, load fractions */
         ctx->saved_bytes += (size_t)(N * E + R + N + B * E) * sizeof(moe_real) + (size_t)(3 * R) * sizeof(int32_t) +
@@ -8176,8 +8204,8 @@ struct moe_adamw {
     double *parts;                 /* [2 × norm chunks] the gradient norm's per-chunk sums (host) */
     moe_comm *comm;                /* ZeRO-1: the ranks the shards are spread over (NULL: no sharding) */
     int64_t *bounds;               /* ZeRO-1: rank r's shard is [bounds[r], bounds[r+1]) (host) */
-    int64_t *counts;               /* ZeRO-1: [2 × ranks] values, then norm chunks, of each shard (host) */
-    moe_real *shard;               /* ZeRO-1: [hi − lo] scratch of the gathers and the reduce-scatter (host) */
+    int64_t *counts;               /* ZeRO-1: [4 × ranks] norm chunks of each shard, then a round's scratch (host) */
+    void *stage;                   /* ZeRO-1: one round's values of every shard (host) */
 };
 
 /* section 15's ZeRO-1 gathers */
@@ -8252,7 +8280,7 @@ MOE_API void moe_adamw_free(moe_ctx *ctx, moe_adamw *o) {
     MOE_FREE(o->parts);
     MOE_FREE(o->bounds);
     MOE_FREE(o->counts);
-    MOE_FREE(o->shard);
+    MOE_FREE(o->stage);
     MOE_FREE(o);
 }
 
@@ -8271,7 +8299,7 @@ static moe_status moe__adamw_norm(moe_ctx *ctx, const char *fn, moe_adamw *o, fl
         return moe__fail(ctx, MOE_ERR_STATE, "%s: %lld accumulated gradients are not collected: call moe_model_reduce_grads first",
                          fn, (long long)m->n_accumulated);
     if (o->hi > o->lo) MOE__TRY(MOE__BE(ctx)->sumsq(ctx, MOE__F32(m->grads) + o->lo, o->hi - o->lo, chunk, mine));
-    if (o->comm) MOE__TRY(moe_comm_allgather(ctx, o->comm, mine, o->parts, o->counts + moe_comm_size(o->comm), MOE_COMM_F64));
+    if (o->comm) MOE__TRY(moe_comm_allgather(ctx, o->comm, mine, o->parts, o->counts, MOE_COMM_F64));
     else memcpy(o->parts, mine, sizeof(double) * (size_t)nc);
     for (c = 0; c < nc; c++) sumsq += o->parts[c];
     *norm = sqrt(sumsq) * grad_scale;
@@ -10162,9 +10190,12 @@ MOE_API moe_status moe_ckpt_save_step(moe_ctx *ctx, const char *dir, const char 
     MOE__TRY(moe_ckpt_save(ctx, path, model, opt, state));
     if (opt && opt->comm && moe_comm_rank(opt->comm) != 0) return MOE_OK; /* ZeRO-1: rank 0 wrote, it keeps the directory */
 #if defined(__unix__) || defined(__APPLE__)
-    if (keep > 0) {
+    if (keep > 0) { /* the checkpoint is written: a failure to list the older ones is only reported */
         int64_t *steps, n, i, kept = 0;
-        MOE__TRY(moe__ckpt_steps(ctx, fn, dir, prefix, &steps, &n));
+        if (moe__ckpt_steps(ctx, fn, dir, prefix, &steps, &n) != MOE_OK) {
+            moe__log(ctx, 1, "%s: older checkpoints not pruned: %s", fn, moe_ctx_error(ctx));
+            return MOE_OK;
+        }
         for (i = n - 1; i >= 0; i--) {
             if (steps[i] > state->step) continue;
             if (++kept <= keep) continue;
@@ -12369,8 +12400,9 @@ MOE_API moe_status moe_comm_bcast(moe_ctx *ctx, moe_comm *comm, void *buf, int64
     MOE__TRY(moe__comm_buf(ctx, "moe_comm_bcast", buf, n, type));
     if (root < 0 || root >= comm->size)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_bcast: root %d of %d ranks", root, comm->size);
+    MOE__TRY(n ? comm->ops->bcast(ctx, comm, buf, n, type, root) : MOE_OK);
     if (root != comm->rank) moe__comm_count(comm, n, type);
-    return n ? comm->ops->bcast(ctx, comm, buf, n, type, root) : MOE_OK;
+    return MOE_OK;
 }
 
 MOE_API moe_status moe_comm_allreduce(moe_ctx *ctx, moe_comm *comm, void *buf, int64_t n, moe_comm_type type, moe_comm_op op) {
@@ -12720,24 +12752,83 @@ MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int s
 
 #define MOE__COMM_REAL (sizeof(moe_real) == sizeof(double) ? MOE_COMM_F64 : MOE_COMM_F32)
 
-static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o) {
-    moe_real *p = MOE__F32(o->model->params);
-    memcpy(o->shard, p + o->lo, sizeof(moe_real) * (size_t)(o->hi - o->lo));
-    return moe_comm_allgather(ctx, o->comm, o->shard, p, o->counts, MOE__COMM_REAL);
+/* ZeRO-1 moves the slab in rounds: round j takes values [bounds[r] + j·S, + S) of every rank
+   r's shard, S = MOE_COMM_BUCKET / ranks, so that no exchange and no buffer exceeds a bucket
+   (and MPI's int counts hold for any model). len[r] gets each shard's count; the total is
+   returned. */
+static int64_t moe__zero_round_len(const moe_adamw *o) {
+    int64_t S = MOE_COMM_BUCKET / o->comm->size;
+    return S > 0 ? S : 1;
+}
+static int64_t moe__zero_rounds(const moe_adamw *o) {
+    int64_t r, most = 0, S = moe__zero_round_len(o);
+    for (r = 0; r < o->comm->size; r++)
+        if (o->bounds[r + 1] - o->bounds[r] > most) most = o->bounds[r + 1] - o->bounds[r];
+    return (most + S - 1) / S;
+}
+static int64_t moe__zero_round(const moe_adamw *o, int64_t j, int64_t *len) {
+    int64_t r, S = moe__zero_round_len(o), total = 0;
+    for (r = 0; r < o->comm->size; r++) {
+        int64_t a = o->bounds[r] + j * S, b = a + S < o->bounds[r + 1] ? a + S : o->bounds[r + 1];
+        len[r] = a < b ? b - a : 0;
+        total += len[r];
+    }
+    return total;
 }
 
-/* Every rank's moments gathered into whole slabs *m and *v (to be freed), for checkpoints. */
+/* The gradients' rank-ordered sum, this rank's shard of it in place; the rest of the slab 0. */
+static moe_status moe__zero_reduce_scatter(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
+    moe_real *g = MOE__F32(o->model->grads), *stage = (moe_real *)o->stage;
+    int64_t *len = o->counts + 2 * comm->size, S = moe__zero_round_len(o), n = o->model->grads->numel, j, r, at;
+    for (j = 0; j < moe__zero_rounds(o); j++) {
+        moe__zero_round(o, j, len);
+        for (r = 0, at = 0; r < comm->size; at += len[r], r++) memcpy(stage + at, g + o->bounds[r] + j * S, sizeof(moe_real) * (size_t)len[r]);
+        MOE__TRY(moe_comm_reduce_scatter(ctx, comm, stage, g + o->lo + j * S, len, MOE__COMM_REAL));
+    }
+    memset(g, 0, sizeof(moe_real) * (size_t)o->lo);
+    memset(g + o->hi, 0, sizeof(moe_real) * (size_t)(n - o->hi));
+    return MOE_OK;
+}
+
+/* Every rank's updated shard of the parameters to every rank. */
+static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o) {
+    moe_real *p = MOE__F32(o->model->params), *stage = (moe_real *)o->stage;
+    int64_t *len = o->counts + 2 * o->comm->size, S = moe__zero_round_len(o), j, r, at;
+    for (j = 0; j < moe__zero_rounds(o); j++) {
+        moe__zero_round(o, j, len);
+        MOE__TRY(moe_comm_allgather(ctx, o->comm, p + o->lo + j * S, stage, len, MOE__COMM_REAL));
+        for (r = 0, at = 0; r < o->comm->size; at += len[r], r++)
+            if (r != o->comm->rank) memcpy(p + o->bounds[r] + j * S, stage + at, sizeof(moe_real) * (size_t)len[r]);
+    }
+    return MOE_OK;
+}
+
+/* Every rank's moments into whole slabs *m and *v on rank 0 (to be freed; NULL elsewhere),
+   for checkpoints: the other ranks send, rank 0 receives. */
 static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, void **m, void **v) {
-    int64_t es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4, n = o->model->params->numel, r;
-    int64_t *counts = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)o->comm->size);
-    moe_status st;
-    for (r = 0; counts && r < o->comm->size; r++) counts[r] = o->counts[r] * es; /* bytes */
-    *m = moe__heap_alloc(ctx, (size_t)(n * es));
-    *v = moe__heap_alloc(ctx, (size_t)(n * es));
-    st = counts && *m && *v ? MOE_OK : moe__fail(ctx, MOE_ERR_MEMORY, "moe_ckpt_save: out of memory gathering the moments");
-    if (!st) st = moe_comm_allgather(ctx, o->comm, o->m, *m, counts, MOE_COMM_BYTE);
-    if (!st) st = moe_comm_allgather(ctx, o->comm, o->v, *v, counts, MOE_COMM_BYTE);
-    MOE_FREE(counts);
+    int64_t es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4, n = o->model->params->numel, P = o->comm->size, S = moe__zero_round_len(o);
+    int64_t *len = o->counts + 2 * P, *send = o->counts + 3 * P, j, r, at, k;
+    int root = o->comm->rank == 0;
+    unsigned char *stage = (unsigned char *)o->stage, *whole[2];
+    moe_status st = MOE_OK;
+    *m = *v = NULL;
+    if (root) {
+        *m = moe__heap_alloc(ctx, (size_t)(n * es));
+        *v = moe__heap_alloc(ctx, (size_t)(n * es));
+        if (!*m || !*v) st = moe__fail(ctx, MOE_ERR_MEMORY, "moe_ckpt_save: out of memory gathering the moments");
+    }
+    st = moe__comm_agree(ctx, o->comm, "moe_ckpt_save", st);
+    whole[0] = (unsigned char *)*m;
+    whole[1] = (unsigned char *)*v;
+    for (k = 0; k < 2 && !st; k++)
+        for (j = 0; j < moe__zero_rounds(o) && !st; j++) {
+            moe__zero_round(o, j, len);
+            for (r = 0; r < P; r++) send[r] = r == 0 ? len[o->comm->rank] : 0;
+            if (!root) for (r = 0; r < P; r++) len[r] = 0;
+            st = moe_comm_alltoallv(ctx, o->comm, (unsigned char *)(k ? o->v : o->m) + es * j * S, send, stage, len, es, MOE_COMM_BYTE);
+            for (r = 0, at = 0; root && !st && r < P; at += len[r], r++)
+                memcpy(whole[k] + es * (o->bounds[r] + j * S), stage + es * at, (size_t)(es * len[r]));
+        }
     if (st) {
         MOE_FREE(*m);
         MOE_FREE(*v);
@@ -12748,43 +12839,45 @@ static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, voi
 
 MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
     static const char *fn = "moe_adamw_shard";
-    int64_t n, chunk, nc, r, lo, hi, *bounds, *counts, agree[2];
+    int64_t n, chunk, nc, r, lo, hi, P, *bounds, *counts, agree[4];
     size_t es;
-    void *mm = NULL, *vv = NULL;
-    moe_real *shard;
+    void *mm = NULL, *vv = NULL, *stage;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, fn, MOE_COMM_I64));
     if (!o) return moe__fail(ctx, MOE_ERR_ARG, "%s: optimizer is NULL", fn);
     n = o->model->params->numel;
+    P = comm->size;
     st = o->comm ? moe__fail(ctx, MOE_ERR_STATE, "%s: the optimizer is sharded already", fn)
          : o->model->be->device != MOE_DEVICE_CPU ? moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: host-memory models only", fn)
                                                   : MOE_OK;
     MOE__TRY(moe__comm_agree(ctx, comm, fn, st));
     agree[0] = n;
     agree[1] = -n;
-    MOE__TRY(moe_comm_allreduce(ctx, comm, agree, 2, MOE_COMM_I64, MOE_COMM_MAX));
-    if (agree[0] != n || -agree[1] != n)
-        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: the ranks' parameter slabs differ in length (%lld here)", fn, (long long)n);
+    agree[2] = o->cfg.moment_dtype;
+    agree[3] = -(int64_t)o->cfg.moment_dtype;
+    MOE__TRY(moe_comm_allreduce(ctx, comm, agree, 4, MOE_COMM_I64, MOE_COMM_MAX));
+    if (agree[0] != n || -agree[1] != n || agree[2] != -agree[3])
+        return moe__fail(ctx, MOE_ERR_CONFIG, "%s: the ranks' parameter slabs or moment types differ (%lld values here)", fn, (long long)n);
     chunk = moe__norm_chunk(n);
     nc = (n + chunk - 1) / chunk;
-    bounds = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(comm->size + 1));
-    counts = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(2 * comm->size));
-    for (r = 0; bounds && r <= comm->size; r++) bounds[r] = r * nc / comm->size * chunk < n ? r * nc / comm->size * chunk : n;
-    for (r = 0; bounds && counts && r < comm->size; r++) {
-        counts[r] = bounds[r + 1] - bounds[r];
-        counts[comm->size + r] = (bounds[r + 1] + chunk - 1) / chunk - bounds[r] / chunk;
-    }
+    es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4;
+    bounds = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(P + 1));
+    counts = (int64_t *)moe__heap_alloc(ctx, sizeof(int64_t) * (size_t)(4 * P));
+    for (r = 0; bounds && r <= P; r++) bounds[r] = r * nc / P * chunk < n ? r * nc / P * chunk : n;
+    for (r = 0; bounds && counts && r < P; r++) counts[r] = (bounds[r + 1] + chunk - 1) / chunk - bounds[r] / chunk;
     lo = bounds ? bounds[comm->rank] : 0;
     hi = bounds ? bounds[comm->rank + 1] : 0;
-    es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4;
-    shard = (moe_real *)moe__heap_alloc(ctx, sizeof(moe_real) * (size_t)(hi - lo));
-    if (!bounds || !counts || !shard || o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &mm) != MOE_OK ||
-        o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &vv) != MOE_OK) {
+    stage = moe__heap_alloc(ctx, sizeof(moe_real) * (size_t)(n < MOE_COMM_BUCKET + P ? n : MOE_COMM_BUCKET + P));
+    if (!bounds || !counts || !stage || o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &mm) != MOE_OK ||
+        o->model->be->alloc(ctx, es * (size_t)(hi - lo) + 1, &vv) != MOE_OK)
+        st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for the shard's moments", fn);
+    if ((st = moe__comm_agree(ctx, comm, fn, st)) != MOE_OK) { /* every rank sharded, or none */
         if (mm) o->model->be->free(ctx, mm);
+        if (vv) o->model->be->free(ctx, vv);
         MOE_FREE(bounds);
         MOE_FREE(counts);
-        MOE_FREE(shard);
-        return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for the shard's moments", fn);
+        MOE_FREE(stage);
+        return st;
     }
     memcpy(mm, (unsigned char *)o->m + es * (size_t)lo, es * (size_t)(hi - lo));
     memcpy(vv, (unsigned char *)o->v + es * (size_t)lo, es * (size_t)(hi - lo));
@@ -12796,7 +12889,7 @@ MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
     o->comm = comm;
     o->bounds = bounds;
     o->counts = counts;
-    o->shard = shard;
+    o->stage = stage;
     o->model->zero = o;
     return MOE_OK;
 }
@@ -12811,21 +12904,17 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *m, moe_comm *
     MOE__TRY(moe__comm_args(ctx, comm, "moe_model_reduce_grads", real));
     if (!m || !m->grads) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: model is NULL");
     n = m->grads->numel;
+    if (m->zero && m->zero->comm != comm)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: the optimizer is sharded over another communicator");
     if (m->n_accumulated) {
         MOE__TRY(m->be->copy(ctx, m->grads->data, m->grad_sum->data, (size_t)n * sizeof(moe_real), MOE__D2D));
         m->n_accumulated = 0;
     }
-    if (m->zero && m->zero->comm != comm)
-        return moe__fail(ctx, MOE_ERR_ARG, "moe_model_reduce_grads: the optimizer is sharded over another communicator");
     if (comm->size == 1) return MOE_OK;
     if (m->be->device != MOE_DEVICE_CPU)
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the communicator reduces host memory only");
     if (m->zero) { /* ZeRO-1: this rank's shard of the sum; the rest of the slab zero */
-        const moe_adamw *o = m->zero;
-        moe_real *g = MOE__F32(m->grads);
-        MOE__TRY(moe_comm_reduce_scatter(ctx, comm, g, o->shard, o->counts, real));
-        memset(g, 0, sizeof(moe_real) * (size_t)n);
-        memcpy(g + o->lo, o->shard, sizeof(moe_real) * (size_t)(o->hi - o->lo));
+        MOE__TRY(moe__zero_reduce_scatter(ctx, m->zero, comm));
     } else {
         for (off = 0; off < n; off += MOE_COMM_BUCKET)
             MOE__TRY(moe_comm_allreduce_ordered(ctx, comm, MOE__F32(m->grads) + off,
@@ -12870,7 +12959,7 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
     P->recv_rows = (int64_t *)moe__arena_alloc(ctx, (size_t)np, sizeof(int64_t), "moe dispatch plan");
     P->recv_start = (int64_t *)moe__arena_alloc(ctx, (size_t)(np + 1), sizeof(int64_t), "moe dispatch plan");
     P->recv_off = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * (en + 1)), sizeof(int64_t), "moe dispatch plan");
-    if (!cnt || !rcnt || !P->send_rows || !P->recv_rows || !P->recv_start || !P->recv_off) return MOE_ERR_MEMORY;
+    MOE__TRY(moe__ep_agree(ctx, L, cnt && rcnt && P->send_rows && P->recv_rows && P->recv_start && P->recv_off ? MOE_OK : MOE_ERR_MEMORY));
     /* counts first: rank s learns how many of its rows go to each of my experts */
     for (j = 0; j < np * en; j++) cnt[j] = offset[j + 1] - offset[j];
     MOE__TRY(moe_comm_alltoall(ctx, L->ep, cnt, rcnt, en, MOE_COMM_I64));
@@ -12893,19 +12982,8 @@ static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__e
                               MOE__COMM_REAL);
 }
 
-/* The owners of the same experts pass the running sum down the EDP group: replica k starts
-   from replica k−1's sum (a broadcast from it), adds the parts of its sources in order and
-   hands it on; the last one's is the sum over every source of the job in rank order. */
-static moe_status moe__ep_reduce_wgrad(moe_ctx *ctx, const moe__moe *L, const moe_real *parts, int64_t np, moe_real *dw, int64_t n) {
-    int64_t R = L->edp ? L->edp->size : 1, k = L->edp ? L->edp->rank : 0, t, s;
-    MOE__TRY(MOE__BE(ctx)->memset(ctx, dw, 0, (size_t)n * sizeof(moe_real)));
-    for (t = 0; t < R; t++) {
-        if (t == k)
-            for (s = 0; s < np; s++) MOE__TRY(MOE__BE(ctx)->axpy(ctx, 1, parts + s * n, n, dw)); /* dw + 1·part: exact */
-        if (t < R - 1) MOE__TRY(moe_comm_bcast(ctx, L->edp, dw, n, MOE__COMM_REAL, (int)t));
-    }
-    if (k != R - 1) MOE__TRY(MOE__BE(ctx)->memset(ctx, dw, 0, (size_t)n * sizeof(moe_real)));
-    return MOE_OK;
+static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) {
+    return moe__comm_agree(ctx, L->ep, "expert-parallel MoE layer", st);
 }
 
 #ifdef __cplusplus

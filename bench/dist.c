@@ -15,9 +15,10 @@
      of gradients; the ordered sum moves (P − 1)·G (an all-gather, then the sum in rank order):
      the price of bit-identical sums is P/2 times the ring.
    - EP: each MoE layer sends a (token, expert) row to another rank with probability
-     (N − 1)/N under uniform routing (N = EP size), (6d + 2)·4 bytes in all per such row —
-     forward: the input and the output (d each); backward: input, output gradient and gate out
-     (2d + 1), input and gate gradients back (d + 1) — plus, with EDP groups of R > 1 ranks,
+     (N − 1)/N under uniform routing (N = EP size), (4d + 2)·4 bytes in all per such row —
+     forward: the input and the output (d each); backward: output gradient and gate out
+     (d + 1), input and gate gradients back (d + 1); the owner kept the input — plus, with EDP
+     groups of R > 1 ranks,
      R − 1 broadcasts of the layer's local expert gradients (the rank-ordered chain), each
      received by R − 1 ranks: (R − 1)²/R of them per rank. Real routing is not uniform (the
      loads of an untrained router least of all), so the measured EP bytes fall below it.
@@ -171,7 +172,7 @@ int main(int argc, char **argv) {
         double moe_layers = (double)(c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers), d = (double)c.hidden_size;
         double remote_rows = (double)(B * T) * (double)c.num_experts_per_tok * (double)(ep - 1) / (double)ep;
         double local_wgrad = (double)c.n_routed_experts / (double)ep * 3.0 * (double)c.moe_intermediate_size * d * sizeof(moe_real);
-        double R = (double)(P / ep), ep_pred = ep > 1 ? moe_layers * (remote_rows * (6 * d + 2) * sizeof(moe_real) + (R - 1) * (R - 1) / R * local_wgrad) : 0;
+        double R = (double)(P / ep), ep_pred = ep > 1 ? moe_layers * (remote_rows * (4 * d + 2) * sizeof(moe_real) + (R - 1) * (R - 1) / R * local_wgrad) : 0;
         bench_cpu_read(&cpu);
         printf("CPU: %s (%s), %.0f cores; %d rank%s%s, 1 thread each; %s config, %s, %ld x %ld tokens per rank per step\n",
                cpu.model, cpu.id, cores, P, P > 1 ? "s" : "", P > cores ? " (oversubscribed: more ranks than cores)" : "", config,

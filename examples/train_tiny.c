@@ -112,7 +112,8 @@ static void usage(FILE *f) {
             "  --skip-window N    steps in that window (default 64, at most 200)\n"
             "  --max-skips M      stop (exit status 3) after M skipped steps in a row (default 20)\n"
             "  --inject K@A[-B]   testing aid: a fault at attempts A..B (1-based, skipped ones count), K one of\n"
-            "                     nan-loss, nan-grad, spike (gradients x1000); comma-separated list\n"
+            "                     nan-loss, nan-grad, spike (gradients x1000); comma-separated list; under\n"
+            "                     mpirun nan-loss strikes rank 0 alone\n"
             "  --sample N         bytes to generate at the end (default 300)\n"
             "  --help             this text\n"
             "exit status: 0 done, 1 error, 2 bad flags, 3 too many skipped steps in a row, 75 interrupted (saved)\n");
@@ -369,12 +370,12 @@ static moe_status save(run *r) {
     char link_tmp[1100], latest[1100];
     moe_status s;
     int64_t linked = 1;
+    r->saved_attempts = (long)(r->st->step + r->st->skipped); /* on every rank: the ranks decide on saves together */
+    r->saved_at = moe_time_s();
     if (r->rank != 0 && !r->o->zero) return MOE_OK;
     if (r->csv) fflush(r->csv);
     s = moe_ckpt_save_step(r->ctx, r->o->out, "ckpt", (int)r->o->keep, r->m, r->opt, r->st, r->path, sizeof r->path);
     if (s != MOE_OK) return s;
-    r->saved_attempts = (long)(r->st->step + r->st->skipped);
-    r->saved_at = moe_time_s();
     snprintf(latest, sizeof latest, "%s/ckpt.bin", r->o->out);
     if (r->rank == 0) {
         snprintf(link_tmp, sizeof link_tmp, "%s/ckpt.bin.tmp%ld", r->o->out, (long)getpid());
@@ -386,8 +387,11 @@ static moe_status save(run *r) {
     return linked ? MOE_OK : moe_ckpt_save(r->ctx, latest, r->m, r->opt, r->st); /* no hard links here: a copy */
 }
 
-/* The end of the ranks' work together: the model runs alone again, the groups are freed. */
-static void end_parallel(moe_ctx *ctx, moe_model *m, moe_comm *ep, moe_comm *edp, moe_comm *world) {
+/* The end of the ranks' work together: the optimizer (ZeRO-1 keeps the communicator) goes,
+   the model runs alone again, the groups are freed. */
+static void end_parallel(moe_ctx *ctx, moe_model *m, moe_adamw **opt, moe_comm *ep, moe_comm *edp, moe_comm *world) {
+    moe_adamw_free(ctx, *opt);
+    *opt = NULL;
     if (ep) moe_model_expert_parallel(ctx, m, NULL, NULL);
     moe_comm_free(edp);
     moe_comm_free(ep);
@@ -663,13 +667,24 @@ int main(int argc, char **argv) {
             moe_tensor *emb = NULL;
             float keep = 0;
             CHECK(moe_data_batch(ctx, data, 0, st->seed, first + rank * local + a, o.batch, o.seq, batch));
-            if (a == 0 && injected(&o, INJECT_NAN_LOSS, attempt)) { /* a NaN in one embedding during this forward only */
+            if (a == 0 && rank == 0 && injected(&o, INJECT_NAN_LOSS, attempt)) { /* a NaN in one embedding during this forward only */
                 emb = moe_model_find(m, "model.embed_tokens.weight");
                 keep = (float)moe_tensor_get(emb, (int64_t)batch[0] * cfg.hidden_size);
                 moe_tensor_set(emb, (int64_t)batch[0] * cfg.hidden_size, NAN);
             }
             CHECK(moe_model_loss(ctx, m, batch, o.batch, o.seq, &lo, &lt, &parts));
             if (emb) moe_tensor_set(emb, (int64_t)batch[0] * cfg.hidden_size, keep);
+            if (ep_comm) { /* expert parallel: backward is a collective, so the ranks skip it together */
+                int64_t bad = !isfinite(parts.total);
+                CHECK(moe_comm_allreduce(ctx, comm, &bad, 1, MOE_COMM_I64, MOE_COMM_MAX));
+                if (bad && isfinite(parts.total)) {
+                    moe_ctx_reset(ctx);
+                    skip = 1;
+                    snprintf(reason, sizeof reason, "another rank's loss is not finite");
+                    loss_sum = main_sum = mtp_sum = NAN;
+                    break;
+                }
+            }
             if (!isfinite(parts.total)) { /* no backward through a non-finite loss */
                 moe_ctx_reset(ctx);
                 skip = 1;
@@ -772,7 +787,7 @@ int main(int argc, char **argv) {
                             "(step %lld); lower --lr, raise --skip-loss-z / --skip-grad-z or check the data, then --resume auto\n",
                     tty ? "\n" : "", o.max_skips, reason, r.path, (long long)st->step);
             fclose(csv);
-            end_parallel(ctx, m, ep_comm, edp_comm, comm);
+            end_parallel(ctx, m, &opt, ep_comm, edp_comm, comm);
             return 3;
         }
         {   /* a signal, the time budget or a save that is due on any rank: every rank acts
@@ -792,7 +807,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "%sinterrupted by %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n", tty ? "\n" : "",
                     signal_now == SIGINT ? "SIGINT" : "SIGTERM", (long long)st->step, r.path);
             fclose(csv);
-            end_parallel(ctx, m, ep_comm, edp_comm, comm);
+            end_parallel(ctx, m, &opt, ep_comm, edp_comm, comm);
             return 75;
         }
         if (stop_now) break;
@@ -801,7 +816,7 @@ int main(int argc, char **argv) {
     if (r.saved_attempts != (long)(st->step + st->skipped)) CHECK(save(&r));
     fclose(csv);
     r.csv = NULL;
-    end_parallel(ctx, m, ep_comm, edp_comm, comm); /* the rest is rank 0's alone */
+    end_parallel(ctx, m, &opt, ep_comm, edp_comm, comm); /* the rest is rank 0's alone */
     if (rank != 0) goto done;
     {   /* the Hugging Face export of the same step, OUT/hf-<step>/, and OUT/hf linked to it */
         char hf[1100], name[64], link_tmp[1100], link_path[1100];

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "test.h"
 
@@ -353,14 +354,24 @@ static int64_t grads_differ(const moe_model *a, const moe_model *b) {
 }
 
 /* Expert parallelism at the layer: rank R runs micro-batch R with the routed experts spread
-   over EP groups of `ep` ranks (ep = P, and 2 x 2 on four ranks); its loss (the forward) and,
-   after moe_model_reduce_grads, every gradient (the backward: dispatch, experts, combine and
-   the experts' weight gradients added over the sources in rank order) equal one process's. */
+   over EP groups of `ep` ranks (ep = P, also with the experts' down_proj frozen, and 2 x 2 on
+   four ranks); its loss (the forward) and, after moe_model_reduce_grads, every gradient (the
+   backward: dispatch, experts, combine and the experts' weight gradients added over the
+   sources in rank order) equal one process's. */
+static void freeze_down_proj(moe_model *m) {
+    int64_t i;
+    for (i = 0; i < moe_model_tensor_count(m); i++) {
+        const char *name = NULL;
+        moe_tensor *t = moe_model_tensor(m, i, &name, NULL);
+        if (strstr(name, "experts.down_proj")) moe_tensor_set_requires_grad(ctx, t, 0);
+    }
+}
 static void expert_parallel_layer(void) {
     moe_config c = moe_config_tiny();
-    int eps[2], n_eps = 0, k;
-    eps[n_eps++] = P;
-    if (P == 4) eps[n_eps++] = 2;
+    int eps[3], frozen[3], n_eps = 0, k;
+    eps[n_eps] = P; frozen[n_eps++] = 0;
+    eps[n_eps] = P; frozen[n_eps++] = 1;
+    if (P == 4) { eps[n_eps] = 2; frozen[n_eps++] = 0; }
     for (k = 0; k < n_eps; k++) {
         moe_model *ref = NULL, *m = NULL;
         moe_comm *ep = NULL, *edp = NULL;
@@ -373,6 +384,10 @@ static void expert_parallel_layer(void) {
             continue;
         }
         T_ASSERT(moe_model_new(ctx, &c, 5, &ref) == MOE_OK && moe_model_new(ctx, &c, 5, &m) == MOE_OK, "%s", moe_ctx_error(ctx));
+        if (frozen[k]) {
+            freeze_down_proj(ref);
+            freeze_down_proj(m);
+        }
         one_process(ref, losses);
         T_ASSERT(moe_comm_split(ctx, world, R / eps[k], R, &ep) == MOE_OK && moe_comm_split(ctx, world, R % eps[k], R, &edp) == MOE_OK,
                  "%s", moe_ctx_error(ctx));
@@ -387,7 +402,8 @@ static void expert_parallel_layer(void) {
         T_ASSERT(moe_model_reduce_grads(ctx, m, world) == MOE_OK, "%s", moe_ctx_error(ctx));
         differ = grads_differ(m, ref);
         T_CHECK(differ == 0, "EP %d: %lld gradient values differ from one process's", eps[k], (long long)differ);
-        T_NOTE("EP %d%s: loss and every gradient value bit-identical to one process", eps[k], P > eps[k] ? " x DP 2" : "");
+        T_NOTE("EP %d%s%s: loss and every gradient value bit-identical to one process", eps[k], P > eps[k] ? " x DP 2" : "",
+               frozen[k] ? ", routed experts' down_proj frozen" : "");
         T_CHECK(moe_model_expert_parallel(ctx, m, NULL, NULL) == MOE_OK, "turning it off: %s", moe_ctx_error(ctx));
         moe_comm_free(edp);
         moe_comm_free(ep);
@@ -408,6 +424,21 @@ static void expert_parallel_refused(void) {
                 moe_status_name(st), moe_ctx_error(ctx));
     else
         T_CHECK(st == MOE_OK, "16 experts over %d ranks: %s", P, moe_ctx_error(ctx));
+    if (st == MOE_OK && P > 1) { /* one FP8 scale over every source's rows is not one process's: refused */
+        moe_fp8_options f8;
+        moe_tensor *loss = NULL;
+        int32_t tok[18];
+        memset(&f8, 0, sizeof f8);
+        f8.per_tensor = 1;
+        micro_batch(R, tok);
+        T_ASSERT(moe_ctx_set_fp8(ctx, &f8) == MOE_OK && moe_ctx_set_gemm_precision(ctx, MOE_FP8_E4M3) == MOE_OK, "%s", moe_ctx_error(ctx));
+        st = moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL);
+        T_CHECK(st == MOE_ERR_UNSUPPORTED && strstr(moe_ctx_error(ctx), "per-tensor"), "per-tensor FP8 under EP: %s (%s)",
+                moe_status_name(st), moe_ctx_error(ctx));
+        moe_ctx_reset(ctx);
+        memset(&f8, 0, sizeof f8);
+        T_ASSERT(moe_ctx_set_fp8(ctx, &f8) == MOE_OK && moe_ctx_set_gemm_precision(ctx, MOE_F32) == MOE_OK, "%s", moe_ctx_error(ctx));
+    }
     T_CHECK(moe_model_expert_parallel(ctx, m, NULL, world) == MOE_ERR_ARG, "an EDP group without an EP group");
     moe_model_expert_parallel(ctx, m, NULL, NULL);
     moe_model_free(ctx, m);
@@ -460,6 +491,43 @@ static void zero_shard(void) {
     T_CHECK(differ == 0, "%lld parameter values differ after 2 sharded steps", (long long)differ);
     T_NOTE("2 steps, clipped: norms and parameters bit-identical; moments held %zu of %zu bytes", moe_adamw_state_bytes(ob),
            moe_adamw_state_bytes(oa));
+    {   /* checkpoints: the sharded one (gathered for rank 0) is the unsharded one's file; loaded
+           into a sharded optimizer and written again, still */
+        moe_train_state ts;
+        moe_model *c2 = NULL;
+        moe_adamw *oc = NULL;
+        char pa[96], pb[96], pc[96];
+        int64_t pid = (int64_t)getpid();
+        memset(&ts, 0, sizeof ts);
+        ts.step = 2;
+        T_ASSERT(moe_comm_bcast(ctx, world, &pid, 1, MOE_COMM_I64, 0) == MOE_OK, "%s", moe_ctx_error(ctx));
+        snprintf(pa, sizeof pa, "/tmp/moe_test_zero_%lld_a.bin", (long long)pid);
+        snprintf(pb, sizeof pb, "/tmp/moe_test_zero_%lld_b.bin", (long long)pid);
+        snprintf(pc, sizeof pc, "/tmp/moe_test_zero_%lld_c.bin", (long long)pid);
+        if (R == 0) T_CHECK(moe_ckpt_save(ctx, pa, a, oa, &ts) == MOE_OK, "%s", moe_ctx_error(ctx));
+        T_CHECK(moe_ckpt_save(ctx, pb, b, ob, &ts) == MOE_OK, "the sharded save: %s", moe_ctx_error(ctx));
+        T_ASSERT(moe_model_new(ctx, &c, 9, &c2) == MOE_OK && moe_adamw_new(ctx, c2, NULL, &oc) == MOE_OK &&
+                     moe_adamw_shard(ctx, oc, world) == MOE_OK, "%s", moe_ctx_error(ctx));
+        T_CHECK(moe_ckpt_load(ctx, pb, c2, oc, &ts) == MOE_OK, "the sharded load: %s", moe_ctx_error(ctx));
+        T_CHECK(moe_ckpt_save(ctx, pc, c2, oc, &ts) == MOE_OK, "saved again: %s", moe_ctx_error(ctx));
+        if (R == 0) {
+            FILE *fa = fopen(pa, "rb"), *fb = fopen(pb, "rb"), *fc = fopen(pc, "rb");
+            long same = 0, bytes = 0;
+            int x, y, z;
+            T_ASSERT(fa && fb && fc, "the checkpoints were not written");
+            do {
+                x = fgetc(fa); y = fgetc(fb); z = fgetc(fc);
+                same += x == y && y == z;
+                bytes++;
+            } while (x != EOF && x == y && y == z);
+            T_CHECK(x == EOF && y == EOF && z == EOF, "checkpoints differ at byte %ld", bytes - 1);
+            T_NOTE("unsharded, sharded and sharded-reloaded checkpoints: the same %ld bytes", same - 1);
+            fclose(fa); fclose(fb); fclose(fc);
+            remove(pa); remove(pb); remove(pc);
+        }
+        moe_adamw_free(ctx, oc);
+        moe_model_free(ctx, c2);
+    }
     if (P > 1) {
         T_ASSERT(moe_comm_init(ctx, MOE_COMM_SELF, &self) == MOE_OK, "%s", moe_ctx_error(ctx));
         T_CHECK(moe_model_reduce_grads(ctx, b, self) == MOE_ERR_ARG, "a reduction over another communicator than the shards'");

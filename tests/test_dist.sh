@@ -36,6 +36,17 @@ if mpicc $W -DMOE_MPI tests/test_dist.c -o "$tmp/dist_mpi" -lm; then
         add "$tmp/np$np.txt"
         if [ "$rc" != 0 ] && grep -q ' 0 failed$' "$tmp/np$np.txt"; then fail=$((fail + 1)); fi # passed, yet exited non-zero
     done
+    # ZeRO-1 in many rounds: buckets of 5,000 values split a shard into rounds of 5,000 / P
+    if mpicc $W -DMOE_MPI -DMOE_COMM_BUCKET=5000 tests/test_dist.c -o "$tmp/dist_small_bucket" -lm; then
+        for np in 3 4; do
+            echo "== mpirun -np $np, MOE_COMM_BUCKET=5000"
+            OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+                timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$tmp/dist_small_bucket" >"$tmp/sb$np.txt" 2>&1
+            grep -v '^SUITE' "$tmp/sb$np.txt"; add "$tmp/sb$np.txt"
+        done
+    else
+        echo "FAIL test_dist.c does not compile with MOE_COMM_BUCKET=5000"; fail=$((fail + 1))
+    fi
     # a rank that dies before a collective: the job must end with an error, not hang
     echo "== mpirun -np 3, rank 1 exits before the first collective"
     t0=$(date +%s)
@@ -164,6 +175,10 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     same "an EP=2 x DP=2 checkpoint resumed on 1 process" "$d/p1a4/ckpt-00000006.bin" "$d/re21/ckpt-00000006.bin"
     runp 2 --resume "$d/p1a2/ckpt-00000003.bin" --ep 2 --out "$d/re12"
     same "a 1-process checkpoint resumed with EP=2" "$d/p1a2/ckpt-00000006.bin" "$d/re12/ckpt-00000006.bin"
+    runp 2 --accum 2 --ep 2 --steps 4 --inject nan-loss@2 --out "$d/enan"
+    if grep -q "step 2 skipped: another rank's loss is not finite" "$d/enan/rank-1.log" && [ -f "$d/enan/ckpt-00000004.bin" ]; then
+        echo "ok   EP=2, rank 0's loss alone not finite: both ranks skip the step together and finish"; pass=$((pass + 1))
+    else echo "FAIL EP=2 with one rank's loss not finite: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
     runp 4 --accum 4 --ep 3 --out "$d/bad"
     if grep -q "does not divide the 4 ranks" "$tmp/last.txt"; then echo "ok   --ep 3 on 4 ranks is refused"; pass=$((pass + 1))
     else echo "FAIL --ep 3 on 4 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
