@@ -6,9 +6,9 @@
 #   ./build.sh test [SUITE]     build and run every test suite (or one); the last line is
 #                               "N passed, M failed" over all test cases; exit 0 only if M = 0
 #   ./build.sh bench [NAME]     run bench/NAME.c (all benches without NAME)
-#   ./build.sh example NAME [ARGS]   build and run examples/NAME.c
+#   ./build.sh example NAME [--np P] [ARGS]   build and run examples/NAME.c (--np: P ranks, mpirun)
 #   ./build.sh run              the main job: train the tiny model (examples/train_tiny.c);
-#                               --np P first: P data-parallel ranks under mpirun
+#                               --np P first: P ranks under mpirun (--ep N, --zero 1)
 #   ./build.sh torture          kill -9 a training run 20 times; the resumed result must be identical
 #   ./build.sh fuzz [TARGET] [SECONDS]   libFuzzer on the file parsers (tests/fuzz/; all targets,
 #                               60 s each by default; SECONDS 0 = no limit; FUZZ_RUNS=N stops each
@@ -313,30 +313,30 @@ cmd_bench() {
     done
 }
 
+# ./build.sh example NAME [--np P] [ARGS]: with --np, P ranks under Open MPI (NAME built with
+# mpicc -DMOE_MPI as build/NAME_mpi; root allowed, more ranks than cores allowed, one OpenMP
+# thread per rank unless OMP_NUM_THREADS says otherwise).
 cmd_example() {
-    local name=${1:?usage: ./build.sh example NAME [args]}; shift
+    local name=${1:?usage: ./build.sh example NAME [--np P] [args]} np=""; shift
     [ -f "examples/$name.c" ] || { log "no examples/$name.c"; exit 2; }
+    if [ "${1:-}" = --np ]; then np=${2:?usage: ./build.sh example NAME --np P [ARGS]}; shift 2; fi
     bash data/prepare.sh >&2
-    compile "$BUILD/$name" "examples/$name.c"
     # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work,
     # spinning threads steal the core a busy thread needs (measured: 2-thread steps up to 9x
     # slower under load). Set OMP_WAIT_POLICY=active for the last few percent on an idle box.
-    OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} "$BUILD/$name" "$@"
+    if [ -z "$np" ]; then
+        compile "$BUILD/$name" "examples/$name.c"
+        OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} "$BUILD/$name" "$@"
+        return
+    fi
+    need_pkg mpicc openmpi-bin libopenmpi-dev
+    mpicc $BASE $OPT $OMP -DMOE_MPI "examples/$name.c" -o "$BUILD/${name}_mpi" $LIBS
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
+        OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} mpirun -np "$np" --oversubscribe --bind-to none "$BUILD/${name}_mpi" "$@"
 }
 
-# ./build.sh run [--np P] [ARGS]: the main job; with --np, P data-parallel ranks under Open MPI
-# (train_tiny built with mpicc -DMOE_MPI; root allowed, more ranks than cores allowed, one
-# OpenMP thread per rank unless OMP_NUM_THREADS says otherwise).
-cmd_run() {
-    local np=""
-    if [ "${1:-}" = --np ]; then np=${2:?usage: ./build.sh run --np P [ARGS]}; shift 2; fi
-    if [ -z "$np" ]; then cmd_example train_tiny "$@"; return; fi
-    need_pkg mpicc openmpi-bin libopenmpi-dev
-    bash data/prepare.sh >&2
-    mpicc $BASE $OPT $OMP -DMOE_MPI examples/train_tiny.c -o "$BUILD/train_tiny_mpi" $LIBS
-    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
-        OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} mpirun -np "$np" --oversubscribe --bind-to none "$BUILD/train_tiny_mpi" "$@"
-}
+# ./build.sh run [--np P] [ARGS]: the main job, examples/train_tiny (with --np, P ranks).
+cmd_run() { cmd_example train_tiny "$@"; }
 
 case ${1:-build} in
     build) bash data/prepare.sh >&2; build_all ;;

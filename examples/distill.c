@@ -29,7 +29,14 @@
    Measured with the defaults (teacher 1500 steps, students 1000 steps of 16 x 64 bytes):
    2 cores of a shared, loaded machine, OMP_WAIT_POLICY=passive: 529 s in all; validation
    bits per byte teacher 2.072, scratch student 2.510, distilled student 2.308. On a loaded
-   machine set OMP_WAIT_POLICY=passive: spinning OpenMP threads made 2-thread steps ~9x slower. */
+   machine set OMP_WAIT_POLICY=passive: spinning OpenMP threads made 2-thread steps ~9x slower.
+
+   Under mpirun (built with mpicc -DMOE_MPI) each of the P ranks trains on its --accum / P of
+   every step's micro-batches (and runs the teacher on them), as examples/train_tiny.c does:
+   gradients summed over the ranks in rank order, one decision to skip or stop, rank 0 writes
+   the checkpoints, the teacher's file and the top-k cache; --zero 1 shards the AdamW moments,
+   --ep N spreads the students' (and a trained teacher's) routed experts over groups of N
+   ranks. With --accum P the checkpoints are byte-identical to one process with --accum P. */
 #define _XOPEN_SOURCE 700 /* sigaction's SA_RESTART */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
@@ -46,7 +53,7 @@
 typedef struct options {
     const char *data, *out, *teacher, *teacher_config, *student_config;
     long steps, teacher_steps, batch, seq, threads, topk, val_batches, warmup;
-    long save_every, keep, window, max_skips;
+    long save_every, keep, window, max_skips, accum, zero, ep;
     double lr, teacher_lr, alpha, temperature, lambda, gamma, balance, clip, save_seconds, skip_z, skip_grad_z;
     unsigned long long seed;
     int offline, reverse, resume;
@@ -65,7 +72,10 @@ static void usage(FILE *f) {
             "  --teacher-lr X         teacher peak learning rate (default 2e-3)\n"
             "  --steps N              steps of each student (default 1000)\n"
             "  --lr X                 students' peak learning rate (default 3e-3)\n"
-            "  --batch B              sequences per batch (default 16)\n"
+            "  --batch B              sequences per micro-batch (default 16)\n"
+            "  --accum N              micro-batches per step (default 1); under mpirun split over the ranks\n"
+            "  --zero 1               under mpirun: ZeRO-1, the AdamW moments sharded over the ranks\n"
+            "  --ep N                 under mpirun: expert parallelism in groups of N consecutive ranks\n"
             "  --seq T                tokens per sequence (default 64)\n"
             "  --warmup N             warm-up steps of every run (default 30)\n"
             "  --alpha X              weight of the hard-label CE in the distillation loss (default 0.5)\n"
@@ -106,6 +116,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->lr = 3e-3; o->teacher_lr = 2e-3; o->alpha = 0.5; o->temperature = 2.0; o->lambda = 0.3; o->gamma = 1e-3;
     o->balance = 1e-4; o->clip = 1.0; o->seed = 1;
     o->save_every = 250; o->save_seconds = 120; o->keep = 3; o->skip_z = 8; o->skip_grad_z = 50; o->window = 64; o->max_skips = 20;
+    o->accum = 1; o->ep = 1;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -129,7 +140,8 @@ static int parse_args(int argc, char **argv, options *o) {
         NUM("--balance", balance, DBL, 0) NUM("--clip", clip, DBL, 0) NUM("--save-every", save_every, LNG, 0)
         NUM("--save-every-seconds", save_seconds, DBL, 0) NUM("--keep", keep, LNG, 0) NUM("--skip-loss-z", skip_z, DBL, 0)
         NUM("--skip-grad-z", skip_grad_z, DBL, 0)
-        NUM("--skip-window", window, LNG, 2) NUM("--max-skips", max_skips, LNG, 1)
+        NUM("--skip-window", window, LNG, 2) NUM("--max-skips", max_skips, LNG, 1) NUM("--accum", accum, LNG, 1)
+        NUM("--zero", zero, LNG, 0) NUM("--ep", ep, LNG, 1)
         if (strcmp(a, "--resume") == 0) {
             if (strcmp(v, "auto") != 0) { fprintf(stderr, "distill: --resume takes 'auto' (use --teacher CKPT for a teacher file)\n"); return 0; }
             o->resume = 1;
@@ -165,6 +177,7 @@ static int parse_args(int argc, char **argv, options *o) {
     }
     if (o->alpha > 1) { fprintf(stderr, "distill: --alpha must be in [0, 1]\n"); return 0; }
     if (o->window > 200) { fprintf(stderr, "distill: --skip-window is at most 200\n"); return 0; }
+    if (o->zero > 1) { fprintf(stderr, "distill: --zero %ld: only ZeRO stage 1 is implemented\n", o->zero); return 0; }
     return 1;
 }
 
@@ -190,6 +203,20 @@ static void make_dirs(const char *dir) {
             exit(1);                                                                                  \
         }                                                                                             \
     } while (0)
+
+/* The job's ranks (one, or mpirun's): the world, the EP and EDP groups of --ep, this rank. */
+static struct {
+    moe_comm *world, *ep, *edp;
+    int rank, size;
+} g_ranks;
+
+/* Every rank ends with the same status (MPI is finalised with the world). */
+static void finish(int status) {
+    moe_comm_free(g_ranks.edp);
+    moe_comm_free(g_ranks.ep);
+    moe_comm_free(g_ranks.world);
+    exit(status);
+}
 
 /* The teacher: reference §12's small config with byte tokens, narrowed to fit the budget. */
 static moe_config teacher_config(void) {
@@ -272,6 +299,8 @@ static uint64_t flags_fingerprint(const options *o, const char *label, long step
     if (kind != RUN_PLAIN && n < sizeof text) /* the distillation settings and the teacher */
         snprintf(text + n, sizeof text - n, " %.17g %.17g %d %ld %s %s %ld %.17g", o->alpha, o->temperature, o->reverse, o->topk,
                  o->teacher ? o->teacher : "", o->teacher_config ? o->teacher_config : "", o->teacher_steps, o->teacher_lr);
+    n = strlen(text);
+    if (n < sizeof text) snprintf(text + n, sizeof text - n, " accum %ld", o->accum); /* the ranks do not matter, the sum does */
     for (i = 0; text[i]; i++) h = (h ^ (unsigned char)text[i]) * 0x100000001B3ull;
     return h;
 }
@@ -297,8 +326,9 @@ static int injected(const options *o, int nan_grad, long attempt) {
 static volatile sig_atomic_t g_signal;
 static void on_signal(int sig) { g_signal = sig; }
 
+/* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered). */
 static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m, moe_adamw *opt, moe_train_state *st, char *path) {
-    CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
+    if (g_ranks.rank == 0 || o->zero) CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
 }
 
 /* Train m for `steps` steps on training batches from index 0 of `seed`, checkpointing as it
@@ -334,59 +364,81 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
     st->user[U_LAYOUT] = LAYOUT;
     st->user[U_FLAGS_LO] = (double)(fp & 0xFFFFFFFFu);
     st->user[U_FLAGS_HI] = (double)(fp >> 32);
-    if (o->resume) CHECK(moe_ckpt_latest(ctx, o->out, label, found, sizeof found));
+    if (o->resume && g_ranks.rank == 0) CHECK(moe_ckpt_latest(ctx, o->out, label, found, sizeof found));
+    CHECK(moe_comm_bcast(ctx, g_ranks.world, found, (int64_t)sizeof found, MOE_COMM_BYTE, 0)); /* rank 0's files */
     if (found[0]) {
         CHECK(moe_ckpt_load(ctx, found, m, opt, st));
         if (st->n_user != U_WIN + 2 * o->window || st->user[U_LAYOUT] != LAYOUT || st->user[U_FLAGS_LO] != (double)(fp & 0xFFFFFFFFu) ||
             st->user[U_FLAGS_HI] != (double)(fp >> 32) || st->total_steps != steps) {
             fprintf(stderr, "distill: %s was written with other flags: resume with the flags of the interrupted run, or start "
                             "afresh without --resume\n", found);
-            exit(2);
+            finish(2);
         }
         snprintf(path, sizeof path, "%s", found);
         saved_attempts = (long)(st->step + st->skipped);
         if (st->step < steps) fprintf(stderr, "%s: resumed from %s at step %lld of %ld\n", label, found, (long long)st->step, steps);
     }
-    CHECK(moe_ckpt_clean(ctx, o->out, label, found[0] ? st->step : -1, &removed)); /* later (or, afresh, all) checkpoints */
+    if (g_ranks.rank == 0) CHECK(moe_ckpt_clean(ctx, o->out, label, found[0] ? st->step : -1, &removed)); /* later (or, afresh, all) */
     if (removed && !found[0]) fprintf(stderr, "%s: removed %d checkpoint%s of an earlier run from %s\n", label, removed, removed > 1 ? "s" : "", o->out);
+    if (o->zero) CHECK(moe_adamw_shard(ctx, opt, g_ranks.world)); /* after the load: each rank keeps its shard */
+    if (g_ranks.ep) CHECK(moe_model_expert_parallel(ctx, m, g_ranks.ep, g_ranks.edp));
     while (st->step < steps) {
-        moe_tensor *loss;
-        long attempt = (long)(st->step + st->skipped) + 1, index = (long)st->data_index++;
-        double main_loss = NAN, total = NAN, zl, zg;
+        long attempt = (long)(st->step + st->skipped) + 1, first = (long)st->data_index, local = o->accum / g_ranks.size, a;
+        double main_loss = 0, total = 0, zl, zg, sums[2];
         float gn = NAN;
         const char *why = NULL;
-        moe_tensor *emb = NULL;
-        float keep = 0;
-        if (kind == RUN_OFFLINE && (index + 1) * o->batch * o->seq > moe_distill_cache_info(cache).count) {
+        int64_t bad;
+        st->data_index += o->accum; /* a skipped step's batches are consumed too */
+        if (kind == RUN_OFFLINE && (first + o->accum) * o->batch * o->seq > moe_distill_cache_info(cache).count) {
             fprintf(stderr, "\ndistill: the teacher cache covers %lld positions; the skipped steps used them up (rerun with fewer "
                             "skips, or online)\n", (long long)moe_distill_cache_info(cache).count);
-            exit(1);
+            finish(1);
         }
-        CHECK(moe_data_batch(ctx, d, 0, st->seed, index, o->batch, o->seq, buf));
-        if (injected(o, 0, attempt)) { /* a NaN in one embedding during this forward only */
-            emb = moe_model_find(m, "model.embed_tokens.weight");
-            keep = (float)moe_tensor_get(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size);
-            moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, NAN);
+        for (a = 0; a < local && !why; a++) { /* this rank's micro-batches: [rank·local, (rank + 1)·local) of the step's */
+            long index = first + g_ranks.rank * local + a;
+            double step_total = NAN, step_main = NAN;
+            moe_tensor *loss = NULL, *emb = NULL;
+            float keep = 0;
+            CHECK(moe_data_batch(ctx, d, 0, st->seed, index, o->batch, o->seq, buf));
+            if (a == 0 && g_ranks.rank == 0 && injected(o, 0, attempt)) { /* a NaN in one embedding during this forward only */
+                emb = moe_model_find(m, "model.embed_tokens.weight");
+                keep = (float)moe_tensor_get(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size);
+                moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, NAN);
+            }
+            if (kind == RUN_PLAIN) {
+                moe_loss_parts p;
+                CHECK(moe_model_loss(ctx, m, buf, o->batch, o->seq, &lo, &loss, &p));
+                step_main = p.main;
+                step_total = p.total;
+            } else {
+                moe_distill_parts p;
+                moe_status ls;
+                if (kind == RUN_ONLINE) ls = moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+                else ls = moe_model_distill_loss_cached(ctx, m, cache, index * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
+                if (ls != MOE_ERR_NUMERIC) CHECK(ls); /* a non-finite loss is refused there: skipped below */
+                step_main = ls == MOE_OK ? p.ce : NAN;
+                step_total = ls == MOE_OK ? p.total : NAN;
+            }
+            if (emb) moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, keep);
+            bad = !isfinite(step_total);
+            if (g_ranks.ep) CHECK(moe_comm_allreduce(ctx, g_ranks.world, &bad, 1, MOE_COMM_I64, MOE_COMM_MAX)); /* backward is a collective */
+            if (bad) why = isfinite(step_total) ? "another rank's loss is not finite" : "the loss is not finite";
+            else CHECK(moe_backward(ctx, loss));
+            moe_ctx_reset(ctx);
+            if (!why && local > 1) CHECK(moe_model_accumulate_grads(ctx, m)); /* the micro-batch's gradient, then added */
+            total += step_total;
+            main_loss += step_main;
         }
-        if (kind == RUN_PLAIN) {
-            moe_loss_parts p;
-            CHECK(moe_model_loss(ctx, m, buf, o->batch, o->seq, &lo, &loss, &p));
-            main_loss = p.main;
-            total = p.total;
-        } else {
-            moe_distill_parts p;
-            moe_status ls;
-            if (kind == RUN_ONLINE) ls = moe_model_distill_loss(ctx, m, teacher, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
-            else ls = moe_model_distill_loss_cached(ctx, m, cache, index * o->batch * o->seq, buf, o->batch, o->seq, &lo, &dopt, &loss, &p);
-            if (ls != MOE_ERR_NUMERIC) CHECK(ls); /* a non-finite loss is refused there: skipped below */
-            main_loss = ls == MOE_OK ? p.ce : NAN;
-            total = ls == MOE_OK ? p.total : NAN;
-        }
-        if (emb) moe_tensor_set(emb, (int64_t)buf[0] * moe_model_config(m)->hidden_size, keep);
-        if (isfinite(total)) CHECK(moe_backward(ctx, loss));
-        else why = "the loss is not finite";
-        moe_ctx_reset(ctx);
+        sums[0] = total; /* every rank's in rank order, and one decision to skip */
+        sums[1] = main_loss;
+        bad = why != NULL;
+        CHECK(moe_comm_allreduce_ordered(ctx, g_ranks.world, sums, 2, MOE_COMM_F64));
+        CHECK(moe_comm_allreduce(ctx, g_ranks.world, &bad, 1, MOE_COMM_I64, MOE_COMM_MAX));
+        total = sums[0] / (double)o->accum;
+        main_loss = sums[1] / (double)o->accum;
+        if (bad && !why) why = "another rank's loss is not finite";
         if (!why) {
+            CHECK(moe_model_reduce_grads(ctx, m, g_ranks.world)); /* the step's gradient: every micro-batch's, summed */
             if (injected(o, 1, attempt)) {
                 int64_t i;
                 for (i = 0; i < moe_model_tensor_count(m); i++) {
@@ -395,7 +447,7 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
                     if (is_param && t->grad) { moe_tensor_set(t->grad, 0, NAN); break; }
                 }
             }
-            CHECK(moe_adamw_grad_norm(ctx, opt, 1.0f, &gn));
+            CHECK(moe_adamw_grad_norm(ctx, opt, 1.0f / (float)o->accum, &gn));
             zl = zscore(st->user + U_WIN, o->window, (long)st->user[U_COUNT], total);
             zg = zscore(st->user + U_WIN + o->window, o->window, (long)st->user[U_COUNT], gn);
             if (!isfinite(gn)) why = "the gradient norm is not finite";
@@ -413,11 +465,11 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
                 save(ctx, o, label, m, opt, st, path);
                 fprintf(stderr, "distill: %ld steps in a row skipped: stopping; the last good state is in %s (then --resume auto)\n",
                         o->max_skips, path);
-                exit(3);
+                finish(3);
             }
         } else {
             long next = (long)st->user[U_NEXT];
-            CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, st->step), 1.0f, (float)o->clip, NULL));
+            CHECK(moe_adamw_step(ctx, opt, moe_lr_at(&sched, st->step), 1.0f / (float)o->accum, (float)o->clip, NULL));
             CHECK(moe_model_update_expert_bias(ctx, m, (float)o->gamma));
             st->user[U_WIN + next] = total;
             st->user[U_WIN + o->window + next] = gn;
@@ -425,26 +477,32 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
             if (st->user[U_COUNT] < (double)o->window) st->user[U_COUNT] += 1;
             st->user[U_IN_A_ROW] = 0;
             st->step++;
-            st->tokens_seen += (double)(o->batch * o->seq);
+            st->tokens_seen += (double)(o->accum * o->batch * o->seq);
             run_steps++;
             ema = ema == 0 ? main_loss : 0.95 * ema + 0.05 * main_loss;
             progress(label, (long)st->step, steps, ema, moe_time_s() - t0, tty, 50);
         }
-        if (st->step < steps && ((!why && o->save_every > 0 && st->step % o->save_every == 0) ||
-                                 (o->save_seconds > 0 && moe_time_s() - saved_at >= o->save_seconds))) {
-            save(ctx, o, label, m, opt, st, path);
-            saved_attempts = (long)(st->step + st->skipped);
-            saved_at = moe_time_s();
-        }
-        if (g_signal) {
-            save(ctx, o, label, m, opt, st, path);
-            fprintf(stderr, "%sinterrupted by %s in %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n",
-                    tty ? "\n" : "", g_signal == SIGINT ? "SIGINT" : "SIGTERM", label, (long long)st->step, path);
-            exit(75);
+        {   /* a signal or a save that is due on any rank: every rank acts after the same step */
+            int64_t due[2];
+            due[0] = g_signal;
+            due[1] = o->save_seconds > 0 && moe_time_s() - saved_at >= o->save_seconds;
+            CHECK(moe_comm_allreduce(ctx, g_ranks.world, due, 2, MOE_COMM_I64, MOE_COMM_MAX));
+            if (st->step < steps && ((!why && o->save_every > 0 && st->step % o->save_every == 0) || due[1])) {
+                save(ctx, o, label, m, opt, st, path);
+                saved_attempts = (long)(st->step + st->skipped);
+                saved_at = moe_time_s();
+            }
+            if (due[0]) {
+                save(ctx, o, label, m, opt, st, path);
+                fprintf(stderr, "%sinterrupted by %s in %s after step %lld: saved %s; continue with --resume auto (exit status 75)\n",
+                        tty ? "\n" : "", due[0] == SIGINT ? "SIGINT" : "SIGTERM", label, (long long)st->step, path);
+                finish(75);
+            }
         }
     }
     if (saved_attempts != (long)(st->step + st->skipped)) save(ctx, o, label, m, opt, st, path); /* the finished training */
     *skipped += (long)st->skipped;
+    if (g_ranks.ep) CHECK(moe_model_expert_parallel(ctx, m, NULL, NULL)); /* evaluation and the teacher's use: each rank alone */
     moe_adamw_free(ctx, opt);
     free(st);
     (void)run_steps;
@@ -453,7 +511,7 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
 
 /* Training batches the cache covers: the steps, and room for a few skipped ones (a skipped step
    consumes its batch). */
-static long cache_batches(const options *o) { return o->steps + o->steps / 50 + 10; }
+static long cache_batches(const options *o) { return (o->steps + o->steps / 50 + 10) * o->accum; }
 
 /* Write the teacher's top-k for the inputs of training batches 0..steps-1 (the order the
    distilled student reads them), unless a cache with the same settings is there. */
@@ -513,6 +571,22 @@ int main(int argc, char **argv) {
 
     if (!parse_args(argc, argv, &o)) return 2;
     if (!st || moe_ctx_new(&ctx) != MOE_OK) return 1;
+    CHECK(moe_comm_init(ctx, MOE_COMM_DEFAULT, &g_ranks.world)); /* MPI when built with MOE_MPI */
+    g_ranks.rank = moe_comm_rank(g_ranks.world);
+    g_ranks.size = moe_comm_size(g_ranks.world);
+    if (o.accum % g_ranks.size != 0 || g_ranks.size % o.ep != 0) { /* every rank finds it: they end together */
+        fprintf(stderr, "distill: --accum %ld must be a multiple of the %d ranks, and --ep %ld divide them\n", o.accum, g_ranks.size, o.ep);
+        finish(2);
+    }
+    if (g_ranks.rank != 0) { /* one voice: the others' messages go to OUT/rank-<r>.log */
+        make_dirs(o.out);
+        snprintf(path, sizeof path, "%s/rank-%d.log", o.out, g_ranks.rank);
+        if (!freopen(path, "w", stderr) || !freopen("/dev/null", "w", stdout)) return 1;
+    }
+    if (o.ep > 1) { /* EP groups of consecutive ranks; EDP groups: the same place in each */
+        CHECK(moe_comm_split(ctx, g_ranks.world, g_ranks.rank / (int)o.ep, g_ranks.rank, &g_ranks.ep));
+        if (g_ranks.size > o.ep) CHECK(moe_comm_split(ctx, g_ranks.world, g_ranks.rank % (int)o.ep, g_ranks.rank, &g_ranks.edp));
+    }
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
     if (o.teacher_config) CHECK(moe_config_load(ctx, o.teacher_config, &tc));
     if (o.teacher) CHECK(moe_ckpt_config(ctx, o.teacher, &tc));
@@ -534,7 +608,7 @@ int main(int argc, char **argv) {
     }
     make_dirs(o.out);
     /* temporaries of a process killed while writing (a checkpoint, the cache) */
-    CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
+    if (g_ranks.rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
     if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -566,7 +640,7 @@ int main(int argc, char **argv) {
         st->data_index = o.teacher_steps;
         st->tokens_seen = (double)(o.teacher_steps * o.batch * o.seq);
         snprintf(path, sizeof path, "%s/teacher.ckpt", o.out);
-        CHECK(moe_ckpt_save(ctx, path, teacher, NULL, st));
+        if (g_ranks.rank == 0) CHECK(moe_ckpt_save(ctx, path, teacher, NULL, st));
         fprintf(stderr, "teacher: %ld steps in %.0f s, saved to %s (reuse it with --teacher)\n", o.teacher_steps, t_teacher, path);
     }
     vb = val_loss(ctx, teacher, data, nval, o.batch, o.seq, batch);
@@ -580,7 +654,8 @@ int main(int argc, char **argv) {
         tag = moe_rng_hash(tag, (uint64_t)(vb * 1e9)); /* a different teacher makes a different tag */
         snprintf(cache_path, sizeof cache_path, "%s/teacher_topk.cache", o.out);
         t_cache = moe_time_s();
-        write_cache(ctx, &o, cache_path, tag, teacher, data, batch);
+        if (g_ranks.rank == 0) write_cache(ctx, &o, cache_path, tag, teacher, data, batch);
+        CHECK(moe_comm_barrier(ctx, g_ranks.world)); /* rank 0 wrote it */
         CHECK(moe_distill_cache_open(ctx, cache_path, &cache));
         t_cache = moe_time_s() - t_cache;
         fprintf(stderr, "cache: %s, %lld records of the top %ld (%.0f MB), %.0f s\n", cache_path,
@@ -624,5 +699,6 @@ int main(int argc, char **argv) {
     moe_model_free(ctx, distilled);
     moe_data_free(ctx, data);
     moe_ctx_free(ctx);
+    finish(0);
     return 0;
 }

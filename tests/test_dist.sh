@@ -107,11 +107,14 @@ fi
 # the same MPI run twice gives the same bytes; a checkpoint resumes on another number of
 # ranks, with or without ZeRO-1, and on another EP size.
 TT="--batch 4 --seq 32 --steps 6 --threads 1 --sample 0 --val-every 3 --warmup 2 --save-every 3 --keep 0 --seconds 0"
-run1() { "$tmp/tt_self" $TT "$@" >"$tmp/last.txt" 2>&1 || { echo "     train_tiny $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
-runp() { local np=$1; shift
+one() { local prog=$1; shift # one PROG ARGS: $tmp/PROG_self, its output in $tmp/last.txt
+    "$tmp/${prog}_self" "$@" >"$tmp/last.txt" 2>&1 || { echo "     $prog $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
+ranks() { local prog=$1 np=$2; shift 2 # ranks PROG NP ARGS: $tmp/PROG_mpi under mpirun
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 300 \
-        mpirun -np "$np" --oversubscribe --bind-to none "$tmp/tt_mpi" $TT "$@" >"$tmp/last.txt" 2>&1 ||
-        { echo "     mpirun -np $np train_tiny $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
+        mpirun -np "$np" --oversubscribe --bind-to none "$tmp/${prog}_mpi" "$@" >"$tmp/last.txt" 2>&1 ||
+        { echo "     mpirun -np $np $prog $*: exit $?"; tail -n 3 "$tmp/last.txt"; }; }
+run1() { one tt $TT "$@"; }
+runp() { local np=$1; shift; ranks tt "$np" $TT "$@"; }
 same() { # same NAME FILE1 FILE2
     if [ -f "$2" ] && [ -f "$3" ] && cmp -s "$2" "$3"; then echo "ok   $1"; echo "     cmp $2 $3: identical ($(wc -c <"$2") bytes)"; pass=$((pass + 1))
     else echo "FAIL $1"; echo "     cmp $2 $3: $(cmp "$2" "$3" 2>&1 | head -n 1)"; fail=$((fail + 1)); fi; }
@@ -207,6 +210,37 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     else echo "FAIL --accum 3 on 2 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
 else
     echo "FAIL train_tiny does not build (plain and mpicc -DMOE_MPI)"; fail=$((fail + 1))
+fi
+
+# ---- distillation under mpirun: examples/distill (teacher, scratch and distilled students) ----
+# 4 steps each of 2 x 32-byte micro-batches, --accum P: P ranks write one process's files
+DD="--teacher-steps 4 --steps 4 --batch 2 --seq 32 --val-batches 1 --save-every 2 --keep 0 --threads 1 --warmup 1"
+drun1() { one di $DD "$@"; }
+drunp() { local np=$1; shift; ranks di "$np" $DD "$@"; }
+if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
+    mpicc $W -march=native -fopenmp -DMOE_MPI examples/distill.c -o "$tmp/di_mpi" -lm; then
+    d=$tmp/di
+    echo "== distillation: examples/distill, one process against mpirun"
+    drun1 --accum 2 --out "$d/p1"; drunp 2 --accum 2 --out "$d/p2"
+    for f in teacher.ckpt scratch-00000004.bin distilled-00000004.bin; do
+        same "distill, 2 ranks = 1 process: $f" "$d/p1/$f" "$d/p2/$f"
+    done
+    drunp 2 --accum 2 --zero 1 --ep 2 --out "$d/p2ze"
+    same "distill with ZeRO-1 and EP=2 = 1 process: the distilled student" "$d/p1/distilled-00000004.bin" "$d/p2ze/distilled-00000004.bin"
+    drun1 --accum 4 --out "$d/p1a4"; drunp 4 --accum 4 --ep 2 --zero 1 --out "$d/p4"
+    same "distill, EP=2 x DP=2 with ZeRO-1 = 1 process: the teacher" "$d/p1a4/teacher.ckpt" "$d/p4/teacher.ckpt"
+    same "distill, EP=2 x DP=2 with ZeRO-1 = 1 process: the distilled student" "$d/p1a4/distilled-00000004.bin" "$d/p4/distilled-00000004.bin"
+    drun1 --accum 2 --offline --out "$d/o1"; drunp 2 --accum 2 --offline --ep 2 --out "$d/o2"
+    same "distill from the top-k cache, 2 ranks = 1 process: the cache rank 0 wrote" "$d/o1/teacher_topk.cache" "$d/o2/teacher_topk.cache"
+    same "distill from the top-k cache, 2 ranks = 1 process: the student" "$d/o1/distill-kc-00000004.bin" "$d/o2/distill-kc-00000004.bin"
+    cp -r "$d/p2ze" "$d/r21"; rm -f "$d/r21/distilled-00000004.bin"
+    drun1 --accum 2 --resume auto --out "$d/r21"
+    same "distill: a 2-rank (ZeRO-1, EP) run resumed on 1 process" "$d/p1/distilled-00000004.bin" "$d/r21/distilled-00000004.bin"
+    cp -r "$d/p1" "$d/r12"; rm -f "$d/r12/distilled-00000004.bin"
+    drunp 2 --accum 2 --zero 1 --ep 2 --resume auto --out "$d/r12"
+    same "distill: a 1-process run resumed on 2 ranks (ZeRO-1, EP)" "$d/p1/distilled-00000004.bin" "$d/r12/distilled-00000004.bin"
+else
+    echo "FAIL distill does not build (plain and mpicc -DMOE_MPI)"; fail=$((fail + 1))
 fi
 echo "SUITE: $pass passed, $fail failed"
 [ "$fail" = 0 ]
