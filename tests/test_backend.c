@@ -581,6 +581,19 @@ static void run_gemm(const gemm_case *gc) {
     for (i = 0; i < nb; i++)
         chk_gemm_c("C", out[0] + i * sc, C0 + i * sc, ref + i * sc, mag + i * sc, m, n, ldc, 4.0 * (double)(k + 2) * U24);
     same_bits("C", out[0], out[1], (size_t)(nb * sc) * sizeof(moe_real));
+#if defined(MOE__GEMM_HAVE_AVX512)
+    if (gc->prec == MOE_F32 && be == moe__cpu_backend()) { /* the other FP32 kernel (6×32 zmm or 6×16 ymm): the same bits */
+        moe_real *other = HR(nb * sc);
+        ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+        op.c = UPR(C0, nb * sc);
+        CALL(be->gemm(ctx, &op));
+        DOWNR(other, op.c, nb * sc);
+        moe_ctx_reset(ctx);
+        ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+        T_CHECK(memcmp(out[0], other, (size_t)(nb * sc) * sizeof(moe_real)) == 0, "C %s: the 6x16 and 6x32 FP32 kernels give different bits",
+                shape);
+    }
+#endif
     if (gc->prec == MOE_FP8_E4M3 && k > 0) {
         /* sanity of the recipe against the plain product: each E4M3 operand is within 2^-4
            relative of the value (3 mantissa bits, round to nearest), so the product is within
@@ -611,6 +624,7 @@ static void t_gemm(void) {
         {37, 130, 67, 3, 0, 1, 1, MOE_F32, -1.5, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0},
         {130, 67, 37, 2, 1, 1, 0, MOE_F32, 1, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0},
         {big, 130, 97, 1, 0, 1, 1, MOE_F32, 1, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0},
+        {40, 100, 600, 1, 0, 0, 1, MOE_F32, 1, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0}, /* K in blocks; 3 column pairs and a half */
         {3, 5, 0, 1, 0, 0, 0, MOE_F32, 1, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0}, /* k = 0: C = 0 */
         {37, 67, 130, 1, 0, 1, 1, MOE_BF16, 1, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0},
         {5, 3, 67, 2, 1, 0, 0, MOE_BF16, 2, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, 0},
