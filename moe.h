@@ -2654,13 +2654,13 @@ typedef struct moe__gemm_desc {
 
 enum { MOE__GEMM_KIND_F32 = 0, MOE__GEMM_KIND_BF16 = 1 };
 
-/* The zmm FP32 kernel by default wherever the build has AVX-512; MOE_GEMM_ZMM=0 or 1 decides. */
+/* The zmm FP32 kernel wherever the build has AVX-512, unless MOE_GEMM_ZMM=0. */
 static int moe__gemm_zmm_default(void) {
     const char *env = getenv("MOE_GEMM_ZMM");
-    if (env && (env[0] == '0' || env[0] == '1') && !env[1]) return env[0] == '1';
 #if defined(MOE__GEMM_HAVE_AVX512)
-    return 1;
+    return !(env && env[0] == '0' && !env[1]);
 #else
+    (void)env;
     return 0;
 #endif
 }
@@ -8777,9 +8777,10 @@ static moe_status moe__model_distill_student(moe_ctx *ctx, const char *fn, moe_m
                                              int64_t T, const moe_loss_opts *lopts, const moe_distill_opts *dopts,
                                              moe_tensor *tl, moe_tensor *tids, moe_tensor *tlogp, moe_tensor *ttail,
                                              moe_tensor **loss, moe_distill_parts *parts) {
-    moe_tensor *ids, *tgt, *h, *logits, *dl, *aux = NULL;
+    moe_tensor *ids, *tgt, *h, *logits, *dl = NULL, *aux = NULL;
     moe_distill_parts dp;
     moe_loss_opts o;
+    moe_status st;
     memset(&o, 0, sizeof o);
     if (lopts) o = *lopts;
     if (!(o.mtp_lambda >= 0) || !(o.balance_alpha >= 0)) return moe__fail(ctx, MOE_ERR_ARG, "%s: mtp_lambda and balance_alpha must be >= 0", fn);
@@ -8787,8 +8788,19 @@ static moe_status moe__model_distill_student(moe_ctx *ctx, const char *fn, moe_m
     MOE__TRY(moe__ids(ctx, tokens, B, T, T + 1, 1, &tgt));
     MOE__TRY(moe__model_trunk(ctx, m, ids, B, T, 0, NULL, o.balance_alpha, &h, &aux));
     MOE__TRY(moe_matmul(ctx, h, m->head, &logits));
-    if (tl) MOE__TRY(moe_distill_loss(ctx, logits, tl, tgt, dopts, &dl, &dp));
-    else MOE__TRY(moe_distill_loss_topk(ctx, logits, tids, tlogp, ttail, tgt, dopts, &dl, &dp));
+    st = tl ? moe_distill_loss(ctx, logits, tl, tgt, dopts, &dl, &dp) : moe_distill_loss_topk(ctx, logits, tids, tlogp, ttail, tgt, dopts, &dl, &dp);
+    if (st == MOE_ERR_NUMERIC) { /* still through the MTP block: under expert parallelism its MoE layer is a collective */
+        char why[512];
+        int64_t one = 1;
+        snprintf(why, sizeof why, "%s", moe_ctx_error(ctx));
+        MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 1, &one, &dl));
+        MOE__TRY(MOE__BE(ctx)->fill(ctx, (moe_real)NAN, 1, MOE__F32(dl)));
+        *loss = dl;
+        memset(&dp, 0, sizeof dp);
+        MOE__TRY(moe__model_add_mtp(ctx, m, tokens, B, T, &o, h, aux, loss, dp.mtp, &dp.balance));
+        return moe__fail(ctx, st, "%s", why);
+    }
+    MOE__TRY(st);
     *loss = dl;
     MOE__TRY(moe__model_add_mtp(ctx, m, tokens, B, T, &o, h, aux, loss, dp.mtp, &dp.balance));
     dp.total = moe__tensor_at(ctx, *loss, 0);

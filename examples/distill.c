@@ -300,7 +300,8 @@ static uint64_t flags_fingerprint(const options *o, const char *label, long step
         snprintf(text + n, sizeof text - n, " %.17g %.17g %d %ld %s %s %ld %.17g", o->alpha, o->temperature, o->reverse, o->topk,
                  o->teacher ? o->teacher : "", o->teacher_config ? o->teacher_config : "", o->teacher_steps, o->teacher_lr);
     n = strlen(text);
-    if (n < sizeof text) snprintf(text + n, sizeof text - n, " accum %ld", o->accum); /* the ranks do not matter, the sum does */
+    if (o->accum != 1 && n < sizeof text) /* the ranks do not matter, the sum does (1: the fingerprint of earlier builds) */
+        snprintf(text + n, sizeof text - n, " accum %ld", o->accum);
     for (i = 0; text[i]; i++) h = (h ^ (unsigned char)text[i]) * 0x100000001B3ull;
     return h;
 }
@@ -637,8 +638,8 @@ int main(int argc, char **argv) {
         memset(st, 0, sizeof *st);
         st->step = o.teacher_steps;
         st->seed = to.seed;
-        st->data_index = o.teacher_steps;
-        st->tokens_seen = (double)(o.teacher_steps * o.batch * o.seq);
+        st->data_index = o.teacher_steps * o.accum;
+        st->tokens_seen = (double)(o.teacher_steps * o.accum * o.batch * o.seq);
         snprintf(path, sizeof path, "%s/teacher.ckpt", o.out);
         if (g_ranks.rank == 0) CHECK(moe_ckpt_save(ctx, path, teacher, NULL, st));
         fprintf(stderr, "teacher: %ld steps in %.0f s, saved to %s (reuse it with --teacher)\n", o.teacher_steps, t_teacher, path);

@@ -233,6 +233,9 @@ if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
     drun1 --accum 2 --offline --out "$d/o1"; drunp 2 --accum 2 --offline --ep 2 --out "$d/o2"
     same "distill from the top-k cache, 2 ranks = 1 process: the cache rank 0 wrote" "$d/o1/teacher_topk.cache" "$d/o2/teacher_topk.cache"
     same "distill from the top-k cache, 2 ranks = 1 process: the student" "$d/o1/distill-kc-00000004.bin" "$d/o2/distill-kc-00000004.bin"
+    drun1 --accum 2 --inject nan-loss@2 --out "$d/n1"; drunp 2 --accum 2 --ep 2 --inject nan-loss@2 --out "$d/n2"
+    same "distill with EP=2, rank 0's loss alone not finite at step 2 (skipped together) = 1 process" \
+        "$d/n1/distilled-00000004.bin" "$d/n2/distilled-00000004.bin"
     cp -r "$d/p2ze" "$d/r21"; rm -f "$d/r21/distilled-00000004.bin"
     drun1 --accum 2 --resume auto --out "$d/r21"
     same "distill: a 2-rank (ZeRO-1, EP) run resumed on 1 process" "$d/p1/distilled-00000004.bin" "$d/r21/distilled-00000004.bin"
