@@ -49,6 +49,7 @@
      MOE_NO_SIMD        portable scalar kernels only
      MOE_CBLAS          route FP32 GEMMs to cblas_sgemm (link a CBLAS library)
      MOE_MPI            compile the MPI communicator in (build with mpicc)
+     MOE_COMM_BUCKET    values per gradient-reduction bucket and ZeRO-1 round (default 2^22)
      MOE_REAL_F64       compute in double instead of float: the build that the
                         finite-difference gradient checks use (tensors of dtype MOE_F32
                         then hold doubles; FP8/BF16 paths still round through float)
@@ -56,6 +57,10 @@
                         the teacher cache's checksum is computed but not enforced, so a
                         fuzzer reaches the record checks behind it (checkpoints still
                         enforce theirs). Never define it in a real build.
+
+   Environment
+     MOE_GEMM_ZMM=0     new contexts use the 6×16 ymm FP32 GEMM kernel instead of the 6×32
+                        zmm one (the default where the build has AVX-512; the same bits)
 
    License: MIT or public domain, your choice — see the end of this file. */
 
