@@ -2956,6 +2956,41 @@ static void moe__gemm_pack_at_bf16_group(const moe__gemm_desc *d, int64_t i, int
 
 #if defined(MOE__GEMM_HAVE_AVX2)
 /* ---- micro-kernels ---- */
+/* The k loop of the FP32 kernels over A element (i, p) at a[i*rsa + p*csa]: rows in place
+   (csa == 1), packed 6-row micro-panels (csa == MR) or any stride; STEP(A0..A5) takes the six
+   rows' element pointers of one k. */
+#define MOE__GEMM_A_WALK(STEP)                                                                        \
+    if (csa == 1) {                                                                                   \
+        const float *a0 = a, *a1 = a + rsa, *a2 = a + 2 * rsa, *a3 = a + 3 * rsa, *a4 = a + 4 * rsa,  \
+                    *a5 = a + 5 * rsa;                                                                \
+        for (p = 0; p + 4 <= kc; p += 4) {                                                            \
+            STEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)                                      \
+            STEP(a0 + p + 1, a1 + p + 1, a2 + p + 1, a3 + p + 1, a4 + p + 1, a5 + p + 1)              \
+            STEP(a0 + p + 2, a1 + p + 2, a2 + p + 2, a3 + p + 2, a4 + p + 2, a5 + p + 2)              \
+            STEP(a0 + p + 3, a1 + p + 3, a2 + p + 3, a3 + p + 3, a4 + p + 3, a5 + p + 3)              \
+        }                                                                                             \
+        for (; p < kc; p++) {                                                                         \
+            STEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)                                      \
+        }                                                                                             \
+    } else if (csa == MOE__GEMM_MR) {                                                                 \
+        for (p = 0; p + 4 <= kc; p += 4) {                                                            \
+            STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)                                                \
+            STEP(a + 6, a + 7, a + 8, a + 9, a + 10, a + 11)                                          \
+            STEP(a + 12, a + 13, a + 14, a + 15, a + 16, a + 17)                                      \
+            STEP(a + 18, a + 19, a + 20, a + 21, a + 22, a + 23)                                      \
+            a += 24;                                                                                  \
+        }                                                                                             \
+        for (; p < kc; p++) {                                                                         \
+            STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)                                                \
+            a += 6;                                                                                   \
+        }                                                                                             \
+    } else {                                                                                          \
+        for (p = 0; p < kc; p++) {                                                                    \
+            STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)                                                \
+            a += csa;                                                                                 \
+        }                                                                                             \
+    }
+
 /* 6×16 FP32. A element (i, p) at a[i*rsa + p*csa] (either rsa == 1 or csa == 1);
    b: packed kc×16 (32-byte aligned). mode 0: C = alpha·acc; 1: C = fma(beta, C, alpha·acc);
    2: C = fma(alpha, acc, C). */
@@ -2985,36 +3020,7 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_avx2(int64_t kc, const float *MOE_
     av = _mm256_broadcast_ss(A3); c30 = _mm256_fmadd_ps(av, b0, c30); c31 = _mm256_fmadd_ps(av, b1, c31); \
     av = _mm256_broadcast_ss(A4); c40 = _mm256_fmadd_ps(av, b0, c40); c41 = _mm256_fmadd_ps(av, b1, c41); \
     av = _mm256_broadcast_ss(A5); c50 = _mm256_fmadd_ps(av, b0, c50); c51 = _mm256_fmadd_ps(av, b1, c51);
-    if (csa == 1) {
-        const float *a0 = a, *a1 = a + rsa, *a2 = a + 2 * rsa, *a3 = a + 3 * rsa, *a4 = a + 4 * rsa,
-                    *a5 = a + 5 * rsa;
-        for (p = 0; p + 4 <= kc; p += 4) {
-            MOE__GEMM_STEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)
-            MOE__GEMM_STEP(a0 + p + 1, a1 + p + 1, a2 + p + 1, a3 + p + 1, a4 + p + 1, a5 + p + 1)
-            MOE__GEMM_STEP(a0 + p + 2, a1 + p + 2, a2 + p + 2, a3 + p + 2, a4 + p + 2, a5 + p + 2)
-            MOE__GEMM_STEP(a0 + p + 3, a1 + p + 3, a2 + p + 3, a3 + p + 3, a4 + p + 3, a5 + p + 3)
-        }
-        for (; p < kc; p++) {
-            MOE__GEMM_STEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)
-        }
-    } else if (csa == MOE__GEMM_MR) {
-        for (p = 0; p + 4 <= kc; p += 4) {
-            MOE__GEMM_STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            MOE__GEMM_STEP(a + 6, a + 7, a + 8, a + 9, a + 10, a + 11)
-            MOE__GEMM_STEP(a + 12, a + 13, a + 14, a + 15, a + 16, a + 17)
-            MOE__GEMM_STEP(a + 18, a + 19, a + 20, a + 21, a + 22, a + 23)
-            a += 24;
-        }
-        for (; p < kc; p++) {
-            MOE__GEMM_STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            a += 6;
-        }
-    } else {
-        for (p = 0; p < kc; p++) {
-            MOE__GEMM_STEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            a += csa;
-        }
-    }
+    MOE__GEMM_A_WALK(MOE__GEMM_STEP)
 #undef MOE__GEMM_STEP
     va = _mm256_set1_ps(alpha);
 #define MOE__GEMM_EPI(R, X0, X1)                                                                 \
@@ -3072,36 +3078,7 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_zmm(int64_t kc, const float *MOE_R
     av = _mm512_set1_ps(*(A3)); c30 = _mm512_fmadd_ps(av, b0, c30); c31 = _mm512_fmadd_ps(av, b1, c31); \
     av = _mm512_set1_ps(*(A4)); c40 = _mm512_fmadd_ps(av, b0, c40); c41 = _mm512_fmadd_ps(av, b1, c41); \
     av = _mm512_set1_ps(*(A5)); c50 = _mm512_fmadd_ps(av, b0, c50); c51 = _mm512_fmadd_ps(av, b1, c51);
-    if (csa == 1) {
-        const float *a0 = a, *a1 = a + rsa, *a2 = a + 2 * rsa, *a3 = a + 3 * rsa, *a4 = a + 4 * rsa,
-                    *a5 = a + 5 * rsa;
-        for (p = 0; p + 4 <= kc; p += 4) {
-            MOE__GEMM_ZSTEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)
-            MOE__GEMM_ZSTEP(a0 + p + 1, a1 + p + 1, a2 + p + 1, a3 + p + 1, a4 + p + 1, a5 + p + 1)
-            MOE__GEMM_ZSTEP(a0 + p + 2, a1 + p + 2, a2 + p + 2, a3 + p + 2, a4 + p + 2, a5 + p + 2)
-            MOE__GEMM_ZSTEP(a0 + p + 3, a1 + p + 3, a2 + p + 3, a3 + p + 3, a4 + p + 3, a5 + p + 3)
-        }
-        for (; p < kc; p++) {
-            MOE__GEMM_ZSTEP(a0 + p, a1 + p, a2 + p, a3 + p, a4 + p, a5 + p)
-        }
-    } else if (csa == MOE__GEMM_MR) {
-        for (p = 0; p + 4 <= kc; p += 4) {
-            MOE__GEMM_ZSTEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            MOE__GEMM_ZSTEP(a + 6, a + 7, a + 8, a + 9, a + 10, a + 11)
-            MOE__GEMM_ZSTEP(a + 12, a + 13, a + 14, a + 15, a + 16, a + 17)
-            MOE__GEMM_ZSTEP(a + 18, a + 19, a + 20, a + 21, a + 22, a + 23)
-            a += 24;
-        }
-        for (; p < kc; p++) {
-            MOE__GEMM_ZSTEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            a += 6;
-        }
-    } else {
-        for (p = 0; p < kc; p++) {
-            MOE__GEMM_ZSTEP(a, a + 1, a + 2, a + 3, a + 4, a + 5)
-            a += csa;
-        }
-    }
+    MOE__GEMM_A_WALK(MOE__GEMM_ZSTEP)
 #undef MOE__GEMM_ZSTEP
     va = _mm512_set1_ps(alpha);
 #define MOE__GEMM_ZEPI(R, X0, X1)                                                                \
