@@ -7482,7 +7482,7 @@ static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const 
     const moe_backend *be = MOE__BE(ctx);
     int64_t d = S->d, I = S->cfg->moe_intermediate_size, nw = L->e_n * 3 * I * d, rows = P->rows, s, t;
     int64_t R = L->edp ? moe_comm_size(L->edp) : 1, k = L->edp ? moe_comm_rank(L->edp) : 0;
-    moe_real *xr = moe__dev_real(ctx, rows * d, "moe backward"), *dyr = moe__dev_real(ctx, rows * d, "moe backward");
+    moe_real *xr = S->xr, *dyr = moe__dev_real(ctx, rows * d, "moe backward");
     moe_real *gr = moe__dev_real(ctx, rows, "moe backward"), *dxr = moe__dev_zeros(ctx, rows * d, "moe backward");
     moe_real *dgr = moe__dev_real(ctx, rows, "moe backward"), *part = NULL, *sum = NULL, *u16 = NULL;
     moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
@@ -7491,12 +7491,10 @@ static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const 
     if ((dw13 || dw2) && (!(part = moe__dev_real(ctx, nw, "moe backward")) || !(sum = moe__dev_zeros(ctx, nw, "moe backward"))))
         part = NULL;
     if (keep != MOE_F32) u16 = (moe_real *)moe__dev_scratch(ctx, rows * d + 1, sizeof(uint16_t), "moe backward");
-    st = xr && dyr && gr && dxr && dgr && (part || !(dw13 || dw2)) && (u16 || keep == MOE_F32) ? MOE_OK : MOE_ERR_MEMORY;
+    st = dyr && gr && dxr && dgr && (part || !(dw13 || dw2)) && (u16 || keep == MOE_F32) ? MOE_OK : MOE_ERR_MEMORY;
     MOE__TRY(moe__ep_agree(ctx, L, st));
-    if (keep == MOE_F32) { /* the received inputs as one process's saved input gives them back */
-        MOE__TRY(be->copy(ctx, xr, S->xr, (size_t)(rows * d) * sizeof(moe_real), MOE__D2D));
-    } else {
-        MOE__TRY(be->convert(ctx, S->xr, MOE_F32, rows * d, u16, keep));
+    if (keep != MOE_F32) { /* the received inputs, rounded as one process's saved input gives them back */
+        MOE__TRY(be->convert(ctx, xr, MOE_F32, rows * d, u16, keep));
         MOE__TRY(be->convert(ctx, u16, keep, rows * d, xr, MOE_F32));
     }
     MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d));
@@ -12916,8 +12914,8 @@ static int64_t moe__zero_round(const moe_adamw *o, int64_t j, int64_t *len) {
 /* The gradients' rank-ordered sum, this rank's shard of it in place; the rest of the slab 0. */
 static moe_status moe__zero_reduce_scatter(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
     moe_real *g = MOE__F32(o->model->grads), *stage = (moe_real *)o->stage;
-    int64_t *len = o->counts + 2 * comm->size, S = moe__zero_round_len(o), n = o->model->grads->numel, j, r, at;
-    for (j = 0; j < moe__zero_rounds(o); j++) {
+    int64_t *len = o->counts + 2 * comm->size, S = moe__zero_round_len(o), n = o->model->grads->numel, rounds = moe__zero_rounds(o), j, r, at;
+    for (j = 0; j < rounds; j++) {
         moe__zero_round(o, j, len);
         for (r = 0, at = 0; r < comm->size; at += len[r], r++) memcpy(stage + at, g + o->bounds[r] + j * S, sizeof(moe_real) * (size_t)len[r]);
         MOE__TRY(moe_comm_reduce_scatter(ctx, comm, stage, g + o->lo + j * S, len, MOE__COMM_REAL));
@@ -12930,8 +12928,8 @@ static moe_status moe__zero_reduce_scatter(moe_ctx *ctx, moe_adamw *o, moe_comm 
 /* Every rank's updated shard of the parameters to every rank. */
 static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o) {
     moe_real *p = MOE__F32(o->model->params), *stage = (moe_real *)o->stage;
-    int64_t *len = o->counts + 2 * o->comm->size, S = moe__zero_round_len(o), j, r, at;
-    for (j = 0; j < moe__zero_rounds(o); j++) {
+    int64_t *len = o->counts + 2 * o->comm->size, S = moe__zero_round_len(o), rounds = moe__zero_rounds(o), j, r, at;
+    for (j = 0; j < rounds; j++) {
         moe__zero_round(o, j, len);
         MOE__TRY(moe_comm_allgather(ctx, o->comm, p + o->lo + j * S, stage, len, MOE__COMM_REAL));
         for (r = 0, at = 0; r < o->comm->size; at += len[r], r++)
@@ -12944,7 +12942,7 @@ static moe_status moe__zero_gather_params(moe_ctx *ctx, moe_adamw *o) {
    for checkpoints: the other ranks send, rank 0 receives. */
 static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, void **m, void **v) {
     int64_t es = o->cfg.moment_dtype == MOE_BF16 ? 2 : 4, n = o->model->params->numel, P = o->comm->size, S = moe__zero_round_len(o);
-    int64_t *len = o->counts + 2 * P, *send = o->counts + 3 * P, j, r, at, k;
+    int64_t *len = o->counts + 2 * P, *send = o->counts + 3 * P, rounds = moe__zero_rounds(o), j, r, at, k;
     int root = o->comm->rank == 0;
     unsigned char *stage = (unsigned char *)o->stage, *whole[2];
     moe_status st = MOE_OK;
@@ -12958,7 +12956,7 @@ static moe_status moe__zero_gather_moments(moe_ctx *ctx, const moe_adamw *o, voi
     whole[0] = (unsigned char *)*m;
     whole[1] = (unsigned char *)*v;
     for (k = 0; k < 2 && !st; k++)
-        for (j = 0; j < moe__zero_rounds(o) && !st; j++) {
+        for (j = 0; j < rounds && !st; j++) {
             moe__zero_round(o, j, len);
             for (r = 0; r < P; r++) send[r] = r == 0 ? len[o->comm->rank] : 0;
             if (!root) for (r = 0; r < P; r++) len[r] = 0;
