@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # build.sh — the one entry point of moe.h.
 #
-#   ./build.sh                  build every C target into build/ (and compile-check the CUDA
-#                               header for sm_90a when nvcc is present)
+#   ./build.sh                  build every C target into build/ (and, when nvcc is present, the
+#                               CUDA implementation for sm_90a with the strict flags, linked from C)
+#   ./build.sh cuda             the CUDA binaries into build/cuda/: train_tiny, generate, the table
+#                               test, the conversion check, bench/gpu.cu (tests/gpu/run.sh runs them)
 #   ./build.sh test [SUITE]     build and run every test suite (or one); the last line is
 #                               "N passed, M failed" over all test cases; exit 0 only if M = 0
 #   ./build.sh bench [NAME]     run bench/NAME.c (all benches without NAME)
@@ -49,12 +51,43 @@ compile() {
     $CC $BASE $OPT $OMP "$@" "$src" -o "$out" $LIBS
 }
 
-build_cuda_check() {
-    command -v nvcc >/dev/null 2>&1 || { log "nvcc not found: skipping the sm_90a compile check"; return 0; }
-    nvcc -std=c++17 -x cu -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -DMOE_CUDA \
-        --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror --Wdefault-stream-launch \
-        --Wmissing-launch-bounds -Xptxas -warn-spills,-warn-lmem-usage,-Werror \
-        -c "$ROOT/tests/cuda_compile.cu" -o "$BUILD/cuda_compile.o"
+# ---- the CUDA build (../shared/reference/gpu.md §7.1) -------------------------------------
+# sm_90a; warnings are errors; every kernel with launch bounds and an explicit stream; no
+# register spills or local memory; no FMA contraction on either side (--fmad=false and
+# -ffp-contract=off), so the element-wise kernels give the CPU's bits. The implementation
+# compiles once into build/moe_cuda.o, which C compiled by gcc links against (tests/cuda_link.c).
+NVCC_FLAGS="-std=c++17 -gencode arch=compute_90a,code=sm_90a -O3 --fmad=false -Xcompiler -ffp-contract=off
+    --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror --Wdefault-stream-launch --Wmissing-launch-bounds
+    -Xptxas -warn-spills,-warn-lmem-usage,-Werror -I$ROOT -DMOE_CUDA"
+[ "$NATIVE" = 1 ] && NVCC_FLAGS="$NVCC_FLAGS -Xcompiler -march=native"
+have_nvcc() { command -v nvcc >/dev/null 2>&1; }
+cuda_libs() {
+    local libs="-lcublasLt -lcudart"
+    [ -e "$(dirname "$(command -v nvcc)")/../lib64/libnccl.so" ] && libs="$libs -lnccl"
+    echo "$libs"
+}
+# nvcc_compile OUT SRC [flags]: a C program that holds the implementation, as CUDA C++
+nvcc_compile() {
+    local out=$1 src=$2; shift 2
+    nvcc $NVCC_FLAGS -x cu "$@" "$src" -o "$out" $(cuda_libs)
+}
+build_cuda_lib() {
+    have_nvcc || { log "nvcc not found: skipping the CUDA build"; return 0; }
+    nvcc $NVCC_FLAGS -x cu -c tests/cuda_impl.cu -o "$BUILD/moe_cuda.o"
+    $CC $BASE $OPT -DMOE_CUDA -c tests/cuda_link.c -o "$BUILD/cuda_link.o"
+    nvcc "$BUILD/cuda_link.o" "$BUILD/moe_cuda.o" -o "$BUILD/cuda_link" $(cuda_libs)
+}
+cmd_cuda() {
+    have_nvcc || { log "nvcc not found: no CUDA build"; return 1; }
+    mkdir -p "$BUILD/cuda"
+    build_cuda_lib
+    nvcc_compile "$BUILD/cuda/train_tiny" examples/train_tiny.c &
+    nvcc_compile "$BUILD/cuda/generate" examples/generate.c &
+    wait
+    nvcc_compile "$BUILD/cuda/test_backend" tests/test_backend.c &
+    nvcc $NVCC_FLAGS tests/gpu/conversions.cu -o "$BUILD/cuda/gpu_conversions" $(cuda_libs) &
+    nvcc $NVCC_FLAGS bench/gpu.cu -o "$BUILD/cuda/bench_gpu" $(cuda_libs) &
+    wait
 }
 
 build_all() {
@@ -75,7 +108,7 @@ build_all() {
         [ "$(basename "$f")" = gemm.c ] && continue # needs OpenBLAS: built by ./build.sh bench
         compile "$BUILD/bench_$(basename "$f" .c)" "$f"
     done
-    build_cuda_check
+    build_cuda_lib
 }
 
 # ---- tests -------------------------------------------------------------------------------
@@ -114,6 +147,29 @@ suite_unit() { # unit suites: one program each
 }
 
 suite_compile() { bash tests/compile_matrix.sh "$CC"; }
+
+suite_cuda() {
+    # The CUDA build on this machine, GPU or not: C linked against the nvcc implementation, the
+    # device plumbing, the CUDA table and the MOE_HD math compiled by nvcc vs gcc.
+    if ! have_nvcc; then log "cuda: skipped (nvcc not found)"; return; fi
+    if ! build_cuda_lib; then log "suite cuda does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return; fi
+    run_suite cuda_link "$BUILD/cuda_link"
+    if ! $CC $BASE $OPT -c tests/cuda_hd_ref.c -o "$BUILD/cuda_hd_ref.o" ||
+        ! nvcc $NVCC_FLAGS tests/test_cuda_host.cu "$BUILD/cuda_hd_ref.o" -o "$BUILD/test_cuda_host" $(cuda_libs); then
+        log "suite cuda_host does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
+    fi
+    run_suite cuda_host "$BUILD/test_cuda_host"
+}
+suite_gpu() {
+    # Where an NVIDIA GPU is present: the table test with the CUDA backend against the CPU's
+    # references (tests/gpu/run.sh has the rest: conversions, training, sanitizer, bench).
+    if ! have_nvcc || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo "gpu: skipped (no CUDA device)"; return; fi
+    mkdir -p "$BUILD/cuda"
+    if ! nvcc_compile "$BUILD/cuda/test_backend" tests/test_backend.c; then
+        log "suite gpu does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
+    fi
+    run_suite gpu "$BUILD/cuda/test_backend" --device cuda
+}
 
 suite_sanitize() {
     # The unit suites again, under AddressSanitizer + UndefinedBehaviorSanitizer.
@@ -258,7 +314,7 @@ suite_trainer_prog() { # suite_trainer_prog NAME ARGS...: tests/test_NAME.c driv
 }
 
 UNIT_SUITES="numerics ops backend gradcheck determinism model fp8 distill infer badinput"
-ALL_SUITES="$UNIT_SUITES plan dist compile sanitize trainer kill valgrind fuzz parity"
+ALL_SUITES="$UNIT_SUITES plan dist compile cuda gpu sanitize trainer kill valgrind fuzz parity"
 
 cmd_test() {
     local only=${1:-}
@@ -272,6 +328,8 @@ cmd_test() {
                 if need_pkg mpicc openmpi-bin libopenmpi-dev; then run_suite dist bash tests/test_dist.sh "$CC"
                 else log "suite dist: Open MPI could not be installed: counted as one failed case"; FAILED=$((FAILED + 1)); fi ;;
             sanitize) suite_sanitize ;;
+            cuda) suite_cuda ;;
+            gpu) suite_gpu ;;
             parity) suite_parity ;;
             trainer|kill) suite_trainer_prog "$s" ;;
             valgrind) # a portable build (valgrind cannot decode AVX-512): train, save, resume, generate
@@ -344,11 +402,12 @@ case ${1:-build} in
     bench) shift; cmd_bench "$@" ;;
     example) shift; cmd_example "$@" ;;
     run) shift; cmd_run "$@" ;;
+    cuda) cmd_cuda ;;
     torture) # 20 kills of a 200-step run, niced: the machine is shared
         shift; bash data/prepare.sh >&2
         compile "$BUILD/train_tiny" examples/train_tiny.c && compile "$BUILD/test_kill" tests/test_kill.c
         nice -n 19 "$BUILD/test_kill" --kills 20 --steps 200 --json "$@" ;;
     fuzz) shift; cmd_fuzz "$@" ;;
-    -h|--help|help) sed -n '2,17p' "$0" ;;
+    -h|--help|help) sed -n '2,19p' "$0" ;;
     *) log "unknown command '$1' (try ./build.sh help)"; exit 2 ;;
 esac

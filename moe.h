@@ -158,9 +158,12 @@ MOE_API void moe_ctx_reset(moe_ctx *ctx);
 /* Step-scoped scratch memory (64-byte aligned, zeroed), valid until moe_ctx_reset. */
 MOE_API void *moe_ctx_scratch(moe_ctx *ctx, size_t bytes);
 /* Where the context's kernels run and its tensors and step arena live: the CPU (default),
-   or a GPU of a build with the CUDA backend (section 14). */
+   or a GPU of a build with the CUDA backend (section 14). Set it before making the tensors,
+   models and optimizers that are to live there, with no step tensors held (after a reset). */
 typedef enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 } moe_device;
 MOE_API moe_status moe_ctx_set_device(moe_ctx *ctx, moe_device device, int index);
+/* The same by name, as PyTorch writes it: "cpu", "cuda" (GPU 0) or "cuda:N". */
+MOE_API moe_status moe_ctx_set_device_name(moe_ctx *ctx, const char *name);
 MOE_API moe_device moe_ctx_device(const moe_ctx *ctx);
 /* Heap allocations the context has made so far (to check a loop allocates nothing). */
 MOE_API uint64_t moe_ctx_heap_allocs(const moe_ctx *ctx);
@@ -460,9 +463,14 @@ MOE_API moe_status moe_tensor_fill(moe_ctx *ctx, moe_tensor *t, double value);
 /* Fill with N(mean, std²) draws from rng (element i uses counter rng->counter + i). */
 MOE_API moe_status moe_tensor_fill_normal(moe_ctx *ctx, moe_tensor *t, moe_rng *rng, float mean,
                                           float std);
-/* Element i as double, whatever the dtype (no bounds check beyond i < numel → NaN). */
+/* Element i of a host tensor as double, whatever the dtype (i outside [0, numel) or a GPU
+   tensor → NaN; set: MOE_ERR_ARG). A GPU tensor is read and written whole: */
 MOE_API double moe_tensor_get(const moe_tensor *t, int64_t i);
 MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value);
+/* Copy all of t's values (numel × dtype size = bytes, without FP8 scales) to or from host
+   memory, from any device (a GPU's: after the work queued before it). */
+MOE_API moe_status moe_tensor_download(moe_ctx *ctx, const moe_tensor *t, void *host, size_t bytes);
+MOE_API moe_status moe_tensor_upload(moe_ctx *ctx, moe_tensor *t, const void *host, size_t bytes);
 /* Write "label: dtype[shape] first values..." through the context's log hook. */
 MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *label);
 /* Set t's gradient to zero (no-op when it has none). */
@@ -988,21 +996,24 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *gen, const int32_t *p
    14. gpu — the CUDA backend's entry points, the planned communicator                    >>gpu
    ============================================================================================
    moe_cuda.cuh defines these when the implementation is compiled by nvcc with MOE_CUDA
-   defined (the implementation then includes it); other builds do not declare them. A GPU
-   backend fills section 3's kernel table; what it runs today is the first of its kernels. */
+   defined (the implementation then includes it); other builds do not declare them. The GPU is
+   chosen with moe_ctx_set_device(ctx, MOE_DEVICE_CUDA, index): the context's tensors, models,
+   optimizer and step arena then live in that GPU's memory, and every op runs section 3's
+   table as moe_cuda.cuh fills it, on one stream per device. Results reach the host only
+   through the calls that return host values (losses, norms, moe_tensor_get, checkpoints),
+   which wait for the stream; everything else is asynchronous. */
 
 #ifdef MOE_CUDA
-typedef struct moe_gpu moe_gpu;
 /* Number of usable GPUs (0 without a driver or device; that is not an error). */
 MOE_API moe_status moe_cuda_device_count(moe_ctx *ctx, int *count);
-MOE_API moe_status moe_cuda_init(moe_ctx *ctx, int device, moe_gpu **out);
-MOE_API void moe_cuda_free(moe_gpu *gpu);
-/* Wait for the GPU's stream. */
-MOE_API moe_status moe_cuda_sync(moe_ctx *ctx, moe_gpu *gpu);
-/* moe_fp8_quantize_tiles (1×B tiles, amax/448 scales) on device pointers, asynchronous on
-   the GPU's stream. */
-MOE_API moe_status moe_cuda_quantize_tiles(moe_ctx *ctx, moe_gpu *gpu, const float *x, int64_t rows, int64_t cols,
-                                           int64_t block, uint8_t *q, float *scales);
+/* Wait until the work the context queued on its GPU is done (MOE_OK at once on the CPU). */
+MOE_API moe_status moe_cuda_sync(moe_ctx *ctx);
+/* on = 1: wait for and check every kernel as it is launched, so an asynchronous fault is
+   reported by the call that caused it (slow; the environment's MOE_CUDA_SYNC=1 does the
+   same for new GPU contexts). */
+MOE_API moe_status moe_cuda_set_debug_sync(moe_ctx *ctx, int on);
+/* The context's GPU, e.g. "NVIDIA H100 80GB HBM3" ("cpu" on the CPU). */
+MOE_API const char *moe_cuda_device_name(const moe_ctx *ctx);
 #endif
 
 /* ============================================================================================
@@ -1191,6 +1202,12 @@ MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *model, moe
 #define MOE__OMP(directive)
 #endif
 
+/* The CUDA backend's headers (section 14 includes moe_cuda.cuh), outside extern "C". */
+#if defined(MOE_CUDA) && defined(__CUDACC__)
+#include <cuda_runtime.h>
+#include <cublasLt.h>
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -1255,6 +1272,9 @@ struct moe_ctx {
     size_t gemm_ws_size;
     moe__thread_slots gemm_tws, fp8_tws;
     double gemm_backoff[3];
+    /* CUDA backend state (moe_cuda.cuh): the device's stream and cuBLASLt handle (a child
+       context borrows its parent's) and this context's device step arena; NULL on the CPU */
+    struct moe_gpu *gpu;
 };
 
 static const char *const moe__status_names[] = {
@@ -1453,7 +1473,16 @@ MOE_API moe_status moe_ctx_new(moe_ctx **out) {
    parent's settings, its own arena, tape and workspaces. */
 static moe_status moe__ctx_child(moe_ctx *parent, moe_ctx **out) {
     *out = moe__ctx_make(&parent->conf);
-    return *out ? MOE_OK : moe__fail(parent, MOE_ERR_MEMORY, "out of memory for a context");
+    if (!*out) return moe__fail(parent, MOE_ERR_MEMORY, "out of memory for a context");
+#if MOE__HAS_CUDA
+    if (parent->gpu && moe__cuda_borrow(*out, parent) != MOE_OK) {
+        moe__fail(parent, MOE_ERR_MEMORY, "%s", (*out)->error);
+        moe_ctx_free(*out);
+        *out = NULL;
+        return MOE_ERR_MEMORY;
+    }
+#endif
+    return MOE_OK;
 }
 
 static void moe__arena_free_blocks(moe__arena_block *b) {
@@ -1466,6 +1495,9 @@ static void moe__arena_free_blocks(moe__arena_block *b) {
 
 MOE_API void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
+#if MOE__HAS_CUDA
+    moe__cuda_close(ctx);
+#endif
     moe__arena_free_blocks(ctx->arena);
     MOE_FREE(ctx->tape);
     MOE_FREE(ctx->gemm_ws);
@@ -1487,25 +1519,61 @@ MOE_API moe_status moe_ctx_set_threads(moe_ctx *ctx, int n_threads) {
 }
 MOE_API int moe_ctx_threads(const moe_ctx *ctx) { return ctx ? ctx->conf.n_threads : 1; }
 
+#if defined(MOE_CUDA) && defined(__CUDACC__)
+/* moe_cuda.cuh (section 14): the CUDA kernel table, and a context's GPU state — opened on a
+   device, borrowed from a parent context, its step arena reset, closed. */
+static const moe_backend *moe__cuda_backend(void);
+static moe_status moe__cuda_open(moe_ctx *ctx, int device);
+static moe_status moe__cuda_borrow(moe_ctx *ctx, const moe_ctx *parent);
+static void moe__cuda_reset(moe_ctx *ctx);
+static void moe__cuda_close(moe_ctx *ctx);
+#define MOE__HAS_CUDA 1
+#else
+#define MOE__HAS_CUDA 0
+#endif
+
 /* The kernel table of a device kind (NULL: not in this build). */
-static const moe_backend *moe__backend_for(moe_device device) { return device == MOE_DEVICE_CPU ? moe__cpu_backend() : NULL; }
+static const moe_backend *moe__backend_for(moe_device device) {
+#if MOE__HAS_CUDA
+    if (device == MOE_DEVICE_CUDA) return moe__cuda_backend();
+#endif
+    return device == MOE_DEVICE_CPU ? moe__cpu_backend() : NULL;
+}
 
 MOE_API moe_status moe_ctx_set_device(moe_ctx *ctx, moe_device device, int index) {
     MOE__CHECK_CTX(ctx);
     if (device != MOE_DEVICE_CPU && device != MOE_DEVICE_CUDA)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: unknown device %d", (int)device);
     if (!moe__backend_for(device))
-#ifdef MOE_CUDA
-        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_ctx_set_device: the CUDA backend's kernel table is not written yet "
-                                                   "(moe_cuda.cuh has its first kernel only)");
-#else
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_ctx_set_device: this build has no CUDA backend (compile the "
                                                    "implementation with nvcc and MOE_CUDA defined)");
-#endif
     if (device == MOE_DEVICE_CPU && index != 0)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device: the CPU is device 0, got %d", index);
+    if (ctx->arena_used || ctx->tape_len)
+        return moe__fail(ctx, MOE_ERR_STATE, "moe_ctx_set_device: the context holds step tensors (moe_ctx_reset it first)");
+#if MOE__HAS_CUDA
+    moe__cuda_close(ctx);
+    if (device == MOE_DEVICE_CUDA) MOE__TRY(moe__cuda_open(ctx, index));
+#endif
     ctx->conf.be = moe__backend_for(device);
     return MOE_OK;
+}
+
+MOE_API moe_status moe_ctx_set_device_name(moe_ctx *ctx, const char *name) {
+    char *end = NULL;
+    long index = 0;
+    MOE__CHECK_CTX(ctx);
+    if (name && strcmp(name, "cpu") == 0) return moe_ctx_set_device(ctx, MOE_DEVICE_CPU, 0);
+    if (name && strncmp(name, "cuda", 4) == 0) {
+        if (name[4] == ':') {
+            index = strtol(name + 5, &end, 10);
+            if (end == name + 5 || *end || index < 0 || index > 1023) index = -1;
+        } else if (name[4]) {
+            index = -1;
+        }
+        if (index >= 0) return moe_ctx_set_device(ctx, MOE_DEVICE_CUDA, (int)index);
+    }
+    return moe__fail(ctx, MOE_ERR_ARG, "moe_ctx_set_device_name: want \"cpu\", \"cuda\" or \"cuda:N\", got \"%s\"", name ? name : "(null)");
 }
 
 MOE_API moe_status moe_ctx_set_simd(moe_ctx *ctx, int enabled) {
@@ -1608,6 +1676,9 @@ MOE_API void moe_ctx_reset(moe_ctx *ctx) {
     }
     ctx->arena_used = 0;
     ctx->saved_bytes = 0;
+#if MOE__HAS_CUDA
+    moe__cuda_reset(ctx);
+#endif
 }
 
 /* ---- RNG ---- */
@@ -5950,6 +6021,24 @@ MOE_API moe_status moe_tensor_set(moe_tensor *t, int64_t i, double value) {
     return MOE_OK;
 }
 
+static moe_status moe__tensor_transfer(moe_ctx *ctx, const char *fn, const moe_tensor *t, void *dst, const void *src, size_t bytes,
+                                       moe__copy_kind kind) {
+    const moe_backend *be;
+    MOE__CHECK_CTX(ctx);
+    if (!t || !t->data || (!dst && !src)) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL tensor or host buffer", fn);
+    if (bytes != (size_t)t->numel * moe_dtype_size(t->dtype))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "%s: %zu bytes for a tensor of %zu", fn, bytes, (size_t)t->numel * moe_dtype_size(t->dtype));
+    be = moe__backend_of(ctx, t->device);
+    if (!be) return moe__fail(ctx, MOE_ERR_ARG, "%s: the tensor is on a device this context cannot reach", fn);
+    return be->copy(ctx, dst, src, bytes, kind);
+}
+MOE_API moe_status moe_tensor_download(moe_ctx *ctx, const moe_tensor *t, void *host, size_t bytes) {
+    return moe__tensor_transfer(ctx, "moe_tensor_download", t, host, t ? t->data : NULL, bytes, MOE__D2H);
+}
+MOE_API moe_status moe_tensor_upload(moe_ctx *ctx, moe_tensor *t, const void *host, size_t bytes) {
+    return moe__tensor_transfer(ctx, "moe_tensor_upload", t, t ? t->data : NULL, host, bytes, MOE__H2D);
+}
+
 static int moe__same_shape(const moe_tensor *a, const moe_tensor *b) {
     int i;
     if (a->ndim != b->ndim) return 0;
@@ -6054,8 +6143,8 @@ MOE_API void moe_tensor_print(moe_ctx *ctx, const moe_tensor *t, const char *lab
 }
 
 MOE_API void moe_tensor_zero_grad(moe_tensor *t) {
-    if (t && t->grad && t->grad->data && t->device == MOE_DEVICE_CPU)
-        memset(t->grad->data, 0, (size_t)t->grad->numel * sizeof(moe_real));
+    const moe_backend *be = t ? moe__backend_for(t->device) : NULL;
+    if (be && t->grad && t->grad->data) be->memset(NULL, t->grad->data, 0, (size_t)t->grad->numel * sizeof(moe_real));
 }
 
 /* Element i of a tensor on the context's device, read into host memory (the loss, a norm). */
@@ -8039,6 +8128,7 @@ MOE_API moe_status moe_model_accumulate_grads(moe_ctx *ctx, moe_model *m) {
     int64_t n;
     MOE__CHECK_CTX(ctx);
     if (!m || !m->grads) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_accumulate_grads: model is NULL");
+    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_accumulate_grads: the model lives on another device");
     be = m->be;
     n = m->grads->numel;
     if (!m->grad_sum) MOE__TRY(moe_tensor_new(ctx, MOE_F32, 1, &n, &m->grad_sum));
@@ -8260,6 +8350,7 @@ MOE_API moe_status moe_model_update_expert_bias(moe_ctx *ctx, moe_model *m, floa
     int64_t i, e, E;
     MOE__CHECK_CTX(ctx);
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: model is NULL");
+    if (m->be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: the model lives on another device");
     if (!(gamma >= 0) || !isfinite(gamma)) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_update_expert_bias: gamma must be >= 0");
     E = m->cfg.n_routed_experts;
     for (i = 0; i < m->cfg.num_hidden_layers + m->cfg.num_nextn_predict_layers; i++) {
@@ -9808,10 +9899,87 @@ MOE_API moe_status moe_data_batch(moe_ctx *ctx, const moe_dataset *d, int val, u
     return MOE_OK;
 }
 
-/* io reads and writes the model's slabs in place. */
-static moe_status moe__model_on_host(moe_ctx *ctx, const char *fn, const moe_model *m) {
-    if (m->be->device != MOE_DEVICE_CPU)
-        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: the model lives on a GPU; files are read and written from host memory", fn);
+/* io reads and writes a model's tensors (and an optimizer's moments) in host memory. A
+   device model is staged for the call: its slabs and moments are copied down, its entries
+   and the optimizer pointed at the copies; moe__io_unstage copies them back up after a load
+   (upload = 1) and restores the device pointers. A host model is read and written in place. */
+typedef struct moe__io_stage {
+    moe_model *m;
+    moe_adamw *o;
+    unsigned char *params, *buffers; /* host copies of the slabs (NULL: nothing staged) */
+    void *om, *ov, *dev_om, *dev_ov; /* the moments' host copies and device slabs */
+    void **dev;                      /* [n_entries] each entry's device data */
+    size_t moment_bytes;
+    int repointed;                   /* the entries and the optimizer point at the copies */
+} moe__io_stage;
+
+/* Copies up (upload) and restores; returns st, or the copy's failure. */
+static moe_status moe__io_unstage(moe_ctx *ctx, moe__io_stage *S, int upload, moe_status st) {
+    const moe_backend *be = S->m ? S->m->be : NULL;
+    int64_t i;
+    if (S->repointed) {
+        for (i = 0; i < S->m->n_entries; i++) S->m->entries[i].t->data = S->dev[i];
+        if (S->o) {
+            S->o->m = S->dev_om;
+            S->o->v = S->dev_ov;
+        }
+    }
+    if (upload && st == MOE_OK && S->repointed) { /* (H2D copies return once the source is staged: freeing it is safe) */
+        st = be->copy(ctx, S->m->params->data, S->params, (size_t)S->m->n_params * sizeof(moe_real), MOE__H2D);
+        if (!st && S->m->n_buffers)
+            st = be->copy(ctx, S->m->buffers->data, S->buffers, (size_t)S->m->n_buffers * sizeof(moe_real), MOE__H2D);
+        if (!st && S->om) st = be->copy(ctx, S->dev_om, S->om, S->moment_bytes, MOE__H2D);
+        if (!st && S->om) st = be->copy(ctx, S->dev_ov, S->ov, S->moment_bytes, MOE__H2D);
+    }
+    MOE_FREE(S->params);
+    MOE_FREE(S->buffers);
+    MOE_FREE(S->om);
+    MOE_FREE(S->ov);
+    MOE_FREE(S->dev);
+    memset(S, 0, sizeof *S);
+    return st;
+}
+static moe_status moe__io_stage_model(moe_ctx *ctx, const char *fn, const moe_model *cm, const moe_adamw *co, moe__io_stage *S) {
+    moe_model *m = (moe_model *)(uintptr_t)cm; /* the pointers change for the call only */
+    moe_adamw *o = (moe_adamw *)(uintptr_t)co;
+    const moe_backend *be = m->be;
+    moe_status st = MOE_OK;
+    int64_t i;
+    memset(S, 0, sizeof *S);
+    S->m = m;
+    S->o = o;
+    if (be->device == MOE_DEVICE_CPU) return MOE_OK;
+    if (be != MOE__BE(ctx)) return moe__fail(ctx, MOE_ERR_ARG, "%s: the model lives on a GPU: pass a context on its device", fn);
+    if (o && o->comm) return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: a sharded optimizer of a GPU model", fn);
+    S->params = (unsigned char *)moe__heap_alloc(ctx, (size_t)m->n_params * sizeof(moe_real) + 1);
+    S->buffers = (unsigned char *)moe__heap_alloc(ctx, (size_t)m->n_buffers * sizeof(moe_real) + 1);
+    S->dev = (void **)moe__heap_alloc(ctx, (size_t)m->n_entries * sizeof(void *) + 1);
+    if (o) {
+        S->moment_bytes = (size_t)(o->hi - o->lo) * (o->cfg.moment_dtype == MOE_BF16 ? 2 : 4);
+        S->om = moe__heap_alloc(ctx, S->moment_bytes + 1);
+        S->ov = moe__heap_alloc(ctx, S->moment_bytes + 1);
+    }
+    if (!S->params || !S->buffers || !S->dev || (o && (!S->om || !S->ov))) {
+        st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of host memory to stage the GPU model", fn);
+    } else {
+        st = be->copy(ctx, S->params, m->params->data, (size_t)m->n_params * sizeof(moe_real), MOE__D2H);
+        if (!st && m->n_buffers) st = be->copy(ctx, S->buffers, m->buffers->data, (size_t)m->n_buffers * sizeof(moe_real), MOE__D2H);
+        if (!st && o) st = be->copy(ctx, S->om, o->m, S->moment_bytes, MOE__D2H);
+        if (!st && o) st = be->copy(ctx, S->ov, o->v, S->moment_bytes, MOE__D2H);
+    }
+    if (st) return moe__io_unstage(ctx, S, 0, st);
+    for (i = 0; i < m->n_entries; i++) {
+        moe__entry *e = &m->entries[i];
+        S->dev[i] = e->t->data;
+        e->t->data = (e->is_param ? S->params : S->buffers) + (size_t)e->offset * sizeof(moe_real);
+    }
+    if (o) {
+        S->dev_om = o->m;
+        S->dev_ov = o->v;
+        o->m = S->om;
+        o->v = S->ov;
+    }
+    S->repointed = 1;
     return MOE_OK;
 }
 
@@ -9959,10 +10127,10 @@ static moe_status moe__ckpt_write(moe_ctx *ctx, const char *path, const moe_mode
 MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model *m, const moe_adamw *o,
                                  const moe_train_state *st) {
     static const char *fn = "moe_ckpt_save";
-    void *mm = o ? o->m : NULL, *vv = o ? o->v : NULL;
+    void *mm, *vv;
+    moe__io_stage S;
     MOE__CHECK_CTX(ctx);
     if (!path || !m || !st) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL path, model or state", fn);
-    MOE__TRY(moe__model_on_host(ctx, fn, m));
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
     if (st->n_user < 0 || st->n_user > MOE_TRAIN_USER_MAX || st->step < 0 || st->data_index < 0 || st->total_steps < 0 ||
         st->skipped < 0)
@@ -9980,7 +10148,8 @@ MOE_API moe_status moe_ckpt_save(moe_ctx *ctx, const char *path, const moe_model
             return moe__fail(ctx, (moe_status)status, "%s: rank 0 could not write '%s'", fn, path);
         return (moe_status)status;
     }
-    return moe__ckpt_write(ctx, path, m, o, st, mm, vv);
+    MOE__TRY(moe__io_stage_model(ctx, fn, m, o, &S));
+    return moe__io_unstage(ctx, &S, 0, moe__ckpt_write(ctx, path, m, o, st, o ? o->m : NULL, o ? o->v : NULL));
 }
 
 /* A bounds-checked reader over a byte range. */
@@ -10074,7 +10243,7 @@ static const char *moe__ckpt_shape_str(char *buf, size_t cap, int ndim, const ui
     return buf;
 }
 
-MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
+static moe_status moe__ckpt_load_host(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
     static const char *fn = "moe_ckpt_load";
     static const char *const kinds[3] = {"value", "first moment", "second moment"};
     unsigned char *buf, *seen = NULL;
@@ -10089,7 +10258,6 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
     MOE__CHECK_CTX(ctx);
     if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
     if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "%s: the optimizer belongs to another model", fn);
-    MOE__TRY(moe__model_on_host(ctx, fn, m));
     MOE__TRY(moe__ckpt_open(ctx, fn, path, &buf, &rd, &version));
     s = (moe_train_state *)moe__heap_calloc(ctx, sizeof *s);
     if (!s) {
@@ -10243,6 +10411,15 @@ MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, m
     }
     MOE_FREE(s);
     return r;
+}
+
+MOE_API moe_status moe_ckpt_load(moe_ctx *ctx, const char *path, moe_model *m, moe_adamw *o, moe_train_state *st) {
+    moe__io_stage S;
+    MOE__CHECK_CTX(ctx);
+    if (!m) return moe__fail(ctx, MOE_ERR_ARG, "moe_ckpt_load: model is NULL");
+    if (o && o->model != m) return moe__fail(ctx, MOE_ERR_ARG, "moe_ckpt_load: the optimizer belongs to another model");
+    MOE__TRY(moe__io_stage_model(ctx, "moe_ckpt_load", m, o, &S));
+    return moe__io_unstage(ctx, &S, 1, moe__ckpt_load_host(ctx, path, m, o, st));
 }
 
 /* ---- a run's checkpoints in a directory ---- */
@@ -11055,6 +11232,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
     moe_config cfg;
     moe_model *m = NULL;
     moe__hf_loader L;
+    moe__io_stage S;
     unsigned char *cfgtext = NULL;
     size_t cfg_len;
     moe_status st;
@@ -11063,6 +11241,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
     if (!dir || !out) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL dir or out", fn);
     *out = NULL;
     memset(&L, 0, sizeof L);
+    memset(&S, 0, sizeof S);
     L.block = 128;
     snprintf(path, sizeof path, "%s/config.json", dir);
     MOE__TRY(moe__read_file(ctx, fn, path, (size_t)1 << 24, &cfgtext, &cfg_len));
@@ -11088,7 +11267,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
         }
     }
     if (!st) st = moe_model_new(ctx, &cfg, 0, &m);
-    if (!st) st = moe__model_on_host(ctx, fn, m);
+    if (!st) st = moe__io_stage_model(ctx, fn, m, NULL, &S);
     if (!st) {
         L.used = (unsigned char **)moe__heap_calloc(ctx, sizeof(unsigned char *) * (size_t)(L.n_files + 1));
         for (f = 0; L.used && f < L.n_files; f++) L.used[f] = (unsigned char *)moe__heap_calloc(ctx, (size_t)L.files[f]->n + 1);
@@ -11111,6 +11290,7 @@ MOE_API moe_status moe_model_load_hf(moe_ctx *ctx, const char *dir, moe_model **
     MOE_FREE(L.files);
     MOE_FREE(L.names);
     MOE_FREE(L.used);
+    if (m) st = moe__io_unstage(ctx, &S, 1, st);
     if (st) {
         moe_model_free(ctx, m);
         return st;
@@ -11155,7 +11335,7 @@ static moe_status moe__hf_save_slice(moe_ctx *ctx, void *user, const moe__hf_sli
     return moe_st_writer_add(ctx, S->w, s->name, MOE_ST_F32, s->ndim, s->shape, S->buf);
 }
 
-MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const char *dir, const moe_hf_save_opts *opts) {
+static moe_status moe__model_save_hf_host(moe_ctx *ctx, const moe_model *m, const char *dir, const moe_hf_save_opts *opts) {
     static const char *fn = "moe_model_save_hf";
     moe_hf_save_opts o;
     moe__hf_saver S;
@@ -11164,7 +11344,6 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const cha
     moe_status st;
     MOE__CHECK_CTX(ctx);
     if (!m || !dir) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL model or dir", fn);
-    MOE__TRY(moe__model_on_host(ctx, fn, m));
     memset(&o, 0, sizeof o);
     if (opts) o = *opts;
     if (o.fp8_block <= 0) o.fp8_block = 128;
@@ -11197,6 +11376,16 @@ MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const cha
     return moe__write_atomic(ctx, fn, path, cfg, strlen(cfg));
 }
 
+
+MOE_API moe_status moe_model_save_hf(moe_ctx *ctx, const moe_model *m, const char *dir, const moe_hf_save_opts *opts) {
+    moe__io_stage S;
+    MOE__CHECK_CTX(ctx);
+    if (!m || !dir) return moe__fail(ctx, MOE_ERR_ARG, "moe_model_save_hf: NULL model or dir");
+    if (opts && opts->gradients && m->be->device != MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_save_hf: the gradients of a GPU model are not staged to the host");
+    MOE__TRY(moe__io_stage_model(ctx, "moe_model_save_hf", m, NULL, &S));
+    return moe__io_unstage(ctx, &S, 0, moe__model_save_hf_host(ctx, m, dir, opts));
+}
 
 /* ============================================================================================
    13. infer — the latent KV cache, sampling, speculative decoding                      >>infer
@@ -11398,10 +11587,11 @@ static int moe__gen_naive(const moe_gen *g, int64_t n, int64_t pos0) {
     return g->attn == MOE_GEN_ATTN_NAIVE || (g->attn == MOE_GEN_ATTN_AUTO && pos0 == 0 && n > 1);
 }
 /* Whether a pass of n tokens at pos0 runs its rows one by one: absorbed attention, FP32, few
-   tokens (the GEMMs' dot-product path, which gives every row the same bits in any pass). */
+   tokens, on the CPU (the GEMMs' dot-product path, which gives every row the same bits in any
+   pass; a GPU runs the rows together). */
 static int moe__gen_by_rows(const moe_gen *g, int64_t n, int64_t pos0) {
     return !moe__gen_naive(g, n, pos0) && n <= MOE__GEN_ROWS && g->w[0]->conf.gemm_compute == MOE_F32 &&
-           (n == 1 || g->w[0]->conf.n_threads > 1);
+           g->m->be->device == MOE_DEVICE_CPU && (n == 1 || g->w[0]->conf.n_threads > 1);
 }
 
 /* The caches of a pass: one per main layer, then the MTP modules'. */

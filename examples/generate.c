@@ -31,6 +31,7 @@ static void usage(FILE *f) {
             "  --stop TEXT        stop once the output ends with TEXT\n"
             "  --speculative      draft with the MTP module(s), verify with the main model\n"
             "  --threads N        worker threads (default: all cores)\n"
+            "  --device D         cpu (default), cuda or cuda:N (a build with the CUDA backend)\n"
             "  --help             this text\n");
 }
 
@@ -58,7 +59,7 @@ static int on_token(void *user, int32_t tok) {
     } while (0)
 
 int main(int argc, char **argv) {
-    const char *model_path = "out/train_tiny/ckpt.bin", *prompt = "It is a truth universally acknowledged, ";
+    const char *model_path = "out/train_tiny/ckpt.bin", *prompt = "It is a truth universally acknowledged, ", *device = NULL;
     long max_tokens = 200, threads = 0, i;
     moe_gen_opts o;
     moe_ctx *ctx = NULL;
@@ -81,6 +82,7 @@ int main(int argc, char **argv) {
         if (strcmp(a, "--model") == 0) model_path = v;
         else if (strcmp(a, "--prompt") == 0) prompt = v;
         else if (strcmp(a, "--stop") == 0) o.stop = v;
+        else if (strcmp(a, "--device") == 0) device = v;
         else if (strcmp(a, "--max-tokens") == 0) { max_tokens = strtol(v, &end, 10); if (*end || max_tokens < 0) goto bad; }
         else if (strcmp(a, "--threads") == 0) { threads = strtol(v, &end, 10); if (*end || threads < 1) goto bad; }
         else if (strcmp(a, "--top-k") == 0) { o.sampling.top_k = strtol(v, &end, 10); if (*end || o.sampling.top_k < 0) goto bad; }
@@ -95,6 +97,7 @@ int main(int argc, char **argv) {
     }
     if (moe_ctx_new(&ctx) != MOE_OK) return 1;
     if (threads) CHECK(moe_ctx_set_threads(ctx, (int)threads));
+    if (device) CHECK(moe_ctx_set_device_name(ctx, device));
     CHECK(moe_ctx_set_grad_enabled(ctx, 0));
     if (stat(model_path, &sb) != 0) {
         fprintf(stderr, "generate: no model at %s (train one with ./build.sh run, or pass --model)\n", model_path);

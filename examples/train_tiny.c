@@ -56,7 +56,7 @@ enum {
 
 #define MAX_INJECT 16
 typedef struct options {
-    const char *config, *data, *out, *resume;
+    const char *config, *data, *out, *resume, *device;
     long steps, batch, seq, threads, accum, val_every, val_batches, sample_tokens, fp8_block, warmup;
     long save_every, keep, window, max_skips, zero, ep;
     long precision, moments; /* indices into the names below */
@@ -90,6 +90,7 @@ static void usage(FILE *f) {
             "  --fp8-block N      FP8 tile / block size B (default 128)\n"
             "  --moments M        AdamW moments in fp32 or bf16 (default fp32)\n"
             "  --threads N        worker threads (default: all cores)\n"
+            "  --device D         cpu (default), cuda or cuda:N (a build with the CUDA backend: ./build.sh cuda)\n"
             "  --zero 1           under mpirun: ZeRO-1, each rank keeps the AdamW moments of its shard of the\n"
             "                     parameters (default 0: every rank keeps all); the same bits either way\n"
             "  --ep N             under mpirun: expert parallelism, each group of N consecutive ranks spreads the\n"
@@ -177,6 +178,7 @@ static int parse_args(int argc, char **argv, options *o) {
             continue;
         }
         if (strcmp(a, "--config") == 0) { o->config = v; continue; }
+        if (strcmp(a, "--device") == 0) { o->device = v; continue; }
         if (strcmp(a, "--data") == 0) { o->data = v; continue; }
         if (strcmp(a, "--out") == 0) { o->out = v; continue; }
         if (strcmp(a, "--resume") == 0) { o->resume = v; continue; }
@@ -448,19 +450,24 @@ static moe_status sample(moe_ctx *ctx, moe_model *m, const char *prompt, long n,
     long len = (long)strlen(prompt), i, ctxlen = moe_model_config(m)->max_position_embeddings;
     moe_rng rng = moe_rng_new(seed, 99);
     moe_status s = MOE_OK;
+    float *all = NULL; /* the logits on the host */
     for (i = 0; i < len; i++) toks[i] = (unsigned char)prompt[i];
     moe_ctx_set_grad_enabled(ctx, 0);
     for (i = 0; i < n && s == MOE_OK && len < 4096; i++) {
         long start = len > ctxlen ? len - ctxlen : 0, T = len - start, v, V = moe_model_config(m)->vocab_size;
         moe_tensor *logits;
         double mx = -1e30, z = 0, u, acc = 0;
+        float *row;
         s = moe_model_logits(ctx, m, toks + start, 1, T, &logits);
         if (s != MOE_OK) break;
-        for (v = 0; v < V; v++) mx = moe_tensor_get(logits, (T - 1) * V + v) > mx ? moe_tensor_get(logits, (T - 1) * V + v) : mx;
-        for (v = 0; v < V; v++) z += exp((moe_tensor_get(logits, (T - 1) * V + v) - mx) / 0.8);
+        if (!(all = (float *)realloc(all, (size_t)(T * V) * sizeof(float)))) { s = MOE_ERR_MEMORY; break; }
+        if ((s = moe_tensor_download(ctx, logits, all, (size_t)(T * V) * sizeof(float))) != MOE_OK) break; /* from any device */
+        row = all + (T - 1) * V;
+        for (v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        for (v = 0; v < V; v++) z += exp((row[v] - mx) / 0.8);
         u = moe_rng_uniform(&rng) * z;
         for (v = 0; v < V - 1; v++) {
-            acc += exp((moe_tensor_get(logits, (T - 1) * V + v) - mx) / 0.8);
+            acc += exp((row[v] - mx) / 0.8);
             if (acc >= u) break;
         }
         toks[len++] = (int32_t)v;
@@ -468,6 +475,7 @@ static moe_status sample(moe_ctx *ctx, moe_model *m, const char *prompt, long n,
         moe_ctx_reset(ctx);
     }
     out[i] = 0;
+    free(all);
     moe_ctx_set_grad_enabled(ctx, 1);
     moe_model_reset_loads(m);
     return s;
@@ -512,6 +520,11 @@ int main(int argc, char **argv) {
     rank = moe_comm_rank(comm);
     ranks = moe_comm_size(comm);
     if (o.threads) CHECK(moe_ctx_set_threads(ctx, (int)o.threads));
+    if (o.device) CHECK(moe_ctx_set_device_name(ctx, o.device));
+    if (o.n_inject && moe_ctx_device(ctx) != MOE_DEVICE_CPU) {
+        fprintf(stderr, "train_tiny: --inject writes single values of host tensors: use it on the CPU\n");
+        return 2;
+    }
     make_dirs(o.out);
     if (rank != 0) { /* one voice: the others' messages go to OUT/rank-<r>.log */
         snprintf(path, sizeof path, "%s/rank-%d.log", o.out, rank);
@@ -846,11 +859,10 @@ int main(int argc, char **argv) {
     /* the whole validation text, window by window */
     {
         long windows = (long)((data->n_tokens - data->n_train - 1) / o.seq), B = windows < o.batch ? windows : o.batch;
-        moe_status vs = MOE_OK;
         if (B < 1) {
             snprintf(reason, sizeof reason, "the validation text (%lld tokens) is shorter than --seq + 1 = %ld",
                      (long long)(data->n_tokens - data->n_train), o.seq + 1);
-        } else if ((vs = val_loss(ctx, m, data, 0, windows / B, B, o.seq, batch, &vl)) != MOE_OK) {
+        } else if (val_loss(ctx, m, data, 0, windows / B, B, o.seq, batch, &vl) != MOE_OK) {
             snprintf(reason, sizeof reason, "%s", moe_ctx_error(ctx));
         } else if (!isfinite(vl)) {
             snprintf(reason, sizeof reason, "the validation loss is %g", vl);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/compile_matrix.sh — moe.h compiles warning-free as C99 (gcc, clang) and C++ (g++),
 # in two translation units of one program (one with MOE_IMPLEMENTATION) so that duplicate
-# symbols would fail the link; plus the build variants and, with nvcc, the sm_90a build.
+# symbols would fail the link; plus the build variants. (The CUDA build is the cuda suite's.)
 # Prints one ok/FAIL line per case and ends with "SUITE: N passed, M failed".
 set -u
 cd "$(dirname "$0")/.."
@@ -60,10 +60,5 @@ case_run "gcc -std=c99 MOE_NO_SIMD, two TUs" two_tu gcc c99 c -O2 -DMOE_NO_SIMD
 case_run "gcc -std=c99 MOE_NO_SIMD -march=native, two TUs" two_tu gcc c99 c -O2 -march=native -DMOE_NO_SIMD
 case_run "gcc -std=c99 MOE_REAL_F64 (gradient-check build)" gcc -std=c99 $W -I. -DMOE_REAL_F64 -c "$tmp/impl.c" -o "$tmp/f64.o"
 case_run "gcc -std=c99 MOE_STATIC in one TU" sh -c "printf '#define MOE_STATIC\n#define MOE_IMPLEMENTATION\n#include \"moe.h\"\nint main(void){moe_ctx *c=0; if (moe_ctx_new(&c)) return 1; moe_ctx_free(c); return 0;}\n' > '$tmp/st.c' && gcc -std=c99 $W -Wno-unused-function -I. '$tmp/st.c' -o '$tmp/st' -lm && '$tmp/st'"
-if command -v nvcc >/dev/null; then
-    case_run "nvcc sm_90a (MOE_CUDA, strict warnings)" nvcc -std=c++17 -x cu -gencode arch=compute_90a,code=sm_90a -I. -DMOE_CUDA \
-        --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror --Wdefault-stream-launch --Wmissing-launch-bounds \
-        -Xptxas -warn-spills,-warn-lmem-usage,-Werror -c tests/cuda_compile.cu -o "$tmp/cuda.o"
-fi
 echo "SUITE: $pass passed, $fail failed"
 [ "$fail" = 0 ]

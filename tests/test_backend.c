@@ -6,8 +6,9 @@
    its offset in the struct, its test and its exactness class. The first case checks that the
    table covers the struct exactly (an entry added to the struct without a row fails the
    suite) and that the backend fills every entry; then each row runs as one case, one line
-   of output. The backend under test is the pointer `be` (today moe__cpu_backend(); a CUDA
-   build points it at the CUDA table and runs the same rows against the same references).
+   of output. The backend under test is the pointer `be`: moe__cpu_backend(), or in a build of
+   this file by nvcc with MOE_CUDA (see main) the CUDA table after moe_ctx_set_device, which
+   runs the same rows against the same references.
    Tests never assume host pointers: inputs are built on the host, uploaded with be->alloc +
    be->copy(MOE__H2D), the entry runs on device pointers (host_* arguments and the op structs
    stay on the host, as the contract says), outputs come back with be->copy(MOE__D2H) and are
@@ -37,7 +38,19 @@
    Sizes shrink under MOE_TEST_QUICK=1 (sanitizer builds); MOE_TEST_VERBOSE=1 prints every
    check's error and tolerance; an argument runs only the entries whose name contains it.
    The float build only: under MOE_REAL_F64 the suite checks the table's coverage and skips
-   the numerics. */
+   the numerics.
+
+   The device: `--device cpu` (default) or `--device cuda[:N]` (GPU N, default 0) beside the
+   filter argument, or the environment's MOE_TEST_DEVICE=cpu|cuda[:N]. The CUDA table exists
+   only when this file is compiled by nvcc with MOE_CUDA defined, e.g.
+     nvcc -std=c++17 -x cu -gencode arch=compute_90a,code=sm_90a -DMOE_CUDA --fmad=false -O3 \
+          -Xcompiler -ffp-contract=off -I. tests/test_backend.c -o build/test_backend_cuda -lcublasLt
+   (plus the strict flags of cuda_parts/check.sh; it compiles under them).
+   An explicit `--device cuda` that cannot be had (no GPU, no driver, a gcc build) is an error
+   (exit 2); MOE_TEST_DEVICE=cuda is "the GPU if there is one": without one the suite prints a
+   `skip:` line and `SUITE: 0 passed, 0 failed` and exits 0. On the GPU the 1- and 2-thread
+   runs stay: the thread count means nothing there, so they are two runs of the same kernels,
+   which must give the same bits (no float atomics, every sum in a fixed order). */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"
@@ -2811,13 +2824,98 @@ static void run_entry(void) {
     else T_NOTE("1 vs 2 threads: not applicable (memory management)");
 }
 
+/* The device named by `--device NAME` or MOE_TEST_DEVICE: "cpu", "cuda" or "cuda:N". Returns
+   0 for the CPU, 1 for CUDA (index in *index), -1 for anything else. */
+static int parse_device(const char *name, int *index) {
+    *index = 0;
+    if (strcmp(name, "cpu") == 0) return 0;
+    if (strcmp(name, "cuda") == 0) return 1;
+    if (strncmp(name, "cuda:", 5) == 0 && name[5] >= '0' && name[5] <= '9') {
+        char *end = NULL;
+        long v = strtol(name + 5, &end, 10);
+        if (*end == 0 && v <= 1024) {
+            *index = (int)v;
+            return 1;
+        }
+    }
+    return -1;
+}
+
+/* The suite did not run: say why, and count nothing (build.sh reads the SUITE line). */
+static int skip_suite(const char *why) {
+    printf("skip: %s\n", why);
+    printf("SUITE: 0 passed, 0 failed\n");
+    return 0;
+}
+
+/* Points ctx and `be` at the device asked for; returns -1 to go on, else main's exit status. */
+static int choose_device(int argc, char **argv) {
+    const char *env = getenv("MOE_TEST_DEVICE"), *name = NULL;
+    int i, explicit_flag = 0, cuda, index;
+    t_filter = NULL;
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--device") == 0) {
+            if (i + 1 == argc) {
+                fprintf(stderr, "test_backend: --device needs a value (cpu, cuda or cuda:N)\n");
+                return 2;
+            }
+            name = argv[++i];
+            explicit_flag = 1;
+        } else if (strncmp(argv[i], "--device=", 9) == 0) name = argv[i] + 9, explicit_flag = 1;
+        else if (!t_filter) t_filter = argv[i];
+        else {
+            fprintf(stderr, "test_backend: unexpected argument '%s' (usage: test_backend [--device cpu|cuda[:N]] [FILTER])\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!name && env && env[0]) name = env;
+    be = moe__cpu_backend();
+    if (!name) return -1;
+    cuda = parse_device(name, &index);
+    if (cuda < 0) {
+        fprintf(stderr, "test_backend: unknown device '%s' (cpu, cuda or cuda:N)\n", name);
+        return 2;
+    }
+    if (!cuda) return -1;
+#if defined(MOE_CUDA) && defined(__CUDACC__)
+    {
+        int n = 0;
+        moe_status st = moe_cuda_device_count(ctx, &n);
+        char why[1024];
+        if (st != MOE_OK || n <= index) {
+            snprintf(why, sizeof why, "CUDA device %d asked for, %d found (%s)", index, n,
+                     st != MOE_OK ? moe_ctx_error(ctx) : n == 0 ? "no GPU or no driver here" : "index out of range");
+            if (!explicit_flag) return skip_suite(why);
+            fprintf(stderr, "test_backend: --device %s: %s\n", name, why);
+            return 2;
+        }
+        st = moe_ctx_set_device(ctx, MOE_DEVICE_CUDA, index);
+        if (st != MOE_OK) { /* a GPU is there but unusable: an error either way */
+            fprintf(stderr, "test_backend: moe_ctx_set_device(CUDA, %d): %s (%s)\n", index, moe_status_name(st), moe_ctx_error(ctx));
+            return 2;
+        }
+        be = moe__cuda_backend();
+        printf("device: CUDA %d, %s\n", index, moe_cuda_device_name(ctx));
+        return -1;
+    }
+#else
+    (void)index;
+    if (!explicit_flag) return skip_suite("MOE_TEST_DEVICE asks for CUDA, but this build has no CUDA backend (compile it with nvcc and MOE_CUDA)");
+    fprintf(stderr, "test_backend: --device %s: this build has no CUDA backend (compile it with nvcc and MOE_CUDA)\n", name);
+    return 2;
+#endif
+}
+
 int main(int argc, char **argv) {
-    int i;
-    t_filter = argc > 1 ? argv[1] : NULL;
+    int i, rc;
     quick = getenv("MOE_TEST_QUICK") != NULL;
     verbose = getenv("MOE_TEST_VERBOSE") != NULL;
     if (moe_ctx_new(&ctx) != MOE_OK) return 2;
-    be = moe__cpu_backend(); /* the backend under test: a CUDA build points this at its table */
+    rc = choose_device(argc, argv); /* sets `be`, the backend under test */
+    if (rc >= 0) {
+        moe_ctx_free(ctx);
+        return rc;
+    }
     rng = moe_rng_new(20240601, 7);
     T_RUN(table_covers_the_interface);
     if (sizeof(moe_real) != sizeof(float)) {
