@@ -617,6 +617,9 @@ typedef struct moe_model moe_model;
 /* A model with N(0, initializer_range²) weights, unit norms and zero expert biases; every
    parameter requires gradients. The seed fixes the initialisation. */
 MOE_API moe_status moe_model_new(moe_ctx *ctx, const moe_config *cfg, uint64_t seed, moe_model **out);
+/* A copy of src (a model of src_ctx's device) on dst_ctx's device: the same config, weights
+   and expert biases, gradients zero — how a model moves between the host and a GPU. */
+MOE_API moe_status moe_model_copy(moe_ctx *dst_ctx, moe_ctx *src_ctx, const moe_model *src, moe_model **out);
 MOE_API void moe_model_free(moe_ctx *ctx, moe_model *model);
 MOE_API const moe_config *moe_model_config(const moe_model *model);
 /* The model's tensors, parameters first, then buffers (expert biases). */
@@ -8116,6 +8119,35 @@ MOE_API void moe_model_free(moe_ctx *ctx, moe_model *m) {
     MOE_FREE(m->mtp);
     MOE_FREE(m->loads);
     MOE_FREE(m);
+}
+
+MOE_API moe_status moe_model_copy(moe_ctx *dst_ctx, moe_ctx *src_ctx, const moe_model *src, moe_model **out) {
+    static const char *fn = "moe_model_copy";
+    moe_model *m = NULL;
+    void *host = NULL;
+    size_t np, nb;
+    moe_status st;
+    MOE__CHECK_CTX(dst_ctx);
+    if (!src_ctx || !src || !out) return moe__fail(dst_ctx, MOE_ERR_ARG, "%s: NULL source context, model or out", fn);
+    *out = NULL;
+    if (src->be != MOE__BE(src_ctx)) return moe__fail(dst_ctx, MOE_ERR_ARG, "%s: the source model is not on src_ctx's device", fn);
+    MOE__TRY(moe_model_new(dst_ctx, &src->cfg, 0, &m)); /* the same config: the same slab layout */
+    np = (size_t)src->n_params * sizeof(moe_real);
+    nb = (size_t)src->n_buffers * sizeof(moe_real);
+    host = moe__heap_alloc(dst_ctx, (np > nb ? np : nb) + 1);
+    st = host ? MOE_OK : moe__fail(dst_ctx, MOE_ERR_MEMORY, "%s: out of host memory", fn);
+    /* through host memory (H2D copies from pageable memory return once the source is staged) */
+    if (!st && (st = src->be->copy(src_ctx, host, src->params->data, np, MOE__D2H)) != MOE_OK) moe__fail(dst_ctx, st, "%s: %s", fn, src_ctx->error);
+    if (!st) st = m->be->copy(dst_ctx, m->params->data, host, np, MOE__H2D);
+    if (!st && nb && (st = src->be->copy(src_ctx, host, src->buffers->data, nb, MOE__D2H)) != MOE_OK) moe__fail(dst_ctx, st, "%s: %s", fn, src_ctx->error);
+    if (!st && nb) st = m->be->copy(dst_ctx, m->buffers->data, host, nb, MOE__H2D);
+    MOE_FREE(host);
+    if (st) {
+        moe_model_free(dst_ctx, m);
+        return st;
+    }
+    *out = m;
+    return MOE_OK;
 }
 
 MOE_API void moe_model_zero_grad(moe_model *m) {

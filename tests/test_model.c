@@ -700,6 +700,54 @@ static void test_hf_round_trip(void) {
     moe_model_free(g_ctx, a);
 }
 
+/* moe_model_copy between two contexts (both on the CPU here; the same calls move a model to
+   and from a GPU): the copy has the source's weights and expert biases bit for bit, its own
+   memory, and gives the same loss; a model passed with another device's context is refused. */
+static void test_model_copy(void) {
+    moe_config c = micro();
+    moe_ctx *other = NULL;
+    moe_model *a = NULL, *b = NULL;
+    moe_tensor *la, *lb;
+    int32_t toks[2 * 9];
+    int64_t i, j, differ = 0;
+    double va, vb;
+    for (i = 0; i < 2 * 9; i++) toks[i] = (int32_t)((i * 13 + 5) % c.vocab_size);
+    T_ASSERT(moe_ctx_new(&other) == MOE_OK, "context");
+    T_ASSERT(moe_model_new(g_ctx, &c, 7, &a) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    {
+        moe_tensor *bias = NULL;
+        for (i = 0; i < moe_model_tensor_count(a); i++) {
+            int is_param;
+            moe_tensor *t = moe_model_tensor(a, i, NULL, &is_param);
+            if (!is_param) bias = t;
+        }
+        T_ASSERT(bias != NULL, "the micro config has an expert bias");
+        for (j = 0; j < bias->numel; j++) moe_tensor_set(bias, j, 0.01 * (double)(j % 5)); /* buffers are copied too */
+    }
+    T_ASSERT(moe_model_copy(other, g_ctx, a, &b) == MOE_OK, "%s", moe_ctx_error(other));
+    for (i = 0; i < moe_model_tensor_count(a); i++) {
+        moe_tensor *x = moe_model_tensor(a, i, NULL, NULL), *y = moe_model_tensor(b, i, NULL, NULL);
+        T_CHECK(x->data != y->data, "tensor %lld shares memory with the source", (long long)i);
+        for (j = 0; j < x->numel; j++) differ += memcmp(&((float *)x->data)[j], &((float *)y->data)[j], sizeof(float)) != 0;
+    }
+    T_CHECK(differ == 0, "%lld values differ from the source", (long long)differ);
+    T_ASSERT(moe_model_loss(g_ctx, a, toks, 2, 8, NULL, &la, NULL) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_ASSERT(moe_model_loss(other, b, toks, 2, 8, NULL, &lb, NULL) == MOE_OK, "%s", moe_ctx_error(other));
+    va = moe_tensor_get(la, 0);
+    vb = moe_tensor_get(lb, 0);
+    T_CHECK(va == vb, "loss %.9g vs the copy's %.9g", va, vb);
+    moe_ctx_reset(g_ctx);
+    moe_ctx_reset(other);
+    moe_model_free(other, b);
+    b = NULL;
+    T_CHECK(moe_model_copy(other, other, a, &b) == MOE_OK, "a CPU model through another CPU context: %s", moe_ctx_error(other));
+    moe_model_free(other, b);
+    b = NULL;
+    T_CHECK(moe_model_copy(other, g_ctx, NULL, &b) == MOE_ERR_ARG && b == NULL, "NULL source refused");
+    moe_model_free(g_ctx, a);
+    moe_ctx_free(other);
+}
+
 int main(int argc, char **argv) {
     t_filter = argc > 1 ? argv[1] : NULL;
     if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
@@ -719,6 +767,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_checkpoint_run_dir);
     T_RUN_FILTERED(test_checkpoint_corruption_refused);
     T_RUN_FILTERED(test_hf_round_trip);
+    T_RUN_FILTERED(test_model_copy);
     T_RUN_FILTERED(test_aux_free_balancing);
     moe_ctx_free(g_ctx);
     return t_summary();

@@ -36,10 +36,11 @@ TRAIN_TOL=2e-2
 declare -A RESULT NOTE
 ORDER=""
 record() { RESULT[$1]=$2; NOTE[$1]=$3; ORDER="$ORDER $1"; }
-stage() { # stage NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log; returns the status
+export OUT
+stage() { # stage NAME SECONDS CMD...: run (a command or an exported function) with a limit, log to $OUT/NAME.log
     local name=$1 secs=$2 rc=0 t0=$SECONDS; shift 2
     echo "== $name (limit ${secs} s)" >&2
-    timeout "$secs" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    timeout "$secs" bash -c '"$@"' bash "$@" >"$OUT/$name.log" 2>&1 || rc=$?
     echo "   $name: exit $rc after $((SECONDS - t0)) s" >&2
     return $rc
 }
@@ -57,6 +58,7 @@ build() {
     gcc -std=c99 -ffp-contract=off -O3 -march=native -fopenmp -Wall -Wextra -Wpedantic -Werror -I. \
         examples/generate.c -o build/generate -lm
 }
+export -f build
 if stage build 300 build; then record build ok "build/cuda/*"; else record build FAIL "see build.log"; fi
 
 # ---- 2 conversions ----
@@ -86,7 +88,8 @@ training() {
     train build/cuda/train_tiny "$OUT/train_gpu_bf16" --device cuda --precision bf16 || return 1
     train build/cuda/train_tiny "$OUT/train_gpu_fp8" --device cuda --precision fp8 --fp8-block 32 || return 1
 }
-TRAIN_NOTE="did not finish"
+export -f train training
+TRAIN_NOTE="FAIL did not finish (see training.log)"
 if stage training 300 training; then
     TRAIN_NOTE=$(python3 - "$OUT" "$TRAIN_TOL" <<'EOF'
 import csv, sys, os, filecmp, glob, math
@@ -116,6 +119,7 @@ generate() {
     build/cuda/generate --model "$ck" --device cuda --max-tokens 64 --speculative >"$OUT/gen_gpu_spec.txt" || return 1
     build/generate --model "$ck" --max-tokens 64 >"$OUT/gen_cpu.txt" || return 1
 }
+export -f generate
 if stage generate 120 generate; then
     shared=$(python3 -c "
 import sys
