@@ -63,11 +63,15 @@ struct moe_gpu {
     cudaStream_t stream;
     cublasLtHandle_t lt;
     void *lt_ws;            /* cuBLASLt workspace, MOE__CUDA_LT_WS bytes */
+    struct moe__lt_cache *plans; /* cuBLASLt descriptors and algorithms by shape (section 3) */
+    int64_t fp8_tc_products;     /* FP8 products run on the tensor cores (the bench checks they ran) */
     moe__gpu_block *arena;  /* current block first */
     size_t arena_used;
 };
 
 #define MOE__GPU(ctx) ((ctx)->gpu)
+static struct moe__lt_cache *moe__lt_cache_new(moe_ctx *ctx); /* section 3 */
+static void moe__lt_cache_free(struct moe__lt_cache *c);
 
 /* A CUDA error as a moe_status, with the call and its place in the message. */
 static moe_status moe__cuda_fail(moe_ctx *ctx, cudaError_t err, const char *what, const char *file, int line) {
@@ -181,6 +185,7 @@ static void moe__cuda_close(moe_ctx *ctx) {
     cudaStreamSynchronize(g->stream);
     moe__cuda_arena_free(g->arena);
     if (g->owner) {
+        moe__lt_cache_free(g->plans);
         if (g->lt) cublasLtDestroy(g->lt);
         cudaFree(g->lt_ws);
         cudaStreamDestroy(g->stream);
@@ -213,6 +218,7 @@ static moe_status moe__cuda_open(moe_ctx *ctx, int device) {
     ctx->gpu = g; /* from here moe__cuda_close undoes a partial open */
     e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaMalloc(&g->lt_ws, MOE__CUDA_LT_WS);
+    if (e == cudaSuccess && !(g->plans = moe__lt_cache_new(ctx))) e = cudaErrorMemoryAllocation;
     if (e != cudaSuccess) {
         moe__cuda_close(ctx);
         return moe__cuda_fail(ctx, e, "moe_ctx_set_device (stream, workspace)", __FILE__, __LINE__);
@@ -803,36 +809,88 @@ static uint32_t moe__lt_alignment(const void *p, int64_t ld, int64_t stride, int
     return (uint32_t)(bits & (~bits + 1)); /* the lowest set bit */
 }
 
-/* Run a plan: D = alpha·A·B + beta·D on the context's stream with its workspace. cuBLASLt's
-   heuristic assumes 256-byte aligned matrices unless told: align[] (A, B, C = D) says what
-   these are, so it picks only kernels that may read them (gpu.md §2.1). */
-static moe_status moe__lt_run(moe_ctx *ctx, moe__lt_plan *p, const void *A, const void *B, float *D, float alpha, float beta,
-                              const uint32_t align[3], const moe__gemm_op *op, int64_t m, int64_t k) {
-    moe_gpu *g = MOE__GPU(ctx);
+/* ---- the plan cache ----
+   A product's descriptors and the algorithm cuBLASLt's heuristic chose for them, kept by shape
+   (gpu.md §2.1): the heuristic is host work that would cost more than a small GEMM (and the
+   MoE layers' per-expert loops make many), and a kept algorithm keeps each shape's bits the
+   same from call to call. The key holds everything the descriptors and the heuristic see,
+   including each matrix's alignment (the heuristic assumes 256 bytes unless told, and picks
+   kernels that may read only what it is told). MOE__LT_CACHE entries, the oldest replaced. */
+#define MOE__LT_CACHE 512
+typedef struct moe__lt_key {
+    int32_t type, trans_a, trans_b, mode_a, mode_b; /* FP8 scale modes; -1 without */
+    uint32_t align[3];                              /* cuBLAS's A, B, C = D */
+    int64_t m, n, k, lda, ldb, ldc, batch, sa, sb, sc;
+} moe__lt_key;
+typedef struct moe__lt_entry {
+    moe__lt_key key;
+    moe__lt_plan plan;
+    cublasLtMatmulAlgo_t algo;
+    int found; /* 0: cuBLASLt has no algorithm for it */
+} moe__lt_entry;
+typedef struct moe__lt_cache {
+    moe__lt_entry e[MOE__LT_CACHE];
+    int count, next;
+} moe__lt_cache;
+
+static moe__lt_cache *moe__lt_cache_new(moe_ctx *ctx) { return (moe__lt_cache *)moe__heap_calloc(ctx, sizeof(moe__lt_cache)); }
+static void moe__lt_cache_free(moe__lt_cache *c) {
+    int i;
+    if (!c) return;
+    for (i = 0; i < c->count; i++) moe__lt_plan_free(&c->e[i].plan);
+    MOE_FREE(c);
+}
+static moe__lt_entry *moe__lt_find(moe_gpu *g, const moe__lt_key *key) {
+    int i;
+    for (i = 0; i < g->plans->count; i++)
+        if (memcmp(&g->plans->e[i].key, key, sizeof *key) == 0) return &g->plans->e[i];
+    return NULL;
+}
+/* Keep plan p (the cache owns it from here) under key, with the heuristic's algorithm. */
+static moe__lt_entry *moe__lt_keep(moe_ctx *ctx, const moe__lt_key *key, moe__lt_plan *p) {
+    moe__lt_cache *c = MOE__GPU(ctx)->plans;
+    moe__lt_entry *e;
     cublasLtMatmulPreference_t pref = NULL;
     cublasLtMatmulHeuristicResult_t best;
     uint64_t ws = MOE__CUDA_LT_WS;
     int found = 0;
-    cublasStatus_t s = cublasLtMatmulPreferenceCreate(&pref);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0], sizeof align[0]);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1], sizeof align[1]);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2], sizeof align[2]);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2], sizeof align[2]);
+    cublasStatus_t s;
+    if (c->count < MOE__LT_CACHE) e = &c->e[c->count++];
+    else {
+        e = &c->e[c->next];
+        c->next = (c->next + 1) % MOE__LT_CACHE;
+        moe__lt_plan_free(&e->plan);
+    }
+    e->key = *key;
+    e->plan = *p;
     memset(&best, 0, sizeof best);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &best, &found);
+    s = cublasLtMatmulPreferenceCreate(&pref);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key->align[0], sizeof key->align[0]);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key->align[1], sizeof key->align[1]);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key->align[2], sizeof key->align[2]);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key->align[2], sizeof key->align[2]);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulAlgoGetHeuristic(MOE__GPU(ctx)->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &best, &found);
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (s != CUBLAS_STATUS_SUCCESS) return moe__cublas_fail(ctx, s, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__);
-    if (found < 1)
-        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "gemm: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld batch=%lld %s", (long long)m,
-                         (long long)op->n, (long long)k, (long long)op->batch, moe_dtype_name(op->precision));
-    MOE__CUBLAS_TRY(ctx, cublasLtMatmul(g->lt, p->desc, &alpha, A, p->a, B, p->b, &beta, D, p->c, D, p->c, &best.algo, g->lt_ws,
-                                        MOE__CUDA_LT_WS, g->stream));
+    /* a shape it refuses (NOT_SUPPORTED, or no algorithm) is kept as refused */
+    e->found = s == CUBLAS_STATUS_SUCCESS && found > 0;
+    e->algo = best.algo;
+    return e;
+}
+/* D = alpha·A·B + beta·D with entry e's plan and algorithm, on the context's stream. */
+static moe_status moe__lt_matmul(moe_ctx *ctx, const moe__lt_entry *e, const void *A, const void *B, float *D, float alpha, float beta) {
+    moe_gpu *g = MOE__GPU(ctx);
+    if (!e->found)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "gemm: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld batch=%lld (type %d)",
+                         (long long)e->key.n, (long long)e->key.m, (long long)e->key.k, (long long)e->key.batch, (int)e->key.type);
+    MOE__CUDA_ON(ctx);
+    MOE__CUBLAS_TRY(ctx, cublasLtMatmul(g->lt, e->plan.desc, &alpha, A, e->plan.a, B, e->plan.b, &beta, D, e->plan.c, D, e->plan.c, &e->algo,
+                                        g->lt_ws, MOE__CUDA_LT_WS, g->stream));
     return MOE_OK;
 }
 
@@ -857,19 +915,31 @@ moe__cuda_pack_f32(const float *src, int64_t ld, int64_t rows, int64_t cols, flo
    `type` is CUDA_R_16BF) at lda/sa and ldb/sb: C rows m, reduction k. */
 static moe_status moe__cuda_product(moe_ctx *ctx, const moe__gemm_op *op, cudaDataType_t type, const void *a, int64_t lda, int64_t sa,
                                     const void *b, int64_t ldb, int64_t sb, moe_real *c, int64_t m, int64_t k) {
-    moe__lt_plan p;
-    moe_status st;
     size_t size = type == CUDA_R_16BF ? 2 : 4;
-    uint32_t align[3];
-    cublasStatus_t s = moe__lt_plan_rowmajor(&p, type, op, m, k, lda, sa, ldb, sb);
-    if (s != CUBLAS_STATUS_SUCCESS) return moe__cublas_fail(ctx, s, "gemm: building the cuBLASLt descriptors", __FILE__, __LINE__);
-    align[0] = moe__lt_alignment(b, ldb, sb, op->batch, size); /* cuBLAS's A is our B */
-    align[1] = moe__lt_alignment(a, lda, sa, op->batch, size);
-    align[2] = moe__lt_alignment(c, op->ldc, op->stride_c, op->batch, sizeof(moe_real));
-    MOE__CUDA_ON(ctx);
-    st = moe__lt_run(ctx, &p, b, a, c, op->alpha, op->accumulate ? 1.0f : 0.0f, align, op, m, k);
-    moe__lt_plan_free(&p);
-    return st;
+    moe__lt_key key;
+    moe__lt_entry *e;
+    memset(&key, 0, sizeof key); /* (padding bytes too: keys are compared whole) */
+    key.type = (int32_t)type;
+    key.trans_a = op->trans_a;
+    key.trans_b = op->trans_b;
+    key.mode_a = key.mode_b = -1;
+    key.align[0] = moe__lt_alignment(b, ldb, sb, op->batch, size); /* cuBLAS's A is our B */
+    key.align[1] = moe__lt_alignment(a, lda, sa, op->batch, size);
+    key.align[2] = moe__lt_alignment(c, op->ldc, op->stride_c, op->batch, sizeof(moe_real));
+    key.m = m; key.n = op->n; key.k = k; key.lda = lda; key.ldb = ldb; key.ldc = op->ldc;
+    key.batch = op->batch;
+    if (op->batch > 1) {
+        key.sa = sa;
+        key.sb = sb;
+        key.sc = op->stride_c;
+    }
+    if (!(e = moe__lt_find(MOE__GPU(ctx), &key))) {
+        moe__lt_plan p;
+        cublasStatus_t s = moe__lt_plan_rowmajor(&p, type, op, m, k, lda, sa, ldb, sb);
+        if (s != CUBLAS_STATUS_SUCCESS) return moe__cublas_fail(ctx, s, "gemm: building the cuBLASLt descriptors", __FILE__, __LINE__);
+        e = moe__lt_keep(ctx, &key, &p);
+    }
+    return moe__lt_matmul(ctx, e, b, a, c, op->alpha, op->accumulate ? 1.0f : 0.0f);
 }
 
 /* The stored shape of operand A (rows × cols) of an m×k product, and of B for k×n. */
@@ -903,10 +973,11 @@ static moe_status moe__cuda_fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t
    the same quantiser as the emulation (bit-exact with the CPU); an operand whose reduction
    runs down its storage's rows (Dgrad's W, Wgrad's dY and X) is transposed as codes and scale
    grid, which keeps every group whole. The products are the same as the emulation's; the sums
-   are the tensor cores' (each 128-long partial sum scaled and added in FP32), so results
-   differ from the emulation's by the accumulation (normwise ~1e-3, checked by bench/gpu.cu on
-   a GPU). Taken for batch 1, B = 128 tiles and blocks, k a multiple of 16, m and n multiples
-   of 4 and C rows 16-byte aligned; anything else, or MOE_CUDA_FP8_TC=0, takes the emulation. */
+   are the tensor cores' (within each 128-long block an accumulator of about 14 bits, then
+   scaled and added in FP32: DeepSeek-V3 §3.3.2), so results differ from the emulation's by
+   the accumulation (normwise ~1e-3; bench/gpu.cu checks it on a GPU). Taken where
+   moe__cuda_fp8_tc_fits says and cuBLASLt agrees; anything else, or MOE_CUDA_FP8_TC=0, takes
+   the emulation. */
 
 /* dst[c·rows + r] = src[r·cols + c]: codes [rows, cols] → [cols, rows]. */
 static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
@@ -958,58 +1029,79 @@ static moe_status moe__cuda_fp8_tn(moe_ctx *ctx, const moe_real *x, int64_t ld, 
     return MOE_OK;
 }
 
-/* Whether one FP8 product of op (m × n, reduction k) can run on the tensor cores: the shapes,
-   and roles whose groups lie along the reduction (tiles) or are blocks, at most one of them. */
+/* Whether one FP8 product of op (m × n, reduction k) may run on the tensor cores: B = 128,
+   roles whose groups lie along the reduction (tiles) or are blocks (at most one operand), k a
+   multiple of 128 (no partial scale block until a GPU test says cuBLASLt takes one), m a
+   multiple of 8 and n of 4 (Transformer Engine's bounds for 1D-scaled operands), C rows
+   16-byte aligned. cuBLASLt may still refuse: then the emulation runs (moe__cuda_fp8_tc). */
 static int moe__cuda_fp8_tc_fits(const moe_ctx *ctx, const moe__gemm_op *op, const moe_real *c, int64_t m, int64_t k) {
     const moe_fp8_options *f = &ctx->conf.fp8;
     moe__fp8_group ga = moe__fp8_role_group(op->role_a), gb = moe__fp8_role_group(op->role_b);
     int a_ok = ga == MOE__FP8_BLOCKS || ga == (op->trans_a ? MOE__FP8_DOWN_COLS : MOE__FP8_ALONG_ROWS);
     int b_ok = gb == MOE__FP8_BLOCKS || gb == (op->trans_b ? MOE__FP8_ALONG_ROWS : MOE__FP8_DOWN_COLS);
     return MOE__GPU(ctx)->fp8_tensor_cores && f->block == 128 && !f->per_tensor && !f->acc_bits && !f->stats && op->batch == 1 &&
-           a_ok && b_ok && !(ga == MOE__FP8_BLOCKS && gb == MOE__FP8_BLOCKS) && k % 16 == 0 && m % 4 == 0 && op->n % 4 == 0 &&
+           a_ok && b_ok && !(ga == MOE__FP8_BLOCKS && gb == MOE__FP8_BLOCKS) && k % 128 == 0 && m % 8 == 0 && op->n % 4 == 0 &&
            op->ldc % 4 == 0 && ((uintptr_t)c & 15) == 0;
 }
 
+/* The cuBLASLt plan of an FP8 product D[n, m] (column-major, at ldc) = A·B with A the codes
+   [n, k] (k contiguous, op T) and B the codes [m, k] (op N), scale modes mode_a, mode_b, FP32
+   sums and output, fast accumulation off. Host work only (tests read it back without a GPU);
+   the scale pointers are set per call. */
+static cublasStatus_t moe__lt_plan_fp8(moe__lt_plan *p, int64_t m, int64_t n, int64_t k, int64_t ldc, int32_t mode_a, int32_t mode_b) {
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    int8_t fast = 0;
+    cublasStatus_t s;
+    memset(p, 0, sizeof *p);
+    s = cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_a, sizeof mode_a);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b, sizeof mode_b);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->a, CUDA_R_8F_E4M3, (uint64_t)k, (uint64_t)n, k);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8F_E4M3, (uint64_t)k, (uint64_t)m, k);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->c, CUDA_R_32F, (uint64_t)n, (uint64_t)m, ldc);
+    if (s != CUBLAS_STATUS_SUCCESS) moe__lt_plan_free(p);
+    return s;
+}
+
 /* C (+)= alpha·op(A)·op(B) in E4M3 on the tensor cores: cuBLAS A = op(B)ᵀ codes [n, k], B =
-   op(A) codes [m, k], both transposed-layout "TN", D = C column-major [n, m] at ldc. */
+   op(A) codes [m, k], both "TN", D = C column-major [n, m] at ldc. *taken = 0 (and nothing
+   done) when cuBLASLt has no algorithm for the shape: the caller emulates. */
 static moe_status moe__cuda_fp8_tc(moe_ctx *ctx, const moe__gemm_op *op, const moe_real *a, const moe_real *b, moe_real *c, int64_t m,
-                                   int64_t k) {
+                                   int64_t k, int *taken) {
     uint8_t *qa, *qb;
     float *sa, *sb;
     int blk_a, blk_b;
-    int32_t mode_a, mode_b;
-    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    moe__lt_plan p;
-    cublasStatus_t s;
-    uint32_t align[3];
-    moe_status st;
+    moe__lt_key key;
+    moe__lt_entry *e;
+    memset(&key, 0, sizeof key);
+    key.type = CUDA_R_8F_E4M3;
+    key.trans_a = 1; /* cuBLAS's: A transposed, B not */
+    /* cuBLAS's A is our B: blocks when B is the weight */
+    key.mode_a = moe__fp8_role_group(op->role_b) == MOE__FP8_BLOCKS ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
+                                                                     : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    key.mode_b = moe__fp8_role_group(op->role_a) == MOE__FP8_BLOCKS ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
+                                                                     : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    key.align[0] = key.align[1] = moe__lt_alignment((const void *)(uintptr_t)MOE__CUDA_ALIGN, k, 0, 1, 1); /* codes in step memory */
+    key.align[2] = moe__lt_alignment(c, op->ldc, 0, 1, sizeof(moe_real));
+    key.m = m; key.n = op->n; key.k = k; key.lda = key.ldb = k; key.ldc = op->ldc; key.batch = 1;
+    if (!(e = moe__lt_find(MOE__GPU(ctx), &key))) {
+        moe__lt_plan p;
+        cublasStatus_t s = moe__lt_plan_fp8(&p, m, op->n, k, op->ldc, key.mode_a, key.mode_b);
+        if (s != CUBLAS_STATUS_SUCCESS) return moe__cublas_fail(ctx, s, "gemm: building the FP8 cuBLASLt descriptors", __FILE__, __LINE__);
+        e = moe__lt_keep(ctx, &key, &p);
+    }
+    *taken = e->found;
+    if (!e->found) return MOE_OK;
     /* op(A) [m, k] has k along A's columns unless trans_a; op(B) [k, n] has k along B's rows unless trans_b */
     MOE__TRY(moe__cuda_fp8_tn(ctx, a, op->lda, op->trans_a ? k : m, op->trans_a ? m : k, !op->trans_a, op->role_a, &qa, &sa, &blk_a));
     MOE__TRY(moe__cuda_fp8_tn(ctx, b, op->ldb, op->trans_b ? op->n : k, op->trans_b ? k : op->n, op->trans_b, op->role_b, &qb, &sb, &blk_b));
-    mode_b = blk_a ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F; /* cuBLAS's B is our A */
-    mode_a = blk_b ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    memset(&p, 0, sizeof p);
-    s = cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_a, sizeof mode_a);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b, sizeof mode_b);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof sb);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof sa);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, (uint64_t)k, (uint64_t)op->n, k);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, (uint64_t)k, (uint64_t)m, k);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, (uint64_t)op->n, (uint64_t)m, op->ldc);
-    if (s != CUBLAS_STATUS_SUCCESS) {
-        moe__lt_plan_free(&p);
-        return moe__cublas_fail(ctx, s, "gemm: building the FP8 cuBLASLt descriptors", __FILE__, __LINE__);
-    }
-    align[0] = moe__lt_alignment(qb, k, 0, 1, 1);
-    align[1] = moe__lt_alignment(qa, k, 0, 1, 1);
-    align[2] = moe__lt_alignment(c, op->ldc, 0, 1, sizeof(moe_real));
-    MOE__CUDA_ON(ctx);
-    st = moe__lt_run(ctx, &p, qb, qa, c, op->alpha, op->accumulate ? 1.0f : 0.0f, align, op, m, k);
-    moe__lt_plan_free(&p);
-    return st;
+    MOE__CUBLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(e->plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof sb));
+    MOE__CUBLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(e->plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof sa));
+    MOE__GPU(ctx)->fp8_tc_products++;
+    return moe__lt_matmul(ctx, e, qb, qa, c, op->alpha, op->accumulate ? 1.0f : 0.0f);
 }
 
 /* One product in op's precision: C (m rows at op->ldc) from a, b at op's leading dimensions. */
@@ -1038,7 +1130,11 @@ static moe_status moe__cuda_product_in(moe_ctx *ctx, const moe__gemm_op *op, con
     /* FP8: product by product (each batch member has its own scales) */
     if (ctx->conf.fp8.acc_bits > 0 || ctx->conf.fp8.stats)
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "gemm: the FP8 accumulator emulation (acc_bits) and statistics are CPU-only");
-    if (moe__cuda_fp8_tc_fits(ctx, op, c, m, k)) return moe__cuda_fp8_tc(ctx, op, a, b, c, m, k);
+    if (moe__cuda_fp8_tc_fits(ctx, op, c, m, k)) {
+        int taken = 0;
+        MOE__TRY(moe__cuda_fp8_tc(ctx, op, a, b, c, m, k, &taken));
+        if (taken) return MOE_OK;
+    }
     for (int64_t i = 0; i < op->batch; i++) {
         moe__gemm_op one = *op;
         moe_real *qa, *qb;

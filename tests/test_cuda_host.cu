@@ -348,6 +348,41 @@ static void lt_plan_describes_the_product(void) {
     }
 }
 
+/* The FP8 plan (moe__lt_plan_fp8) as cuBLASLt reads it back: "TN" (A transposed), E4M3
+   operands [k, n] and [k, m] with k contiguous, FP32 D [n, m] at ldc, the two scale modes as
+   given (DeepSeek's: VEC128 activations, BLK128x128 weights), fast accumulation off. */
+static void lt_plan_fp8_attributes(void) {
+    moe__lt_plan p;
+    cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_T;
+    int32_t ma = -1, mb = -1;
+    int8_t fast = 1;
+    size_t got;
+    uint32_t ty_a = 0, ty_c = 0;
+    T_ASSERT(moe__lt_plan_fp8(&p, 1152, 904, 640, 908, CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F) ==
+                 CUBLAS_STATUS_SUCCESS, "descriptors");
+    cublasLtMatmulDescGetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta, &got);
+    cublasLtMatmulDescGetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb, &got);
+    cublasLtMatmulDescGetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma, &got);
+    cublasLtMatmulDescGetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb, &got);
+    cublasLtMatmulDescGetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast, &got);
+    cublasLtMatrixLayoutGetAttribute(p.a, CUBLASLT_MATRIX_LAYOUT_TYPE, &ty_a, sizeof ty_a, &got);
+    cublasLtMatrixLayoutGetAttribute(p.c, CUBLASLT_MATRIX_LAYOUT_TYPE, &ty_c, sizeof ty_c, &got);
+    T_CHECK(ta == CUBLAS_OP_T && tb == CUBLAS_OP_N, "TN: transa %d transb %d", (int)ta, (int)tb);
+    T_CHECK(ma == CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F && mb == CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, "scale modes %d %d", ma, mb);
+    T_CHECK(fast == 0, "fast accumulation off");
+    T_CHECK(ty_a == CUDA_R_8F_E4M3 && ty_c == CUDA_R_32F, "types %u %u", ty_a, ty_c);
+    T_CHECK(lt_layout_attr(p.a, CUBLASLT_MATRIX_LAYOUT_ROWS) == 640 && lt_layout_attr(p.a, CUBLASLT_MATRIX_LAYOUT_COLS) == 904 &&
+                lt_layout_attr(p.a, CUBLASLT_MATRIX_LAYOUT_LD) == 640,
+            "A: k × n, ld k");
+    T_CHECK(lt_layout_attr(p.b, CUBLASLT_MATRIX_LAYOUT_ROWS) == 640 && lt_layout_attr(p.b, CUBLASLT_MATRIX_LAYOUT_COLS) == 1152 &&
+                lt_layout_attr(p.b, CUBLASLT_MATRIX_LAYOUT_LD) == 640,
+            "B: k × m, ld k");
+    T_CHECK(lt_layout_attr(p.c, CUBLASLT_MATRIX_LAYOUT_ROWS) == 904 && lt_layout_attr(p.c, CUBLASLT_MATRIX_LAYOUT_COLS) == 1152 &&
+                lt_layout_attr(p.c, CUBLASLT_MATRIX_LAYOUT_LD) == 908,
+            "D: n × m, ld ldc");
+    moe__lt_plan_free(&p);
+}
+
 int main(int argc, char **argv) {
     t_filter = argc > 1 ? argv[1] : NULL;
     T_RUN_FILTERED(device_count);
@@ -357,5 +392,6 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(launch_arithmetic);
     T_RUN_FILTERED(hd_math_same_bits_as_gcc);
     T_RUN_FILTERED(lt_plan_describes_the_product);
+    T_RUN_FILTERED(lt_plan_fp8_attributes);
     return t_summary();
 }
