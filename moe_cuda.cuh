@@ -154,6 +154,18 @@ static __device__ float moe__cuda_block_max(float v, float *shm) {
     return v;
 }
 
+/* out[j] += Σ_c part[c·d + j], c in order, one thread per column: the second pass of a sum over
+   rows taken in chunks of MOE__ROW_CHUNK rows (the CPU's order, so the CPU's bits). */
+static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
+moe__cuda_add_chunk_sums(const moe_real *part, int64_t d, int64_t nchunks, moe_real *out) {
+    MOE__CUDA_GRID_STRIDE(j, d) {
+        moe_real acc = out[j];
+        int64_t c;
+        for (c = 0; c < nchunks; c++) acc += part[c * d + j];
+        out[j] = acc;
+    }
+}
+
 /* ---- the context's GPU: open, borrow, reset, close ---- */
 
 static void moe__cuda_arena_free(moe__gpu_block *b) {
@@ -1243,16 +1255,6 @@ static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
         partial[e] = p;
     }
 }
-/* One thread per column: dw[i] += partial[c, i] for c in chunk order (the CPU's bits). */
-static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
-    moe__cuda_rmsnorm_bwd_dw_sum(const moe_real *partial, int64_t d, int64_t nchunks, moe_real *dw) {
-    MOE__CUDA_GRID_STRIDE(i, d) {
-        moe_real acc = dw[i];
-        int64_t c;
-        for (c = 0; c < nchunks; c++) acc += partial[c * d + i];
-        dw[i] = acc;
-    }
-}
 static moe_status moe__cuda_rmsnorm_bwd(moe_ctx *ctx, const moe_real *x, const moe_real *w, const moe_real *rstd,
                                         const moe_real *dy, int64_t rows, int64_t d, moe_real *dx, moe_real *dw) {
     int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK;
@@ -1263,7 +1265,7 @@ static moe_status moe__cuda_rmsnorm_bwd(moe_ctx *ctx, const moe_real *x, const m
         if (!partial) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_rmsnorm_bwd_dw_chunks, moe__cuda_blocks(nchunks * d, MOE__CUDA_THREADS), x, rstd, dy,
                          rows, d, nchunks, partial);
-        MOE__CUDA_LAUNCH(ctx, moe__cuda_rmsnorm_bwd_dw_sum, moe__cuda_blocks(d, MOE__CUDA_THREADS), partial, d, nchunks, dw);
+        MOE__CUDA_LAUNCH(ctx, moe__cuda_add_chunk_sums, moe__cuda_blocks(d, MOE__CUDA_THREADS), partial, d, nchunks, dw);
     }
     return MOE_OK;
 }
@@ -2487,16 +2489,6 @@ static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
         part[e] = p;
     }
 }
-/* One thread per column: out[j] += part[c, j] for c in chunk order (the CPU's bits). */
-static __global__ void __launch_bounds__(MOE__CUDA_THREADS)
-    moe__cuda_optim_colsum_add(const moe_real *part, int64_t d, int64_t nchunks, moe_real *out) {
-    MOE__CUDA_GRID_STRIDE(j, d) {
-        moe_real acc = out[j];
-        int64_t c;
-        for (c = 0; c < nchunks; c++) acc += part[c * d + j];
-        out[j] = acc;
-    }
-}
 static moe_status moe__cuda_colsum(moe_ctx *ctx, const moe_real *x, int64_t rows, int64_t d, moe_real *out) {
     const int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK;
     moe_real *part;
@@ -2504,7 +2496,7 @@ static moe_status moe__cuda_colsum(moe_ctx *ctx, const moe_real *x, int64_t rows
     if (!(part = (moe_real *)moe__cuda_temp(ctx, nchunks * d, sizeof(moe_real)))) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_colsum_chunks, moe__cuda_blocks(nchunks * d, MOE__CUDA_THREADS), x, rows, d, nchunks,
                      part);
-    MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_colsum_add, moe__cuda_blocks(d, MOE__CUDA_THREADS), part, d, nchunks, out);
+    MOE__CUDA_LAUNCH(ctx, moe__cuda_add_chunk_sums, moe__cuda_blocks(d, MOE__CUDA_THREADS), part, d, nchunks, out);
     return MOE_OK;
 }
 
