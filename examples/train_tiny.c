@@ -368,13 +368,10 @@ typedef struct run {
 
 /* OUT/ckpt-<step>.bin (the log first, so that it never has fewer rows than a checkpoint has
    seen), the older ones beyond --keep removed, and OUT/ckpt.bin made a link to it. */
-static moe_status save(run *r) {
+static moe_status save_files(run *r) {
     char link_tmp[1100], latest[1100];
     moe_status s;
     int64_t linked = 1;
-    r->saved_attempts = (long)(r->st->step + r->st->skipped); /* on every rank: the ranks decide on saves together */
-    r->saved_at = moe_time_s();
-    if (r->rank != 0 && !r->o->zero) return MOE_OK;
     if (r->csv) fflush(r->csv);
     s = moe_ckpt_save_step(r->ctx, r->o->out, "ckpt", (int)r->o->keep, r->m, r->opt, r->st, r->path, sizeof r->path);
     if (s != MOE_OK) return s;
@@ -387,6 +384,26 @@ static moe_status save(run *r) {
     }
     if (r->o->zero && (s = moe_comm_bcast(r->ctx, r->comm, &linked, 1, MOE_COMM_I64, 0)) != MOE_OK) return s;
     return linked ? MOE_OK : moe_ckpt_save(r->ctx, latest, r->m, r->opt, r->st); /* no hard links here: a copy */
+}
+
+/* A checkpoint, on every rank at the same step (the ranks decide on saves together). Rank 0
+   writes the files (ZeRO-1: all ranks take part, the save agrees its status itself); its status
+   then goes to every rank, so that a failed write stops all of them with an error, not only rank
+   0 — a launcher that does not kill the others on one rank's exit would leave them waiting. */
+static moe_status save(run *r) {
+    moe_status s = MOE_OK;
+    int64_t agreed;
+    r->saved_attempts = (long)(r->st->step + r->st->skipped);
+    r->saved_at = moe_time_s();
+    if (r->rank == 0 || r->o->zero) s = save_files(r);
+    if (r->o->zero) return s;
+    agreed = (int64_t)s;
+    if (moe_comm_bcast(r->ctx, r->comm, &agreed, 1, MOE_COMM_I64, 0) != MOE_OK) return MOE_ERR_COMM;
+    if (r->rank != 0 && agreed != MOE_OK) {
+        fprintf(stderr, "\ntrain_tiny: rank 0 could not write the checkpoint of step %lld: stopping\n", (long long)r->st->step);
+        return (moe_status)agreed;
+    }
+    return s;
 }
 
 /* The end of the ranks' work together: the optimizer (ZeRO-1 keeps the communicator) goes,

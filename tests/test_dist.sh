@@ -205,6 +205,13 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     fi
     runp 2 --accum 2 --steps 40 --save-every 5 --resume auto --out "$d/k2"
     same "after the kill, --resume auto on 2 ranks = the uninterrupted run" "$d/k1/ckpt-00000040.bin" "$d/k2/ckpt-00000040.bin"
+    # rank 0 alone fails to write a checkpoint (a directory in the way of ckpt-00000003.bin):
+    # every rank stops with an error, the others saying why (not only killed by mpirun)
+    rm -rf "$d/wf" && mkdir -p "$d/wf/ckpt-00000003.bin/in-the-way"
+    runp 2 --accum 2 --out "$d/wf"
+    if grep -q "rank 0 could not write the checkpoint of step 3" "$d/wf/rank-1.log" 2>/dev/null; then
+        echo "ok   rank 0's failed checkpoint write stops rank 1 too, with its reason"; pass=$((pass + 1))
+    else echo "FAIL rank 0's failed write: rank 1 says '$(tail -n 2 "$d/wf/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
     runp 2 --accum 3 --out "$d/bad"
     if grep -q "do not split over 2 ranks" "$tmp/last.txt"; then echo "ok   --accum 3 on 2 ranks is refused"; pass=$((pass + 1))
     else echo "FAIL --accum 3 on 2 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
