@@ -327,9 +327,21 @@ static int injected(const options *o, int nan_grad, long attempt) {
 static volatile sig_atomic_t g_signal;
 static void on_signal(int sig) { g_signal = sig; }
 
-/* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered). */
+/* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered, the save agrees
+   its status). Rank 0's status goes to every rank, so that a failed write stops them all. */
 static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m, moe_adamw *opt, moe_train_state *st, char *path) {
-    if (g_ranks.rank == 0 || o->zero) CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
+    moe_status s = MOE_OK;
+    int64_t agreed;
+    if (g_ranks.rank == 0 || o->zero) s = moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100);
+    if (!o->zero) {
+        agreed = (int64_t)s;
+        CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
+        if (g_ranks.rank != 0 && agreed != MOE_OK) {
+            fprintf(stderr, "\ndistill: rank 0 could not write the %s checkpoint of step %lld: stopping\n", label, (long long)st->step);
+            exit(1);
+        }
+    }
+    CHECK(s);
 }
 
 /* Train m for `steps` steps on training batches from index 0 of `seed`, checkpointing as it

@@ -232,6 +232,11 @@ if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
     for f in teacher.ckpt scratch-00000004.bin distilled-00000004.bin; do
         same "distill, 2 ranks = 1 process: $f" "$d/p1/$f" "$d/p2/$f"
     done
+    rm -rf "$d/wf" && mkdir -p "$d/wf/teacher-00000002.bin/in-the-way" # rank 0 alone cannot write a checkpoint
+    drunp 2 --accum 2 --out "$d/wf"
+    if grep -q "rank 0 could not write the teacher checkpoint of step 2" "$d/wf/rank-1.log" 2>/dev/null; then
+        echo "ok   distill: rank 0's failed checkpoint write stops rank 1 too, with its reason"; pass=$((pass + 1))
+    else echo "FAIL distill, rank 0's failed write: rank 1 says '$(tail -n 2 "$d/wf/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
     drunp 2 --accum 2 --zero 1 --ep 2 --out "$d/p2ze"
     same "distill with ZeRO-1 and EP=2 = 1 process: the distilled student" "$d/p1/distilled-00000004.bin" "$d/p2ze/distilled-00000004.bin"
     drun1 --accum 4 --out "$d/p1a4"; drunp 4 --accum 4 --ep 2 --zero 1 --out "$d/p4"
