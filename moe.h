@@ -6028,7 +6028,7 @@ static moe_status moe__tensor_transfer(moe_ctx *ctx, const char *fn, const moe_t
                                        moe__copy_kind kind) {
     const moe_backend *be;
     MOE__CHECK_CTX(ctx);
-    if (!t || !t->data || (!dst && !src)) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL tensor or host buffer", fn);
+    if (!t || !t->data || !dst || !src) return moe__fail(ctx, MOE_ERR_ARG, "%s: NULL tensor or host buffer", fn);
     if (bytes != (size_t)t->numel * moe_dtype_size(t->dtype))
         return moe__fail(ctx, MOE_ERR_SHAPE, "%s: %zu bytes for a tensor of %zu", fn, bytes, (size_t)t->numel * moe_dtype_size(t->dtype));
     be = moe__backend_of(ctx, t->device);

@@ -811,6 +811,38 @@ static void test_model_copy(void) {
     moe_ctx_free(other);
 }
 
+/* Device names and whole-tensor transfers, as a user on the CPU meets them: "cpu" is taken,
+   "cuda" is refused with MOE_ERR_UNSUPPORTED in a build without the CUDA backend (this one),
+   malformed names with MOE_ERR_ARG; a download returns the values set, an upload replaces them,
+   and a byte count that is not the tensor's is MOE_ERR_SHAPE with nothing written. */
+static void test_device_names_and_transfers(void) {
+    static const char *const bad[] = {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda0", "CPU", ""};
+    moe_tensor *t = NULL;
+    int64_t shape[1] = {5}, i;
+    float host[5] = {0}, back[5] = {0}, keep[5];
+    size_t k;
+    T_CHECK(moe_ctx_set_device_name(g_ctx, "cpu") == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    T_CHECK(moe_ctx_set_device_name(g_ctx, "cuda:0") == MOE_ERR_UNSUPPORTED, "cuda without the backend: %s", moe_ctx_error(g_ctx));
+    for (k = 0; k < sizeof bad / sizeof bad[0]; k++)
+        T_CHECK(moe_ctx_set_device_name(g_ctx, bad[k]) == MOE_ERR_ARG, "'%s' not refused as malformed", bad[k]);
+    T_CHECK(moe_ctx_set_device_name(g_ctx, NULL) == MOE_ERR_ARG, "NULL name");
+    T_CHECK(moe_ctx_device(g_ctx) == MOE_DEVICE_CPU, "still on the CPU");
+    T_ASSERT(moe_tensor_new(g_ctx, MOE_F32, 1, shape, &t) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < 5; i++) moe_tensor_set(t, i, 0.5 * (double)i - 1.0);
+    T_CHECK(moe_tensor_download(g_ctx, t, host, sizeof host) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < 5; i++) T_CHECK(host[i] == (float)(0.5 * (double)i - 1.0), "downloaded value %lld is %g", (long long)i, host[i]);
+    for (i = 0; i < 5; i++) back[i] = (float)(10 + i);
+    T_CHECK(moe_tensor_upload(g_ctx, t, back, sizeof back) == MOE_OK, "%s", moe_ctx_error(g_ctx));
+    for (i = 0; i < 5; i++) T_CHECK(moe_tensor_get(t, i) == 10.0 + (double)i, "uploaded value %lld", (long long)i);
+    memcpy(keep, host, sizeof keep);
+    T_CHECK(moe_tensor_download(g_ctx, t, host, sizeof host - 4) == MOE_ERR_SHAPE && memcmp(keep, host, sizeof keep) == 0,
+            "a short buffer is refused, nothing written");
+    T_CHECK(moe_tensor_upload(g_ctx, t, back, sizeof back + 4) == MOE_ERR_SHAPE, "a long buffer is refused");
+    T_CHECK(moe_tensor_download(g_ctx, NULL, host, sizeof host) == MOE_ERR_ARG && moe_tensor_download(g_ctx, t, NULL, sizeof host) == MOE_ERR_ARG,
+            "NULL tensor or buffer");
+    moe_tensor_free(g_ctx, t);
+}
+
 int main(int argc, char **argv) {
     t_filter = argc > 1 ? argv[1] : NULL;
     if (moe_ctx_new(&g_ctx) != MOE_OK) return 1;
@@ -832,6 +864,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(test_checkpoint_corruption_refused);
     T_RUN_FILTERED(test_hf_round_trip);
     T_RUN_FILTERED(test_model_copy);
+    T_RUN_FILTERED(test_device_names_and_transfers);
     T_RUN_FILTERED(test_aux_free_balancing);
     moe_ctx_free(g_ctx);
     return t_summary();
