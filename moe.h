@@ -30,8 +30,9 @@
     12. io        config.json, token data, checkpoints, safetensors, Hugging Face directories
     13. infer     latent KV cache, sampling, MTP self-speculative decoding
     14. gpu       the CUDA entry points (moe_cuda.cuh)
-    15. dist      moe_comm, the communicator: one process, or many over MPI (MOE_MPI); the
-                  collectives data- and expert-parallel training call, rank-ordered sums
+    15. dist      moe_comm, the communicator: one process, or many over MPI (MOE_MPI) or, on
+                  GPUs, NCCL (MOE_NCCL); the collectives data- and expert-parallel training
+                  call, rank-ordered sums
 
    Conventions
      - Every fallible function returns moe_status (MOE_OK == 0) and leaves a one-line
@@ -1026,7 +1027,9 @@ MOE_API const char *moe_cuda_device_name(const moe_ctx *ctx);
    expert-parallel training call at fixed points. SELF (one process) needs nothing; MPI is
    compiled in with MOE_MPI (Open MPI, build with mpicc). Every collective blocks, works on
    host memory and returns moe_status: an MPI error comes back as MOE_ERR_COMM with MPI's
-   message (the communicator then cannot be trusted: report it and end the job). Counts are
+   message (the communicator then cannot be trusted: report it and end the job). NCCL (the
+   CUDA build with MOE_NCCL, moe_comm_init_nccl) works on GPU memory instead, on the
+   context's stream: see there. Counts are
    elements; any rank may contribute zero. The rank-ordered sums (moe_comm_allreduce_ordered,
    moe_comm_reduce_scatter) give every rank ((x_0 + x_1) + x_2) + …, what one process adding
    P micro-batches in order computes, so a P-rank run can be bit-identical to one process:
@@ -1034,7 +1037,7 @@ MOE_API const char *moe_cuda_device_name(const moe_ctx *ctx);
    (moe_model_expert_parallel) keep to it, and their checkpoints are one process's. */
 
 typedef struct moe_comm moe_comm;
-typedef enum moe_comm_kind { MOE_COMM_SELF = 0, MOE_COMM_MPI } moe_comm_kind;
+typedef enum moe_comm_kind { MOE_COMM_SELF = 0, MOE_COMM_MPI, MOE_COMM_NCCL } moe_comm_kind;
 typedef enum moe_comm_type { MOE_COMM_F32 = 0, MOE_COMM_F64, MOE_COMM_I32, MOE_COMM_I64, MOE_COMM_BYTE } moe_comm_type;
 typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 
@@ -1046,8 +1049,23 @@ typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 #endif
 
 /* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
-   unless the program did it; then freeing this communicator finalises it). */
+   unless the program did it; then freeing this communicator finalises it). NCCL
+   communicators come from moe_comm_init_nccl. */
 MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);
+/* An NCCL communicator over the job's GPUs (the CUDA build with MOE_NCCL and -lnccl; other
+   builds: MOE_ERR_UNSUPPORTED). ctx must be on its GPU (moe_ctx_set_device(ctx,
+   MOE_DEVICE_CUDA, local rank) first; one GPU per rank) and stay there while the
+   communicator lives: its device and stream are the communicator's. NCCL's 128-byte id
+   comes from rank 0 either over `bootstrap` (an MPI communicator: its ranks and size are
+   NCCL's; how = NULL) or, with bootstrap NULL, through moe_comm_share(how = "tcp:HOST:PORT"
+   or "file:PATH", timeout_s) with the rank and size of moe_comm_env. The collectives then
+   take GPU buffers and are ordered on the context's stream (the host waits only where it
+   reads: moe_cuda_sync, a download); host buffers are accepted too and pass through device
+   memory (meant for flags and counts). The rank-ordered sums add on the GPU in rank order,
+   the bits of the host's sum. moe_model_reduce_grads works with it for a GPU model (plain
+   data parallelism); ZeRO-1 and expert parallelism over NCCL are refused. A failed NCCL call
+   gives MOE_ERR_COMM with NCCL's message; a rank that dies makes the others wait in NCCL. */
+MOE_API moe_status moe_comm_init_nccl(moe_ctx *ctx, moe_comm *bootstrap, const char *how, double timeout_s, moe_comm **out);
 /* The ranks with the same color (≥ 0), ordered by key, then rank (a collective over comm). */
 MOE_API moe_status moe_comm_split(moe_ctx *ctx, moe_comm *comm, int color, int key, moe_comm **out);
 /* Free split communicators before the one they came from. */
@@ -1104,7 +1122,9 @@ MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int s
    becomes the gradients, then the gradients are summed over comm's ranks in rank order (in
    buckets of MOE_COMM_BUCKET values) and the expert-load counts summed, so every rank takes
    the same optimizer step and bias update. With one micro-batch per rank, P ranks give the
-   bits of one process that accumulates the same P micro-batches. Host-memory models only. */
+   bits of one process that accumulates the same P micro-batches. A host-memory model takes a
+   SELF or MPI communicator, a GPU model an NCCL one (plain data parallelism: the sums run on
+   the GPU; ZeRO-1 is host-only). */
 MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *model, moe_comm *comm);
 #ifndef MOE_COMM_BUCKET
 #define MOE_COMM_BUCKET ((int64_t)1 << 22)
@@ -1209,6 +1229,9 @@ MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *model, moe
 #if defined(MOE_CUDA) && defined(__CUDACC__)
 #include <cuda_runtime.h>
 #include <cublasLt.h>
+#ifdef MOE_NCCL
+#include <nccl.h>
+#endif
 #endif
 
 #ifdef __cplusplus
@@ -12395,11 +12418,14 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
 #endif
 
 /* ============================================================================================
-   15. dist — the communicator (SELF, MPI), data and expert parallelism, ZeRO-1         >>dist
+   15. dist — the communicator (SELF, MPI, NCCL), data and expert parallelism, ZeRO-1   >>dist
    ============================================================================================
    A backend fills moe__comm_ops with the primitives (barrier, broadcast, all-reduce,
-   all-gather and all-to-all with per-rank counts, split, release); the rank-ordered sums, the
-   uniform all-to-all, the row exchange and the config check are written once above them. */
+   all-gather and all-to-all with per-rank counts, split, release) and says where its buffers
+   live (the receive buffer of the ordered sums and their block sum are its entries too); the
+   rank-ordered sums, the uniform all-to-all, the row exchange and the config check are
+   written once above them. SELF and MPI are here; NCCL is moe_cuda.cuh's section 9, included
+   below the bootstrap helpers it uses. */
 
 typedef struct moe__comm_ops moe__comm_ops;
 struct moe_comm {
@@ -12409,12 +12435,14 @@ struct moe_comm {
     void *scratch;        /* the ordered sums' receive buffer, kept between calls (fresh */
     size_t scratch_bytes; /* memory each time cost 3-4x the all-gather in page faults) */
     int64_t bytes_in;     /* received from the other ranks (moe_comm_bytes_received) */
+    void *impl;           /* a backend's own state (NCCL: struct moe__nccl), freed by release */
 #ifdef MOE_MPI
     MPI_Comm mpi;
 #endif
 };
 /* Counts and offsets are per rank, in elements. */
 struct moe__comm_ops {
+    moe_device device; /* where the collectives' buffers live: MOE_DEVICE_CPU (host) or the GPU */
     moe_status (*barrier)(moe_ctx *ctx, moe_comm *c);
     moe_status (*bcast)(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, int root);
     moe_status (*allreduce)(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, moe_comm_op op);
@@ -12424,6 +12452,11 @@ struct moe__comm_ops {
                             void *recv, const int64_t *recv_counts, const int64_t *recv_offsets, moe_comm_type t);
     moe_status (*split)(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out);
     void (*release)(moe_comm *c);
+    /* The ordered sums' receive buffer of at least `bytes`, kept by the communicator (NULL and
+       MOE_ERR_MEMORY when it cannot grow), and their sum: out = ((b_0 + b_1) + b_2) + … over
+       nb blocks of n elements in that buffer, out where the collectives' buffers live. */
+    void *(*scratch)(moe_ctx *ctx, moe_comm *c, size_t bytes, const char *fn);
+    moe_status (*sum_blocks)(moe_ctx *ctx, moe_comm *c, const void *blocks, int nb, int64_t n, moe_comm_type t, void *out);
 };
 
 static size_t moe__comm_type_size(moe_comm_type t) {
@@ -12456,6 +12489,26 @@ static void moe__comm_sum_blocks(const void *blocks, int nb, int64_t n, moe_comm
     case MOE_COMM_BYTE: break;
     }
 #undef MOE__SUM_BLOCKS
+}
+
+/* The host backends' scratch and sum entries: a heap buffer kept in the communicator. */
+static void *moe__comm_scratch(moe_ctx *ctx, moe_comm *c, size_t bytes, const char *fn) {
+    if (bytes > c->scratch_bytes) {
+        void *p = MOE_REALLOC(c->scratch, bytes);
+        if (!p) {
+            moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %zu bytes of receive buffer", fn, bytes);
+            return NULL;
+        }
+        c->scratch = p;
+        c->scratch_bytes = bytes;
+    }
+    return c->scratch;
+}
+static moe_status moe__comm_host_sum(moe_ctx *ctx, moe_comm *c, const void *blocks, int nb, int64_t n, moe_comm_type t,
+                                     void *out) {
+    (void)ctx; (void)c;
+    moe__comm_sum_blocks(blocks, nb, n, t, out);
+    return MOE_OK;
 }
 
 /* ---- SELF: one process ---- */
@@ -12500,8 +12553,10 @@ static moe_status moe__self_split(moe_ctx *ctx, moe_comm *c, int color, int key,
 }
 static void moe__self_release(moe_comm *c) { (void)c; }
 
-static const moe__comm_ops moe__comm_self = {moe__self_nothing, moe__self_bcast, moe__self_allreduce, moe__self_allgatherv,
-                                             moe__self_alltoallv, moe__self_split, moe__self_release};
+static const moe__comm_ops moe__comm_self = {MOE_DEVICE_CPU,         moe__self_nothing,  moe__self_bcast,
+                                             moe__self_allreduce,    moe__self_allgatherv, moe__self_alltoallv,
+                                             moe__self_split,        moe__self_release,  moe__comm_scratch,
+                                             moe__comm_host_sum};
 
 /* ---- MPI (MOE_MPI): host buffers, errors returned (MPI_ERRORS_RETURN) ---- */
 
@@ -12588,25 +12643,12 @@ static void moe__mpi_release(moe_comm *c) {
     MPI_Finalized(&finalized);
     if (!finalized) MPI_Comm_free(&c->mpi);
 }
-static const moe__comm_ops moe__comm_mpi = {moe__mpi_barrier, moe__mpi_bcast, moe__mpi_allreduce, moe__mpi_allgatherv,
-                                            moe__mpi_alltoallv, moe__mpi_split, moe__mpi_release};
+static const moe__comm_ops moe__comm_mpi = {MOE_DEVICE_CPU,      moe__mpi_barrier, moe__mpi_bcast,    moe__mpi_allreduce,
+                                            moe__mpi_allgatherv, moe__mpi_alltoallv, moe__mpi_split, moe__mpi_release,
+                                            moe__comm_scratch,   moe__comm_host_sum};
 #endif
 
 /* ---- the public collectives ---- */
-
-/* The communicator's scratch buffer, at least `bytes` long. */
-static void *moe__comm_scratch(moe_ctx *ctx, moe_comm *c, size_t bytes, const char *fn) {
-    if (bytes > c->scratch_bytes) {
-        void *p = MOE_REALLOC(c->scratch, bytes);
-        if (!p) {
-            moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %zu bytes of receive buffer", fn, bytes);
-            return NULL;
-        }
-        c->scratch = p;
-        c->scratch_bytes = bytes;
-    }
-    return c->scratch;
-}
 
 static moe_status moe__comm_args(moe_ctx *ctx, const moe_comm *c, const char *fn, moe_comm_type t) {
     MOE__CHECK_CTX(ctx);
@@ -12642,8 +12684,10 @@ static moe_status moe__comm_agree(moe_ctx *ctx, moe_comm *c, const char *fn, moe
    what the backend counts (MPI: ints). */
 static moe_status moe__comm_layout(moe_ctx *ctx, const char *fn, const moe_comm *c, const int64_t *counts, int64_t width,
                                    int64_t **mem, int64_t *total) {
-    const int64_t limit = c->ops == &moe__comm_self ? (int64_t)1 << 48 : (int64_t)2147483647;
-    int64_t *m, r, sum = 0;
+    int64_t limit = (int64_t)1 << 48, *m, r, sum = 0;
+#ifdef MOE_MPI
+    if (c->ops == &moe__comm_mpi) limit = 2147483647; /* MPI counts are ints */
+#endif
     *mem = NULL;
     if (!counts) return moe__fail(ctx, MOE_ERR_ARG, "%s: counts are NULL", fn);
     if (!(m = (int64_t *)MOE_MALLOC((size_t)c->size * 2 * sizeof(int64_t))))
@@ -12672,6 +12716,9 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
     MOE__CHECK_CTX(ctx);
     if (!out) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_init: out is NULL");
     *out = NULL;
+    if (kind == MOE_COMM_NCCL)
+        return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_init: an NCCL communicator comes from moe_comm_init_nccl (it needs the GPU "
+                                           "context and the way to its id)");
     if (kind != MOE_COMM_SELF && kind != MOE_COMM_MPI) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_init: kind %d", (int)kind);
 #ifndef MOE_MPI
     if (kind == MOE_COMM_MPI)
@@ -12787,11 +12834,11 @@ MOE_API moe_status moe_comm_allreduce_ordered(moe_ctx *ctx, moe_comm *comm, void
     for (r = 0; !st && r < comm->size; r++) counts[r] = n;
     if (!st) st = moe__comm_layout(ctx, "moe_comm_allreduce_ordered", comm, counts, 1, &lay, &total);
     if (!st && total &&
-        !(all = moe__comm_scratch(ctx, comm, (size_t)total * moe__comm_type_size(type), "moe_comm_allreduce_ordered")))
+        !(all = comm->ops->scratch(ctx, comm, (size_t)total * moe__comm_type_size(type), "moe_comm_allreduce_ordered")))
         st = MOE_ERR_MEMORY;
     st = moe__comm_agree(ctx, comm, "moe_comm_allreduce_ordered", st);
     if (!st && n) st = comm->ops->allgatherv(ctx, comm, buf, all, lay, lay + comm->size, type);
-    if (!st && n) moe__comm_sum_blocks(all, comm->size, n, type, buf);
+    if (!st && n) st = comm->ops->sum_blocks(ctx, comm, all, comm->size, n, type, buf);
     if (!st) moe__comm_count(comm, total - n, type);
     MOE_FREE(counts);
     MOE_FREE(lay);
@@ -12817,12 +12864,12 @@ MOE_API moe_status moe_comm_reduce_scatter(moe_ctx *ctx, moe_comm *comm, const v
         MOE_FREE(mine);
         mine = recv_lay;
         if (!st && blocks_total &&
-            !(blocks = moe__comm_scratch(ctx, comm, (size_t)blocks_total * moe__comm_type_size(type), "moe_comm_reduce_scatter")))
+            !(blocks = comm->ops->scratch(ctx, comm, (size_t)blocks_total * moe__comm_type_size(type), "moe_comm_reduce_scatter")))
             st = MOE_ERR_MEMORY;
     }
     st = moe__comm_agree(ctx, comm, "moe_comm_reduce_scatter", st);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, lay, lay + comm->size, blocks, mine, mine + comm->size, type);
-    if (!st && counts[comm->rank]) moe__comm_sum_blocks(blocks, comm->size, counts[comm->rank], type, recv);
+    if (!st && counts[comm->rank]) st = comm->ops->sum_blocks(ctx, comm, blocks, comm->size, counts[comm->rank], type, recv);
     if (!st) moe__comm_count(comm, blocks_total - counts[comm->rank], type);
     MOE_FREE(mine);
     MOE_FREE(lay);
@@ -13109,6 +13156,21 @@ MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int s
 #endif
 }
 
+/* ---- NCCL: moe_cuda.cuh's section 9 (>>cu.comm), in the CUDA build with MOE_NCCL ---- */
+
+#if defined(MOE_NCCL) && defined(MOE_CUDA) && defined(__CUDACC__)
+#define MOE__CUDA_COMM_SECTION
+#include "moe_cuda.cuh"
+#else
+MOE_API moe_status moe_comm_init_nccl(moe_ctx *ctx, moe_comm *bootstrap, const char *how, double timeout_s, moe_comm **out) {
+    MOE__CHECK_CTX(ctx);
+    (void)bootstrap; (void)how; (void)timeout_s;
+    if (out) *out = NULL;
+    return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_comm_init_nccl: NCCL is not built in (define MOE_CUDA and MOE_NCCL, compile "
+                                                 "the implementation with nvcc and link -lnccl)");
+}
+#endif
+
 /* ---- data parallelism, ZeRO-1 ---- */
 
 #define MOE__COMM_REAL (sizeof(moe_real) == sizeof(double) ? MOE_COMM_F64 : MOE_COMM_F32)
@@ -13210,7 +13272,9 @@ MOE_API moe_status moe_adamw_shard(moe_ctx *ctx, moe_adamw *o, moe_comm *comm) {
     P = comm->size;
     st = o->comm ? moe__fail(ctx, MOE_ERR_STATE, "%s: the optimizer is sharded already", fn)
          : o->model->be->device != MOE_DEVICE_CPU ? moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: host-memory models only", fn)
-                                                  : MOE_OK;
+         : comm->ops->device != MOE_DEVICE_CPU
+             ? moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: ZeRO-1 over NCCL is not implemented (shard over MPI, or reduce plain)", fn)
+             : MOE_OK;
     MOE__TRY(moe__comm_agree(ctx, comm, fn, st));
     agree[0] = n;
     agree[1] = -n;
@@ -13272,8 +13336,12 @@ MOE_API moe_status moe_model_reduce_grads(moe_ctx *ctx, moe_model *m, moe_comm *
         m->n_accumulated = 0;
     }
     if (comm->size == 1) return MOE_OK;
-    if (m->be->device != MOE_DEVICE_CPU)
-        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the communicator reduces host memory only");
+    if (m->be->device != MOE_DEVICE_CPU && comm->ops->device == MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the gradients are in GPU memory and this "
+                                                   "communicator reduces host memory (a GPU model wants moe_comm_init_nccl)");
+    if (m->be->device == MOE_DEVICE_CPU && comm->ops->device != MOE_DEVICE_CPU)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe_model_reduce_grads: the gradients are in host memory and this NCCL "
+                                                   "communicator reduces GPU memory (a host model wants SELF or MPI)");
     if (m->zero) { /* ZeRO-1: this rank's shard of the sum; the rest of the slab zero */
         MOE__TRY(moe__zero_reduce_scatter(ctx, m->zero, comm));
     } else {
@@ -13297,6 +13365,9 @@ MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *m, moe_com
     if (!ep && edp) return moe__fail(ctx, MOE_ERR_ARG, "%s: an EDP group without an EP group", fn);
     if (E % np != 0)
         st = moe__fail(ctx, MOE_ERR_CONFIG, "%s: %lld routed experts do not split over %lld ranks", fn, (long long)E, (long long)np);
+    else if ((ep && ep->ops->device != MOE_DEVICE_CPU) || (edp && edp->ops->device != MOE_DEVICE_CPU))
+        st = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: expert parallelism over NCCL is not implemented (MPI and a host-memory "
+                                                 "model do it)", fn);
     else if (ep && m->be->device != MOE_DEVICE_CPU)
         st = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "%s: the communicator exchanges host memory only", fn);
     if (ep) MOE__TRY(moe__comm_agree(ctx, ep, fn, st));

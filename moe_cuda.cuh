@@ -16,6 +16,8 @@
      6. moe        router, balance loss, dispatch plan, gather / combine without float atomics
      7. optim      sums and norms, AdamW, distillation losses, the teacher's top-k
      8. the table
+     9. comm       NCCL, moe.h's third communicator backend (MOE_NCCL): compiled when moe.h's
+                   section 15 includes this file a second time, below struct moe_comm
 
    Rules (../shared/reference/gpu.md §0, §1): all state hangs off the context (no globals);
    errors come back as moe_status with the CUDA or cuBLAS message and file:line, never
@@ -2959,3 +2961,385 @@ static const moe_backend moe__cuda_table = {
 static const moe_backend *moe__cuda_backend(void) { return &moe__cuda_table; }
 
 #endif /* MOE_CUDA_CUH */
+
+/* ============================================================================================
+   9. comm — NCCL: the communicator on GPU memory (MOE_NCCL)                         >>cu.comm
+   ============================================================================================
+   moe.h's section 15 includes this file again with MOE__CUDA_COMM_SECTION once struct
+   moe_comm, its ops table and the bootstrap helpers exist; only this section compiles then.
+   One more moe__comm_ops table (gpu.md §5.5): broadcast and all-reduce are NCCL's
+   collectives; the all-gather and the all-to-all with per-rank counts are one group of
+   ncclSend / ncclRecv each (NCCL has no variable-count collective; every peer's pair in one
+   group so that they progress together), the rank's own block a device copy; the barrier is
+   a one-value all-reduce and a stream sync; split is ncclCommSplit. Everything is enqueued on
+   the stream of the context the communicator was made with, after that context's kernels.
+   Host buffers (flags, counts, the config check) pass through a device stage buffer and are
+   waited for. The ordered sums' receive buffer is device memory and their block sum a kernel
+   with one thread per element adding the ranks' blocks in rank order, so its bits are the
+   host's sum (moe__comm_sum_blocks). NCCL errors come back as MOE_ERR_COMM with NCCL's
+   message and file:line; after one, freeing the communicator aborts it instead of waiting.
+   Never run on a GPU yet (gpu.md §7): compiled with the strict flags and host-tested only. */
+#if defined(MOE__CUDA_COMM_SECTION) && !defined(MOE_CUDA_CUH_COMM)
+#define MOE_CUDA_CUH_COMM
+
+typedef struct moe__nccl {
+    ncclComm_t comm;
+    int device;
+    cudaStream_t stream;  /* the context's: collectives stay ordered with its kernels */
+    int broken;           /* an NCCL call failed: release aborts instead of destroying */
+    void *scratch, *stage; /* device memory: the ordered sums' blocks; host buffers' copies */
+    size_t scratch_bytes, stage_bytes;
+} moe__nccl;
+
+#define MOE__NCCL(c) ((moe__nccl *)(c)->impl)
+
+/* An NCCL result as a moe_status, with the call, its place and NCCL's last message. */
+static moe_status moe__nccl_fail(moe_ctx *ctx, moe__nccl *N, ncclResult_t r, const char *what, const char *file, int line) {
+    const char *last = ncclGetLastError(N ? N->comm : NULL);
+    if (N) N->broken = 1;
+    return moe__fail(ctx, MOE_ERR_COMM, "NCCL: %s failed at %s:%d: %s%s%s", what, file, line, ncclGetErrorString(r),
+                     last && *last ? ": " : "", last && *last ? last : "");
+}
+#define MOE__NCCL_TRY(ctx, N, call)                                                                \
+    do {                                                                                           \
+        ncclResult_t moe__r = (call);                                                              \
+        if (moe__r != ncclSuccess) return moe__nccl_fail(ctx, N, moe__r, #call, __FILE__, __LINE__); \
+    } while (0)
+
+static ncclDataType_t moe__nccl_type(moe_comm_type t) {
+    switch (t) {
+    case MOE_COMM_F32: return ncclFloat32;
+    case MOE_COMM_F64: return ncclFloat64;
+    case MOE_COMM_I32: return ncclInt32;
+    case MOE_COMM_I64: return ncclInt64;
+    case MOE_COMM_BYTE: break;
+    }
+    return ncclUint8;
+}
+
+/* Whether p is memory the GPU reads (device or managed), not plain or pinned host memory. */
+static int moe__nccl_on_device(const void *p) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+/* *buf, device memory of at least `bytes` (a larger buffer replaces it once the stream has
+   finished with the old one); NULL and MOE_ERR_MEMORY when the GPU has no room. */
+static void *moe__nccl_grow(moe_ctx *ctx, moe__nccl *N, void **buf, size_t *cap, size_t bytes, const char *fn) {
+    cudaError_t e;
+    bytes = (bytes + MOE__CUDA_ALIGN - 1) / MOE__CUDA_ALIGN * MOE__CUDA_ALIGN;
+    if (bytes <= *cap && *buf) return *buf;
+    if ((e = cudaStreamSynchronize(N->stream)) != cudaSuccess) {
+        moe__cuda_fail(ctx, e, "cudaStreamSynchronize (before growing a communicator buffer)", __FILE__, __LINE__);
+        return NULL;
+    }
+    cudaFree(*buf);
+    *buf = NULL;
+    *cap = 0;
+    if ((e = cudaMalloc(buf, bytes)) != cudaSuccess) {
+        (void)cudaGetLastError();
+        *buf = NULL;
+        moe__fail(ctx, MOE_ERR_MEMORY, "%s: no room for %zu bytes of communicator buffer on the GPU (%s)", fn, bytes,
+                  cudaGetErrorString(e));
+        return NULL;
+    }
+    *cap = bytes;
+    return *buf;
+}
+
+/* Device addresses for a collective's send (sbytes) and receive (rbytes) buffers: a host
+   buffer gets room in the stage buffer, the send side copied there. */
+static moe_status moe__nccl_stage_in(moe_ctx *ctx, moe__nccl *N, const void *send, size_t sbytes, void *recv, size_t rbytes,
+                                     const void **dsend, void **drecv, const char *fn) {
+    int host_send = sbytes > 0 && !moe__nccl_on_device(send), host_recv = rbytes > 0 && !moe__nccl_on_device(recv);
+    size_t at = (sbytes + MOE__CUDA_ALIGN - 1) / MOE__CUDA_ALIGN * MOE__CUDA_ALIGN;
+    unsigned char *stage;
+    *dsend = send;
+    *drecv = recv;
+    if (!host_send && !host_recv) return MOE_OK;
+    if (!(stage = (unsigned char *)moe__nccl_grow(ctx, N, &N->stage, &N->stage_bytes, at + rbytes, fn))) return MOE_ERR_MEMORY;
+    if (host_send) {
+        MOE__CUDA_TRY(ctx, cudaMemcpyAsync(stage, send, sbytes, cudaMemcpyHostToDevice, N->stream));
+        *dsend = stage;
+    }
+    if (host_recv) *drecv = stage + at;
+    return MOE_OK;
+}
+/* A staged receive buffer back to the host (waits for the stream). */
+static moe_status moe__nccl_stage_out(moe_ctx *ctx, moe__nccl *N, void *recv, void *drecv, size_t rbytes) {
+    if (drecv == recv || rbytes == 0) return MOE_OK;
+    MOE__CUDA_TRY(ctx, cudaMemcpyAsync(recv, drecv, rbytes, cudaMemcpyDeviceToHost, N->stream));
+    MOE__CUDA_TRY(ctx, cudaStreamSynchronize(N->stream));
+    return MOE_OK;
+}
+
+static moe_status moe__nccl_barrier(moe_ctx *ctx, moe_comm *c) {
+    moe__nccl *N = MOE__NCCL(c);
+    void *d;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    if (!(d = moe__nccl_grow(ctx, N, &N->stage, &N->stage_bytes, sizeof(int32_t), "moe_comm_barrier"))) return MOE_ERR_MEMORY;
+    MOE__CUDA_TRY(ctx, cudaMemsetAsync(d, 0, sizeof(int32_t), N->stream));
+    MOE__NCCL_TRY(ctx, N, ncclAllReduce(d, d, 1, ncclInt32, ncclSum, N->comm, N->stream));
+    MOE__CUDA_TRY(ctx, cudaStreamSynchronize(N->stream));
+    return MOE_OK;
+}
+
+static moe_status moe__nccl_bcast(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, int root) {
+    moe__nccl *N = MOE__NCCL(c);
+    size_t bytes = (size_t)n * moe__comm_type_size(t);
+    const void *s;
+    void *r;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    MOE__TRY(moe__nccl_stage_in(ctx, N, buf, c->rank == root ? bytes : 0, buf, bytes, &s, &r, "moe_comm_bcast"));
+    MOE__NCCL_TRY(ctx, N, ncclBroadcast(c->rank == root ? s : r, r, (size_t)n, moe__nccl_type(t), root, N->comm, N->stream));
+    return moe__nccl_stage_out(ctx, N, buf, r, bytes);
+}
+
+static moe_status moe__nccl_allreduce(moe_ctx *ctx, moe_comm *c, void *buf, int64_t n, moe_comm_type t, moe_comm_op op) {
+    moe__nccl *N = MOE__NCCL(c);
+    size_t bytes = (size_t)n * moe__comm_type_size(t);
+    const void *s;
+    void *r;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    MOE__TRY(moe__nccl_stage_in(ctx, N, buf, bytes, buf, bytes, &s, &r, "moe_comm_allreduce"));
+    MOE__NCCL_TRY(ctx, N, ncclAllReduce(s, r, (size_t)n, moe__nccl_type(t), op == MOE_COMM_MAX ? ncclMax : ncclSum, N->comm, N->stream));
+    return moe__nccl_stage_out(ctx, N, buf, r, bytes);
+}
+
+/* The point-to-point half of the all-gather and the all-to-all: to every other rank p,
+   scount[p] elements from send + soff[p] and from it rcount[p] into recv + roff[p], all in one
+   group; zero counts send nothing (both sides know them); this rank's own block is a copy. */
+static moe_status moe__nccl_exchange(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *scount, const int64_t *soff,
+                                     void *recv, const int64_t *rcount, const int64_t *roff, moe_comm_type t) {
+    moe__nccl *N = MOE__NCCL(c);
+    size_t es = moe__comm_type_size(t);
+    ncclDataType_t nt = moe__nccl_type(t);
+    ncclResult_t rc, end;
+    int p, me = c->rank;
+    if (scount[me] != rcount[me])
+        return moe__fail(ctx, MOE_ERR_ARG, "comm: this rank sends %lld elements to itself and receives %lld", (long long)scount[me],
+                         (long long)rcount[me]);
+    if (scount[me] > 0)
+        MOE__CUDA_TRY(ctx, cudaMemcpyAsync((char *)recv + (size_t)roff[me] * es, (const char *)send + (size_t)soff[me] * es,
+                                           (size_t)scount[me] * es, cudaMemcpyDeviceToDevice, N->stream));
+    MOE__NCCL_TRY(ctx, N, ncclGroupStart());
+    rc = ncclSuccess;
+    for (p = 0; p < c->size && rc == ncclSuccess; p++) {
+        if (p == me) continue;
+        if (scount[p] > 0) rc = ncclSend((const char *)send + (size_t)soff[p] * es, (size_t)scount[p], nt, p, N->comm, N->stream);
+        if (rc == ncclSuccess && rcount[p] > 0)
+            rc = ncclRecv((char *)recv + (size_t)roff[p] * es, (size_t)rcount[p], nt, p, N->comm, N->stream);
+    }
+    end = ncclGroupEnd();
+    if (rc == ncclSuccess) rc = end;
+    if (rc != ncclSuccess) return moe__nccl_fail(ctx, N, rc, "the group of ncclSend / ncclRecv", __FILE__, __LINE__);
+    return MOE_OK;
+}
+
+static moe_status moe__nccl_allgatherv(moe_ctx *ctx, moe_comm *c, const void *send, void *recv, const int64_t *counts,
+                                       const int64_t *offsets, moe_comm_type t) {
+    moe__nccl *N = MOE__NCCL(c);
+    size_t es = moe__comm_type_size(t), total = (size_t)(offsets[c->size - 1] + counts[c->size - 1]) * es;
+    int64_t *mine;
+    const void *s;
+    void *r;
+    int p;
+    moe_status st;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    MOE__TRY(moe__nccl_stage_in(ctx, N, send, (size_t)counts[c->rank] * es, recv, total, &s, &r, "moe_comm_allgather"));
+    if (!(mine = (int64_t *)MOE_MALLOC(sizeof(int64_t) * 2 * (size_t)c->size)))
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_allgather: out of memory for %d ranks' counts", c->size);
+    for (p = 0; p < c->size; p++) { /* the same block, from offset 0 of send, to every rank */
+        mine[p] = counts[c->rank];
+        mine[c->size + p] = 0;
+    }
+    st = moe__nccl_exchange(ctx, c, s, mine, mine + c->size, r, counts, offsets, t);
+    MOE_FREE(mine);
+    MOE__TRY(st);
+    return moe__nccl_stage_out(ctx, N, recv, r, total);
+}
+
+static moe_status moe__nccl_alltoallv(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                      const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                      const int64_t *recv_offsets, moe_comm_type t) {
+    moe__nccl *N = MOE__NCCL(c);
+    int P = c->size;
+    size_t es = moe__comm_type_size(t), stotal = (size_t)(send_offsets[P - 1] + send_counts[P - 1]) * es,
+           rtotal = (size_t)(recv_offsets[P - 1] + recv_counts[P - 1]) * es;
+    const void *s;
+    void *r;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    MOE__TRY(moe__nccl_stage_in(ctx, N, send, stotal, recv, rtotal, &s, &r, "moe_comm_alltoallv"));
+    MOE__TRY(moe__nccl_exchange(ctx, c, s, send_counts, send_offsets, r, recv_counts, recv_offsets, t));
+    return moe__nccl_stage_out(ctx, N, recv, r, rtotal);
+}
+
+static moe_status moe__nccl_split(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out) {
+    moe__nccl *N = MOE__NCCL(c), *S;
+    ncclComm_t sub = NULL;
+    ncclResult_t r;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    MOE__NCCL_TRY(ctx, N, ncclCommSplit(N->comm, color, key, &sub, NULL));
+    if (!(S = (moe__nccl *)moe__heap_calloc(ctx, sizeof *S))) {
+        ncclCommDestroy(sub);
+        return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_split: out of memory");
+    }
+    S->comm = sub;
+    S->device = N->device;
+    S->stream = N->stream;
+    if ((r = ncclCommUserRank(sub, &out->rank)) != ncclSuccess || (r = ncclCommCount(sub, &out->size)) != ncclSuccess) {
+        moe_status st = moe__nccl_fail(ctx, S, r, "ncclCommUserRank / ncclCommCount", __FILE__, __LINE__);
+        ncclCommAbort(sub);
+        MOE_FREE(S);
+        return st;
+    }
+    out->impl = S;
+    return MOE_OK;
+}
+
+static void moe__nccl_release(moe_comm *c) {
+    moe__nccl *N = MOE__NCCL(c);
+    ncclResult_t async = ncclSuccess;
+    if (!N) return;
+    cudaSetDevice(N->device);
+    if (N->comm) { /* a clean end waits for the queued work; after an error NCCL may never finish it */
+        if (N->broken || ncclCommGetAsyncError(N->comm, &async) != ncclSuccess || async != ncclSuccess ||
+            cudaStreamSynchronize(N->stream) != cudaSuccess || ncclCommDestroy(N->comm) != ncclSuccess)
+            ncclCommAbort(N->comm);
+    }
+    cudaFree(N->scratch);
+    cudaFree(N->stage);
+    (void)cudaGetLastError();
+    MOE_FREE(N);
+    c->impl = NULL;
+}
+
+static void *moe__nccl_scratch(moe_ctx *ctx, moe_comm *c, size_t bytes, const char *fn) {
+    moe__nccl *N = MOE__NCCL(c);
+    cudaError_t e = cudaSetDevice(N->device);
+    if (e != cudaSuccess) {
+        moe__cuda_fail(ctx, e, "cudaSetDevice", __FILE__, __LINE__);
+        return NULL;
+    }
+    return moe__nccl_grow(ctx, N, &N->scratch, &N->scratch_bytes, bytes, fn);
+}
+
+/* out[i] = ((b_0[i] + b_1[i]) + b_2[i]) + …: moe__comm_sum_blocks on the GPU, one thread per
+   element, the same additions in the same order (integers wrap: unsigned). */
+#define MOE__NCCL_SUM_KERNEL(name, T)                                                     \
+    static __global__ void __launch_bounds__(MOE__CUDA_THREADS) name(const T *b, int nb, int64_t n, T *o) { \
+        MOE__CUDA_GRID_STRIDE(i, n) {                                                     \
+            T s = b[i];                                                                   \
+            for (int j = 1; j < nb; j++) s += b[(int64_t)j * n + i];                      \
+            o[i] = s;                                                                     \
+        }                                                                                 \
+    }
+MOE__NCCL_SUM_KERNEL(moe__nccl_sum_f32, float)
+MOE__NCCL_SUM_KERNEL(moe__nccl_sum_f64, double)
+MOE__NCCL_SUM_KERNEL(moe__nccl_sum_u32, uint32_t)
+MOE__NCCL_SUM_KERNEL(moe__nccl_sum_u64, uint64_t)
+#undef MOE__NCCL_SUM_KERNEL
+
+static moe_status moe__nccl_sum_blocks(moe_ctx *ctx, moe_comm *c, const void *blocks, int nb, int64_t n, moe_comm_type t,
+                                       void *out) {
+    moe__nccl *N = MOE__NCCL(c);
+    size_t bytes = (size_t)n * moe__comm_type_size(t);
+    unsigned g = (unsigned)moe__cuda_blocks(n, MOE__CUDA_THREADS);
+    void *o = out;
+    cudaError_t e;
+    if (t == MOE_COMM_BYTE) return moe__fail(ctx, MOE_ERR_ARG, "comm: bytes have no sum");
+    if (n <= 0) return MOE_OK;
+    MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
+    if (!moe__nccl_on_device(out) && !(o = moe__nccl_grow(ctx, N, &N->stage, &N->stage_bytes, bytes, "comm: the ordered sum")))
+        return MOE_ERR_MEMORY;
+    switch (t) {
+    case MOE_COMM_F32: moe__nccl_sum_f32<<<g, MOE__CUDA_THREADS, 0, N->stream>>>((const float *)blocks, nb, n, (float *)o); break;
+    case MOE_COMM_F64: moe__nccl_sum_f64<<<g, MOE__CUDA_THREADS, 0, N->stream>>>((const double *)blocks, nb, n, (double *)o); break;
+    case MOE_COMM_I32:
+        moe__nccl_sum_u32<<<g, MOE__CUDA_THREADS, 0, N->stream>>>((const uint32_t *)blocks, nb, n, (uint32_t *)o);
+        break;
+    case MOE_COMM_I64:
+        moe__nccl_sum_u64<<<g, MOE__CUDA_THREADS, 0, N->stream>>>((const uint64_t *)blocks, nb, n, (uint64_t *)o);
+        break;
+    case MOE_COMM_BYTE: break;
+    }
+    if ((e = cudaGetLastError()) != cudaSuccess) return moe__cuda_fail(ctx, e, "moe__nccl_sum_*", __FILE__, __LINE__);
+    return moe__nccl_stage_out(ctx, N, out, o, bytes);
+}
+
+static const moe__comm_ops moe__comm_nccl = {MOE_DEVICE_CUDA,       moe__nccl_barrier,  moe__nccl_bcast,
+                                             moe__nccl_allreduce,   moe__nccl_allgatherv, moe__nccl_alltoallv,
+                                             moe__nccl_split,       moe__nccl_release,  moe__nccl_scratch,
+                                             moe__nccl_sum_blocks};
+
+/* NCCL's id from rank 0 to every rank, over `boot` (a collective over it: rank 0's
+   ncclGetUniqueId, then a broadcast of the 128 bytes) or, with boot NULL, through
+   moe_comm_share(how) with moe_comm_env's rank and size; *rank and *size become NCCL's. */
+static moe_status moe__nccl_share_id(moe_ctx *ctx, moe_comm *boot, const char *how, double timeout_s, int *rank, int *size,
+                                     ncclUniqueId *id) {
+    moe_status st = MOE_OK;
+    ncclResult_t r;
+    int local = 0;
+    memset(id, 0, sizeof *id);
+    if (boot) {
+        *rank = boot->rank;
+        *size = boot->size;
+    } else {
+        MOE__TRY(moe_comm_env(ctx, rank, size, &local));
+    }
+    if (*rank == 0 && (r = ncclGetUniqueId(id)) != ncclSuccess) st = moe__nccl_fail(ctx, NULL, r, "ncclGetUniqueId", __FILE__, __LINE__);
+    if (!boot) return st != MOE_OK ? st : moe_comm_share(ctx, how, *rank, *size, id->internal, sizeof id->internal, timeout_s);
+    MOE__TRY(moe__comm_agree(ctx, boot, "moe_comm_init_nccl", st));
+    return moe_comm_bcast(ctx, boot, id->internal, (int64_t)sizeof id->internal, MOE_COMM_BYTE, 0);
+}
+
+MOE_API moe_status moe_comm_init_nccl(moe_ctx *ctx, moe_comm *bootstrap, const char *how, double timeout_s, moe_comm **out) {
+    static const char *fn = "moe_comm_init_nccl";
+    moe__nccl *N;
+    moe_comm *c;
+    ncclUniqueId id;
+    ncclResult_t r;
+    int rank = 0, size = 1;
+    moe_status st = MOE_OK;
+    cudaError_t e;
+    MOE__CHECK_CTX(ctx);
+    if (!out) return moe__fail(ctx, MOE_ERR_ARG, "%s: out is NULL", fn);
+    *out = NULL;
+    if (!bootstrap == !how)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: give a bootstrap communicator (MPI) or how (\"tcp:HOST:PORT\" or \"file:PATH\"), "
+                                           "one of the two", fn);
+    N = (moe__nccl *)moe__heap_calloc(ctx, sizeof *N);
+    c = (moe_comm *)moe__heap_calloc(ctx, sizeof *c);
+    if (!N || !c) st = moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory", fn);
+    else if (!ctx->gpu)
+        st = moe__fail(ctx, MOE_ERR_ARG, "%s: the context is on the CPU, and NCCL works on a GPU's memory "
+                                         "(moe_ctx_set_device(ctx, MOE_DEVICE_CUDA, local rank) first)", fn);
+    if (bootstrap) st = moe__comm_agree(ctx, bootstrap, fn, st); /* no rank waits for one that stopped here */
+    if (!st) st = moe__nccl_share_id(ctx, bootstrap, how, timeout_s, &rank, &size, &id);
+    if (!st) {
+        N->device = ctx->gpu->device;
+        N->stream = ctx->gpu->stream;
+        if ((e = cudaSetDevice(N->device)) != cudaSuccess) st = moe__cuda_fail(ctx, e, "cudaSetDevice", __FILE__, __LINE__);
+        else if ((r = ncclCommInitRank(&N->comm, size, id, rank)) != ncclSuccess) {
+            N->comm = NULL;
+            st = moe__nccl_fail(ctx, NULL, r, "ncclCommInitRank", __FILE__, __LINE__);
+        }
+    }
+    if (st) {
+        MOE_FREE(N);
+        MOE_FREE(c);
+        return st;
+    }
+    c->ops = &moe__comm_nccl;
+    c->rank = rank;
+    c->size = size;
+    c->impl = N;
+    *out = c;
+    return MOE_OK;
+}
+
+#endif /* MOE__CUDA_COMM_SECTION */
