@@ -66,6 +66,27 @@ cuda_libs() {
     [ -e "$(dirname "$(command -v nvcc)")/../lib64/libnccl.so" ] && libs="$libs -lnccl"
     echo "$libs"
 }
+# The flags that compile in the NCCL communicator (MOE_NCCL) and link NCCL: the toolkit's own
+# (then cuda_libs links it), else a pip wheel's (nvidia-nccl-cu*, as on the GPU machines);
+# fails when neither is there.
+nccl_flags() {
+    local cuda p lib
+    cuda=$(dirname "$(command -v nvcc)")/..
+    if [ -e "$cuda/include/nccl.h" ] && [ -e "$cuda/lib64/libnccl.so" ]; then echo "-DMOE_NCCL"; return 0; fi
+    p=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null) || return 1
+    lib=$(ls "$p"/lib/libnccl.so* 2>/dev/null | head -n 1)
+    [ -e "$p/include/nccl.h" ] && [ -n "$lib" ] || return 1
+    echo "-DMOE_NCCL -I$p/include -L$p/lib -Xlinker -l:$(basename "$lib") -Xlinker -rpath=$p/lib"
+}
+# Open MPI's compile and link flags as nvcc takes them (-I, -L, -l as they are, the rest to gcc;
+# after the sources, so that the linker keeps the libraries).
+mpi_nvcc_flags() {
+    local f out=""
+    for f in $(mpicc --showme:compile) $(mpicc --showme:link); do
+        case $f in -I*|-L*|-l*) out="$out $f" ;; *) out="$out -Xcompiler $f" ;; esac
+    done
+    echo "$out"
+}
 # nvcc_compile OUT SRC [flags]: a C program that holds the implementation, as CUDA C++
 nvcc_compile() {
     local out=$1 src=$2; shift 2
@@ -88,6 +109,10 @@ cmd_cuda() {
     nvcc $NVCC_FLAGS tests/gpu/conversions.cu -o "$BUILD/cuda/gpu_conversions" $(cuda_libs) &
     nvcc $NVCC_FLAGS bench/gpu.cu -o "$BUILD/cuda/bench_gpu" $(cuda_libs) &
     wait
+    # the NCCL communicator's test (one process; tests/gpu/run.sh runs its nranks = 1 smoke test)
+    local nf
+    if nf=$(nccl_flags); then nvcc $NVCC_FLAGS tests/test_nccl.cu -o "$BUILD/cuda/test_nccl" $nf $(cuda_libs)
+    else log "NCCL not found (toolkit or pip wheel): build/cuda/test_nccl not built"; fi
 }
 
 build_all() {
@@ -159,6 +184,22 @@ suite_cuda() {
         log "suite cuda_host does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
     fi
     run_suite cuda_host "$BUILD/test_cuda_host"
+    # The NCCL communicator (MOE_NCCL) on the host: its table, refusals, error messages and the
+    # id bootstrap over MPI, file: and tcp: between two ranks (tests/test_nccl.cu).
+    local nf
+    if ! nf=$(nccl_flags); then log "cuda_nccl: skipped (no NCCL headers and library)"; return; fi
+    if command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1; then
+        if ! nvcc $NVCC_FLAGS -DMOE_MPI tests/test_nccl.cu -o "$BUILD/test_nccl" $nf $(mpi_nvcc_flags) $(cuda_libs); then
+            log "suite cuda_nccl does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
+        fi
+        run_suite cuda_nccl env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+            timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$BUILD/test_nccl"
+    else
+        if ! nvcc $NVCC_FLAGS tests/test_nccl.cu -o "$BUILD/test_nccl" $nf $(cuda_libs); then
+            log "suite cuda_nccl does not compile: counted as one failed case"; FAILED=$((FAILED + 1)); return
+        fi
+        run_suite cuda_nccl "$BUILD/test_nccl"
+    fi
 }
 suite_gpu() {
     # Where an NVIDIA GPU is present: the table test with the CUDA backend against the CPU's

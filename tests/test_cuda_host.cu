@@ -10,6 +10,8 @@
      present (this binary on the GPU machine), the no-GPU expectations are replaced by: the
      device opens, names itself, rejects an index past the last, and the context goes back to
      the CPU.
+   - without MOE_NCCL, moe_comm_init_nccl says how to build it (MOE_ERR_UNSUPPORTED) and
+     moe_comm_init(MOE_COMM_NCCL) points to it (MOE_ERR_ARG);
    - the CUDA table: named "cuda", device MOE_DEVICE_CUDA, every function pointer filled;
      the launch arithmetic moe__cuda_blocks (at least 1 block, at most 65536, rounding up).
    - the MOE_HD math (conversions f32 ↔ bf16/f16/e4m3/e5m2, moe_fp8_scale, moe_expf, the SiLU
@@ -181,6 +183,21 @@ static void set_device_bad_arguments(void) {
     st = moe_ctx_set_device(ctx, MOE_DEVICE_CPU, 0);
     T_CHECK(st == MOE_OK, "set_device(CPU, 0) after the reset: %s (%s)", moe_status_name(st), moe_ctx_error(ctx));
     cpu_still_works(ctx, "after the bad arguments");
+    moe_ctx_free(ctx);
+}
+
+/* ---- the NCCL communicator in a build without MOE_NCCL (tests/test_nccl.cu has the rest) ---- */
+
+static void nccl_not_built(void) {
+    moe_ctx *ctx = NULL;
+    moe_comm *c = (moe_comm *)1;
+    moe_status st;
+    T_ASSERT(moe_ctx_new(&ctx) == MOE_OK, "moe_ctx_new");
+    st = moe_comm_init_nccl(ctx, NULL, "file:/tmp/moe-nccl.id", 1.0, &c);
+    T_CHECK(st == MOE_ERR_UNSUPPORTED && c == NULL && strstr(moe_ctx_error(ctx), "MOE_NCCL") && strstr(moe_ctx_error(ctx), "-lnccl"),
+            "%s (%s)", moe_status_name(st), moe_ctx_error(ctx));
+    st = moe_comm_init(ctx, MOE_COMM_NCCL, &c);
+    T_CHECK(st == MOE_ERR_ARG && c == NULL, "moe_comm_init(MOE_COMM_NCCL): %s", moe_ctx_error(ctx));
     moe_ctx_free(ctx);
 }
 
@@ -389,6 +406,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(set_device_cuda);
     T_RUN_FILTERED(set_device_bad_arguments);
     T_RUN_FILTERED(cuda_table_filled);
+    T_RUN_FILTERED(nccl_not_built);
     T_RUN_FILTERED(launch_arithmetic);
     T_RUN_FILTERED(hd_math_same_bits_as_gcc);
     T_RUN_FILTERED(lt_plan_describes_the_product);

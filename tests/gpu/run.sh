@@ -21,6 +21,12 @@
 #   7 bench       bench/gpu.cu: the FP8 GEMMs on Hopper's tensor cores against the recipe's
 #                 emulation (pass = normwise difference ≤ 1e-2), GEMM TFLOP/s (FP32, BF16, FP8,
 #                 cuBLASLt BF16 alone) and the training step's tokens/s and MFU
+#   8 nccl        tests/test_nccl.cu as one process (built by ./build.sh cuda when NCCL's headers
+#                 and library are found, the toolkit's or a pip wheel's): the NCCL communicator
+#                 with nranks = 1 through file: — collectives and ordered sums on device buffers
+#                 against the host's values, the device block sum bit for bit, and
+#                 moe_model_reduce_grads leaving a GPU model's gradients unchanged; pass = 0
+#                 failed; skip = no GPU or no NCCL (never run on a GPU before this stage)
 #
 # TRAIN_TOL = 2e-2: FP32 on both sides, but the GPU sums in other orders (GEMMs, attention,
 # norms), so the two runs drift apart through training's feedback — by ~1e-6 at step 1,
@@ -149,6 +155,17 @@ else
     record bench FAIL "$(grep -m 1 'emulation' "$OUT/bench.log"); see bench.log"
 fi
 BENCH_JSON=$(grep '^{"bench":"gpu"' "$OUT/bench.log" | tail -n 1)
+
+# ---- 8 nccl ----
+if [ ! -x build/cuda/test_nccl ]; then
+    record nccl skip "build/cuda/test_nccl not built (no NCCL headers and library found; see build.log)"
+else
+    stage nccl 30 build/cuda/test_nccl
+    NCCL_SUITE=$(grep -E '^SUITE:' "$OUT/nccl.log" | tail -n 1)
+    if grep -q '^SKIP gpu_smoke' "$OUT/nccl.log"; then record nccl skip "$(grep -m 1 '^SKIP' "$OUT/nccl.log")"
+    elif [[ "$NCCL_SUITE" =~ SUITE:\ ([0-9]+)\ passed,\ 0\ failed ]]; then record nccl ok "nranks=1: $NCCL_SUITE"
+    else record nccl FAIL "${NCCL_SUITE:-did not finish}; $(grep -m 3 '^FAIL' "$OUT/nccl.log" | tr '\n' ' ')"; fi
+fi
 
 # ---- the table, then JSON ----
 echo
