@@ -16,7 +16,8 @@
    (moe_ctx_set_threads) and, since the contract promises results independent of the thread
    count ("every sum runs in a fixed order"), the two results must be bit-identical; at
    least one shape of each loop-parallel kernel is above the base's split threshold
-   (MOE__PAR_WORK = 16384 work units, GEMM: MOE__GEMM_MT_FLOPS) so the parallel path runs.
+   (MOE__PAR_WORK, pinned below to 16384 work units, and MOE__GEMM_MT_FLOPS) so the parallel
+   path runs.
 
    Exactness classes (each row carries one; the worst measured error is printed per entry):
    - BITEXACT: memory, copies, gathers and scatters, order-defined sums in moe_real
@@ -51,6 +52,10 @@
    `skip:` line and `SUITE: 0 passed, 0 failed` and exits 0. On the GPU the 1- and 2-thread
    runs stay: the thread count means nothing there, so they are two runs of the same kernels,
    which must give the same bits (no float atomics, every sum in a fixed order). */
+/* The split thresholds these shapes were sized against (moe.h's defaults are higher, tuned
+   to the cost of waking a thread): the parallel paths must run here. */
+#define MOE__PAR_WORK 16384.0
+#define MOE__GEMM_MT_FLOPS 3.0e6
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"

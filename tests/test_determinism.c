@@ -2,6 +2,10 @@
    (and 3) threads, must give bit-identical outputs and gradients. Sizes are chosen above the
    thresholds at which the kernels go parallel, and the row counts are not multiples of the
    reduction chunk. */
+/* The split thresholds these shapes were sized against (moe.h's defaults are higher, tuned
+   to the cost of waking a thread): the parallel paths must run here. */
+#define MOE__PAR_WORK 16384.0
+#define MOE__GEMM_MT_FLOPS 3.0e6
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"
