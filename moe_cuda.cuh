@@ -125,26 +125,21 @@ static int64_t moe__cuda_blocks(int64_t n, int64_t per_block) {
 /* Block-wide sums and maxima (all MOE__CUDA_THREADS threads call them; every thread gets the
    result). The order of the additions is fixed by the block shape: the same bits every run.
    `shm` holds MOE__CUDA_THREADS / 32 values. */
-static __device__ float moe__cuda_block_sum(float v, float *shm) {
-    int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5, w;
-    for (w = 16; w > 0; w >>= 1) v += __shfl_xor_sync(0xffffffffu, v, w);
-    __syncthreads(); /* shm may still be read by a previous call */
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    v = 0.0f;
-    for (w = 0; w < MOE__CUDA_THREADS / 32; w++) v += shm[w];
-    return v;
-}
-static __device__ double moe__cuda_block_sum_f64(double v, double *shm) {
-    int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5, w;
-    for (w = 16; w > 0; w >>= 1) v += __shfl_xor_sync(0xffffffffu, v, w);
-    __syncthreads();
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    v = 0.0;
-    for (w = 0; w < MOE__CUDA_THREADS / 32; w++) v += shm[w];
-    return v;
-}
+#define MOE__CUDA_BLOCK_SUM(name, T)                                                    \
+    static __device__ T name(T v, T *shm) {                                             \
+        int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5, w;              \
+        for (w = 16; w > 0; w >>= 1) v += __shfl_xor_sync(0xffffffffu, v, w);          \
+        __syncthreads(); /* shm may still be read by a previous call */                 \
+        if (lane == 0) shm[warp] = v;                                                   \
+        __syncthreads();                                                                \
+        v = (T)0;                                                                       \
+        for (w = 0; w < MOE__CUDA_THREADS / 32; w++) v += shm[w];                       \
+        return v;                                                                       \
+    }
+/* one reduction, in float and in double (C linkage: no overloads, no templates) */
+MOE__CUDA_BLOCK_SUM(moe__cuda_block_sum, float)
+MOE__CUDA_BLOCK_SUM(moe__cuda_block_sum_f64, double)
+#undef MOE__CUDA_BLOCK_SUM
 static __device__ float moe__cuda_block_max(float v, float *shm) {
     int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5, w;
     for (w = 16; w > 0; w >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, w));
