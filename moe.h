@@ -2583,12 +2583,10 @@ static void *moe__dev_scratch(moe_ctx *ctx, int64_t n, size_t size, const char *
         moe__fail(ctx, MOE_ERR_MEMORY, "%s: size overflows", what);
         return NULL;
     }
-    if (MOE__BE(ctx)->scratch(ctx, bytes, &p) != MOE_OK) {
-        if (ctx->conf.arena_limit)
-            moe__fail(ctx, MOE_ERR_MEMORY, "%s: step arena limit of %zu bytes reached (%zu in use, %zu more wanted)", what,
-                      ctx->conf.arena_limit, ctx->arena_used, bytes);
-        else
-            moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for %zu bytes of step memory", what, bytes);
+    if (MOE__BE(ctx)->scratch(ctx, bytes, &p) != MOE_OK) { /* the backend's message, after what wanted it */
+        char why[sizeof ctx->error];
+        memcpy(why, ctx->error, sizeof why);
+        moe__fail(ctx, MOE_ERR_MEMORY, "%s: %s", what, why);
         return NULL;
     }
     return p;
@@ -4244,8 +4242,11 @@ static moe_status moe__cpu_memset(moe_ctx *ctx, void *dst, int byte, size_t byte
     return MOE_OK;
 }
 static moe_status moe__cpu_scratch(moe_ctx *ctx, size_t bytes, void **out) {
-    *out = moe__arena_alloc_raw(ctx, bytes);
-    return *out ? MOE_OK : MOE_ERR_MEMORY;
+    if ((*out = moe__arena_alloc_raw(ctx, bytes)) != NULL) return MOE_OK;
+    if (ctx->conf.arena_limit)
+        return moe__fail(ctx, MOE_ERR_MEMORY, "step arena limit of %zu bytes reached (%zu in use, %zu more wanted)",
+                         ctx->conf.arena_limit, ctx->arena_used, bytes);
+    return moe__fail(ctx, MOE_ERR_MEMORY, "out of memory for %zu bytes of step memory", bytes);
 }
 
 /* ---- row helpers: max, exp-and-sum, exp-axpy (AVX2, with the same loops in plain C) ------ */

@@ -376,16 +376,6 @@ static moe_status moe__cuda_scratch(moe_ctx *ctx, size_t bytes, void **out) {
     return MOE_OK;
 }
 
-/* Device step memory for n values of `size` bytes, NULL with a message. */
-static void *moe__cuda_temp(moe_ctx *ctx, int64_t n, size_t size) {
-    void *p = NULL;
-    size_t bytes;
-    if (n < 0 || moe__mul_overflows((size_t)n, size, &bytes)) {
-        moe__fail(ctx, MOE_ERR_MEMORY, "GPU step memory: size overflows");
-        return NULL;
-    }
-    return moe__cuda_scratch(ctx, bytes, &p) == MOE_OK ? p : NULL;
-}
 /* Copy device results to a host output and wait for them. */
 static moe_status moe__cuda_download(moe_ctx *ctx, void *host, const void *dev, size_t bytes) {
     return moe__cuda_copy(ctx, host, dev, bytes, MOE__D2H);
@@ -537,7 +527,7 @@ static moe_status moe__cuda_fp8_quantize(moe_ctx *ctx, const moe_real *x, int64_
     gcw = gc < cols ? gc : cols;
     gmax = grh * gcw;
     if (!scales) { /* (the CPU always writes them; a caller without a use for them still gets codes) */
-        scales = (float *)moe__cuda_temp(ctx, ngroups, sizeof(float));
+        scales = (float *)moe__dev_scratch(ctx, ngroups, sizeof(float), __func__);
         if (!scales) return MOE_ERR_MEMORY;
     }
     if (gmax <= MOE__CUDA_NUMERICS_SMALL) {
@@ -557,7 +547,7 @@ static moe_status moe__cuda_fp8_quantize(moe_ctx *ctx, const moe_real *x, int64_
         const int64_t nrp = grh / rp + (grh % rp != 0), ncp = gcw / cp + (gcw % cp != 0), parts = nrp * ncp;
         float *partial = NULL;
         if (parts > 1) {
-            partial = (float *)moe__cuda_temp(ctx, ngroups * parts, sizeof(float));
+            partial = (float *)moe__dev_scratch(ctx, ngroups * parts, sizeof(float), __func__);
             if (!partial) return MOE_ERR_MEMORY;
         }
         MOE__CUDA_LAUNCH(ctx, moe__cuda_numerics_amax_pieces, moe__cuda_blocks(ngroups * parts, 1), x, rows, cols, gr, gc, ngc,
@@ -963,8 +953,8 @@ static moe_status moe__cuda_fp8_operand(moe_ctx *ctx, const moe_real *x, int64_t
                                         moe_real **out) {
     int64_t gr, gc;
     int pow2 = moe__fp8_group_shape(ctx, moe__fp8_role_group(role), rows, cols, &gr, &gc);
-    moe_real *dense = (moe_real *)moe__cuda_temp(ctx, rows * cols, sizeof(moe_real));
-    float *scales = (float *)moe__cuda_temp(ctx, ((rows + gr - 1) / gr) * ((cols + gc - 1) / gc), sizeof(float));
+    moe_real *dense = (moe_real *)moe__dev_scratch(ctx, rows * cols, sizeof(moe_real), __func__);
+    float *scales = (float *)moe__dev_scratch(ctx, ((rows + gr - 1) / gr) * ((cols + gc - 1) / gc), sizeof(float), __func__);
     if (!dense || !scales) return MOE_ERR_MEMORY;
     if (ld != cols) {
         MOE__CUDA_LAUNCH(ctx, moe__cuda_pack_f32, moe__cuda_blocks(rows * cols, MOE__CUDA_THREADS), x, ld, rows, cols, dense);
@@ -1011,26 +1001,26 @@ static moe_status moe__cuda_fp8_tn(moe_ctx *ctx, const moe_real *x, int64_t ld, 
     int64_t gr, gc, R = k_cols ? rows : cols, k = k_cols ? cols : rows, L = (k + 127) / 128, L4 = (L + 3) / 4 * 4, Rg, Kg;
     moe__fp8_group g = moe__fp8_role_group(role);
     int pow2 = moe__fp8_group_shape(ctx, g, rows, cols, &gr, &gc);
-    float *grid = (float *)moe__cuda_temp(ctx, ((rows + gr - 1) / gr) * ((cols + gc - 1) / gc), sizeof(float));
-    uint8_t *q = (uint8_t *)moe__cuda_temp(ctx, rows * cols, 1);
+    float *grid = (float *)moe__dev_scratch(ctx, ((rows + gr - 1) / gr) * ((cols + gc - 1) / gc), sizeof(float), __func__);
+    uint8_t *q = (uint8_t *)moe__dev_scratch(ctx, rows * cols, 1, __func__);
     moe_real *dense = NULL;
     if (!grid || !q) return MOE_ERR_MEMORY;
     if (ld != cols) {
-        if (!(dense = (moe_real *)moe__cuda_temp(ctx, rows * cols, sizeof(moe_real)))) return MOE_ERR_MEMORY;
+        if (!(dense = (moe_real *)moe__dev_scratch(ctx, rows * cols, sizeof(moe_real), __func__))) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_pack_f32, moe__cuda_blocks(rows * cols, MOE__CUDA_THREADS), x, ld, rows, cols, dense);
         x = dense;
     }
     MOE__TRY(moe__cuda_fp8_quantize(ctx, x, rows, cols, gr, gc, pow2, q, grid, NULL));
     *codes = q;
     if (!k_cols) { /* the reduction down the rows: codes to [cols, rows] */
-        if (!(*codes = (uint8_t *)moe__cuda_temp(ctx, rows * cols, 1))) return MOE_ERR_MEMORY;
+        if (!(*codes = (uint8_t *)moe__dev_scratch(ctx, rows * cols, 1, __func__))) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_transpose_u8, moe__cuda_blocks(rows * cols, MOE__CUDA_THREADS), q, rows, cols, *codes);
     }
     *blocks = g == MOE__FP8_BLOCKS;
     Rg = *blocks ? (R + 127) / 128 : R;
     Kg = L;
     /* cuBLASLt's layouts: vectors k-block-major [L][R]; blocks [Rg][L4] (the padding zeroed) */
-    if (!(*scales = (float *)moe__cuda_temp(ctx, *blocks ? Rg * L4 : L * R, sizeof(float)))) return MOE_ERR_MEMORY;
+    if (!(*scales = (float *)moe__dev_scratch(ctx, *blocks ? Rg * L4 : L * R, sizeof(float), __func__))) return MOE_ERR_MEMORY;
     if (*blocks) MOE__TRY(moe__cuda_memset(ctx, *scales, 0, (size_t)(Rg * L4) * sizeof(float)));
     /* the storage grid is [row groups][col groups]: k-major exactly when k runs down the rows */
     MOE__CUDA_LAUNCH(ctx, moe__cuda_fp8_scale_grid, moe__cuda_blocks(Rg * Kg, MOE__CUDA_THREADS), grid, !k_cols, Rg, Kg, !*blocks,
@@ -1128,7 +1118,7 @@ static moe_status moe__cuda_product_in(moe_ctx *ctx, const moe__gemm_op *op, con
     if (op->precision == MOE_F32) return moe__cuda_product(ctx, op, CUDA_R_32F, a, op->lda, op->stride_a, b, op->ldb, op->stride_b, c, m, k);
     if (op->precision == MOE_BF16) { /* rows padded to 8 values (16 bytes), the alignment tensor cores like */
         int64_t lda16 = (ca + 7) / 8 * 8, ldb16 = (cb + 7) / 8 * 8;
-        uint16_t *a16 = (uint16_t *)moe__cuda_temp(ctx, op->batch * ra * lda16, 2), *b16 = (uint16_t *)moe__cuda_temp(ctx, op->batch * rb * ldb16, 2);
+        uint16_t *a16 = (uint16_t *)moe__dev_scratch(ctx, op->batch * ra * lda16, 2, __func__), *b16 = (uint16_t *)moe__dev_scratch(ctx, op->batch * rb * ldb16, 2, __func__);
         if (!a16 || !b16) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_pack_bf16, moe__cuda_blocks(op->batch * ra * ca, MOE__CUDA_THREADS), a, op->lda, op->stride_a, ra, ca,
                          op->batch, a16, lda16);
@@ -1258,7 +1248,7 @@ static moe_status moe__cuda_rmsnorm_bwd(moe_ctx *ctx, const moe_real *x, const m
     if (rows <= 0 || d <= 0) return MOE_OK;
     if (dx) MOE__CUDA_LAUNCH(ctx, moe__cuda_rmsnorm_bwd_dx_rows, moe__cuda_blocks(rows, 1), x, w, rstd, dy, rows, d, dx);
     if (dw) {
-        moe_real *partial = (moe_real *)moe__cuda_temp(ctx, nchunks * d, sizeof(moe_real));
+        moe_real *partial = (moe_real *)moe__dev_scratch(ctx, nchunks * d, sizeof(moe_real), __func__);
         if (!partial) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_rmsnorm_bwd_dw_chunks, moe__cuda_blocks(nchunks * d, MOE__CUDA_THREADS), x, rstd, dy,
                          rows, d, nchunks, partial);
@@ -1375,11 +1365,11 @@ static moe_status moe__cuda_xent_fwd(moe_ctx *ctx, const moe_real *x, const int3
         *host_count = 0;
         return MOE_OK;
     }
-    loss = (moe_real *)moe__cuda_temp(ctx, rows, sizeof(moe_real));
+    loss = (moe_real *)moe__dev_scratch(ctx, rows, sizeof(moe_real), __func__);
     if (!loss) return MOE_ERR_MEMORY;
-    d_count = (int64_t *)moe__cuda_temp(ctx, 1, sizeof(int64_t));
+    d_count = (int64_t *)moe__dev_scratch(ctx, 1, sizeof(int64_t), __func__);
     if (!d_count) return MOE_ERR_MEMORY;
-    d_sum = (moe_real *)moe__cuda_temp(ctx, 1, sizeof(moe_real));
+    d_sum = (moe_real *)moe__dev_scratch(ctx, 1, sizeof(moe_real), __func__);
     if (!d_sum) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_xent_fwd_rows, moe__cuda_blocks(rows, 1), x, targets, ignore, rows, V, lse, loss);
     MOE__CUDA_LAUNCH(ctx, moe__cuda_xent_fwd_total, 1, loss, targets, ignore, rows, d_sum, d_count);
@@ -1775,16 +1765,16 @@ static moe_status moe__cuda_attention_bwd(moe_ctx *ctx, const moe_real *q, const
     const int64_t blocks = moe__cuda_blocks(rows, 1);
     float *delta, *dq_acc, *dk_acc = NULL, *dv_acc = NULL;
     if (rows <= 0 || (!dq && !dk && !dv)) return MOE_OK;
-    if (!(delta = (float *)moe__cuda_temp(ctx, rows, sizeof(float)))) return MOE_ERR_MEMORY;
+    if (!(delta = (float *)moe__dev_scratch(ctx, rows, sizeof(float), __func__))) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_attention_delta, blocks, o, dout, B, T, H, Dv, delta);
     if (dq) {
-        if (!(dq_acc = (float *)moe__cuda_temp(ctx, rows * Dk, sizeof(float)))) return MOE_ERR_MEMORY;
+        if (!(dq_acc = (float *)moe__dev_scratch(ctx, rows * Dk, sizeof(float), __func__))) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_attention_bwd_dq, blocks, q, k, v, lse, dout, delta, B, T, H, Dk, Dv, (float)scale,
                          dq_acc, dq);
     }
     if (dk || dv) {
-        if (dk && !(dk_acc = (float *)moe__cuda_temp(ctx, rows * Dk, sizeof(float)))) return MOE_ERR_MEMORY;
-        if (dv && !(dv_acc = (float *)moe__cuda_temp(ctx, rows * Dv, sizeof(float)))) return MOE_ERR_MEMORY;
+        if (dk && !(dk_acc = (float *)moe__dev_scratch(ctx, rows * Dk, sizeof(float), __func__))) return MOE_ERR_MEMORY;
+        if (dv && !(dv_acc = (float *)moe__dev_scratch(ctx, rows * Dv, sizeof(float), __func__))) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_attention_bwd_dkdv, blocks, q, k, v, lse, dout, delta, B, T, H, Dk, Dv, (float)scale,
                          dk_acc, dv_acc, dk, dv);
     }
@@ -2186,15 +2176,15 @@ static moe_status moe__cuda_balance_loss(moe_ctx *ctx, const moe_config *c, cons
         return moe__fail(ctx, MOE_ERR_ARG, "balance_loss: B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E,
                          (long long)K);
     if (BE == 0) return MOE_OK;
-    cnt = (int32_t *)moe__cuda_temp(ctx, BE, sizeof(int32_t));
-    term = (moe_real *)moe__cuda_temp(ctx, BE, sizeof(moe_real));
+    cnt = (int32_t *)moe__dev_scratch(ctx, BE, sizeof(int32_t), __func__);
+    term = (moe_real *)moe__dev_scratch(ctx, BE, sizeof(moe_real), __func__);
     if (!cnt || !term) return MOE_ERR_MEMORY;
     MOE__TRY(moe__cuda_memset(ctx, cnt, 0, (size_t)BE * sizeof(int32_t)));
     if (n * K > 0)
         MOE__CUDA_LAUNCH(ctx, moe__cuda_balance_count_kernel, moe__cuda_blocks(n * K, MOE__CUDA_THREADS), chosen, n * K, T * K, E,
                          cnt);
     if (sigmoid && n > 0) {
-        tot = (moe_real *)moe__cuda_temp(ctx, n, sizeof(moe_real));
+        tot = (moe_real *)moe__dev_scratch(ctx, n, sizeof(moe_real), __func__);
         if (!tot) return MOE_ERR_MEMORY;
         MOE__CUDA_LAUNCH(ctx, moe__cuda_balance_tot_kernel, moe__cuda_blocks(n, MOE__CUDA_THREADS), s, n, E, tot);
     }
@@ -2328,7 +2318,7 @@ static moe_status moe__cuda_scatter_add_rows(moe_ctx *ctx, const moe_real *src, 
             }
         start[U] = (int32_t)rows;
         for (r = 0; r < rows; r++) order[pos[h[r]]++] = (int32_t)r; /* stable: r ascending */
-        dev = (int32_t *)moe__cuda_temp(ctx, rows + 2 * U + 1, sizeof(int32_t));
+        dev = (int32_t *)moe__dev_scratch(ctx, rows + 2 * U + 1, sizeof(int32_t), __func__);
         if (!dev) st = MOE_ERR_MEMORY;
         /* from pageable memory: the copy returns once the source is staged, so freeing is safe */
         if (st == MOE_OK) st = moe__cuda_copy(ctx, dev, order, (size_t)(rows + 2 * U + 1) * sizeof(int32_t), MOE__H2D);
@@ -2439,7 +2429,7 @@ static moe_status moe__cuda_sum(moe_ctx *ctx, const moe_real *x, int64_t n, moe_
         *host_sum = 0;
         return MOE_OK;
     }
-    if (!(d_sum = (moe_real *)moe__cuda_temp(ctx, 1, sizeof(moe_real)))) return MOE_ERR_MEMORY;
+    if (!(d_sum = (moe_real *)moe__dev_scratch(ctx, 1, sizeof(moe_real), __func__))) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_sum_serial, 1, x, n, d_sum);
     return moe__cuda_download(ctx, host_sum, d_sum, sizeof(moe_real));
 }
@@ -2467,7 +2457,7 @@ static moe_status moe__cuda_sumsq(moe_ctx *ctx, const moe_real *x, int64_t n, in
     if (n <= 0) return MOE_OK;
     if (chunk < 1) return moe__fail(ctx, MOE_ERR_ARG, "sumsq: chunk must be >= 1, got %lld", (long long)chunk);
     nchunks = (n + chunk - 1) / chunk;
-    if (!(d_part = (double *)moe__cuda_temp(ctx, nchunks, sizeof(double)))) return MOE_ERR_MEMORY;
+    if (!(d_part = (double *)moe__dev_scratch(ctx, nchunks, sizeof(double), __func__))) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_sumsq_chunks, moe__cuda_blocks(nchunks, 1), x, n, chunk, nchunks, d_part);
     return moe__cuda_download(ctx, host_parts, d_part, (size_t)nchunks * sizeof(double));
 }
@@ -2490,7 +2480,7 @@ static moe_status moe__cuda_colsum(moe_ctx *ctx, const moe_real *x, int64_t rows
     const int64_t nchunks = (rows + MOE__ROW_CHUNK - 1) / MOE__ROW_CHUNK;
     moe_real *part;
     if (rows <= 0 || d <= 0) return MOE_OK;
-    if (!(part = (moe_real *)moe__cuda_temp(ctx, nchunks * d, sizeof(moe_real)))) return MOE_ERR_MEMORY;
+    if (!(part = (moe_real *)moe__dev_scratch(ctx, nchunks * d, sizeof(moe_real), __func__))) return MOE_ERR_MEMORY;
     MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_colsum_chunks, moe__cuda_blocks(nchunks * d, MOE__CUDA_THREADS), x, rows, d, nchunks,
                      part);
     MOE__CUDA_LAUNCH(ctx, moe__cuda_add_chunk_sums, moe__cuda_blocks(d, MOE__CUDA_THREADS), part, d, nchunks, out);
@@ -2556,7 +2546,7 @@ static moe_status moe__cuda_adamw(moe_ctx *ctx, const moe__adamw_op *op) {
     if (nseg <= 0) return MOE_OK;
     end = op->host_segments[nseg - 1].start + op->host_segments[nseg - 1].len;
     if (end <= 0) return MOE_OK;
-    if (!(d_seg = (moe__adamw_segment *)moe__cuda_temp(ctx, nseg, sizeof(moe__adamw_segment)))) return MOE_ERR_MEMORY;
+    if (!(d_seg = (moe__adamw_segment *)moe__dev_scratch(ctx, nseg, sizeof(moe__adamw_segment), __func__))) return MOE_ERR_MEMORY;
     MOE__TRY(moe__cuda_copy(ctx, d_seg, op->host_segments, (size_t)nseg * sizeof(moe__adamw_segment), MOE__H2D));
     k.gs = op->grad_scale;
     k.b1 = op->beta1;
@@ -2698,7 +2688,7 @@ static moe_status moe__cuda_optim_marks(moe_ctx *ctx, const moe__distill_op *op,
     if (!op->k) return MOE_OK;
     if (*blocks > MOE__CUDA_OPTIM_MARK_BLOCKS) *blocks = MOE__CUDA_OPTIM_MARK_BLOCKS;
     *words = (op->V + 31) / 32;
-    if (!(*marks = (uint32_t *)moe__cuda_temp(ctx, *blocks * *words, sizeof(uint32_t)))) return MOE_ERR_MEMORY;
+    if (!(*marks = (uint32_t *)moe__dev_scratch(ctx, *blocks * *words, sizeof(uint32_t), __func__))) return MOE_ERR_MEMORY;
     return moe__cuda_memset(ctx, *marks, 0, (size_t)(*blocks * *words) * sizeof(uint32_t));
 }
 
@@ -2714,7 +2704,7 @@ static moe_status moe__cuda_distill_fwd(moe_ctx *ctx, const moe__distill_op *op,
     *host_count = 0;
     if (op->rows <= 0) return MOE_OK;
     MOE__TRY(moe__cuda_optim_marks(ctx, op, &marks, &words, &blocks));
-    if (!(d_out = (moe_real *)moe__cuda_temp(ctx, 3 * op->rows, sizeof(moe_real)))) return MOE_ERR_MEMORY;
+    if (!(d_out = (moe_real *)moe__dev_scratch(ctx, 3 * op->rows, sizeof(moe_real), __func__))) return MOE_ERR_MEMORY;
     if (!(h_out = (moe_real *)moe__arena_alloc(ctx, (size_t)(3 * op->rows), sizeof(moe_real), "distillation"))) return MOE_ERR_MEMORY;
     K.invT = (moe_real)1 / op->temperature;
     K.cs = 0;
@@ -2917,7 +2907,7 @@ static moe_status moe__cuda_teacher_topk(moe_ctx *ctx, const moe_real *z, int64_
     if (rows <= 0) return MOE_OK;
     if (k < 1 || k > V)
         return moe__fail(ctx, MOE_ERR_ARG, "teacher_topk: k must be 1..%lld, got %lld", (long long)V, (long long)k);
-    if (!(d_first = (unsigned long long *)moe__cuda_temp(ctx, 1, sizeof(unsigned long long)))) return MOE_ERR_MEMORY;
+    if (!(d_first = (unsigned long long *)moe__dev_scratch(ctx, 1, sizeof(unsigned long long), __func__))) return MOE_ERR_MEMORY;
     MOE__TRY(moe__cuda_memset(ctx, d_first, 0xFF, sizeof(unsigned long long)));
     MOE__CUDA_LAUNCH(ctx, moe__cuda_optim_first_nonfinite, moe__cuda_blocks(rows * V, MOE__CUDA_THREADS), z, rows * V, d_first);
     MOE__TRY(moe__cuda_download(ctx, &first, d_first, sizeof first));
