@@ -327,21 +327,29 @@ static int injected(const options *o, int nan_grad, long attempt) {
 static volatile sig_atomic_t g_signal;
 static void on_signal(int sig) { g_signal = sig; }
 
-/* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered, the save agrees
-   its status). Rank 0's status goes to every rank, so that a failed write stops them all. */
-static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m, moe_adamw *opt, moe_train_state *st, char *path) {
-    moe_status s = MOE_OK;
-    int64_t agreed;
-    if (g_ranks.rank == 0 || o->zero) s = moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100);
-    if (!o->zero) {
-        agreed = (int64_t)s;
-        CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
-        if (g_ranks.rank != 0 && agreed != MOE_OK) {
-            fprintf(stderr, "\ndistill: rank 0 could not write the %s checkpoint of step %lld: stopping\n", label, (long long)st->step);
-            exit(1);
-        }
+/* After a file only rank 0 writes: its status to every rank, so that a failed write stops them
+   all, each saying why (`what` names the file). */
+static void agree_rank0_write(moe_ctx *ctx, moe_status s, const char *what) {
+    int64_t agreed = (int64_t)s;
+    CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
+    if (g_ranks.rank != 0 && agreed != MOE_OK) {
+        fprintf(stderr, "\ndistill: rank 0 could not write %s: stopping\n", what);
+        exit(1);
     }
     CHECK(s);
+}
+
+/* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered, the save agrees
+   its status). */
+static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m, moe_adamw *opt, moe_train_state *st, char *path) {
+    char what[128];
+    if (o->zero) {
+        CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
+        return;
+    }
+    snprintf(what, sizeof what, "the %s checkpoint of step %lld", label, (long long)st->step);
+    agree_rank0_write(ctx, g_ranks.rank == 0 ? moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100) : MOE_OK,
+                      what);
 }
 
 /* Train m for `steps` steps on training batches from index 0 of `seed`, checkpointing as it
@@ -528,14 +536,18 @@ static long cache_batches(const options *o) { return (o->steps + o->steps / 50 +
 
 /* Write the teacher's top-k for the inputs of training batches 0..steps-1 (the order the
    distilled student reads them), unless a cache with the same settings is there. */
-static void write_cache(moe_ctx *ctx, const options *o, const char *path, uint64_t tag, moe_model *teacher,
-                        const moe_dataset *d, int32_t *buf) {
+/* Rank 0's job: the teacher's top-k over the students' batches, or the cache already there when
+   it was made for the same data, teacher and k. A status (the caller tells the other ranks). */
+static moe_status write_cache(moe_ctx *ctx, const options *o, const char *path, uint64_t tag, moe_model *teacher,
+                              const moe_dataset *d, int32_t *buf) {
     moe_distill_cache *c = NULL;
-    moe_distill_writer *w;
+    moe_distill_writer *w = NULL;
     int32_t *in = (int32_t *)malloc(sizeof(int32_t) * (size_t)(o->batch * o->seq));
     double t0 = moe_time_s();
     long step, b;
     int tty = isatty(2);
+    moe_status s = MOE_OK;
+    if (!in) return MOE_ERR_MEMORY;
     if (moe_distill_cache_open(ctx, path, &c) == MOE_OK) {
         moe_distill_info info = moe_distill_cache_info(c);
         moe_distill_cache_close(c);
@@ -543,25 +555,26 @@ static void write_cache(moe_ctx *ctx, const options *o, const char *path, uint64
             info.count == cache_batches(o) * o->batch * o->seq) {
             fprintf(stderr, "cache: reusing %s (%lld records, k = %lld)\n", path, (long long)info.count, (long long)info.k);
             free(in);
-            return;
+            return MOE_OK;
         }
     }
-    CHECK(moe_distill_writer_new(ctx, path, moe_model_config(teacher)->vocab_size, o->topk, (float)o->temperature, tag, &w));
+    s = moe_distill_writer_new(ctx, path, moe_model_config(teacher)->vocab_size, o->topk, (float)o->temperature, tag, &w);
     moe_ctx_set_grad_enabled(ctx, 0);
-    for (step = 0; step < cache_batches(o); step++) {
+    for (step = 0; s == MOE_OK && step < cache_batches(o); step++) {
         moe_tensor *logits;
-        CHECK(moe_data_batch(ctx, d, 0, o->seed, step, o->batch, o->seq, buf));
-        for (b = 0; b < o->batch; b++) memcpy(in + b * o->seq, buf + b * (o->seq + 1), sizeof(int32_t) * (size_t)o->seq);
-        CHECK(moe_model_logits(ctx, teacher, in, o->batch, o->seq, &logits));
-        CHECK(moe_distill_writer_add(ctx, w, logits));
+        s = moe_data_batch(ctx, d, 0, o->seed, step, o->batch, o->seq, buf);
+        for (b = 0; s == MOE_OK && b < o->batch; b++) memcpy(in + b * o->seq, buf + b * (o->seq + 1), sizeof(int32_t) * (size_t)o->seq);
+        if (s == MOE_OK) s = moe_model_logits(ctx, teacher, in, o->batch, o->seq, &logits);
+        if (s == MOE_OK) s = moe_distill_writer_add(ctx, w, logits);
         moe_ctx_reset(ctx);
-        progress("cache", step + 1, cache_batches(o), 0, moe_time_s() - t0, tty, 100);
+        if (s == MOE_OK) progress("cache", step + 1, cache_batches(o), 0, moe_time_s() - t0, tty, 100);
     }
     moe_ctx_set_grad_enabled(ctx, 1);
     moe_model_reset_loads(teacher);
-    CHECK(moe_distill_writer_finish(ctx, w));
+    if (s == MOE_OK) s = moe_distill_writer_finish(ctx, w);
     moe_distill_writer_free(w);
     free(in);
+    return s;
 }
 
 int main(int argc, char **argv) {
@@ -653,7 +666,7 @@ int main(int argc, char **argv) {
         st->data_index = o.teacher_steps * o.accum;
         st->tokens_seen = (double)(o.teacher_steps * o.accum * o.batch * o.seq);
         snprintf(path, sizeof path, "%s/teacher.ckpt", o.out);
-        if (g_ranks.rank == 0) CHECK(moe_ckpt_save(ctx, path, teacher, NULL, st));
+        agree_rank0_write(ctx, g_ranks.rank == 0 ? moe_ckpt_save(ctx, path, teacher, NULL, st) : MOE_OK, path);
         fprintf(stderr, "teacher: %ld steps in %.0f s, saved to %s (reuse it with --teacher)\n", o.teacher_steps, t_teacher, path);
     }
     vb = val_loss(ctx, teacher, data, nval, o.batch, o.seq, batch);
@@ -667,8 +680,8 @@ int main(int argc, char **argv) {
         tag = moe_rng_hash(tag, (uint64_t)(vb * 1e9)); /* a different teacher makes a different tag */
         snprintf(cache_path, sizeof cache_path, "%s/teacher_topk.cache", o.out);
         t_cache = moe_time_s();
-        if (g_ranks.rank == 0) write_cache(ctx, &o, cache_path, tag, teacher, data, batch);
-        CHECK(moe_comm_barrier(ctx, g_ranks.world)); /* rank 0 wrote it */
+        agree_rank0_write(ctx, g_ranks.rank == 0 ? write_cache(ctx, &o, cache_path, tag, teacher, data, batch) : MOE_OK,
+                          cache_path); /* rank 0 wrote it */
         CHECK(moe_distill_cache_open(ctx, cache_path, &cache));
         t_cache = moe_time_s() - t_cache;
         fprintf(stderr, "cache: %s, %lld records of the top %ld (%.0f MB), %.0f s\n", cache_path,

@@ -245,6 +245,11 @@ if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
     drun1 --accum 2 --offline --out "$d/o1"; drunp 2 --accum 2 --offline --ep 2 --out "$d/o2"
     same "distill from the top-k cache, 2 ranks = 1 process: the cache rank 0 wrote" "$d/o1/teacher_topk.cache" "$d/o2/teacher_topk.cache"
     same "distill from the top-k cache, 2 ranks = 1 process: the student" "$d/o1/distill-kc-00000004.bin" "$d/o2/distill-kc-00000004.bin"
+    rm -rf "$d/wc" && mkdir -p "$d/wc/teacher_topk.cache/in-the-way" # rank 0 alone cannot write the top-k cache
+    drunp 2 --accum 2 --offline --out "$d/wc"
+    if grep -q "rank 0 could not write $d/wc/teacher_topk.cache" "$d/wc/rank-1.log" 2>/dev/null; then
+        echo "ok   distill: rank 0's failed top-k cache write stops rank 1 too, with its reason"; pass=$((pass + 1))
+    else echo "FAIL distill, rank 0's failed cache write: rank 1 says '$(tail -n 2 "$d/wc/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
     drun1 --accum 2 --inject nan-loss@2 --out "$d/n1"; drunp 2 --accum 2 --ep 2 --inject nan-loss@2 --out "$d/n2"
     same "distill with EP=2, rank 0's loss alone not finite at step 2 (skipped together) = 1 process" \
         "$d/n1/distilled-00000004.bin" "$d/n2/distilled-00000004.bin"
