@@ -1159,6 +1159,17 @@ MOE_API size_t moe_adamw_state_bytes(const moe_adamw *opt);
    resume on any number of ranks and any EP size. Every rank of ep must run the same forward
    and backward passes (each MoE layer is a collective); ep = NULL turns it off. */
 MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *model, moe_comm *ep, moe_comm *edp);
+/* What the expert-parallel exchanges carry (every MoE layer of the model; no communication).
+   dispatch: the rows sent to the experts in forward, MOE_F32 (the default) or MOE_FP8_E4M3
+   (DeepSeek-V3's: E4M3 codes with one FP32 scale per 1×B tile of a row, B the context's FP8
+   block, 1 + 4/B bytes a value instead of 4; only when training in FP8, whose first expert
+   GEMM quantises the same tiles anyway). combine: the expert outputs coming home and the
+   gradients going out and back in backward, MOE_F32 or MOE_BF16 (V3's combine). Anything but
+   F32 / F32 gives up the bit-identity with one process: with power-of-two scales an FP8
+   dispatch gives the forward's bits (re-quantising dequantised tiles is exact), but the
+   experts' weight gradients then see the dispatched, 1×B-quantised inputs instead of the
+   originals; BF16 rounds what it carries. The gates always travel in FP32. */
+MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *model, moe_dtype dispatch, moe_dtype combine);
 
 #ifdef __cplusplus
 }
@@ -7496,6 +7507,7 @@ typedef struct moe__moe {
     moe_comm *ep;       /* expert parallelism: the ranks the routed experts are spread over (NULL: all here) */
     moe_comm *edp;      /* the ranks that own the same experts in the other EP groups (NULL: none) */
     int64_t e_lo, e_n;  /* this rank computes experts [e_lo, e_lo + e_n) */
+    moe_dtype ep_dispatch, ep_combine; /* what the exchanges carry (moe_model_expert_parallel_payload) */
 } moe__moe;
 
 /* The expert-parallel exchange of one MoE layer (section 15 implements it): the plan is made
@@ -7510,9 +7522,10 @@ typedef struct moe__ep_plan {
 } moe__ep_plan;
 static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *plan);
 /* Rows of `width` reals: dispatch (back = 0: packed rows to their experts' ranks) or combine
-   (back = 1: received rows home again). */
+   (back = 1: received rows home again), carried as `payload` (MOE_F32, MOE_BF16, or
+   MOE_FP8_E4M3 in 1×B tiles). */
 static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *plan, int back, const moe_real *send,
-                                   moe_real *recv, int64_t width);
+                                   moe_real *recv, int64_t width, moe_dtype payload);
 /* st on this rank → the EP group's verdict (a failure anywhere fails every rank). */
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st);
 
@@ -7582,13 +7595,13 @@ static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_con
     *h13 = moe__dev_real(ctx, P->rows * 2 * I, "moe dispatch");
     st = S->xr && yr && act && *h13 ? MOE_OK : MOE_ERR_MEMORY; /* the owner of popular experts may run out alone */
     MOE__TRY(moe__ep_agree(ctx, L, st));
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, S->xr, d));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, S->xr, d, L->ep_dispatch));
     for (s = 0; s < moe_comm_size(L->ep); s++) {
         int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
         moe__mlp M = moe__ep_mlp(L, c, P, s, NULL);
         if (n) MOE__TRY(moe__mlp_fwd(ctx, &M, S->xr + r0 * d, n, yr + r0 * d, *h13 + r0 * 2 * I, act, S->prec));
     }
-    return moe__ep_exchange(ctx, L, P, 1, yr, yp, d);
+    return moe__ep_exchange(ctx, L, P, 1, yr, yp, d, L->ep_combine);
 }
 
 /* Its backward. The owner still holds the rows it received (rounded as one process's saved
@@ -7619,8 +7632,8 @@ static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const 
         MOE__TRY(be->convert(ctx, xr, MOE_F32, rows * d, u16, keep));
         MOE__TRY(be->convert(ctx, u16, keep, rows * d, xr, MOE_F32));
     }
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d));
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, gp, gr, 1));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d, L->ep_combine));
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, gp, gr, 1, MOE_F32));
     for (t = 0; t < R; t++) {
         if (t == k)
             for (s = 0; s < moe_comm_size(L->ep); s++) {
@@ -7637,8 +7650,8 @@ static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const 
         if (dw13) MOE__TRY(be->axpy(ctx, 1, sum, L->e_n * 2 * I * d, dw13 + L->e_lo * 2 * I * d));
         if (dw2) MOE__TRY(be->axpy(ctx, 1, sum + L->e_n * 2 * I * d, L->e_n * d * I, dw2 + L->e_lo * d * I));
     }
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 1, dxr, dxp, d));
-    return moe__ep_exchange(ctx, L, P, 1, dgr, dgp, 1);
+    MOE__TRY(moe__ep_exchange(ctx, L, P, 1, dxr, dxp, d, L->ep_combine));
+    return moe__ep_exchange(ctx, L, P, 1, dgr, dgp, 1, MOE_F32);
 }
 
 static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
@@ -7729,6 +7742,9 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         if (S->prec == MOE_FP8_E4M3 && ctx->conf.fp8.per_tensor)
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "expert parallelism with per-tensor FP8 scales: a scale over every "
                              "source's rows is not one process's (use tile scales)");
+        if (L->ep_dispatch == MOE_FP8_E4M3 && S->prec != MOE_FP8_E4M3)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "expert parallelism: an FP8 dispatch wants FP8 training (the GEMM "
+                             "precision is %s)", moe_dtype_name(S->prec));
         MOE__TRY(moe__ep_forward(ctx, L, c, S, xp, yp, &h13)); /* h13: the received rows' */
     } else {
         MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
@@ -13390,6 +13406,24 @@ MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *m, moe_com
     return MOE_OK;
 }
 
+MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *m, moe_dtype dispatch, moe_dtype combine) {
+    static const char *fn = "moe_model_expert_parallel_payload";
+    int64_t i;
+    MOE__CHECK_CTX(ctx);
+    if (!m) return moe__fail(ctx, MOE_ERR_ARG, "%s: model is NULL", fn);
+    if (dispatch != MOE_F32 && dispatch != MOE_FP8_E4M3)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: a dispatch in %s (want f32 or fp8_e4m3)", fn, moe_dtype_name(dispatch));
+    if (combine != MOE_F32 && combine != MOE_BF16)
+        return moe__fail(ctx, MOE_ERR_ARG, "%s: a combine in %s (want f32 or bf16)", fn, moe_dtype_name(combine));
+    for (i = 0; i < m->cfg.num_hidden_layers + m->cfg.num_nextn_predict_layers; i++) {
+        moe__moe *L = moe__model_moe_layer(m, i);
+        if (!L) continue;
+        L->ep_dispatch = dispatch;
+        L->ep_combine = combine;
+    }
+    return MOE_OK;
+}
+
 static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *P) {
     int64_t np = L->ep->size, en = L->e_n, s, j, *cnt, *rcnt;
     cnt = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * en), sizeof(int64_t), "moe dispatch plan");
@@ -13416,9 +13450,37 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
 }
 
 static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *P, int back, const moe_real *send,
-                                   moe_real *recv, int64_t width) {
-    return moe_comm_alltoallv(ctx, L->ep, send, back ? P->recv_rows : P->send_rows, recv, back ? P->send_rows : P->recv_rows, width,
-                              MOE__COMM_REAL);
+                                   moe_real *recv, int64_t width, moe_dtype payload) {
+    const moe_backend *be = MOE__BE(ctx);
+    const int64_t *out = back ? P->recv_rows : P->send_rows, *in = back ? P->send_rows : P->recv_rows;
+    int64_t n_out = 0, n_in = 0, s, B = ctx->conf.fp8.block, tiles = (width + B - 1) / B, unit;
+    unsigned char *buf_out, *buf_in;
+    float *sc_out = NULL, *sc_in = NULL;
+    moe_status st;
+    if (payload == MOE_F32) return moe_comm_alltoallv(ctx, L->ep, send, out, recv, in, width, MOE__COMM_REAL);
+    for (s = 0; s < moe_comm_size(L->ep); s++) {
+        n_out += out[s];
+        n_in += in[s];
+    }
+    unit = payload == MOE_BF16 ? 2 * width : width; /* bytes a row: BF16 values, or E4M3 codes (+ `tiles` scales) */
+    buf_out = (unsigned char *)moe__dev_scratch(ctx, n_out * unit + 1, 1, "expert-parallel exchange");
+    buf_in = (unsigned char *)moe__dev_scratch(ctx, n_in * unit + 1, 1, "expert-parallel exchange");
+    if (payload == MOE_FP8_E4M3) {
+        sc_out = (float *)moe__dev_scratch(ctx, n_out * tiles + 1, sizeof(float), "expert-parallel exchange");
+        sc_in = (float *)moe__dev_scratch(ctx, n_in * tiles + 1, sizeof(float), "expert-parallel exchange");
+    }
+    st = buf_out && buf_in && (payload != MOE_FP8_E4M3 || (sc_out && sc_in)) ? MOE_OK : MOE_ERR_MEMORY;
+    MOE__TRY(moe__ep_agree(ctx, L, st));
+    if (payload == MOE_BF16) {
+        if (n_out) MOE__TRY(be->convert(ctx, send, MOE_F32, n_out * width, buf_out, MOE_BF16));
+        MOE__TRY(moe_comm_alltoallv(ctx, L->ep, buf_out, out, buf_in, in, unit, MOE_COMM_BYTE));
+        return n_in ? be->convert(ctx, buf_in, MOE_BF16, n_in * width, recv, MOE_F32) : MOE_OK;
+    }
+    /* FP8: each row's 1×B tiles, scaled as the recipe scales them (powers of two unless amax_scales) */
+    if (n_out) MOE__TRY(be->fp8_quantize(ctx, send, n_out, width, 1, B, !ctx->conf.fp8.amax_scales, buf_out, sc_out, NULL));
+    MOE__TRY(moe_comm_alltoallv(ctx, L->ep, buf_out, out, buf_in, in, unit, MOE_COMM_BYTE));
+    MOE__TRY(moe_comm_alltoallv(ctx, L->ep, sc_out, out, sc_in, in, tiles, MOE_COMM_F32));
+    return n_in ? be->fp8_dequantize(ctx, buf_in, sc_in, n_in, width, 1, B, recv) : MOE_OK;
 }
 
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) {
