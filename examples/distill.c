@@ -332,9 +332,11 @@ static void on_signal(int sig) { g_signal = sig; }
 static void agree_rank0_write(moe_ctx *ctx, moe_status s, const char *what) {
     int64_t agreed = (int64_t)s;
     CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
-    if (g_ranks.rank != 0 && agreed != MOE_OK) {
-        fprintf(stderr, "\ndistill: rank 0 could not write %s: stopping\n", what);
-        exit(1);
+    if (agreed != MOE_OK) { /* everyone has said why before rank 0's exit ends the job */
+        if (g_ranks.rank != 0) fprintf(stderr, "\ndistill: rank 0 could not write %s: stopping\n", what);
+        fflush(stderr);
+        moe_comm_barrier(ctx, g_ranks.world);
+        if (g_ranks.rank != 0) exit(1);
     }
     CHECK(s);
 }
@@ -547,7 +549,10 @@ static moe_status write_cache(moe_ctx *ctx, const options *o, const char *path, 
     long step, b;
     int tty = isatty(2);
     moe_status s = MOE_OK;
-    if (!in) return MOE_ERR_MEMORY;
+    if (!in) {
+        fprintf(stderr, "distill: no memory for the cache's token buffer\n");
+        return MOE_ERR_MEMORY;
+    }
     if (moe_distill_cache_open(ctx, path, &c) == MOE_OK) {
         moe_distill_info info = moe_distill_cache_info(c);
         moe_distill_cache_close(c);

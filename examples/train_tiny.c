@@ -407,9 +407,12 @@ static moe_status save(run *r) {
     if (r->o->zero) return s;
     agreed = (int64_t)s;
     if (moe_comm_bcast(r->ctx, r->comm, &agreed, 1, MOE_COMM_I64, 0) != MOE_OK) return MOE_ERR_COMM;
-    if (r->rank != 0 && agreed != MOE_OK) {
-        fprintf(stderr, "\ntrain_tiny: rank 0 could not write the checkpoint of step %lld: stopping\n", (long long)r->st->step);
-        return (moe_status)agreed;
+    if (agreed != MOE_OK) { /* every rank says why before rank 0's exit ends the job */
+        if (r->rank != 0)
+            fprintf(stderr, "\ntrain_tiny: rank 0 could not write the checkpoint of step %lld: stopping\n", (long long)r->st->step);
+        fflush(stderr);
+        moe_comm_barrier(r->ctx, r->comm);
+        if (r->rank != 0) return (moe_status)agreed;
     }
     return s;
 }

@@ -6,6 +6,10 @@
    1e-6·max(1, max |numeric|), as in test_gradcheck.c (its header comment gives the error
    budget). The loss values themselves are checked against a direct double-precision
    evaluation of the formulas written out here, independently of the library's kernels. */
+/* Low split thresholds, so that test_threads' 131 rows of 57 logits (7467 work units) run on
+   3 threads, not on the calling one (moe.h's defaults are tuned to the cost of waking one). */
+#define MOE__PAR_WORK 4096.0
+#define MOE__GEMM_MT_FLOPS 3.0e6
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"

@@ -7,6 +7,10 @@
    relative error ≤ 2^-4; below 2^-6 (subnormals, step 2^-9) the absolute error is ≤ 2^-10.
    After scaling by s these become |x − x̂| ≤ max(2^-4·|x|, 2^-10·s), with a few FP32 ulps on top
    for x/s and q·s. */
+/* The split thresholds these shapes were sized against (moe.h's defaults are higher, tuned
+   to the cost of waking a thread): the parallel paths must run here. */
+#define MOE__PAR_WORK 16384.0
+#define MOE__GEMM_MT_FLOPS 3.0e6
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"

@@ -6,6 +6,10 @@
    Tolerances: an FP32 result of a length-K dot product is within K·2^-24·Σ|a·b| of the
    exact value (each addition rounds once); we check |got − ref| ≤ 4·K·2^-24·Σ|a·b| + 1e-30.
    Element-wise ops use a relative 2e-6 (a few float ulps through exp/log/sqrt). */
+/* The split thresholds these shapes were sized against (moe.h's defaults are higher, tuned
+   to the cost of waking a thread): the parallel paths must run here. */
+#define MOE__PAR_WORK 16384.0
+#define MOE__GEMM_MT_FLOPS 3.0e6
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"
