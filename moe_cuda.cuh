@@ -3046,9 +3046,11 @@ static moe_status moe__nccl_stage_in(moe_ctx *ctx, moe__nccl *N, const void *sen
     *dsend = send;
     *drecv = recv;
     if (!host_send && !host_recv) return MOE_OK;
-    if (!(stage = (unsigned char *)moe__nccl_grow(ctx, N, &N->stage, &N->stage_bytes, at + rbytes, fn))) return MOE_ERR_MEMORY;
-    if (host_send) {
+    if (!(stage = (unsigned char *)moe__nccl_grow(ctx, N, &N->stage, &N->stage_bytes, at + (host_recv ? rbytes : 0), fn)))
+        return MOE_ERR_MEMORY;
+    if (host_send) { /* waited for: the caller may reuse its buffer on return, pinned memory too */
         MOE__CUDA_TRY(ctx, cudaMemcpyAsync(stage, send, sbytes, cudaMemcpyHostToDevice, N->stream));
+        MOE__CUDA_TRY(ctx, cudaStreamSynchronize(N->stream));
         *dsend = stage;
     }
     if (host_recv) *drecv = stage + at;
@@ -3192,9 +3194,10 @@ static void moe__nccl_release(moe_comm *c) {
     if (!N) return;
     cudaSetDevice(N->device);
     if (N->comm) { /* a clean end waits for the queued work; after an error NCCL may never finish it */
-        if (N->broken || ncclCommGetAsyncError(N->comm, &async) != ncclSuccess || async != ncclSuccess ||
-            cudaStreamSynchronize(N->stream) != cudaSuccess || ncclCommDestroy(N->comm) != ncclSuccess)
-            ncclCommAbort(N->comm);
+        int clean = !N->broken && ncclCommGetAsyncError(N->comm, &async) == ncclSuccess && async == ncclSuccess &&
+                    cudaStreamSynchronize(N->stream) == cudaSuccess;
+        if (clean) ncclCommDestroy(N->comm); /* tried once: a failed destroy is not followed by an abort of what it freed */
+        else ncclCommAbort(N->comm);
     }
     cudaFree(N->scratch);
     cudaFree(N->stage);

@@ -23,7 +23,10 @@
    sum of 3 blocks against moe__comm_sum_blocks bit for bit (into device and host memory);
    barrier, split; moe_model_reduce_grads of the tiny model on the GPU leaving its gradients
    bit-identical; ZeRO-1 and expert parallelism over NCCL refused. Without a GPU that case
-   prints "SKIP" and is not counted. */
+   prints "SKIP" and is not counted. What one rank cannot reach: the ordered all-reduce and
+   moe_model_reduce_grads return early at one rank (their gather and the device sum run here
+   only through reduce-scatter and the direct block-sum case), and every send/recv group is
+   empty; NCCL puts no two ranks on one GPU, so those paths wait for a machine with two. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "test.h"
