@@ -4993,10 +4993,17 @@ static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int ti
         moe__att_rows(dout, H, Dv, h, b * T, T, 6, DO);
         moe__att_pack_rows(q, H, Dk, h, b * T, T, Tp, Qn);
         moe__att_pack_rows(dout, H, Dv, h, b * T, T, Tp, DOn);
-        for (i = 0; i < T; i++) /* delta_i = dO_i · O_i */
+        for (i = 0; i < T; i++) { /* delta_i = dO_i · O_i; the rows of dk and dv that the key tiles add to are fetched meanwhile */
+            if (i + MOE__ATT_AHEAD < T) moe__att_prefetch(o + ((b * T + i + MOE__ATT_AHEAD) * H + h) * Dv, Dv);
+            if (dk) moe__att_prefetch(dk + ((b * T + i) * H + h) * Dk, Dk);
+            if (dv) moe__att_prefetch(dv + ((b * T + i) * H + h) * Dv, Dv);
             delta[i] = moe__dot8x(DO + i * Dv, o + ((b * T + i) * H + h) * Dv, Dv);
+        }
         if (dq)
-            for (i = 0; i < T; i++) memcpy(dQ + (i / TL * RL + i % TL) * Dkp, dq + ((b * T + i) * H + h) * Dk, (size_t)Dk * sizeof(moe_real));
+            for (i = 0; i < T; i++) {
+                if (i + MOE__ATT_AHEAD < T) moe__att_prefetch(dq + ((b * T + i + MOE__ATT_AHEAD) * H + h) * Dk, Dk);
+                memcpy(dQ + (i / TL * RL + i % TL) * Dkp, dq + ((b * T + i) * H + h) * Dk, (size_t)Dk * sizeof(moe_real));
+            }
         for (jt = 0; jt < ntiles; jt++) {
             int64_t j0 = jt * TL, nk = T - j0 < TL ? T - j0 : TL;
             const moe_real *KTt = KT + j0 * Dk, *VTt = VT + j0 * Dv, *Kt = K + j0 * 16;
