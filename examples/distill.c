@@ -327,13 +327,14 @@ static int injected(const options *o, int nan_grad, long attempt) {
 static volatile sig_atomic_t g_signal;
 static void on_signal(int sig) { g_signal = sig; }
 
-/* After a file only rank 0 writes: its status to every rank, so that a failed write stops them
-   all, each saying why (`what` names the file). */
-static void agree_rank0_write(moe_ctx *ctx, moe_status s, const char *what) {
+/* After what only rank 0 does to OUT's files (writes, the search for a checkpoint, removals):
+   its status to every rank, so that a failure stops them all, each saying why ("rank 0 could
+   not <what>"). */
+static void agree_rank0(moe_ctx *ctx, moe_status s, const char *what) {
     int64_t agreed = (int64_t)s;
     CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
     if (agreed != MOE_OK) { /* everyone has said why before rank 0's exit ends the job */
-        if (g_ranks.rank != 0) fprintf(stderr, "\ndistill: rank 0 could not write %s: stopping\n", what);
+        if (g_ranks.rank != 0) fprintf(stderr, "\ndistill: rank 0 could not %s: stopping\n", what);
         fflush(stderr);
         moe_comm_barrier(ctx, g_ranks.world);
         if (g_ranks.rank != 0) exit(1);
@@ -349,9 +350,9 @@ static void save(moe_ctx *ctx, const options *o, const char *label, moe_model *m
         CHECK(moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100));
         return;
     }
-    snprintf(what, sizeof what, "the %s checkpoint of step %lld", label, (long long)st->step);
-    agree_rank0_write(ctx, g_ranks.rank == 0 ? moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100) : MOE_OK,
-                      what);
+    snprintf(what, sizeof what, "write the %s checkpoint of step %lld", label, (long long)st->step);
+    agree_rank0(ctx, g_ranks.rank == 0 ? moe_ckpt_save_step(ctx, o->out, label, (int)o->keep, m, opt, st, path, 1100) : MOE_OK,
+                what);
 }
 
 /* Train m for `steps` steps on training batches from index 0 of `seed`, checkpointing as it
@@ -387,7 +388,8 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
     st->user[U_LAYOUT] = LAYOUT;
     st->user[U_FLAGS_LO] = (double)(fp & 0xFFFFFFFFu);
     st->user[U_FLAGS_HI] = (double)(fp >> 32);
-    if (o->resume && g_ranks.rank == 0) CHECK(moe_ckpt_latest(ctx, o->out, label, found, sizeof found));
+    if (o->resume) agree_rank0(ctx, g_ranks.rank == 0 ? moe_ckpt_latest(ctx, o->out, label, found, sizeof found) : MOE_OK,
+                               "look for a checkpoint to resume from");
     CHECK(moe_comm_bcast(ctx, g_ranks.world, found, (int64_t)sizeof found, MOE_COMM_BYTE, 0)); /* rank 0's files */
     if (found[0]) {
         CHECK(moe_ckpt_load(ctx, found, m, opt, st));
@@ -401,7 +403,8 @@ static double train(moe_ctx *ctx, const options *o, const char *label, moe_model
         saved_attempts = (long)(st->step + st->skipped);
         if (st->step < steps) fprintf(stderr, "%s: resumed from %s at step %lld of %ld\n", label, found, (long long)st->step, steps);
     }
-    if (g_ranks.rank == 0) CHECK(moe_ckpt_clean(ctx, o->out, label, found[0] ? st->step : -1, &removed)); /* later (or, afresh, all) */
+    agree_rank0(ctx, g_ranks.rank == 0 ? moe_ckpt_clean(ctx, o->out, label, found[0] ? st->step : -1, &removed) : MOE_OK,
+                "remove the checkpoints after the resumed one"); /* later (or, afresh, all) */
     if (removed && !found[0]) fprintf(stderr, "%s: removed %d checkpoint%s of an earlier run from %s\n", label, removed, removed > 1 ? "s" : "", o->out);
     if (o->zero) CHECK(moe_adamw_shard(ctx, opt, g_ranks.world)); /* after the load: each rank keeps its shard */
     if (g_ranks.ep) CHECK(moe_model_expert_parallel(ctx, m, g_ranks.ep, g_ranks.edp));
@@ -592,7 +595,7 @@ int main(int argc, char **argv) {
     moe_train_state *st = (moe_train_state *)calloc(1, sizeof *st);
     struct sigaction sa;
     int32_t *batch;
-    char path[1024], cache_path[1024], num[3][32];
+    char path[1024], cache_path[1024], what[1100], num[3][32];
     long skipped = 0;
     int removed = 0;
     double t_start = moe_time_s(), t_teacher = 0, t_cache = 0, t_scratch, t_distill, vb, bpb_t, bpb_s, bpb_d;
@@ -639,7 +642,7 @@ int main(int argc, char **argv) {
     }
     make_dirs(o.out);
     /* temporaries of a process killed while writing (a checkpoint, the cache) */
-    if (g_ranks.rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
+    agree_rank0(ctx, g_ranks.rank == 0 ? moe_ckpt_clean(ctx, o.out, NULL, -1, &removed) : MOE_OK, "remove a killed run's temporaries");
     if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -671,7 +674,8 @@ int main(int argc, char **argv) {
         st->data_index = o.teacher_steps * o.accum;
         st->tokens_seen = (double)(o.teacher_steps * o.accum * o.batch * o.seq);
         snprintf(path, sizeof path, "%s/teacher.ckpt", o.out);
-        agree_rank0_write(ctx, g_ranks.rank == 0 ? moe_ckpt_save(ctx, path, teacher, NULL, st) : MOE_OK, path);
+        snprintf(what, sizeof what, "write %s", path);
+        agree_rank0(ctx, g_ranks.rank == 0 ? moe_ckpt_save(ctx, path, teacher, NULL, st) : MOE_OK, what);
         fprintf(stderr, "teacher: %ld steps in %.0f s, saved to %s (reuse it with --teacher)\n", o.teacher_steps, t_teacher, path);
     }
     vb = val_loss(ctx, teacher, data, nval, o.batch, o.seq, batch);
@@ -685,8 +689,8 @@ int main(int argc, char **argv) {
         tag = moe_rng_hash(tag, (uint64_t)(vb * 1e9)); /* a different teacher makes a different tag */
         snprintf(cache_path, sizeof cache_path, "%s/teacher_topk.cache", o.out);
         t_cache = moe_time_s();
-        agree_rank0_write(ctx, g_ranks.rank == 0 ? write_cache(ctx, &o, cache_path, tag, teacher, data, batch) : MOE_OK,
-                          cache_path); /* rank 0 wrote it */
+        snprintf(what, sizeof what, "write %s", cache_path);
+        agree_rank0(ctx, g_ranks.rank == 0 ? write_cache(ctx, &o, cache_path, tag, teacher, data, batch) : MOE_OK, what);
         CHECK(moe_distill_cache_open(ctx, cache_path, &cache));
         t_cache = moe_time_s() - t_cache;
         fprintf(stderr, "cache: %s, %lld records of the top %ld (%.0f MB), %.0f s\n", cache_path,
