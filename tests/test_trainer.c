@@ -384,6 +384,18 @@ static void fresh_run_removes_old_checkpoints_hf_named_by_step(void) {
     T_CHECK(same_file(pth(p, d, "ckpt.bin"), pth(q, d, "ckpt-00000010.bin")), "ckpt.bin is not the final checkpoint");
 }
 
+/* --ep-fp8 without expert parallelism or FP8 training: refused (status 2) with a message, before
+   any training. */
+static void ep_fp8_needs_ep_and_fp8(void) {
+    char d[512], log[512];
+    int rc;
+    dir(d, "epfp8");
+    pth(log, d, "out.log");
+    rc = run(log, TINY, SMALL, "--out", d, "--steps", "2", "--ep-fp8", "1", NULL);
+    T_CHECK(rc == 2 && has(log, "--ep-fp8 wants --ep N (N > 1) and --precision fp8"), "--ep-fp8 alone: status %d, want 2 with a message",
+            rc);
+}
+
 static void short_validation_text_gives_null(void) {
     char d[512], log[512], *out, *json;
     int rc;
@@ -474,6 +486,7 @@ int main(int argc, char **argv) {
     T_RUN_FILTERED(resume_auto_skips_corrupt_checkpoint);
     T_RUN_FILTERED(fresh_run_removes_old_checkpoints_hf_named_by_step);
     T_RUN_FILTERED(short_validation_text_gives_null);
+    T_RUN_FILTERED(ep_fp8_needs_ep_and_fp8);
     T_RUN_FILTERED(distill_resume_identical_and_guard);
     if (t_failed == 0 && !getenv("MOE_TRAINER_KEEP")) {
         snprintf(buf, sizeof buf, "rm -rf '%s'", g_dir);
