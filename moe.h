@@ -4706,9 +4706,10 @@ static moe_status moe__cpu_topk_bwd(moe_ctx *ctx, const moe_real *dy, const int3
 
 /* ---- causal attention ------------------------------------------------------------------- */
 
-/* Tiles of the online softmax go through the GEMM's 6×16 micro-kernel: a tile product runs
-   over row groups of 6 (queries, or keys for dK and dV) and column panels of 16, with its B
-   operand packed into 16-wide panels. Tile buffers are padded to whole groups and panels
+/* Tiles of the online softmax go through the GEMM's micro-kernels: a tile product runs over
+   row groups of 6 (queries, or keys for dK and dV) and column panels of 16, with its B operand
+   packed into 16-wide panels, two panels at a time on the 6×32 zmm kernel where the GEMM uses
+   it (the same arithmetic as the 6×16 one, so the same bits). Tile buffers are padded to whole groups and panels
    (the padding is zero or only feeds rows that are dropped), and tiles on the causal
    boundary skip the groups and panels that the mask empties. */
 #define MOE__ATT_TILE 64 /* queries and keys per tile (a multiple of the panel width 16) */
@@ -4761,6 +4762,22 @@ static void moe__att_kern(int64_t kc, const moe_real *a, int64_t rsa, int64_t cs
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc : alpha * acc;
         }
 #endif
+}
+
+/* C[6, ncols rounded up to 16] = alpha·A·B, or C += A·B with `accumulate`; B's panel of
+   columns [c, c + 16) at b + c·bstep. Pairs of panels go through the zmm kernel when `zmm`. */
+static void moe__att_tile(int zmm, int64_t kc, const moe_real *a, int64_t rsa, int64_t csa, const moe_real *b, int64_t bstep,
+                          int64_t ncols, moe_real *c, int64_t ldc, moe_real alpha, int accumulate) {
+    int64_t col = 0;
+#if defined(MOE__GEMM_HAVE_AVX512)
+    if (zmm)
+        for (; col + 16 < ncols; col += 32)
+            moe__gemm_kern_zmm(kc, a, rsa, csa, b + col * bstep, b + (col + 16) * bstep, c + col, ldc, alpha, 0.0f,
+                               accumulate ? 2 : 0);
+#else
+    (void)zmm;
+#endif
+    for (; col < ncols; col += 16) moe__att_kern(kc, a, rsa, csa, b + col * bstep, c + col, ldc, alpha, accumulate);
 }
 
 /* A head's rows sit H·D values apart, a stride that the hardware prefetchers do not follow far
@@ -4860,6 +4877,7 @@ typedef struct moe__att_job {
     moe_real *out, *lse, *dq, *dk, *dv, *scratch;
     int64_t B, Tq, Tk, H, Dk, Dv, ntiles, per_thread;
     moe_real scale;
+    int zmm; /* tile products on the zmm kernel (the context's FP32 GEMM choice) */
 } moe__att_job;
 
 /* One job of the forward: query tile `it` of head h of sequence b against the 64-key tiles it
@@ -4878,7 +4896,7 @@ static void moe__attention_fwd_jobs(void *arg, int64_t job0, int64_t job1, int t
     int64_t job, packed_bh = -1, packed_tiles = 0;
     for (job = job0; job < job1; job++) {
         int64_t bh = job / J->ntiles, b = bh / H, h = bh % H, it = job % J->ntiles;
-        int64_t i0 = it * TL, nq = J->Tq - i0 < TL ? J->Tq - i0 : TL, jt, jt_last = (off + i0 + nq - 1) / TL, r0, i, c, d;
+        int64_t i0 = it * TL, nq = J->Tq - i0 < TL ? J->Tq - i0 : TL, jt, jt_last = (off + i0 + nq - 1) / TL, r0, i, d;
         if (bh != packed_bh) {
             packed_bh = bh;
             packed_tiles = 0;
@@ -4902,7 +4920,7 @@ static void moe__attention_fwd_jobs(void *arg, int64_t job0, int64_t job1, int t
                 int64_t kmax = off + i0 + r0 + 6 - j0;
                 kmax = kmax < nk ? kmax : nk;
                 if (kmax <= 0) continue;
-                for (c = 0; c < kmax; c += 16) moe__att_kern(Dk, Q + r0 * Dk, Dk, 1, KTt + c * Dk, S + r0 * TL + c, TL, J->scale, 0);
+                moe__att_tile(J->zmm, Dk, Q + r0 * Dk, Dk, 1, KTt, Dk, kmax, S + r0 * TL, TL, J->scale, 0);
                 for (i = r0; i < r0 + 6 && i < nq; i++) {
                     moe_real *s = S + i * TL, mt, corr;
                     int64_t kend = off + i0 + i + 1 - j0, jj;
@@ -4920,7 +4938,7 @@ static void moe__attention_fwd_jobs(void *arg, int64_t job0, int64_t job1, int t
                     for (d = 0; d < Dv; d++) O[i * Dvp + d] *= corr;
                 }
                 /* rows after nq: Q is zero there, so S and their O rows stay zero */
-                for (c = 0; c < Dv; c += 16) moe__att_kern(kmax, S + r0 * TL, TL, 1, Vt + c * Tp, O + r0 * Dvp + c, Dvp, 1, 1);
+                moe__att_tile(J->zmm, kmax, S + r0 * TL, TL, 1, Vt, Tp, Dv, O + r0 * Dvp, Dvp, 1, 1);
             }
         }
         for (i = 0; i < nq; i++) {
@@ -4937,6 +4955,7 @@ static moe_status moe__cpu_attention_fwd(moe_ctx *ctx, const moe_real *q, const 
     if (Tq < 1 || Tq > Tk) return moe__fail(ctx, MOE_ERR_SHAPE, "attention: want 1 <= Tq <= Tk, got %lld and %lld", (long long)Tq, (long long)Tk);
     memset(&J, 0, sizeof J);
     J.q = q; J.k = k; J.v = v; J.B = B; J.Tq = Tq; J.Tk = Tk; J.H = H; J.Dk = Dk; J.Dv = Dv; J.scale = scale; J.out = o; J.lse = lse;
+    J.zmm = ctx->conf.simd && ctx->conf.f32_zmm;
     J.ntiles = (Tq + MOE__ATT_TILE - 1) / MOE__ATT_TILE;
     J.per_thread = moe__attention_scratch_fwd(Tk, Dk, Dv);
     if (!(J.scratch = moe__dev_real(ctx, ctx->conf.n_threads * J.per_thread, "attention"))) return MOE_ERR_MEMORY;
@@ -4997,7 +5016,7 @@ static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int ti
     moe_real *dKt = moe__att_take(&w, RL * Dkp), *dVt = moe__att_take(&w, RL * Dvp), *dQ = moe__att_take(&w, ntiles * RL * Dkp);
     int64_t bh;
     for (bh = bh0; bh < bh1; bh++) {
-        int64_t b = bh / H, h = bh % H, jt, it, r0, i, c, d;
+        int64_t b = bh / H, h = bh % H, jt, it, r0, i, d;
         moe__att_pack_cols(k, H, Dk, h, b * T, T, KT);
         moe__att_pack_cols(v, H, Dv, h, b * T, T, VT);
         moe__att_pack_rows(k, H, Dk, h, b * T, T, Tp, K);
@@ -5028,10 +5047,8 @@ static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int ti
                 /* query groups: P, dS, and dQ = dS·K */
                 for (r0 = 0; r0 < nq; r0 += 6) {
                     int64_t kmax = it == jt && r0 + 6 < nk ? r0 + 6 : nk;
-                    for (c = 0; c < kmax; c += 16) {
-                        moe__att_kern(Dk, Qt + r0 * Dk, Dk, 1, KTt + c * Dk, P + r0 * RL + c, RL, scale, 0);
-                        moe__att_kern(Dv, DOt + r0 * Dv, Dv, 1, VTt + c * Dv, DS + r0 * RL + c, RL, 1, 0);
-                    }
+                    moe__att_tile(J->zmm, Dk, Qt + r0 * Dk, Dk, 1, KTt, Dk, kmax, P + r0 * RL, RL, scale, 0);
+                    moe__att_tile(J->zmm, Dv, DOt + r0 * Dv, Dv, 1, VTt, Dv, kmax, DS + r0 * RL, RL, 1, 0);
                     for (i = r0; i < r0 + 6 && i < nq; i++) {
                         int64_t kend = it == jt ? i + 1 : nk;
                         moe__att_dscores(P + i * RL, DS + i * RL, kend, lse[bh * T + i0 + i], delta[i0 + i], scale);
@@ -5039,16 +5056,13 @@ static void moe__attention_bwd_heads(void *arg, int64_t bh0, int64_t bh1, int ti
                         memset(DS + i * RL + kend, 0, (size_t)(RL - kend) * sizeof(moe_real));
                     }
                     if (!dq) continue;
-                    for (c = 0; c < Dk; c += 16)
-                        moe__att_kern(kmax, DS + r0 * RL, RL, 1, Kt + c * Tp, dQ + (it * RL + r0) * Dkp + c, Dkp, 1, 1);
+                    moe__att_tile(J->zmm, kmax, DS + r0 * RL, RL, 1, Kt, Tp, Dk, dQ + (it * RL + r0) * Dkp, Dkp, 1, 1);
                 }
                 /* key groups: dV += Pᵀ·dO, dK += dSᵀ·Q, over the queries that see the group */
                 for (r0 = 0; r0 < nk; r0 += 6) {
                     int64_t qa = it == jt ? r0 : 0;
-                    for (c = 0; c < Dv; c += 16)
-                        moe__att_kern(nq - qa, P + qa * RL + r0, 1, RL, DOnt + c * Tp + qa * 16, dVt + r0 * Dvp + c, Dvp, 1, 1);
-                    for (c = 0; c < Dk; c += 16)
-                        moe__att_kern(nq - qa, DS + qa * RL + r0, 1, RL, Qnt + c * Tp + qa * 16, dKt + r0 * Dkp + c, Dkp, 1, 1);
+                    moe__att_tile(J->zmm, nq - qa, P + qa * RL + r0, 1, RL, DOnt + qa * 16, Tp, Dv, dVt + r0 * Dvp, Dvp, 1, 1);
+                    moe__att_tile(J->zmm, nq - qa, DS + qa * RL + r0, 1, RL, Qnt + qa * 16, Tp, Dk, dKt + r0 * Dkp, Dkp, 1, 1);
                 }
             }
             for (i = 0; i < nk; i++) {
@@ -5073,6 +5087,7 @@ static moe_status moe__cpu_attention_bwd(moe_ctx *ctx, const moe_real *q, const 
     memset(&J, 0, sizeof J);
     J.q = q; J.k = k; J.v = v; J.o = o; J.lse_in = lse; J.dout = dout; J.B = B; J.Tq = J.Tk = T; J.H = H; J.Dk = Dk; J.Dv = Dv;
     J.scale = scale; J.dq = dq; J.dk = dk; J.dv = dv;
+    J.zmm = ctx->conf.simd && ctx->conf.f32_zmm;
     J.ntiles = (T + MOE__ATT_TILE - 1) / MOE__ATT_TILE;
     J.per_thread = moe__attention_scratch_bwd(T, Dk, Dv);
     if (!(J.scratch = moe__dev_real(ctx, ctx->conf.n_threads * J.per_thread, "attention backward"))) return MOE_ERR_MEMORY;

@@ -1332,14 +1332,26 @@ static void t_attention_fwd(void) {
         chk_norm("lse", lo[0], rl, B * H * Tq, 4.0 * (double)(Dk + Tk + 8) * U24 * cond(ml, rl, B * H * Tq));
         same_bits("o", oo[0], oo[1], (size_t)(B * Tq * H * Dv) * sizeof(moe_real));
         same_bits("lse", lo[0], lo[1], (size_t)(B * H * Tq) * sizeof(moe_real));
+#if defined(MOE__GEMM_HAVE_AVX512)
+        if (be == moe__cpu_backend()) { /* tiles on the other FP32 kernel (6×32 zmm or 6×16 ymm): the same bits */
+            moe_real *d_o = UPR(nanr(B * Tq * H * Dv), B * Tq * H * Dv), *d_l = UPR(nanr(B * H * Tq), B * H * Tq);
+            ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+            CALL(be->attention_fwd(ctx, d_q, d_k, d_v, B, Tq, Tk, H, Dk, Dv, (moe_real)scale, d_o, d_l));
+            ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+            T_CHECK(memcmp(oo[0], d_o, (size_t)(B * Tq * H * Dv) * sizeof(moe_real)) == 0 &&
+                        memcmp(lo[0], d_l, (size_t)(B * H * Tq) * sizeof(moe_real)) == 0,
+                    "attention_fwd %s: the 6x16 and 6x32 FP32 kernels give different bits", shape);
+            moe_ctx_reset(ctx);
+        }
+#endif
     }
 }
 
 static void t_attention_bwd(void) {
     /* B, T, H, Dk, Dv: one tile, two tiles (64 keys each) with ragged ends */
-    static const int64_t shapes[][5] = {{1, 5, 1, 5, 3}, {2, 67, 2, 20, 13}, {1, 130, 2, 24, 16}};
+    static const int64_t shapes[][5] = {{1, 5, 1, 5, 3}, {2, 67, 2, 20, 13}, {1, 130, 2, 24, 16}, {1, 70, 2, 48, 32}};
     int s, th, which;
-    for (s = 0; s < 3; s++)
+    for (s = 0; s < 4; s++)
         for (which = 0; which < 2; which++) { /* all three gradients; dq NULL and dv NULL */
             const int64_t B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], Dk = shapes[s][3], Dv = shapes[s][4];
             const int64_t nq = B * T * H * Dk, nv = B * T * H * Dv;
@@ -1409,6 +1421,19 @@ static void t_attention_bwd(void) {
             same_bits("dq", oq[0], oq[1], (size_t)nq * sizeof(moe_real));
             same_bits("dk", ok[0], ok[1], (size_t)nq * sizeof(moe_real));
             same_bits("dv", ov[0], ov[1], (size_t)nv * sizeof(moe_real));
+#if defined(MOE__GEMM_HAVE_AVX512)
+            if (be == moe__cpu_backend()) { /* tiles on the other FP32 kernel (6×32 zmm or 6×16 ymm): the same bits */
+                moe_real *ddq = which ? NULL : UPR(dq0, nq), *ddk = UPR(dk0, nq), *ddv = which ? NULL : UPR(dv0, nv);
+                ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+                CALL(be->attention_bwd(ctx, d_q, d_k, d_v, d_o, d_l, d_do, B, T, H, Dk, Dv, (moe_real)scale, ddq, ddk, ddv));
+                ctx->conf.f32_zmm = !ctx->conf.f32_zmm;
+                T_CHECK((!ddq || memcmp(oq[0], ddq, (size_t)nq * sizeof(moe_real)) == 0) &&
+                            memcmp(ok[0], ddk, (size_t)nq * sizeof(moe_real)) == 0 &&
+                            (!ddv || memcmp(ov[0], ddv, (size_t)nv * sizeof(moe_real)) == 0),
+                        "attention_bwd %s: the 6x16 and 6x32 FP32 kernels give different bits", shape);
+                moe_ctx_reset(ctx);
+            }
+#endif
         }
 }
 
