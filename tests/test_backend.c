@@ -781,8 +781,8 @@ static void t_gemm_grouped(void) {
    ============================================================================================ */
 
 /* rows × d shapes: ragged, and one above the split threshold (300·130 > 16384) */
-static const int64_t row_shapes[][2] = {{1, 5}, {3, 67}, {37, 130}, {300, 130}};
-#define N_ROW_SHAPES 4
+static const int64_t row_shapes[][2] = {{1, 5}, {3, 67}, {37, 130}, {300, 130}, {5, 90}};
+#define N_ROW_SHAPES 5
 
 static void t_rmsnorm_fwd(void) {
     int s, th, with_rstd;
@@ -1041,6 +1041,22 @@ static void t_xent_bwd(void) {
 
 static double ref_sigmoid(double x) { return 1 / (1 + exp(-x)); }
 
+/* The edges of exp (its clamps at −87.3 and 88.72, ±inf, NaN, tiny values) in each of a row's
+   16-, 8- and 1-lane paths: moe_silu_scalar's and moe_silu_grad_scalar's bits (CPU). */
+static void t_swiglu_special(void) {
+    static const float sp[9] = {NAN, INFINITY, -INFINITY, 100.0f, -100.0f, 88.8f, -87.4f, 1e-40f, -0.0f};
+    enum { N = 16 + 8 + 9 };
+    moe_real g[N], dy[N], y[N], dg[N];
+    int64_t i, bad = 0;
+    if (be != moe__cpu_backend()) return;
+    SHAPE("one row of %d special values", N);
+    for (i = 0; i < N; i++) g[i] = sp[i % 9], dy[i] = 0.5f;
+    CALL(be->swiglu_fwd(ctx, g, NULL, N, 1, N, y, N));
+    CALL(be->swiglu_bwd(ctx, g, NULL, N, dy, 1, N, dg, NULL, N, 0));
+    for (i = 0; i < N; i++) bad += !real_same(y[i], moe_silu_scalar(g[i])) + !real_same(dg[i], dy[i] * 1 * moe_silu_grad_scalar(g[i]));
+    T_CHECK(bad == 0, "swiglu %s: %lld values differ from the scalar functions'", shape, (long long)bad);
+}
+
 static void t_swiglu_fwd(void) {
     int s, th, with_up;
     for (s = 0; s < N_ROW_SHAPES; s++)
@@ -1071,7 +1087,17 @@ static void t_swiglu_fwd(void) {
             /* σ = 1/(1 + e^−x) with e^x within 2 ulp, then two products: 6 ulps */
             chk_ulp("y", g, ref, NULL, rows * cols, 6);
             same_bits("y", o[0], o[1], (size_t)(rows * ld_y) * sizeof(moe_real));
+            if (be == moe__cpu_backend()) { /* the 16-, 8- and 1-lane paths of a row: moe_silu_scalar's bits */
+                int64_t bad = 0;
+                for (r = 0; r < rows; r++)
+                    for (c = 0; c < cols; c++) {
+                        moe_real x = in[r * ld_in + c], want = with_up ? moe_silu_scalar(x) * in[r * ld_in + cols + c] : moe_silu_scalar(x);
+                        bad += !real_same(g[r * cols + c], want);
+                    }
+                T_CHECK(bad == 0, "y %s: %lld values differ from moe_silu_scalar's", shape, (long long)bad);
+            }
         }
+    t_swiglu_special();
 }
 
 static void t_swiglu_bwd(void) {
@@ -1111,6 +1137,17 @@ static void t_swiglu_bwd(void) {
                8 ulps of the terms' magnitude (padding: unchanged, 0 ulps) */
             if (want_dg) chk_ulp("dgate", og[0], rg, mg, rows * ld_d, 8);
             if (want_du) chk_ulp("dup", ou[0], ru, mu, rows * ld_d, 8);
+            if (be == moe__cpu_backend()) { /* the 16-, 8- and 1-lane paths of a row: the scalar functions' bits */
+                int64_t bad = 0;
+                for (r = 0; r < rows; r++)
+                    for (c = 0; c < cols; c++) {
+                        moe_real x = in[r * ld_in + c], gy = dy[r * cols + c], base = d0[r * ld_d + c];
+                        moe_real vg = gy * (with_up ? in[r * ld_in + cols + c] : 1) * moe_silu_grad_scalar(x), vu = gy * moe_silu_scalar(x);
+                        if (want_dg) bad += !real_same(og[0][r * ld_d + c], acc ? base + vg : vg);
+                        if (want_du) bad += !real_same(ou[0][r * ld_d + c], acc ? base + vu : vu);
+                    }
+                T_CHECK(bad == 0, "dgate/dup %s: %lld values differ from the scalar functions'", shape, (long long)bad);
+            }
             same_bits("dgate", og[0], og[1], (size_t)(rows * ld_d) * sizeof(moe_real));
             same_bits("dup", ou[0], ou[1], (size_t)(rows * ld_d) * sizeof(moe_real));
         }
