@@ -5285,6 +5285,7 @@ static moe_status moe__cpu_mla_merge_kv(moe_ctx *ctx, const moe_real *dk, const 
    chosen experts, best first, ties to the lower index; masked groups are at −∞. */
 static void moe__route(const moe_real *s, const moe_real *bias, const moe_config *c, int32_t *chosen) {
     double key[MOE__MAX_EXPERTS];
+    unsigned char taken[MOE__MAX_EXPERTS];
     int64_t E = c->n_routed_experts, G = c->n_group, per = E / G, e, g, k;
     int use_groups = c->topk_method != MOE_TOPK_GREEDY && G > 1 && c->topk_group < G;
     for (e = 0; e < E; e++) key[e] = (double)s[e] + (c->topk_method == MOE_TOPK_NOAUX_TC && bias ? (double)bias[e] : 0.0);
@@ -5310,15 +5311,14 @@ static void moe__route(const moe_real *s, const moe_real *bias, const moe_config
         for (e = 0; e < E; e++)
             if (!keep[e / per]) key[e] = -INFINITY;
     }
+    memset(taken, 0, (size_t)E);
     for (k = 0; k < c->num_experts_per_tok; k++) {
         int64_t be = -1;
-        for (e = 0; e < E; e++) {
-            int64_t j;
-            int taken = 0;
-            for (j = 0; j < k; j++) taken |= chosen[j] == (int32_t)e;
-            if (!taken && (be < 0 || key[e] > key[be])) be = e;
-        }
-        chosen[k] = (int32_t)(be < 0 ? 0 : be); /* K ≤ E, so be ≥ 0 */
+        for (e = 0; e < E; e++)
+            if (!taken[e] && (be < 0 || key[e] > key[be])) be = e;
+        if (be < 0) be = 0; /* K ≤ E, so be ≥ 0 */
+        taken[be] = 1;
+        chosen[k] = (int32_t)be;
     }
 }
 
