@@ -1147,7 +1147,11 @@ MOE_API size_t moe_adamw_state_bytes(const moe_adamw *opt);
 /* Expert parallelism: rank r of `ep` computes routed experts [r·E/P, (r+1)·E/P) of every MoE
    layer for all of ep's ranks. In each MoE layer the counts go first (all-to-all), then the
    packed rows (all-to-all-v) to their experts' ranks and the outputs back; backward sends
-   inputs, output gradients and gates the same way and brings input and gate gradients home.
+   output gradients and gates the same way (the owners kept the inputs) and brings input and
+   gate gradients home. The shared experts run while the rows travel (forward: the dispatch;
+   backward: the output gradients): over MPI that exchange is posted without waiting
+   (MPI_Ialltoallv) and tested between the shared experts' GEMMs, since Open MPI moves data
+   only inside MPI calls; every other exchange blocks.
    Each expert's weight gradient is added over the source ranks in the job's rank order:
    `edp` (NULL when every rank is in `ep`) joins the ranks that own the same experts in the
    other EP groups. Take ep = the consecutive ranks [g·P, (g+1)·P) and edp = the ranks with the
@@ -7376,12 +7380,21 @@ static const moe_real *moe__stash_get(moe_ctx *ctx, const moe__stash *st) {
    fall into `groups` groups (offsets on the host), group e multiplied by its own weights
    w13 + e·2I·d and w2 + e·d·I (a dense layer is one group). */
 
+/* An expert-parallel exchange in flight (section 15): work beside it calls moe__ep_progress
+   between its steps, since MPI moves the rows only inside its calls. */
+typedef struct moe__ep_xfer moe__ep_xfer;
+static moe_status moe__ep_progress(moe_ctx *ctx, moe__ep_xfer *X);
+
 typedef struct moe__mlp {
     const moe_real *w13, *w2;  /* [groups][2I, d], [groups][d, I] */
     moe_real *dw13, *dw2;      /* their gradients (NULL: none) */
     int64_t d, I, groups;
     const int64_t *offsets;    /* host [groups + 1] */
+    moe__ep_xfer *beside;      /* an exchange in flight beside this MLP, advanced between its steps (NULL: none) */
 } moe__mlp;
+
+/* Between two steps of an MLP: the exchange beside it, if any, progresses. */
+static moe_status moe__mlp_step(moe_ctx *ctx, const moe__mlp *M) { return M->beside ? moe__ep_progress(ctx, M->beside) : MOE_OK; }
 
 /* Y = op(A)·op(B) per group: the linear layer of a group (Fprop: token rows of A and C). */
 static moe_status moe__mlp_gemm(moe_ctx *ctx, const moe__mlp *M, int64_t n, int64_t m_cols, int64_t k, const moe_real *A,
@@ -7415,7 +7428,9 @@ static moe_status moe__mlp_fwd(moe_ctx *ctx, const moe__mlp *M, const moe_real *
                                moe_real *act, moe_dtype prec) {
     int64_t d = M->d, I = M->I;
     MOE__TRY(moe__mlp_gemm(ctx, M, n, 2 * I, d, X, M->w13, 1, h13, 0, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, prec));
+    MOE__TRY(moe__mlp_step(ctx, M));
     MOE__TRY(MOE__BE(ctx)->swiglu_fwd(ctx, h13, h13 + I, 2 * I, n, I, act, I));
+    MOE__TRY(moe__mlp_step(ctx, M));
     return moe__mlp_gemm(ctx, M, n, d, I, act, M->w2, 1, Y, 0, MOE_FP8_FPROP_X, MOE_FP8_FPROP_W, prec);
 }
 
@@ -7431,10 +7446,13 @@ static moe_status moe__mlp_bwd(moe_ctx *ctx, const moe__mlp *M, const moe_real *
     if (!act || !dact || !dh13) return MOE_ERR_MEMORY;
     MOE__TRY(MOE__BE(ctx)->swiglu_fwd(ctx, h13, h13 + I, 2 * I, n, I, act, I));
     MOE__TRY(moe__mlp_gemm(ctx, M, n, I, d, dY, M->w2, 0, dact, 0, MOE_FP8_DGRAD_DY, MOE_FP8_DGRAD_W, prec)); /* dact = dY·W2 */
+    MOE__TRY(moe__mlp_step(ctx, M));
     if (gate) MOE__TRY(MOE__BE(ctx)->expert_gate_bwd(ctx, gate, n, I, dact, act, dgate));
     if (M->dw2) MOE__TRY(moe__mlp_wgrad(ctx, M, n, dY, d, act, I, M->dw2, prec));
+    MOE__TRY(moe__mlp_step(ctx, M));
     MOE__TRY(MOE__BE(ctx)->swiglu_bwd(ctx, h13, h13 + I, 2 * I, dact, n, I, dh13, dh13 + I, 2 * I, 0));
     if (dX) MOE__TRY(moe__mlp_gemm(ctx, M, n, d, 2 * I, dh13, M->w13, 0, dX, 1, MOE_FP8_DGRAD_DY, MOE_FP8_DGRAD_W, prec));
+    MOE__TRY(moe__mlp_step(ctx, M));
     if (M->dw13) MOE__TRY(moe__mlp_wgrad(ctx, M, n, dh13, 2 * I, X, d, M->dw13, prec));
     return MOE_OK;
 }
@@ -7745,6 +7763,13 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
    MOE_FP8_E4M3 in 1×B tiles). */
 static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *plan, int back, const moe_real *send,
                                    moe_real *recv, int64_t width, moe_dtype payload);
+/* The same in two halves, for work beside it: post encodes the rows and posts them once the
+   EP group agrees (st: this rank's verdict so far; on failure nothing is left in flight);
+   finish, which must follow on every other path, completes the exchange and decodes the rows
+   into recv (st: the verdict of the work beside it, returned unless OK). */
+static moe_status moe__ep_post(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *plan, int back, const moe_real *send,
+                               moe_real *recv, int64_t width, moe_dtype payload, moe_status st, moe__ep_xfer **X);
+static moe_status moe__ep_finish(moe_ctx *ctx, moe__ep_xfer *X, moe_status st);
 /* st on this rank → the EP group's verdict (a failure anywhere fails every rank). */
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st);
 
@@ -7798,23 +7823,28 @@ static moe__mlp moe__ep_mlp(const moe__moe *L, const moe_config *c, const moe__e
     return M;
 }
 
-/* Forward of the routed experts under expert parallelism: xp [R, d] dispatched (the received
-   rows kept for backward in S->xr), this rank's experts on every source's rows (the SwiGLU
-   inputs into *h13, kept for backward), the outputs combined back into yp. */
-static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_config *c, moe__moe_saved *S, const moe_real *xp,
-                                  moe_real *yp, moe_real **h13) {
+/* Forward of the routed experts under expert parallelism, in two halves around the shared
+   experts, which run while the rows travel. Dispatch: the plan, then the packed rows xp [R, d]
+   posted to their experts' ranks (the received rows kept for backward in S->xr). Forward: the
+   dispatch completed (st: the shared experts' verdict), this rank's experts on every source's
+   rows (the SwiGLU inputs into *h13, kept for backward), the outputs combined back into yp. */
+static moe_status moe__ep_dispatch(moe_ctx *ctx, const moe__moe *L, moe__moe_saved *S, const moe_real *xp, moe__ep_xfer **X) {
     moe__ep_plan *P = &S->ep;
+    MOE__TRY(moe__ep_plan_make(ctx, L, S->offset, P));
+    S->xr = moe__dev_real(ctx, P->rows * S->d, "moe dispatch"); /* the owner of popular experts may run out alone */
+    return moe__ep_post(ctx, L, P, 0, xp, S->xr, S->d, L->ep_dispatch, S->xr ? MOE_OK : MOE_ERR_MEMORY, X);
+}
+static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_config *c, moe__moe_saved *S, moe__ep_xfer *X,
+                                  moe_status st, moe_real *yp, moe_real **h13) {
+    const moe__ep_plan *P = &S->ep;
     int64_t d = c->hidden_size, I = c->moe_intermediate_size, s;
     moe_real *yr, *act;
-    moe_status st;
-    MOE__TRY(moe__ep_plan_make(ctx, L, S->offset, P));
-    S->xr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
+    st = moe__ep_finish(ctx, X, st);
     yr = moe__dev_real(ctx, P->rows * d, "moe dispatch");
     act = moe__dev_real(ctx, P->rows * I, "moe dispatch");
     *h13 = moe__dev_real(ctx, P->rows * 2 * I, "moe dispatch");
-    st = S->xr && yr && act && *h13 ? MOE_OK : MOE_ERR_MEMORY; /* the owner of popular experts may run out alone */
+    if (!st && !(yr && act && *h13)) st = MOE_ERR_MEMORY;
     MOE__TRY(moe__ep_agree(ctx, L, st));
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, xp, S->xr, d, L->ep_dispatch));
     for (s = 0; s < moe_comm_size(L->ep); s++) {
         int64_t r0 = P->recv_start[s], n = P->recv_start[s + 1] - r0;
         moe__mlp M = moe__ep_mlp(L, c, P, s, NULL);
@@ -7823,36 +7853,47 @@ static moe_status moe__ep_forward(moe_ctx *ctx, const moe__moe *L, const moe_con
     return moe__ep_exchange(ctx, L, P, 1, yr, yp, d, L->ep_combine);
 }
 
-/* Its backward. The owner still holds the rows it received (rounded as one process's saved
-   layer input is); output gradients and gates come the same way. Per source the experts'
-   backward, each source's weight gradients into a part added to the running sum in the job's
-   rank order: an EDP group's ranks take turns, rank k starting from rank k−1's sum (a
-   broadcast) and handing its own on; the last one keeps the sum, the others zero it, so that
-   moe_model_reduce_grads over the job leaves it as it is. Input and gate gradients go home. */
-static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, const moe_real *dyp, const moe_real *gp, const moe_real *h13,
-                                   moe_real *dxp, moe_real *dgp) {
+/* Its backward, in two halves around the shared experts' backward. Out: output gradients dyp
+   and gates gp go to the owners (into *dyr, *gr), the gradients in flight (*X) while the gates
+   travel and the shared experts run. Backward: that exchange completed (st: the shared
+   experts' verdict); the owner still holds the rows it received (rounded as one process's
+   saved layer input is). Per source the experts' backward, each source's weight gradients
+   into a part added to the running sum in the job's rank order: an EDP group's ranks take
+   turns, rank k starting from rank k−1's sum (a broadcast) and handing its own on; the last
+   one keeps the sum, the others zero it, so that moe_model_reduce_grads over the job leaves it
+   as it is. Input and gate gradients go home. */
+static moe_status moe__ep_grads_out(moe_ctx *ctx, const moe__moe_saved *S, const moe_real *dyp, const moe_real *gp, moe_real **dyr,
+                                    moe_real **gr, moe__ep_xfer **X) {
+    const moe__moe *L = S->L;
+    moe_status st;
+    *dyr = moe__dev_real(ctx, S->ep.rows * S->d, "moe backward");
+    *gr = moe__dev_real(ctx, S->ep.rows, "moe backward");
+    MOE__TRY(moe__ep_post(ctx, L, &S->ep, 0, dyp, *dyr, S->d, L->ep_combine, *dyr && *gr ? MOE_OK : MOE_ERR_MEMORY, X));
+    st = moe__ep_exchange(ctx, L, &S->ep, 0, gp, *gr, 1, MOE_F32);
+    return st ? moe__ep_finish(ctx, *X, st) : MOE_OK;
+}
+static moe_status moe__ep_backward(moe_ctx *ctx, const moe__moe_saved *S, moe__ep_xfer *X, moe_status st, const moe_real *dyr,
+                                   const moe_real *gr, const moe_real *h13, moe_real *dxp, moe_real *dgp) {
     const moe__moe *L = S->L;
     const moe__ep_plan *P = &S->ep;
     const moe_backend *be = MOE__BE(ctx);
     int64_t d = S->d, I = S->cfg->moe_intermediate_size, nw = L->e_n * 3 * I * d, rows = P->rows, s, t;
     int64_t R = L->edp ? moe_comm_size(L->edp) : 1, k = L->edp ? moe_comm_rank(L->edp) : 0;
-    moe_real *xr = S->xr, *dyr = moe__dev_real(ctx, rows * d, "moe backward");
-    moe_real *gr = moe__dev_real(ctx, rows, "moe backward"), *dxr = moe__dev_zeros(ctx, rows * d, "moe backward");
-    moe_real *dgr = moe__dev_real(ctx, rows, "moe backward"), *part = NULL, *sum = NULL, *u16 = NULL;
+    moe_real *xr = S->xr, *dxr, *dgr, *part = NULL, *sum = NULL, *u16 = NULL;
     moe_real *dw13 = moe__param_grad(L->w13), *dw2 = moe__param_grad(L->w2);
     moe_dtype keep = moe__stash_format(S->prec, 0);
-    moe_status st;
+    st = moe__ep_finish(ctx, X, st);
+    dxr = moe__dev_zeros(ctx, rows * d, "moe backward");
+    dgr = moe__dev_real(ctx, rows, "moe backward");
     if ((dw13 || dw2) && (!(part = moe__dev_real(ctx, nw, "moe backward")) || !(sum = moe__dev_zeros(ctx, nw, "moe backward"))))
         part = NULL;
     if (keep != MOE_F32) u16 = (moe_real *)moe__dev_scratch(ctx, rows * d + 1, sizeof(uint16_t), "moe backward");
-    st = dyr && gr && dxr && dgr && (part || !(dw13 || dw2)) && (u16 || keep == MOE_F32) ? MOE_OK : MOE_ERR_MEMORY;
+    if (!st && !(dxr && dgr && (part || !(dw13 || dw2)) && (u16 || keep == MOE_F32))) st = MOE_ERR_MEMORY;
     MOE__TRY(moe__ep_agree(ctx, L, st));
     if (keep != MOE_F32) { /* the received inputs, rounded as one process's saved input gives them back */
         MOE__TRY(be->convert(ctx, xr, MOE_F32, rows * d, u16, keep));
         MOE__TRY(be->convert(ctx, u16, keep, rows * d, xr, MOE_F32));
     }
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, dyp, dyr, d, L->ep_combine));
-    MOE__TRY(moe__ep_exchange(ctx, L, P, 0, gp, gr, 1, MOE_F32));
     for (t = 0; t < R; t++) {
         if (t == k)
             for (s = 0; s < moe_comm_size(L->ep); s++) {
@@ -7881,7 +7922,8 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     const moe_real *dy = MOE__F32(n->out->grad), *u = moe__stash_get(ctx, &S->u), *h13 = moe__stash_get(ctx, &S->h13);
     const moe_real *sh_h13 = NULL;
     moe__mlp experts = moe__experts_mlp(L, S->cfg, S->offset);
-    moe_real *du = moe__grad(ctx, n->in[0]), *xp = NULL, *dyp, *dxp, *gp, *dgp, *dg, *dz, aux_g = 0;
+    moe_real *du = moe__grad(ctx, n->in[0]), *xp = NULL, *dyp, *dxp, *gp, *dgp, *dg, *dz, *dyr = NULL, *gr = NULL, aux_g = 0;
+    moe__ep_xfer *X = NULL;
     moe_status st;
     if (L->shared.w13) sh_h13 = moe__stash_get(ctx, &S->sh_h13);
     if (S->aux && S->aux->grad) aux_g = moe__tensor_at(ctx, S->aux->grad, 0);
@@ -7895,18 +7937,22 @@ static moe_status moe__moe_bwd(moe_ctx *ctx, moe__node *n) {
     st = u && h13 && (sh_h13 || !L->shared.w13) && (du || !n->in[0]->requires_grad) && (xp || S->xr) && dyp && dxp && gp && dgp &&
          dg && dz ? MOE_OK : MOE_ERR_MEMORY;
     MOE__TRY(S->xr ? moe__ep_agree(ctx, L, st) : st); /* expert parallel: no rank leaves the others waiting */
-    /* shared experts */
-    if (L->shared.w13) {
-        moe__mlp M = moe__ffn_mlp(&L->shared, d);
-        MOE__TRY(moe__mlp_bwd(ctx, &M, u, dy, N, sh_h13, NULL, NULL, du, S->prec));
-    }
-    /* dispatch again: packed inputs, output gradients and gates */
+    /* dispatch again: packed inputs, output gradients and gates (expert parallel: sent to the
+       experts' ranks, the output gradients in flight while the shared experts run) */
     if (xp) MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
     MOE__TRY(be->gather_rows(ctx, dy, S->slot_of, (int32_t)K, R, d, dyp));
     MOE__TRY(be->gather_rows(ctx, S->gates, S->slot_of, 1, R, 1, gp));
+    if (S->xr) MOE__TRY(moe__ep_grads_out(ctx, S, dyp, gp, &dyr, &gr, &X));
+    /* shared experts */
+    if (L->shared.w13) {
+        moe__mlp M = moe__ffn_mlp(&L->shared, d);
+        M.beside = X;
+        st = moe__mlp_bwd(ctx, &M, u, dy, N, sh_h13, NULL, NULL, du, S->prec);
+    }
     /* the experts, with their gates' gradients, then un-permute (a dispatch's backward is a combine) */
-    if (S->xr) MOE__TRY(moe__ep_backward(ctx, S, dyp, gp, h13, dxp, dgp));
-    else MOE__TRY(moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec));
+    if (S->xr) st = moe__ep_backward(ctx, S, X, st, dyr, gr, h13, dxp, dgp); /* the exchange completes whatever st is */
+    else if (!st) st = moe__mlp_bwd(ctx, &experts, xp, dyp, R, h13, gp, dgp, dxp, S->prec);
+    MOE__TRY(st);
     MOE__TRY(be->gather_rows(ctx, dgp, S->row_of, 1, R, 1, dg));
     MOE__TRY(be->combine(ctx, dxp, S->row_of, NULL, N, K, d, du));
     /* router: gates → scores (reference §10), plus the balance loss, → logits z; its GEMMs stay FP32 */
@@ -7926,7 +7972,9 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     const moe_real *u = MOE__F32(x);
     moe_real *z, *xp, *yp, *h13, *act, *sh_h13 = NULL, balance = 0;
     moe__mlp experts;
+    moe__ep_xfer *X = NULL;
     moe__node *n;
+    moe_status st;
     if (!S) return MOE_ERR_MEMORY;
     S->L = L; S->cfg = c; S->B = B; S->T = T; S->N = N; S->d = d; S->E = E; S->K = K;
     S->Is = L->shared.inter;
@@ -7964,19 +8012,22 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
         if (L->ep_dispatch == MOE_FP8_E4M3 && S->prec != MOE_FP8_E4M3)
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "expert parallelism: an FP8 dispatch wants FP8 training (the GEMM "
                              "precision is %s)", moe_dtype_name(S->prec));
-        MOE__TRY(moe__ep_forward(ctx, L, c, S, xp, yp, &h13)); /* h13: the received rows' */
+        MOE__TRY(moe__ep_dispatch(ctx, L, S, xp, &X)); /* in flight while the shared experts run */
     } else {
         MOE__TRY(moe__mlp_fwd(ctx, &experts, xp, R, yp, h13, act, S->prec));
     }
     /* shared experts, then the weighted combine (gather-only: each token sums its slots) */
     if (L->shared.w13) {
         moe__mlp M = moe__ffn_mlp(&L->shared, d);
-        MOE__TRY(moe__tensor_out(ctx, x->ndim, x->shape, y)); /* the shared experts write it */
-        if (!(sh_h13 = moe__dev_real(ctx, N * 2 * S->Is, "moe"))) return MOE_ERR_MEMORY;
-        MOE__TRY(moe__mlp_fwd(ctx, &M, u, N, MOE__F32(*y), sh_h13, act, S->prec));
+        M.beside = X;
+        st = moe__tensor_out(ctx, x->ndim, x->shape, y); /* the shared experts write it */
+        if (!st && !(sh_h13 = moe__dev_real(ctx, N * 2 * S->Is, "moe"))) st = MOE_ERR_MEMORY;
+        if (!st) st = moe__mlp_fwd(ctx, &M, u, N, MOE__F32(*y), sh_h13, act, S->prec);
     } else {
-        MOE__TRY(moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y));
+        st = moe_tensor_temp(ctx, MOE_F32, x->ndim, x->shape, y);
     }
+    if (S->xr) st = moe__ep_forward(ctx, L, c, S, X, st, yp, &h13); /* the dispatch completed whatever st is; h13 the received rows' */
+    MOE__TRY(st);
     MOE__TRY(be->combine(ctx, yp, S->row_of, S->gates, N, K, d, MOE__F32(*y)));
     /* sequence-wise balance loss (reference §3.5), on the realised routing */
     if (alpha > 0) {
@@ -12663,11 +12714,11 @@ MOE_API moe_status moe_gen_generate(moe_ctx *ctx, moe_gen *g, const int32_t *pro
    15. dist — the communicator (SELF, MPI, NCCL), data and expert parallelism, ZeRO-1   >>dist
    ============================================================================================
    A backend fills moe__comm_ops with the primitives (barrier, broadcast, all-reduce,
-   all-gather and all-to-all with per-rank counts, split, release) and says where its buffers
-   live (the receive buffer of the ordered sums and their block sum are its entries too); the
-   rank-ordered sums, the uniform all-to-all, the row exchange and the config check are
-   written once above them. SELF and MPI are here; NCCL is moe_cuda.cuh's section 9, included
-   below the bootstrap helpers it uses. */
+   all-gather and all-to-all with per-rank counts, the latter also without waiting, split,
+   release) and says where its buffers live (the receive buffer of the ordered sums and their
+   block sum are its entries too); the rank-ordered sums, the uniform all-to-all, the row
+   exchange and the config check are written once above them. SELF and MPI are here; NCCL is
+   moe_cuda.cuh's section 9, included below the bootstrap helpers it uses. */
 
 typedef struct moe__comm_ops moe__comm_ops;
 struct moe_comm {
@@ -12677,11 +12728,23 @@ struct moe_comm {
     void *scratch;        /* the ordered sums' receive buffer, kept between calls (fresh */
     size_t scratch_bytes; /* memory each time cost 3-4x the all-gather in page faults) */
     int64_t bytes_in;     /* received from the other ranks (moe_comm_bytes_received) */
+    int64_t overlapped;   /* exchanges still in flight when work beside them tested them */
     void *impl;           /* a backend's own state (NCCL: struct moe__nccl), freed by release */
 #ifdef MOE_MPI
     MPI_Comm mpi;
 #endif
 };
+/* An all-to-all-v posted and not yet waited for (moe__comm_alltoallv_start … moe__comm_wait). */
+typedef struct moe__comm_req {
+    int started, done; /* posted; completed (SELF and NCCL: at once) */
+    int tested;        /* a test found it in flight */
+    int64_t from_others; /* elements it brings from the other ranks (counted when it completes) */
+    moe_comm_type type;
+    void *mem;         /* the backend's memory for it, freed when it completes (MPI: its int counts) */
+#ifdef MOE_MPI
+    MPI_Request mpi;
+#endif
+} moe__comm_req;
 /* Counts and offsets are per rank, in elements. */
 struct moe__comm_ops {
     moe_device device; /* where the collectives' buffers live: MOE_DEVICE_CPU (host) or the GPU */
@@ -12692,6 +12755,14 @@ struct moe__comm_ops {
                              const int64_t *offsets, moe_comm_type t);
     moe_status (*alltoallv)(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_offsets,
                             void *recv, const int64_t *recv_counts, const int64_t *recv_offsets, moe_comm_type t);
+    /* alltoallv without waiting: posted into *req (done set if it completed at once); test
+       lets it progress and sets done when it has completed (MPI's shared-memory transport
+       moves data only inside MPI calls); wait completes it. Buffers stay untouched until then. */
+    moe_status (*alltoallv_start)(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                  const int64_t *send_offsets, void *recv, const int64_t *recv_counts, const int64_t *recv_offsets,
+                                  moe_comm_type t, moe__comm_req *req);
+    moe_status (*test)(moe_ctx *ctx, moe_comm *c, moe__comm_req *req);
+    moe_status (*wait)(moe_ctx *ctx, moe_comm *c, moe__comm_req *req);
     moe_status (*split)(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out);
     void (*release)(moe_comm *c);
     /* The ordered sums' receive buffer of at least `bytes`, kept by the communicator (NULL and
@@ -12753,6 +12824,21 @@ static moe_status moe__comm_host_sum(moe_ctx *ctx, moe_comm *c, const void *bloc
     return MOE_OK;
 }
 
+/* The non-blocking entries of a backend whose all-to-all-v completes in the call (SELF; NCCL,
+   whose collectives are ordered on a stream instead): the exchange done at once, nothing in
+   flight to test or wait for. */
+static moe_status moe__comm_start_now(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                      const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                      const int64_t *recv_offsets, moe_comm_type t, moe__comm_req *req) {
+    MOE__TRY(c->ops->alltoallv(ctx, c, send, send_counts, send_offsets, recv, recv_counts, recv_offsets, t));
+    req->done = 1;
+    return MOE_OK;
+}
+static moe_status moe__comm_done_already(moe_ctx *ctx, moe_comm *c, moe__comm_req *req) {
+    (void)ctx; (void)c; (void)req;
+    return MOE_OK;
+}
+
 /* ---- SELF: one process ---- */
 
 static moe_status moe__self_nothing(moe_ctx *ctx, moe_comm *c) {
@@ -12795,9 +12881,10 @@ static moe_status moe__self_split(moe_ctx *ctx, moe_comm *c, int color, int key,
 }
 static void moe__self_release(moe_comm *c) { (void)c; }
 
-static const moe__comm_ops moe__comm_self = {MOE_DEVICE_CPU,         moe__self_nothing,  moe__self_bcast,
-                                             moe__self_allreduce,    moe__self_allgatherv, moe__self_alltoallv,
-                                             moe__self_split,        moe__self_release,  moe__comm_scratch,
+static const moe__comm_ops moe__comm_self = {MOE_DEVICE_CPU,         moe__self_nothing,      moe__self_bcast,
+                                             moe__self_allreduce,    moe__self_allgatherv,   moe__self_alltoallv,
+                                             moe__comm_start_now,    moe__comm_done_already, moe__comm_done_already,
+                                             moe__self_split,        moe__self_release,      moe__comm_scratch,
                                              moe__comm_host_sum};
 
 /* ---- MPI (MOE_MPI): host buffers, errors returned (MPI_ERRORS_RETURN) ---- */
@@ -12856,22 +12943,57 @@ static moe_status moe__mpi_allgatherv(moe_ctx *ctx, moe_comm *c, const void *sen
     MOE_FREE(ints);
     return st;
 }
-static moe_status moe__mpi_alltoallv(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
-                                     const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
-                                     const int64_t *recv_offsets, moe_comm_type t) {
+/* An all-to-all-v's counts and offsets as MPI's ints: send counts, send offsets, receive
+   counts, receive offsets, P each (heap, the caller frees *out). */
+static moe_status moe__mpi_alltoallv_ints(moe_ctx *ctx, const moe_comm *c, const int64_t *send_counts, const int64_t *send_offsets,
+                                          const int64_t *recv_counts, const int64_t *recv_offsets, int **out) {
     int P = c->size, *ints = (int *)MOE_MALLOC((size_t)P * 4 * sizeof(int));
     moe_status st;
+    *out = NULL;
     if (!ints) return moe__fail(ctx, MOE_ERR_MEMORY, "comm: out of memory for %d ranks' counts", P);
     st = moe__mpi_ints(ctx, send_counts, P, ints);
     if (!st) st = moe__mpi_ints(ctx, send_offsets, P, ints + P);
     if (!st) st = moe__mpi_ints(ctx, recv_counts, P, ints + 2 * P);
     if (!st) st = moe__mpi_ints(ctx, recv_offsets, P, ints + 3 * P);
-    if (!st)
-        st = moe__mpi_check(ctx, MPI_Alltoallv(send, ints, ints + P, moe__mpi_type(t), recv, ints + 2 * P, ints + 3 * P,
-                                               moe__mpi_type(t), c->mpi),
-                            "MPI_Alltoallv");
+    if (st) MOE_FREE(ints);
+    else *out = ints;
+    return st;
+}
+static moe_status moe__mpi_alltoallv(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                     const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                     const int64_t *recv_offsets, moe_comm_type t) {
+    int P = c->size, *ints;
+    moe_status st;
+    MOE__TRY(moe__mpi_alltoallv_ints(ctx, c, send_counts, send_offsets, recv_counts, recv_offsets, &ints));
+    st = moe__mpi_check(ctx, MPI_Alltoallv(send, ints, ints + P, moe__mpi_type(t), recv, ints + 2 * P, ints + 3 * P,
+                                           moe__mpi_type(t), c->mpi),
+                        "MPI_Alltoallv");
     MOE_FREE(ints);
     return st;
+}
+static moe_status moe__mpi_alltoallv_start(moe_ctx *ctx, moe_comm *c, const void *send, const int64_t *send_counts,
+                                           const int64_t *send_offsets, void *recv, const int64_t *recv_counts,
+                                           const int64_t *recv_offsets, moe_comm_type t, moe__comm_req *req) {
+    int P = c->size, *ints;
+    moe_status st;
+    MOE__TRY(moe__mpi_alltoallv_ints(ctx, c, send_counts, send_offsets, recv_counts, recv_offsets, &ints));
+    st = moe__mpi_check(ctx, MPI_Ialltoallv(send, ints, ints + P, moe__mpi_type(t), recv, ints + 2 * P, ints + 3 * P,
+                                            moe__mpi_type(t), c->mpi, &req->mpi),
+                        "MPI_Ialltoallv");
+    if (st) MOE_FREE(ints);
+    else req->mem = ints; /* MPI may read the counts until the exchange completes */
+    return st;
+}
+static moe_status moe__mpi_test(moe_ctx *ctx, moe_comm *c, moe__comm_req *req) {
+    int flag = 0;
+    (void)c;
+    MOE__TRY(moe__mpi_check(ctx, MPI_Test(&req->mpi, &flag, MPI_STATUS_IGNORE), "MPI_Test"));
+    req->done = flag;
+    return MOE_OK;
+}
+static moe_status moe__mpi_wait(moe_ctx *ctx, moe_comm *c, moe__comm_req *req) {
+    (void)c;
+    return moe__mpi_check(ctx, MPI_Wait(&req->mpi, MPI_STATUS_IGNORE), "MPI_Wait");
 }
 static moe_status moe__mpi_split(moe_ctx *ctx, moe_comm *c, int color, int key, moe_comm *out) {
     MOE__TRY(moe__mpi_check(ctx, MPI_Comm_split(c->mpi, color, key, &out->mpi), "MPI_Comm_split"));
@@ -12885,8 +13007,9 @@ static void moe__mpi_release(moe_comm *c) {
     MPI_Finalized(&finalized);
     if (!finalized) MPI_Comm_free(&c->mpi);
 }
-static const moe__comm_ops moe__comm_mpi = {MOE_DEVICE_CPU,      moe__mpi_barrier, moe__mpi_bcast,    moe__mpi_allreduce,
-                                            moe__mpi_allgatherv, moe__mpi_alltoallv, moe__mpi_split, moe__mpi_release,
+static const moe__comm_ops moe__comm_mpi = {MOE_DEVICE_CPU,      moe__mpi_barrier,         moe__mpi_bcast,    moe__mpi_allreduce,
+                                            moe__mpi_allgatherv, moe__mpi_alltoallv,       moe__mpi_alltoallv_start,
+                                            moe__mpi_test,       moe__mpi_wait,            moe__mpi_split,    moe__mpi_release,
                                             moe__comm_scratch,   moe__comm_host_sum};
 #endif
 
@@ -13133,22 +13256,73 @@ MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *
     return st;
 }
 
+/* moe_comm_alltoallv's checks (after st, the caller's own verdict) and the ranks' agreement:
+   the per-rank element counts and offsets into *s and *r (heap, the caller frees them) and
+   the elements coming from the other ranks. */
+static moe_status moe__comm_alltoallv_args(moe_ctx *ctx, moe_comm *comm, const char *fn, moe_status st, const void *send,
+                                           const int64_t *send_rows, const void *recv, const int64_t *recv_rows, int64_t width,
+                                           moe_comm_type type, int64_t **s, int64_t **r, int64_t *from_others) {
+    int64_t stotal = 0, rtotal = 0;
+    *s = *r = NULL;
+    if (!st && width < 1) st = moe__fail(ctx, MOE_ERR_ARG, "%s: row width %lld", fn, (long long)width);
+    if (!st) st = moe__comm_layout(ctx, fn, comm, send_rows, width, s, &stotal);
+    if (!st) st = moe__comm_layout(ctx, fn, comm, recv_rows, width, r, &rtotal);
+    if (!st) st = moe__comm_buf(ctx, fn, send, stotal, type);
+    if (!st) st = moe__comm_buf(ctx, fn, recv, rtotal, type);
+    if (!st) *from_others = rtotal - recv_rows[comm->rank] * width;
+    return moe__comm_agree(ctx, comm, fn, st);
+}
+
 MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
                                       const int64_t *recv_rows, int64_t width, moe_comm_type type) {
-    int64_t *s = NULL, *r = NULL, stotal = 0, rtotal = 0;
+    int64_t *s, *r, from_others = 0;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_alltoallv", type));
-    st = width < 1 ? moe__fail(ctx, MOE_ERR_ARG, "moe_comm_alltoallv: row width %lld", (long long)width) : MOE_OK;
-    if (!st) st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, send_rows, width, &s, &stotal);
-    if (!st) st = moe__comm_layout(ctx, "moe_comm_alltoallv", comm, recv_rows, width, &r, &rtotal);
-    if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", send, stotal, type);
-    if (!st) st = moe__comm_buf(ctx, "moe_comm_alltoallv", recv, rtotal, type);
-    st = moe__comm_agree(ctx, comm, "moe_comm_alltoallv", st);
+    st = moe__comm_alltoallv_args(ctx, comm, "moe_comm_alltoallv", MOE_OK, send, send_rows, recv, recv_rows, width, type, &s, &r,
+                                  &from_others);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type);
-    if (!st) moe__comm_count(comm, rtotal - recv_rows[comm->rank] * width, type);
+    if (!st) moe__comm_count(comm, from_others, type);
     MOE_FREE(s);
     MOE_FREE(r);
     return st;
+}
+
+/* moe_comm_alltoallv in two halves, for work beside the exchange (the expert-parallel
+   layer's): the checks and the ranks' agreement as there (st: the caller's verdict so far, a
+   failure on any rank fails all before anything is posted), then the exchange posted into
+   *req; moe__comm_test lets it progress, moe__comm_wait completes it and must follow on
+   every path (it does nothing for a request that was not posted). Send and receive buffers
+   stay the exchange's until then. */
+static moe_status moe__comm_alltoallv_start(moe_ctx *ctx, moe_comm *comm, moe_status st, const void *send, const int64_t *send_rows,
+                                            void *recv, const int64_t *recv_rows, int64_t width, moe_comm_type type,
+                                            moe__comm_req *req) {
+    int64_t *s, *r;
+    memset(req, 0, sizeof *req);
+    req->type = type;
+    st = moe__comm_alltoallv_args(ctx, comm, "expert-parallel exchange", st, send, send_rows, recv, recv_rows, width, type, &s, &r,
+                                  &req->from_others);
+    if (!st) st = comm->ops->alltoallv_start(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type, req);
+    req->started = st == MOE_OK;
+    MOE_FREE(s);
+    MOE_FREE(r);
+    return st;
+}
+static moe_status moe__comm_test(moe_ctx *ctx, moe_comm *comm, moe__comm_req *req) {
+    if (!req->started || req->done) return MOE_OK;
+    req->tested = 1;
+    return comm->ops->test(ctx, comm, req);
+}
+static moe_status moe__comm_wait(moe_ctx *ctx, moe_comm *comm, moe__comm_req *req) {
+    moe_status st;
+    if (!req->started) return MOE_OK;
+    st = req->done ? MOE_OK : comm->ops->wait(ctx, comm, req);
+    MOE_FREE(req->mem);
+    req->mem = NULL;
+    req->started = 0;
+    if (st) return st;
+    moe__comm_count(comm, req->from_others, req->type);
+    comm->overlapped += req->tested;
+    return MOE_OK;
 }
 
 MOE_API moe_status moe_comm_alltoall(moe_ctx *ctx, moe_comm *comm, const void *send, void *recv, int64_t n, moe_comm_type type) {
@@ -13668,38 +13842,74 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
     return MOE_OK;
 }
 
-static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *P, int back, const moe_real *send,
-                                   moe_real *recv, int64_t width, moe_dtype payload) {
+/* An exchange in flight: its requests and what their arrival decodes. */
+struct moe__ep_xfer {
+    moe_comm *comm;
+    moe__comm_req req[2];        /* the rows; FP8: their codes, then their scales */
+    moe_dtype payload;
+    unsigned char *buf_in;       /* BF16 values or E4M3 codes received */
+    float *sc_in;                /* and the E4M3 scales */
+    moe_real *recv;
+    int64_t n_in, width;         /* rows received, reals a row */
+};
+
+static moe_status moe__ep_post(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *P, int back, const moe_real *send,
+                               moe_real *recv, int64_t width, moe_dtype payload, moe_status st, moe__ep_xfer **out) {
     const moe_backend *be = MOE__BE(ctx);
-    const int64_t *out = back ? P->recv_rows : P->send_rows, *in = back ? P->send_rows : P->recv_rows;
-    int64_t n_out = 0, n_in = 0, s, B = ctx->conf.fp8.block, tiles = (width + B - 1) / B, unit;
-    unsigned char *buf_out, *buf_in;
-    float *sc_out = NULL, *sc_in = NULL;
-    moe_status st;
-    if (payload == MOE_F32) return moe_comm_alltoallv(ctx, L->ep, send, out, recv, in, width, MOE__COMM_REAL);
+    const int64_t *to = back ? P->recv_rows : P->send_rows, *from = back ? P->send_rows : P->recv_rows;
+    int64_t n_out = 0, s, B = ctx->conf.fp8.block, tiles = (width + B - 1) / B, unit;
+    unsigned char *buf_out;
+    float *sc_out = NULL;
+    moe__ep_xfer *X = (moe__ep_xfer *)moe__arena_alloc(ctx, 1, sizeof *X, "expert-parallel exchange");
+    *out = X;
+    if (!X) return moe__ep_agree(ctx, L, MOE_ERR_MEMORY); /* the agreement the other ranks' posting waits in */
+    X->comm = L->ep;
+    X->payload = payload;
+    X->recv = recv;
+    X->width = width;
+    if (payload == MOE_F32)
+        return moe__comm_alltoallv_start(ctx, L->ep, st, send, to, recv, from, width, MOE__COMM_REAL, &X->req[0]);
     for (s = 0; s < moe_comm_size(L->ep); s++) {
-        n_out += out[s];
-        n_in += in[s];
+        n_out += to[s];
+        X->n_in += from[s];
     }
     unit = payload == MOE_BF16 ? 2 * width : width; /* bytes a row: BF16 values, or E4M3 codes (+ `tiles` scales) */
     buf_out = (unsigned char *)moe__dev_scratch(ctx, n_out * unit + 1, 1, "expert-parallel exchange");
-    buf_in = (unsigned char *)moe__dev_scratch(ctx, n_in * unit + 1, 1, "expert-parallel exchange");
+    X->buf_in = (unsigned char *)moe__dev_scratch(ctx, X->n_in * unit + 1, 1, "expert-parallel exchange");
     if (payload == MOE_FP8_E4M3) {
         sc_out = (float *)moe__dev_scratch(ctx, n_out * tiles + 1, sizeof(float), "expert-parallel exchange");
-        sc_in = (float *)moe__dev_scratch(ctx, n_in * tiles + 1, sizeof(float), "expert-parallel exchange");
+        X->sc_in = (float *)moe__dev_scratch(ctx, X->n_in * tiles + 1, sizeof(float), "expert-parallel exchange");
     }
-    st = buf_out && buf_in && (payload != MOE_FP8_E4M3 || (sc_out && sc_in)) ? MOE_OK : MOE_ERR_MEMORY;
-    MOE__TRY(moe__ep_agree(ctx, L, st));
-    if (payload == MOE_BF16) {
-        if (n_out) MOE__TRY(be->convert(ctx, send, MOE_F32, n_out * width, buf_out, MOE_BF16));
-        MOE__TRY(moe_comm_alltoallv(ctx, L->ep, buf_out, out, buf_in, in, unit, MOE_COMM_BYTE));
-        return n_in ? be->convert(ctx, buf_in, MOE_BF16, n_in * width, recv, MOE_F32) : MOE_OK;
-    }
+    if (!st && !(buf_out && X->buf_in && (payload != MOE_FP8_E4M3 || (sc_out && X->sc_in)))) st = MOE_ERR_MEMORY;
+    if (!st && n_out && payload == MOE_BF16) st = be->convert(ctx, send, MOE_F32, n_out * width, buf_out, MOE_BF16);
     /* FP8: each row's 1×B tiles, scaled as the recipe scales them (powers of two unless amax_scales) */
-    if (n_out) MOE__TRY(be->fp8_quantize(ctx, send, n_out, width, 1, B, !ctx->conf.fp8.amax_scales, buf_out, sc_out, NULL));
-    MOE__TRY(moe_comm_alltoallv(ctx, L->ep, buf_out, out, buf_in, in, unit, MOE_COMM_BYTE));
-    MOE__TRY(moe_comm_alltoallv(ctx, L->ep, sc_out, out, sc_in, in, tiles, MOE_COMM_F32));
-    return n_in ? be->fp8_dequantize(ctx, buf_in, sc_in, n_in, width, 1, B, recv) : MOE_OK;
+    if (!st && n_out && payload == MOE_FP8_E4M3)
+        st = be->fp8_quantize(ctx, send, n_out, width, 1, B, !ctx->conf.fp8.amax_scales, buf_out, sc_out, NULL);
+    MOE__TRY(moe__comm_alltoallv_start(ctx, L->ep, st, buf_out, to, X->buf_in, from, unit, MOE_COMM_BYTE, &X->req[0]));
+    if (payload != MOE_FP8_E4M3) return MOE_OK;
+    st = moe__comm_alltoallv_start(ctx, L->ep, MOE_OK, sc_out, to, X->sc_in, from, tiles, MOE_COMM_F32, &X->req[1]);
+    return st ? moe__ep_finish(ctx, X, st) : MOE_OK; /* the codes already in flight */
+}
+
+static moe_status moe__ep_progress(moe_ctx *ctx, moe__ep_xfer *X) {
+    MOE__TRY(moe__comm_test(ctx, X->comm, &X->req[0]));
+    return moe__comm_test(ctx, X->comm, &X->req[1]);
+}
+
+static moe_status moe__ep_finish(moe_ctx *ctx, moe__ep_xfer *X, moe_status st) {
+    const moe_backend *be = MOE__BE(ctx);
+    moe_status rows = moe__comm_wait(ctx, X->comm, &X->req[0]), scales = moe__comm_wait(ctx, X->comm, &X->req[1]);
+    if (!st) st = rows ? rows : scales;
+    if (st || !X->n_in || X->payload == MOE_F32) return st;
+    if (X->payload == MOE_BF16) return be->convert(ctx, X->buf_in, MOE_BF16, X->n_in * X->width, X->recv, MOE_F32);
+    return be->fp8_dequantize(ctx, X->buf_in, X->sc_in, X->n_in, X->width, 1, ctx->conf.fp8.block, X->recv);
+}
+
+static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__ep_plan *P, int back, const moe_real *send,
+                                   moe_real *recv, int64_t width, moe_dtype payload) {
+    moe__ep_xfer *X;
+    MOE__TRY(moe__ep_post(ctx, L, P, back, send, recv, width, payload, MOE_OK, &X));
+    return moe__ep_finish(ctx, X, MOE_OK);
 }
 
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) {

@@ -2958,6 +2958,8 @@ static const moe_backend *moe__cuda_backend(void) { return &moe__cuda_table; }
    group so that they progress together), the rank's own block a device copy; the barrier is
    a one-value all-reduce and a stream sync; split is ncclCommSplit. Everything is enqueued on
    the stream of the context the communicator was made with, after that context's kernels.
+   The all-to-all-v without waiting is the one above (it is stream-ordered already; expert
+   parallelism, its only caller, is not built over NCCL).
    Host buffers (flags, counts, the config check) pass through a device stage buffer and are
    waited for. The ordered sums' receive buffer is device memory and their block sum a kernel
    with one thread per element adding the ranks' blocks in rank order, so its bits are the
@@ -3259,9 +3261,10 @@ static moe_status moe__nccl_sum_blocks(moe_ctx *ctx, moe_comm *c, const void *bl
     return moe__nccl_stage_out(ctx, N, out, o, bytes);
 }
 
-static const moe__comm_ops moe__comm_nccl = {MOE_DEVICE_CUDA,       moe__nccl_barrier,  moe__nccl_bcast,
-                                             moe__nccl_allreduce,   moe__nccl_allgatherv, moe__nccl_alltoallv,
-                                             moe__nccl_split,       moe__nccl_release,  moe__nccl_scratch,
+static const moe__comm_ops moe__comm_nccl = {MOE_DEVICE_CUDA,       moe__nccl_barrier,      moe__nccl_bcast,
+                                             moe__nccl_allreduce,   moe__nccl_allgatherv,   moe__nccl_alltoallv,
+                                             moe__comm_start_now,   moe__comm_done_already, moe__comm_done_already,
+                                             moe__nccl_split,       moe__nccl_release,      moe__nccl_scratch,
                                              moe__nccl_sum_blocks};
 
 /* NCCL's id from rank 0 to every rank, over `boot` (a collective over it: rank 0's

@@ -196,6 +196,40 @@ static void alltoallv(void) {
     free(srows); free(rrows); free(send); free(recv);
 }
 
+/* The same exchange without waiting (moe__comm_alltoallv_start, the expert-parallel layer's):
+   tests while it is in flight, then the wait; the rows, the bytes counted and the count of
+   exchanges work ran beside (MPI: this one; SELF completes it in the start, nothing to test). */
+static void alltoallv_started(void) {
+    const int64_t W = 3;
+    int64_t srows[64], rrows[64], rtot = 0, r, j, c, k = 0, bytes0 = moe_comm_bytes_received(world);
+    int64_t overlapped0 = world->overlapped, i;
+    double send[64 * 2 * 3 + 1], recv[64 * 2 * 3 + 1];
+    moe__comm_req req;
+    for (r = 0; r < P; r++) {
+        srows[r] = (R + r) % 3;
+        rtot += rrows[r] = (r + R) % 3;
+    }
+    for (r = 0; r < P; r++)
+        for (j = 0; j < srows[r]; j++)
+            for (c = 0; c < W; c++) send[k++] = (double)(R * 1000000 + r * 1000 + j * 10 + c);
+    T_ASSERT(moe__comm_alltoallv_start(ctx, world, MOE_OK, send, srows, recv, rrows, W, MOE_COMM_F64, &req) == MOE_OK, "%s",
+             moe_ctx_error(ctx));
+    for (i = 0; i < 3; i++) T_CHECK(moe__comm_test(ctx, world, &req) == MOE_OK, "test %lld: %s", (long long)i, moe_ctx_error(ctx));
+    T_ASSERT(moe__comm_wait(ctx, world, &req) == MOE_OK, "%s", moe_ctx_error(ctx));
+    k = 0;
+    for (r = 0; r < P; r++)
+        for (j = 0; j < rrows[r]; j++)
+            for (c = 0; c < W; c++, k++)
+                T_CHECK(recv[k] == (double)(r * 1000000 + R * 1000 + j * 10 + c), "from rank %lld row %lld col %lld: %g",
+                        (long long)r, (long long)j, (long long)c, recv[k]);
+    T_CHECK(moe_comm_bytes_received(world) - bytes0 == 8 * W * (rtot - rrows[R]), "%lld bytes counted, want %lld",
+            (long long)(moe_comm_bytes_received(world) - bytes0), (long long)(8 * W * (rtot - rrows[R])));
+    T_CHECK(world->overlapped - overlapped0 == (MOE_COMM_DEFAULT == MOE_COMM_MPI), "%lld exchanges counted as overlapped",
+            (long long)(world->overlapped - overlapped0));
+    T_CHECK(moe__comm_wait(ctx, world, &req) == MOE_OK && moe__comm_test(ctx, world, &req) == MOE_OK, "a completed exchange: "
+            "waiting or testing again does nothing");
+}
+
 /* Expert-parallel groups of 2 consecutive ranks and expert-data-parallel groups of equal
    position (reference gpu.md §5.3); an all-reduce inside a group sums only its ranks. */
 static void split(void) {
@@ -357,7 +391,9 @@ static int64_t grads_differ(const moe_model *a, const moe_model *b) {
    over EP groups of `ep` ranks (ep = P, also with the experts' down_proj frozen, and 2 x 2 on
    four ranks); its loss (the forward) and, after moe_model_reduce_grads, every gradient (the
    backward: dispatch, experts, combine and the experts' weight gradients added over the
-   sources in rank order) equal one process's. */
+   sources in rank order) equal one process's. In every MoE layer the shared expert ran beside
+   an exchange in flight, once in forward (the dispatch) and once in backward (the output
+   gradients): the EP communicator counts those exchanges. */
 static void freeze_down_proj(moe_model *m) {
     int64_t i;
     for (i = 0; i < moe_model_tensor_count(m); i++) {
@@ -368,6 +404,7 @@ static void freeze_down_proj(moe_model *m) {
 }
 static void expert_parallel_layer(void) {
     moe_config c = moe_config_tiny();
+    int64_t moe_layers = c.num_hidden_layers - c.first_k_dense_replace, overlapped; /* the loss without MTP (NULL options) */
     int eps[3], frozen[3], n_eps = 0, k;
     eps[n_eps] = P; frozen[n_eps++] = 0;
     eps[n_eps] = P; frozen[n_eps++] = 1;
@@ -393,17 +430,22 @@ static void expert_parallel_layer(void) {
                  "%s", moe_ctx_error(ctx));
         T_ASSERT(moe_model_expert_parallel(ctx, m, ep, P > eps[k] ? edp : NULL) == MOE_OK, "%s", moe_ctx_error(ctx));
         micro_batch(R, tok);
+        overlapped = ep->overlapped;
         T_ASSERT(moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL) == MOE_OK && moe_backward(ctx, loss) == MOE_OK, "%s",
                  moe_ctx_error(ctx));
         mine = moe_tensor_get(loss, 0);
         moe_ctx_reset(ctx);
+        overlapped = ep->overlapped - overlapped;
+        T_CHECK(c.n_shared_experts > 0 && overlapped == (eps[k] > 1 ? 2 * moe_layers : 0),
+                "EP %d: %lld exchanges ran beside the shared expert, want %lld", eps[k], (long long)overlapped,
+                (long long)(eps[k] > 1 ? 2 * moe_layers : 0));
         T_CHECK(memcmp(&mine, &losses[R], sizeof mine) == 0, "EP %d: the loss of micro-batch %d is %.9g, one process %.9g", eps[k], R,
                 mine, losses[R]);
         T_ASSERT(moe_model_reduce_grads(ctx, m, world) == MOE_OK, "%s", moe_ctx_error(ctx));
         differ = grads_differ(m, ref);
         T_CHECK(differ == 0, "EP %d: %lld gradient values differ from one process's", eps[k], (long long)differ);
-        T_NOTE("EP %d%s%s: loss and every gradient value bit-identical to one process", eps[k], P > eps[k] ? " x DP 2" : "",
-               frozen[k] ? ", routed experts' down_proj frozen" : "");
+        T_NOTE("EP %d%s%s: loss and every gradient value bit-identical to one process; %lld exchanges beside the shared expert",
+               eps[k], P > eps[k] ? " x DP 2" : "", frozen[k] ? ", routed experts' down_proj frozen" : "", (long long)overlapped);
         T_CHECK(moe_model_expert_parallel(ctx, m, NULL, NULL) == MOE_OK, "turning it off: %s", moe_ctx_error(ctx));
         moe_comm_free(edp);
         moe_comm_free(ep);
@@ -666,6 +708,7 @@ int main(void) {
     D_RUN(allgather);
     D_RUN(alltoall);
     D_RUN(alltoallv);
+    D_RUN(alltoallv_started);
     D_RUN(split);
     D_RUN(check_config);
     D_RUN(bad_arguments);

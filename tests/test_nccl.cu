@@ -66,7 +66,7 @@ static int table_full(const moe__comm_ops *o) {
     typedef void (*any_fn)(void);
     const size_t first = offsetof(moe__comm_ops, barrier), n_fn = (sizeof(moe__comm_ops) - first) / sizeof(any_fn);
     size_t slot;
-    if ((sizeof(moe__comm_ops) - first) % sizeof(any_fn) != 0 || n_fn != 9) return 0;
+    if ((sizeof(moe__comm_ops) - first) % sizeof(any_fn) != 0 || n_fn != 12) return 0;
     for (slot = 0; slot < n_fn; slot++) {
         any_fn fp;
         memcpy(&fp, (const char *)o + first + slot * sizeof(any_fn), sizeof fp);
