@@ -1161,7 +1161,13 @@ MOE_API size_t moe_adamw_state_bytes(const moe_adamw *opt);
    shards them) optimizer state stay whole on every rank — expert parallelism here divides
    the experts' compute, not their memory — so checkpoints are those of data parallelism and
    resume on any number of ranks and any EP size. Every rank of ep must run the same forward
-   and backward passes (each MoE layer is a collective); ep = NULL turns it off. */
+   and backward passes (each MoE layer is a collective); ep = NULL turns it off. Each layer's
+   allocations and arguments are voted on by the whole job (ep, then edp) before it exchanges
+   anything, with the payload settings (below) and FP8 block the same on every rank, so a
+   failure there fails every rank together (MOE_ERR_COMM on the others). A failure elsewhere
+   in a step on one rank only (out of step memory in attention, say) returns on that rank
+   while the others wait in the next layer's exchange: end the job then, as the examples do
+   (a rank exiting non-zero makes mpirun stop the others). */
 MOE_API moe_status moe_model_expert_parallel(moe_ctx *ctx, moe_model *model, moe_comm *ep, moe_comm *edp);
 /* What the expert-parallel exchanges carry (every MoE layer of the model; no communication).
    dispatch: the rows sent to the experts in forward, MOE_F32 (the default) or MOE_FP8_E4M3
@@ -13817,6 +13823,28 @@ MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *m,
     return MOE_OK;
 }
 
+/* The vote of every rank of the job (the EP group, then the EDP group, which joins the EP
+   groups: a failure in one group reaches the others before the EDP group's broadcasts), with
+   `settings` (a fingerprint of what the exchanges carry) the same everywhere. */
+static moe_status moe__ep_vote(moe_ctx *ctx, const moe__moe *L, moe_status st, int64_t settings) {
+    int64_t v[3];
+    moe_comm *group[2];
+    int g;
+    v[0] = st != MOE_OK; v[1] = settings; v[2] = -settings;
+    group[0] = L->ep; group[1] = L->edp;
+    for (g = 0; g < 2; g++)
+        if (group[g] && group[g]->size > 1) MOE__TRY(group[g]->ops->allreduce(ctx, group[g], v, 3, MOE_COMM_I64, MOE_COMM_MAX));
+    if (st != MOE_OK) return st;
+    if (v[0])
+        return moe__fail(ctx, MOE_ERR_COMM, "expert-parallel MoE layer: another rank refused its arguments or ran out of memory; "
+                                            "nothing was exchanged");
+    if (v[1] != -v[2])
+        return moe__fail(ctx, MOE_ERR_CONFIG, "expert-parallel MoE layer: the ranks' exchange settings differ (the payloads of "
+                                              "moe_model_expert_parallel_payload, the FP8 block or amax scales); nothing was exchanged");
+    return MOE_OK;
+}
+static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) { return moe__ep_vote(ctx, L, st, 0); }
+
 static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *P) {
     int64_t np = L->ep->size, en = L->e_n, s, j, *cnt, *rcnt;
     cnt = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * en), sizeof(int64_t), "moe dispatch plan");
@@ -13825,7 +13853,9 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
     P->recv_rows = (int64_t *)moe__arena_alloc(ctx, (size_t)np, sizeof(int64_t), "moe dispatch plan");
     P->recv_start = (int64_t *)moe__arena_alloc(ctx, (size_t)(np + 1), sizeof(int64_t), "moe dispatch plan");
     P->recv_off = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * (en + 1)), sizeof(int64_t), "moe dispatch plan");
-    MOE__TRY(moe__ep_agree(ctx, L, cnt && rcnt && P->send_rows && P->recv_rows && P->recv_start && P->recv_off ? MOE_OK : MOE_ERR_MEMORY));
+    MOE__TRY(moe__ep_vote(ctx, L, cnt && rcnt && P->send_rows && P->recv_rows && P->recv_start && P->recv_off ? MOE_OK : MOE_ERR_MEMORY,
+                          ((int64_t)L->ep_dispatch * 64 + (int64_t)L->ep_combine) * ((int64_t)1 << 22) +
+                              (L->ep_dispatch == MOE_FP8_E4M3 ? 2 * ctx->conf.fp8.block + (ctx->conf.fp8.amax_scales != 0) : 0)));
     /* counts first: rank s learns how many of its rows go to each of my experts */
     for (j = 0; j < np * en; j++) cnt[j] = offset[j + 1] - offset[j];
     MOE__TRY(moe_comm_alltoall(ctx, L->ep, cnt, rcnt, en, MOE_COMM_I64));
@@ -13840,6 +13870,19 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
     }
     P->rows = P->recv_start[np];
     return MOE_OK;
+}
+
+/* An exchange of the layer posted into *req (NULL: none — this rank only votes, with st a
+   failure). With an EDP group the whole job votes first, so that a failure in one EP group
+   stops the others too; the start's own vote over the EP group then finds every rank willing. */
+static moe_status moe__ep_start(moe_ctx *ctx, const moe__moe *L, moe_status st, const void *send, const int64_t *to, void *recv,
+                                const int64_t *from, int64_t width, moe_comm_type type, moe__comm_req *req) {
+    if (L->edp) {
+        MOE__TRY(moe__ep_agree(ctx, L, st));
+        st = MOE_OK;
+    }
+    if (!req) return moe__comm_agree(ctx, L->ep, "expert-parallel exchange", st);
+    return moe__comm_alltoallv_start(ctx, L->ep, st, send, to, recv, from, width, type, req);
 }
 
 /* An exchange in flight: its requests and what their arrival decodes. */
@@ -13862,13 +13905,13 @@ static moe_status moe__ep_post(moe_ctx *ctx, const moe__moe *L, const moe__ep_pl
     float *sc_out = NULL;
     moe__ep_xfer *X = (moe__ep_xfer *)moe__arena_alloc(ctx, 1, sizeof *X, "expert-parallel exchange");
     *out = X;
-    if (!X) return moe__ep_agree(ctx, L, MOE_ERR_MEMORY); /* the agreement the other ranks' posting waits in */
+    if (!X) return moe__ep_start(ctx, L, MOE_ERR_MEMORY, NULL, NULL, NULL, NULL, 0, MOE_COMM_BYTE, NULL); /* the others' vote */
     X->comm = L->ep;
     X->payload = payload;
     X->recv = recv;
     X->width = width;
     if (payload == MOE_F32)
-        return moe__comm_alltoallv_start(ctx, L->ep, st, send, to, recv, from, width, MOE__COMM_REAL, &X->req[0]);
+        return moe__ep_start(ctx, L, st, send, to, recv, from, width, MOE__COMM_REAL, &X->req[0]);
     for (s = 0; s < moe_comm_size(L->ep); s++) {
         n_out += to[s];
         X->n_in += from[s];
@@ -13885,9 +13928,9 @@ static moe_status moe__ep_post(moe_ctx *ctx, const moe__moe *L, const moe__ep_pl
     /* FP8: each row's 1×B tiles, scaled as the recipe scales them (powers of two unless amax_scales) */
     if (!st && n_out && payload == MOE_FP8_E4M3)
         st = be->fp8_quantize(ctx, send, n_out, width, 1, B, !ctx->conf.fp8.amax_scales, buf_out, sc_out, NULL);
-    MOE__TRY(moe__comm_alltoallv_start(ctx, L->ep, st, buf_out, to, X->buf_in, from, unit, MOE_COMM_BYTE, &X->req[0]));
+    MOE__TRY(moe__ep_start(ctx, L, st, buf_out, to, X->buf_in, from, unit, MOE_COMM_BYTE, &X->req[0]));
     if (payload != MOE_FP8_E4M3) return MOE_OK;
-    st = moe__comm_alltoallv_start(ctx, L->ep, MOE_OK, sc_out, to, X->sc_in, from, tiles, MOE_COMM_F32, &X->req[1]);
+    st = moe__ep_start(ctx, L, MOE_OK, sc_out, to, X->sc_in, from, tiles, MOE_COMM_F32, &X->req[1]);
     return st ? moe__ep_finish(ctx, X, st) : MOE_OK; /* the codes already in flight */
 }
 
@@ -13912,9 +13955,6 @@ static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__e
     return moe__ep_finish(ctx, X, MOE_OK);
 }
 
-static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) {
-    return moe__comm_agree(ctx, L->ep, "expert-parallel MoE layer", st);
-}
 
 #ifdef __cplusplus
 }

@@ -569,6 +569,53 @@ static void expert_parallel_refused(void) {
     moe_model_free(ctx, m);
 }
 
+/* A failure in one EP group reaches every rank of the job at an EP layer's vote (the EP group,
+   then the EDP group joining the EP groups: otherwise the other groups would wait in the EDP
+   group's broadcasts), and ranks whose exchange settings differ are refused together. */
+static void expert_parallel_agreed(void) {
+    moe_config c = moe_config_tiny();
+    moe_model *m = NULL;
+    moe_comm *ep = NULL, *edp = NULL;
+    moe_tensor *loss = NULL;
+    moe__moe L;
+    moe_status st;
+    int32_t tok[18];
+    if (P == 1) {
+        T_NOTE("one rank: nothing to agree on");
+        return;
+    }
+    memset(&L, 0, sizeof L);
+    if (P == 4) {
+        T_ASSERT(moe_comm_split(ctx, world, R / 2, R, &ep) == MOE_OK && moe_comm_split(ctx, world, R % 2, R, &edp) == MOE_OK, "%s",
+                 moe_ctx_error(ctx));
+        L.ep = ep;
+        L.edp = edp;
+    } else {
+        L.ep = world;
+    }
+    st = moe__ep_agree(ctx, &L, R == P - 1 ? moe__fail(ctx, MOE_ERR_MEMORY, "rank %d out of memory (on purpose)", R) : MOE_OK);
+    if (R == P - 1) T_CHECK(st == MOE_ERR_MEMORY, "the failing rank: %s", moe_status_name(st));
+    else T_CHECK(st == MOE_ERR_COMM && strstr(moe_ctx_error(ctx), "another rank"), "rank %d: %s (%s)", R, moe_status_name(st),
+                 moe_ctx_error(ctx));
+    T_CHECK(moe__ep_agree(ctx, &L, MOE_OK) == MOE_OK, "then every rank goes on: %s", moe_ctx_error(ctx));
+    if (ep) moe_comm_free(ep);
+    if (edp) moe_comm_free(edp);
+    /* the last rank's outputs would come home in BF16, the others' in FP32 */
+    T_ASSERT(moe_model_new(ctx, &c, 5, &m) == MOE_OK, "%s", moe_ctx_error(ctx));
+    if (c.n_routed_experts % P == 0) {
+        T_ASSERT(moe_model_expert_parallel(ctx, m, world, NULL) == MOE_OK, "%s", moe_ctx_error(ctx));
+        T_ASSERT(moe_model_expert_parallel_payload(ctx, m, MOE_F32, R == P - 1 ? MOE_BF16 : MOE_F32) == MOE_OK, "%s",
+                 moe_ctx_error(ctx));
+        micro_batch(R, tok);
+        st = moe_model_loss(ctx, m, tok, 2, 8, NULL, &loss, NULL);
+        T_CHECK(st == MOE_ERR_CONFIG && strstr(moe_ctx_error(ctx), "settings differ"), "differing payloads on rank %d: %s (%s)", R,
+                moe_status_name(st), moe_ctx_error(ctx));
+        moe_ctx_reset(ctx);
+        moe_model_expert_parallel(ctx, m, NULL, NULL);
+    }
+    moe_model_free(ctx, m);
+}
+
 /* ZeRO-1: the moments sharded, gradients reduce-scattered, parameters all-gathered after the
    step: the parameters and the norm are those of the unsharded optimizer, bit for bit, and
    each rank holds its share of the moments. */
@@ -718,6 +765,7 @@ int main(void) {
     D_RUN(expert_parallel_layer);
     D_RUN(expert_parallel_refused);
     D_RUN(expert_parallel_payload);
+    D_RUN(expert_parallel_agreed);
     D_RUN(zero_shard);
     if (R == 0) rc = t_summary();
     else rc = t_failed ? 1 : 0;
