@@ -1058,7 +1058,15 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
    communicator lives: its device and stream are the communicator's. NCCL's 128-byte id
    comes from rank 0 either over `bootstrap` (an MPI communicator: its ranks and size are
    NCCL's; how = NULL) or, with bootstrap NULL, through moe_comm_share(how = "tcp:HOST:PORT"
-   or "file:PATH", timeout_s) with the rank and size of moe_comm_env. The collectives then
+   or "file:PATH", timeout_s) with the rank and size of moe_comm_env: every step of it waits at
+   most what is left of timeout_s (a rank 0 that never answers, or a process on PORT that
+   accepts and never sends, gives MOE_ERR_COMM naming the timeout). file:PATH must be fresh per
+   job (name it after the job, e.g. with $SLURM_JOB_ID, or remove it before the job starts): a
+   rank that gets there before rank 0 has written reads a file an earlier job left at PATH and
+   takes its stale id, and NCCL's init then fails or waits for ranks that never come (rank 0
+   replaces the file atomically; it does not remove an old one first, as that would not close
+   the window: the stale file is readable from the job's start until rank 0's write, removal
+   or not). The collectives then
    take GPU buffers and are ordered on the context's stream (the host waits only where it
    reads: moe_cuda_sync, a download); host buffers are accepted too and pass through device
    memory (meant for flags and counts). The rank-ordered sums add on the GPU in rank order,
@@ -1115,7 +1123,9 @@ MOE_API moe_status moe_comm_env(moe_ctx *ctx, int *rank, int *size, int *local_r
    128 bytes). how = "tcp:HOST:PORT": rank 0 listens on PORT, the others connect to HOST:PORT
    and retry until it does; or "file:PATH": rank 0 writes PATH atomically (name it per job,
    e.g. with $SLURM_JOB_ID: a stale file of another job would be read), the others wait for
-   it. Every process calls it; waiting stops after timeout_s seconds with MOE_ERR_COMM. */
+   it. Every process calls it; waiting stops after timeout_s seconds with MOE_ERR_COMM: each
+   connect, accept, send and receive waits at most what is left of timeout_s (only the name
+   lookup of HOST, getaddrinfo, is not bounded by it). */
 MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int size, void *buf, size_t n, double timeout_s);
 
 /* Data parallelism, after this rank's backward(s) of a step: the accumulated sum (if any)
@@ -1212,6 +1222,7 @@ MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *mo
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -13475,16 +13486,75 @@ static moe_status moe__share_file(moe_ctx *ctx, const char *path, int rank, unsi
     }
 }
 
-/* send or receive len bytes on socket s (0: done, −1: failed). */
-static int moe__sock_io(int s, unsigned char *p, size_t len, int sending) {
+/* What is left of the time until `deadline` (moe_time_s()) as poll()'s milliseconds: 0 once it
+   has passed, else at least 1 (rounded up, so that a wait does not end before the deadline). */
+static int moe__ms_left(double deadline) {
+    double left = deadline - moe_time_s();
+    if (left <= 0) return 0;
+    return left >= 2e6 ? 2000000000 : (int)(left * 1000.0) + 1;
+}
+
+/* Socket s non-blocking: every step on it waits in poll(), bounded by a deadline. */
+static int moe__sock_nonblock(int s) {
+    int fl = fcntl(s, F_GETFL, 0);
+    return fl < 0 || fcntl(s, F_SETFL, fl | O_NONBLOCK) < 0 ? -1 : 0;
+}
+
+/* Wait until s is ready for `events` or the deadline passes: 1 ready, 0 timed out, −1 failed. */
+static int moe__sock_wait(int s, short events, double deadline) {
+    for (;;) {
+        struct pollfd pf;
+        int ms = moe__ms_left(deadline), r;
+        if (ms == 0) return 0;
+        pf.fd = s;
+        pf.events = events;
+        pf.revents = 0;
+        r = poll(&pf, 1, ms);
+        if (r > 0) return 1;
+        if (r < 0 && errno != EINTR) return -1;
+    }
+}
+
+#ifdef MSG_NOSIGNAL
+#define MOE__SEND_FLAGS MSG_NOSIGNAL /* a peer that went away: EPIPE, not SIGPIPE */
+#else
+#define MOE__SEND_FLAGS 0
+#endif
+
+/* Send or receive len bytes on socket s (made non-blocking), each step waiting at most until
+   `deadline` (moe_time_s()): 0 done, −1 failed (errno; a receive that meets the end of the
+   stream too), −2 the deadline passed first. */
+static int moe__sock_io(int s, unsigned char *p, size_t len, int sending, double deadline) {
+    if (moe__sock_nonblock(s) != 0) return -1;
     while (len > 0) {
-        ssize_t k = sending ? send(s, p, len, 0) : recv(s, p, len, 0);
+        ssize_t k;
+        int w = moe__sock_wait(s, sending ? POLLOUT : POLLIN, deadline);
+        if (w <= 0) return w == 0 ? -2 : -1;
+        k = sending ? send(s, p, len, MOE__SEND_FLAGS) : recv(s, p, len, 0);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (k <= 0) {
-            if (k < 0 && errno == EINTR) continue;
+            if (k == 0) errno = ECONNRESET;
             return -1;
         }
         p += k;
         len -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Connect s (made non-blocking) to addr, waiting at most until `deadline`: 0 connected, −1
+   refused or failed (errno), −2 the deadline passed first (e.g. a host that drops the SYNs). */
+static int moe__sock_connect(int s, const struct sockaddr *addr, socklen_t addrlen, double deadline) {
+    int err = 0, w;
+    socklen_t errlen = (socklen_t)sizeof err;
+    if (moe__sock_nonblock(s) != 0) return -1;
+    if (connect(s, addr, addrlen) == 0) return 0;
+    if (errno != EINPROGRESS && errno != EINTR) return -1; /* EINTR: the connection goes on, as EINPROGRESS */
+    if ((w = moe__sock_wait(s, POLLOUT, deadline)) <= 0) return w == 0 ? -2 : -1;
+    if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &errlen) != 0) return -1;
+    if (err != 0) {
+        errno = err;
+        return -1;
     }
     return 0;
 }
@@ -13494,7 +13564,7 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
     char host[256];
     const char *colon = strrchr(hostport, ':');
     struct addrinfo hints, *ai = NULL;
-    double t0 = moe_time_s();
+    double deadline = moe_time_s() + timeout_s; /* every step below waits at most until then */
     int s = -1, rc, i, port;
     char *end;
     if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
@@ -13514,28 +13584,33 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
         a.sin_addr.s_addr = htonl(INADDR_ANY);
         a.sin_port = htons((uint16_t)port);
         if ((s = socket(AF_INET, SOCK_STREAM, 0)) < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-            bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, size) != 0) {
+            bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, size) != 0 || moe__sock_nonblock(s) != 0) {
             int e = errno;
             if (s >= 0) close(s);
             return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot listen on port %d: %s", port, strerror(e));
         }
         for (i = 1; i < size; i++) {
-            struct pollfd pf;
-            int c;
-            double left = timeout_s - (moe_time_s() - t0);
-            pf.fd = s;
-            pf.events = POLLIN;
-            pf.revents = 0;
-            if (left <= 0 || poll(&pf, 1, (int)(left * 1000) + 1) <= 0 || (c = accept(s, NULL, NULL)) < 0) {
-                close(s);
-                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: %d of %d ranks connected to port %d within %g s", i - 1,
-                                 size - 1, port, timeout_s);
+            int c = -1;
+            while (c < 0) { /* non-blocking: a connection gone before accept() is waited past */
+                if (moe__sock_wait(s, POLLIN, deadline) <= 0) break;
+                if ((c = accept(s, NULL, NULL)) < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK &&
+                    errno != ECONNABORTED)
+                    break;
             }
-            rc = moe__sock_io(c, msg, len, 1);
+            if (c < 0) {
+                close(s);
+                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: %d of %d ranks connected to port %d within the timeout of %g s",
+                                 i - 1, size - 1, port, timeout_s);
+            }
+            rc = moe__sock_io(c, msg, len, 1, deadline);
+            if (rc == -1) rc = errno ? errno : EIO;
             close(c);
             if (rc) {
                 close(s);
-                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: sending to a rank failed: %s", strerror(errno));
+                if (rc == -2)
+                    return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: sending to rank %d of %d did not finish within the "
+                                                        "timeout of %g s", i, size - 1, timeout_s);
+                return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: sending to a rank failed: %s", strerror(rc));
             }
         }
         close(s);
@@ -13545,18 +13620,23 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
         return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host, gai_strerror(rc));
     for (;;) { /* rank 0 may not listen yet: retry */
         s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-        if (s >= 0 && connect(s, ai->ai_addr, ai->ai_addrlen) == 0) break;
+        rc = s >= 0 ? moe__sock_connect(s, ai->ai_addr, ai->ai_addrlen, deadline) : -1;
+        if (rc == 0) break;
         if (s >= 0) close(s);
         s = -1;
-        if (moe_time_s() - t0 > timeout_s) {
+        if (rc == -2 || moe__ms_left(deadline) == 0) {
             freeaddrinfo(ai);
-            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: rank 0 did not answer at %s within %g s", hostport, timeout_s);
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: rank 0 did not answer at %s within the timeout of %g s", hostport,
+                             timeout_s);
         }
-        moe__sleep_ms(20);
+        moe__sleep_ms(moe__ms_left(deadline) < 20 ? moe__ms_left(deadline) : 20);
     }
     freeaddrinfo(ai);
-    rc = moe__sock_io(s, msg, len, 0);
+    rc = moe__sock_io(s, msg, len, 0, deadline);
     close(s);
+    if (rc == -2) /* something accepted the connection but did not send, or not all */
+        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: connected to %s, but rank 0's %zu bytes did not arrive within the "
+                                            "timeout of %g s", hostport, n, timeout_s);
     if (rc || !moe__boot_unpack(msg, len, buf, n))
         return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: rank 0's %zu bytes did not arrive whole from %s", n, hostport);
     return MOE_OK;

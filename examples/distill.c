@@ -328,18 +328,22 @@ static volatile sig_atomic_t g_signal;
 static void on_signal(int sig) { g_signal = sig; }
 
 /* After what only rank 0 does to OUT's files (writes, the search for a checkpoint, removals):
-   its status to every rank, so that a failure stops them all, each saying why ("rank 0 could
-   not <what>"). */
+   its status to every rank, so that a failure stops them all. Rank 0 says why before the
+   agreement (once another rank has exited, mpirun may end it), the others that rank 0 could
+   not <what>; then every rank exits with status 1. */
 static void agree_rank0(moe_ctx *ctx, moe_status s, const char *what) {
     int64_t agreed = (int64_t)s;
+    if (s != MOE_OK) {
+        fprintf(stderr, "\ndistill: could not %s: %s: %s\n", what, moe_status_name(s), moe_ctx_error(ctx));
+        fflush(stderr);
+    }
     CHECK(moe_comm_bcast(ctx, g_ranks.world, &agreed, 1, MOE_COMM_I64, 0));
-    if (agreed != MOE_OK) { /* everyone has said why before rank 0's exit ends the job */
+    if (agreed != MOE_OK) { /* everyone has said why before any rank exits */
         if (g_ranks.rank != 0) fprintf(stderr, "\ndistill: rank 0 could not %s: stopping\n", what);
         fflush(stderr);
         moe_comm_barrier(ctx, g_ranks.world);
-        if (g_ranks.rank != 0) exit(1);
+        exit(1);
     }
-    CHECK(s);
 }
 
 /* Rank 0 writes; with ZeRO-1 every rank takes part (the moments are gathered, the save agrees
@@ -628,17 +632,17 @@ int main(int argc, char **argv) {
     if (tc.vocab_size != sc.vocab_size) {
         fprintf(stderr, "distill: the teacher's vocab_size %lld differs from the students' %lld: distillation needs one vocabulary\n",
                 (long long)tc.vocab_size, (long long)sc.vocab_size);
-        return 2;
+        finish(2);
     }
     if (o.seq > tc.max_position_embeddings || o.seq > sc.max_position_embeddings) {
         fprintf(stderr, "distill: --seq %ld exceeds max_position_embeddings (teacher %lld, students %lld)\n", o.seq,
                 (long long)tc.max_position_embeddings, (long long)sc.max_position_embeddings);
-        return 2;
+        finish(2);
     }
     CHECK(moe_data_load(ctx, o.data, 0.1, &data));
     if (data->vocab > sc.vocab_size) {
         fprintf(stderr, "distill: the data has tokens up to %lld but vocab_size is %lld\n", (long long)data->vocab - 1, (long long)sc.vocab_size);
-        return 2;
+        finish(2);
     }
     make_dirs(o.out);
     /* temporaries of a process killed while writing (a checkpoint, the cache) */

@@ -235,6 +235,29 @@ static void make_dirs(const char *dir) {
         }                                                                                             \
     } while (0)
 
+/* After what only rank 0 does to OUT's files (the cleanups, the search for a checkpoint, the
+   log, the checkpoints): its status to every rank, so that a failure stops them all (a launcher
+   that does not end the others on one rank's exit would leave them waiting). Rank 0 says why
+   (why, or the context's error) before the agreement — once another rank has exited, mpirun
+   may end it — the others that rank 0 could not <what>; then every rank exits with status 1. */
+static void agree_rank0(moe_ctx *ctx, moe_comm *comm, int rank, moe_status s, const char *what, const char *why) {
+    int64_t agreed = (int64_t)s;
+    if (s != MOE_OK) {
+        fprintf(stderr, "\ntrain_tiny: could not %s: %s: %s\n", what, moe_status_name(s), why ? why : moe_ctx_error(ctx));
+        fflush(stderr);
+    }
+    if (moe_comm_bcast(ctx, comm, &agreed, 1, MOE_COMM_I64, 0) != MOE_OK) {
+        fprintf(stderr, "\ntrain_tiny: %s\n", moe_ctx_error(ctx));
+        exit(1);
+    }
+    if (agreed != MOE_OK) { /* everyone has said why before any rank exits */
+        if (rank != 0) fprintf(stderr, "\ntrain_tiny: rank 0 could not %s: stopping\n", what);
+        fflush(stderr);
+        moe_comm_barrier(ctx, comm);
+        exit(1);
+    }
+}
+
 /* ---- what the checkpoint keeps for this program (moe_train_state.user) ----
    The settings that decide the weights, then the spike guard: skipped steps in a row, how many
    values the window holds, where the next one goes, the window of losses, the window of
@@ -395,26 +418,19 @@ static moe_status save_files(run *r) {
 }
 
 /* A checkpoint, on every rank at the same step (the ranks decide on saves together). Rank 0
-   writes the files (ZeRO-1: all ranks take part, the save agrees its status itself); its status
-   then goes to every rank, so that a failed write stops all of them with an error, not only rank
-   0 — a launcher that does not kill the others on one rank's exit would leave them waiting. */
+   writes the files (ZeRO-1: all ranks take part, the save agrees its status itself, and a
+   failure comes back); its status then goes to every rank (agree_rank0: a failed write stops
+   all of them with an error, not only rank 0). */
 static moe_status save(run *r) {
     moe_status s = MOE_OK;
-    int64_t agreed;
+    char what[64];
     r->saved_attempts = (long)(r->st->step + r->st->skipped);
     r->saved_at = moe_time_s();
     if (r->rank == 0 || r->o->zero) s = save_files(r);
     if (r->o->zero) return s;
-    agreed = (int64_t)s;
-    if (moe_comm_bcast(r->ctx, r->comm, &agreed, 1, MOE_COMM_I64, 0) != MOE_OK) return MOE_ERR_COMM;
-    if (agreed != MOE_OK) { /* every rank says why before rank 0's exit ends the job */
-        if (r->rank != 0)
-            fprintf(stderr, "\ntrain_tiny: rank 0 could not write the checkpoint of step %lld: stopping\n", (long long)r->st->step);
-        fflush(stderr);
-        moe_comm_barrier(r->ctx, r->comm);
-        if (r->rank != 0) return (moe_status)agreed;
-    }
-    return s;
+    snprintf(what, sizeof what, "write the checkpoint of step %lld", (long long)r->st->step);
+    agree_rank0(r->ctx, r->comm, r->rank, s, what, NULL);
+    return MOE_OK;
 }
 
 /* The end of the ranks' work together: the optimizer (ZeRO-1 keeps the communicator) goes,
@@ -570,16 +586,18 @@ int main(int argc, char **argv) {
         tty = 0;
     }
     resume_path[0] = 0;
-    if (rank == 0) { /* the files are rank 0's: it cleans up and finds the checkpoint to resume */
-        /* temporaries of a process killed while writing (a checkpoint, the log) */
-        CHECK(moe_ckpt_clean(ctx, o.out, NULL, -1, &removed));
-        if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
-        if (o.resume && strcmp(o.resume, "auto") == 0) {
-            CHECK(moe_ckpt_latest(ctx, o.out, "ckpt", resume_path, sizeof resume_path));
-            if (!resume_path[0]) fprintf(stderr, "--resume auto: no checkpoint in %s, starting at step 0\n", o.out);
-        } else if (o.resume) {
-            snprintf(resume_path, sizeof resume_path, "%s", o.resume);
-        }
+    /* the files are rank 0's: it cleans up (temporaries of a process killed while writing a
+       checkpoint or the log) and finds the checkpoint to resume, each step agreed with the
+       others (agree_rank0), then tells them which */
+    agree_rank0(ctx, comm, rank, rank == 0 ? moe_ckpt_clean(ctx, o.out, NULL, -1, &removed) : MOE_OK,
+                "remove a killed run's temporaries", NULL);
+    if (removed) fprintf(stderr, "removed %d temporary file%s left in %s by a killed run\n", removed, removed > 1 ? "s" : "", o.out);
+    if (o.resume && strcmp(o.resume, "auto") == 0) {
+        agree_rank0(ctx, comm, rank, rank == 0 ? moe_ckpt_latest(ctx, o.out, "ckpt", resume_path, sizeof resume_path) : MOE_OK,
+                    "look for the newest checkpoint", NULL);
+        if (rank == 0 && !resume_path[0]) fprintf(stderr, "--resume auto: no checkpoint in %s, starting at step 0\n", o.out);
+    } else if (o.resume && rank == 0) {
+        snprintf(resume_path, sizeof resume_path, "%s", o.resume);
     }
     CHECK(moe_comm_bcast(ctx, comm, resume_path, (int64_t)sizeof resume_path, MOE_COMM_BYTE, 0));
     if (o.config) CHECK(moe_config_load(ctx, o.config, &cfg));
@@ -651,12 +669,14 @@ int main(int argc, char **argv) {
         fprintf(stderr, "resumed from %s at step %lld of %ld (%lld skipped so far)\n", resume_path, (long long)st->step, o.steps,
                 (long long)st->skipped);
         /* checkpoints after this one (corrupt, or of a run continued from an older one) would mislead --resume auto */
-        if (rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", st->step, &removed));
+        agree_rank0(ctx, comm, rank, rank == 0 ? moe_ckpt_clean(ctx, o.out, "ckpt", st->step, &removed) : MOE_OK,
+                    "remove the checkpoints after the one resumed", NULL);
         if (removed) fprintf(stderr, "removed %d checkpoint%s after step %lld from %s\n", removed, removed > 1 ? "s" : "", (long long)st->step, o.out);
     } else {
         st->seed = o.seed;
         settings_store(&o, (double)data->n_tokens, st);
-        if (rank == 0) CHECK(moe_ckpt_clean(ctx, o.out, "ckpt", -1, &removed));
+        agree_rank0(ctx, comm, rank, rank == 0 ? moe_ckpt_clean(ctx, o.out, "ckpt", -1, &removed) : MOE_OK,
+                    "remove an earlier run's checkpoints", NULL);
         if (removed)
             fprintf(stderr, "a fresh run: removed %d checkpoint%s of an earlier run from %s (--resume auto continues a run)\n", removed,
                     removed > 1 ? "s" : "", o.out);
@@ -684,8 +704,11 @@ int main(int argc, char **argv) {
     logged = resume_path[0] && rank == 0 ? log_truncate(path, (long)(st->step + st->skipped)) : -1;
     if (resume_path[0] && logged >= 0 && logged < (long)(st->step + st->skipped))
         fprintf(stderr, "note: %s has %ld rows, the checkpoint has seen %lld steps\n", path, logged, (long long)(st->step + st->skipped));
-    csv = fopen(path, logged >= 0 ? "a" : "w");
-    if (!csv) { fprintf(stderr, "train_tiny: cannot write %s\n", path); return 1; }
+    csv = fopen(path, logged >= 0 ? "a" : "w"); /* the others': /dev/null */
+    snprintf(reason, sizeof reason, "%s", csv ? "" : strerror(errno));
+    snprintf(text, sizeof text, "write %s/log.csv", o.out);
+    agree_rank0(ctx, comm, rank, rank == 0 && !csv ? MOE_ERR_IO : MOE_OK, text, reason);
+    if (!csv) { fprintf(stderr, "train_tiny: cannot write %s: %s\n", path, reason); return 1; } /* another rank's /dev/null */
     if (logged < 0) fputs(log_header, csv);
 
     memset(&sched, 0, sizeof sched);

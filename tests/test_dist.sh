@@ -95,6 +95,27 @@ if $CC $W $share_flags tests/test_share.c -o "$tmp/share" $share_libs -lm; then
     else
         echo "FAIL bootstrap errors: $(cat "$tmp"/t[123].txt)"; fail=$((fail + 1))
     fi
+    # A wrong peer on the port: one that accepts and never sends (the receive must stop), one
+    # whose accept queue is full so that the SYNs go unanswered (connect must stop). Timeout
+    # 1 s; the process must end within 5 s (4 s of margin for a loaded machine), where the
+    # builds without deadlines waited for the peer to go (it holds for 20 s; the case's own
+    # limit is 60 s).
+    for mode in accepts full; do
+        hport=$((port + 2 + RANDOM % 1000))
+        "$tmp/share" hold "$hport" 20 "$mode" >"$tmp/hold.txt" 2>&1 & hpid=$!
+        for i in $(seq 1 100); do grep -q listening "$tmp/hold.txt" && break; sleep 0.05; done
+        t0=$(date +%s%N)
+        MOE_RANK=1 MOE_WORLD_SIZE=2 timeout 60 "$tmp/share" "tcp:127.0.0.1:$hport" 1 >"$tmp/t4.txt" 2>&1; rc=$?
+        ms=$((($(date +%s%N) - t0) / 1000000))
+        kill "$hpid" 2>/dev/null; wait "$hpid" 2>/dev/null
+        want="did not arrive within the timeout of 1 s"; [ "$mode" = full ] && want="did not answer at 127.0.0.1:$hport within the timeout of 1 s"
+        if grep -q listening "$tmp/hold.txt" && [ "$rc" = 1 ] && [ "$ms" -lt 5000 ] && grep -q "$want" "$tmp/t4.txt"; then
+            echo "ok   tcp, a peer that $([ "$mode" = full ] && echo "never answers the connect" || echo "accepts and never sends"): error after $ms ms (timeout 1 s)"
+            pass=$((pass + 1))
+        else
+            echo "FAIL tcp, wrong peer ($mode): exit $rc after $ms ms: $(cat "$tmp/t4.txt" "$tmp/hold.txt")"; fail=$((fail + 1))
+        fi
+    done
 else
     echo "FAIL tests/test_share.c does not compile"; fail=$((fail + 1))
 fi
@@ -206,12 +227,30 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     runp 2 --accum 2 --steps 40 --save-every 5 --resume auto --out "$d/k2"
     same "after the kill, --resume auto on 2 ranks = the uninterrupted run" "$d/k1/ckpt-00000040.bin" "$d/k2/ckpt-00000040.bin"
     # rank 0 alone fails to write a checkpoint (a directory in the way of ckpt-00000003.bin):
-    # every rank stops with an error, the others saying why (not only killed by mpirun)
+    # every rank stops with an error, rank 0 saying why (before the others can exit), the
+    # others that it was rank 0 (not only killed by mpirun)
     rm -rf "$d/wf" && mkdir -p "$d/wf/ckpt-00000003.bin/in-the-way"
     runp 2 --accum 2 --out "$d/wf"
-    if grep -q "rank 0 could not write the checkpoint of step 3" "$d/wf/rank-1.log" 2>/dev/null; then
+    if grep -q "rank 0 could not write the checkpoint of step 3" "$d/wf/rank-1.log" 2>/dev/null &&
+        grep -q "^train_tiny: could not write the checkpoint of step 3: MOE_ERR_IO: " "$tmp/last.txt"; then
         echo "ok   rank 0's failed checkpoint write stops rank 1 too, with its reason"; pass=$((pass + 1))
-    else echo "FAIL rank 0's failed write: rank 1 says '$(tail -n 2 "$d/wf/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
+    else echo "FAIL rank 0's failed write: rank 0 says '$(grep "could not" "$tmp/last.txt")', rank 1 '$(tail -n 2 "$d/wf/rank-1.log" 2>/dev/null)'"
+        fail=$((fail + 1)); fi
+    # the same at the start, before any step: a directory in the way of the log rank 0 alone
+    # writes (OUT/log.csv). Both ranks must stop with status 1 within 60 s of the start (the
+    # failure comes before the first step: 1-3 s here, the rest is margin for a loaded
+    # machine; runp's limit of 300 s would catch a hang), rank 0 printing its reason, rank 1
+    # that rank 0 could not write the log.
+    rm -rf "$d/wl" && mkdir -p "$d/wl/log.csv/in-the-way"
+    t0=$(date +%s)
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 300 \
+        mpirun -np 2 --oversubscribe --bind-to none "$tmp/tt_mpi" $TT --accum 2 --out "$d/wl" >"$tmp/last.txt" 2>&1
+    rc=$? el=$(($(date +%s) - t0))
+    if grep -q "^train_tiny: could not write $d/wl/log.csv: MOE_ERR_IO: Is a directory" "$tmp/last.txt" &&
+        grep -q "rank 0 could not write $d/wl/log.csv: stopping" "$d/wl/rank-1.log" 2>/dev/null && [ "$rc" = 1 ] && [ "$el" -lt 60 ]; then
+        echo "ok   rank 0 cannot write OUT/log.csv at the start: both ranks stop, mpirun exit 1 after $el s, rank 0 saying why"; pass=$((pass + 1))
+    else echo "FAIL rank 0's failed log at the start: mpirun exit $rc after $el s; rank 0 says '$(grep "could not" "$tmp/last.txt")', rank 1 '$(tail -n 2 "$d/wl/rank-1.log" 2>/dev/null)'"
+        fail=$((fail + 1)); fi
     runp 2 --accum 3 --out "$d/bad"
     if grep -q "do not split over 2 ranks" "$tmp/last.txt"; then echo "ok   --accum 3 on 2 ranks is refused"; pass=$((pass + 1))
     else echo "FAIL --accum 3 on 2 ranks: $(tail -n 2 "$tmp/last.txt")"; fail=$((fail + 1)); fi
@@ -234,7 +273,8 @@ if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
     done
     rm -rf "$d/wf" && mkdir -p "$d/wf/teacher-00000002.bin/in-the-way" # rank 0 alone cannot write a checkpoint
     drunp 2 --accum 2 --out "$d/wf"
-    if grep -q "rank 0 could not write the teacher checkpoint of step 2" "$d/wf/rank-1.log" 2>/dev/null; then
+    if grep -q "rank 0 could not write the teacher checkpoint of step 2" "$d/wf/rank-1.log" 2>/dev/null &&
+        grep -q "^distill: could not write the teacher checkpoint of step 2: MOE_ERR_IO: " "$tmp/last.txt"; then
         echo "ok   distill: rank 0's failed checkpoint write stops rank 1 too, with its reason"; pass=$((pass + 1))
     else echo "FAIL distill, rank 0's failed write: rank 1 says '$(tail -n 2 "$d/wf/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
     drunp 2 --accum 2 --zero 1 --ep 2 --out "$d/p2ze"
@@ -247,7 +287,8 @@ if $CC $W -march=native -fopenmp examples/distill.c -o "$tmp/di_self" -lm &&
     same "distill from the top-k cache, 2 ranks = 1 process: the student" "$d/o1/distill-kc-00000004.bin" "$d/o2/distill-kc-00000004.bin"
     rm -rf "$d/wc" && mkdir -p "$d/wc/teacher_topk.cache/in-the-way" # rank 0 alone cannot write the top-k cache
     drunp 2 --accum 2 --offline --out "$d/wc"
-    if grep -q "rank 0 could not write $d/wc/teacher_topk.cache" "$d/wc/rank-1.log" 2>/dev/null; then
+    if grep -q "rank 0 could not write $d/wc/teacher_topk.cache" "$d/wc/rank-1.log" 2>/dev/null &&
+        grep -q "^distill: could not write $d/wc/teacher_topk.cache: " "$tmp/last.txt"; then
         echo "ok   distill: rank 0's failed top-k cache write stops rank 1 too, with its reason"; pass=$((pass + 1))
     else echo "FAIL distill, rank 0's failed cache write: rank 1 says '$(tail -n 2 "$d/wc/rank-1.log" 2>/dev/null)'"; fail=$((fail + 1)); fi
     drun1 --accum 2 --inject nan-loss@2 --out "$d/n1"; drunp 2 --accum 2 --ep 2 --inject nan-loss@2 --out "$d/n2"

@@ -3,7 +3,13 @@
    or a launcher's variables), rank 0 makes 128 bytes — NCCL's unique id when built with
    -DMOE_TEST_NCCL (ncclGetUniqueId works without a GPU), else bytes from a clock-seeded RNG —
    and every rank prints what it holds: "rank R of P: <FNV-1a of the 128 bytes>". Exit status
-   0, or 1 with the error. tests/test_dist.sh starts P of them and compares the lines. */
+   0, or 1 with the error. tests/test_dist.sh starts P of them and compares the lines.
+
+   tests/test_share.c hold PORT SECONDS [full] — a wrong peer for the others' tcp: bootstrap:
+   listens on 127.0.0.1:PORT, prints "listening", and for SECONDS accepts connections and
+   holds them open without sending a byte; with "full" it accepts nothing and first fills its
+   accept queue (backlog 0) with one connection of its own, so that later connects get no
+   answer to their SYNs (Linux drops them) and hang in connect(). */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -14,10 +20,49 @@
 #include <nccl.h>
 #endif
 
+static int hold(int port, double seconds, int full) {
+    struct sockaddr_in a;
+    int s, filler = -1, one = 1, held[64], n = 0;
+    double t0 = moe_time_s();
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((uint16_t)port);
+    if ((s = socket(AF_INET, SOCK_STREAM, 0)) < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, full ? 0 : 16) != 0) {
+        perror("hold: listen");
+        return 1;
+    }
+    if (full && ((filler = socket(AF_INET, SOCK_STREAM, 0)) < 0 || connect(filler, (struct sockaddr *)&a, sizeof a) != 0)) {
+        perror("hold: filling the queue");
+        return 1;
+    }
+    printf("listening\n");
+    fflush(stdout);
+    while (moe_time_s() - t0 < seconds) {
+        struct pollfd pf;
+        pf.fd = s;
+        pf.events = POLLIN;
+        pf.revents = 0;
+        if (!full && n < 64 && poll(&pf, 1, 50) > 0) {
+            int c = accept(s, NULL, NULL);
+            if (c >= 0) held[n++] = c; /* kept open, never written */
+        } else {
+            struct timespec ts = {0, 50000000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+    while (n > 0) close(held[--n]);
+    if (filler >= 0) close(filler);
+    close(s);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     moe_ctx *ctx = NULL;
     unsigned char id[128];
     int rank, size, local;
+    if (argc >= 4 && strcmp(argv[1], "hold") == 0) return hold(atoi(argv[2]), atof(argv[3]), argc > 4 && strcmp(argv[4], "full") == 0);
     if (argc < 2 || moe_ctx_new(&ctx) != MOE_OK) return 2;
     if (moe_comm_env(ctx, &rank, &size, &local) != MOE_OK) {
         fprintf(stderr, "%s\n", moe_ctx_error(ctx));
