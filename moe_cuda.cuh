@@ -3174,7 +3174,7 @@ static moe_status moe__nccl_split(moe_ctx *ctx, moe_comm *c, int color, int key,
     MOE__CUDA_TRY(ctx, cudaSetDevice(N->device));
     MOE__NCCL_TRY(ctx, N, ncclCommSplit(N->comm, color, key, &sub, NULL));
     if (!(S = (moe__nccl *)moe__heap_calloc(ctx, sizeof *S))) {
-        ncclCommDestroy(sub);
+        ncclCommAbort(sub); /* an error path, like the next one: a destroy may wait on the other ranks */
         return moe__fail(ctx, MOE_ERR_MEMORY, "moe_comm_split: out of memory");
     }
     S->comm = sub;
