@@ -172,10 +172,27 @@ static void alltoall(void) {
 }
 
 /* Rows of width 3: rank s sends (s + d) mod 3 rows to rank d (zero for some pairs). */
+/* The all-to-all-v cases' rows: rank R sends (R + r) % 3 rows of W values to rank r, each value
+   naming its source, destination, row and column; the check recomputes them on arrival. */
+static void rows_fill(double *send, const int64_t *srows, int64_t W) {
+    int64_t r, j, c, k = 0;
+    for (r = 0; r < P; r++)
+        for (j = 0; j < srows[r]; j++)
+            for (c = 0; c < W; c++) send[k++] = (double)(R * 1000000 + r * 1000 + j * 10 + c);
+}
+static void rows_check(const double *recv, const int64_t *rrows, int64_t W) {
+    int64_t r, j, c, k = 0;
+    for (r = 0; r < P; r++)
+        for (j = 0; j < rrows[r]; j++)
+            for (c = 0; c < W; c++, k++)
+                T_CHECK(recv[k] == (double)(r * 1000000 + R * 1000 + j * 10 + c), "from rank %lld row %lld col %lld: %g",
+                        (long long)r, (long long)j, (long long)c, recv[k]);
+}
+
 static void alltoallv(void) {
     const int64_t W = 3;
     int64_t *srows = (int64_t *)malloc((size_t)P * sizeof(int64_t)), *rrows = (int64_t *)malloc((size_t)P * sizeof(int64_t));
-    int64_t stot = 0, rtot = 0, r, j, c, k = 0;
+    int64_t stot = 0, rtot = 0, r;
     double *send, *recv;
     for (r = 0; r < P; r++) {
         stot += srows[r] = (R + r) % 3;
@@ -183,16 +200,9 @@ static void alltoallv(void) {
     }
     send = (double *)malloc((size_t)(stot * W + 1) * sizeof(double));
     recv = (double *)malloc((size_t)(rtot * W + 1) * sizeof(double));
-    for (r = 0; r < P; r++)
-        for (j = 0; j < srows[r]; j++)
-            for (c = 0; c < W; c++) send[k++] = (double)(R * 1000000 + r * 1000 + j * 10 + c);
+    rows_fill(send, srows, W);
     T_ASSERT(moe_comm_alltoallv(ctx, world, send, srows, recv, rrows, W, MOE_COMM_F64) == MOE_OK, "%s", moe_ctx_error(ctx));
-    k = 0;
-    for (r = 0; r < P; r++)
-        for (j = 0; j < rrows[r]; j++)
-            for (c = 0; c < W; c++, k++)
-                T_CHECK(recv[k] == (double)(r * 1000000 + R * 1000 + j * 10 + c), "from rank %lld row %lld col %lld: %g",
-                        (long long)r, (long long)j, (long long)c, recv[k]);
+    rows_check(recv, rrows, W);
     free(srows); free(rrows); free(send); free(recv);
 }
 
@@ -201,7 +211,7 @@ static void alltoallv(void) {
    exchanges work ran beside (MPI: this one; SELF completes it in the start, nothing to test). */
 static void alltoallv_started(void) {
     const int64_t W = 3;
-    int64_t srows[64], rrows[64], rtot = 0, r, j, c, k = 0, bytes0 = moe_comm_bytes_received(world);
+    int64_t srows[64], rrows[64], rtot = 0, r, bytes0 = moe_comm_bytes_received(world);
     int64_t overlapped0 = world->overlapped, i;
     double send[64 * 2 * 3 + 1], recv[64 * 2 * 3 + 1];
     moe__comm_req req;
@@ -209,19 +219,12 @@ static void alltoallv_started(void) {
         srows[r] = (R + r) % 3;
         rtot += rrows[r] = (r + R) % 3;
     }
-    for (r = 0; r < P; r++)
-        for (j = 0; j < srows[r]; j++)
-            for (c = 0; c < W; c++) send[k++] = (double)(R * 1000000 + r * 1000 + j * 10 + c);
+    rows_fill(send, srows, W);
     T_ASSERT(moe__comm_alltoallv_start(ctx, world, MOE_OK, send, srows, recv, rrows, W, MOE_COMM_F64, &req) == MOE_OK, "%s",
              moe_ctx_error(ctx));
     for (i = 0; i < 3; i++) T_CHECK(moe__comm_test(ctx, world, &req) == MOE_OK, "test %lld: %s", (long long)i, moe_ctx_error(ctx));
     T_ASSERT(moe__comm_wait(ctx, world, &req) == MOE_OK, "%s", moe_ctx_error(ctx));
-    k = 0;
-    for (r = 0; r < P; r++)
-        for (j = 0; j < rrows[r]; j++)
-            for (c = 0; c < W; c++, k++)
-                T_CHECK(recv[k] == (double)(r * 1000000 + R * 1000 + j * 10 + c), "from rank %lld row %lld col %lld: %g",
-                        (long long)r, (long long)j, (long long)c, recv[k]);
+    rows_check(recv, rrows, W);
     T_CHECK(moe_comm_bytes_received(world) - bytes0 == 8 * W * (rtot - rrows[R]), "%lld bytes counted, want %lld",
             (long long)(moe_comm_bytes_received(world) - bytes0), (long long)(8 * W * (rtot - rrows[R])));
     T_CHECK(world->overlapped - overlapped0 == (MOE_COMM_DEFAULT == MOE_COMM_MPI), "%lld exchanges counted as overlapped",
