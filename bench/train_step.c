@@ -13,7 +13,8 @@
    for forward + backward.
 
    The PyTorch twin (bench/train_step_torch.py, run by the parity venv's python: torch 2.x from
-   PyPI with its own MKL/oneDNN kernels) is the same model, written in PyTorch: MLA with q/kv
+   PyPI with its own MKL/oneDNN kernels; eager, and compiled by torch.compile, the faster of
+   its variants counting) is the same model, written in PyTorch: MLA with q/kv
    LoRA and decoupled RoPE, DeepSeekMoE (sigmoid routing + bias, group-limited top-k, shared
    expert, routed experts as one grouped GEMM over index-sorted rows), the MTP module and its
    loss weight, the sequence-wise balance loss, AdamW with the same betas, eps, weight decay and
@@ -352,7 +353,7 @@ int main(int argc, char **argv) {
     int64_t B = 0, T = 0;
     double seconds = 4.0, peak[3] = {0, 0, 0}, peak256[3] = {0, 0, 0}, peak512[3] = {0, 0, 0};
     static char json[65536], twin_json[8192];
-    char pybuf[4096], why[512] = "", why512[64] = "", cpu_json[512], torch_version[64] = "", torch_experts[64] = "";
+    char pybuf[4096], why[512] = "", why512[64] = "", cpu_json[512], torch_version[64] = "", torch_variants[64] = "";
     size_t used, tused = 0;
     bench_cpu cpu;
     for (i = 1; i < argc; i++) {
@@ -427,12 +428,12 @@ int main(int argc, char **argv) {
                     snprintf(args, sizeof args, "--dir '%s' --check --threads 2", dir);
                     if (run_twin(python, args, "CHECK ", line, sizeof line) == 0 &&
                         sscanf(line, "CHECK %15s %lf %lf %lf %lf %lf %63s %63s", verdict, &max_rel, &tol, &bf16_rel, &grad_rel, &gtol,
-                               torch_version, torch_experts) == 8) {
+                               torch_version, torch_variants) == 8) {
                         twin_ok = strcmp(verdict, "ok") == 0;
                         printf("  PyTorch twin check: %s. FP32 losses within %.2g of moe.h's (relative; tolerance %.0e), gradients "
-                               "within %.2g (tolerance %.0e); BF16 losses within %.2g (not gated); torch %s, experts by %s\n",
+                               "within %.2g (tolerance %.0e); BF16 losses within %.2g (not gated); torch %s, variants %s\n",
                                twin_ok ? "PASS" : "FAIL (its rows are not timed)", max_rel, tol, grad_rel, gtol, bf16_rel, torch_version,
-                               torch_experts);
+                               torch_variants);
                     } else {
                         printf("  PyTorch twin check: the twin did not run (see above); its fields are null\n");
                     }
@@ -449,18 +450,18 @@ int main(int argc, char **argv) {
                                           json_num(bf16_rel >= 0, bf16_rel, "%.3e", n3, sizeof n3));
             }
             printf("%-8s %-5s %3s %6s %10s %10s %9s %7s %8s | %10s %10s %7s  %s\n", "config", "prec", "thr", "B x T", "ms/step", "tok/s",
-                   "GFLOP/s", "MFU", "RSS MB", "torch ms", "torch tok/s", "ratio", "torch experts by");
+                   "GFLOP/s", "MFU", "RSS MB", "torch ms", "torch tok/s", "ratio", "torch variant");
             for (pi = 0; pi < np; pi++)
                 for (ti = 0; ti < nt; ti++) {
                     const char *prec = precs[pi];
                     int th = ths[ti], r;
-                    char cmd[1024], bt[32], n1[32], n2[32], texp[32] = "", rounds_json[256] = "", trounds_json[256] = "";
+                    char cmd[1024], bt[32], n1[32], n2[32], tvar[32] = "", rounds_json[256] = "", trounds_json[256] = "";
                     double ms = 1e300, tps = 0, fl = 0, rss = 0, gf, mfu, tms = -1, ttps = -1;
                     size_t rj = 0, trj = 0;
                     /* rounds of (moe.h row, twin row); each side's best round counts */
                     for (r = 0; r < rounds; r++) {
                         double ms_r, tps_r, fl_r, rss_r, tms_r, ttps_r;
-                        char texp_r[32];
+                        char tvar_r[32];
                         FILE *p;
                         snprintf(cmd, sizeof cmd, "'%s' --row '%s' %s %d %lld %lld %g", argv[0], cfg, prec, th, (long long)b, (long long)t,
                                  seconds / rounds);
@@ -477,28 +478,28 @@ int main(int argc, char **argv) {
                         /* the twin right after, on the same weights and tokens */
                         if (!twin_ok) continue;
                         snprintf(args, sizeof args, "--dir '%s' --precision %s --threads %d --seconds %g", dir, prec, th, seconds / rounds);
-                        if (run_twin(python, args, "ROW ", line, sizeof line) != 0 || sscanf(line, "ROW %lf %lf %31s", &tms_r, &ttps_r, texp_r) != 3) {
+                        if (run_twin(python, args, "ROW ", line, sizeof line) != 0 || sscanf(line, "ROW %lf %lf %31s", &tms_r, &ttps_r, tvar_r) != 3) {
                             printf("  PyTorch twin: the %s row at %d threads did not run\n", prec, th);
                             continue;
                         }
                         trj += (size_t)snprintf(trounds_json + trj, sizeof trounds_json - trj, "%s%.2f", trj ? "," : "", tms_r);
-                        if (tms < 0 || tms_r < tms) { tms = tms_r; ttps = ttps_r; snprintf(texp, sizeof texp, "%s", texp_r); }
+                        if (tms < 0 || tms_r < tms) { tms = tms_r; ttps = ttps_r; snprintf(tvar, sizeof tvar, "%s", tvar_r); }
                     }
                     gf = fl / (ms / 1e3) / 1e9;
                     mfu = gf / peak[th >= 2 ? 2 : 1];
                     snprintf(bt, sizeof bt, "%lldx%lld", (long long)b, (long long)t);
                     printf("%-8s %-5s %3d %6s %10.1f %10.0f %9.1f %7.3f %8.1f | ", cfg, prec, th, bt, ms, tps, gf, mfu, rss);
-                    if (ttps > 0) printf("%10.1f %10.0f %7.2f  %s\n", tms, ttps, tps / ttps, texp);
+                    if (ttps > 0) printf("%10.1f %10.0f %7.2f  %s\n", tms, ttps, tps / ttps, tvar);
                     else printf("%10s %10s %7s\n", "-", "-", "-");
                     used += (size_t)snprintf(json + used, sizeof json - used,
                                              "%s{\"config\":\"%s\",\"precision\":\"%s\",\"threads\":%d,\"batch\":%lld,\"seq\":%lld,"
                                              "\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,"
-                                             "\"pytorch_tokens_per_s\":%s,\"ratio_vs_pytorch\":%s,\"pytorch_experts\":%s%s%s,"
+                                             "\"pytorch_tokens_per_s\":%s,\"ratio_vs_pytorch\":%s,\"pytorch_variant\":%s%s%s,"
                                              "\"ms_per_step_rounds\":[%s],\"pytorch_ms_per_step_rounds\":[%s]}",
                                              json[used - 1] == '}' ? "," : "", bench_json_escape(cfg, esc, sizeof esc), prec, th, (long long)b,
                                              (long long)t, ms, tps, gf, mfu, rss, json_num(ttps > 0, ttps, "%.1f", n1, sizeof n1),
                                              json_num(ttps > 0, ttps > 0 ? tps / ttps : 0, "%.4f", n2, sizeof n2), ttps > 0 ? "\"" : "",
-                                             ttps > 0 ? texp : "null", ttps > 0 ? "\"" : "", rounds_json, trounds_json);
+                                             ttps > 0 ? tvar : "null", ttps > 0 ? "\"" : "", rounds_json, trounds_json);
                     fflush(stdout);
                 }
             if (twin_dir) remove_twin_dir(dir);
@@ -520,7 +521,7 @@ int main(int argc, char **argv) {
            python && torch_version[0] ? "" : " (no PyTorch twin: null)");
     if (python && !torch_version[0]) snprintf(why, sizeof why, "the twin did not run (%s failed with %s)", TWIN_SCRIPT, python);
     if (python && torch_version[0])
-        printf("%s],\"pytorch\":{\"torch\":\"%s\",\"experts\":\"%s\",\"configs\":{%s}}}\n", json, torch_version, torch_experts, twin_json);
+        printf("%s],\"pytorch\":{\"torch\":\"%s\",\"variants\":\"%s\",\"configs\":{%s}}}\n", json, torch_version, torch_variants, twin_json);
     else
         printf("%s],\"pytorch\":null,\"pytorch_unavailable\":\"%s\"}\n", json, bench_json_escape(why, cpu_json, sizeof cpu_json));
     return 0;
