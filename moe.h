@@ -13056,16 +13056,24 @@ static moe_status moe__comm_buf(moe_ctx *ctx, const char *fn, const void *p, int
 }
 /* Whether every rank may go on into a collective: st here, and any rank's failure becomes a
    failure on all (MOE_ERR_COMM where the arguments were fine), so that no rank waits in an
-   exchange the others left. */
-static moe_status moe__comm_agree(moe_ctx *ctx, moe_comm *c, const char *fn, moe_status st) {
-    int64_t bad = st != MOE_OK;
-    moe_status rc;
-    if (c->size == 1) return st;
-    if ((rc = c->ops->allreduce(ctx, c, &bad, 1, MOE_COMM_I64, MOE_COMM_MAX)) != MOE_OK) return rc;
+   exchange the others left. The vote runs over each of the n groups in turn (a job whose
+   ranks meet in several groups: every rank votes in each of its own); with `mismatch` (not
+   NULL: what it means) it also asks `settings` to be the same on every rank (else
+   MOE_ERR_CONFIG on every rank). */
+static moe_status moe__comm_vote(moe_ctx *ctx, moe_comm *const *groups, int n, const char *fn, moe_status st, int64_t settings,
+                                 const char *mismatch) {
+    int64_t v[3]; /* failed anywhere; the max and the negated min of settings */
+    int g;
+    v[0] = st != MOE_OK; v[1] = settings; v[2] = -settings;
+    for (g = 0; g < n; g++)
+        if (groups[g] && groups[g]->size > 1) MOE__TRY(groups[g]->ops->allreduce(ctx, groups[g], v, 3, MOE_COMM_I64, MOE_COMM_MAX));
     if (st != MOE_OK) return st;
-    return bad ? moe__fail(ctx, MOE_ERR_COMM, "%s: another rank refused its arguments or ran out of memory; nothing was exchanged",
-                           fn)
-               : MOE_OK;
+    if (v[0]) return moe__fail(ctx, MOE_ERR_COMM, "%s: another rank refused its arguments or ran out of memory; nothing was exchanged", fn);
+    if (mismatch && v[1] != -v[2]) return moe__fail(ctx, MOE_ERR_CONFIG, "%s: %s; nothing was exchanged", fn, mismatch);
+    return MOE_OK;
+}
+static moe_status moe__comm_agree(moe_ctx *ctx, moe_comm *c, const char *fn, moe_status st) {
+    return moe__comm_vote(ctx, &c, 1, fn, st, 0, NULL);
 }
 
 /* counts[0..size) (each ≥ 0, scaled by `width`) into scaled[] with their prefix sums in
@@ -13914,21 +13922,11 @@ MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *m,
    groups: a failure in one group reaches the others before the EDP group's broadcasts), with
    `settings` (a fingerprint of what the exchanges carry) the same everywhere. */
 static moe_status moe__ep_vote(moe_ctx *ctx, const moe__moe *L, moe_status st, int64_t settings) {
-    int64_t v[3];
-    moe_comm *group[2];
-    int g;
-    v[0] = st != MOE_OK; v[1] = settings; v[2] = -settings;
-    group[0] = L->ep; group[1] = L->edp;
-    for (g = 0; g < 2; g++)
-        if (group[g] && group[g]->size > 1) MOE__TRY(group[g]->ops->allreduce(ctx, group[g], v, 3, MOE_COMM_I64, MOE_COMM_MAX));
-    if (st != MOE_OK) return st;
-    if (v[0])
-        return moe__fail(ctx, MOE_ERR_COMM, "expert-parallel MoE layer: another rank refused its arguments or ran out of memory; "
-                                            "nothing was exchanged");
-    if (v[1] != -v[2])
-        return moe__fail(ctx, MOE_ERR_CONFIG, "expert-parallel MoE layer: the ranks' exchange settings differ (the payloads of "
-                                              "moe_model_expert_parallel_payload, the FP8 block or amax scales); nothing was exchanged");
-    return MOE_OK;
+    moe_comm *groups[2];
+    groups[0] = L->ep; groups[1] = L->edp;
+    return moe__comm_vote(ctx, groups, 2, "expert-parallel MoE layer", st, settings,
+                          "the ranks' exchange settings differ (the payloads of moe_model_expert_parallel_payload, the FP8 "
+                          "block or amax scales)");
 }
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) { return moe__ep_vote(ctx, L, st, 0); }
 
