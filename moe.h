@@ -2927,6 +2927,35 @@ static void moe__gemm_get_bf16(const void *src, int bf16, int64_t idx, uint16_t 
 static uint32_t moe__gemm_get16(const void *src, int bf16, int64_t idx) {
     return bf16 ? (uint32_t)((const uint16_t *)src)[idx] : (uint32_t)moe_f32_to_bf16(((const float *)src)[idx]);
 }
+#if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512)
+#define MOE__GEMM_PAIRS16 1
+/* The packed BF16 layout's K-pairs straight from two float rows: lane l = bf16(lo[l]) |
+   bf16(hi[l]) << 16 (hi NULL: 0); lanes outside `keep` are 0 and not read. The operations of
+   moe__gemm_bf16_round8 on 16 lanes: moe_f32_to_bf16's bits. */
+static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask16 keep) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    __m512i r[2];
+    int h;
+    for (h = 0; h < 2; h++) {
+        const float *src = h ? hi : lo;
+        __m512i u, lsb;
+        if (!src || !keep) {
+            r[h] = _mm512_setzero_si512();
+            continue;
+        }
+        u = _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, src));
+        lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(MOE__ALL16, u, 16), one);
+        r[h] = _mm512_maskz_srli_epi32(MOE__ALL16, _mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+        r[h] = _mm512_mask_mov_epi32(r[h], _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absm), inf), bias);
+    }
+    return _mm512_or_si512(r[0], _mm512_maskz_slli_epi32(MOE__ALL16, r[1], 16));
+}
+/* The lanes of a 16-wide chunk starting at c that fall below n. */
+static __mmask16 moe__gemm_keep16(int64_t n, int64_t c) {
+    return n - c >= 16 ? MOE__ALL16 : n - c <= 0 ? (__mmask16)0 : (__mmask16)((1u << (n - c)) - 1u);
+}
+#endif
 
 /* ---- packing: FP32 micro-panels ---- */
 /* op(B) rows [p0, p0+kc), cols [j, j+nr), nr ≤ 16 → dst[kc][16], zero-padded. */
@@ -3061,6 +3090,18 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
             for (pp = 0; pp < kp; pp++) dst[pp * NR + jj] = 0u;
     } else {
         uint16_t t0[MOE__GEMM_BNR], t1[MOE__GEMM_BNR];
+#if defined(MOE__GEMM_PAIRS16)
+        if (!d->b_bf16) { /* rows p, p + 1 of B: 2 × 16 pairs */
+            const float *row = (const float *)d->b + p0 * ldb + j;
+            const __mmask16 k0 = moe__gemm_keep16(nr, 0), k1 = moe__gemm_keep16(nr, 16);
+            for (pp = 0; pp < kp; pp++, row += 2 * ldb) {
+                const float *next = 2 * pp + 1 < kc ? row + ldb : NULL;
+                _mm512_storeu_si512((void *)(dst + pp * NR), moe__gemm_bf16_pairs16(row, next, k0));
+                _mm512_storeu_si512((void *)(dst + pp * NR + 16), moe__gemm_bf16_pairs16(row + 16, next ? next + 16 : NULL, k1));
+            }
+            return;
+        }
+#endif
         for (pp = 0; pp < kp; pp++) {
             int64_t p = p0 + 2 * pp;
             uint32_t *o = dst + pp * NR;
@@ -3118,6 +3159,19 @@ static void moe__gemm_pack_at_bf16_group(const moe__gemm_desc *d, int64_t i, int
     const int64_t kp = (kc + 1) / 2, lda = d->lda, np = (rows + MR - 1) / MR;
     uint16_t t0[8 * MOE__GEMM_BMR], t1[8 * MOE__GEMM_BMR];
     int64_t pp, g, ii;
+#if defined(MOE__GEMM_PAIRS16)
+    if (!d->a_bf16) { /* rows p, p + 1 of Aᵀ: up to 3 × 16 pairs, then 6 to each panel */
+        uint32_t t[8 * MOE__GEMM_BMR];
+        int64_t c;
+        for (pp = 0; pp < kp; pp++) {
+            const float *row = (const float *)d->a + (p0 + 2 * pp) * lda + i, *next = 2 * pp + 1 < kc ? row + lda : NULL;
+            for (c = 0; c < np * MR; c += 16)
+                _mm512_storeu_si512((void *)(t + c), moe__gemm_bf16_pairs16(row + c, next ? next + c : NULL, moe__gemm_keep16(rows, c)));
+            for (g = 0; g < np; g++) memcpy(dst + g * kp * MR + pp * MR, t + g * MR, MR * sizeof(uint32_t));
+        }
+        return;
+    }
+#endif
     memset(t0, 0, sizeof t0);
     memset(t1, 0, sizeof t1);
     for (pp = 0; pp < kp; pp++) {
