@@ -13988,6 +13988,12 @@ static moe_status moe__ep_vote(moe_ctx *ctx, const moe__moe *L, moe_status st, i
                           "block or amax scales)");
 }
 static moe_status moe__ep_agree(moe_ctx *ctx, const moe__moe *L, moe_status st) { return moe__ep_vote(ctx, L, st, 0); }
+/* What the layer's exchanges carry, as one number for moe__ep_vote: the payload types, and the
+   FP8 tile and its scales when the dispatch is FP8. */
+static int64_t moe__ep_settings(const moe_ctx *ctx, const moe__moe *L) {
+    int64_t fp8 = L->ep_dispatch == MOE_FP8_E4M3 ? 2 * ctx->conf.fp8.block + (ctx->conf.fp8.amax_scales != 0) : 0;
+    return ((int64_t)L->ep_dispatch * 64 + (int64_t)L->ep_combine) * ((int64_t)1 << 22) + fp8;
+}
 
 static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64_t *offset, moe__ep_plan *P) {
     int64_t np = L->ep->size, en = L->e_n, s, j, *cnt, *rcnt;
@@ -13998,8 +14004,7 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
     P->recv_start = (int64_t *)moe__arena_alloc(ctx, (size_t)(np + 1), sizeof(int64_t), "moe dispatch plan");
     P->recv_off = (int64_t *)moe__arena_alloc(ctx, (size_t)(np * (en + 1)), sizeof(int64_t), "moe dispatch plan");
     MOE__TRY(moe__ep_vote(ctx, L, cnt && rcnt && P->send_rows && P->recv_rows && P->recv_start && P->recv_off ? MOE_OK : MOE_ERR_MEMORY,
-                          ((int64_t)L->ep_dispatch * 64 + (int64_t)L->ep_combine) * ((int64_t)1 << 22) +
-                              (L->ep_dispatch == MOE_FP8_E4M3 ? 2 * ctx->conf.fp8.block + (ctx->conf.fp8.amax_scales != 0) : 0)));
+                          moe__ep_settings(ctx, L)));
     /* counts first: rank s learns how many of its rows go to each of my experts */
     for (j = 0; j < np * en; j++) cnt[j] = offset[j + 1] - offset[j];
     MOE__TRY(moe_comm_alltoall(ctx, L->ep, cnt, rcnt, en, MOE_COMM_I64));
@@ -14098,7 +14103,6 @@ static moe_status moe__ep_exchange(moe_ctx *ctx, const moe__moe *L, const moe__e
     MOE__TRY(moe__ep_post(ctx, L, P, back, send, recv, width, payload, MOE_OK, &X));
     return moe__ep_finish(ctx, X, MOE_OK);
 }
-
 
 #ifdef __cplusplus
 }

@@ -391,10 +391,10 @@ class Trainer:
 
     def set_variant(self, v):
         if v == "compiled":
-            self.twin.experts = "grouped_mm" if grouped_mm_works(self.cfg.d, self.cfg.I) else "loop"
             if self.compiled is None:
+                self.compiled_experts = "grouped_mm" if grouped_mm_works(self.cfg.d, self.cfg.I) else "loop"
                 self.compiled = torch.compile(self.twin.loss, fullgraph=True)  # one graph, or an error
-            self.loss = self.compiled
+            self.twin.experts, self.loss = self.compiled_experts, self.compiled
         else:
             self.twin.experts, self.loss = v, self.twin.loss
 
@@ -409,6 +409,15 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.twin.update_bias(self.run["bias_gamma"])
         return {k: float(v.detach()) for k, v in parts.items()}
+
+
+def leave_out(v, e, variants):
+    """Called in an except block for variant v that failed with e: the compiled variant is left
+    out (said on stderr) while another remains (torch.compile needs a C++ compiler and may not
+    support this torch's build); anything else fails."""
+    if v != "compiled" or len(variants) == 1:
+        raise
+    print(f"train_step_torch: the compiled variant is left out: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def grouped_mm_works(d, inter):
@@ -466,10 +475,8 @@ def main():
             t0 = time.perf_counter()
             try:
                 tr.step()
-            except Exception as e:  # torch.compile needs a C++ compiler and may not support this torch's build
-                if v != "compiled" or len(times) == 1:
-                    raise
-                print(f"train_step_torch: the compiled variant is left out: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:
+                leave_out(v, e, times)
                 del times[v]
                 continue
             if i >= 2:  # two warm-up steps of each (the compiled variant compiles in its first)
@@ -506,8 +513,8 @@ def check(a, variants):
     """The twin against moe.h: on the timed model ("init": moe.h's initialisation), the losses of
     the first steps (each after the previous AdamW update); on a unit-scale variant ("unit",
     where attention, RoPE and routing move the loss), the first step's loss and gradients. For
-    each variant (a compiled one that fails to compile is left out, said on stderr). FP32 is gated (loss_tol, relative, on every part: total,
-    main, MTP, balance; grad_tol on gradients); BF16 is reported."""
+    each variant (see leave_out). FP32 is gated (loss_tol, relative, on every part: total, main,
+    MTP, balance; grad_tol on gradients); BF16 is reported."""
     ref = read_losses(a.dir)
     run = read_run(a.dir)
     steps, tol, gtol = int(run["check_steps"]), run["loss_tol"], run["grad_tol"]
@@ -529,10 +536,8 @@ def check(a, variants):
                             grads.append(compare_grads(t, os.path.join(a.dir, "unit", "grads", "model.safetensors")))
                     try:
                         got, want = tr.step(on_grads), ref[(model, prec, s)]
-                    except Exception as e:  # see main()
-                        if v != "compiled" or len(variants) == 1:
-                            raise
-                        print(f"train_step_torch: the compiled variant is left out: {type(e).__name__}: {e}", file=sys.stderr)
+                    except Exception as e:
+                        leave_out(v, e, variants)
                         variants.remove(v)
                         break
                     cells = []
