@@ -2929,31 +2929,62 @@ static uint32_t moe__gemm_get16(const void *src, int bf16, int64_t idx) {
 }
 #if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512)
 #define MOE__GEMM_PAIRS16 1
-/* The packed BF16 layout's K-pairs straight from two float rows: lane l = bf16(lo[l]) |
-   bf16(hi[l]) << 16 (hi NULL: 0); lanes outside `keep` are 0 and not read. The operations of
-   moe__gemm_bf16_round8 on 16 lanes: moe_f32_to_bf16's bits. */
-static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask16 keep) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
-    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
-    __m512i r[2];
-    int h;
-    for (h = 0; h < 2; h++) {
-        const float *src = h ? hi : lo;
-        __m512i u, lsb;
-        if (!src || !keep) {
-            r[h] = _mm512_setzero_si512();
-            continue;
-        }
-        u = _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, src));
-        lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(MOE__ALL16, u, 16), one);
-        r[h] = _mm512_maskz_srli_epi32(MOE__ALL16, _mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
-        r[h] = _mm512_mask_mov_epi32(r[h], _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absm), inf), bias);
-    }
-    return _mm512_or_si512(r[0], _mm512_maskz_slli_epi32(MOE__ALL16, r[1], 16));
-}
 /* The lanes of a 16-wide chunk starting at c that fall below n. */
 static __mmask16 moe__gemm_keep16(int64_t n, int64_t c) {
     return n - c >= 16 ? MOE__ALL16 : n - c <= 0 ? (__mmask16)0 : (__mmask16)((1u << (n - c)) - 1u);
+}
+/* bf16(src[l]) in the low half of lane l for the lanes in `keep` (the others 0, not read): the
+   operations of moe__gemm_bf16_round8 on 16 lanes, moe_f32_to_bf16's bits. */
+static __m512i moe__gemm_bf16_round16(const float *src, __mmask16 keep) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, src));
+    __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(MOE__ALL16, u, 16), one);
+    __m512i r = _mm512_maskz_srli_epi32(MOE__ALL16, _mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absm), inf), bias);
+}
+/* The packed BF16 layout's K-pairs straight from two float rows: lane l = bf16(lo[l]) |
+   bf16(hi[l]) << 16 (hi NULL: 0); lanes outside `keep` are 0 and not read. */
+static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask16 keep) {
+    __m512i r = moe__gemm_bf16_round16(lo, keep);
+    return hi ? _mm512_or_si512(r, _mm512_maskz_slli_epi32(MOE__ALL16, moe__gemm_bf16_round16(hi, keep), 16)) : r;
+}
+/* The K-pairs of a row whose k are consecutive (f32, or bf16 when `bf16`): lane l = values 2l
+   and 2l + 1 from src; values past the n left are 0 and not read. */
+static MOE__EXP8_INLINE __m512i moe__gemm_row_pairs16(const void *src, int bf16, int64_t n) {
+    const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    __m512i lo, hi;
+    _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* two calls ahead along the row: the caller visits many rows in turn */
+    _mm_prefetch((const char *)src + 320, _MM_HINT_T0);
+    if (bf16) return _mm512_maskz_loadu_epi16(n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u), src);
+    lo = moe__gemm_bf16_round16((const float *)src, moe__gemm_keep16(n, 0));
+    hi = moe__gemm_bf16_round16((const float *)src + 16, moe__gemm_keep16(n, 16));
+    /* packus joins 4 + 4 lanes per 128 bits (every value fits 16 bits): put lo's quarters first */
+    return _mm512_maskz_permutexvar_epi64((__mmask8)0xFF, order, _mm512_maskz_packus_epi32(~(__mmask32)0, lo, hi));
+}
+/* r[0..15] transposed as 32-bit lanes: lane c of r[i] becomes lane i of r[c]. */
+static void moe__gemm_transpose16(__m512i r[16]) {
+    __m512i t[16];
+    int i, j;
+    for (i = 0; i < 16; i += 2) { /* lane L: rows i, i + 1 of columns 4L, 4L + 1 | 4L + 2, 4L + 3 */
+        t[i] = _mm512_maskz_unpacklo_epi32(MOE__ALL16, r[i], r[i + 1]);
+        t[i + 1] = _mm512_maskz_unpackhi_epi32(MOE__ALL16, r[i], r[i + 1]);
+    }
+    for (i = 0; i < 16; i += 4) { /* r[i + j], lane L: rows i .. i + 3 of column 4L + j */
+        r[i] = _mm512_maskz_unpacklo_epi64((__mmask8)0xFF, t[i], t[i + 2]);
+        r[i + 1] = _mm512_maskz_unpackhi_epi64((__mmask8)0xFF, t[i], t[i + 2]);
+        r[i + 2] = _mm512_maskz_unpacklo_epi64((__mmask8)0xFF, t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_maskz_unpackhi_epi64((__mmask8)0xFF, t[i + 1], t[i + 3]);
+    }
+    for (j = 0; j < 4; j++) { /* column 4L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
+        __m512i v0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0x88), v1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0xDD);
+        __m512i w0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0x88), w1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0xDD);
+        t[j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v0, w0, 0x88);
+        t[8 + j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v0, w0, 0xDD);
+        t[4 + j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v1, w1, 0x88);
+        t[12 + j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v1, w1, 0xDD);
+    }
+    for (i = 0; i < 16; i++) r[i] = t[i];
 }
 #endif
 
@@ -3080,6 +3111,28 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
     const int64_t kp = (kc + 1) / 2, ldb = d->ldb;
     int64_t pp, jj;
     if (d->b_trans) { /* column j of op(B) is row j of B: consecutive k */
+#if defined(MOE__GEMM_PAIRS16)
+        { /* each of 2 × 16 columns along its row (the order its memory is read best), then 16 × 16
+             pairs at a time transposed into 16 rows of the panel */
+            const size_t es = d->b_bf16 ? 2 : 4;
+            uint32_t rows[16][MOE__GEMM_KMAX / 2 + 16];
+            int64_t c, h, q;
+            for (h = 0; h < 2; h++) {
+                for (q = 0; q < 16; q++)
+                    for (c = 0; c < kc; c += 32)
+                        _mm512_storeu_si512((void *)(rows[q] + c / 2),
+                                           16 * h + q < nr ? moe__gemm_row_pairs16((const unsigned char *)d->b + ((j + 16 * h + q) * ldb + p0 + c) * es,
+                                                                                   d->b_bf16, kc - c)
+                                                           : _mm512_setzero_si512());
+                for (c = 0; c < kp; c += 16) {
+                    __m512i r[16];
+                    for (q = 0; q < 16; q++) r[q] = _mm512_loadu_si512((const void *)(rows[q] + c));
+                    moe__gemm_transpose16(r);
+                    for (q = 0; q < 16 && c + q < kp; q++) _mm512_storeu_si512((void *)(dst + (c + q) * NR + 16 * h), r[q]);
+                }
+            }
+        }
+#else
         uint16_t tmp[MOE__GEMM_KMAX + 2];
         for (jj = 0; jj < nr; jj++) {
             moe__gemm_get_bf16(d->b, d->b_bf16, (j + jj) * ldb + p0, tmp, kc);
@@ -3088,6 +3141,7 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
         }
         for (; jj < NR; jj++)
             for (pp = 0; pp < kp; pp++) dst[pp * NR + jj] = 0u;
+#endif
     } else {
         uint16_t t0[MOE__GEMM_BNR], t1[MOE__GEMM_BNR];
 #if defined(MOE__GEMM_PAIRS16)
@@ -3121,6 +3175,34 @@ static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr
     const int64_t kp = (kc + 1) / 2, lda = d->lda;
     int64_t pp, ii;
     if (!d->a_trans) { /* row i of A: consecutive k */
+#if defined(MOE__GEMM_PAIRS16)
+        { /* 16 pairs of each of the 6 rows, interleaved into 6 × 16 lanes of the panel: lane t of
+             vector v is pair g / 6 of row g % 6 (g = 16v + t), so the index picks lane g / 6 of
+             the row pair (g % 6) / 2, the odd row from the second source; vectors v and v + 3
+             differ by 8 pairs */
+            const __m512i pick[3] = {_mm512_setr_epi32(0, 16, 0, 16, 0, 16, 1, 17, 1, 17, 1, 17, 2, 18, 2, 18),
+                                     _mm512_setr_epi32(2, 18, 3, 19, 3, 19, 3, 19, 4, 20, 4, 20, 4, 20, 5, 21),
+                                     _mm512_setr_epi32(5, 21, 5, 21, 6, 22, 6, 22, 6, 22, 7, 23, 7, 23, 7, 23)};
+            const __mmask16 rows23[3] = {0xC30C, 0x0C30, 0x30C3}, rows45[3] = {0x0C30, 0x30C3, 0xC30C};
+            const __m512i eight = _mm512_set1_epi32(8);
+            const size_t es = d->a_bf16 ? 2 : 4;
+            int64_t c, v;
+            for (c = 0; c < kc; c += 32) {
+                const int64_t np = kp - c / 2 < 16 ? kp - c / 2 : 16;
+                __m512i r[6];
+                for (ii = 0; ii < MR; ii++)
+                    r[ii] = ii < mr ? moe__gemm_row_pairs16((const unsigned char *)d->a + ((i + ii) * lda + p0 + c) * es, d->a_bf16, kc - c)
+                                    : _mm512_setzero_si512();
+                for (v = 0; v < 6; v++) {
+                    __m512i idx = v < 3 ? pick[v] : _mm512_add_epi32(pick[v - 3], eight);
+                    __m512i o = _mm512_permutex2var_epi32(r[0], idx, r[1]);
+                    o = _mm512_mask_blend_epi32(rows23[v % 3], o, _mm512_permutex2var_epi32(r[2], idx, r[3]));
+                    o = _mm512_mask_blend_epi32(rows45[v % 3], o, _mm512_permutex2var_epi32(r[4], idx, r[5]));
+                    _mm512_mask_storeu_epi32(dst + c / 2 * MR + 16 * v, moe__gemm_keep16(np * MR, 16 * v), o);
+                }
+            }
+        }
+#else
         uint16_t tmp[MOE__GEMM_KMAX + 2];
         for (ii = 0; ii < mr; ii++) {
             moe__gemm_get_bf16(d->a, d->a_bf16, (i + ii) * lda + p0, tmp, kc);
@@ -3129,6 +3211,7 @@ static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr
         }
         for (; ii < MR; ii++)
             for (pp = 0; pp < kp; pp++) dst[pp * MR + ii] = 0u;
+#endif
     } else if (mr == MR) {
         uint16_t t0[8], t1[8];
         for (pp = 0; pp < kp; pp++) {

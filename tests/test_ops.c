@@ -52,11 +52,13 @@ static void ref_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const floa
         }
 }
 
-static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16, int simd, int threads, float alpha,
+/* in16: A and B handed over as bf16 (their values rounded to bf16 first, as the reference reads them) */
+static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16, int in16, int simd, int threads, float alpha,
                        float beta) {
     moe_tensor *A = mk(1, m * k + 1, 0, 0, 0), *B = mk(1, k * n + 1, 0, 0, 0), *C = mk(1, m * n, 0, 0, 0);
     double *ref = (double *)malloc(sizeof(double) * (size_t)(m * n)), *aref = (double *)malloc(sizeof(double) * (size_t)(m * n));
     float *c0 = (float *)malloc(sizeof(float) * (size_t)(m * n));
+    uint16_t *a16 = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(m * k + 1)), *b16 = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(k * n + 1));
     moe_gemm_args g;
     int64_t i;
     double worst = 0;
@@ -69,6 +71,12 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
     g.b = B->data; g.b_dtype = MOE_F32; g.ldb = tb ? k : n; g.trans_b = tb;
     g.c = F(C); g.ldc = n; g.alpha = alpha; g.beta = beta;
     g.compute = bf16 ? MOE_BF16 : MOE_F32;
+    if (in16) {
+        for (i = 0; i < m * k + 1; i++) F(A)[i] = moe_bf16_to_f32(a16[i] = moe_f32_to_bf16(F(A)[i]));
+        for (i = 0; i < k * n + 1; i++) F(B)[i] = moe_bf16_to_f32(b16[i] = moe_f32_to_bf16(F(B)[i]));
+        g.a = a16; g.a_dtype = MOE_BF16;
+        g.b = b16; g.b_dtype = MOE_BF16;
+    }
     moe_ctx_set_simd(g_ctx, simd);
     moe_ctx_set_threads(g_ctx, threads);
     T_CHECK(moe_gemm(g_ctx, &g) == MOE_OK, "moe_gemm: %s", moe_ctx_error(g_ctx));
@@ -79,8 +87,8 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
         double err = fabs(F(C)[i] - want) / bound;
         if (!(err <= worst)) worst = err; /* NaN propagates into worst */
     }
-    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d simd=%d threads=%d: error %.3g x bound",
-            (long long)m, (long long)n, (long long)k, ta, tb, bf16, simd, threads, worst);
+    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d in16=%d simd=%d threads=%d: error %.3g x bound",
+            (long long)m, (long long)n, (long long)k, ta, tb, bf16, in16, simd, threads, worst);
     moe_ctx_set_simd(g_ctx, 1);
     moe_tensor_free(g_ctx, A);
     moe_tensor_free(g_ctx, B);
@@ -88,24 +96,27 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
     free(ref);
     free(aref);
     free(c0);
+    free(a16);
+    free(b16);
 }
 
 static void test_gemm_layouts(void) {
     static const int64_t sizes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 40}, {64, 48, 129}, {127, 16, 32}, {40, 129, 3},
                                        {256, 96, 32}, {130, 70, 260}};
     size_t s;
-    int ta, tb, bf16, simd, cases = 0;
+    int ta, tb, bf16, in16, simd, cases = 0;
     for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
         for (ta = 0; ta < 2; ta++)
             for (tb = 0; tb < 2; tb++)
                 for (bf16 = 0; bf16 < 2; bf16++)
-                    for (simd = 0; simd < 2; simd++) {
-                        check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
-                        cases++;
-                    }
-    check_gemm(33, 65, 17, 0, 1, 0, 1, 2, -0.5f, 1.25f);
-    check_gemm(33, 65, 17, 1, 0, 1, 1, 2, 2.0f, -1.0f);
-    check_gemm(8, 8, 0, 0, 0, 0, 1, 1, 1.0f, 0.5f); /* k = 0: C = beta·C */
+                    for (in16 = 0; in16 <= bf16; in16++) /* bf16 inputs with bf16 compute */
+                        for (simd = 0; simd < 2; simd++) {
+                            check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, in16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
+                            cases++;
+                        }
+    check_gemm(33, 65, 17, 0, 1, 0, 0, 1, 2, -0.5f, 1.25f);
+    check_gemm(33, 65, 17, 1, 0, 1, 0, 1, 2, 2.0f, -1.0f);
+    check_gemm(8, 8, 0, 0, 0, 0, 0, 1, 1, 1.0f, 0.5f); /* k = 0: C = beta·C */
     T_NOTE("%d GEMM configurations checked against a double reference (bound 4·(k+2)·2^-24·Σ|ab|)", cases + 3);
 }
 
