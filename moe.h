@@ -13430,13 +13430,15 @@ MOE_API moe_status moe_comm_allgather(moe_ctx *ctx, moe_comm *comm, const void *
     return st;
 }
 
-/* moe_comm_alltoallv's checks (after st, the caller's own verdict) and the ranks' agreement:
-   the per-rank element counts and offsets into *s and *r (heap, the caller frees them) and
-   the elements coming from the other ranks. */
-static moe_status moe__comm_alltoallv_args(moe_ctx *ctx, moe_comm *comm, const char *fn, moe_status st, const void *send,
-                                           const int64_t *send_rows, const void *recv, const int64_t *recv_rows, int64_t width,
-                                           moe_comm_type type, int64_t **s, int64_t **r, int64_t *from_others) {
+/* moe_comm_alltoallv's checks (after st, the caller's own verdict) and the agreement of
+   comm's ranks, then of `also`'s (NULL: none; a group that joins several of comm's kind, so
+   that a failure in one reaches all): the per-rank element counts and offsets into *s and *r
+   (heap, the caller frees them) and the elements coming from the other ranks. */
+static moe_status moe__comm_alltoallv_args(moe_ctx *ctx, moe_comm *comm, moe_comm *also, const char *fn, moe_status st,
+                                           const void *send, const int64_t *send_rows, const void *recv, const int64_t *recv_rows,
+                                           int64_t width, moe_comm_type type, int64_t **s, int64_t **r, int64_t *from_others) {
     int64_t stotal = 0, rtotal = 0;
+    moe_comm *groups[2];
     *s = *r = NULL;
     if (!st && width < 1) st = moe__fail(ctx, MOE_ERR_ARG, "%s: row width %lld", fn, (long long)width);
     if (!st) st = moe__comm_layout(ctx, fn, comm, send_rows, width, s, &stotal);
@@ -13444,7 +13446,8 @@ static moe_status moe__comm_alltoallv_args(moe_ctx *ctx, moe_comm *comm, const c
     if (!st) st = moe__comm_buf(ctx, fn, send, stotal, type);
     if (!st) st = moe__comm_buf(ctx, fn, recv, rtotal, type);
     if (!st) *from_others = rtotal - recv_rows[comm->rank] * width;
-    return moe__comm_agree(ctx, comm, fn, st);
+    groups[0] = comm; groups[1] = also;
+    return moe__comm_vote(ctx, groups, 2, fn, st, 0, NULL);
 }
 
 MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *send, const int64_t *send_rows, void *recv,
@@ -13452,7 +13455,7 @@ MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *
     int64_t *s, *r, from_others = 0;
     moe_status st;
     MOE__TRY(moe__comm_args(ctx, comm, "moe_comm_alltoallv", type));
-    st = moe__comm_alltoallv_args(ctx, comm, "moe_comm_alltoallv", MOE_OK, send, send_rows, recv, recv_rows, width, type, &s, &r,
+    st = moe__comm_alltoallv_args(ctx, comm, NULL, "moe_comm_alltoallv", MOE_OK, send, send_rows, recv, recv_rows, width, type, &s, &r,
                                   &from_others);
     if (!st) st = comm->ops->alltoallv(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type);
     if (!st) moe__comm_count(comm, from_others, type);
@@ -13462,18 +13465,19 @@ MOE_API moe_status moe_comm_alltoallv(moe_ctx *ctx, moe_comm *comm, const void *
 }
 
 /* moe_comm_alltoallv in two halves, for work beside the exchange (the expert-parallel
-   layer's): the checks and the ranks' agreement as there (st: the caller's verdict so far, a
-   failure on any rank fails all before anything is posted), then the exchange posted into
+   layer's): the checks and the agreement of comm's ranks, then of also's, as there (st: the
+   caller's verdict so far, a failure on any rank fails all before anything is posted), then
+   the exchange posted into
    *req; moe__comm_test lets it progress, moe__comm_wait completes it and must follow on
    every path (it does nothing for a request that was not posted). Send and receive buffers
    stay the exchange's until then. */
-static moe_status moe__comm_alltoallv_start(moe_ctx *ctx, moe_comm *comm, moe_status st, const void *send, const int64_t *send_rows,
-                                            void *recv, const int64_t *recv_rows, int64_t width, moe_comm_type type,
-                                            moe__comm_req *req) {
+static moe_status moe__comm_alltoallv_start(moe_ctx *ctx, moe_comm *comm, moe_comm *also, moe_status st, const void *send,
+                                            const int64_t *send_rows, void *recv, const int64_t *recv_rows, int64_t width,
+                                            moe_comm_type type, moe__comm_req *req) {
     int64_t *s, *r;
     memset(req, 0, sizeof *req);
     req->type = type;
-    st = moe__comm_alltoallv_args(ctx, comm, "expert-parallel exchange", st, send, send_rows, recv, recv_rows, width, type, &s, &r,
+    st = moe__comm_alltoallv_args(ctx, comm, also, "expert-parallel exchange", st, send, send_rows, recv, recv_rows, width, type, &s, &r,
                                   &req->from_others);
     if (!st) st = comm->ops->alltoallv_start(ctx, comm, send, s, s + comm->size, recv, r, r + comm->size, type, req);
     req->started = st == MOE_OK;
@@ -14105,16 +14109,12 @@ static moe_status moe__ep_plan_make(moe_ctx *ctx, const moe__moe *L, const int64
 }
 
 /* An exchange of the layer posted into *req (NULL: none — this rank only votes, with st a
-   failure). With an EDP group the whole job votes first, so that a failure in one EP group
-   stops the others too; the start's own vote over the EP group then finds every rank willing. */
+   failure) once the whole job agrees: the EP group, then the EDP group, so that a failure in
+   one EP group stops the others too. */
 static moe_status moe__ep_start(moe_ctx *ctx, const moe__moe *L, moe_status st, const void *send, const int64_t *to, void *recv,
                                 const int64_t *from, int64_t width, moe_comm_type type, moe__comm_req *req) {
-    if (L->edp) {
-        MOE__TRY(moe__ep_agree(ctx, L, st));
-        st = MOE_OK;
-    }
-    if (!req) return moe__comm_agree(ctx, L->ep, "expert-parallel exchange", st);
-    return moe__comm_alltoallv_start(ctx, L->ep, st, send, to, recv, from, width, type, req);
+    if (!req) return moe__ep_agree(ctx, L, st);
+    return moe__comm_alltoallv_start(ctx, L->ep, L->edp, st, send, to, recv, from, width, type, req);
 }
 
 /* An exchange in flight: its requests and what their arrival decodes. */

@@ -220,7 +220,7 @@ static void alltoallv_started(void) {
         rtot += rrows[r] = (r + R) % 3;
     }
     rows_fill(send, srows, W);
-    T_ASSERT(moe__comm_alltoallv_start(ctx, world, MOE_OK, send, srows, recv, rrows, W, MOE_COMM_F64, &req) == MOE_OK, "%s",
+    T_ASSERT(moe__comm_alltoallv_start(ctx, world, NULL, MOE_OK, send, srows, recv, rrows, W, MOE_COMM_F64, &req) == MOE_OK, "%s",
              moe_ctx_error(ctx));
     for (i = 0; i < 3; i++) T_CHECK(moe__comm_test(ctx, world, &req) == MOE_OK, "test %lld: %s", (long long)i, moe_ctx_error(ctx));
     T_ASSERT(moe__comm_wait(ctx, world, &req) == MOE_OK, "%s", moe_ctx_error(ctx));
@@ -581,8 +581,10 @@ static void expert_parallel_agreed(void) {
     moe_comm *ep = NULL, *edp = NULL;
     moe_tensor *loss = NULL;
     moe__moe L;
+    moe__comm_req req;
     moe_status st;
     int32_t tok[18];
+    int64_t none[4] = {0, 0, 0, 0}; /* rows to and from each rank of an EP group */
     if (P == 1) {
         T_NOTE("one rank: nothing to agree on");
         return;
@@ -601,6 +603,16 @@ static void expert_parallel_agreed(void) {
     else T_CHECK(st == MOE_ERR_COMM && strstr(moe_ctx_error(ctx), "another rank"), "rank %d: %s (%s)", R, moe_status_name(st),
                  moe_ctx_error(ctx));
     T_CHECK(moe__ep_agree(ctx, &L, MOE_OK) == MOE_OK, "then every rank goes on: %s", moe_ctx_error(ctx));
+    /* an exchange's start takes the same vote before it posts anything (here an empty one) */
+    st = moe__ep_start(ctx, &L, R == 0 ? moe__fail(ctx, MOE_ERR_MEMORY, "rank 0 out of memory (on purpose)") : MOE_OK, NULL, none,
+                       NULL, none, 1, MOE_COMM_F32, &req);
+    if (R == 0) T_CHECK(st == MOE_ERR_MEMORY, "the failing rank's start: %s", moe_status_name(st));
+    else T_CHECK(st == MOE_ERR_COMM && strstr(moe_ctx_error(ctx), "another rank"), "rank %d's start: %s (%s)", R, moe_status_name(st),
+                 moe_ctx_error(ctx));
+    T_CHECK(moe__comm_wait(ctx, L.ep, &req) == MOE_OK, "nothing was posted: %s", moe_ctx_error(ctx));
+    T_CHECK(moe__ep_start(ctx, &L, MOE_OK, NULL, none, NULL, none, 1, MOE_COMM_F32, &req) == MOE_OK &&
+                moe__comm_wait(ctx, L.ep, &req) == MOE_OK,
+            "then the exchange runs: %s", moe_ctx_error(ctx));
     if (ep) moe_comm_free(ep);
     if (edp) moe_comm_free(edp);
     /* the last rank's outputs would come home in BF16, the others' in FP32 */
