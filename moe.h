@@ -2954,7 +2954,7 @@ static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask1
 static MOE__EXP8_INLINE __m512i moe__gemm_row_pairs16(const void *src, int bf16, int64_t n) {
     const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
     __m512i lo, hi;
-    _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* two calls ahead along the row: the caller visits many rows in turn */
+    _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* 256 bytes on along the row (two calls of f32): callers visit many rows in turn */
     _mm_prefetch((const char *)src + 320, _MM_HINT_T0);
     if (bf16) return _mm512_maskz_loadu_epi16(n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u), src);
     lo = moe__gemm_bf16_round16((const float *)src, moe__gemm_keep16(n, 0));
