@@ -2954,7 +2954,7 @@ static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask1
 static MOE__EXP8_INLINE __m512i moe__gemm_row_pairs16(const void *src, int bf16, int64_t n) {
     const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
     __m512i lo, hi;
-    _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* 256 bytes on along the row (two calls of f32): callers visit many rows in turn */
+    _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* along the row: two calls on for f32 values, four for bf16 */
     _mm_prefetch((const char *)src + 320, _MM_HINT_T0);
     if (bf16) return _mm512_maskz_loadu_epi16(n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u), src);
     lo = moe__gemm_bf16_round16((const float *)src, moe__gemm_keep16(n, 0));
@@ -3118,6 +3118,10 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
             uint32_t rows[16][MOE__GEMM_KMAX / 2 + 16];
             int64_t c, h, q;
             for (h = 0; h < 2; h++) {
+                if (16 * h >= nr) { /* no columns in this half */
+                    for (q = 0; q < kp; q++) _mm512_storeu_si512((void *)(dst + q * NR + 16 * h), _mm512_setzero_si512());
+                    continue;
+                }
                 for (q = 0; q < 16; q++)
                     for (c = 0; c < kc; c += 32)
                         _mm512_storeu_si512((void *)(rows[q] + c / 2),

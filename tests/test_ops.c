@@ -120,6 +120,98 @@ static void test_gemm_layouts(void) {
     T_NOTE("%d GEMM configurations checked against a double reference (bound 4·(k+2)·2^-24·Σ|ab|)", cases + 3);
 }
 
+/* The BF16 packings bit for bit against their definition: K-pair lane = bf16(op(X)[2p]) |
+   bf16(op(X)[2p + 1]) << 16 (moe_f32_to_bf16: nearest even, NaN -> 0x7FFF), 0 past kc and in
+   the padding columns or rows, nothing written past the panel; every layout, from f32 and from
+   bf16 storage, over values that test the rounding (ties both ways, NaN, ±Inf, the largest
+   float, −0, subnormals) among random ones. */
+#if defined(MOE__GEMM_HAVE_AVX2)
+#define PK_LD 300 /* the matrix is 300 × 300 either way round */
+static float pk_f[PK_LD * PK_LD];
+static uint16_t pk_h[PK_LD * PK_LD];
+static uint32_t pk_bits(float v) { uint32_t u; memcpy(&u, &v, 4); return u; }
+/* element (r, c) of op(X) as bf16: X stored [rows][PK_LD], transposed when `trans` */
+static uint32_t pk_el(int trans, int64_t r, int64_t c) { return pk_h[trans ? c * PK_LD + r : r * PK_LD + c]; }
+static int pk_check(const uint32_t *got, int64_t kp, int64_t width, int64_t used, int trans, int by_row, int64_t r0, int64_t p0,
+                    int64_t kc) {
+    int64_t pp, x;
+    for (pp = 0; pp < kp; pp++)
+        for (x = 0; x < width; x++) {
+            uint32_t want = 0;
+            if (x < used) {
+                int64_t p = p0 + 2 * pp;
+                want = by_row ? pk_el(trans, r0 + x, p) | (2 * pp + 1 < kc ? pk_el(trans, r0 + x, p + 1) << 16 : 0u)
+                              : pk_el(trans, p, r0 + x) | (2 * pp + 1 < kc ? pk_el(trans, p + 1, r0 + x) << 16 : 0u);
+            }
+            if (got[pp * width + x] != want) return 0;
+        }
+    return 1;
+}
+static void test_gemm_bf16_packing(void) {
+    static const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0x7FC00001u, 0xFFC00000u, 0x7F800001u,
+                                       0x7F800000u, 0xFF800000u, 0x7F7FFFFFu, 0x80000000u, 0x00000001u, 0x00008000u,
+                                       0x00018000u, 0x807FFFFFu};
+    static const int64_t kcs[] = {1, 2, 31, 32, 33, 255, 256}, widths[] = {1, 5, 6, 16, 17, 32}, groups[] = {1, 6, 7, 17, 48};
+    static uint32_t dst[8192];
+    moe_rng rng = moe_rng_new(21, 0);
+    moe__gemm_desc d;
+    int64_t i, a, w, bad = 0, cases = 0;
+    int in16, trans;
+    for (i = 0; i < PK_LD * PK_LD; i++) {
+        uint32_t u = special[moe_rng_next(&rng) % (sizeof special / sizeof special[0])];
+        float v = moe_rng_next(&rng) % 4 == 0 ? 0.0f : (float)moe_rng_normal(&rng);
+        if (moe_rng_next(&rng) % 8 == 0) memcpy(&v, &u, 4);
+        pk_f[i] = v;
+        pk_h[i] = moe_f32_to_bf16(v);
+    }
+    T_CHECK(pk_bits(moe_bf16_to_f32(moe_f32_to_bf16(1.00390625f))) == 0x3F800000u && moe_f32_to_bf16(NAN) == 0x7FFF,
+            "the definition: ties to even, NaN -> 0x7FFF");
+    memset(&d, 0, sizeof d);
+    for (in16 = 0; in16 < 2; in16++)
+        for (trans = 0; trans < 2; trans++)
+            for (a = 0; a < (int64_t)(sizeof kcs / sizeof kcs[0]); a++)
+                for (w = 0; w < (int64_t)(sizeof widths / sizeof widths[0]); w++) {
+                    const int64_t kc = kcs[a], kp = (kc + 1) / 2, p0 = 3 + a, r0 = 7 + w;
+                    d.a = d.b = in16 ? (const void *)pk_h : (const void *)pk_f;
+                    d.a_bf16 = d.b_bf16 = in16;
+                    d.lda = d.ldb = PK_LD;
+                    d.b_trans = trans; /* op(B) [k, n]: column r0 + x */
+                    memset(dst, 0xA5, sizeof dst);
+                    moe__gemm_pack_b_bf16(&d, p0, kc, r0, widths[w], dst);
+                    bad += !pk_check(dst, kp, MOE__GEMM_BNR, widths[w], trans, 0, r0, p0, kc) || dst[kp * MOE__GEMM_BNR] != 0xA5A5A5A5u;
+                    if (widths[w] <= MOE__GEMM_BMR) { /* op(A) [m, k]: row r0 + x */
+                        d.a_trans = trans;
+                        memset(dst, 0xA5, sizeof dst);
+                        moe__gemm_pack_a_bf16(&d, r0, widths[w], p0, kc, dst);
+                        bad += !pk_check(dst, kp, MOE__GEMM_BMR, widths[w], trans, 1, r0, p0, kc) || dst[kp * MOE__GEMM_BMR] != 0xA5A5A5A5u;
+                        cases++;
+                    }
+                    if (trans && w < (int64_t)(sizeof groups / sizeof groups[0])) { /* Aᵀ's panels of 6 rows, up to 8 at once */
+                        const int64_t rows = groups[w], np = (rows + MOE__GEMM_BMR - 1) / MOE__GEMM_BMR;
+                        int64_t g;
+                        d.a_trans = 1;
+                        memset(dst, 0xA5, sizeof dst);
+                        moe__gemm_pack_at_bf16_group(&d, r0, rows, p0, kc, dst);
+                        for (g = 0; g < np; g++) {
+                            int64_t used = rows - g * MOE__GEMM_BMR < MOE__GEMM_BMR ? rows - g * MOE__GEMM_BMR : MOE__GEMM_BMR;
+                            bad += !pk_check(dst + g * kp * MOE__GEMM_BMR, kp, MOE__GEMM_BMR, used, 1, 1, r0 + g * MOE__GEMM_BMR, p0, kc);
+                        }
+                        bad += dst[np * kp * MOE__GEMM_BMR] != 0xA5A5A5A5u;
+                        cases++;
+                    }
+                    cases++;
+                }
+    T_CHECK(bad == 0, "%lld of %lld packings differ from their definition", (long long)bad, (long long)cases);
+#if defined(MOE__GEMM_PAIRS16)
+    T_NOTE("%lld BF16 packings bit for bit (AVX-512 pair packing compiled in)", (long long)cases);
+#else
+    T_NOTE("%lld BF16 packings bit for bit (the AVX2 build's packing)", (long long)cases);
+#endif
+}
+#else
+static void test_gemm_bf16_packing(void) { T_NOTE("no SIMD GEMM in this build: nothing to pack"); }
+#endif
+
 static void test_gemm_threads_bitwise(void) {
     int64_t m = 200, n = 130, k = 300;
     moe_tensor *A = mk(1, m * k, 0, 0, 0), *B = mk(1, n * k, 0, 0, 0);
@@ -545,6 +637,7 @@ int main(int argc, char **argv) {
     moe_ctx_set_threads(g_ctx, 2);
     T_RUN_FILTERED(test_gemm_layouts);
     T_RUN_FILTERED(test_gemm_threads_bitwise);
+    T_RUN_FILTERED(test_gemm_bf16_packing);
     T_RUN_FILTERED(test_rmsnorm_softmax_forward);
     T_RUN_FILTERED(test_attention_forward);
     T_RUN_FILTERED(test_attention_backward);
