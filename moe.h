@@ -3056,28 +3056,15 @@ static void moe__gemm_pack_b_f32(const moe__gemm_desc *d, int64_t p0, int64_t kc
     }
 }
 
-/* op(A) rows [i, i+mr), mr ≤ 6, k [p0, p0+kc) → dst[kc][6], zero-padded. */
+/* op(A) rows [i, i+mr), mr ≤ 6, k [p0, p0+kc) → dst[kc][6], zero-padded (Aᵀ in f32 without
+   rounding: moe__gemm_pack_at_f32_group). */
 static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i, int64_t mr, int64_t p0, int64_t kc,
                                  float *MOE_RESTRICT dst) {
     const int MR = MOE__GEMM_MR;
     const int rnd = d->bf16_compute && !d->a_bf16;
     const int64_t lda = d->lda;
     int64_t p, ii;
-    if (!d->a_bf16 && !rnd && d->a_trans) {
-        const float *s = (const float *)d->a + p0 * lda + i;
-        if (mr == MR) {
-            for (p = 0; p < kc; p++) {
-                const float *r = s + p * lda;
-                float *o = dst + p * MR;
-                float v0 = r[0], v1 = r[1], v2 = r[2], v3 = r[3], v4 = r[4], v5 = r[5];
-                o[0] = v0; o[1] = v1; o[2] = v2; o[3] = v3; o[4] = v4; o[5] = v5;
-            }
-        } else {
-            for (p = 0; p < kc; p++) {
-                for (ii = 0; ii < MR; ii++) dst[p * MR + ii] = ii < mr ? s[p * lda + ii] : 0.0f;
-            }
-        }
-    } else if (!d->a_bf16 && !rnd) {
+    if (!d->a_trans && !d->a_bf16 && !rnd) {
         const float *s = (const float *)d->a + i * lda + p0;
         if (mr == MR) {
             const float *r0 = s, *r1 = s + lda, *r2 = s + 2 * lda, *r3 = s + 3 * lda, *r4 = s + 4 * lda,
@@ -3099,6 +3086,32 @@ static void moe__gemm_pack_a_f32(const moe__gemm_desc *d, int64_t i, int64_t mr,
                 dst[p * MR + ii] = rnd ? moe__round_bf16(v) : v;
             }
             for (; ii < MR; ii++) dst[p * MR + ii] = 0.0f;
+        }
+    }
+}
+
+/* Transposed A (Aᵀ stored [k, m], f32, no rounding) for up to 8 panels at once: rows [i,
+   i+rows), rows ≤ 48; panel g goes to dst + g*kc*6. Each k's values for all the panels are read
+   together (panel by panel, the same cache lines of Aᵀ's far-apart rows came back up to 8
+   times), with the rows four k ahead prefetched. */
+static void moe__gemm_pack_at_f32_group(const moe__gemm_desc *d, int64_t i, int64_t rows, int64_t p0, int64_t kc,
+                                        float *MOE_RESTRICT dst) {
+    const int MR = MOE__GEMM_MR;
+    const int64_t lda = d->lda, np = (rows + MR - 1) / MR;
+    const float *row = (const float *)d->a + p0 * lda + i;
+    int64_t p, g, c;
+    for (p = 0; p < kc; p++, row += lda) {
+        if (p + 4 < kc)
+            for (c = 0; c < rows; c += 16) _mm_prefetch((const char *)(row + 4 * lda + c), _MM_HINT_T0);
+        for (g = 0; g < np; g++) {
+            const float *r = row + g * MR;
+            float *o = dst + g * kc * MR + p * MR;
+            if (rows - g * MR >= MR) { /* 4 + 2 floats */
+                _mm_storeu_ps(o, _mm_loadu_ps(r));
+                _mm_storel_pi((__m64 *)(void *)(o + 4), _mm_loadl_pi(_mm_setzero_ps(), (const __m64 *)(const void *)(r + 4)));
+            } else {
+                for (c = 0; c < MR; c++) o[c] = c < rows - g * MR ? r[c] : 0.0f;
+            }
         }
     }
 }
@@ -3608,6 +3621,10 @@ static void moe__gemm_do_pack_a(const moe__gemm_job *job, int64_t i, int64_t row
         int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
         if (pl->kind == MOE__GEMM_KIND_BF16 && d->a_trans) {
             moe__gemm_pack_at_bf16_group(d, i, rows, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + off * kp);
+            continue;
+        }
+        if (pl->kind == MOE__GEMM_KIND_F32 && d->a_trans && !d->a_bf16 && !d->bf16_compute) {
+            moe__gemm_pack_at_f32_group(d, i, rows, pc, kc, job->ap + pc * width + off * kc);
             continue;
         }
         for (r = 0; r < rows; r += MR) {

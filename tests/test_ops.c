@@ -102,7 +102,8 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
 
 static void test_gemm_layouts(void) {
     static const int64_t sizes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 40}, {64, 48, 129}, {127, 16, 32}, {40, 129, 3},
-                                       {256, 96, 32}, {130, 70, 260}};
+                                       {256, 96, 32}, {130, 70, 260},
+                                       {100, 130, 300}};
     size_t s;
     int ta, tb, bf16, in16, simd, cases = 0;
     for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
@@ -124,7 +125,8 @@ static void test_gemm_layouts(void) {
    bf16(op(X)[2p + 1]) << 16 (moe_f32_to_bf16: nearest even, NaN -> 0x7FFF), 0 past kc and in
    the padding columns or rows, nothing written past the panel; every layout, from f32 and from
    bf16 storage, over values that test the rounding (ties both ways, NaN, ±Inf, the largest
-   float, −0, subnormals) among random ones. */
+   float, −0, subnormals) among random ones. Also FP32's grouped Aᵀ panels (the values
+   themselves; its padding rows, which no GEMM result shows, 0). */
 #if defined(MOE__GEMM_HAVE_AVX2)
 #define PK_LD 300 /* the matrix is 300 × 300 either way round */
 static float pk_f[PK_LD * PK_LD];
@@ -147,12 +149,12 @@ static int pk_check(const uint32_t *got, int64_t kp, int64_t width, int64_t used
         }
     return 1;
 }
-static void test_gemm_bf16_packing(void) {
+static void test_gemm_packing(void) {
     static const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0x7FC00001u, 0xFFC00000u, 0x7F800001u,
                                        0x7F800000u, 0xFF800000u, 0x7F7FFFFFu, 0x80000000u, 0x00000001u, 0x00008000u,
                                        0x00018000u, 0x807FFFFFu};
     static const int64_t kcs[] = {1, 2, 31, 32, 33, 255, 256}, widths[] = {1, 5, 6, 16, 17, 32}, groups[] = {1, 6, 7, 17, 48};
-    static uint32_t dst[8192];
+    static uint32_t dst[8 * 256 * 6 + 64]; /* the largest: FP32 Aᵀ, 8 panels of kc = 256 */
     moe_rng rng = moe_rng_new(21, 0);
     moe__gemm_desc d;
     int64_t i, a, w, bad = 0, cases = 0;
@@ -198,18 +200,32 @@ static void test_gemm_bf16_packing(void) {
                         }
                         bad += dst[np * kp * MOE__GEMM_BMR] != 0xA5A5A5A5u;
                         cases++;
+                        if (!in16) { /* and FP32's: the values as they are, padding 0 */
+                            float *f = (float *)(void *)dst;
+                            int64_t p, x, wrong = 0;
+                            memset(dst, 0xA5, sizeof dst);
+                            moe__gemm_pack_at_f32_group(&d, r0, rows, p0, kc, f);
+                            for (g = 0; g < np; g++)
+                                for (p = 0; p < kc; p++)
+                                    for (x = 0; x < MOE__GEMM_MR; x++) {
+                                        float want = g * MOE__GEMM_MR + x < rows ? pk_f[(p0 + p) * PK_LD + r0 + g * MOE__GEMM_MR + x] : 0.0f;
+                                        wrong += pk_bits(f[(g * kc + p) * MOE__GEMM_MR + x]) != pk_bits(want);
+                                    }
+                            bad += wrong || dst[np * kc * MOE__GEMM_MR] != 0xA5A5A5A5u;
+                            cases++;
+                        }
                     }
                     cases++;
                 }
     T_CHECK(bad == 0, "%lld of %lld packings differ from their definition", (long long)bad, (long long)cases);
 #if defined(MOE__GEMM_PAIRS16)
-    T_NOTE("%lld BF16 packings bit for bit (AVX-512 pair packing compiled in)", (long long)cases);
+    T_NOTE("%lld packings bit for bit, BF16 and FP32's Aᵀ groups (AVX-512 pair packing compiled in)", (long long)cases);
 #else
-    T_NOTE("%lld BF16 packings bit for bit (the AVX2 build's packing)", (long long)cases);
+    T_NOTE("%lld packings bit for bit, BF16 and FP32's Aᵀ groups (the AVX2 build's packing)", (long long)cases);
 #endif
 }
 #else
-static void test_gemm_bf16_packing(void) { T_NOTE("no SIMD GEMM in this build: nothing to pack"); }
+static void test_gemm_packing(void) { T_NOTE("no SIMD GEMM in this build: nothing to pack"); }
 #endif
 
 static void test_gemm_threads_bitwise(void) {
@@ -637,7 +653,7 @@ int main(int argc, char **argv) {
     moe_ctx_set_threads(g_ctx, 2);
     T_RUN_FILTERED(test_gemm_layouts);
     T_RUN_FILTERED(test_gemm_threads_bitwise);
-    T_RUN_FILTERED(test_gemm_bf16_packing);
+    T_RUN_FILTERED(test_gemm_packing);
     T_RUN_FILTERED(test_rmsnorm_softmax_forward);
     T_RUN_FILTERED(test_attention_forward);
     T_RUN_FILTERED(test_attention_backward);
