@@ -2977,8 +2977,10 @@ static void moe__gemm_transpose16(__m512i r[16]) {
         r[i + 3] = _mm512_maskz_unpackhi_epi64((__mmask8)0xFF, t[i + 1], t[i + 3]);
     }
     for (j = 0; j < 4; j++) { /* column 4L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
-        __m512i v0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0x88), v1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0xDD);
-        __m512i w0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0x88), w1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0xDD);
+        __m512i v0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0x88);
+        __m512i v1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[j], r[4 + j], 0xDD);
+        __m512i w0 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0x88);
+        __m512i w1 = _mm512_maskz_shuffle_i32x4(MOE__ALL16, r[8 + j], r[12 + j], 0xDD);
         t[j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v0, w0, 0x88);
         t[8 + j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v0, w0, 0xDD);
         t[4 + j] = _mm512_maskz_shuffle_i32x4(MOE__ALL16, v1, w1, 0x88);
@@ -3135,12 +3137,12 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
                     for (q = 0; q < kp; q++) _mm512_storeu_si512((void *)(dst + q * NR + 16 * h), _mm512_setzero_si512());
                     continue;
                 }
-                for (q = 0; q < 16; q++)
+                for (q = 0; q < 16; q++) { /* column j + 16h + q: row j + 16h + q of B (NULL: padding) */
+                    const unsigned char *col = 16 * h + q < nr ? (const unsigned char *)d->b + ((j + 16 * h + q) * ldb + p0) * es : NULL;
                     for (c = 0; c < kc; c += 32)
                         _mm512_storeu_si512((void *)(rows[q] + c / 2),
-                                           16 * h + q < nr ? moe__gemm_row_pairs16((const unsigned char *)d->b + ((j + 16 * h + q) * ldb + p0 + c) * es,
-                                                                                   d->b_bf16, kc - c)
-                                                           : _mm512_setzero_si512());
+                                            col ? moe__gemm_row_pairs16(col + c * es, d->b_bf16, kc - c) : _mm512_setzero_si512());
+                }
                 for (c = 0; c < kp; c += 16) {
                     __m512i r[16];
                     for (q = 0; q < 16; q++) r[q] = _mm512_loadu_si512((const void *)(rows[q] + c));
