@@ -2924,9 +2924,6 @@ static void moe__gemm_get_bf16(const void *src, int bf16, int64_t idx, uint16_t 
     if (bf16) memcpy(dst, (const uint16_t *)src + idx, (size_t)n * sizeof(uint16_t));
     else moe__gemm_cvt_bf16((const float *)src + idx, dst, n);
 }
-static uint32_t moe__gemm_get16(const void *src, int bf16, int64_t idx) {
-    return bf16 ? (uint32_t)((const uint16_t *)src)[idx] : (uint32_t)moe_f32_to_bf16(((const float *)src)[idx]);
-}
 #if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512)
 #define MOE__GEMM_PAIRS16 1
 /* The lanes of a 16-wide chunk starting at c that fall below n. */
@@ -3127,28 +3124,27 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
     int64_t pp, jj;
     if (d->b_trans) { /* column j of op(B) is row j of B: consecutive k */
 #if defined(MOE__GEMM_PAIRS16)
-        { /* each of 2 × 16 columns along its row (the order its memory is read best), then 16 × 16
-             pairs at a time transposed into 16 rows of the panel */
-            const size_t es = d->b_bf16 ? 2 : 4;
-            uint32_t rows[16][MOE__GEMM_KMAX / 2 + 16];
-            int64_t c, h, q;
-            for (h = 0; h < 2; h++) {
-                if (16 * h >= nr) { /* no columns in this half */
-                    for (q = 0; q < kp; q++) _mm512_storeu_si512((void *)(dst + q * NR + 16 * h), _mm512_setzero_si512());
-                    continue;
-                }
-                for (q = 0; q < 16; q++) { /* column j + 16h + q: row j + 16h + q of B (NULL: padding) */
-                    const unsigned char *col = 16 * h + q < nr ? (const unsigned char *)d->b + ((j + 16 * h + q) * ldb + p0) * es : NULL;
-                    for (c = 0; c < kc; c += 32)
-                        _mm512_storeu_si512((void *)(rows[q] + c / 2),
-                                            col ? moe__gemm_row_pairs16(col + c * es, d->b_bf16, kc - c) : _mm512_setzero_si512());
-                }
-                for (c = 0; c < kp; c += 16) {
-                    __m512i r[16];
-                    for (q = 0; q < 16; q++) r[q] = _mm512_loadu_si512((const void *)(rows[q] + c));
-                    moe__gemm_transpose16(r);
-                    for (q = 0; q < 16 && c + q < kp; q++) _mm512_storeu_si512((void *)(dst + (c + q) * NR + 16 * h), r[q]);
-                }
+        /* each of 2 × 16 columns along its row (the order its memory is read best), then 16 × 16
+           pairs at a time transposed into 16 rows of the panel */
+        const size_t es = d->b_bf16 ? 2 : 4;
+        uint32_t rows[16][MOE__GEMM_KMAX / 2 + 16];
+        int64_t c, h, q;
+        for (h = 0; h < 2; h++) {
+            if (16 * h >= nr) { /* no columns in this half */
+                for (q = 0; q < kp; q++) _mm512_storeu_si512((void *)(dst + q * NR + 16 * h), _mm512_setzero_si512());
+                continue;
+            }
+            for (q = 0; q < 16; q++) { /* column j + 16h + q: row j + 16h + q of B (NULL: padding) */
+                const unsigned char *col = 16 * h + q < nr ? (const unsigned char *)d->b + ((j + 16 * h + q) * ldb + p0) * es : NULL;
+                for (c = 0; c < kc; c += 32)
+                    _mm512_storeu_si512((void *)(rows[q] + c / 2),
+                                        col ? moe__gemm_row_pairs16(col + c * es, d->b_bf16, kc - c) : _mm512_setzero_si512());
+            }
+            for (c = 0; c < kp; c += 16) {
+                __m512i r[16];
+                for (q = 0; q < 16; q++) r[q] = _mm512_loadu_si512((const void *)(rows[q] + c));
+                moe__gemm_transpose16(r);
+                for (q = 0; q < 16 && c + q < kp; q++) _mm512_storeu_si512((void *)(dst + (c + q) * NR + 16 * h), r[q]);
             }
         }
 #else
@@ -3187,42 +3183,44 @@ static void moe__gemm_pack_b_bf16(const moe__gemm_desc *d, int64_t p0, int64_t k
     }
 }
 
+static void moe__gemm_pack_at_bf16_group(const moe__gemm_desc *d, int64_t i, int64_t rows, int64_t p0, int64_t kc,
+                                         uint32_t *MOE_RESTRICT dst);
 /* op(A) rows [i, i+mr), mr ≤ 6, k [p0, p0+kc) → dst[(kc+1)/2][6]. */
 static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr, int64_t p0, int64_t kc,
                                   uint32_t *MOE_RESTRICT dst) {
     const int MR = MOE__GEMM_BMR;
     const int64_t kp = (kc + 1) / 2, lda = d->lda;
-    int64_t pp, ii;
+    int64_t ii;
     if (!d->a_trans) { /* row i of A: consecutive k */
 #if defined(MOE__GEMM_PAIRS16)
-        { /* 16 pairs of each of the 6 rows, interleaved into 6 × 16 lanes of the panel: lane t of
-             vector v is pair g / 6 of row g % 6 (g = 16v + t), so the index picks lane g / 6 of
-             the row pair (g % 6) / 2, the odd row from the second source; vectors v and v + 3
-             differ by 8 pairs */
-            const __m512i pick[3] = {_mm512_setr_epi32(0, 16, 0, 16, 0, 16, 1, 17, 1, 17, 1, 17, 2, 18, 2, 18),
-                                     _mm512_setr_epi32(2, 18, 3, 19, 3, 19, 3, 19, 4, 20, 4, 20, 4, 20, 5, 21),
-                                     _mm512_setr_epi32(5, 21, 5, 21, 6, 22, 6, 22, 6, 22, 7, 23, 7, 23, 7, 23)};
-            const __mmask16 rows23[3] = {0xC30C, 0x0C30, 0x30C3}, rows45[3] = {0x0C30, 0x30C3, 0xC30C};
-            const __m512i eight = _mm512_set1_epi32(8);
-            const size_t es = d->a_bf16 ? 2 : 4;
-            int64_t c, v;
-            for (c = 0; c < kc; c += 32) {
-                const int64_t np = kp - c / 2 < 16 ? kp - c / 2 : 16;
-                __m512i r[6];
-                for (ii = 0; ii < MR; ii++)
-                    r[ii] = ii < mr ? moe__gemm_row_pairs16((const unsigned char *)d->a + ((i + ii) * lda + p0 + c) * es, d->a_bf16, kc - c)
-                                    : _mm512_setzero_si512();
-                for (v = 0; v < 6; v++) {
-                    __m512i idx = v < 3 ? pick[v] : _mm512_add_epi32(pick[v - 3], eight);
-                    __m512i o = _mm512_permutex2var_epi32(r[0], idx, r[1]);
-                    o = _mm512_mask_blend_epi32(rows23[v % 3], o, _mm512_permutex2var_epi32(r[2], idx, r[3]));
-                    o = _mm512_mask_blend_epi32(rows45[v % 3], o, _mm512_permutex2var_epi32(r[4], idx, r[5]));
-                    _mm512_mask_storeu_epi32(dst + c / 2 * MR + 16 * v, moe__gemm_keep16(np * MR, 16 * v), o);
-                }
+        /* 16 pairs of each of the 6 rows, interleaved into 6 × 16 lanes of the panel: lane t of
+           vector v is pair g / 6 of row g % 6 (g = 16v + t), so the index picks lane g / 6 of
+           the row pair (g % 6) / 2, the odd row from the second source; vectors v and v + 3
+           differ by 8 pairs */
+        const __m512i pick[3] = {_mm512_setr_epi32(0, 16, 0, 16, 0, 16, 1, 17, 1, 17, 1, 17, 2, 18, 2, 18),
+                                 _mm512_setr_epi32(2, 18, 3, 19, 3, 19, 3, 19, 4, 20, 4, 20, 4, 20, 5, 21),
+                                 _mm512_setr_epi32(5, 21, 5, 21, 6, 22, 6, 22, 6, 22, 7, 23, 7, 23, 7, 23)};
+        const __mmask16 rows23[3] = {0xC30C, 0x0C30, 0x30C3}, rows45[3] = {0x0C30, 0x30C3, 0xC30C};
+        const __m512i eight = _mm512_set1_epi32(8);
+        const size_t es = d->a_bf16 ? 2 : 4;
+        int64_t c, v;
+        for (c = 0; c < kc; c += 32) {
+            const int64_t np = kp - c / 2 < 16 ? kp - c / 2 : 16;
+            __m512i r[6];
+            for (ii = 0; ii < MR; ii++)
+                r[ii] = ii < mr ? moe__gemm_row_pairs16((const unsigned char *)d->a + ((i + ii) * lda + p0 + c) * es, d->a_bf16, kc - c)
+                                : _mm512_setzero_si512();
+            for (v = 0; v < 6; v++) {
+                __m512i idx = v < 3 ? pick[v] : _mm512_add_epi32(pick[v - 3], eight);
+                __m512i o = _mm512_permutex2var_epi32(r[0], idx, r[1]);
+                o = _mm512_mask_blend_epi32(rows23[v % 3], o, _mm512_permutex2var_epi32(r[2], idx, r[3]));
+                o = _mm512_mask_blend_epi32(rows45[v % 3], o, _mm512_permutex2var_epi32(r[4], idx, r[5]));
+                _mm512_mask_storeu_epi32(dst + c / 2 * MR + 16 * v, moe__gemm_keep16(np * MR, 16 * v), o);
             }
         }
 #else
         uint16_t tmp[MOE__GEMM_KMAX + 2];
+        int64_t pp;
         for (ii = 0; ii < mr; ii++) {
             moe__gemm_get_bf16(d->a, d->a_bf16, (i + ii) * lda + p0, tmp, kc);
             tmp[kc] = 0;
@@ -3231,26 +3229,8 @@ static void moe__gemm_pack_a_bf16(const moe__gemm_desc *d, int64_t i, int64_t mr
         for (; ii < MR; ii++)
             for (pp = 0; pp < kp; pp++) dst[pp * MR + ii] = 0u;
 #endif
-    } else if (mr == MR) {
-        uint16_t t0[8], t1[8];
-        for (pp = 0; pp < kp; pp++) {
-            int64_t p = p0 + 2 * pp;
-            moe__gemm_get_bf16(d->a, d->a_bf16, p * lda + i, t0, MR);
-            if (2 * pp + 1 < kc) moe__gemm_get_bf16(d->a, d->a_bf16, (p + 1) * lda + i, t1, MR);
-            else memset(t1, 0, sizeof t1);
-            for (ii = 0; ii < MR; ii++) dst[pp * MR + ii] = (uint32_t)t0[ii] | ((uint32_t)t1[ii] << 16);
-        }
-    } else {
-        for (pp = 0; pp < kp; pp++) {
-            int64_t p = p0 + 2 * pp;
-            int has1 = 2 * pp + 1 < kc;
-            for (ii = 0; ii < mr; ii++) {
-                uint32_t lo = moe__gemm_get16(d->a, d->a_bf16, p * lda + i + ii);
-                uint32_t hi = has1 ? moe__gemm_get16(d->a, d->a_bf16, (p + 1) * lda + i + ii) : 0u;
-                dst[pp * MR + ii] = lo | (hi << 16);
-            }
-            for (; ii < MR; ii++) dst[pp * MR + ii] = 0u;
-        }
+    } else { /* one panel of the grouped packing */
+        moe__gemm_pack_at_bf16_group(d, i, mr, p0, kc, dst);
     }
 }
 /* Transposed A (Aᵀ stored [k, m]) as bf16 pairs for up to 8 panels at once: rows [i, i+rows),
