@@ -389,14 +389,15 @@ cmd_test() {
 cmd_bench() {
     local only=${1:-} f name libs
     [ $# -gt 0 ] && shift
-    need_pkg /usr/include/x86_64-linux-gnu/cblas.h libopenblas-dev
+    # OpenBLAS's own header: a netlib libblas-dev may own the cblas.h alternative, without openblas_*
+    need_pkg /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h libopenblas-dev
     need_pkg gnuplot gnuplot-nox # bench/fp8 draws its loss curves with it
     bash data/prepare.sh >&2     # bench/fp8 trains on the corpus
     for f in bench/*.c; do
         name=$(basename "$f" .c)
         [ -n "$only" ] && [ "$only" != "$name" ] && continue
         libs=$LIBS
-        case $name in gemm) libs="$LIBS -lopenblas" ;; esac
+        case $name in gemm) libs="-I/usr/include/x86_64-linux-gnu/openblas-pthread $LIBS -lopenblas" ;; esac
         if [ "$name" = dist ]; then # under Open MPI: data parallel on 1, 2 and 4 ranks, then expert parallel
             need_pkg mpicc openmpi-bin libopenmpi-dev
             mpicc $BASE $OPT $OMP -DMOE_MPI "$f" -o "$BUILD/bench_$name" $libs
@@ -407,7 +408,7 @@ cmd_bench() {
             done
             continue
         fi
-        $CC $BASE $OPT $OMP -I/usr/include/x86_64-linux-gnu "$f" -o "$BUILD/bench_$name" $libs
+        $CC $BASE $OPT $OMP "$f" -o "$BUILD/bench_$name" $libs
         "$BUILD/bench_$name" "$@"
     done
 }
