@@ -17,7 +17,9 @@
    cores double it with 512-bit, Zen 4 does not) and each moe FP32 cell is also a fraction of
    it; fp32_of_peak_1024_rows averages that over the 1024-row shapes and both thread counts.
    moe's FP32 kernel (6×32 zmm with AVX-512, 6×16 ymm otherwise or with MOE_GEMM_ZMM=0) is
-   in the table and the JSON ("moe_fp32_kernel"). The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
+   in the table and the JSON ("moe_fp32_kernel"), and so is moe's BF16 one ("moe_bf16_kernel":
+   vdpbf16ps, or the FP32 kernel over bf16-rounded operands where vdpbf16ps is slower, see
+   MOE_GEMM_BF16DP in moe.h). The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
    OpenBLAS at 2 threads over all shapes; bf16_over_fp32 is the geometric mean of moe BF16
    over moe FP32 at 2 threads over the shapes with M·N·K ≥ 2^24. */
 #define _POSIX_C_SOURCE 200809L
@@ -34,6 +36,12 @@
 #include <unistd.h>
 
 #include "bench_cpu.h"
+
+#if defined(MOE__GEMM_HAVE_BF16DP)
+#define BF16_KERNEL(ctx) ((ctx)->conf.bf16_dp ? "6x32 vdpbf16ps" : "fp32 kernel, bf16-rounded operands")
+#else
+#define BF16_KERNEL(ctx) "fp32 kernel, bf16-rounded operands"
+#endif
 
 typedef struct { int64_t m, n, k; int ta, tb; const char *role; int quick; } bench_shape;
 
@@ -310,13 +318,13 @@ int main(int argc, char **argv) {
     }
     printf("CPU %s, OpenBLAS core %s. 2 threads: fp32 ratio min %.3f geomean %.3f; bf16/fp32 geomean (M*N*K >= 2^24) %.3f\n", cpu.model, core, ratio_min,
            exp(ratio_logsum / (ratio_n ? ratio_n : 1)), bf_n ? exp(bf_logsum / bf_n) : 0.0);
-    printf("moe FP32 (the %s kernel) on the 1024-row shapes: %.0f%% of the FMA peak on average (1 and 2 threads)\n",
-           ctx->conf.f32_zmm ? "6x32 zmm" : "6x16 ymm", 100 * peak_frac_sum / (peak_frac_n ? peak_frac_n : 1));
+    printf("moe FP32 (the %s kernel) on the 1024-row shapes: %.0f%% of the FMA peak on average (1 and 2 threads); moe BF16 on %s\n",
+           ctx->conf.f32_zmm ? "6x32 zmm" : "6x16 ymm", 100 * peak_frac_sum / (peak_frac_n ? peak_frac_n : 1), BF16_KERNEL(ctx));
     printf("{\"bench\":\"gemm\",%s,\"openblas_core\":\"%s\",\"openblas_core_set_by\":\"%s\",\"openblas_default_core\":",
            bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), bench_json_escape(core, core_esc, sizeof core_esc), core_by);
     if (strcmp(core_by, "caller") == 0) printf("null"); /* not probed: the caller's variable applied at load */
     else printf("\"%s\"", bench_json_escape(default_core, def_esc, sizeof def_esc));
-    printf(",\"moe_fp32_kernel\":\"%s\"", ctx->conf.f32_zmm ? "6x32 zmm" : "6x16 ymm");
+    printf(",\"moe_fp32_kernel\":\"%s\",\"moe_bf16_kernel\":\"%s\"", ctx->conf.f32_zmm ? "6x32 zmm" : "6x16 ymm", BF16_KERNEL(ctx));
     printf(",\"openblas_config\":\"%s\",\"fma_peak_gflops\":{\"1\":%.1f,\"2\":%.1f},\"fp32_ratio_min\":%.4f,"
            "\"fp32_ratio_geomean\":%.4f,\"bf16_over_fp32\":%.4f,\"fp32_of_peak_1024_rows\":%.4f,\"rows\":[",
            bench_json_escape(openblas_get_config(), cfg_esc, sizeof cfg_esc), peak[1], peak[2], ratio_min,

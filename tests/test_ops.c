@@ -87,8 +87,8 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
         double err = fabs(F(C)[i] - want) / bound;
         if (!(err <= worst)) worst = err; /* NaN propagates into worst */
     }
-    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d in16=%d simd=%d threads=%d: error %.3g x bound",
-            (long long)m, (long long)n, (long long)k, ta, tb, bf16, in16, simd, threads, worst);
+    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d (dp %d) in16=%d simd=%d threads=%d: error %.3g x bound",
+            (long long)m, (long long)n, (long long)k, ta, tb, bf16, g_ctx->conf.bf16_dp, in16, simd, threads, worst);
     moe_ctx_set_simd(g_ctx, 1);
     moe_tensor_free(g_ctx, A);
     moe_tensor_free(g_ctx, B);
@@ -105,16 +105,25 @@ static void test_gemm_layouts(void) {
                                        {256, 96, 32}, {130, 70, 260},
                                        {100, 130, 300}};
     size_t s;
-    int ta, tb, bf16, in16, simd, cases = 0;
+    int ta, tb, bf16, in16, simd, dp, cases = 0;
+    const int dp_default = g_ctx->conf.bf16_dp;
+#if defined(MOE__GEMM_HAVE_BF16DP)
+    const int dps = 2; /* BF16 on vdpbf16ps and on FP32 FMAs, whichever is this CPU's default */
+#else
+    const int dps = 1;
+#endif
     for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
         for (ta = 0; ta < 2; ta++)
             for (tb = 0; tb < 2; tb++)
                 for (bf16 = 0; bf16 < 2; bf16++)
                     for (in16 = 0; in16 <= bf16; in16++) /* bf16 inputs with bf16 compute */
-                        for (simd = 0; simd < 2; simd++) {
-                            check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, in16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
-                            cases++;
-                        }
+                        for (simd = 0; simd < 2; simd++)
+                            for (dp = 0; dp < (bf16 && simd ? dps : 1); dp++) {
+                                g_ctx->conf.bf16_dp = dps == 2 && bf16 && simd ? dp : dp_default;
+                                check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, in16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
+                                cases++;
+                            }
+    g_ctx->conf.bf16_dp = dp_default;
     check_gemm(33, 65, 17, 0, 1, 0, 0, 1, 2, -0.5f, 1.25f);
     check_gemm(33, 65, 17, 1, 0, 1, 0, 1, 2, 2.0f, -1.0f);
     check_gemm(8, 8, 0, 0, 0, 0, 0, 1, 1, 1.0f, 0.5f); /* k = 0: C = beta·C */
@@ -126,7 +135,8 @@ static void test_gemm_layouts(void) {
    the padding columns or rows, nothing written past the panel; every layout, from f32 and from
    bf16 storage, over values that test the rounding (ties both ways, NaN, ±Inf, the largest
    float, −0, subnormals) among random ones. Also FP32's grouped Aᵀ panels (the values
-   themselves; its padding rows, which no GEMM result shows, 0). */
+   themselves; its padding rows, which no GEMM result shows, 0), and FP32's panels of bf16
+   values (rounded under bf16_compute, or widened from bf16 storage), grouped Aᵀ included. */
 #if defined(MOE__GEMM_HAVE_AVX2)
 #define PK_LD 300 /* the matrix is 300 × 300 either way round */
 static float pk_f[PK_LD * PK_LD];
@@ -146,6 +156,17 @@ static int pk_check(const uint32_t *got, int64_t kp, int64_t width, int64_t used
                               : pk_el(trans, p, r0 + x) | (2 * pp + 1 < kc ? pk_el(trans, p + 1, r0 + x) << 16 : 0u);
             }
             if (got[pp * width + x] != want) return 0;
+        }
+    return 1;
+}
+/* FP32 panels [kc][width] of bf16 values (bf16_compute rounds f32 operands; bf16 storage is
+   widened): element x of k p = bf16(op(X)) as float, 0 in the padding */
+static int pk_check_f32(const float *got, int64_t kc, int64_t width, int64_t used, int trans, int by_row, int64_t r0, int64_t p0) {
+    int64_t p, x;
+    for (p = 0; p < kc; p++)
+        for (x = 0; x < width; x++) {
+            uint32_t want = x < used ? pk_el(trans, by_row ? r0 + x : p0 + p, by_row ? p0 + p : r0 + x) << 16 : 0u;
+            if (pk_bits(got[p * width + x]) != want) return 0;
         }
     return 1;
 }
@@ -181,6 +202,23 @@ static void test_gemm_packing(void) {
                     memset(dst, 0xA5, sizeof dst);
                     moe__gemm_pack_b_bf16(&d, p0, kc, r0, widths[w], dst);
                     bad += !pk_check(dst, kp, MOE__GEMM_BNR, widths[w], trans, 0, r0, p0, kc) || dst[kp * MOE__GEMM_BNR] != 0xA5A5A5A5u;
+                    d.bf16_compute = 1; /* the FP32 kernel's panels of BF16 products (MOE_GEMM_BF16DP=0, AVX2 builds) */
+                    if (widths[w] <= MOE__GEMM_NR) {
+                        memset(dst, 0xA5, sizeof dst);
+                        moe__gemm_pack_b_f32(&d, p0, kc, r0, widths[w], (float *)(void *)dst);
+                        bad += !pk_check_f32((const float *)(const void *)dst, kc, MOE__GEMM_NR, widths[w], trans, 0, r0, p0) ||
+                               dst[kc * MOE__GEMM_NR] != 0xA5A5A5A5u;
+                        cases++;
+                    }
+                    if (widths[w] <= MOE__GEMM_MR) {
+                        d.a_trans = trans;
+                        memset(dst, 0xA5, sizeof dst);
+                        moe__gemm_pack_a_f32(&d, r0, widths[w], p0, kc, (float *)(void *)dst);
+                        bad += !pk_check_f32((const float *)(const void *)dst, kc, MOE__GEMM_MR, widths[w], trans, 1, r0, p0) ||
+                               dst[kc * MOE__GEMM_MR] != 0xA5A5A5A5u;
+                        cases++;
+                    }
+                    d.bf16_compute = 0;
                     if (widths[w] <= MOE__GEMM_BMR) { /* op(A) [m, k]: row r0 + x */
                         d.a_trans = trans;
                         memset(dst, 0xA5, sizeof dst);
@@ -212,16 +250,22 @@ static void test_gemm_packing(void) {
                                         wrong += pk_bits(f[(g * kc + p) * MOE__GEMM_MR + x]) != pk_bits(want);
                                     }
                             bad += wrong || dst[np * kc * MOE__GEMM_MR] != 0xA5A5A5A5u;
-                            cases++;
+                            moe__gemm_round_bf16_inplace(f, np * MOE__GEMM_MR * kc); /* as packed under bf16_compute */
+                            for (g = 0; g < np; g++) {
+                                int64_t used = rows - g * MOE__GEMM_MR < MOE__GEMM_MR ? rows - g * MOE__GEMM_MR : MOE__GEMM_MR;
+                                bad += !pk_check_f32(f + g * kc * MOE__GEMM_MR, kc, MOE__GEMM_MR, used, 1, 1, r0 + g * MOE__GEMM_MR, p0);
+                            }
+                            cases += 2;
                         }
                     }
                     cases++;
                 }
     T_CHECK(bad == 0, "%lld of %lld packings differ from their definition", (long long)bad, (long long)cases);
 #if defined(MOE__GEMM_PAIRS16)
-    T_NOTE("%lld packings bit for bit, BF16 and FP32's Aᵀ groups (AVX-512 pair packing compiled in)", (long long)cases);
+    T_NOTE("%lld packings bit for bit, BF16, FP32's Aᵀ groups and FP32 panels of bf16 values (AVX-512 pair packing compiled in)",
+           (long long)cases);
 #else
-    T_NOTE("%lld packings bit for bit, BF16 and FP32's Aᵀ groups (the AVX2 build's packing)", (long long)cases);
+    T_NOTE("%lld packings bit for bit, BF16, FP32's Aᵀ groups and FP32 panels of bf16 values (the AVX2 build's packing)", (long long)cases);
 #endif
 }
 #else
