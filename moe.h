@@ -1052,7 +1052,8 @@ typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 #endif
 
 /* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
-   unless the program did it; then freeing this communicator finalises it). NCCL
+   unless the program did it; then freeing this communicator finalises it). Over MPI, ctx takes
+   rank 0's BF16 GEMM route (MOE_GEMM_BF16DP), so ranks on different CPUs compute alike. NCCL
    communicators come from moe_comm_init_nccl. */
 MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);
 /* An NCCL communicator over the job's GPUs (the CUDA build with MOE_NCCL and -lnccl; other
@@ -13334,6 +13335,14 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
         MPI_Comm_rank(c->mpi, &c->rank);
         MPI_Comm_size(c->mpi, &c->size);
         c->ops = &moe__comm_mpi;
+        /* every rank takes rank 0's BF16 GEMM route (section 4's bf16_dp: it follows the CPU's
+           vendor), so a job across Intel and AMD machines keeps one process's bits */
+        if ((rc = MPI_Bcast(&ctx->conf.bf16_dp, 1, MPI_INT, 0, c->mpi)) != MPI_SUCCESS) {
+            MPI_Comm_free(&c->mpi);
+            if (c->owns_runtime) MPI_Finalize();
+            MOE_FREE(c);
+            return moe__mpi_check(ctx, rc, "MPI_Bcast (the BF16 GEMM route)");
+        }
     }
 #endif
     *out = c;
