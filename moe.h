@@ -64,7 +64,8 @@
                         zmm one (the default where the build has AVX-512; the same bits)
      MOE_GEMM_BF16DP=0|1  new contexts run BF16 GEMMs on FP32 FMAs over bf16-rounded operands
                         (0) or on vdpbf16ps (1); the default where the build has AVX512_BF16 is
-                        1, except on Intel CPUs, where vdpbf16ps runs at half the FP32 FMA rate
+                        1, except on Intel CPUs, where vdpbf16ps gives half the FP32 FMA rate;
+                        builds without AVX512_BF16 always take 0; other values: the default
 
    License: MIT or public domain, your choice — see the end of this file. */
 
@@ -1052,8 +1053,9 @@ typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 #endif
 
 /* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
-   unless the program did it; then freeing this communicator finalises it). Over MPI, ctx takes
-   rank 0's BF16 GEMM route (MOE_GEMM_BF16DP), so ranks on different CPUs compute alike. NCCL
+   unless the program did it; then freeing this communicator finalises it). Over MPI, ctx's BF16
+   GEMM route (MOE_GEMM_BF16DP) becomes the job's: vdpbf16ps only if every rank's would be, so
+   ranks on different CPUs compute alike (contexts made later choose their own). NCCL
    communicators come from moe_comm_init_nccl. */
 MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);
 /* An NCCL communicator over the job's GPUs (the CUDA build with MOE_NCCL and -lnccl; other
@@ -1220,6 +1222,9 @@ MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *mo
 #endif
 #if !defined(MOE_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64) || defined(__i386__))
 #include <immintrin.h>
+#if defined(__GNUC__) || defined(__clang__)
+#include <cpuid.h> /* the CPU's vendor (section 4: the BF16 GEMM route) */
+#endif
 #endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <dirent.h>
@@ -2802,7 +2807,6 @@ typedef struct moe__gemm_desc {
 #endif
 #if defined(MOE__GEMM_HAVE_AVX512) && defined(__AVX512BF16__)
 #define MOE__GEMM_HAVE_BF16DP 1
-#include <cpuid.h> /* the CPU's vendor, for the BF16 kernel's default */
 #endif
 
 #if defined(__GNUC__)
@@ -2860,10 +2864,10 @@ static int moe__gemm_zmm_default(void) {
 }
 
 /* BF16 products on vdpbf16ps (the 6×32 BF16 kernel) wherever the build has AVX512_BF16, except
-   on Intel CPUs: there one vdpbf16ps (64 FLOPs) issues per cycle against two 512-bit FMAs (32
-   each), so the FP32 kernel over operands rounded to bf16 while packing is faster (measured on
-   a Xeon, family 6 model 167: 110 against 220 GFLOP/s per core in register-only loops); Zen 4
-   runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16DP=0 or 1 overrides. Both round the
+   on Intel CPUs: there vdpbf16ps (64 FLOPs) gives half the FLOP rate of 512-bit FMAs (32 each,
+   two a cycle), so the FP32 kernel over operands rounded to bf16 while packing is faster
+   (measured on a Xeon, family 6 model 167: 110 against 220 GFLOP/s per core in register-only
+   loops); Zen 4 runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16DP=0 or 1 overrides. Both round the
    operands to bf16 and accumulate exact products in FP32, in a different order (K-pairs or
    single k): a BF16 product's last bits follow the kernel, never the thread count. */
 static int moe__gemm_bf16dp_default(void) {
@@ -2871,8 +2875,9 @@ static int moe__gemm_bf16dp_default(void) {
 #if defined(MOE__GEMM_HAVE_BF16DP)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (env && (env[0] == '0' || env[0] == '1') && !env[1]) return env[0] == '1';
-    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu)
-        return 0; /* "GenuineIntel" */
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == signature_INTEL_ebx && edx == signature_INTEL_edx &&
+        ecx == signature_INTEL_ecx)
+        return 0;
     return 1;
 #else
     (void)env;
@@ -13335,13 +13340,14 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
         MPI_Comm_rank(c->mpi, &c->rank);
         MPI_Comm_size(c->mpi, &c->size);
         c->ops = &moe__comm_mpi;
-        /* every rank takes rank 0's BF16 GEMM route (section 4's bf16_dp: it follows the CPU's
-           vendor), so a job across Intel and AMD machines keeps one process's bits */
-        if ((rc = MPI_Bcast(&ctx->conf.bf16_dp, 1, MPI_INT, 0, c->mpi)) != MPI_SUCCESS) {
+        /* one BF16 GEMM route for the job (section 4's bf16_dp follows the CPU's vendor and
+           the build): vdpbf16ps only when every rank would take it, so a job across Intel and
+           AMD machines, or builds with and without AVX512_BF16, keeps one process's bits */
+        if ((rc = MPI_Allreduce(MPI_IN_PLACE, &ctx->conf.bf16_dp, 1, MPI_INT, MPI_MIN, c->mpi)) != MPI_SUCCESS) {
             MPI_Comm_free(&c->mpi);
             if (c->owns_runtime) MPI_Finalize();
             MOE_FREE(c);
-            return moe__mpi_check(ctx, rc, "MPI_Bcast (the BF16 GEMM route)");
+            return moe__mpi_check(ctx, rc, "MPI_Allreduce (the BF16 GEMM route)");
         }
     }
 #endif

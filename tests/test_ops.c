@@ -255,6 +255,7 @@ static void test_gemm_packing(void) {
                                 int64_t used = rows - g * MOE__GEMM_MR < MOE__GEMM_MR ? rows - g * MOE__GEMM_MR : MOE__GEMM_MR;
                                 bad += !pk_check_f32(f + g * kc * MOE__GEMM_MR, kc, MOE__GEMM_MR, used, 1, 1, r0 + g * MOE__GEMM_MR, p0);
                             }
+                            bad += dst[np * kc * MOE__GEMM_MR] != 0xA5A5A5A5u;
                             cases += 2;
                         }
                     }
