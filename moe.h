@@ -2954,15 +2954,6 @@ static void moe__gemm_cvt_bf16(const float *MOE_RESTRICT src, uint16_t *MOE_REST
     }
     for (; i < n; i++) dst[i] = moe_f32_to_bf16(src[i]);
 }
-/* x = moe__round_bf16(x) over n floats in place (the FP32 kernel's panels under bf16_compute) */
-static void moe__gemm_round_bf16_inplace(float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i r = moe__gemm_bf16_round8(_mm256_loadu_si256((const __m256i *)(const void *)(x + i)));
-        _mm256_storeu_si256((__m256i *)(void *)(x + i), _mm256_slli_epi32(r, 16));
-    }
-    for (; i < n; i++) x[i] = moe__round_bf16(x[i]);
-}
 /* n consecutive elements of a float or bf16 array, as bf16 */
 static void moe__gemm_get_bf16(const void *src, int bf16, int64_t idx, uint16_t *dst, int64_t n) {
     if (bf16) memcpy(dst, (const uint16_t *)src + idx, (size_t)n * sizeof(uint16_t));
@@ -3030,6 +3021,21 @@ static void moe__gemm_transpose16(__m512i r[16]) {
     for (i = 0; i < 16; i++) r[i] = t[i];
 }
 #endif
+
+/* x = moe__round_bf16(x) over n floats in place (the FP32 kernel's panels under bf16_compute):
+   16 lanes at a time where the pair packing's round16 is compiled, else 8 */
+static void moe__gemm_round_bf16_inplace(float *x, int64_t n) {
+    int64_t i = 0;
+#if defined(MOE__GEMM_PAIRS16)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_si512((void *)(x + i), _mm512_maskz_slli_epi32(MOE__ALL16, moe__gemm_bf16_round16(x + i, MOE__ALL16), 16));
+#endif
+    for (; i + 8 <= n; i += 8) {
+        __m256i r = moe__gemm_bf16_round8(_mm256_loadu_si256((const __m256i *)(const void *)(x + i)));
+        _mm256_storeu_si256((__m256i *)(void *)(x + i), _mm256_slli_epi32(r, 16));
+    }
+    for (; i < n; i++) x[i] = moe__round_bf16(x[i]);
+}
 
 /* ---- packing: FP32 micro-panels ---- */
 /* op(B) rows [p0, p0+kc), cols [j, j+nr), nr ≤ 16 → dst[kc][16], zero-padded. */
