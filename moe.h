@@ -2852,13 +2852,19 @@ typedef struct moe__gemm_desc {
 
 enum { MOE__GEMM_KIND_F32 = 0, MOE__GEMM_KIND_BF16 = 1 };
 
+#if defined(MOE__GEMM_HAVE_AVX512)
+/* A kernel switch from the environment: "1" on, "0" off, anything else (or unset) dflt. */
+static int moe__gemm_env_switch(const char *name, int dflt) {
+    const char *env = getenv(name);
+    return env && (env[0] == '0' || env[0] == '1') && !env[1] ? env[0] == '1' : dflt;
+}
+#endif
+
 /* The zmm FP32 kernel wherever the build has AVX-512, unless MOE_GEMM_ZMM=0. */
 static int moe__gemm_zmm_default(void) {
-    const char *env = getenv("MOE_GEMM_ZMM");
 #if defined(MOE__GEMM_HAVE_AVX512)
-    return !(env && env[0] == '0' && !env[1]);
+    return moe__gemm_env_switch("MOE_GEMM_ZMM", 1);
 #else
-    (void)env;
     return 0;
 #endif
 }
@@ -2867,20 +2873,16 @@ static int moe__gemm_zmm_default(void) {
    on Intel CPUs: there vdpbf16ps (64 FLOPs) gives half the FLOP rate of 512-bit FMAs (32 each,
    two a cycle), so the FP32 kernel over operands rounded to bf16 while packing is faster
    (measured on a Xeon, family 6 model 167: 110 against 220 GFLOP/s per core in register-only
-   loops); Zen 4 runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16DP=0 or 1 overrides. Both round the
-   operands to bf16 and accumulate exact products in FP32, in a different order (K-pairs or
-   single k): a BF16 product's last bits follow the kernel, never the thread count. */
+   loops); Zen 4 runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16DP=0 or 1 overrides. Both
+   round the operands to bf16 and accumulate exact products in FP32, in a different order
+   (K-pairs or single k): a BF16 product's last bits follow the kernel, never the thread count. */
 static int moe__gemm_bf16dp_default(void) {
-    const char *env = getenv("MOE_GEMM_BF16DP");
 #if defined(MOE__GEMM_HAVE_BF16DP)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (env && (env[0] == '0' || env[0] == '1') && !env[1]) return env[0] == '1';
-    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == signature_INTEL_ebx && edx == signature_INTEL_edx &&
-        ecx == signature_INTEL_ecx)
-        return 0;
-    return 1;
+    int intel = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == signature_INTEL_ebx && edx == signature_INTEL_edx &&
+                ecx == signature_INTEL_ecx;
+    return moe__gemm_env_switch("MOE_GEMM_BF16DP", !intel);
 #else
-    (void)env;
     return 0;
 #endif
 }
