@@ -62,10 +62,11 @@
    Environment
      MOE_GEMM_ZMM=0     new contexts use the 6×16 ymm FP32 GEMM kernel instead of the 6×32
                         zmm one (the default where the build has AVX-512; the same bits)
-     MOE_GEMM_BF16DP=0|1  new contexts run BF16 GEMMs on FP32 FMAs over bf16-rounded operands
-                        (0) or on vdpbf16ps (1); the default where the build has AVX512_BF16 is
-                        1, except on Intel CPUs, where vdpbf16ps gives half the FP32 FMA rate;
-                        builds without AVX512_BF16 always take 0; other values: the default
+     MOE_GEMM_BF16=fma|dp|amx  the kernel of new contexts' BF16 GEMMs: FP32 FMAs over
+                        bf16-rounded operands, vdpbf16ps (AVX512_BF16) or AMX tiles (AMX-BF16,
+                        Linux); one the build or CPU lacks gives the next one down. Default:
+                        amx where there is AMX, else dp, except on Intel CPUs (there vdpbf16ps
+                        gives half the FP32 FMA rate: fma); other values: the default
 
    License: MIT or public domain, your choice — see the end of this file. */
 
@@ -1054,8 +1055,8 @@ typedef enum moe_comm_op { MOE_COMM_SUM = 0, MOE_COMM_MAX } moe_comm_op;
 
 /* A communicator over the job: SELF, or MPI's world (MPI is initialised here, funneled,
    unless the program did it; then freeing this communicator finalises it). Over MPI, ctx's BF16
-   GEMM route (MOE_GEMM_BF16DP) becomes the job's: vdpbf16ps only if every rank's would be, so
-   ranks on different CPUs compute alike (contexts made later choose their own). NCCL
+   GEMM kernel (MOE_GEMM_BF16) becomes the job's: the lowest of the ranks' (FMA < vdpbf16ps <
+   AMX), so ranks on different CPUs compute alike (contexts made later choose their own). NCCL
    communicators come from moe_comm_init_nccl. */
 MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **out);
 /* An NCCL communicator over the job's GPUs (the CUDA build with MOE_NCCL and -lnccl; other
@@ -1223,7 +1224,13 @@ MOE_API moe_status moe_model_expert_parallel_payload(moe_ctx *ctx, moe_model *mo
 #if !defined(MOE_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64) || defined(__i386__))
 #include <immintrin.h>
 #if defined(__GNUC__) || defined(__clang__)
-#include <cpuid.h> /* the CPU's vendor (section 4: the BF16 GEMM route) */
+#include <cpuid.h> /* the CPU's vendor and AMX (section 4: the BF16 GEMM kernel) */
+#endif
+#if defined(__linux__) && (defined(__AMX_TILE__) || defined(__AMXTILE__))
+#include <sys/syscall.h> /* arch_prctl: the permission to use AMX tiles */
+#ifndef __cplusplus /* unistd.h declares syscall only for _DEFAULT_SOURCE or _GNU_SOURCE (g++ defines it) */
+extern long syscall(long number, ...);
+#endif
 #endif
 #endif
 #if defined(__unix__) || defined(__APPLE__)
@@ -1299,11 +1306,14 @@ typedef struct moe_backend moe_backend; /* the kernel interface (section 3) */
 
 /* What a context is set to: the moe_ctx_set_* values. A child context (moe__ctx_child) starts
    with its parent's, copied whole. */
+/* The BF16 GEMM kernels of section 4, in order: a CPU and build with one have those before it. */
+enum { MOE__BF16_FMA = 0, MOE__BF16_DP = 1, MOE__BF16_AMX = 2 };
+
 typedef struct moe__conf {
     int n_threads;
     int simd;
     int f32_zmm;  /* FP32 GEMM on the 6×32 zmm kernel (section 4: where 512-bit FMAs run at full rate) */
-    int bf16_dp;  /* BF16 GEMM on the vdpbf16ps kernel (section 4: where it outruns FP32 FMAs) */
+    int bf16_kernel; /* the BF16 GEMM kernel, MOE__BF16_FMA / _DP / _AMX (section 4) */
     int grad_enabled;
     moe_dtype gemm_compute;
     moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
@@ -1526,7 +1536,7 @@ static moe_ctx *moe__ctx_make(const moe__conf *conf) {
 }
 
 static int moe__gemm_zmm_default(void);   /* section 4 */
-static int moe__gemm_bf16dp_default(void); /* section 4 */
+static int moe__gemm_bf16_kernel_default(void); /* section 4 */
 
 MOE_API moe_status moe_ctx_new(moe_ctx **out) {
     moe__conf c;
@@ -1535,7 +1545,7 @@ MOE_API moe_status moe_ctx_new(moe_ctx **out) {
     c.n_threads = moe__default_threads();
     c.simd = 1;
     c.f32_zmm = moe__gemm_zmm_default();
-    c.bf16_dp = moe__gemm_bf16dp_default();
+    c.bf16_kernel = moe__gemm_bf16_kernel_default();
     c.grad_enabled = 1;
     c.gemm_compute = MOE_F32;
     c.fp8.block = 128;
@@ -2760,11 +2770,14 @@ static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t ro
      (fewer loads and broadcasts per FMA; bench/gemm, geomean of 18 cells). Both make each
      element of C with the same FMAs in the same order: the same bits. MOE_GEMM_ZMM=0 in the
      environment keeps a new context on the ymm kernel.
-   - BF16 (AVX512_BF16): 6×32 micro-kernel, 12 zmm accumulators, vdpbf16ps on K-pairs
-     (A and B packed as one uint32 per (k, k+1) pair, odd K padded with zero).
-     Without AVX512_BF16, or where vdpbf16ps is slower than FP32 FMAs (Intel: the context's
-     bf16_dp, moe__gemm_bf16dp_default), bf16_compute rounds operands to bf16 while packing
-     into FP32 panels and runs the FP32 kernel (products of bf16 values are exact in FP32).
+   - BF16, the context's bf16_kernel (moe__gemm_bf16_kernel_default) — AMX (AMX-BF16, Linux):
+     32×32 blocks on tiles, four C tiles fed by two A and two B tiles per 32 k (A packed as
+     32 rows of K-pairs, B as for vdpbf16ps; K-pairs padded to 16). DP (AVX512_BF16): 6×32
+     micro-kernel, 12 zmm accumulators, vdpbf16ps on K-pairs (A and B packed as one uint32
+     per (k, k+1) pair, odd K padded with zero). FMA (no AVX512_BF16, or Intel without AMX,
+     where vdpbf16ps is slower than FP32 FMAs): bf16_compute rounds operands to bf16 while
+     packing into FP32 panels and runs the FP32 kernel (products of bf16 values are exact in
+     FP32).
    Packing
    - B is always packed (NR-wide micro-panels, zero-padded) for a whole column super-panel
      and all of K, cooperatively by all threads, into the shared workspace.
@@ -2808,6 +2821,10 @@ typedef struct moe__gemm_desc {
 #if defined(MOE__GEMM_HAVE_AVX512) && defined(__AVX512BF16__)
 #define MOE__GEMM_HAVE_BF16DP 1
 #endif
+#if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512) && defined(__linux__) &&                            \
+    (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
+#define MOE__GEMM_HAVE_AMX 1
+#endif
 
 #if defined(__GNUC__)
 #define MOE__GEMM_NOINLINE __attribute__((noinline))
@@ -2847,10 +2864,11 @@ typedef struct moe__gemm_desc {
 #ifndef MOE__GEMM_MT_FLOPS
 #define MOE__GEMM_MT_FLOPS 1.0e7 /* below this many flops run on one thread (waking a second one costs ~50 µs, above) */
 #endif
-#define MOE__GEMM_TILE (MOE__GEMM_BMR * MOE__GEMM_BNR)
+#define MOE__GEMM_AMR 32     /* AMX kernel rows (its cols: BNR, the BF16 kernel's B panels) */
+#define MOE__GEMM_TILE (MOE__GEMM_AMR * MOE__GEMM_BNR) /* the largest kernel tile */
 #define MOE__GEMM_KMAX (MOE__GEMM_KC1 > MOE__GEMM_KC ? MOE__GEMM_KC1 : MOE__GEMM_KC)
 
-enum { MOE__GEMM_KIND_F32 = 0, MOE__GEMM_KIND_BF16 = 1 };
+enum { MOE__GEMM_KIND_F32 = 0, MOE__GEMM_KIND_BF16 = 1, MOE__GEMM_KIND_AMX = 2 };
 
 #if defined(MOE__GEMM_HAVE_AVX512)
 /* A kernel switch from the environment: "1" on, "0" off, anything else (or unset) dflt. */
@@ -2869,22 +2887,44 @@ static int moe__gemm_zmm_default(void) {
 #endif
 }
 
-/* BF16 products on vdpbf16ps (the 6×32 BF16 kernel) wherever the build has AVX512_BF16, except
-   on Intel CPUs: there vdpbf16ps (64 FLOPs) gives half the FLOP rate of 512-bit FMAs (32 each,
-   two a cycle), so the FP32 kernel over operands rounded to bf16 while packing is faster
-   (measured on a Xeon, family 6 model 167: 110 against 220 GFLOP/s per core in register-only
-   loops); Zen 4 runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16DP=0 or 1 overrides. Both
-   round the operands to bf16 and accumulate exact products in FP32, in a different order
-   (K-pairs or single k): a BF16 product's last bits follow the kernel, never the thread count. */
-static int moe__gemm_bf16dp_default(void) {
+#if defined(MOE__GEMM_HAVE_AMX)
+/* Whether this CPU has AMX-BF16 tiles and Linux lets this process use them (the tile data
+   is state the kernel saves only for processes that asked: arch_prctl ARCH_REQ_XCOMP_PERM
+   for XTILEDATA, feature 18). */
+static int moe__gemm_amx_usable(void) {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#endif
+
+/* The BF16 GEMM kernel of a new context (MOE__BF16_*): AMX tiles wherever the build and CPU
+   have them (a 32×32 tile product runs 16×16×32 multiply-adds; measured on a Xeon, family 6
+   model 167: 2.5 TFLOP/s per core in a register-only loop, against 220 GFLOP/s for 512-bit FMAs);
+   else vdpbf16ps wherever the build has AVX512_BF16, except on Intel CPUs: there vdpbf16ps
+   (64 FLOPs) gives half the FLOP rate of 512-bit FMAs (32 each, two a cycle), so the FP32
+   kernel over operands rounded to bf16 while packing is faster (same Xeon: 110 against 220
+   GFLOP/s per core); Zen 4 runs vdpbf16ps at twice its FP32 rate. MOE_GEMM_BF16 = fma, dp or
+   amx picks one (the next one down where it is missing). All round the operands to bf16 and
+   accumulate exact products in FP32, in different orders (single k, K-pairs, the tile's): a
+   BF16 product's last bits follow the kernel, never the thread count. */
+static int moe__gemm_bf16_kernel_default(void) {
+    int have = MOE__BF16_FMA, dflt = MOE__BF16_FMA;
+    const char *env = getenv("MOE_GEMM_BF16");
 #if defined(MOE__GEMM_HAVE_BF16DP)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     int intel = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == signature_INTEL_ebx && edx == signature_INTEL_edx &&
                 ecx == signature_INTEL_ecx;
-    return moe__gemm_env_switch("MOE_GEMM_BF16DP", !intel);
-#else
-    return 0;
+    have = MOE__BF16_DP;
+    dflt = intel ? MOE__BF16_FMA : MOE__BF16_DP;
 #endif
+#if defined(MOE__GEMM_HAVE_AMX)
+    if (moe__gemm_amx_usable()) have = dflt = MOE__BF16_AMX;
+#endif
+    if (env && strcmp(env, "fma") == 0) return MOE__BF16_FMA;
+    if (env && strcmp(env, "dp") == 0) return have < MOE__BF16_DP ? have : MOE__BF16_DP;
+    if (env && strcmp(env, "amx") == 0) return have;
+    return dflt;
 }
 
 static moe__gemm_isa moe__gemm_best_isa(void) {
@@ -3534,6 +3574,116 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_bf16(int64_t kp, const uint32_t *M
 }
 #endif
 
+#if defined(MOE__GEMM_HAVE_AMX)
+/* ---- AMX: 32×32 blocks of BF16 products on tiles ----
+   Eight tile registers of 16 rows × 64 bytes: C in four (16×16 FP32 each, a 32×32 block), A
+   in two (16 rows × 16 K-pairs), B in two (16 K-pairs × 16 columns: rows of the BF16 kernel's
+   B panel, whose K-pairs of 32 columns lie 128 bytes apart). A K block's pairs are padded with
+   zeros to a multiple of 16 in both packings (A: 32 rows of pairs, row-major). */
+typedef struct moe__gemm_amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} moe__gemm_amx_config;
+
+/* Configure this thread's tiles (each 16 rows × 64 bytes) before the kernel runs on it. */
+static void moe__gemm_amx_begin(void) {
+    moe__gemm_amx_config cfg;
+    int t;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+static void moe__gemm_amx_end(void) { _tile_release(); }
+
+/* 16 K-pairs of 16 consecutive columns from two rows of a row-major array (float, or bf16 when
+   `bf16`): lane l = bf16(lo[l]) | bf16(hi[l]) << 16 (hi NULL: 0); lanes outside `keep` 0, not read. */
+static __m512i moe__gemm_col_pairs16(const void *lo, const void *hi, int bf16, __mmask16 keep) {
+    __m512i r;
+    if (!bf16) return moe__gemm_bf16_pairs16((const float *)lo, (const float *)hi, keep);
+    r = _mm512_maskz_cvtepu16_epi32(MOE__ALL16, _mm256_maskz_loadu_epi16(keep, lo));
+    if (!hi) return r;
+    return _mm512_or_si512(
+        r, _mm512_maskz_slli_epi32(MOE__ALL16, _mm512_maskz_cvtepu16_epi32(MOE__ALL16, _mm256_maskz_loadu_epi16(keep, hi)), 16));
+}
+
+/* op(A) rows [i, i+mr), mr ≤ 32, k [p0, p0+kc) → dst[32][kpp] K-pairs (kpp: kc's pairs rounded
+   up to 16), zero past mr rows and kc values. */
+static void moe__gemm_pack_a_amx(const moe__gemm_desc *d, int64_t i, int64_t mr, int64_t p0, int64_t kc, uint32_t *MOE_RESTRICT dst) {
+    const int64_t kpp = moe__gemm_rup((kc + 1) / 2, 16), lda = d->lda;
+    const size_t es = d->a_bf16 ? 2 : 4;
+    const unsigned char *a = (const unsigned char *)d->a;
+    int64_t r, c, q;
+    if (!d->a_trans) { /* row i + r of A: consecutive k, 16 pairs at a time */
+        for (r = 0; r < MOE__GEMM_AMR; r++)
+            for (c = 0; c < kpp; c += 16)
+                _mm512_storeu_si512((void *)(dst + r * kpp + c),
+                                    r < mr && 2 * c < kc ? moe__gemm_row_pairs16(a + ((i + r) * lda + p0 + 2 * c) * es, d->a_bf16, kc - 2 * c)
+                                                         : _mm512_setzero_si512());
+        return;
+    }
+    /* Aᵀ [k, m]: two rows of Aᵀ give 16 rows' pairs side by side; 16 such transposed */
+    for (r = 0; r < MOE__GEMM_AMR; r += 16)
+        for (c = 0; c < kpp; c += 16) {
+            __m512i t[16];
+            for (q = 0; q < 16; q++) {
+                const int64_t p = 2 * (c + q);
+                const unsigned char *lo = a + ((p0 + p) * lda + i + r) * es;
+                t[q] = r < mr && p < kc ? moe__gemm_col_pairs16(lo, p + 1 < kc ? lo + lda * es : NULL, d->a_bf16, moe__gemm_keep16(mr, r))
+                                        : _mm512_setzero_si512();
+            }
+            moe__gemm_transpose16(t);
+            for (q = 0; q < 16; q++) _mm512_storeu_si512((void *)(dst + (r + q) * kpp + c), t[q]);
+        }
+}
+
+/* 32×32 of C from a packed [32][kpp] and b packed [kpp][32] (K-pairs, kpp a multiple of 16),
+   with the other kernels' epilogue over the tiles stored to memory. */
+MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *MOE_RESTRICT a, const uint32_t *MOE_RESTRICT b,
+                                                 float *MOE_RESTRICT c, int64_t ldc, float alpha, float beta, int mode) {
+    float acc[MOE__GEMM_AMR * MOE__GEMM_BNR];
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    int64_t q;
+    int r;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (q = 0; q < kpp; q += 16) {
+        _tile_loadd(4, a + q, kpp * 4);
+        _tile_loadd(5, a + 16 * kpp + q, kpp * 4);
+        _tile_loadd(6, b + q * 32, 128);
+        _tile_loadd(7, b + q * 32 + 16, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, acc, 128);
+    _tile_stored(1, acc + 16, 128);
+    _tile_stored(2, acc + 16 * 32, 128);
+    _tile_stored(3, acc + 16 * 32 + 16, 128);
+    for (r = 0; r < MOE__GEMM_AMR; r++) {
+        float *cr = c + r * ldc;
+        const __m512 x0 = _mm512_loadu_ps(acc + r * 32), x1 = _mm512_loadu_ps(acc + r * 32 + 16);
+        if (mode == 0) {
+            _mm512_storeu_ps(cr, _mm512_mul_ps(va, x0));
+            _mm512_storeu_ps(cr + 16, _mm512_mul_ps(va, x1));
+        } else if (mode == 1) {
+            _mm512_storeu_ps(cr, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr), _mm512_mul_ps(va, x0)));
+            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr + 16), _mm512_mul_ps(va, x1)));
+        } else {
+            _mm512_storeu_ps(cr, _mm512_fmadd_ps(va, x0, _mm512_loadu_ps(cr)));
+            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(va, x1, _mm512_loadu_ps(cr + 16)));
+        }
+    }
+}
+#endif
+
 
 /* ---- plan: blocking and workspace layout (a function of the problem, not of threads) ---- */
 typedef struct moe__gemm_plan {
@@ -3548,12 +3698,12 @@ typedef struct moe__gemm_plan {
 static void moe__gemm_make_plan(const moe__gemm_desc *d, int kind, moe__gemm_plan *pl) {
     int64_t m = moe__gemm_max64(d->m, 1), n = moe__gemm_max64(d->n, 1), k = moe__gemm_max64(d->k, 1);
     pl->kind = kind;
-    pl->mr = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BMR : MOE__GEMM_MR;
-    pl->nr = kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BNR : MOE__GEMM_NR;
-    pl->pack_a = kind == MOE__GEMM_KIND_BF16 || d->a_bf16 || d->bf16_compute ||
+    pl->mr = kind == MOE__GEMM_KIND_AMX ? MOE__GEMM_AMR : kind == MOE__GEMM_KIND_BF16 ? MOE__GEMM_BMR : MOE__GEMM_MR;
+    pl->nr = kind == MOE__GEMM_KIND_F32 ? MOE__GEMM_NR : MOE__GEMM_BNR;
+    pl->pack_a = kind != MOE__GEMM_KIND_F32 || d->a_bf16 || d->bf16_compute ||
                  (d->a_trans ? n >= MOE__GEMM_PACKA_NT : n >= MOE__GEMM_PACKA_N);
     pl->kcb = moe__gemm_kcb(k);
-    pl->kpad = moe__gemm_rup(k, 2);
+    pl->kpad = moe__gemm_rup(k, kind == MOE__GEMM_KIND_AMX ? 32 : 2);
     pl->ncs = moe__gemm_max64(pl->nr, (int64_t)(MOE__GEMM_BBUDGET / (pl->kpad * 4)) / pl->nr * pl->nr);
     pl->ncs = moe__gemm_min64(pl->ncs, moe__gemm_rup(n, pl->nr));
     pl->mcs = moe__gemm_rup(m, pl->mr);
@@ -3565,17 +3715,25 @@ static void moe__gemm_make_plan(const moe__gemm_desc *d, int kind, moe__gemm_pla
 }
 
 static size_t moe__gemm_workspace_bytes(const moe__gemm_desc *d, int n_threads) {
-    moe__gemm_plan p0, p1;
-    size_t s0, s1;
+    size_t most = 0;
+    int kind;
     if (n_threads < 1) n_threads = 1;
-    moe__gemm_make_plan(d, MOE__GEMM_KIND_F32, &p0);
-    moe__gemm_make_plan(d, MOE__GEMM_KIND_BF16, &p1);
-    s0 = p0.b_bytes + p0.a_bytes + p0.t_bytes * (size_t)n_threads;
-    s1 = p1.b_bytes + p1.a_bytes + p1.t_bytes * (size_t)n_threads;
-    return (s0 > s1 ? s0 : s1) + 128;
+    for (kind = MOE__GEMM_KIND_F32; kind <= MOE__GEMM_KIND_AMX; kind++) {
+        moe__gemm_plan p;
+        size_t bytes;
+        moe__gemm_make_plan(d, kind, &p);
+        bytes = p.b_bytes + p.a_bytes + p.t_bytes * (size_t)n_threads;
+        if (bytes > most) most = bytes;
+    }
+    return most + 128;
 }
 
 #if defined(MOE__GEMM_HAVE_AVX2)
+/* K-pairs of a K block of kc values in the BF16 packings (AMX's: a multiple of 16). */
+static int64_t moe__gemm_block_pairs(const moe__gemm_plan *pl, int64_t kc) {
+    return pl->kind == MOE__GEMM_KIND_AMX ? moe__gemm_rup((kc + 1) / 2, 16) : (kc + 1) / 2;
+}
+
 typedef struct moe__gemm_job {
     const moe__gemm_desc *d;
     moe__gemm_plan pl;
@@ -3632,11 +3790,14 @@ static void moe__gemm_do_pack_b(const moe__gemm_job *job, int64_t js, int64_t j,
     const moe__gemm_plan *pl = &job->pl;
     int64_t pc;
     for (pc = 0; pc < d->k; pc += pl->kcb) {
-        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
-        if (pl->kind == MOE__GEMM_KIND_BF16)
-            moe__gemm_pack_b_bf16(d, pc, kc, j, nr, (uint32_t *)job->bp + (pc / 2) * pl->ncs + (j - js) * kp);
-        else
+        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = moe__gemm_block_pairs(pl, kc);
+        if (pl->kind != MOE__GEMM_KIND_F32) {
+            uint32_t *dst = (uint32_t *)job->bp + (pc / 2) * pl->ncs + (j - js) * kp;
+            moe__gemm_pack_b_bf16(d, pc, kc, j, nr, dst);
+            memset(dst + (kc + 1) / 2 * MOE__GEMM_BNR, 0, (size_t)(kp - (kc + 1) / 2) * MOE__GEMM_BNR * sizeof(uint32_t)); /* AMX's padding */
+        } else {
             moe__gemm_pack_b_f32(d, pc, kc, j, nr, job->bp + pc * pl->ncs + (j - js) * kc);
+        }
     }
 }
 
@@ -3648,7 +3809,14 @@ static void moe__gemm_do_pack_a(const moe__gemm_job *job, int64_t i, int64_t row
     const int64_t width = pl->pack_a ? pl->mcs : pl->mr, MR = pl->mr;
     int64_t pc, r;
     for (pc = 0; pc < d->k; pc += pl->kcb) {
-        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = (kc + 1) / 2;
+        int64_t kc = moe__gemm_min64(pl->kcb, d->k - pc), kp = moe__gemm_block_pairs(pl, kc);
+#if defined(MOE__GEMM_HAVE_AMX)
+        if (pl->kind == MOE__GEMM_KIND_AMX) {
+            for (r = 0; r < rows; r += MR)
+                moe__gemm_pack_a_amx(d, i + r, moe__gemm_min64(MR, rows - r), pc, kc, (uint32_t *)job->ap + (pc / 2) * width + (off + r) * kp);
+            continue;
+        }
+#endif
         if (pl->kind == MOE__GEMM_KIND_BF16 && d->a_trans) {
             moe__gemm_pack_at_bf16_group(d, i, rows, pc, kc, (uint32_t *)job->ap + (pc / 2) * width + off * kp);
             continue;
@@ -3709,10 +3877,15 @@ static void moe__gemm_panel_rows(const moe__gemm_job *job, float *tile, int64_t 
                 for (i = 0; i < mr; i++) memcpy(tile + i * NR, cp + i * ldc, (size_t)nr * sizeof(float));
         }
 #if defined(MOE__GEMM_HAVE_BF16DP)
-        if (pl->kind == MOE__GEMM_KIND_BF16) {
-            const int64_t kp = (kc + 1) / 2, width = pl->pack_a ? pl->mcs : pl->mr;
-            moe__gemm_kern_bf16(kp, (const uint32_t *)job->ap + (pc / 2) * width + (ir - is) * kp,
-                                (const uint32_t *)job->bp + (pc / 2) * pl->ncs + (jr - js) * kp, ct, ldt, d->alpha, d->beta, mode);
+        if (pl->kind != MOE__GEMM_KIND_F32) {
+            const int64_t kp = moe__gemm_block_pairs(pl, kc), width = pl->pack_a ? pl->mcs : pl->mr;
+            const uint32_t *ap = (const uint32_t *)job->ap + (pc / 2) * width + (ir - is) * kp;
+            const uint32_t *bp = (const uint32_t *)job->bp + (pc / 2) * pl->ncs + (jr - js) * kp;
+#if defined(MOE__GEMM_HAVE_AMX)
+            if (pl->kind == MOE__GEMM_KIND_AMX) moe__gemm_kern_amx(kp, ap, bp, ct, ldt, d->alpha, d->beta, mode);
+            else
+#endif
+                moe__gemm_kern_bf16(kp, ap, bp, ct, ldt, d->alpha, d->beta, mode);
         } else
 #endif
         {
@@ -3770,6 +3943,9 @@ static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
 #endif
     (void)sync;
     memset(tile, 0, pl->t_bytes);
+#if defined(MOE__GEMM_HAVE_AMX)
+    if (pl->kind == MOE__GEMM_KIND_AMX) moe__gemm_amx_begin();
+#endif
     for (is = 0; is < m; is += pl->mcs) {
         const int64_t msz = moe__gemm_min64(pl->mcs, m - is);
         for (js = 0; js < n; js += pl->ncs) {
@@ -3819,10 +3995,13 @@ static void moe__gemm_body(moe__gemm_job *job, int tid, int sync) {
 #endif
         }
     }
+#if defined(MOE__GEMM_HAVE_AMX)
+    if (pl->kind == MOE__GEMM_KIND_AMX) moe__gemm_amx_end();
+#endif
 }
 #endif
 
-static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zmm, int bf16_dp, int n_threads, void *workspace) {
+static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zmm, int bf16_kernel, int n_threads, void *workspace) {
     int nt = n_threads < 1 ? 1 : n_threads;
     int64_t i, j;
     if (d->m <= 0 || d->n <= 0) return;
@@ -3861,11 +4040,15 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zm
         unsigned char *ws = (unsigned char *)workspace;
         int kind = MOE__GEMM_KIND_F32;
         int64_t units;
+        if (isa == MOE__GEMM_AVX512 && d->bf16_compute) {
 #if defined(MOE__GEMM_HAVE_BF16DP)
-        if (isa == MOE__GEMM_AVX512 && d->bf16_compute && bf16_dp) kind = MOE__GEMM_KIND_BF16;
-#else
-        (void)bf16_dp;
+            if (bf16_kernel == MOE__BF16_DP) kind = MOE__GEMM_KIND_BF16;
 #endif
+#if defined(MOE__GEMM_HAVE_AMX)
+            if (bf16_kernel == MOE__BF16_AMX) kind = MOE__GEMM_KIND_AMX;
+#endif
+        }
+        (void)bf16_kernel;
         job.d = d;
         moe__gemm_make_plan(d, kind, &job.pl);
         ws += (64u - (unsigned)((uintptr_t)ws & 63u)) & 63u;
@@ -3876,13 +4059,13 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zm
         job.busy0 = 0.0;
         job.zmm = f32_zmm;
         /* compute units: smaller ones when there are too few to balance the threads */
-        job.mcu = MOE__GEMM_MCU;
+        job.mcu = moe__gemm_rup(MOE__GEMM_MCU, job.pl.mr);
         job.ncu = MOE__GEMM_NCU;
         for (;;) {
             units = ((moe__gemm_min64(d->m, job.pl.mcs) + job.mcu - 1) / job.mcu) *
                     ((moe__gemm_min64(d->n, job.pl.ncs) + job.ncu - 1) / job.ncu);
             if (nt <= 1 || units >= MOE__GEMM_UNITS_PER_THREAD * (int64_t)nt) break;
-            if (job.mcu > 24) job.mcu = job.mcu / 12 * 6;
+            if (job.mcu > 4 * job.pl.mr) job.mcu = job.mcu / (2 * job.pl.mr) * job.pl.mr; /* a multiple of the kernel's rows */
             else if (job.ncu > 32) job.ncu /= 2;
             else break;
         }
@@ -3904,7 +4087,7 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zm
 #else
     (void)workspace;
     (void)f32_zmm;
-    (void)bf16_dp;
+    (void)bf16_kernel;
 #endif
 }
 
@@ -3969,7 +4152,7 @@ static moe_status moe__gemm_engine(moe_ctx *ctx, const moe__gemm_desc *d, int ti
             if (!ws) return moe__fail(ctx, MOE_ERR_MEMORY, "gemm: out of memory for the packing workspace");
         }
     }
-    moe__gemm_run(d, isa, isa == MOE__GEMM_AVX512 && ctx->conf.f32_zmm, ctx->conf.bf16_dp, tid >= 0 ? 1 : ctx->conf.n_threads, ws);
+    moe__gemm_run(d, isa, isa == MOE__GEMM_AVX512 && ctx->conf.f32_zmm, ctx->conf.bf16_kernel, tid >= 0 ? 1 : ctx->conf.n_threads, ws);
     return MOE_OK;
 }
 
@@ -13348,10 +13531,11 @@ MOE_API moe_status moe_comm_init(moe_ctx *ctx, moe_comm_kind kind, moe_comm **ou
         MPI_Comm_rank(c->mpi, &c->rank);
         MPI_Comm_size(c->mpi, &c->size);
         c->ops = &moe__comm_mpi;
-        /* one BF16 GEMM route for the job (section 4's bf16_dp follows the CPU's vendor and
-           the build): vdpbf16ps only when every rank would take it, so a job across Intel and
-           AMD machines, or builds with and without AVX512_BF16, keeps one process's bits */
-        if ((rc = MPI_Allreduce(MPI_IN_PLACE, &ctx->conf.bf16_dp, 1, MPI_INT, MPI_MIN, c->mpi)) != MPI_SUCCESS) {
+        /* one BF16 GEMM kernel for the job (section 4's choice follows the CPU and the build):
+           the lowest of the ranks' (every rank has the kernels below its own), so a job across
+           Intel and AMD machines, or builds with and without AVX512_BF16 or AMX, keeps one
+           process's bits */
+        if ((rc = MPI_Allreduce(MPI_IN_PLACE, &ctx->conf.bf16_kernel, 1, MPI_INT, MPI_MIN, c->mpi)) != MPI_SUCCESS) {
             MPI_Comm_free(&c->mpi);
             if (c->owns_runtime) MPI_Finalize();
             MOE_FREE(c);

@@ -18,8 +18,8 @@
    it; fp32_of_peak_1024_rows averages that over the 1024-row shapes and both thread counts.
    moe's FP32 kernel (6×32 zmm with AVX-512, 6×16 ymm otherwise or with MOE_GEMM_ZMM=0) is
    in the table and the JSON ("moe_fp32_kernel"), and so is moe's BF16 one ("moe_bf16_kernel":
-   vdpbf16ps, or the FP32 kernel over bf16-rounded operands where vdpbf16ps is slower, see
-   MOE_GEMM_BF16DP in moe.h). The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
+   AMX tiles, vdpbf16ps, or the FP32 kernel over bf16-rounded operands where vdpbf16ps is
+   slower, see MOE_GEMM_BF16 in moe.h). The last line is one JSON object: fp32_ratio_min / fp32_ratio_geomean are moe FP32 over
    OpenBLAS at 2 threads over all shapes; bf16_over_fp32 is the geometric mean of moe BF16
    over moe FP32 at 2 threads over the shapes with M·N·K ≥ 2^24. */
 #define _POSIX_C_SOURCE 200809L
@@ -37,11 +37,10 @@
 
 #include "bench_cpu.h"
 
-#if defined(MOE__GEMM_HAVE_BF16DP)
-#define BF16_KERNEL(ctx) ((ctx)->conf.bf16_dp ? "6x32 vdpbf16ps" : "fp32 kernel, bf16-rounded operands")
-#else
-#define BF16_KERNEL(ctx) "fp32 kernel, bf16-rounded operands"
-#endif
+#define BF16_KERNEL(ctx)                                                                                        \
+    ((ctx)->conf.bf16_kernel == MOE__BF16_AMX  ? "32x32 AMX tiles"                                               \
+     : (ctx)->conf.bf16_kernel == MOE__BF16_DP ? "6x32 vdpbf16ps"                                                \
+                                               : "fp32 kernel, bf16-rounded operands")
 
 typedef struct { int64_t m, n, k; int ta, tb; const char *role; int quick; } bench_shape;
 

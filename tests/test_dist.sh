@@ -152,17 +152,18 @@ if bash data/prepare.sh >/dev/null 2>&1 && $CC $W -march=native -fopenmp example
     same "DP 4 ranks = 1 process, fp32 (rank-ordered sums)" "$d/p1a4/ckpt-00000006.bin" "$d/p4a4/ckpt-00000006.bin"
     run1 --accum 2 --precision bf16 --out "$d/b1";  runp 2 --accum 2 --precision bf16 --out "$d/b2"
     same "DP 2 ranks = 1 process, bf16" "$d/b1/ckpt-00000006.bin" "$d/b2/ckpt-00000006.bin"
-    # ranks whose CPUs would pick different BF16 GEMM routes (vdpbf16ps on AMD, FP32 FMAs on Intel;
-    # set here per rank by MPMD mpirun) all take FP32 FMAs: the bytes of one process on route 0
-    MOE_GEMM_BF16DP=1 one tt $TT --accum 2 --precision bf16 --out "$d/bdp1"
-    MOE_GEMM_BF16DP=0 one tt $TT --accum 2 --precision bf16 --out "$d/bdp0"
+    # ranks whose CPUs would pick different BF16 GEMM kernels (AMX or vdpbf16ps where there are,
+    # FP32 FMAs elsewhere; set here per rank by MPMD mpirun) all take the lowest, FP32 FMAs: the
+    # bytes of one process on FMAs
+    MOE_GEMM_BF16=amx one tt $TT --accum 2 --precision bf16 --out "$d/bbest"
+    MOE_GEMM_BF16=fma one tt $TT --accum 2 --precision bf16 --out "$d/bfma"
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 300 mpirun --oversubscribe --bind-to none \
-        -np 1 -x MOE_GEMM_BF16DP=1 "$tmp/tt_mpi" $TT --accum 2 --precision bf16 --out "$d/bmix" : \
-        -np 1 -x MOE_GEMM_BF16DP=0 "$tmp/tt_mpi" $TT --accum 2 --precision bf16 --out "$d/bmix" >"$tmp/last.txt" 2>&1 ||
-        { echo "     mpirun (MPMD, MOE_GEMM_BF16DP 1 and 0): exit $?"; tail -n 3 "$tmp/last.txt"; }
-    same "DP 2 ranks, BF16 routes 1 (rank 0) and 0 per rank = 1 process on route 0" "$d/bdp0/ckpt-00000006.bin" "$d/bmix/ckpt-00000006.bin"
-    cmp -s "$d/bdp1/ckpt-00000006.bin" "$d/bdp0/ckpt-00000006.bin" && echo "     (one process on route 0 and on route 1: the same bytes; this build has one route)" ||
-        echo "     (one process on route 0 and on route 1: different bytes, so the ranks' routes mattered)"
+        -np 1 -x MOE_GEMM_BF16=amx "$tmp/tt_mpi" $TT --accum 2 --precision bf16 --out "$d/bmix" : \
+        -np 1 -x MOE_GEMM_BF16=fma "$tmp/tt_mpi" $TT --accum 2 --precision bf16 --out "$d/bmix" >"$tmp/last.txt" 2>&1 ||
+        { echo "     mpirun (MPMD, MOE_GEMM_BF16 amx and fma): exit $?"; tail -n 3 "$tmp/last.txt"; }
+    same "DP 2 ranks, BF16 kernels the best there is (rank 0) and FMA (rank 1) = 1 process on FMA" "$d/bfma/ckpt-00000006.bin" "$d/bmix/ckpt-00000006.bin"
+    cmp -s "$d/bbest/ckpt-00000006.bin" "$d/bfma/ckpt-00000006.bin" && echo "     (one process on the best kernel and on FMA: the same bytes; this build has FMA only)" ||
+        echo "     (one process on the best kernel and on FMA: different bytes, so the ranks' kernels mattered)"
     runp 2 --accum 4 --out "$d/p2a4";               runp 2 --accum 4 --out "$d/p2a4again"
     same "2 ranks with 2 micro-batches each (accumulated, then summed over ranks), twice" "$d/p2a4/ckpt-00000006.bin" \
         "$d/p2a4again/ckpt-00000006.bin"

@@ -87,8 +87,8 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
         double err = fabs(F(C)[i] - want) / bound;
         if (!(err <= worst)) worst = err; /* NaN propagates into worst */
     }
-    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d (dp %d) in16=%d simd=%d threads=%d: error %.3g x bound",
-            (long long)m, (long long)n, (long long)k, ta, tb, bf16, g_ctx->conf.bf16_dp, in16, simd, threads, worst);
+    T_CHECK(worst <= 1.0, "gemm m=%lld n=%lld k=%lld ta=%d tb=%d bf16=%d (kernel %d) in16=%d simd=%d threads=%d: error %.3g x bound",
+            (long long)m, (long long)n, (long long)k, ta, tb, bf16, g_ctx->conf.bf16_kernel, in16, simd, threads, worst);
     moe_ctx_set_simd(g_ctx, 1);
     moe_tensor_free(g_ctx, A);
     moe_tensor_free(g_ctx, B);
@@ -100,30 +100,37 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
     free(b16);
 }
 
+/* The BF16 GEMM kernels this build and CPU run (MOE__BF16_FMA, then _DP, then _AMX). */
+static int bf16_kernels(void) {
+#if defined(MOE__GEMM_HAVE_AMX)
+    if (moe__gemm_amx_usable()) return 3;
+#endif
+#if defined(MOE__GEMM_HAVE_BF16DP)
+    return 2;
+#else
+    return 1;
+#endif
+}
+
 static void test_gemm_layouts(void) {
     static const int64_t sizes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 40}, {64, 48, 129}, {127, 16, 32}, {40, 129, 3},
                                        {256, 96, 32}, {130, 70, 260},
                                        {100, 130, 300}};
     size_t s;
-    int ta, tb, bf16, in16, simd, dp, cases = 0;
-    const int dp_default = g_ctx->conf.bf16_dp;
-#if defined(MOE__GEMM_HAVE_BF16DP)
-    const int dps = 2; /* BF16 on vdpbf16ps and on FP32 FMAs, whichever is this CPU's default */
-#else
-    const int dps = 1;
-#endif
+    int ta, tb, bf16, in16, simd, kern, cases = 0;
+    const int kern_default = g_ctx->conf.bf16_kernel, kernels = bf16_kernels();
     for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
         for (ta = 0; ta < 2; ta++)
             for (tb = 0; tb < 2; tb++)
                 for (bf16 = 0; bf16 < 2; bf16++)
                     for (in16 = 0; in16 <= bf16; in16++) /* bf16 inputs with bf16 compute */
                         for (simd = 0; simd < 2; simd++)
-                            for (dp = 0; dp < (bf16 && simd ? dps : 1); dp++) {
-                                g_ctx->conf.bf16_dp = dps == 2 && bf16 && simd ? dp : dp_default;
+                            for (kern = 0; kern < (bf16 && simd ? kernels : 1); kern++) { /* every BF16 kernel there is */
+                                g_ctx->conf.bf16_kernel = bf16 && simd ? kern : kern_default;
                                 check_gemm(sizes[s][0], sizes[s][1], sizes[s][2], ta, tb, bf16, in16, simd, 1 + (int)(s % 3), 1.0f, 0.0f);
                                 cases++;
                             }
-    g_ctx->conf.bf16_dp = dp_default;
+    g_ctx->conf.bf16_kernel = kern_default;
     check_gemm(33, 65, 17, 0, 1, 0, 0, 1, 2, -0.5f, 1.25f);
     check_gemm(33, 65, 17, 1, 0, 1, 0, 1, 2, 2.0f, -1.0f);
     check_gemm(8, 8, 0, 0, 0, 0, 0, 1, 1, 1.0f, 0.5f); /* k = 0: C = beta·C */
@@ -159,6 +166,25 @@ static int pk_check(const uint32_t *got, int64_t kp, int64_t width, int64_t used
         }
     return 1;
 }
+#if defined(MOE__GEMM_HAVE_AMX)
+#define AMX_PANELS ", AMX's A panels too"
+/* AMX's A panel [rows][kpp]: row x's pairs of op(A) row r0 + x from k p0, 0 past `used` rows
+   and kc values */
+static int pk_check_rows(const uint32_t *got, int64_t kpp, int64_t rows, int64_t used, int trans, int64_t r0, int64_t p0,
+                         int64_t kc) {
+    int64_t q, x;
+    for (x = 0; x < rows; x++)
+        for (q = 0; q < kpp; q++) {
+            uint32_t want = 0;
+            if (x < used && 2 * q < kc)
+                want = pk_el(trans, r0 + x, p0 + 2 * q) | (2 * q + 1 < kc ? pk_el(trans, r0 + x, p0 + 2 * q + 1) << 16 : 0u);
+            if (got[x * kpp + q] != want) return 0;
+        }
+    return 1;
+}
+#else
+#define AMX_PANELS ""
+#endif
 /* FP32 panels [kc][width] of bf16 values (bf16_compute rounds f32 operands; bf16 storage is
    widened): element x of k p = bf16(op(X)) as float, 0 in the padding */
 static int pk_check_f32(const float *got, int64_t kc, int64_t width, int64_t used, int trans, int by_row, int64_t r0, int64_t p0) {
@@ -175,7 +201,9 @@ static void test_gemm_packing(void) {
                                        0x7F800000u, 0xFF800000u, 0x7F7FFFFFu, 0x80000000u, 0x00000001u, 0x00008000u,
                                        0x00018000u, 0x807FFFFFu};
     static const int64_t kcs[] = {1, 2, 31, 32, 33, 255, 256}, widths[] = {1, 5, 6, 16, 17, 32}, groups[] = {1, 6, 7, 17, 48};
-    static uint32_t dst[8 * 256 * 6 + 64]; /* the largest: FP32 Aᵀ, 8 panels of kc = 256 */
+    enum { PK_DST = 8 * 256 * 6 + 64 }; /* the largest: FP32 Aᵀ, 8 panels of kc = 256 */
+    static uint32_t dst_mem[PK_DST + 16];
+    uint32_t *dst = dst_mem + ((64 - ((uintptr_t)dst_mem & 63)) & 63) / 4; /* 64-byte aligned, as the workspace */
     moe_rng rng = moe_rng_new(21, 0);
     moe__gemm_desc d;
     int64_t i, a, w, bad = 0, cases = 0;
@@ -199,12 +227,12 @@ static void test_gemm_packing(void) {
                     d.a_bf16 = d.b_bf16 = in16;
                     d.lda = d.ldb = PK_LD;
                     d.b_trans = trans; /* op(B) [k, n]: column r0 + x */
-                    memset(dst, 0xA5, sizeof dst);
+                    memset(dst, 0xA5, PK_DST * sizeof *dst);
                     moe__gemm_pack_b_bf16(&d, p0, kc, r0, widths[w], dst);
                     bad += !pk_check(dst, kp, MOE__GEMM_BNR, widths[w], trans, 0, r0, p0, kc) || dst[kp * MOE__GEMM_BNR] != 0xA5A5A5A5u;
-                    d.bf16_compute = 1; /* the FP32 kernel's panels of BF16 products (MOE_GEMM_BF16DP=0, AVX2 builds) */
+                    d.bf16_compute = 1; /* the FP32 kernel's panels of BF16 products (MOE_GEMM_BF16=fma, AVX2 builds) */
                     if (widths[w] <= MOE__GEMM_NR) {
-                        memset(dst, 0xA5, sizeof dst);
+                        memset(dst, 0xA5, PK_DST * sizeof *dst);
                         moe__gemm_pack_b_f32(&d, p0, kc, r0, widths[w], (float *)(void *)dst);
                         bad += !pk_check_f32((const float *)(const void *)dst, kc, MOE__GEMM_NR, widths[w], trans, 0, r0, p0) ||
                                dst[kc * MOE__GEMM_NR] != 0xA5A5A5A5u;
@@ -212,7 +240,7 @@ static void test_gemm_packing(void) {
                     }
                     if (widths[w] <= MOE__GEMM_MR) {
                         d.a_trans = trans;
-                        memset(dst, 0xA5, sizeof dst);
+                        memset(dst, 0xA5, PK_DST * sizeof *dst);
                         moe__gemm_pack_a_f32(&d, r0, widths[w], p0, kc, (float *)(void *)dst);
                         bad += !pk_check_f32((const float *)(const void *)dst, kc, MOE__GEMM_MR, widths[w], trans, 1, r0, p0) ||
                                dst[kc * MOE__GEMM_MR] != 0xA5A5A5A5u;
@@ -221,16 +249,27 @@ static void test_gemm_packing(void) {
                     d.bf16_compute = 0;
                     if (widths[w] <= MOE__GEMM_BMR) { /* op(A) [m, k]: row r0 + x */
                         d.a_trans = trans;
-                        memset(dst, 0xA5, sizeof dst);
+                        memset(dst, 0xA5, PK_DST * sizeof *dst);
                         moe__gemm_pack_a_bf16(&d, r0, widths[w], p0, kc, dst);
                         bad += !pk_check(dst, kp, MOE__GEMM_BMR, widths[w], trans, 1, r0, p0, kc) || dst[kp * MOE__GEMM_BMR] != 0xA5A5A5A5u;
                         cases++;
                     }
+#if defined(MOE__GEMM_HAVE_AMX)
+                    { /* AMX's A: 32 rows of K-pairs, row-major, pairs padded to 16 */
+                        const int64_t kpp = (kp + 15) / 16 * 16;
+                        d.a_trans = trans;
+                        memset(dst, 0xA5, PK_DST * sizeof *dst);
+                        moe__gemm_pack_a_amx(&d, r0, widths[w], p0, kc, dst);
+                        bad += !pk_check_rows(dst, kpp, MOE__GEMM_AMR, widths[w], trans, r0, p0, kc) ||
+                               dst[MOE__GEMM_AMR * kpp] != 0xA5A5A5A5u;
+                        cases++;
+                    }
+#endif
                     if (trans && w < (int64_t)(sizeof groups / sizeof groups[0])) { /* Aᵀ's panels of 6 rows, up to 8 at once */
                         const int64_t rows = groups[w], np = (rows + MOE__GEMM_BMR - 1) / MOE__GEMM_BMR;
                         int64_t g;
                         d.a_trans = 1;
-                        memset(dst, 0xA5, sizeof dst);
+                        memset(dst, 0xA5, PK_DST * sizeof *dst);
                         moe__gemm_pack_at_bf16_group(&d, r0, rows, p0, kc, dst);
                         for (g = 0; g < np; g++) {
                             int64_t used = rows - g * MOE__GEMM_BMR < MOE__GEMM_BMR ? rows - g * MOE__GEMM_BMR : MOE__GEMM_BMR;
@@ -241,7 +280,7 @@ static void test_gemm_packing(void) {
                         if (!in16) { /* and FP32's: the values as they are, padding 0 */
                             float *f = (float *)(void *)dst;
                             int64_t p, x, wrong = 0;
-                            memset(dst, 0xA5, sizeof dst);
+                            memset(dst, 0xA5, PK_DST * sizeof *dst);
                             moe__gemm_pack_at_f32_group(&d, r0, rows, p0, kc, f);
                             for (g = 0; g < np; g++)
                                 for (p = 0; p < kc; p++)
@@ -263,8 +302,8 @@ static void test_gemm_packing(void) {
                 }
     T_CHECK(bad == 0, "%lld of %lld packings differ from their definition", (long long)bad, (long long)cases);
 #if defined(MOE__GEMM_PAIRS16)
-    T_NOTE("%lld packings bit for bit, BF16, FP32's Aᵀ groups and FP32 panels of bf16 values (AVX-512 pair packing compiled in)",
-           (long long)cases);
+    T_NOTE("%lld packings bit for bit, BF16, FP32's Aᵀ groups and FP32 panels of bf16 values (AVX-512 pair packing compiled in%s)",
+           (long long)cases, AMX_PANELS);
 #else
     T_NOTE("%lld packings bit for bit, BF16, FP32's Aᵀ groups and FP32 panels of bf16 values (the AVX2 build's packing)", (long long)cases);
 #endif
