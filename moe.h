@@ -3619,30 +3619,47 @@ static void moe__gemm_pack_a_amx(const moe__gemm_desc *d, int64_t i, int64_t mr,
     const unsigned char *a = (const unsigned char *)d->a;
     int64_t r, c, q;
     if (!d->a_trans) { /* row i + r of A: consecutive k, 16 pairs at a time */
-        for (r = 0; r < MOE__GEMM_AMR; r++)
+        for (r = 0; r < MOE__GEMM_AMR; r++) {
+            if (r + 2 < mr) { /* the start of the row after next (each row is a stream of its own) */
+                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es), _MM_HINT_T0);
+                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 128, _MM_HINT_T0);
+                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 192, _MM_HINT_T0);
+            }
             for (c = 0; c < kpp; c += 16)
                 _mm512_storeu_si512((void *)(dst + r * kpp + c),
                                     r < mr && 2 * c < kc ? moe__gemm_row_pairs16(a + ((i + r) * lda + p0 + 2 * c) * es, d->a_bf16, kc - 2 * c)
                                                          : _mm512_setzero_si512());
+        }
         return;
     }
-    /* Aᵀ [k, m]: two rows of Aᵀ give 16 rows' pairs side by side; 16 such transposed */
-    for (r = 0; r < MOE__GEMM_AMR; r += 16)
-        for (c = 0; c < kpp; c += 16) {
-            __m512i t[16];
-            for (q = 0; q < 16; q++) {
-                const int64_t p = 2 * (c + q);
-                const unsigned char *lo = a + ((p0 + p) * lda + i + r) * es;
-                t[q] = r < mr && p < kc ? moe__gemm_col_pairs16(lo, p + 1 < kc ? lo + lda * es : NULL, d->a_bf16, moe__gemm_keep16(mr, r))
-                                        : _mm512_setzero_si512();
+    /* Aᵀ [k, m]: two rows of Aᵀ give 32 rows' pairs side by side (128 contiguous bytes of f32
+       each), 16 pairs of them transposed per 16 rows; rows two pairs ahead are prefetched */
+    for (c = 0; c < kpp; c += 16) {
+        __m512i t[2][16];
+        for (q = 0; q < 16; q++) {
+            const int64_t p = 2 * (c + q);
+            const unsigned char *lo = a + ((p0 + p) * lda + i) * es;
+            if (p + 5 < kc) {
+                _mm_prefetch((const char *)(lo + 4 * lda * es), _MM_HINT_T0);
+                _mm_prefetch((const char *)(lo + 4 * lda * es) + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)(lo + 5 * lda * es), _MM_HINT_T0);
+                _mm_prefetch((const char *)(lo + 5 * lda * es) + 64, _MM_HINT_T0);
             }
-            moe__gemm_transpose16(t);
-            for (q = 0; q < 16; q++) _mm512_storeu_si512((void *)(dst + (r + q) * kpp + c), t[q]);
+            for (r = 0; r < 2; r++)
+                t[r][q] = 16 * r < mr && p < kc ? moe__gemm_col_pairs16(lo + 16 * r * es, p + 1 < kc ? lo + (lda + 16 * r) * es : NULL,
+                                                                     d->a_bf16, moe__gemm_keep16(mr, 16 * r))
+                                             : _mm512_setzero_si512();
         }
+        for (r = 0; r < 2; r++) {
+            moe__gemm_transpose16(t[r]);
+            for (q = 0; q < 16; q++) _mm512_storeu_si512((void *)(dst + (16 * r + q) * kpp + c), t[r][q]);
+        }
+    }
 }
 
 /* 32×32 of C from a packed [32][kpp] and b packed [kpp][32] (K-pairs, kpp a multiple of 16),
-   with the other kernels' epilogue over the tiles stored to memory. */
+   with the other kernels' epilogue over the tiles stored to memory (C = acc stores them in C). */
 MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *MOE_RESTRICT a, const uint32_t *MOE_RESTRICT b,
                                                  float *MOE_RESTRICT c, int64_t ldc, float alpha, float beta, int mode) {
     float acc[MOE__GEMM_AMR * MOE__GEMM_BNR];
@@ -3662,6 +3679,13 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *M
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+    }
+    if (mode == 0 && alpha == 1.0f) { /* C = 1·acc = acc: the tiles go straight to C */
+        _tile_stored(0, c, ldc * 4);
+        _tile_stored(1, c + 16, ldc * 4);
+        _tile_stored(2, c + 16 * ldc, ldc * 4);
+        _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+        return;
     }
     _tile_stored(0, acc, 128);
     _tile_stored(1, acc + 16, 128);
