@@ -2783,7 +2783,7 @@ static int moe__fp8_group_shape(const moe_ctx *ctx, moe__fp8_group g, int64_t ro
      and all of K, cooperatively by all threads, into the shared workspace.
    - A is read in place by the FP32 kernel (it takes a row stride and a k stride, so both
      A [m,k] and Aᵀ [k,m] work) unless it is bf16 / bf16-rounded or reused across enough
-     columns; then it is packed once (6-row micro-panels). Row tails (< 6 rows) are packed.
+     columns; then it is packed once (micro-panels of the kernel's rows). Row tails (< 6 rows) are packed.
    Threads (OpenMP)
    - Phase 1 packs (panels handed out dynamically), a barrier, phase 2 computes C units
      (row chunk × column chunk, all K) handed out dynamically with an atomic counter, so a
@@ -2821,8 +2821,8 @@ typedef struct moe__gemm_desc {
 #if defined(MOE__GEMM_HAVE_AVX512) && defined(__AVX512BF16__)
 #define MOE__GEMM_HAVE_BF16DP 1
 #endif
-#if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512) && defined(__linux__) &&                            \
-    (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
+#if defined(MOE__GEMM_HAVE_BF16DP) && defined(MOE__SIMD_AVX512) && defined(__AVX512VL__) && defined(__x86_64__) &&     \
+    defined(__linux__) && (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
 #define MOE__GEMM_HAVE_AMX 1
 #endif
 
@@ -2841,7 +2841,7 @@ typedef struct moe__gemm_desc {
 #define MOE__GEMM_KC1 256   /* k up to this: a single K block (so multi-block splits stay 128-aligned) */
 #endif
 #ifndef MOE__GEMM_MCU
-#define MOE__GEMM_MCU 96    /* rows of a compute unit (multiple of 6) */
+#define MOE__GEMM_MCU 96    /* rows of a compute unit (rounded up to a multiple of the kernel's rows) */
 #endif
 #ifndef MOE__GEMM_NCU
 #define MOE__GEMM_NCU 128   /* cols of a compute unit (multiple of 32) */
@@ -2899,8 +2899,9 @@ static int moe__gemm_amx_usable(void) {
 #endif
 
 /* The BF16 GEMM kernel of a new context (MOE__BF16_*): AMX tiles wherever the build and CPU
-   have them (a 32×32 tile product runs 16×16×32 multiply-adds; measured on a Xeon, family 6
-   model 167: 2.5 TFLOP/s per core in a register-only loop, against 220 GFLOP/s for 512-bit FMAs);
+   have them (one tile instruction does 16×16 dot products of 32 bf16 pairs; measured on a Xeon,
+   family 6 model 167: 2.5 TFLOP/s per core in a register-only loop, against 220 GFLOP/s for
+   512-bit FMAs);
    else vdpbf16ps wherever the build has AVX512_BF16, except on Intel CPUs: there vdpbf16ps
    (64 FLOPs) gives half the FLOP rate of 512-bit FMAs (32 each, two a cycle), so the FP32
    kernel over operands rounded to bf16 while packing is faster (same Xeon: 110 against 220
@@ -2911,6 +2912,7 @@ static int moe__gemm_amx_usable(void) {
 static int moe__gemm_bf16_kernel_default(void) {
     int have = MOE__BF16_FMA, dflt = MOE__BF16_FMA;
     const char *env = getenv("MOE_GEMM_BF16");
+    if (env && strcmp(env, "fma") == 0) return MOE__BF16_FMA;
 #if defined(MOE__GEMM_HAVE_BF16DP)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     int intel = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == signature_INTEL_ebx && edx == signature_INTEL_edx &&
@@ -2918,13 +2920,11 @@ static int moe__gemm_bf16_kernel_default(void) {
     have = MOE__BF16_DP;
     dflt = intel ? MOE__BF16_FMA : MOE__BF16_DP;
 #endif
+    if (env && strcmp(env, "dp") == 0) return have;
 #if defined(MOE__GEMM_HAVE_AMX)
-    if (moe__gemm_amx_usable()) have = dflt = MOE__BF16_AMX;
+    if (moe__gemm_amx_usable()) have = dflt = MOE__BF16_AMX; /* asks Linux for the tiles: only where they may be used */
 #endif
-    if (env && strcmp(env, "fma") == 0) return MOE__BF16_FMA;
-    if (env && strcmp(env, "dp") == 0) return have < MOE__BF16_DP ? have : MOE__BF16_DP;
-    if (env && strcmp(env, "amx") == 0) return have;
-    return dflt;
+    return env && strcmp(env, "amx") == 0 ? have : dflt;
 }
 
 static moe__gemm_isa moe__gemm_best_isa(void) {
@@ -3586,16 +3586,11 @@ typedef struct moe__gemm_amx_config {
     uint8_t rows[16];
 } moe__gemm_amx_config;
 
-/* Configure this thread's tiles (each 16 rows × 64 bytes) before the kernel runs on it. */
+/* Configure this thread's tiles (each 16 rows × 64 bytes) before the kernel runs on it. The
+   configuration is a constant in memory: GCC's ldtilecfg tells the compiler it reads 8 bytes,
+   so a configuration built on the stack could lose the stores of its other 56. */
 static void moe__gemm_amx_begin(void) {
-    moe__gemm_amx_config cfg;
-    int t;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
+    static const moe__gemm_amx_config cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
     _tile_loadconfig(&cfg);
 }
 static void moe__gemm_amx_end(void) { _tile_release(); }
@@ -3713,7 +3708,7 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *M
 typedef struct moe__gemm_plan {
     int kind, mr, nr, pack_a;
     int64_t kcb;   /* K block */
-    int64_t kpad;  /* k rounded up to even */
+    int64_t kpad;  /* k rounded up to even (AMX: to 32) */
     int64_t ncs;   /* columns per B super-panel (multiple of nr) */
     int64_t mcs;   /* rows per A super-block (multiple of mr) */
     size_t b_bytes, a_bytes, t_bytes;
@@ -3738,16 +3733,27 @@ static void moe__gemm_make_plan(const moe__gemm_desc *d, int kind, moe__gemm_pla
     pl->t_bytes = (size_t)moe__gemm_rup(MOE__GEMM_TILE * 4, 64);
 }
 
+/* Workspace for d on n_threads, for any kernel: bounds that never shrink as m or k grow (the
+   grouped GEMM sizes each thread's memory for its largest group that way), where the plans'
+   panel widths, cut to a byte budget, do not grow monotonically. */
 static size_t moe__gemm_workspace_bytes(const moe__gemm_desc *d, int n_threads) {
     size_t most = 0;
     int kind;
     if (n_threads < 1) n_threads = 1;
     for (kind = MOE__GEMM_KIND_F32; kind <= MOE__GEMM_KIND_AMX; kind++) {
         moe__gemm_plan p;
-        size_t bytes;
+        size_t col, row, b, a;
+#if !defined(MOE__GEMM_HAVE_AMX)
+        if (kind == MOE__GEMM_KIND_AMX) break;
+#endif
         moe__gemm_make_plan(d, kind, &p);
-        bytes = p.b_bytes + p.a_bytes + p.t_bytes * (size_t)n_threads;
-        if (bytes > most) most = bytes;
+        col = (size_t)p.kpad * 4; /* bytes of one packed column or row */
+        b = col * (size_t)moe__gemm_rup(moe__gemm_max64(d->n, 1), p.nr);
+        if (b > (size_t)MOE__GEMM_BBUDGET) b = col * (size_t)p.nr > (size_t)MOE__GEMM_BBUDGET ? col * (size_t)p.nr : (size_t)MOE__GEMM_BBUDGET;
+        row = p.pack_a ? (size_t)moe__gemm_rup(moe__gemm_max64(d->m, 1), p.mr) : (size_t)p.mr;
+        a = col * row;
+        if (p.pack_a && a > (size_t)MOE__GEMM_ABUDGET) a = col * (size_t)p.mr > (size_t)MOE__GEMM_ABUDGET ? col * (size_t)p.mr : (size_t)MOE__GEMM_ABUDGET;
+        if (b + a + 128 + p.t_bytes * (size_t)n_threads > most) most = b + a + 128 + p.t_bytes * (size_t)n_threads;
     }
     return most + 128;
 }
@@ -3764,7 +3770,7 @@ typedef struct moe__gemm_job {
     float *bp, *ap, *tiles;
     int64_t counter; /* tickets handed out (shared) */
     double busy0;    /* seconds thread 0 spent working (for the contention check) */
-    int64_t mcu, ncu; /* compute unit: rows (multiple of 6) × cols (multiple of 32) */
+    int64_t mcu, ncu; /* compute unit: rows (multiple of the kernel's) × cols (multiple of 32) */
     int zmm;          /* FP32 on the 6×32 zmm kernel where a unit has two full micro-panels */
 } moe__gemm_job;
 
@@ -4089,7 +4095,8 @@ static void moe__gemm_run(const moe__gemm_desc *d, moe__gemm_isa isa, int f32_zm
             units = ((moe__gemm_min64(d->m, job.pl.mcs) + job.mcu - 1) / job.mcu) *
                     ((moe__gemm_min64(d->n, job.pl.ncs) + job.ncu - 1) / job.ncu);
             if (nt <= 1 || units >= MOE__GEMM_UNITS_PER_THREAD * (int64_t)nt) break;
-            if (job.mcu > 4 * job.pl.mr) job.mcu = job.mcu / (2 * job.pl.mr) * job.pl.mr; /* a multiple of the kernel's rows */
+            if (job.mcu > 24 && job.mcu > job.pl.mr) /* halved, a multiple of the kernel's rows: 96, 48, 24 or 96, 32 */
+                job.mcu = moe__gemm_max64(job.pl.mr, job.mcu / (2 * job.pl.mr) * job.pl.mr);
             else if (job.ncu > 32) job.ncu /= 2;
             else break;
         }

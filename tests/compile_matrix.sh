@@ -58,6 +58,13 @@ command -v clang++ >/dev/null && case_run "clang++ -std=c++17, two TUs" two_tu c
 case_run "gcc -std=c99 -O3 -march=native -fopenmp, two TUs" two_tu gcc c99 c -O3 -march=native -fopenmp -ffp-contract=off
 case_run "gcc -std=c99 MOE_NO_SIMD, two TUs" two_tu gcc c99 c -O2 -DMOE_NO_SIMD
 case_run "gcc -std=c99 MOE_NO_SIMD -march=native, two TUs" two_tu gcc c99 c -O2 -march=native -DMOE_NO_SIMD
+# the SIMD paths of other CPUs, compiled only (this machine may not run them): AVX2 alone,
+# AVX-512 without AVX512_BF16, and AMX (Sapphire Rapids) from each compiler
+for isa in "-mavx2 -mfma" "-march=skylake-avx512" "-march=sapphirerapids"; do
+    case_run "gcc -std=c99 $isa (compiled)" gcc -std=c99 $W -I. -O2 $isa -fopenmp -c "$tmp/impl.c" -o "$tmp/isa.o"
+    command -v clang >/dev/null && case_run "clang -std=c99 $isa (compiled)" clang -std=c99 $W -I. -O2 $isa -c "$tmp/impl.c" -o "$tmp/isa.o"
+    case_run "g++ -std=c++17 $isa (compiled)" g++ -std=c++17 $W -I. -O2 $isa -c "$tmp/impl.cpp" -o "$tmp/isa.o"
+done
 case_run "gcc -std=c99 MOE_REAL_F64 (gradient-check build)" gcc -std=c99 $W -I. -DMOE_REAL_F64 -c "$tmp/impl.c" -o "$tmp/f64.o"
 case_run "gcc -std=c99 MOE_STATIC in one TU" sh -c "printf '#define MOE_STATIC\n#define MOE_IMPLEMENTATION\n#include \"moe.h\"\nint main(void){moe_ctx *c=0; if (moe_ctx_new(&c)) return 1; moe_ctx_free(c); return 0;}\n' > '$tmp/st.c' && gcc -std=c99 $W -Wno-unused-function -I. '$tmp/st.c' -o '$tmp/st' -lm && '$tmp/st'"
 echo "SUITE: $pass passed, $fail failed"

@@ -771,6 +771,9 @@ static void t_gemm_grouped(void) {
         {1, 0, 0, MOE_F32, 1, 5, 67, 37, 0, {5, 37, 0, 3, 1}}, /* overwrite, with an empty group: C_e = 0 */
         {1, 0, 1, MOE_BF16, 1, 4, 67, 37, 0, {3, 0, 37, 1}},
         {1, 0, 1, MOE_FP8_E4M3, 1, 4, 67, 37, 0, {3, 0, 37, 40}},
+        /* B panels cut to the byte budget (n = 1024): the 1024-row group needs more memory than
+           all 1030 rows would in one group; each thread's memory must be sized for it */
+        {1, 0, 1, MOE_F32, 1, 2, 64, 1024, 0, {6, 1024}},
     };
     size_t i;
     for (i = 0; i < sizeof cases / sizeof cases[0]; i++) run_grouped(&cases[i]);

@@ -79,6 +79,7 @@ static void check_gemm(int64_t m, int64_t n, int64_t k, int ta, int tb, int bf16
     }
     moe_ctx_set_simd(g_ctx, simd);
     moe_ctx_set_threads(g_ctx, threads);
+    memset(moe__gemm_workspace(g_ctx, 2 << 20), 0xFF, 2 << 20); /* NaN wherever a packing leaves a gap */
     T_CHECK(moe_gemm(g_ctx, &g) == MOE_OK, "moe_gemm: %s", moe_ctx_error(g_ctx));
     ref_gemm(ta, tb, m, n, k, F(A), g.lda, F(B), g.ldb, bf16, ref, aref);
     for (i = 0; i < m * n; i++) {
@@ -115,7 +116,8 @@ static int bf16_kernels(void) {
 static void test_gemm_layouts(void) {
     static const int64_t sizes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 40}, {64, 48, 129}, {127, 16, 32}, {40, 129, 3},
                                        {256, 96, 32}, {130, 70, 260},
-                                       {100, 130, 300}};
+                                       {100, 130, 300}, {300, 100, 260},
+                                       {520, 64, 300}}; /* on 2 threads, over 10^7 flops: the GEMM's own threads */
     size_t s;
     int ta, tb, bf16, in16, simd, kern, cases = 0;
     const int kern_default = g_ctx->conf.bf16_kernel, kernels = bf16_kernels();
