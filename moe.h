@@ -1315,6 +1315,7 @@ typedef struct moe__conf {
     int f32_zmm;  /* FP32 GEMM on the 6×32 zmm kernel (section 4: where 512-bit FMAs run at full rate) */
     int bf16_kernel; /* the BF16 GEMM kernel, MOE__BF16_FMA / _DP / _AMX (section 4) */
     int grad_enabled;
+    int count_loads; /* forward passes add their routing to the model's expert-load counts (not a generation's) */
     moe_dtype gemm_compute;
     moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
     size_t arena_limit;
@@ -1547,6 +1548,7 @@ MOE_API moe_status moe_ctx_new(moe_ctx **out) {
     c.f32_zmm = moe__gemm_zmm_default();
     c.bf16_kernel = moe__gemm_bf16_kernel_default();
     c.grad_enabled = 1;
+    c.count_loads = 1;
     c.gemm_compute = MOE_F32;
     c.fp8.block = 128;
     c.fp8.acc_interval = 128;
@@ -8437,7 +8439,8 @@ static moe_status moe__moe_forward(moe_ctx *ctx, moe__moe *L, const moe_config *
     MOE__TRY(be->router_fwd(ctx, c, z, MOE__F32(L->bias), N, S->s, S->chosen, S->gates, S->sel_sum));
     /* plan: the packed rows of each expert; the loads the bias update balances */
     MOE__TRY(be->dispatch_plan(ctx, S->chosen, N, K, E, S->offset, S->row_of, S->slot_of));
-    for (e = 0; e < E; e++) L->load[e] += S->offset[e + 1] - S->offset[e];
+    if (ctx->conf.count_loads)
+        for (e = 0; e < E; e++) L->load[e] += S->offset[e + 1] - S->offset[e];
     /* gather, experts: one SwiGLU GEMM chain per expert over all its tokens */
     experts = moe__experts_mlp(L, c, S->offset);
     MOE__TRY(be->gather_rows(ctx, u, S->slot_of, (int32_t)K, R, d, xp));
@@ -9590,32 +9593,29 @@ MOE_API moe_status moe_distill_loss_topk(moe_ctx *ctx, moe_tensor *student_logit
    result is allocated first; the teacher's activations after it are given back to the step
    arena as soon as the logits are copied out (when the arena did not need a new block meanwhile,
    which is every step once the first has sized it). The teacher's expert-load counters are
-   restored: a frozen teacher must not drift with the student's balancing. */
+   left alone: a frozen teacher must not drift with the student's balancing. */
 static moe_status moe__distill_teacher_logits(moe_ctx *ctx, moe_model *teacher, const int32_t *tokens, int64_t B, int64_t T,
                                               moe_tensor **out) {
     const moe_config *c = &teacher->cfg;
-    int64_t shape[3], nl = (c->num_hidden_layers - c->first_k_dense_replace + c->num_nextn_predict_layers) * c->n_routed_experts;
-    int64_t *loads0;
+    int64_t shape[3];
     moe_tensor *tl, *ids, *h = NULL, *lg = NULL, *aux = NULL;
     moe__arena_block *b0;
     size_t used0, all0;
-    int grad0 = ctx->conf.grad_enabled;
+    int grad0 = ctx->conf.grad_enabled, count0 = ctx->conf.count_loads;
     moe_status s;
     shape[0] = B; shape[1] = T; shape[2] = c->vocab_size;
     MOE__TRY(moe_tensor_temp(ctx, MOE_F32, 3, shape, &tl));
-    loads0 = (int64_t *)moe__arena_alloc(ctx, (size_t)(nl > 0 ? nl : 1), sizeof(int64_t), "distill teacher");
-    if (!loads0) return MOE_ERR_MEMORY;
-    if (nl > 0) memcpy(loads0, teacher->loads, (size_t)nl * sizeof(int64_t));
     b0 = ctx->arena;
     used0 = b0 ? b0->used : 0;
     all0 = ctx->arena_used;
     ctx->conf.grad_enabled = 0; /* inference mode: nothing goes on the tape */
+    ctx->conf.count_loads = 0;  /* and nothing on the teacher's expert-load counts */
     s = moe__ids(ctx, tokens, B, T, T + 1, 0, &ids);
     if (s == MOE_OK) s = moe__model_trunk(ctx, teacher, ids, B, T, 0, NULL, 0.0f, &h, &aux);
     if (s == MOE_OK) s = moe_matmul(ctx, h, teacher->head, &lg);
     if (s == MOE_OK) s = MOE__BE(ctx)->copy(ctx, tl->data, lg->data, (size_t)tl->numel * sizeof(moe_real), MOE__D2D);
     ctx->conf.grad_enabled = grad0;
-    if (nl > 0) memcpy(teacher->loads, loads0, (size_t)nl * sizeof(int64_t));
+    ctx->conf.count_loads = count0;
     if (b0 && ctx->arena == b0) {
         b0->used = used0;
         ctx->arena_used = all0;
@@ -12212,8 +12212,6 @@ struct moe_gen {
     int64_t ring_n;            /* hidden states of the last ring_n positions, per depth */
     moe_real *ring;            /* [n_mtp + 1][ring_n][d]: main h^0 (after model.norm), MTP h^k */
     moe_real *rows;            /* a row pass's outputs: h [ROWS][d], MTP h [ROWS][d], logits [ROWS][V] */
-    int64_t *loads_saved;      /* the model's expert-load counters, restored after each call */
-    int64_t n_loads;
     moe_gen_attn attn;
     float *pbuf;               /* [(MAX_DRAFT + 1) · 2][V] distributions during speculation */
     float *logits;             /* [MAX_DRAFT + 1][V] logits of a step's rows */
@@ -12254,7 +12252,6 @@ MOE_API void moe_gen_free(moe_gen *g) {
     g->m->be->free(g->w[0], g->ring);
     g->m->be->free(g->w[0], g->rows);
     for (i = 0; i < MOE__GEN_TEAM; i++) moe_ctx_free(g->w[i]);
-    MOE_FREE(g->loads_saved);
     MOE_FREE(g->pbuf);
     MOE_FREE(g->logits);
     MOE_FREE(g->idx);
@@ -12286,7 +12283,6 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
     /* drafts of one step sit up to n_mtp positions past the committed ones and MTP module k
        lags by k: 4·(n_mtp + 1) positions cover every hidden state a later step reads */
     g->ring_n = 4 * (g->n_mtp + 1);
-    g->n_loads = (c->num_hidden_layers - c->first_k_dense_replace + c->num_nextn_predict_layers) * c->n_routed_experts;
     for (i = 0; i < MOE__GEN_TEAM; i++) ok = ok && moe__ctx_child(ctx, &g->w[i]) == MOE_OK;
     if (!ok || moe__mul_overflows((size_t)(c->num_hidden_layers + g->n_mtp) * (size_t)g->cap, (size_t)g->R, &n_cache) ||
         moe__mul_overflows(n_cache, sizeof(moe_real), &bytes)) {
@@ -12295,7 +12291,6 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
     }
     n_ring = (size_t)((g->n_mtp + 1) * g->ring_n * c->hidden_size);
     n_p = (size_t)(2 * (MOE__GEN_MAX_DRAFT + 1)) * (size_t)c->vocab_size;
-    g->loads_saved = (int64_t *)moe__heap_calloc(ctx, (size_t)(g->n_loads + 1) * sizeof(int64_t));
     g->pbuf = (float *)moe__heap_calloc(ctx, n_p * sizeof(float));
     g->logits = (float *)moe__heap_calloc(ctx, (size_t)(MOE__GEN_MAX_DRAFT + 1) * (size_t)c->vocab_size * sizeof(float));
     g->idx = (int32_t *)moe__heap_calloc(ctx, (size_t)(2 * c->vocab_size) * sizeof(int32_t));
@@ -12304,7 +12299,7 @@ MOE_API moe_status moe_gen_new(moe_ctx *ctx, moe_model *m, int64_t max_len, moe_
         MOE__BE(ctx)->alloc(ctx, n_ring * sizeof(moe_real), (void **)&g->ring) != MOE_OK ||
         MOE__BE(ctx)->alloc(ctx, (size_t)(MOE__GEN_ROWS * (2 * c->hidden_size + c->vocab_size)) * sizeof(moe_real),
                             (void **)&g->rows) != MOE_OK ||
-        !g->loads_saved || !g->pbuf || !g->logits || !g->idx || !g->toks) {
+        !g->pbuf || !g->logits || !g->idx || !g->toks) {
         moe_gen_free(g);
         return moe__fail(ctx, MOE_ERR_MEMORY, "%s: out of memory for a cache of %lld tokens (%zu bytes)", fn,
                          (long long)g->cap, bytes);
@@ -12345,22 +12340,21 @@ MOE_API moe_status moe_gen_truncate(moe_ctx *ctx, moe_gen *g, int64_t len) {
 }
 
 /* The session's contexts take the caller's settings, whole, for this call; decoding records
-   no tape, and the crew threads (see below) compute on one thread each. The model's expert
-   load counters are kept aside. */
+   no tape, adds nothing to the model's expert-load counts, and the crew threads (see below)
+   compute on one thread each. */
 static void moe__gen_begin(moe_ctx *ctx, moe_gen *g) {
     int i;
     for (i = 0; i < MOE__GEN_TEAM; i++) {
         g->w[i]->conf = ctx->conf;
         g->w[i]->conf.grad_enabled = 0;
+        g->w[i]->conf.count_loads = 0; /* the model's expert-load counts are training's (rows of a pass would race on them) */
         if (i > 0) g->w[i]->conf.n_threads = 1;
         g->w[i]->error[0] = 0;
     }
-    if (g->n_loads) memcpy(g->loads_saved, g->m->loads, (size_t)g->n_loads * sizeof(int64_t));
 }
-/* Reset the session's arenas, restore the load counters, and pass an error on to ctx. */
+/* Reset the session's arenas and pass an error on to ctx. */
 static moe_status moe__gen_end(moe_ctx *ctx, moe_gen *g, moe_status st) {
     int i;
-    if (g->n_loads) memcpy(g->m->loads, g->loads_saved, (size_t)g->n_loads * sizeof(int64_t));
     for (i = 0; i < MOE__GEN_TEAM; i++) moe_ctx_reset(g->w[i]);
     if (st != MOE_OK) {
         for (i = 0; i < MOE__GEN_TEAM && !g->w[i]->error[0]; i++) {

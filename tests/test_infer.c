@@ -221,8 +221,9 @@ static void check_spec_identity(moe_ctx *ctx, moe_model *m, const int32_t *promp
     moe_gen_opts o;
     moe_gen_stats sp, ss;
     int32_t plain[64], spec[64];
-    int64_t np_out = 0, ns_out = 0, i, first_diff = -1;
+    int64_t np_out = 0, ns_out = 0, i, first_diff = -1, loads_moved = 0;
     T_ASSERT(moe_gen_new(ctx, m, 0, &g) == MOE_OK, "%s", moe_ctx_error(ctx));
+    for (i = 0; i < m->n_loads; i++) m->loads[i] = 1000 + i; /* training's counts: generation leaves them */
     memset(&o, 0, sizeof o);
     o.max_tokens = n;
     T_ASSERT(moe_gen_generate(ctx, g, prompt, np, &o, plain, 64, &np_out, &sp) == MOE_OK, "%s", moe_ctx_error(ctx));
@@ -234,6 +235,9 @@ static void check_spec_identity(moe_ctx *ctx, moe_model *m, const int32_t *promp
     for (i = 0; i < n && i < np_out && i < ns_out; i++)
         if (plain[i] != spec[i]) { first_diff = i; break; }
     T_CHECK(first_diff < 0, "%s: speculative output differs from plain greedy at token %lld", what, (long long)first_diff);
+    for (i = 0; i < m->n_loads; i++) loads_moved += m->loads[i] != 1000 + i;
+    T_CHECK(loads_moved == 0, "%s: generation changed %lld of the model's expert-load counts", what, (long long)loads_moved);
+    moe_model_reset_loads(m);
     T_CHECK(ss.drafted > 0 && ss.main_passes <= sp.main_passes, "%s: drafted %lld, passes %lld vs %lld", what,
             (long long)ss.drafted, (long long)ss.main_passes, (long long)sp.main_passes);
     T_NOTE("%s: %lld tokens identical; acceptance %.2f (%lld/%lld), main passes %lld vs %lld plain", what, (long long)n,
