@@ -66,7 +66,8 @@
                         bf16-rounded operands, vdpbf16ps (AVX512_BF16) or AMX tiles (AMX-BF16,
                         Linux); one the build or CPU lacks gives the next one down. Default:
                         amx where there is AMX, else dp, except on Intel CPUs (there vdpbf16ps
-                        gives half the FP32 FMA rate: fma); other values: the default
+                        gives half the FP32 FMA rate: fma); other values: the default.
+                        Unset, MOE_GEMM_BF16DP=0|1 (its name before) is read as fma|dp
 
    License: MIT or public domain, your choice — see the end of this file. */
 
@@ -2913,7 +2914,8 @@ static int moe__gemm_amx_usable(void) {
    BF16 product's last bits follow the kernel, never the thread count. */
 static int moe__gemm_bf16_kernel_default(void) {
     int have = MOE__BF16_FMA, dflt = MOE__BF16_FMA;
-    const char *env = getenv("MOE_GEMM_BF16");
+    const char *env = getenv("MOE_GEMM_BF16"), *old = getenv("MOE_GEMM_BF16DP");
+    if (!env && old && (strcmp(old, "0") == 0 || strcmp(old, "1") == 0)) env = old[0] == '0' ? "fma" : "dp"; /* its old name */
     if (env && strcmp(env, "fma") == 0) return MOE__BF16_FMA;
 #if defined(MOE__GEMM_HAVE_BF16DP)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
