@@ -1131,9 +1131,9 @@ MOE_API moe_status moe_comm_env(moe_ctx *ctx, int *rank, int *size, int *local_r
    128 bytes). how = "tcp:HOST:PORT": rank 0 listens on PORT, the others connect to HOST:PORT
    and retry until it does; or "file:PATH": rank 0 writes PATH atomically (name it per job,
    e.g. with $SLURM_JOB_ID: a stale file of another job would be read), the others wait for
-   it. Every process calls it; waiting stops after timeout_s seconds with MOE_ERR_COMM: each
-   connect, accept, send and receive waits at most what is left of timeout_s (only the name
-   lookup of HOST, getaddrinfo, is not bounded by it). */
+   it. Every process calls it; waiting stops after timeout_s seconds with MOE_ERR_COMM: the
+   lookup of HOST and each connect, accept, send and receive wait at most what is left of
+   timeout_s (the lookup runs on a thread of its own, left to finish alone when it is late). */
 MOE_API moe_status moe_comm_share(moe_ctx *ctx, const char *how, int rank, int size, void *buf, size_t n, double timeout_s);
 
 /* Data parallelism, after this rank's backward(s) of a step: the accumulated sum (if any)
@@ -1243,6 +1243,7 @@ extern long syscall(long number, ...);
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h> /* a name lookup with a deadline (section 15) */
 #include <sys/socket.h>
 #endif
 #ifdef MOE_CBLAS
@@ -13989,11 +13990,89 @@ static int moe__sock_connect(int s, const struct sockaddr *addr, socklen_t addrl
     return 0;
 }
 
+/* getaddrinfo for an IPv4 stream socket, on a thread of its own so that the caller waits at
+   most until the deadline (a lookup takes as long as the resolver does): the caller takes the
+   result if it comes in time; else the thread frees it when the lookup ends. 0, an EAI_* code,
+   or -2 when the deadline passed (-3: no memory or thread). */
+typedef struct moe__lookup {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    char host[256], port[8];
+    struct addrinfo *ai;
+    int rc, done, abandoned;
+} moe__lookup;
+static void moe__lookup_free(moe__lookup *L) {
+    if (L->ai) freeaddrinfo(L->ai);
+    pthread_cond_destroy(&L->cv);
+    pthread_mutex_destroy(&L->mu);
+    MOE_FREE(L);
+}
+static void *moe__lookup_run(void *arg) {
+    moe__lookup *L = (moe__lookup *)arg;
+    struct addrinfo hints, *ai = NULL;
+    int rc, abandoned;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    rc = getaddrinfo(L->host, L->port, &hints, &ai);
+    pthread_mutex_lock(&L->mu);
+    L->ai = ai;
+    L->rc = rc;
+    L->done = 1;
+    abandoned = L->abandoned;
+    pthread_cond_signal(&L->cv);
+    pthread_mutex_unlock(&L->mu);
+    if (abandoned) moe__lookup_free(L);
+    return NULL;
+}
+static int moe__resolve(const char *host, const char *port, double deadline, struct addrinfo **out) {
+    moe__lookup *L = (moe__lookup *)MOE_MALLOC(sizeof *L);
+    pthread_t t;
+    int rc;
+    *out = NULL;
+    if (!L) return -3;
+    memset(L, 0, sizeof *L);
+    snprintf(L->host, sizeof L->host, "%s", host);
+    snprintf(L->port, sizeof L->port, "%s", port);
+    pthread_mutex_init(&L->mu, NULL);
+    pthread_cond_init(&L->cv, NULL);
+    if (pthread_create(&t, NULL, moe__lookup_run, L) != 0) {
+        moe__lookup_free(L);
+        return -3;
+    }
+    pthread_detach(t);
+    pthread_mutex_lock(&L->mu);
+    while (!L->done) {
+        double left = deadline - moe_time_s();
+        struct timespec until;
+        if (left <= 0) break;
+        clock_gettime(CLOCK_REALTIME, &until); /* the condition variable's clock */
+        until.tv_sec += (time_t)left;
+        until.tv_nsec += (long)((left - (double)(time_t)left) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&L->cv, &L->mu, &until);
+    }
+    if (!L->done) { /* late: the thread frees it when the lookup ends */
+        L->abandoned = 1;
+        pthread_mutex_unlock(&L->mu);
+        return -2;
+    }
+    pthread_mutex_unlock(&L->mu);
+    rc = L->rc;
+    *out = L->ai;
+    L->ai = NULL;
+    moe__lookup_free(L);
+    return rc;
+}
+
 static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, int size, unsigned char *msg, size_t len,
                                  void *buf, size_t n, double timeout_s) {
     char host[256];
     const char *colon = strrchr(hostport, ':');
-    struct addrinfo hints, *ai = NULL;
+    struct addrinfo *ai = NULL;
     double deadline = moe_time_s() + timeout_s; /* every step below waits at most until then */
     int s = -1, rc, i, port;
     char *end;
@@ -14003,9 +14082,6 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
     if (*end || port < 1 || port > 65535) return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: port '%s'", colon + 1);
     memcpy(host, hostport, (size_t)(colon - hostport));
     host[colon - hostport] = 0;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_STREAM;
     if (rank == 0) { /* listen, hand the message to every other rank, close */
         struct sockaddr_in a;
         int one = 1;
@@ -14046,8 +14122,13 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
         close(s);
         return MOE_OK;
     }
-    if ((rc = getaddrinfo(host, colon + 1, &hints, &ai)) != 0)
-        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host, gai_strerror(rc));
+    if ((rc = moe__resolve(host, colon + 1, deadline, &ai)) != 0) {
+        if (rc == -2)
+            return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: looking up '%s' did not finish within the timeout of %g s", host,
+                             timeout_s);
+        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host,
+                         rc == -3 ? "no memory or thread for the lookup" : gai_strerror(rc));
+    }
     for (;;) { /* rank 0 may not listen yet: retry */
         s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         rc = s >= 0 ? moe__sock_connect(s, ai->ai_addr, ai->ai_addrlen, deadline) : -1;

@@ -9,7 +9,9 @@
    listens on 127.0.0.1:PORT, prints "listening", and for SECONDS accepts connections and
    holds them open without sending a byte; with "full" it accepts nothing and first fills its
    accept queue (backlog 0) with one connection of its own, so that later connects get no
-   answer to their SYNs (Linux drops them) and hang in connect(). */
+   answer to their SYNs (Linux drops them) and hang in connect().
+
+   Built with -DMOE_TEST_SLOW_LOOKUP, name lookups take 20 s (a resolver that does not answer). */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
@@ -18,6 +20,20 @@
 #include <time.h>
 #ifdef MOE_TEST_NCCL
 #include <nccl.h>
+#endif
+
+#ifdef MOE_TEST_SLOW_LOOKUP
+/* A resolver that takes 20 s to give up on any name (as one whose servers do not answer):
+   this definition stands in for the C library's in this build (tests/test_dist.sh). */
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res) {
+    struct timespec ts = {20, 0};
+    (void)node;
+    (void)service;
+    (void)hints;
+    *res = NULL;
+    nanosleep(&ts, NULL);
+    return EAI_AGAIN;
+}
 #endif
 
 static int hold(int port, double seconds, int full) {
