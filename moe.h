@@ -41,7 +41,9 @@
        tensors made with moe_tensor_new live until moe_tensor_free.
      - Results are bit-identical for any thread count: work is split so that every
        reduction runs in a fixed order.
-     - Build with -ffp-contract=off (a fused multiply-add is written as fmaf where meant).
+     - Build with -ffp-contract=off (a fused multiply-add is written as fmaf where meant),
+       and on glibc before 2.34 with -pthread (-fopenmp implies it): the TCP bootstrap's name
+       lookup runs on a thread of its own.
 
    Compile-time options (define before including)
      MOE_STATIC         make every public function static
@@ -1317,7 +1319,8 @@ typedef struct moe__conf {
     int f32_zmm;  /* FP32 GEMM on the 6×32 zmm kernel (section 4: where 512-bit FMAs run at full rate) */
     int bf16_kernel; /* the BF16 GEMM kernel, MOE__BF16_FMA / _DP / _AMX (section 4) */
     int grad_enabled;
-    int count_loads; /* forward passes add their routing to the model's expert-load counts (not a generation's) */
+    int count_loads; /* forward passes add their routing to the model's expert-load counts (internal: off for
+                        a generation's and a distillation teacher's passes; no moe_ctx_set_ for it) */
     moe_dtype gemm_compute;
     moe_fp8_options fp8; /* used when gemm_compute is MOE_FP8_E4M3 */
     size_t arena_limit;
@@ -13990,10 +13993,13 @@ static int moe__sock_connect(int s, const struct sockaddr *addr, socklen_t addrl
     return 0;
 }
 
-/* getaddrinfo for an IPv4 stream socket, on a thread of its own so that the caller waits at
-   most until the deadline (a lookup takes as long as the resolver does): the caller takes the
-   result if it comes in time; else the thread frees it when the lookup ends. 0, an EAI_* code,
-   or -2 when the deadline passed (-3: no memory or thread). */
+/* getaddrinfo for an IPv4 stream socket that the caller waits for at most until the
+   deadline (a lookup takes as long as the resolver does). A numeric address is read on the
+   calling thread (that never waits); a name is looked up on a thread of its own, whose result
+   the caller takes if it comes in time, else the thread frees it when the lookup ends (without
+   a thread, on the calling thread as before). MOE__LOOKUP_FAILED leaves getaddrinfo's code in
+   *gai. */
+enum { MOE__LOOKUP_OK = 0, MOE__LOOKUP_FAILED, MOE__LOOKUP_LATE };
 typedef struct moe__lookup {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -14001,6 +14007,14 @@ typedef struct moe__lookup {
     struct addrinfo *ai;
     int rc, done, abandoned;
 } moe__lookup;
+static int moe__lookup_call(const char *host, const char *port, int numeric, struct addrinfo **ai) {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | (numeric ? AI_NUMERICHOST : 0);
+    return getaddrinfo(host, port, &hints, ai);
+}
 static void moe__lookup_free(moe__lookup *L) {
     if (L->ai) freeaddrinfo(L->ai);
     pthread_cond_destroy(&L->cv);
@@ -14009,12 +14023,8 @@ static void moe__lookup_free(moe__lookup *L) {
 }
 static void *moe__lookup_run(void *arg) {
     moe__lookup *L = (moe__lookup *)arg;
-    struct addrinfo hints, *ai = NULL;
-    int rc, abandoned;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_STREAM;
-    rc = getaddrinfo(L->host, L->port, &hints, &ai);
+    struct addrinfo *ai = NULL;
+    int rc = moe__lookup_call(L->host, L->port, 0, &ai), abandoned;
     pthread_mutex_lock(&L->mu);
     L->ai = ai;
     L->rc = rc;
@@ -14025,30 +14035,38 @@ static void *moe__lookup_run(void *arg) {
     if (abandoned) moe__lookup_free(L);
     return NULL;
 }
-static int moe__resolve(const char *host, const char *port, double deadline, struct addrinfo **out) {
-    moe__lookup *L = (moe__lookup *)MOE_MALLOC(sizeof *L);
+static int moe__resolve(const char *host, int port, double deadline, struct addrinfo **out, int *gai) {
+    moe__lookup *L;
     pthread_t t;
-    int rc;
+    char ps[8];
+    snprintf(ps, sizeof ps, "%d", port);
     *out = NULL;
-    if (!L) return -3;
-    memset(L, 0, sizeof *L);
+    if ((*gai = moe__lookup_call(host, ps, 1, out)) == 0) return MOE__LOOKUP_OK; /* a numeric address */
+    L = (moe__lookup *)MOE_MALLOC(sizeof *L);
+    if (!L || (memset(L, 0, sizeof *L), pthread_mutex_init(&L->mu, NULL) != 0)) {
+        MOE_FREE(L);
+        return (*gai = moe__lookup_call(host, ps, 0, out)) == 0 ? MOE__LOOKUP_OK : MOE__LOOKUP_FAILED;
+    }
+    if (pthread_cond_init(&L->cv, NULL) != 0) {
+        pthread_mutex_destroy(&L->mu);
+        MOE_FREE(L);
+        return (*gai = moe__lookup_call(host, ps, 0, out)) == 0 ? MOE__LOOKUP_OK : MOE__LOOKUP_FAILED;
+    }
     snprintf(L->host, sizeof L->host, "%s", host);
-    snprintf(L->port, sizeof L->port, "%s", port);
-    pthread_mutex_init(&L->mu, NULL);
-    pthread_cond_init(&L->cv, NULL);
+    memcpy(L->port, ps, sizeof ps);
     if (pthread_create(&t, NULL, moe__lookup_run, L) != 0) {
         moe__lookup_free(L);
-        return -3;
+        return (*gai = moe__lookup_call(host, ps, 0, out)) == 0 ? MOE__LOOKUP_OK : MOE__LOOKUP_FAILED;
     }
     pthread_detach(t);
     pthread_mutex_lock(&L->mu);
     while (!L->done) {
-        double left = deadline - moe_time_s();
+        double left = deadline - moe_time_s(); /* monotonic; each wait is short, on the wall clock */
         struct timespec until;
-        if (left <= 0) break;
-        clock_gettime(CLOCK_REALTIME, &until); /* the condition variable's clock */
-        until.tv_sec += (time_t)left;
-        until.tv_nsec += (long)((left - (double)(time_t)left) * 1e9);
+        if (!(left > 0)) break;
+        if (left > 0.25) left = 0.25;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += (long)(left * 1e9);
         if (until.tv_nsec >= 1000000000L) {
             until.tv_sec++;
             until.tv_nsec -= 1000000000L;
@@ -14058,14 +14076,14 @@ static int moe__resolve(const char *host, const char *port, double deadline, str
     if (!L->done) { /* late: the thread frees it when the lookup ends */
         L->abandoned = 1;
         pthread_mutex_unlock(&L->mu);
-        return -2;
+        return MOE__LOOKUP_LATE;
     }
     pthread_mutex_unlock(&L->mu);
-    rc = L->rc;
+    *gai = L->rc;
     *out = L->ai;
     L->ai = NULL;
     moe__lookup_free(L);
-    return rc;
+    return *gai == 0 ? MOE__LOOKUP_OK : MOE__LOOKUP_FAILED;
 }
 
 static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, int size, unsigned char *msg, size_t len,
@@ -14074,7 +14092,7 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
     const char *colon = strrchr(hostport, ':');
     struct addrinfo *ai = NULL;
     double deadline = moe_time_s() + timeout_s; /* every step below waits at most until then */
-    int s = -1, rc, i, port;
+    int s = -1, rc, i, port, gai = 0;
     char *end;
     if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
         return moe__fail(ctx, MOE_ERR_ARG, "moe_comm_share: want tcp:HOST:PORT, got 'tcp:%s'", hostport);
@@ -14122,12 +14140,11 @@ static moe_status moe__share_tcp(moe_ctx *ctx, const char *hostport, int rank, i
         close(s);
         return MOE_OK;
     }
-    if ((rc = moe__resolve(host, colon + 1, deadline, &ai)) != 0) {
-        if (rc == -2)
+    if ((rc = moe__resolve(host, port, deadline, &ai, &gai)) != MOE__LOOKUP_OK) {
+        if (rc == MOE__LOOKUP_LATE)
             return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: looking up '%s' did not finish within the timeout of %g s", host,
                              timeout_s);
-        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host,
-                         rc == -3 ? "no memory or thread for the lookup" : gai_strerror(rc));
+        return moe__fail(ctx, MOE_ERR_COMM, "moe_comm_share: cannot resolve '%s': %s", host, gai_strerror(gai));
     }
     for (;;) { /* rank 0 may not listen yet: retry */
         s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);

@@ -116,16 +116,20 @@ if $CC $W $share_flags tests/test_share.c -o "$tmp/share" $share_libs -lm; then
             echo "FAIL tcp, wrong peer ($mode): exit $rc after $ms ms: $(cat "$tmp/t4.txt" "$tmp/hold.txt")"; fail=$((fail + 1))
         fi
     done
-    # A resolver that does not answer (a build whose getaddrinfo takes 20 s): the lookup of HOST
-    # must stop at the timeout too (the build before waited the 20 s)
+    # A resolver that does not answer (a build whose getaddrinfo takes 20 s for "slow…"): the
+    # lookup of HOST must stop at the timeout too (the build before waited the 20 s); an unknown
+    # name is an error at once, named as such
     if $CC $W -DMOE_TEST_SLOW_LOOKUP tests/test_share.c -o "$tmp/share_slow" -lm; then
         t0=$(date +%s%N)
         MOE_RANK=1 MOE_WORLD_SIZE=2 timeout 60 "$tmp/share_slow" "tcp:slow.invalid:$port" 1 >"$tmp/t5.txt" 2>&1; rc=$?
         ms=$((($(date +%s%N) - t0) / 1000000))
-        if [ "$rc" = 1 ] && [ "$ms" -lt 5000 ] && grep -q "looking up 'slow.invalid' did not finish within the timeout of 1 s" "$tmp/t5.txt"; then
-            echo "ok   tcp, a name lookup that does not finish: error after $ms ms (timeout 1 s)"; pass=$((pass + 1))
+        MOE_RANK=1 MOE_WORLD_SIZE=2 timeout 60 "$tmp/share_slow" "tcp:unknown.invalid:$port" 5 >"$tmp/t6.txt" 2>&1; rc6=$?
+        if [ "$rc" = 1 ] && [ "$ms" -lt 5000 ] && grep -q "looking up 'slow.invalid' did not finish within the timeout of 1 s" "$tmp/t5.txt" &&
+            [ "$rc6" = 1 ] && grep -q "cannot resolve 'unknown.invalid'" "$tmp/t6.txt"; then
+            echo "ok   tcp, a name lookup that does not finish: error after $ms ms (timeout 1 s); an unknown name: 'cannot resolve'"
+            pass=$((pass + 1))
         else
-            echo "FAIL tcp, slow lookup: exit $rc after $ms ms: $(cat "$tmp/t5.txt")"; fail=$((fail + 1))
+            echo "FAIL tcp, slow or unknown name: exit $rc after $ms ms, exit $rc6: $(cat "$tmp/t5.txt" "$tmp/t6.txt")"; fail=$((fail + 1))
         fi
     else
         echo "FAIL tests/test_share.c with MOE_TEST_SLOW_LOOKUP does not compile"; fail=$((fail + 1))
