@@ -2057,16 +2057,17 @@ static void moe__store(void *data, moe_dtype dtype, int64_t i, double v) {
 /* ---- 8-lane building blocks (AVX2) of the CPU kernels ---- */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(MOE_NO_SIMD) && !defined(MOE_REAL_F64)
 #define MOE__SIMD_AVX2 1
-/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
-   to the scalar function (and the tails of the row loops below can use it). Always inlined:
-   as a call it reloads its dozen constants for every 8 values (the attention tiles' row
-   loops measured about 3% faster inlined). */
+/* Small SIMD helpers that must inline into their loops (exp8 below: as a call it reloads its
+   dozen constants for every 8 values; the attention tiles' row loops measured about 3% faster
+   inlined). */
 #if defined(__GNUC__)
-#define MOE__EXP8_INLINE __attribute__((always_inline)) inline
+#define MOE__SIMD_INLINE __attribute__((always_inline)) inline
 #else
-#define MOE__EXP8_INLINE
+#define MOE__SIMD_INLINE
 #endif
-static MOE__EXP8_INLINE __m256 moe__exp8(__m256 x) {
+/* moe_expf on 8 lanes: the same operations in the same order, so each lane is bit-identical
+   to the scalar function (and the tails of the row loops below can use it). */
+static MOE__SIMD_INLINE __m256 moe__exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.72f);
     const __m256i bias = _mm256_set1_epi32(127);
     __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi), n, r, p;
@@ -2115,9 +2116,9 @@ static float moe__hmax8(__m256 v) {
    (_mm512_undefined_*), which its C++ front end (nvcc's host compiler) reports as maybe
    uninitialized; their zero-masking forms with every lane kept are the same instructions. */
 #define MOE__ALL16 ((__mmask16)0xFFFF)
-static MOE__EXP8_INLINE __m256 moe__lo8(__m512 v) { return _mm512_maskz_extractf32x8_ps((__mmask8)0xFF, v, 0); }
-static MOE__EXP8_INLINE __m256 moe__hi8(__m512 v) { return _mm512_maskz_extractf32x8_ps((__mmask8)0xFF, v, 1); }
-static MOE__EXP8_INLINE __m512 moe__exp16(__m512 x) {
+static MOE__SIMD_INLINE __m256 moe__lo8(__m512 v) { return _mm512_maskz_extractf32x8_ps((__mmask8)0xFF, v, 0); }
+static MOE__SIMD_INLINE __m256 moe__hi8(__m512 v) { return _mm512_maskz_extractf32x8_ps((__mmask8)0xFF, v, 1); }
+static MOE__SIMD_INLINE __m512 moe__exp16(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.72f);
     const __m512i bias = _mm512_set1_epi32(127);
     __m512 xc = _mm512_maskz_min_ps(MOE__ALL16, _mm512_maskz_max_ps(MOE__ALL16, x, lo), hi), n, r, p;
@@ -3033,7 +3034,7 @@ static __m512i moe__gemm_bf16_pairs16(const float *lo, const float *hi, __mmask1
 }
 /* The K-pairs of a row whose k are consecutive (f32, or bf16 when `bf16`): lane l = values 2l
    and 2l + 1 from src; values past the n left are 0 and not read. */
-static MOE__EXP8_INLINE __m512i moe__gemm_row_pairs16(const void *src, int bf16, int64_t n) {
+static MOE__SIMD_INLINE __m512i moe__gemm_row_pairs16(const void *src, int bf16, int64_t n) {
     const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
     __m512i lo, hi;
     _mm_prefetch((const char *)src + 256, _MM_HINT_T0); /* along the row: two calls on for f32 values, four for bf16 */
@@ -3467,6 +3468,22 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_avx2(int64_t kc, const float *MOE_
 
 
 #if defined(MOE__GEMM_HAVE_AVX512)
+/* The epilogue of the 512-bit kernels (zmm FP32, vdpbf16ps, AMX) on one row of 32 sums x0 | x1
+   at cr, as the engine's Determinism notes say: mode 0 C = alpha·acc, mode 1 C = fma(beta, C,
+   alpha·acc), mode 2 C = fma(alpha, acc, C). */
+static MOE__SIMD_INLINE void moe__gemm_epi32(float *cr, __m512 x0, __m512 x1, __m512 va, float beta, int mode) {
+    if (mode == 0) {
+        _mm512_storeu_ps(cr, _mm512_mul_ps(va, x0));
+        _mm512_storeu_ps(cr + 16, _mm512_mul_ps(va, x1));
+    } else if (mode == 1) {
+        const __m512 vb = _mm512_set1_ps(beta);
+        _mm512_storeu_ps(cr, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr), _mm512_mul_ps(va, x0)));
+        _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr + 16), _mm512_mul_ps(va, x1)));
+    } else {
+        _mm512_storeu_ps(cr, _mm512_fmadd_ps(va, x0, _mm512_loadu_ps(cr)));
+        _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(va, x1, _mm512_loadu_ps(cr + 16)));
+    }
+}
 /* 6×32 FP32 on zmm: the 6×16 kernel's arithmetic over two adjacent packed B micro-panels b0
    and b1 (kc×16 each), A and the modes as there. */
 MOE__GEMM_NOINLINE static void moe__gemm_kern_zmm(int64_t kc, const float *MOE_RESTRICT a, int64_t rsa, int64_t csa,
@@ -3498,28 +3515,12 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_zmm(int64_t kc, const float *MOE_R
     MOE__GEMM_A_WALK(MOE__GEMM_ZSTEP)
 #undef MOE__GEMM_ZSTEP
     va = _mm512_set1_ps(alpha);
-#define MOE__GEMM_ZEPI(R, X0, X1)                                                                \
-    {                                                                                            \
-        float *cr = c + (R) * ldc;                                                               \
-        if (mode == 0) {                                                                         \
-            _mm512_storeu_ps(cr, _mm512_mul_ps(va, X0));                                         \
-            _mm512_storeu_ps(cr + 16, _mm512_mul_ps(va, X1));                                    \
-        } else if (mode == 1) {                                                                  \
-            __m512 vb = _mm512_set1_ps(beta);                                                    \
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr), _mm512_mul_ps(va, X0))); \
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr + 16), _mm512_mul_ps(va, X1))); \
-        } else {                                                                                 \
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(va, X0, _mm512_loadu_ps(cr)));                  \
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(va, X1, _mm512_loadu_ps(cr + 16)));        \
-        }                                                                                        \
-    }
-    MOE__GEMM_ZEPI(0, c00, c01)
-    MOE__GEMM_ZEPI(1, c10, c11)
-    MOE__GEMM_ZEPI(2, c20, c21)
-    MOE__GEMM_ZEPI(3, c30, c31)
-    MOE__GEMM_ZEPI(4, c40, c41)
-    MOE__GEMM_ZEPI(5, c50, c51)
-#undef MOE__GEMM_ZEPI
+    moe__gemm_epi32(c, c00, c01, va, beta, mode);
+    moe__gemm_epi32(c + ldc, c10, c11, va, beta, mode);
+    moe__gemm_epi32(c + 2 * ldc, c20, c21, va, beta, mode);
+    moe__gemm_epi32(c + 3 * ldc, c30, c31, va, beta, mode);
+    moe__gemm_epi32(c + 4 * ldc, c40, c41, va, beta, mode);
+    moe__gemm_epi32(c + 5 * ldc, c50, c51, va, beta, mode);
 }
 #endif
 
@@ -3557,28 +3558,12 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_bf16(int64_t kp, const uint32_t *M
         b += 32;
     }
     va = _mm512_set1_ps(alpha);
-#define MOE__GEMM_EPI(R, X0, X1)                                                                 \
-    {                                                                                            \
-        float *cr = c + (R) * ldc;                                                               \
-        if (mode == 0) {                                                                         \
-            _mm512_storeu_ps(cr, _mm512_mul_ps(va, X0));                                         \
-            _mm512_storeu_ps(cr + 16, _mm512_mul_ps(va, X1));                                    \
-        } else if (mode == 1) {                                                                  \
-            __m512 vb = _mm512_set1_ps(beta);                                                    \
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr), _mm512_mul_ps(va, X0))); \
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr + 16), _mm512_mul_ps(va, X1))); \
-        } else {                                                                                 \
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(va, X0, _mm512_loadu_ps(cr)));                  \
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(va, X1, _mm512_loadu_ps(cr + 16)));        \
-        }                                                                                        \
-    }
-    MOE__GEMM_EPI(0, c00, c01)
-    MOE__GEMM_EPI(1, c10, c11)
-    MOE__GEMM_EPI(2, c20, c21)
-    MOE__GEMM_EPI(3, c30, c31)
-    MOE__GEMM_EPI(4, c40, c41)
-    MOE__GEMM_EPI(5, c50, c51)
-#undef MOE__GEMM_EPI
+    moe__gemm_epi32(c, c00, c01, va, beta, mode);
+    moe__gemm_epi32(c + ldc, c10, c11, va, beta, mode);
+    moe__gemm_epi32(c + 2 * ldc, c20, c21, va, beta, mode);
+    moe__gemm_epi32(c + 3 * ldc, c30, c31, va, beta, mode);
+    moe__gemm_epi32(c + 4 * ldc, c40, c41, va, beta, mode);
+    moe__gemm_epi32(c + 5 * ldc, c50, c51, va, beta, mode);
 }
 #endif
 
@@ -3666,7 +3651,7 @@ static void moe__gemm_pack_a_amx(const moe__gemm_desc *d, int64_t i, int64_t mr,
 MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *MOE_RESTRICT a, const uint32_t *MOE_RESTRICT b,
                                                  float *MOE_RESTRICT c, int64_t ldc, float alpha, float beta, int mode) {
     float acc[MOE__GEMM_AMR * MOE__GEMM_BNR];
-    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    const __m512 va = _mm512_set1_ps(alpha);
     int64_t q;
     int r;
     _tile_zero(0);
@@ -3694,20 +3679,8 @@ MOE__GEMM_NOINLINE static void moe__gemm_kern_amx(int64_t kpp, const uint32_t *M
     _tile_stored(1, acc + 16, 128);
     _tile_stored(2, acc + 16 * 32, 128);
     _tile_stored(3, acc + 16 * 32 + 16, 128);
-    for (r = 0; r < MOE__GEMM_AMR; r++) {
-        float *cr = c + r * ldc;
-        const __m512 x0 = _mm512_loadu_ps(acc + r * 32), x1 = _mm512_loadu_ps(acc + r * 32 + 16);
-        if (mode == 0) {
-            _mm512_storeu_ps(cr, _mm512_mul_ps(va, x0));
-            _mm512_storeu_ps(cr + 16, _mm512_mul_ps(va, x1));
-        } else if (mode == 1) {
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr), _mm512_mul_ps(va, x0)));
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cr + 16), _mm512_mul_ps(va, x1)));
-        } else {
-            _mm512_storeu_ps(cr, _mm512_fmadd_ps(va, x0, _mm512_loadu_ps(cr)));
-            _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(va, x1, _mm512_loadu_ps(cr + 16)));
-        }
-    }
+    for (r = 0; r < MOE__GEMM_AMR; r++)
+        moe__gemm_epi32(c + r * ldc, _mm512_loadu_ps(acc + r * 32), _mm512_loadu_ps(acc + r * 32 + 16), va, beta, mode);
 }
 #endif
 
