@@ -2907,7 +2907,7 @@ static int moe__gemm_amx_usable(void) {
 #endif
 
 /* The BF16 GEMM kernel of a new context (MOE__BF16_*): AMX tiles wherever the build and CPU
-   have them (one tile instruction does 16×16 dot products of 32 bf16 pairs; measured on a Xeon,
+   have them (one tile instruction does 16×16 dot products of 32 bf16 values; measured on a Xeon,
    family 6 model 167: 2.5 TFLOP/s per core in a register-only loop, against 220 GFLOP/s for
    512-bit FMAs);
    else vdpbf16ps wherever the build has AVX512_BF16, except on Intel CPUs: there vdpbf16ps
