@@ -3608,12 +3608,8 @@ static void moe__gemm_pack_a_amx(const moe__gemm_desc *d, int64_t i, int64_t mr,
     int64_t r, c, q;
     if (!d->a_trans) { /* row i + r of A: consecutive k, 16 pairs at a time */
         for (r = 0; r < MOE__GEMM_AMR; r++) {
-            if (r + 2 < mr) { /* the start of the row after next (each row is a stream of its own) */
-                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es), _MM_HINT_T0);
-                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 64, _MM_HINT_T0);
-                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 128, _MM_HINT_T0);
-                _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 192, _MM_HINT_T0);
-            }
+            if (r + 2 < mr) /* the start of the row after next (each row is a stream of its own) */
+                for (q = 0; q < 4; q++) _mm_prefetch((const char *)(a + ((i + r + 2) * lda + p0) * es) + 64 * q, _MM_HINT_T0);
             for (c = 0; c < kpp; c += 16)
                 _mm512_storeu_si512((void *)(dst + r * kpp + c),
                                     r < mr && 2 * c < kc ? moe__gemm_row_pairs16(a + ((i + r) * lda + p0 + 2 * c) * es, d->a_bf16, kc - 2 * c)
