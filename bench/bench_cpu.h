@@ -175,4 +175,88 @@ static inline double bench_fma_peak_gflops(int threads, int width) {
     return best;
 }
 
+/* The peak of the BF16 GEMM kernel a context runs (moe.h's MOE__BF16_*), in GFLOP/s on
+   `threads` threads, the same way: AMX, four C tiles fed from four loaded tiles (16·16·32·2
+   FLOPs per tile instruction); vdpbf16ps, 12 independent zmm chains (64 FLOPs each); FP32
+   FMAs (products of bf16-rounded values on the FP32 kernel), the FP32 peak above. */
+static inline double bench_bf16_peak_gflops(int threads, int kernel) {
+    const long iters = 20000000;
+    double best = 0;
+    int rep;
+    if (kernel != MOE__BF16_DP && kernel != MOE__BF16_AMX) {
+        double p256 = bench_fma_peak_gflops(threads, 256), p512 = bench_fma_peak_gflops(threads, 512);
+        return p512 > p256 ? p512 : p256;
+    }
+#if defined(MOE__GEMM_HAVE_AMX)
+    if (kernel == MOE__BF16_AMX && !moe__gemm_amx_usable()) return 0; /* also asks Linux for the tiles */
+#else
+    if (kernel == MOE__BF16_AMX) return 0;
+#endif
+#if !defined(MOE__GEMM_HAVE_BF16DP)
+    return 0;
+#endif
+    for (rep = 0; rep < 5; rep++) {
+        double t0 = moe_time_s(), sink = 0, flops = 0;
+        int th;
+        MOE__OMP(omp parallel for num_threads(threads) reduction(+:sink))
+        for (th = 0; th < threads; th++) {
+#if defined(MOE__GEMM_HAVE_AMX)
+            if (kernel == MOE__BF16_AMX) {
+                static uint16_t ones[16 * 32];
+                float out[16 * 16];
+                long i;
+                int j;
+                for (j = 0; j < 16 * 32; j++) ones[j] = 0x3F80; /* 1.0: finite sums */
+                moe__gemm_amx_begin();
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                _tile_loadd(4, ones, 64);
+                _tile_loadd(5, ones, 64);
+                _tile_loadd(6, ones, 64);
+                _tile_loadd(7, ones, 64);
+                for (i = 0; i < iters / 64; i++) {
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, out, 64);
+                moe__gemm_amx_end();
+                sink += out[0];
+                continue;
+            }
+#endif
+#if defined(MOE__GEMM_HAVE_BF16DP)
+            {
+                const __m512bh m = (__m512bh)_mm512_set1_epi32(0x3F803F80); /* (1, 1) pairs */
+                __m512 a0 = _mm512_set1_ps(0.0f), a1 = _mm512_set1_ps(1.0f), a2 = _mm512_set1_ps(2.0f), a3 = _mm512_set1_ps(3.0f),
+                       a4 = _mm512_set1_ps(4.0f), a5 = _mm512_set1_ps(5.0f), a6 = _mm512_set1_ps(6.0f), a7 = _mm512_set1_ps(7.0f),
+                       a8 = _mm512_set1_ps(8.0f), a9 = _mm512_set1_ps(9.0f), a10 = _mm512_set1_ps(10.0f), a11 = _mm512_set1_ps(11.0f);
+                long i;
+                for (i = 0; i < iters; i++) {
+                    a0 = _mm512_dpbf16_ps(a0, m, m); a1 = _mm512_dpbf16_ps(a1, m, m); a2 = _mm512_dpbf16_ps(a2, m, m);
+                    a3 = _mm512_dpbf16_ps(a3, m, m); a4 = _mm512_dpbf16_ps(a4, m, m); a5 = _mm512_dpbf16_ps(a5, m, m);
+                    a6 = _mm512_dpbf16_ps(a6, m, m); a7 = _mm512_dpbf16_ps(a7, m, m); a8 = _mm512_dpbf16_ps(a8, m, m);
+                    a9 = _mm512_dpbf16_ps(a9, m, m); a10 = _mm512_dpbf16_ps(a10, m, m); a11 = _mm512_dpbf16_ps(a11, m, m);
+                }
+                a0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                                   _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+                a0 = _mm512_add_ps(a0, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
+                sink += _mm512_reduce_add_ps(a0);
+            }
+#endif
+        }
+        flops = kernel == MOE__BF16_AMX ? (double)threads * (double)(iters / 64) * 4 * 16 * 16 * 32 * 2
+                                        : (double)threads * (double)iters * 12 * 64;
+        {
+            double s = moe_time_s() - t0, gf = flops / s / 1e9;
+            if (gf > best) best = gf;
+            if (sink == 12345.0) printf(" ");
+        }
+    }
+    return best;
+}
+
 #endif

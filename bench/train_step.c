@@ -7,7 +7,9 @@
    the FP32 FMA peak of the same thread count, which this program measures first with
    register-resident FMA loops of both widths (256-bit, and 512-bit where the build has
    AVX-512F) and takes the faster: Intel's cores with two 512-bit FMA ports double their peak
-   with 512-bit FMAs, Zen 4 runs them as two halves (both printed, both in the JSON). Model FLOPs are the matmul FLOPs of the active path (every
+   with 512-bit FMAs, Zen 4 runs them as two halves (both printed, both in the JSON). BF16
+   rows' MFU is over the peak of the BF16 kernel moe.h runs here (MOE_GEMM_BF16: AMX tiles,
+   vdpbf16ps, or FP32 FMAs), measured the same way. Model FLOPs are the matmul FLOPs of the active path (every
    linear layer a token runs through: attention projections, router, shared and top-k routed
    experts, dense FFNs, MTP modules, output heads) plus causal attention (QKᵀ and PV), times 3
    for forward + backward.
@@ -39,7 +41,7 @@
      train_step --rounds R             rounds per row (default 2)
 
    Last line: {"bench":"train_step","cpu":…,"cpu_id":…,"fma_peak_gflops":{…},"fma_peak_gflops_256":{…},
-   "fma_peak_gflops_512":{…},"pytorch":{…}|null,
+   "fma_peak_gflops_512":{…},"bf16_kernel":…,"bf16_peak_gflops":{…},"pytorch":{…}|null,
    "rows":[{"config":…,"precision":…,"threads":…,"tokens_per_s":…,"mfu":…,"peak_rss_mb":…,
    "pytorch_tokens_per_s":…,"ratio_vs_pytorch":…},…]} */
 #define MOE_IMPLEMENTATION
@@ -351,7 +353,9 @@ int main(int argc, char **argv) {
     const char *config = NULL, *precision = NULL, *python = NULL;
     int threads = 0, i, quick = 0, no_torch = 0, rounds = 2;
     int64_t B = 0, T = 0;
-    double seconds = 4.0, peak[3] = {0, 0, 0}, peak256[3] = {0, 0, 0}, peak512[3] = {0, 0, 0};
+    double seconds = 4.0, peak[3] = {0, 0, 0}, peak256[3] = {0, 0, 0}, peak512[3] = {0, 0, 0}, peak_bf16[3] = {0, 0, 0};
+    const int bf16_kernel = moe__gemm_bf16_kernel_default();
+    const char *bf16_name = bf16_kernel == MOE__BF16_AMX ? "amx" : bf16_kernel == MOE__BF16_DP ? "dp" : "fma";
     static char json[65536], twin_json[8192];
     char pybuf[4096], why[512] = "", why512[64] = "", cpu_json[512], torch_version[64] = "", torch_variants[64] = "";
     size_t used, tused = 0;
@@ -389,6 +393,7 @@ int main(int argc, char **argv) {
             peak256[t] = bench_fma_peak_gflops(t, 256);
             peak512[t] = bench_fma_peak_gflops(t, 512);
             peak[t] = peak512[t] > peak256[t] ? peak512[t] : peak256[t];
+            peak_bf16[t] = bench_bf16_peak_gflops(t, bf16_kernel);
         }
     }
     printf("FP32 FMA peak (measured): 256-bit %.1f GFLOP/s on 1 thread, %.1f on 2; 512-bit %s; MFU against %.1f / %.1f\n",
@@ -396,13 +401,16 @@ int main(int argc, char **argv) {
            peak512[1] > 0 ? (snprintf(why512, sizeof why512, "%.1f on 1 thread, %.1f on 2", peak512[1], peak512[2]), why512)
                           : "not built (no AVX-512F)",
            peak[1], peak[2]);
+    printf("BF16 kernel %s (MOE_GEMM_BF16), its peak (measured): %.1f GFLOP/s on 1 thread, %.1f on 2; BF16 rows' MFU against it\n",
+           bf16_name, peak_bf16[1], peak_bf16[2]);
     printf("each row: %d round%s of (moe.h for %.3g s, then the twin for %.3g s), each side's best round (lowest median)\n", rounds,
            rounds > 1 ? "s" : "", seconds / rounds, seconds / rounds);
     used = (size_t)snprintf(json, sizeof json,
                             "{\"bench\":\"train_step\",%s,\"fma_peak_gflops\":{\"1\":%.1f,\"2\":%.1f},"
-                            "\"fma_peak_gflops_256\":{\"1\":%.1f,\"2\":%.1f},\"fma_peak_gflops_512\":{\"1\":%.1f,\"2\":%.1f},\"rows\":[",
+                            "\"fma_peak_gflops_256\":{\"1\":%.1f,\"2\":%.1f},\"fma_peak_gflops_512\":{\"1\":%.1f,\"2\":%.1f},"
+                            "\"bf16_kernel\":\"%s\",\"bf16_peak_gflops\":{\"1\":%.1f,\"2\":%.1f},\"rows\":[",
                             bench_cpu_json(&cpu, cpu_json, sizeof cpu_json), peak[1], peak[2], peak256[1], peak256[2], peak512[1],
-                            peak512[2]);
+                            peak512[2], bf16_name, peak_bf16[1], peak_bf16[2]);
     {
         /* the rows: every combination of the given values, or of the defaults */
         const char *cfgs[2] = {"tiny", "small"}, *precs[2] = {"fp32", "bf16"};
@@ -486,7 +494,7 @@ int main(int argc, char **argv) {
                         if (tms < 0 || tms_r < tms) { tms = tms_r; ttps = ttps_r; snprintf(tvar, sizeof tvar, "%s", tvar_r); }
                     }
                     gf = fl / (ms / 1e3) / 1e9;
-                    mfu = gf / peak[th >= 2 ? 2 : 1];
+                    mfu = gf / (strcmp(prec, "bf16") == 0 ? peak_bf16 : peak)[th >= 2 ? 2 : 1];
                     snprintf(bt, sizeof bt, "%lldx%lld", (long long)b, (long long)t);
                     printf("%-8s %-5s %3d %6s %10.1f %10.0f %9.1f %7.3f %8.1f | ", cfg, prec, th, bt, ms, tps, gf, mfu, rss);
                     if (ttps > 0) printf("%10.1f %10.0f %7.2f  %s\n", tms, ttps, tps / ttps, tvar);
