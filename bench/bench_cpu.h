@@ -177,16 +177,14 @@ static inline double bench_fma_peak_gflops(int threads, int width) {
 
 /* The peak of the BF16 GEMM kernel a context runs (moe.h's MOE__BF16_*), in GFLOP/s on
    `threads` threads, the same way: AMX, four C tiles fed from four loaded tiles (16·16·32·2
-   FLOPs per tile instruction); vdpbf16ps, 12 independent zmm chains (64 FLOPs each); FP32
-   FMAs (products of bf16-rounded values on the FP32 kernel), the FP32 peak above. */
+   FLOPs per tile instruction); vdpbf16ps, 12 independent zmm chains (64 FLOPs each). 0 for
+   FP32 FMAs (products of bf16-rounded values on the FP32 kernel): its peak is the FP32 one,
+   which the caller has measured. */
 static inline double bench_bf16_peak_gflops(int threads, int kernel) {
     const long iters = 20000000;
     double best = 0;
     int rep;
-    if (kernel != MOE__BF16_DP && kernel != MOE__BF16_AMX) {
-        double p256 = bench_fma_peak_gflops(threads, 256), p512 = bench_fma_peak_gflops(threads, 512);
-        return p512 > p256 ? p512 : p256;
-    }
+    if (kernel != MOE__BF16_DP && kernel != MOE__BF16_AMX) return 0;
 #if defined(MOE__GEMM_HAVE_AMX)
     if (kernel == MOE__BF16_AMX && !moe__gemm_amx_usable()) return 0; /* also asks Linux for the tiles */
 #else

@@ -393,7 +393,7 @@ int main(int argc, char **argv) {
             peak256[t] = bench_fma_peak_gflops(t, 256);
             peak512[t] = bench_fma_peak_gflops(t, 512);
             peak[t] = peak512[t] > peak256[t] ? peak512[t] : peak256[t];
-            peak_bf16[t] = bench_bf16_peak_gflops(t, bf16_kernel);
+            peak_bf16[t] = bf16_kernel == MOE__BF16_FMA ? peak[t] : bench_bf16_peak_gflops(t, bf16_kernel);
         }
     }
     printf("FP32 FMA peak (measured): 256-bit %.1f GFLOP/s on 1 thread, %.1f on 2; 512-bit %s; MFU against %.1f / %.1f\n",
